@@ -1,0 +1,3 @@
+from tune_cells.cli import main
+
+main()
