@@ -1,0 +1,85 @@
+"""Image index (what a dataset holds) and decoding to fixed-size uint8 arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from tune_cells.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+@dataclass
+class ImageIndex:
+    """The images of a dataset and their labels; pixels are decoded only on demand.
+
+    `items` has columns `path` (relative to `root`, POSIX) and `label` (int index into
+    `classes`), and optionally `split` when the dataset's own layout fixes the split.
+    """
+
+    root: Path
+    items: pd.DataFrame
+    classes: list[str]
+    source: str = "user"  # "user" or "demo"
+    notes: list[str] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        """Short hash of file names, sizes and labels: names the split file of this dataset."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.items["path"], self.items["label"]):
+            size = (self.root / path).stat().st_size
+            digest.update(f"{path}\t{size}\t{label}\n".encode())
+        digest.update("\t".join(self.classes).encode())
+        return digest.hexdigest()[:12]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = self.items["label"].value_counts()
+        return {name: int(counts.get(i, 0)) for i, name in enumerate(self.classes)}
+
+
+def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
+    """Decode one image to an HxWxC uint8 array of `size`x`size` (C = `channels`).
+
+    Raises OSError/UnidentifiedImageError/ValueError for files that are not images.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit microscopy: rescale to 8 bit rather than clipping to white.
+            array = np.asarray(image, dtype=np.float32)
+            top = float(array.max()) or 1.0
+            image = Image.fromarray((array / top * 255).astype(np.uint8))
+        image = image.convert("RGB" if channels == 3 else "L")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+        array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if channels == 1 else array
+
+
+def decode_images(root: Path, paths: list[str], channels: int, size: int) -> np.ndarray:
+    """Decode many images into one (N, size, size, C) uint8 array; undecodable files are exit 2."""
+    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    bad: list[str] = []
+    for i, rel in enumerate(paths):
+        try:
+            out[i] = decode_image(root / rel, channels, size)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            bad.append(f"{rel} ({type(exc).__name__})")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserInputError(f"{root}: cannot decode {', '.join(bad[:3])}{more}")
+    return out
+
+
+def check_decodable(root: Path, paths: list[str], channels: int) -> None:
+    """Exit 2 naming any file that does not decode; the pixels are discarded."""
+    decode_images(root, paths, channels, size=8)

@@ -1,0 +1,57 @@
+"""Decodes the images of one split part, and logs every read.
+
+The read log is how the project proves that the test part is not touched before promotion:
+each call appends one JSON line (part, purpose, image count, time) to `<workdir>/read-log.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tune_cells.data.images import ImageIndex, decode_images
+from tune_cells.data.splits import Split
+
+READ_LOG_NAME = "read-log.jsonl"
+
+
+class SplitReader:
+    def __init__(self, index: ImageIndex, split: Split, channels: int, size: int, workdir: Path):
+        self.index = index
+        self.split = split
+        self.channels = channels
+        self.size = size
+        self.read_log = Path(workdir) / READ_LOG_NAME
+        self._labels = dict(zip(index.items["path"], index.items["label"]))
+
+    def load(self, part: str, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return (images uint8 N×H×W×C, labels int64) of one split part."""
+        paths = self.split.parts[part]
+        images = decode_images(self.index.root, paths, self.channels, self.size)
+        labels = np.array([self._labels[p] for p in paths], dtype=np.int64)
+        self._log(part, purpose, len(paths))
+        return images, labels
+
+    def _log(self, part: str, purpose: str, count: int) -> None:
+        entry = {
+            "time": time.time(),
+            "split_file": self.split.path.name,
+            "part": part,
+            "purpose": purpose,
+            "images": count,
+            "pid": os.getpid(),
+        }
+        self.read_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.read_log.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def read_log_entries(workdir: Path) -> list[dict]:
+    path = Path(workdir) / READ_LOG_NAME
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

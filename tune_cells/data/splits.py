@@ -1,0 +1,121 @@
+"""Train/validation/test splits: made once per dataset and seed, written to a JSON file, reused.
+
+The file is the source of truth (nnU-Net style): a user may edit it, and later runs use it as
+written as long as it still matches the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from tune_cells.data.images import ImageIndex
+from tune_cells.errors import UserInputError
+
+PARTS = ("train", "val", "test")
+DEFAULT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
+
+
+@dataclass(frozen=True)
+class Split:
+    path: Path
+    parts: dict[str, list[str]]  # part -> relative image paths
+    seed: int
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def sizes(self) -> dict[str, int]:
+        return {part: len(paths) for part, paths in self.parts.items()}
+
+
+def split_path(workdir: Path, task: str, index: ImageIndex, seed: int) -> Path:
+    return Path(workdir) / "splits" / f"{task}-{index.fingerprint()}-{seed}.json"
+
+
+def make_parts(index: ImageIndex, seed: int) -> dict[str, list[str]]:
+    """Stratified 70/15/15 split, or the dataset's own split where its layout defines one.
+
+    A layout may fix some parts (column `split`); images without one are divided over the
+    parts it leaves open, keeping the default proportions between them.
+    """
+    items = index.items
+    fixed = items["split"] if "split" in items.columns else pd.Series([None] * len(items), index=items.index)
+    parts = {part: sorted(items.loc[fixed == part, "path"]) for part in PARTS}
+    open_parts = [part for part in PARTS if not parts[part]]
+    free = items[fixed.isna()]
+    if free.empty or not open_parts:
+        return parts
+    too_small = [f"{index.classes[label]} ({n})" for label, n in free["label"].value_counts().items() if n < len(open_parts)]
+    if too_small:
+        raise UserInputError(
+            f"{index.root}: classes need at least {len(open_parts)} images (one per split): {', '.join(too_small)}"
+        )
+    # Carve the open parts off one at a time (test first), each with its exact image count.
+    total = sum(DEFAULT_FRACTIONS[part] for part in open_parts)
+    counts = {part: round(len(free) * DEFAULT_FRACTIONS[part] / total) for part in open_parts[1:]}
+    remaining = free
+    for offset, part in enumerate(reversed(open_parts[1:])):
+        kept, held = _stratified(remaining, counts[part], seed + offset, index)
+        parts[part] = sorted(held)
+        remaining = remaining[remaining["path"].isin(set(kept))]
+    parts[open_parts[0]] = sorted(remaining["path"])
+    return parts
+
+
+def _stratified(items: pd.DataFrame, count: int, seed: int, index: ImageIndex):
+    labels = items["label"]
+    stratify = labels if labels.value_counts().min() >= 2 else None
+    try:
+        kept, held = train_test_split(items["path"].tolist(), test_size=count, random_state=seed, stratify=stratify)
+    except ValueError as exc:
+        raise UserInputError(f"{index.root}: too few images to split ({exc})") from None
+    return kept, held
+
+
+def load_or_create_split(path: Path, index: ImageIndex, seed: int) -> Split:
+    path = Path(path)
+    if path.exists():
+        return _load(path, index, seed)
+    parts = make_parts(index, seed)
+    payload = {
+        "format": 1,
+        "seed": seed,
+        "data_root": str(index.root),
+        "fingerprint": index.fingerprint(),
+        "classes": index.classes,
+        **parts,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)  # atomic: a crash never leaves half a split file
+    return Split(path=path, parts=parts, seed=seed)
+
+
+def _load(path: Path, index: ImageIndex, seed: int) -> Split:
+    try:
+        payload = json.loads(path.read_text())
+        parts = {part: list(payload[part]) for part in PARTS}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserInputError(f"{path}: not a valid split file ({exc.__class__.__name__}: {exc})") from None
+    known = set(index.items["path"])
+    seen: set[str] = set()
+    for part in PARTS:
+        unknown = [p for p in parts[part] if p not in known]
+        if unknown:
+            raise UserInputError(f"{path}: {part} lists {unknown[0]}, which is not in the dataset")
+        overlap = seen.intersection(parts[part])
+        if overlap:
+            raise UserInputError(f"{path}: {sorted(overlap)[0]} is in more than one split")
+        if not parts[part]:
+            raise UserInputError(f"{path}: the {part} split is empty")
+        seen.update(parts[part])
+    return Split(path=path, parts=parts, seed=seed)
