@@ -1,0 +1,144 @@
+"""Search spaces as YAML files, sampled define-by-run by Optuna.
+
+A space file has `params` (sampled in order), optional `initial_points` (configurations tried
+first, e.g. a published recipe) and nothing else. A parameter is one of:
+
+    lr: {float: [1.0e-4, 1.0e-2], log: true}
+    depth: {int: [2, 4]}
+    model: {choices: [small_convnet, resnet18]}
+    image_size: 64                        # fixed value
+    width: {choices: [16, 32], when: {model: small_convnet}}   # conditional
+
+`when` maps earlier parameters to a value or a list of values; the parameter is sampled only
+when all of them match. A file whose params are all fixed is a pinned configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tune_cells.errors import UserInputError
+
+_KINDS = ("float", "int", "choices")
+_KEYS = {"float", "int", "choices", "log", "step", "when"}
+
+
+@dataclass
+class SearchSpace:
+    """A picklable define-by-run function: `space(optuna_trial) -> fixed values`."""
+
+    params: dict[str, Any]
+    source: str
+    initial_points: list[dict] = field(default_factory=list)
+
+    def __call__(self, trial) -> dict[str, Any]:
+        fixed: dict[str, Any] = {}
+        chosen: dict[str, Any] = {}
+        for name, spec in self.params.items():
+            if not isinstance(spec, dict):
+                fixed[name] = chosen[name] = spec
+                continue
+            if not _applies(spec.get("when"), chosen):
+                continue
+            if "choices" in spec:
+                value = trial.suggest_categorical(name, spec["choices"])
+            elif "int" in spec:
+                low, high = spec["int"]
+                value = trial.suggest_int(name, low, high, step=spec.get("step", 1), log=spec.get("log", False))
+            else:
+                low, high = spec["float"]
+                value = trial.suggest_float(name, low, high, step=spec.get("step"), log=spec.get("log", False))
+            chosen[name] = value
+        return fixed
+
+    def sample(self, trial) -> dict[str, Any]:
+        """The full configuration of one trial (sampled and fixed values together)."""
+        fixed = self(trial)
+        return {**trial.params, **fixed}
+
+    def fingerprint(self) -> str:
+        return yaml.safe_dump({"params": self.params, "initial_points": self.initial_points}, sort_keys=True)
+
+
+def _applies(when: dict | None, chosen: dict) -> bool:
+    if not when:
+        return True
+    for name, wanted in when.items():
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        if name not in chosen or chosen[name] not in allowed:
+            return False
+    return True
+
+
+def builtin_space_path(name: str) -> Path:
+    return Path(str(resources.files(__name__).joinpath(f"{name}.yaml")))
+
+
+def load_space(path: Path | str) -> SearchSpace:
+    """Read and check a space file; every problem is a UserInputError naming the file."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserInputError(f"--space {path}: no such file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserInputError(f"{path}: YAML syntax error{where}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("params"), dict) or not document["params"]:
+        raise UserInputError(f"{path}: expected a mapping with a non-empty `params:` section")
+    unknown = set(document) - {"params", "initial_points", "description"}
+    if unknown:
+        raise UserInputError(f"{path}: unknown section {sorted(unknown)[0]!r}")
+    params = document["params"]
+    seen: list[str] = []
+    for name, spec in params.items():
+        _check_param(path, name, spec, seen)
+        seen.append(name)
+    points = document.get("initial_points") or []
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise UserInputError(f"{path}: initial_points must be a list of mappings")
+    for point in points:
+        extra = set(point) - set(params)
+        if extra:
+            raise UserInputError(f"{path}: initial point sets unknown parameter {sorted(extra)[0]!r}")
+    return SearchSpace(params=params, source=str(path), initial_points=points)
+
+
+def _check_param(path: Path, name: str, spec: Any, earlier: list[str]) -> None:
+    where = f"{path}: parameter {name!r}"
+    if not isinstance(name, str) or "/" in name:
+        raise UserInputError(f"{where}: names are plain strings without '/'")
+    if not isinstance(spec, dict):
+        if not isinstance(spec, (int, float, str, bool)):
+            raise UserInputError(f"{where}: a fixed value must be a number, string or boolean")
+        return
+    bad = set(spec) - _KEYS
+    if bad:
+        raise UserInputError(f"{where}: unknown key {sorted(bad)[0]!r} (use one of float, int, choices)")
+    kinds = [k for k in _KINDS if k in spec]
+    if len(kinds) != 1:
+        raise UserInputError(f"{where}: give exactly one of float, int, choices")
+    kind = kinds[0]
+    if kind == "choices":
+        if not isinstance(spec["choices"], list) or not spec["choices"]:
+            raise UserInputError(f"{where}: choices must be a non-empty list")
+    else:
+        bounds = spec[kind]
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)):
+            raise UserInputError(f"{where}: {kind} needs [low, high]")
+        if kind == "int" and not all(isinstance(b, int) for b in bounds):
+            raise UserInputError(f"{where}: int bounds must be integers")
+        low, high = bounds
+        if low > high:
+            raise UserInputError(f"{where}: low {low} is above high {high}")
+        if spec.get("log") and low <= 0:
+            raise UserInputError(f"{where}: a log scale needs low > 0")
+    for dep in (spec.get("when") or {}):
+        if dep not in earlier:
+            raise UserInputError(f"{where}: `when` refers to {dep!r}, which is not an earlier parameter")

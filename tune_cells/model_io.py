@@ -1,0 +1,108 @@
+"""Checkpoints (state_dict + JSON spec) and the one prediction path used by evaluate, predict and serving.
+
+No pickled modules anywhere: the network is rebuilt through the model factory from the JSON
+spec and its weights are loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tune_cells.data.images import decode_image
+from tune_cells.models import create_model
+from tune_cells.training import predict_logits
+from tune_cells.transforms import EvalPreset
+
+WEIGHTS_FILE = "model.pt"
+SPEC_FILE = "model.json"
+TRAINER_FILE = "trainer.pt"
+
+
+@dataclass
+class ModelSpec:
+    task: str
+    architecture: str
+    classes: list[str]
+    channels: int
+    store_size: int  # images are decoded to this square size first ...
+    image_size: int  # ... then resized to this by the eval preset
+    mean: list[float]
+    std: list[float]
+    config: dict = field(default_factory=dict)  # the trial's full configuration
+    format: int = 1
+
+    def preset(self) -> EvalPreset:
+        return EvalPreset(self.image_size, tuple(self.mean), tuple(self.std))
+
+    def build(self, load_pretrained: bool = False) -> torch.nn.Module:
+        """The network; ImageNet weights are fetched only for training (a state_dict replaces them)."""
+        config = {**self.config, "pretrained": load_pretrained and bool(self.config.get("pretrained"))}
+        return create_model(self.architecture, num_classes=len(self.classes), in_channels=self.channels, **config)
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, trainer_state: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, directory / WEIGHTS_FILE)
+    (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=1))
+    if trainer_state is not None:
+        torch.save(trainer_state, directory / TRAINER_FILE)
+    return directory
+
+
+def load_spec(directory: Path) -> ModelSpec:
+    return ModelSpec(**json.loads((Path(directory) / SPEC_FILE).read_text()))
+
+
+def load_trainer_state(directory: Path) -> dict | None:
+    path = Path(directory) / TRAINER_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+class ImageClassifier:
+    """A trained classifier and its preprocessing: uint8 images or files in, probabilities out."""
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.spec = spec
+        self.preset = spec.preset()
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path, device: str = "cpu") -> "ImageClassifier":
+        spec = load_spec(directory)
+        model = spec.build()
+        state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return cls(model, spec, device)
+
+    def predict_proba(self, images_uint8: np.ndarray) -> np.ndarray:
+        logits = predict_logits(self.model, images_uint8, self.preset, self.device)
+        return torch.softmax(logits, 1).numpy()
+
+    def decode(self, source) -> np.ndarray:
+        """A path, or raw/base64 image bytes, decoded exactly as the training data was."""
+        if isinstance(source, str) and not Path(source).exists():
+            source = base64.b64decode(source, validate=True)
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        return decode_image(source, self.spec.channels, self.spec.store_size)
+
+    def predict_table(self, sources: list) -> pd.DataFrame:
+        """Predicted class and per-class probabilities, one row per input."""
+        if not sources:
+            return pd.DataFrame(columns=["predicted_class", *[f"prob_{c}" for c in self.spec.classes]])
+        images = np.stack([self.decode(s) for s in sources])
+        probs = self.predict_proba(images)
+        table = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.spec.classes])
+        table.insert(0, "predicted_class", [self.spec.classes[i] for i in probs.argmax(1)])
+        return table

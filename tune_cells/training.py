@@ -1,0 +1,109 @@
+"""Epoch loops, prediction, optimisers and LR schedules shared by trainables and evaluation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from tune_cells.transforms import EvalPreset, TrainPreset
+
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged; the trial is failed with this reason."""
+
+
+def pick_device(gpus: float) -> torch.device:
+    """CUDA when the trial was given a GPU and one is really usable, else CPU."""
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_optimizer(config: dict, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr, wd = float(config["lr"]), float(config.get("weight_decay", 0.0))
+    if config.get("optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(config.get("momentum", 0.9)), weight_decay=wd, nesterov=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+
+
+def build_lr_schedule(config: dict, optimizer, max_epochs: int):
+    """Per-epoch schedule; `plateau` steps on the validation loss (see `step_lr_schedule`)."""
+    kind = config.get("lr_schedule", "constant")
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), eta_min=float(config["lr"]) * 0.01)
+    if kind == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2)
+    return None
+
+
+def step_lr_schedule(schedule, val_loss: float) -> None:
+    if schedule is None:
+        return
+    if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        schedule.step(val_loss)
+    else:
+        schedule.step()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    preset: TrainPreset,
+    batch_size: int,
+    loss_fn: nn.Module,
+    device: torch.device,
+    generator: torch.Generator,
+) -> float:
+    model.train()
+    order = torch.randperm(len(images), generator=generator)
+    total, count = 0.0, 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on a single image
+            continue
+        x = preset(images[idx.numpy()], generator).to(device, non_blocking=True)
+        y = labels[idx].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training loss became {loss.item()} (try a lower learning rate)")
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images, preset: EvalPreset, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    out = [model(preset(images[i : i + batch_size]).to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    loss = float(loss_fn(logits, labels))
+    predicted = logits.argmax(1).numpy()
+    truth = labels.numpy()
+    return {
+        "loss": loss if math.isfinite(loss) else float("nan"),
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
+    }
