@@ -1,0 +1,1 @@
+"""Ray Tune function trainables, one per task kind."""

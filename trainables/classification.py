@@ -1,0 +1,112 @@
+"""Ray Tune function trainable for image classification.
+
+The driver decodes the train and validation parts once and hands them to every trial through
+Ray's object store (`ClassificationData`); the test part never reaches a trial.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tune_cells import ray_backend
+from tune_cells.model_io import ModelSpec, load_trainer_state, save_checkpoint, WEIGHTS_FILE
+from tune_cells.training import (
+    build_lr_schedule,
+    build_optimizer,
+    evaluate_logits,
+    pick_device,
+    predict_logits,
+    seed_everything,
+    step_lr_schedule,
+    train_one_epoch,
+)
+from tune_cells.transforms import TrainPreset
+
+METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "epoch_time_s")
+
+
+@dataclass(frozen=True)
+class ClassificationData:
+    train_images: np.ndarray  # uint8 N×H×W×C
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    task: str
+    classes: list[str]
+    channels: int
+    store_size: int
+    mean: tuple[float, ...]  # of the training part
+    std: tuple[float, ...]
+    max_epochs: int
+    seed: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+
+
+def train_classifier(config: dict, data: ClassificationData) -> None:
+    torch.set_num_threads(max(1, int(data.cpus_per_trial)))
+    device = pick_device(data.gpus_per_trial)
+    generator = seed_everything(data.seed)
+    spec = ModelSpec(
+        task=data.task, architecture=config["model"], classes=list(data.classes), channels=data.channels,
+        store_size=data.store_size, image_size=int(config.get("image_size", data.store_size)),
+        mean=list(data.mean), std=list(data.std), config={**config, "seed": data.seed},
+    )
+    model = spec.build(load_pretrained=True).to(device)
+    optimizer = build_optimizer(config, model)
+    schedule = build_lr_schedule(config, optimizer, data.max_epochs)
+    train_loss_fn = nn.CrossEntropyLoss(label_smoothing=float(config.get("label_smoothing", 0.0)))
+    val_loss_fn = nn.CrossEntropyLoss()  # unsmoothed, so val_loss compares across trials
+    preset = TrainPreset(
+        spec.preset(), flip=bool(config.get("flip", True)), rotate90=bool(config.get("rotate90", True)),
+        affine=float(config.get("affine", 0.0)), color_jitter=float(config.get("color_jitter", 0.0)),
+    )
+    train_labels = torch.tensor(data.train_labels)  # copies: object-store arrays are read-only
+    val_labels = torch.tensor(data.val_labels)
+
+    first_epoch = 1
+    with ray_backend.resumed_checkpoint() as checkpoint:
+        if checkpoint is not None:  # resume where this trial stopped, not from epoch 1
+            model.load_state_dict(torch.load(checkpoint / WEIGHTS_FILE, map_location=device, weights_only=True))
+            state = load_trainer_state(checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
+            if schedule is not None and state.get("schedule"):
+                schedule.load_state_dict(state["schedule"])
+            generator.set_state(state["generator"])
+            first_epoch = int(state["epoch"]) + 1
+
+    node = ray_backend.trial_info()["node_id"]
+    for epoch in range(first_epoch, data.max_epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_one_epoch(
+            model, data.train_images, train_labels, optimizer, preset, int(config.get("batch_size", 32)),
+            train_loss_fn, device, generator,
+        )
+        val = evaluate_logits(predict_logits(model, data.val_images, preset.eval_preset, device), val_labels, val_loss_fn)
+        step_lr_schedule(schedule, val["loss"])
+        metrics = {
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_balanced_accuracy": val["balanced_accuracy"],
+            "lr": lr,
+            "epoch_time_s": time.perf_counter() - started,
+            "node_id": node,
+        }
+        trainer_state = {
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict() if schedule is not None else None,
+            "generator": generator.get_state(),
+            "epoch": epoch,
+        }
+        with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
+            save_checkpoint(tmp, model, spec, trainer_state)
+            ray_backend.report(metrics, checkpoint_dir=tmp)
+

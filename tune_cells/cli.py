@@ -1,0 +1,181 @@
+"""The `tune-cells` command line. Thin: each command parses flags and calls one function.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the culprit), 1 runtime failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from tune_cells.errors import UserInputError
+
+log = logging.getLogger("tune_cells")
+
+DEFAULT_WORKDIR = "tune-cells-runs"
+workdir_option = click.option("--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, show_default=True,
+                              help="Working folder: MLflow store, Ray results, split files, demo data.")
+tracking_option = click.option("--tracking-uri", default=None,
+                               help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite in --workdir].")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.version_option(package_name="tune-cells")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Hyperparameter search for microscopy cell-image models (Ray Tune + Optuna + ASHA + MLflow)."""
+    # Set before MLflow is imported: it configures its own loggers and progress bars at import.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    ctx.obj = {"verbose": verbose}
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow", "urllib3", "ray", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+@cli.command()
+@click.argument("task")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Dataset folder in the task's layout (see `tune-cells tasks`). Without it: generated demo data.")
+@click.option("--samples", type=int, default=8, show_default=True, help="Number of trials.")
+@click.option("--max-epochs", type=int, default=10, show_default=True, help="Epochs of a trial that ASHA never stops.")
+@click.option("--grace-period", type=int, default=2, show_default=True, help="ASHA: epochs before a trial can be stopped.")
+@click.option("--reduction-factor", type=int, default=3, show_default=True, help="ASHA: keep the top 1/N at each rung.")
+@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
+@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True,
+              help="Fractions share a GPU; a trial falls back to CPU where CUDA is absent.")
+@click.option("--max-concurrent", type=int, default=None, help="At most this many trials at once.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the sampler and the trials.")
+@click.option("--space", type=click.Path(path_type=Path), default=None, help="Search-space YAML replacing the task's.")
+@click.option("--experiment", default=None, help="MLflow experiment [default: tune-cells-TASK].")
+@workdir_option
+@tracking_option
+@click.option("--storage", default=None, help="Ray storage path or URI [default: WORKDIR/ray/EXPERIMENT].")
+@click.option("--address", default=None, help="Ray cluster address (auto or HOST:PORT) [default: a local Ray].")
+@click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
+@click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
+@click.pass_context
+def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor, cpus_per_trial, gpus_per_trial,
+           max_concurrent, seed, space, experiment, workdir, tracking_uri, storage, address, no_evaluate, smoke_test):
+    """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
+    from tune_cells.search import SearchOptions, evaluate_in_fresh_process, run_search
+    from tune_cells.tracking import resolve_tracking_uri
+
+    if smoke_test:
+        samples, max_epochs, grace_period = 2, 2, 1
+    outcome = run_search(SearchOptions(
+        task=task, data=data, samples=samples, max_epochs=max_epochs, grace_period=grace_period,
+        reduction_factor=reduction_factor, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
+        experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
+        address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"],
+    ))
+    config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
+    click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "
+               f"({outcome.stopped_early} stopped early by ASHA, {outcome.failed_trials} failed) in {outcome.wall_time_s:.0f} s")
+    click.echo(f"Best trial {outcome.best_trial_id}: {outcome.metric} {outcome.best_metric:.4f} at epoch "
+               f"{outcome.best_epoch}\n  {config}")
+    click.echo(f"Promoted: models:/{outcome.model_name}@champion (version {outcome.model_version})")
+    if outcome.tracking_uri == resolve_tracking_uri(None, outcome.workdir) and not tracking_uri:
+        click.echo(f"Browse the runs: tune-cells ui --workdir {workdir}")
+    else:
+        click.echo(f"Browse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    if not no_evaluate:
+        code = evaluate_in_fresh_process(outcome)
+        if code != 0:
+            raise RuntimeError(f"evaluation of version {outcome.model_version} failed (exit {code})")
+
+
+@cli.command()
+@click.argument("task")
+@click.option("--model-uri", default=None, help="Model to evaluate [default: models:/tune-cells-TASK@champion].")
+@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Bootstrap resamples for CIs.")
+@workdir_option
+@tracking_option
+def evaluate(task, model_uri, n_boot, workdir, tracking_uri):
+    """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
+    from tune_cells.evaluation import evaluate_registered, format_table
+    from tune_cells.search import prepare_workdir
+    from tune_cells.tasks import get_task
+    from tune_cells.tracking import Tracker, resolve_tracking_uri
+
+    spec = get_task(task)
+    workdir = prepare_workdir(workdir)
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir / "mlartifacts")
+    if model_uri is None:
+        model_uri = _default_model_uri(tracker, spec.name)
+    if n_boot < 1:
+        raise UserInputError(f"--bootstrap {n_boot}: must be at least 1")
+    result = evaluate_registered(spec, tracker, model_uri, workdir, n_boot=n_boot)
+    click.echo(f"\nEvaluation {result.run_id} of {result.model_uri} (version {result.version}) "
+               f"on {result.n_images} held-out test images:")
+    click.echo(format_table(result))
+
+
+def _default_model_uri(tracker, task: str) -> str:
+    """The real-data champion if there is one, else the demo champion."""
+    if not tracker.store_exists():
+        raise UserInputError(f"no champion for task {task}: no MLflow store at {tracker.tracking_uri}")
+    for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
+        if tracker.version_for_alias(name, "champion") is not None:
+            return f"models:/{name}@champion"
+    raise UserInputError(f"no champion for task {task} in {tracker.tracking_uri}: run `tune-cells search {task}` first")
+
+
+@cli.command()
+def tasks():
+    """List the tasks, their data layout, metric and default search space."""
+    from tune_cells.search_spaces import builtin_space_path
+    from tune_cells.tasks import get_task, task_names
+
+    for name in task_names():
+        spec = get_task(name)
+        click.echo(f"{name}: {spec.description}\n  layout: {spec.layout}\n  metric: {spec.metric} ({spec.mode})"
+                   f"\n  space:  {builtin_space_path(spec.default_space)}")
+
+
+@cli.command()
+@workdir_option
+@tracking_option
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
+def ui(workdir, tracking_uri, port, host):
+    """Start the MLflow UI on this project's runs."""
+    from tune_cells.tracking import resolve_tracking_uri
+
+    workdir = Path(workdir).resolve()
+    uri = resolve_tracking_uri(tracking_uri, workdir)
+    click.echo(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+                                "--port", str(port), "--workers", "1"], env)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("tune-cells: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: one line, not click's usage block
+        click.echo(f"tune-cells: error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except UserInputError as exc:
+        click.echo(f"tune-cells: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("tune-cells: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        log.debug("traceback", exc_info=True)
+        click.echo(f"tune-cells: failed: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,106 @@
+"""Held-out evaluation of a registered model: the only code that reads the test part."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion
+from tune_cells.analysis.plots import save_confusion_matrix
+from tune_cells.data.reader import SplitReader
+from tune_cells.data.splits import load_or_create_split
+from tune_cells.errors import UserInputError
+from tune_cells.tasks import TaskSpec
+from tune_cells.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
+
+
+@dataclass
+class Evaluation:
+    run_id: str
+    model_uri: str
+    version: str
+    metrics: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
+    n_images: int
+
+
+def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdir: Path, n_boot: int = 1000) -> Evaluation:
+    version = tracker.resolve_model(model_uri)
+    tags = version.tags
+    if tags.get("task") != task.name:
+        raise UserInputError(f"{model_uri} is a {tags.get('task', 'unknown')!r} model, not {task.name!r}")
+    classifier = tracker.load_classifier(model_uri)
+    spec = classifier.spec
+    parent_run_id = tags.get("search_run_id")
+
+    index = task.importer(Path(tags["data_root"]))
+    split_file = _split_file(tracker, tags, parent_run_id, workdir)
+    split = load_or_create_split(split_file, index, int(tags.get("split_seed", 0)))
+    images, labels = SplitReader(index, split, spec.channels, spec.store_size, workdir).load("test", "evaluation")
+    probs = classifier.predict_proba(images)
+
+    metrics = classification_metrics(labels, probs, spec.classes)
+    intervals = bootstrap_intervals(labels, probs, spec.classes, n_boot=n_boot)
+    experiment_id = tracker.get_run(parent_run_id).info.experiment_id if parent_run_id else tracker.experiment_id(
+        f"tune-cells-{task.name}")
+    run_id = tracker.start_run(experiment_id, f"evaluation-v{version.version}", "evaluation", parent_run_id,
+                               tags={"model_uri": model_uri, "model_version": version.version, "task": task.name})
+    try:
+        tracker.log_params(run_id, {
+            "model_uri": model_uri, "model_name": version.name, "model_version": version.version,
+            "split_file": split.path.name, "split_sha256": split.sha256, "test_images": len(labels),
+            "bootstrap_resamples": n_boot,
+        })
+        ci_metrics = {f"{k}_ci_low": lo for k, (lo, hi) in intervals.items()}
+        ci_metrics.update({f"{k}_ci_high": hi for k, (lo, hi) in intervals.items()})
+        tracker.log_metrics(run_id, {**metrics, **ci_metrics})
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            matrix = confusion(labels, probs, len(spec.classes))
+            save_confusion_matrix(matrix, spec.classes, tmp / "confusion_matrix.png",
+                                  f"{version.name} v{version.version}: test confusion matrix")
+            predictions = pd.DataFrame(probs, columns=[f"prob_{c}" for c in spec.classes])
+            predictions.insert(0, "predicted", [spec.classes[i] for i in probs.argmax(1)])
+            predictions.insert(0, "label", [spec.classes[i] for i in labels])
+            predictions.insert(0, "path", split.parts["test"])
+            predictions.to_csv(tmp / "test_predictions.csv", index=False)
+            (tmp / "metrics.json").write_text(json.dumps({"metrics": metrics, "ci95": intervals}, indent=1))
+            for name in ("confusion_matrix.png", "test_predictions.csv", "metrics.json"):
+                tracker.log_artifact(run_id, tmp / name)
+        tracker.end_run(run_id)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    return Evaluation(run_id, model_uri, version.version, metrics, intervals, len(labels))
+
+
+def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir: Path) -> Path:
+    """The split file the model was trained under: on disk, else the copy logged with the search."""
+    path = Path(tags.get("split_file", ""))
+    if path.is_file():
+        return path
+    if parent_run_id:
+        target = Path(workdir) / "splits"
+        target.mkdir(parents=True, exist_ok=True)
+        return Path(tracker.client.download_artifacts(parent_run_id, f"split/{path.name}", str(target)))
+    raise UserInputError(f"split file {path} of this model is missing")
+
+
+def format_table(evaluation: Evaluation) -> str:
+    rows = [f"{'metric':<32}{'value':>8}   95% CI (bootstrap)"]
+    keys = [k for k in HEADLINE if k in evaluation.metrics]
+    keys += sorted(k for k in evaluation.metrics if k.startswith("test_f1_"))
+    for key in keys:
+        lo, hi = evaluation.intervals.get(key, (np.nan, np.nan))
+        rows.append(f"{key:<32}{evaluation.metrics[key]:>8.4f}   [{lo:.4f}, {hi:.4f}]")
+    return "\n".join(rows)

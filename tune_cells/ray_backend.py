@@ -1,0 +1,241 @@
+"""Everything tune-cells asks of Ray Tune, in one module: Ray's API moves between versions.
+
+Driver side: `init`, `run_search`. Trial side: `report`, `resumed_checkpoint`, `trial_info`.
+Per-trial events reach the rest of the project through the small `TrialEvents` protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import ray
+from ray import tune
+
+log = logging.getLogger(__name__)
+
+
+class TrialEvents(Protocol):
+    def on_trial_start(self, trial_id: str, trial_name: str, config: dict) -> None: ...
+    def on_trial_result(self, trial_id: str, result: dict) -> None: ...
+    def on_trial_end(self, trial_id: str, failed: bool, last_result: dict, error: str | None) -> None: ...
+
+
+@dataclass
+class SearchRequest:
+    trainable: Callable[..., None]
+    trainable_kwargs: dict[str, Any]  # large objects go to the object store once, not per trial
+    space: Callable  # Optuna define-by-run function
+    metric: str
+    mode: str
+    samples: int
+    seed: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+    storage_path: str
+    name: str
+    events: TrialEvents | None = None
+    initial_points: list[dict] = field(default_factory=list)
+    max_concurrent: int | None = None
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    config: dict
+    iterations: int
+    failed: bool
+    error: str | None
+    best_metric: float | None
+
+
+@dataclass
+class SearchResult:
+    best_trial_id: str
+    best_config: dict
+    best_metric: float
+    best_epoch: int
+    best_checkpoint: Path  # a local copy of the best trial's best-epoch checkpoint
+    trials: list[TrialSummary]
+    experiment_path: str
+
+
+def init(address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None,
+         object_store_bytes: int | None = None, verbose: bool = False) -> dict[str, float]:
+    """Connect to a cluster (`address`) or start a local Ray; return the cluster's resources."""
+    # Per-epoch checkpoints of small models trip Ray's "excessive sync" warning for no benefit.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's console tables are replaced by tune-cells' own per-trial log lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        # Worker output (per-checkpoint INFO lines) reaches the console only with -v; failed
+        # trials are still reported, with their error, by the driver.
+        common = dict(include_dashboard=False, logging_level=logging.INFO if verbose else logging.ERROR,
+                      log_to_driver=verbose)
+        if address:
+            ray.init(address=address, **common)
+        else:
+            # address="local" never joins a stale cluster left in /tmp/ray; a loopback node IP
+            # keeps a laptop's Ray off the network.
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                     object_store_memory=object_store_bytes, _node_ip_address="127.0.0.1",
+                     _temp_dir=os.environ.get("TUNE_CELLS_RAY_TMPDIR"), **common)
+    return ray.cluster_resources()
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def run_search(request: SearchRequest) -> SearchResult:
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    searcher = OptunaSearch(
+        space=request.space,
+        metric=request.metric,
+        mode=request.mode,
+        points_to_evaluate=request.initial_points or None,
+        sampler=optuna.samplers.TPESampler(seed=request.seed),
+    )
+    if request.max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=request.max_concurrent)
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=request.max_epochs,
+        grace_period=min(request.grace_period, request.max_epochs),
+        reduction_factor=request.reduction_factor,
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(request.trainable, **request.trainable_kwargs),
+        {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial},
+    )
+    callbacks = [_EventsCallback(request.events)] if request.events else []
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=request.metric,
+            mode=request.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=request.samples,
+            reuse_actors=True,  # saves a worker start + imports per trial
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=request.name,
+            storage_path=request.storage_path,
+            callbacks=callbacks,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=request.metric,
+                checkpoint_score_order=request.mode,
+            ),
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    return _summarise(results, request)
+
+
+def _summarise(results, request: SearchRequest) -> SearchResult:
+    trials = []
+    for result in results:
+        metrics = result.metrics or {}
+        history = result.metrics_dataframe
+        best = None
+        if history is not None and request.metric in history:
+            series = history[request.metric].dropna()
+            if not series.empty:
+                best = float(series.max() if request.mode == "max" else series.min())
+        trials.append(
+            TrialSummary(
+                trial_id=metrics.get("trial_id") or Path(result.path).name,
+                config=result.config or {},
+                iterations=int(metrics.get("training_iteration", 0)),
+                failed=result.error is not None,
+                error=_first_line(result.error),
+                best_metric=best,
+            )
+        )
+    scored = [r for r in results if r.error is None and r.best_checkpoints]
+    if not scored:
+        errors = "; ".join(t.error for t in trials if t.error)[:500]
+        raise RuntimeError(f"no trial produced a checkpoint ({len(trials)} trials; {errors or 'no errors'})")
+    best_result = results.get_best_result(request.metric, request.mode, scope="all", filter_nan_and_inf=True)
+    checkpoint = best_result.get_best_checkpoint(request.metric, request.mode)
+    checkpoint_metrics = next(m for c, m in best_result.best_checkpoints if c.path == checkpoint.path)
+    local = Path(checkpoint.to_directory())
+    return SearchResult(
+        best_trial_id=best_result.metrics["trial_id"],
+        best_config=best_result.config,
+        best_metric=float(checkpoint_metrics[request.metric]),
+        best_epoch=int(checkpoint_metrics["training_iteration"]),
+        best_checkpoint=local,
+        trials=trials,
+        experiment_path=results.experiment_path,
+    )
+
+
+def _first_line(error) -> str | None:
+    if error is None:
+        return None
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+class _EventsCallback(tune.Callback):
+    """Forwards Ray's driver-side trial events to a TrialEvents implementation."""
+
+    def __init__(self, events: TrialEvents):
+        self.events = events
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.events.on_trial_start(trial.trial_id, str(trial), dict(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.events.on_trial_result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.events.on_trial_end(trial.trial_id, False, trial.last_result or {}, None)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        error = None
+        if trial.error_file and os.path.exists(trial.error_file):
+            error = _first_line(Path(trial.error_file).read_text())
+        self.events.on_trial_end(trial.trial_id, True, trial.last_result or {}, error)
+
+
+# --- inside a trial -----------------------------------------------------------------------
+
+
+def report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
+    checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+@contextmanager
+def resumed_checkpoint() -> Iterator[Path | None]:
+    """The trial's own last checkpoint when Ray restarts or resumes it, else None."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as directory:
+        yield Path(directory)
+
+
+def trial_info() -> dict[str, str]:
+    context = tune.get_context()
+    return {"trial_id": context.get_trial_id(), "node_id": ray.get_runtime_context().get_node_id()}

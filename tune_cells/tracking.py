@@ -1,0 +1,254 @@
+"""Everything tune-cells asks of MLflow, in one module: MLflow's API moves between versions.
+
+All logging happens in the driver process through one MlflowClient (works on a cluster and
+avoids sqlite write races between trial processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tune_cells.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | evaluation
+CHAMPION, PREVIOUS_CHAMPION = "champion", "previous-champion"
+_MAX_PARAM_LENGTH = 6000
+
+
+def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def is_local_store(uri: str) -> bool:
+    return urlparse(uri).scheme in ("sqlite", "file", "")
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, artifact_root: Path):
+        self.tracking_uri = tracking_uri
+        self.artifact_root = Path(artifact_root).resolve()
+        self._client: MlflowClient | None = None
+
+    def __getstate__(self):  # Ray pickles callbacks with the experiment state; clients do not pickle
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
+
+    def store_exists(self) -> bool:
+        """False for a sqlite store whose file is absent (so read-only commands do not create it)."""
+        parsed = urlparse(self.tracking_uri)
+        return parsed.scheme != "sqlite" or Path(self.tracking_uri[len("sqlite:///"):]).exists()
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if is_local_store(self.tracking_uri):
+            # With sqlite the default artifact root is ./mlruns relative to the cwd: pin it.
+            location = (self.artifact_root / name).as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def start_run(self, experiment_id: str, name: str, run_type: str, parent_run_id: str | None = None,
+                  tags: dict | None = None) -> str:
+        all_tags = {RUN_TYPE_TAG: run_type, **(tags or {})}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(run_id, params=items[start : start + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start : start + 1000])
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
+
+    # --- models -------------------------------------------------------------------------
+
+    def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict) -> str:
+        """Log a checkpoint as a pyfunc model in `run_id`, register it, tag the version."""
+        import mlflow.pyfunc
+
+        code = Path(__file__).with_name("mlflow_model_code.py")
+        with self._fluent(run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                artifacts={"checkpoint": str(checkpoint_dir)},
+                registered_model_name=registered_name,
+                pip_requirements=_pip_requirements(),
+            )
+        version = str(info.registered_model_version)
+        for key, value in tags.items():
+            self.client.set_model_version_tag(registered_name, version, key, str(value))
+        return version
+
+    def promote(self, name: str, version: str) -> str | None:
+        """Point `champion` at `version`; the version it left gets `previous-champion`."""
+        previous = self.version_for_alias(name, CHAMPION)
+        self.client.set_registered_model_alias(name, CHAMPION, version)
+        if previous is not None and previous.version != version:
+            self.client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous.version)
+            return previous.version
+        return None
+
+    def version_for_alias(self, name: str, alias: str):
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def resolve_model(self, model_uri: str):
+        """The registry version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+        parsed = urlparse(model_uri)
+        if parsed.scheme != "models":
+            raise UserInputError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        path = (parsed.netloc + parsed.path).strip("/")
+        try:
+            if "@" in path:
+                name, alias = path.split("@", 1)
+                version = self.client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = path.rpartition("/")
+                version = self.client.get_model_version(name, number)
+        except MlflowException as exc:
+            raise UserInputError(f"{model_uri}: not found in {self.tracking_uri} ({exc.error_code})") from None
+        return version
+
+    def load_classifier(self, model_uri: str):
+        """Load a registered model as MLflow does (pyfunc) and return its ImageClassifier."""
+        import mlflow.pyfunc
+
+        with self._fluent(None):
+            model = mlflow.pyfunc.load_model(model_uri)
+        return model.unwrap_python_model().classifier
+
+    @contextmanager
+    def _fluent(self, run_id: str | None) -> Iterator[None]:
+        """MLflow's fluent API reads global state: set it for one call, then put it back.
+
+        `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ, so the
+        environment is restored exactly, not through MLflow's setters.
+        """
+        saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        try:
+            if run_id is None:
+                yield
+            else:
+                status = self.client.get_run(run_id).info.status
+                with mlflow.start_run(run_id=run_id):
+                    yield
+                self.client.set_terminated(run_id, status)  # reopening must not change its status
+        finally:
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "scikit-learn"]
+    return [f"{name}=={version(name)}" for name in names] + ["tune-cells"]
+
+
+@dataclass
+class TrialRecorder:
+    """Ray trial events → one nested MLflow child run per trial (TrialEvents protocol)."""
+
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str
+    max_epochs: int
+    metric_keys: tuple[str, ...]
+
+    summary_keys: tuple[str, ...] = ("val_loss", "val_balanced_accuracy")
+
+    def __post_init__(self):
+        self.runs: dict[str, str] = {}  # Ray trial id → MLflow run id
+        self.ended = 0
+
+    def on_trial_start(self, trial_id: str, trial_name: str, config: dict) -> None:
+        if trial_id in self.runs:
+            return
+        run_id = self.tracker.start_run(
+            self.experiment_id, trial_name, "trial", self.parent_run_id, tags={"ray_trial_id": trial_id}
+        )
+        self.tracker.log_params(run_id, config)
+        self.runs[trial_id] = run_id
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        run_id = self.runs.get(trial_id)
+        if run_id is None:
+            return
+        metrics = {k: result[k] for k in self.metric_keys if k in result}
+        self.tracker.log_metrics(run_id, metrics, step=int(result.get("training_iteration", 0)))
+        if result.get("node_id"):
+            self.tracker.set_tags(run_id, {"ray_node_id": result["node_id"]})
+
+    def on_trial_end(self, trial_id: str, failed: bool, last_result: dict, error: str | None) -> None:
+        run_id = self.runs.get(trial_id)
+        if run_id is None:
+            return
+        epochs = int(last_result.get("training_iteration", 0))
+        tags = {"epochs_run": epochs}
+        if failed:
+            tags["failure"] = error or "trial failed"
+        elif epochs < self.max_epochs:
+            tags["stopped_early"] = "true"  # the trainable always runs to max_epochs unless ASHA stops it
+        self.tracker.set_tags(run_id, tags)
+        self.tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
+        self.ended += 1
+        if failed:
+            log.warning("trial %s failed after %d epochs: %s", trial_id, epochs, tags["failure"])
+        else:
+            log.info("trial %s done (%d finished): %d epochs%s, last %s", trial_id, self.ended, epochs,
+                     " (stopped early by ASHA)" if "stopped_early" in tags else "",
+                     ", ".join(f"{k} {last_result[k]:.4f}" for k in self.summary_keys if k in last_result))
