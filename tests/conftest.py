@@ -1,0 +1,72 @@
+"""Shared fixtures: small real datasets on disk, and the real CLI run in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run `tune-cells ARGS` through the real entry point (`main`) in this process."""
+    from tune_cells.cli import main
+
+    def run(*args: str) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["tune-cells", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def write_kaggle(root: Path, labels: list[int], size: int = 24, seed: int = 0) -> Path:
+    """A Kaggle-layout dataset (train.csv + train/<n>.png) of random RGB images."""
+    rng = np.random.default_rng(seed)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    rows = ["Filename,Label"]
+    for number, label in enumerate(labels, start=1):
+        pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "train" / f"{number}.png")
+        rows.append(f"{number}.png,{label}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def kaggle_dataset(tmp_path) -> Path:
+    return write_kaggle(tmp_path / "nuclei", [0] * 10 + [1] * 12 + [2] * 10 + [3] * 11)
+
+
+def short_tmpdir(prefix: str) -> str:
+    """Ray's Unix sockets need a path under 107 bytes: pytest's tmp_path can be longer."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+def cli_subprocess(args: list[str], cwd: Path, timeout: int = 900, env_extra: dict | None = None) -> CliResult:
+    env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "tune_cells", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)

@@ -1,0 +1,70 @@
+"""Bad input: one line on stderr naming the culprit, exit 2, and nothing written."""
+
+import pytest
+
+from conftest import write_kaggle
+
+
+def snapshot(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search", "mitochondria"], "unknown task 'mitochondria'"),
+        (["search", "nuclei", "--samples", "0"], "--samples 0: must be at least 1"),
+        (["search", "nuclei", "--samples", "-3"], "--samples -3: must be at least 1"),
+        (["search", "nuclei", "--max-epochs", "0"], "--max-epochs 0"),
+        (["search", "nuclei", "--reduction-factor", "1"], "--reduction-factor 1"),
+        (["search", "nuclei", "--cpus-per-trial", "0"], "--cpus-per-trial 0"),
+        (["search", "nuclei", "--gpus-per-trial", "-1"], "--gpus-per-trial -1"),
+        (["search", "nuclei", "--samples", "many"], "'many' is not a valid integer"),
+        (["search", "nuclei", "--data", "{tmp}/absent"], "absent: no such folder"),
+        (["search", "nuclei", "--space", "{tmp}/absent.yaml"], "absent.yaml: no such file"),
+        (["search", "nuclei", "--bogus-flag"], "No such option '--bogus-flag'"),
+        (["evaluate", "nuclei"], "no champion for task nuclei"),
+        (["evaluate", "nuclei", "--model-uri", "runs:/abc/model"], "expected models:/NAME@ALIAS"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line_and_touch_nothing(run_cli, tmp_path, args, message):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("user file")
+    before = snapshot(workdir)
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args], "--workdir", workdir)
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tune-cells: error:"), result.err
+    assert message in lines[0]
+    assert "Traceback" not in result.err
+    assert snapshot(workdir) == before
+
+
+def test_bad_dataset_exits_2_before_the_store_exists(run_cli, tmp_path):
+    data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 8)
+    (data / "train" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    workdir = tmp_path / "work"
+    result = run_cli("search", "nuclei", "--data", data, "--workdir", workdir)
+    assert result.code == 2
+    assert "cannot decode train/2.png" in result.err
+    assert not (workdir / "mlflow.db").exists()
+
+
+def test_space_with_syntax_error_exits_2(run_cli, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  lr: {float: [0.1, 1]\n")
+    result = run_cli("search", "nuclei", "--space", space, "--workdir", tmp_path / "w")
+    assert result.code == 2 and "YAML syntax error at line" in result.err
+
+
+def test_unwritable_workdir_exits_2(run_cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder under a regular file cannot be made, not even by root
+    result = run_cli("search", "nuclei", "--workdir", blocker / "sub")
+    assert result.code == 2 and "not writable" in result.err
+
+
+def test_tasks_lists_nuclei(run_cli):
+    result = run_cli("tasks")
+    assert result.code == 0 and "nuclei:" in result.out and "train.csv" in result.out

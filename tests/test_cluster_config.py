@@ -1,0 +1,43 @@
+"""cluster.yaml is checked offline against Ray's own cluster-config schema: a typo fails CI, not a bill."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def config():
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_passes_rays_schema(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(config))
+
+
+def test_schema_check_catches_a_typo(config):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    broken = yaml.safe_load(CLUSTER_YAML.read_text())
+    broken["available_node_types"]["gpu_worker"]["min_worker"] = 1  # typo of min_workers
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
+
+
+def test_head_runs_no_trials_and_workers_declare_resources(config):
+    nodes = config["available_node_types"]
+    assert nodes[config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert nodes["gpu_worker"]["resources"]["GPU"] >= 1
+    assert "GPU" not in nodes["cpu_worker"]["resources"]
+
+
+def test_only_ssh_is_open_and_setup_uses_the_readme_constraints(config):
+    rules = config["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    setup = " ".join(config["setup_commands"])
+    assert "--constraint ~/tune-cells/constraints.txt" in setup
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])

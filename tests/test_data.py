@@ -1,0 +1,121 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tune_cells.data.images import check_decodable, decode_image
+from tune_cells.data.reader import SplitReader, read_log_entries
+from tune_cells.data.splits import load_or_create_split, split_path
+from tune_cells.errors import UserInputError
+from tune_cells.tasks import get_task
+
+from conftest import write_kaggle
+
+nuclei = get_task("nuclei")
+
+
+def test_kaggle_import(kaggle_dataset):
+    index = nuclei.importer(kaggle_dataset)
+    assert len(index.items) == 43
+    assert index.class_counts() == {"normal_epithelial": 10, "cancer_epithelial": 12, "muscle": 10, "immune": 11}
+    assert index.items["path"].iloc[0] == "train/1.png"
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda root: (root / "train.csv").unlink(), "train.csv: missing"),
+        (lambda root: (root / "train" / "3.png").unlink(), "rows without their file: train/3.png"),
+        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,7\n"), "unknown label 7"),
+        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,x\n"), "unknown label x"),
+        (lambda root: (root / "train.csv").write_text("Name,Class\n1.png,0\n"), "needs columns Filename,Label"),
+        (lambda root: (root / "train.csv").write_text("Filename,Label\n"), "no rows"),
+        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,0\n1.png,0\n"), "listed twice: 1.png"),
+        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,0\n2.png,1\n3.png,2\n"),
+         "no images of class immune"),
+    ],
+)
+def test_kaggle_import_errors_name_the_culprit(kaggle_dataset, breakage, message):
+    breakage(kaggle_dataset)
+    with pytest.raises(UserInputError, match=message):
+        nuclei.importer(kaggle_dataset)
+
+
+def test_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserInputError, match="no such folder"):
+        nuclei.importer(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda p: p.write_bytes(b""),  # zero bytes
+        lambda p: p.write_text("not an image at all"),
+        lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),  # truncated, valid header
+    ],
+    ids=["zero-byte", "text", "truncated"],
+)
+def test_undecodable_images_are_named(kaggle_dataset, corrupt):
+    corrupt(kaggle_dataset / "train" / "5.png")
+    index = nuclei.importer(kaggle_dataset)
+    with pytest.raises(UserInputError, match=r"cannot decode train/5\.png"):
+        check_decodable(index.root, list(index.items["path"]), channels=3)
+
+
+def test_decode_handles_grey_and_16_bit(tmp_path):
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((10, 12), 200, np.uint8)).save(grey)
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((10, 12), 4000, np.uint16)).save(deep)
+    assert decode_image(grey, 3, 16).shape == (16, 16, 3)
+    assert decode_image(grey, 3, 16)[0, 0].tolist() == [200, 200, 200]
+    assert decode_image(deep, 1, 8).max() == 255  # rescaled, not clipped to white or black
+
+
+def test_split_is_stratified_deterministic_written_once_and_reused(tmp_path):
+    root = write_kaggle(tmp_path / "d", [0] * 20 + [1] * 40 + [2] * 20 + [3] * 20)
+    index = nuclei.importer(root)
+    path = split_path(tmp_path / "w", "nuclei", index, seed=3)
+    assert path.name.startswith("nuclei-") and path.name.endswith("-3.json")
+    split = load_or_create_split(path, index, seed=3)
+    assert split.sizes() == {"train": 70, "val": 15, "test": 15}
+    labels = dict(zip(index.items["path"], index.items["label"]))
+    for part, paths in split.parts.items():
+        assert {labels[p] for p in paths} == {0, 1, 2, 3}, part
+    all_paths = sum(split.parts.values(), [])
+    assert len(all_paths) == len(set(all_paths)) == 100
+
+    again = load_or_create_split(tmp_path / "other.json", index, seed=3)
+    assert again.parts == split.parts  # same seed, same split
+    assert load_or_create_split(tmp_path / "seed4.json", index, seed=4).parts != split.parts
+
+    # The file is the source of truth: an edit is respected on the next run.
+    payload = json.loads(path.read_text())
+    moved = payload["test"].pop()
+    payload["train"].append(moved)
+    path.write_text(json.dumps(payload))
+    edited = load_or_create_split(path, index, seed=3)
+    assert moved in edited.parts["train"] and moved not in edited.parts["test"]
+
+    payload["val"].append(payload["train"][0])
+    path.write_text(json.dumps(payload))
+    with pytest.raises(UserInputError, match="in more than one split"):
+        load_or_create_split(path, index, seed=3)
+
+
+def test_tiny_class_cannot_be_split(tmp_path):
+    index = nuclei.importer(write_kaggle(tmp_path / "d", [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]))
+    with pytest.raises(UserInputError, match=r"at least 3 images.*normal_epithelial \(2\)"):
+        load_or_create_split(tmp_path / "s.json", index, seed=0)
+
+
+def test_reader_logs_every_read(tmp_path, kaggle_dataset):
+    index = nuclei.importer(kaggle_dataset)
+    split = load_or_create_split(tmp_path / "s.json", index, seed=0)
+    reader = SplitReader(index, split, channels=3, size=16, workdir=tmp_path)
+    images, labels = reader.load("val", "selection")
+    assert images.shape == (len(split.parts["val"]), 16, 16, 3) and images.dtype == np.uint8
+    assert len(labels) == len(images)
+    entries = read_log_entries(tmp_path)
+    assert [(e["part"], e["purpose"], e["images"]) for e in entries] == [("val", "selection", len(images))]

@@ -1,0 +1,43 @@
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion
+
+CLASSES = ["a", "b c", "d"]
+
+
+def predictions(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    logits = rng.normal(size=(n, 3))
+    logits[np.arange(n), y] += 1.5  # better than chance, not perfect
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, probs
+
+
+def test_metrics_agree_with_sklearn_and_names_are_safe():
+    y, probs = predictions()
+    m = classification_metrics(y, probs, CLASSES)
+    pred = probs.argmax(1)
+    assert m["test_accuracy"] == accuracy_score(y, pred)
+    assert m["test_balanced_accuracy"] == balanced_accuracy_score(y, pred)
+    assert np.isclose(m["test_macro_f1"], f1_score(y, pred, average="macro"))
+    assert np.isclose(m["test_roc_auc"], roc_auc_score(y, probs, multi_class="ovr"))
+    assert np.isclose(m["test_f1_b_c"], f1_score(y, pred, average=None)[1])
+    assert confusion(y, probs, 3).sum() == len(y)
+
+
+def test_binary_auc_uses_the_positive_class():
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
+    assert classification_metrics(y, probs, ["normal", "blast"])["test_roc_auc"] == 1.0
+
+
+def test_bootstrap_is_seeded_and_brackets_the_estimate():
+    y, probs = predictions()
+    point = classification_metrics(y, probs, CLASSES)
+    first = bootstrap_intervals(y, probs, CLASSES, n_boot=200, seed=1)
+    assert first == bootstrap_intervals(y, probs, CLASSES, n_boot=200, seed=1)
+    for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc"):
+        low, high = first[key]
+        assert low <= point[key] <= high and high - low > 0.02

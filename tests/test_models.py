@@ -1,0 +1,56 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tune_cells.errors import UserInputError
+from tune_cells.models import create_model, model_hyperparameters, model_names
+
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights"
+
+
+@pytest.mark.parametrize("name", ["small_convnet", "resnet18", "mobilenet_v2", "alexnet", "resnet50"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_model_builds_from_scratch_for_grey_and_rgb(name, channels):
+    size = 64 if name != "alexnet" else 96
+    model = create_model(name, num_classes=4, in_channels=channels, depth=2, width=8, unrelated_key=1)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, channels, size, size)).shape == (2, 4)
+
+
+def test_registry_passes_only_declared_hyperparameters():
+    assert {"small_convnet", "resnet18", "mobilenet_v2"} <= set(model_names())
+    assert model_hyperparameters("small_convnet") == {"depth", "width", "dropout"}
+    with pytest.raises(UserInputError, match="unknown model 'vgg99'"):
+        create_model("vgg99", num_classes=2, in_channels=3)
+
+
+def test_frozen_features_leave_only_the_new_head_trainable():
+    model = create_model("resnet18", num_classes=3, in_channels=3, freeze_features=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("fc.") for n in trainable)
+
+
+def test_pretrained_offline_without_weights_is_a_clear_user_error(tmp_path):
+    # A fresh process with an empty torch cache: torchvision must not be able to download.
+    code = (
+        "from tune_cells.models import create_model\n"
+        "create_model('resnet18', num_classes=2, in_channels=3, pretrained=True)\n"
+    )
+    env = {**os.environ, "TORCH_HOME": str(tmp_path), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "UserInputError: pretrained resnet18 needs" in proc.stderr
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in proc.stderr
+
+
+@pytest.mark.skipif(not (SHARED_WEIGHTS / "hub" / "checkpoints").is_dir(), reason="../shared/weights not present")
+def test_pretrained_mobilenet_loads_offline_from_the_torch_cache(monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(SHARED_WEIGHTS))
+    model = create_model("mobilenet_v2", num_classes=4, in_channels=1, pretrained=True)
+    # ImageNet filters kept (grey is repeated to RGB), a new 4-class head
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 4)

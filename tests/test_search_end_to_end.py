@@ -1,0 +1,157 @@
+"""The vertical slice with the real parts: Ray Tune + Optuna + ASHA + MLflow (sqlite), via the CLI.
+
+One search on generated demo data is shared by the assertions below (it takes a minute or two).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tune_cells.data.reader import read_log_entries
+
+from conftest import cli_subprocess
+
+pytestmark = pytest.mark.slow
+
+# Trial 1 learns; trials 2 and 3 cannot (lr 1e-7). With one trial at a time and ASHA's first
+# rung after epoch 1, the hopeless trials reach the rung after the good one and are stopped.
+SPACE = """
+params:
+  model: small_convnet
+  depth: 2
+  width: {choices: [12, 16]}
+  dropout: 0.0
+  optimizer: adamw
+  lr: {float: [1.0e-3, 5.0e-3], log: true}
+  weight_decay: 1.0e-4
+  batch_size: 32
+  lr_schedule: constant
+  image_size: 40
+  affine: 0.0
+  color_jitter: 0.0
+initial_points:
+  - {width: 16, lr: 0.004}
+  - {width: 12, lr: 1.0e-7}
+  - {width: 16, lr: 1.0e-7}
+"""
+MAX_EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    space = root / "space.yaml"
+    space.write_text(SPACE)
+    workdir = root / "work"
+    result = cli_subprocess(
+        ["search", "nuclei", "--samples", 3, "--max-epochs", MAX_EPOCHS, "--grace-period", 1,
+         "--reduction-factor", 2, "--max-concurrent", 1, "--space", space, "--workdir", workdir,
+         "--seed", 7],
+        cwd=root,
+    )
+    assert result.code == 0, result.err[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    return {"root": root, "workdir": workdir, "client": client, "runs": runs, "result": result}
+
+
+def by_type(runs, kind):
+    return [r for r in runs if r.data.tags.get("tune_cells.run_type") == kind]
+
+
+def test_one_parent_three_children_with_full_metric_histories(search):
+    client, runs = search["client"], search["runs"]
+    parents = by_type(runs, "search")
+    children = by_type(runs, "trial")
+    assert len(parents) == 1 and len(children) == 3
+    parent_id = parents[0].info.run_id
+    assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in children)
+    trial_ids = [c.data.tags["ray_trial_id"] for c in children]
+    assert len(set(trial_ids)) == 3
+    for child in children:
+        assert child.info.status == "FINISHED"
+        epochs = int(child.data.tags["epochs_run"])
+        for metric in ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy"):
+            history = client.get_metric_history(child.info.run_id, metric)
+            assert [m.step for m in history] == list(range(1, epochs + 1)), metric
+        assert child.data.params["optimizer"] == "adamw"
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["split_train"] and "split" in {a.path for a in client.list_artifacts(parent_id)}
+
+
+def test_hopeless_trials_are_stopped_early_by_asha(search):
+    children = by_type(search["runs"], "trial")
+    hopeless = [c for c in children if float(c.data.params["lr"]) < 1e-6]
+    good = [c for c in children if float(c.data.params["lr"]) > 1e-6]
+    assert len(hopeless) == 2 and len(good) == 1
+    assert int(good[0].data.tags["epochs_run"]) == MAX_EPOCHS and "stopped_early" not in good[0].data.tags
+    for child in hopeless:
+        assert int(child.data.tags["epochs_run"]) < MAX_EPOCHS
+        assert child.data.tags["stopped_early"] == "true"
+    assert "3 trials (2 stopped early by ASHA, 0 failed)" in search["result"].out
+
+
+def test_champion_is_the_best_trials_best_epoch(search):
+    client = search["client"]
+    version = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
+    parent = by_type(search["runs"], "search")[0]
+    good = [c for c in by_type(search["runs"], "trial") if float(c.data.params["lr"]) > 1e-6][0]
+    assert version.tags["search_run_id"] == parent.info.run_id
+    assert version.tags["trial_run_id"] == good.info.run_id
+    history = client.get_metric_history(good.info.run_id, "val_balanced_accuracy")
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert float(version.tags["val_balanced_accuracy"]) == pytest.approx(best.value, abs=1e-6)
+    assert int(version.tags["epoch"]) in [m.step for m in history if m.value == best.value]
+
+
+def test_no_test_reads_before_promotion(search):
+    client = search["client"]
+    version = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
+    promoted_at = version.creation_timestamp / 1000
+    entries = read_log_entries(search["workdir"])
+    assert {e["part"] for e in entries if e["time"] < promoted_at} == {"train", "val"}
+    test_reads = [e for e in entries if e["part"] == "test"]
+    assert test_reads and all(e["purpose"] == "evaluation" and e["time"] > promoted_at for e in test_reads)
+
+
+def test_evaluate_in_a_fresh_process_reproduces_the_logged_metrics(search):
+    client, workdir = search["client"], search["workdir"]
+    first = by_type(search["runs"], "evaluation")
+    assert len(first) == 1
+    parent = by_type(search["runs"], "search")[0]
+    assert first[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(first[0].info.run_id)}
+    assert {"confusion_matrix.png", "test_predictions.csv", "metrics.json"} <= artifacts
+
+    again = cli_subprocess(["evaluate", "nuclei", "--workdir", workdir], cwd=search["root"])
+    assert again.code == 0, again.err[-2000:]
+    assert "test_balanced_accuracy" in again.out
+    evaluations = by_type(client.search_runs([parent.info.experiment_id]), "evaluation")
+    assert len(evaluations) == 2
+    logged, recomputed = (sorted(evaluations, key=lambda r: r.info.start_time)[i].data.metrics for i in (0, 1))
+    keys = [k for k in logged if k.startswith("test_")]
+    assert "test_roc_auc" in keys and "test_f1_immune" in keys
+    for key in keys:
+        assert recomputed[key] == pytest.approx(logged[key], abs=1e-6), key
+
+
+def test_a_second_search_keeps_the_first_and_moves_the_alias(search):
+    client, workdir, root = search["client"], search["workdir"], search["root"]
+    first_version = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion").version
+    result = cli_subprocess(
+        ["search", "nuclei", "--samples", 1, "--max-epochs", 1, "--space", root / "space.yaml",
+         "--workdir", workdir, "--no-evaluate"], cwd=root)
+    assert result.code == 0, result.err[-2000:]
+    experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
+    assert len(by_type(client.search_runs([experiment.experiment_id]), "search")) == 2
+    assert len(list((workdir / "ray" / "tune-cells-nuclei-demo").iterdir())) == 2
+    champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
+    previous = client.get_model_version_by_alias("tune-cells-nuclei-demo", "previous-champion")
+    assert int(champion.version) == int(first_version) + 1 and previous.version == first_version
+    split_files = list((workdir / "splits").glob("nuclei-*-*.json"))
+    assert len(split_files) == 2  # seed 7 and the default seed 0, each written once
+    assert json.loads(split_files[0].read_text())["classes"][0] == "normal_epithelial"

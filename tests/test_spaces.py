@@ -1,0 +1,69 @@
+import optuna
+import pytest
+
+from tune_cells.errors import UserInputError
+from tune_cells.search import check_space
+from tune_cells.search_spaces import builtin_space_path, load_space
+
+
+def sample_many(space, n=40, seed=0):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    configs = []
+    for _ in range(n):
+        trial = study.ask()
+        configs.append(space.sample(trial))
+        study.tell(trial, 0.0)
+    return configs
+
+
+def test_nuclei_space_is_conditional_and_covers_the_brief():
+    space = load_space(builtin_space_path("nuclei"))
+    configs = sample_many(space)
+    assert {c["model"] for c in configs} == {"small_convnet", "resnet18"}
+    assert {c["optimizer"] for c in configs} == {"adamw", "sgd"}
+    for config in configs:
+        # depth and width exist exactly when the ConvNet is chosen (define-by-run conditionals)
+        assert ("depth" in config) == (config["model"] == "small_convnet")
+        assert ("width" in config) == (config["model"] == "small_convnet")
+        assert 2e-4 <= config["lr"] <= 2e-2
+        assert config["image_size"] == 64 and config["flip"] is True
+        for key in ("weight_decay", "batch_size", "affine", "color_jitter", "label_smoothing", "dropout"):
+            assert key in config
+    lrs = sorted(c["lr"] for c in configs)
+    assert lrs[len(lrs) // 2] < 3e-3  # log scale: the median is near the geometric mean
+    check_space(space, seed=0)
+
+
+def test_fixed_space_is_a_pinned_configuration(tmp_path):
+    path = tmp_path / "pinned.yaml"
+    path.write_text("params:\n  model: small_convnet\n  lr: 0.001\n  depth: 3\n")
+    configs = sample_many(load_space(path), n=3)
+    assert configs == [{"model": "small_convnet", "lr": 0.001, "depth": 3}] * 3
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("params:\n  lr: {float: [0.1, 0.01]}\n", "low 0.1 is above high 0.01"),
+        ("params:\n  lr: {float: [0, 0.01], log: true}\n", "log scale needs low > 0"),
+        ("params:\n  lr: {floaty: [0.1, 1]}\n", "unknown key 'floaty'"),
+        ("params:\n  width: {choices: [1, 2], when: {model: x}}\n  model: x\n", "not an earlier parameter"),
+        ("params:\n  model: {choices: []}\n", "non-empty list"),
+        ("params:\n  lr: [0.1\n", "YAML syntax error at line"),
+        ("just a string\n", "non-empty `params:`"),
+        ("params:\n  lr: 0.1\nextra: 1\n", "unknown section 'extra'"),
+        ("params:\n  lr: 0.1\ninitial_points:\n  - {nope: 1}\n", "unknown parameter 'nope'"),
+    ],
+)
+def test_space_file_errors_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(UserInputError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_space(path)
+
+
+def test_space_with_unknown_model_fails_before_any_trial(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("params:\n  model: {choices: [small_convnet, vgg99]}\n  lr: 0.01\n")
+    with pytest.raises(UserInputError, match="unknown model 'vgg99'"):
+        check_space(load_space(path), seed=0)
