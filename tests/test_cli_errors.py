@@ -41,14 +41,24 @@ def test_bad_flags_exit_2_with_one_line_and_touch_nothing(run_cli, tmp_path, arg
     assert snapshot(workdir) == before
 
 
-def test_bad_dataset_exits_2_before_the_store_exists(run_cli, tmp_path):
+def test_bad_dataset_exits_2_and_writes_nothing(run_cli, tmp_path):
     data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 8)
     (data / "train" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     workdir = tmp_path / "work"
     result = run_cli("search", "nuclei", "--data", data, "--workdir", workdir)
     assert result.code == 2
     assert "cannot decode train/2.png" in result.err
-    assert not (workdir / "mlflow.db").exists()
+    assert not workdir.exists()  # no split file, no read log, no MLflow store
+
+
+def test_unreachable_tracking_server_exits_2_before_any_write(run_cli, tmp_path):
+    data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 8)
+    workdir = tmp_path / "work"
+    result = run_cli("search", "nuclei", "--data", data, "--workdir", workdir,
+                     "--tracking-uri", "http://127.0.0.1:9")
+    assert result.code == 2
+    assert "tracking server http://127.0.0.1:9 does not answer" in result.err
+    assert not workdir.exists()
 
 
 def test_space_with_syntax_error_exits_2(run_cli, tmp_path):

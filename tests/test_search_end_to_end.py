@@ -155,3 +155,29 @@ def test_a_second_search_keeps_the_first_and_moves_the_alias(search):
     split_files = list((workdir / "splits").glob("nuclei-*-*.json"))
     assert len(split_files) == 2  # seed 7 and the default seed 0, each written once
     assert json.loads(split_files[0].read_text())["classes"][0] == "normal_epithelial"
+
+
+def test_registered_pyfunc_predicts_paths_and_base64_like_evaluation(search):
+    """Serving, predict and evaluate share one prediction path: same inputs, same probabilities."""
+    import base64
+
+    import mlflow.pyfunc
+    import pandas as pd
+
+    client = search["client"]
+    evaluation = by_type(search["runs"], "evaluation")[0]
+    local = client.download_artifacts(evaluation.info.run_id, "test_predictions.csv", str(search["root"]))
+    expected = pd.read_csv(local).head(6)
+    data_root = search["workdir"] / "demo-data" / "nuclei"
+    paths = [str(data_root / p) for p in expected["path"]]
+    mlflow.set_registry_uri(f"sqlite:///{search['workdir'] / 'mlflow.db'}")
+    # The version that evaluation scored (a later test in this module registers another one).
+    model = mlflow.pyfunc.load_model(evaluation.data.params["model_uri"])
+    by_path = model.predict(pd.DataFrame({"path": paths}))
+    encoded = [base64.b64encode(open(p, "rb").read()).decode() for p in paths]
+    by_bytes = model.predict(pd.DataFrame({"image": encoded}))
+    prob_columns = [c for c in expected.columns if c.startswith("prob_")]
+    assert list(by_path["predicted_class"]) == list(expected["predicted"]) == list(by_bytes["predicted_class"])
+    for column in prob_columns:
+        assert by_path[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-6)
+        assert by_bytes[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-6)

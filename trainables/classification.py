@@ -45,13 +45,12 @@ class ClassificationData:
     std: tuple[float, ...]
     max_epochs: int
     seed: int
-    cpus_per_trial: float
-    gpus_per_trial: float
 
 
 def train_classifier(config: dict, data: ClassificationData) -> None:
-    torch.set_num_threads(max(1, int(data.cpus_per_trial)))
-    device = pick_device(data.gpus_per_trial)
+    where = ray_backend.trial_info()
+    torch.set_num_threads(max(1, int(where["cpus"])))
+    device = pick_device(where["gpu_ids"])
     generator = seed_everything(data.seed)
     spec = ModelSpec(
         task=data.task, architecture=config["model"], classes=list(data.classes), channels=data.channels,
@@ -81,7 +80,6 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
             generator.set_state(state["generator"])
             first_epoch = int(state["epoch"]) + 1
 
-    node = ray_backend.trial_info()["node_id"]
     for epoch in range(first_epoch, data.max_epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -98,7 +96,7 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
             "val_balanced_accuracy": val["balanced_accuracy"],
             "lr": lr,
             "epoch_time_s": time.perf_counter() - started,
-            "node_id": node,
+            "node_id": where["node_id"],
         }
         trainer_state = {
             "optimizer": optimizer.state_dict(),

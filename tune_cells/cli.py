@@ -47,9 +47,11 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--max-epochs", type=int, default=10, show_default=True, help="Epochs of a trial that ASHA never stops.")
 @click.option("--grace-period", type=int, default=2, show_default=True, help="ASHA: epochs before a trial can be stopped.")
 @click.option("--reduction-factor", type=int, default=3, show_default=True, help="ASHA: keep the top 1/N at each rung.")
-@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True)
-@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True,
-              help="Fractions share a GPU; a trial falls back to CPU where CUDA is absent.")
+@click.option("--cpus-per-trial", type=float, default=None,
+              help="CPUs per trial (also its torch threads) [default: 1].")
+@click.option("--gpus-per-trial", type=float, default=None,
+              help="GPUs per trial; fractions share a GPU [default: the model's share (0.25 for small models) "
+                   "where the cluster has GPUs, else 0]. Without CUDA a trial trains on the CPU.")
 @click.option("--max-concurrent", type=int, default=None, help="At most this many trials at once.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the sampler and the trials.")
 @click.option("--space", type=click.Path(path_type=Path), default=None, help="Search-space YAML replacing the task's.")
@@ -81,14 +83,14 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
     click.echo(f"Best trial {outcome.best_trial_id}: {outcome.metric} {outcome.best_metric:.4f} at epoch "
                f"{outcome.best_epoch}\n  {config}")
     click.echo(f"Promoted: models:/{outcome.model_name}@champion (version {outcome.model_version})")
-    if outcome.tracking_uri == resolve_tracking_uri(None, outcome.workdir) and not tracking_uri:
-        click.echo(f"Browse the runs: tune-cells ui --workdir {workdir}")
-    else:
-        click.echo(f"Browse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
     if not no_evaluate:
         code = evaluate_in_fresh_process(outcome)
         if code != 0:
             raise RuntimeError(f"evaluation of version {outcome.model_version} failed (exit {code})")
+    if outcome.tracking_uri == resolve_tracking_uri(None, outcome.workdir):
+        click.echo(f"\nBrowse the runs: tune-cells ui --workdir {workdir}")
+    else:
+        click.echo(f"\nBrowse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
 
 
 @cli.command()
@@ -100,12 +102,12 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 def evaluate(task, model_uri, n_boot, workdir, tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
     from tune_cells.evaluation import evaluate_registered, format_table
-    from tune_cells.search import prepare_workdir
+    from tune_cells.search import check_workdir
     from tune_cells.tasks import get_task
     from tune_cells.tracking import Tracker, resolve_tracking_uri
 
     spec = get_task(task)
-    workdir = prepare_workdir(workdir)
+    workdir = check_workdir(workdir)
     tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir / "mlartifacts")
     if model_uri is None:
         model_uri = _default_model_uri(tracker, spec.name)

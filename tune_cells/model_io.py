@@ -89,20 +89,24 @@ class ImageClassifier:
         logits = predict_logits(self.model, images_uint8, self.preset, self.device)
         return torch.softmax(logits, 1).numpy()
 
-    def decode(self, source) -> np.ndarray:
-        """A path, or raw/base64 image bytes, decoded exactly as the training data was."""
-        if isinstance(source, str) and not Path(source).exists():
-            source = base64.b64decode(source, validate=True)
-        if isinstance(source, (bytes, bytearray)):
-            source = io.BytesIO(source)
-        return decode_image(source, self.spec.channels, self.spec.store_size)
+    def decode_path(self, path: str | Path) -> np.ndarray:
+        """A local image file, decoded exactly as the training data was."""
+        return decode_image(Path(path), self.spec.channels, self.spec.store_size)
 
-    def predict_table(self, sources: list) -> pd.DataFrame:
-        """Predicted class and per-class probabilities, one row per input."""
-        if not sources:
-            return pd.DataFrame(columns=["predicted_class", *[f"prob_{c}" for c in self.spec.classes]])
-        images = np.stack([self.decode(s) for s in sources])
-        probs = self.predict_proba(images)
-        table = pd.DataFrame(probs, columns=[f"prob_{c}" for c in self.spec.classes])
+    def decode_base64(self, text: str) -> np.ndarray:
+        """Base64-encoded image bytes (PNG, JPEG, TIFF...), decoded exactly as the training data was."""
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"image is not valid base64 ({exc})") from None
+        return decode_image(io.BytesIO(raw), self.spec.channels, self.spec.store_size)
+
+    def predict_table(self, images: list[np.ndarray]) -> pd.DataFrame:
+        """Predicted class and per-class probabilities, one row per decoded image."""
+        columns = ["predicted_class", *[f"prob_{c}" for c in self.spec.classes]]
+        if not images:
+            return pd.DataFrame(columns=columns)
+        probs = self.predict_proba(np.stack(images))
+        table = pd.DataFrame(probs, columns=columns[1:])
         table.insert(0, "predicted_class", [self.spec.classes[i] for i in probs.argmax(1)])
         return table

@@ -32,6 +32,15 @@ def model_hyperparameters(name: str) -> set[str]:
     return {p for p in params if p not in ("num_classes", "in_channels")}
 
 
+# Default share of one GPU per trial: small cell models leave most of a GPU idle, so several
+# trials share one (Ray packs them by these fractions). Used when --gpus-per-trial is not given.
+GPU_SHARE = {"small_convnet": 0.25, "resnet18": 0.25, "mobilenet_v2": 0.25, "alexnet": 0.5, "resnet50": 0.5}
+
+
+def gpu_share(name: str) -> float:
+    return GPU_SHARE.get(name, 0.5)
+
+
 def create_model(name: str, *, num_classes: int, in_channels: int, **config) -> nn.Module:
     builder = _builder(name)
     kwargs = {k: v for k, v in config.items() if k in model_hyperparameters(name)}

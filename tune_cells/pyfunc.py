@@ -17,7 +17,8 @@ class TuneCellsModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        column = next((c for c in INPUT_COLUMNS if c in frame.columns), None)
+        column = next((c for c in INPUT_COLUMNS if c in frame.columns and frame[c].notna().any()), None)
         if column is None:
             raise ValueError(f"input needs a column named one of {', '.join(INPUT_COLUMNS)}")
-        return self.classifier.predict_table(frame[column].tolist())
+        decode = self.classifier.decode_path if column == "path" else self.classifier.decode_base64
+        return self.classifier.predict_table([decode(value) for value in frame[column]])

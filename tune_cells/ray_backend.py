@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,7 @@ class SearchRequest:
     max_epochs: int
     grace_period: int
     reduction_factor: int
-    cpus_per_trial: float
-    gpus_per_trial: float
+    trial_resources: Callable[[dict], dict[str, float]]  # config -> {"CPU": n, "GPU": n}
     storage_path: str
     name: str
     events: TrialEvents | None = None
@@ -117,11 +117,13 @@ def run_search(request: SearchRequest) -> SearchResult:
         grace_period=min(request.grace_period, request.max_epochs),
         reduction_factor=request.reduction_factor,
     )
+    trial_resources = request.trial_resources
     trainable = tune.with_resources(
         tune.with_parameters(request.trainable, **request.trainable_kwargs),
-        {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial},
+        lambda config: tune.PlacementGroupFactory([trial_resources(config)]),
     )
     callbacks = [_EventsCallback(request.events)] if request.events else []
+    callbacks.append(_PendingTrialsExplainer())
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -217,6 +219,41 @@ class _EventsCallback(tune.Callback):
         self.events.on_trial_end(trial.trial_id, True, trial.last_result or {}, error)
 
 
+class _PendingTrialsExplainer(tune.Callback):
+    """Says in plain words why trials wait, when what they ask for exceeds the whole cluster."""
+
+    def __init__(self, every_s: float = 30.0, check_every_s: float = 5.0):
+        self.every_s = every_s
+        self.check_every_s = check_every_s
+        self._checked = 0.0
+        self._last: dict[str, float] = {}
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self._checked < self.check_every_s:  # steps come many times a second
+            return
+        self._checked = now
+        pending = [t for t in trials if t.status == "PENDING"]
+        if not pending:
+            return
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        wants: dict[tuple, int] = {}
+        for trial in pending:
+            need = trial.placement_group_factory.required_resources
+            key = tuple(sorted((k, v) for k, v in need.items() if v))
+            wants[key] = wants.get(key, 0) + 1
+        for key, count in wants.items():
+            if any(all(node.get(k, 0) >= v for k, v in key) for node in nodes):
+                continue  # some node can run it: it only waits its turn
+            need = ", ".join(f"{v:g} {k}" for k, v in key)
+            biggest = ", ".join(f"{max((node.get(k, 0) for node in nodes), default=0):g} {k}" for k, _ in key)
+            message = (f"{count} trial{'s' if count > 1 else ''} pending: each needs {need} on one node, "
+                       f"the largest node has {biggest} (an autoscaling cluster may still add nodes)")
+            if now - self._last.get(message, -1e9) >= self.every_s:
+                self._last[message] = now
+                log.warning(message)
+
+
 # --- inside a trial -----------------------------------------------------------------------
 
 
@@ -236,6 +273,13 @@ def resumed_checkpoint() -> Iterator[Path | None]:
         yield Path(directory)
 
 
-def trial_info() -> dict[str, str]:
+def trial_info() -> dict:
+    """Who and where this trial is: its id, Ray node, and the CPUs and GPU ids it was given."""
     context = tune.get_context()
-    return {"trial_id": context.get_trial_id(), "node_id": ray.get_runtime_context().get_node_id()}
+    resources = context.get_trial_resources().required_resources
+    return {
+        "trial_id": context.get_trial_id(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "cpus": float(resources.get("CPU", 1)),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }

@@ -1,24 +1,28 @@
-"""One search, start to finish: check inputs, split, search, promote, evaluate.
+"""One search, start to finish: preflight, split, search, promote (evaluation follows in a new process).
 
-Everything that can be checked cheaply is checked before the MLflow store or Ray is touched,
-so a bad input leaves the user's store and working folder as they were.
+The preflight checks everything cheap to check and writes nothing; only when it passes are the
+split file, the read log, the MLflow store and the Ray results folder touched. So a bad input
+leaves the user's store and working folder exactly as they were.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from tune_cells.data.images import ImageIndex, check_decodable
 from tune_cells.data.reader import SplitReader
-from tune_cells.data.splits import Split, load_or_create_split, split_path
+from tune_cells.data.splits import Split, plan_split, save_split, split_path
 from tune_cells.errors import UserInputError
 from tune_cells.models import model_names
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
@@ -35,8 +39,8 @@ class SearchOptions:
     max_epochs: int = 10
     grace_period: int = 2
     reduction_factor: int = 3
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
+    cpus_per_trial: float | None = None  # None: 1
+    gpus_per_trial: float | None = None  # None: per model (models.GPU_SHARE) where there are GPUs, else 0
     seed: int = 0
     experiment: str | None = None
     workdir: Path = Path("tune-cells-runs")
@@ -46,6 +50,20 @@ class SearchOptions:
     address: str | None = None
     max_concurrent: int | None = None
     verbose: bool = False
+
+
+@dataclass
+class PreparedSearch:
+    """Everything the preflight established; nothing of it is written yet."""
+
+    task: TaskSpec
+    space: SearchSpace
+    workdir: Path
+    index: ImageIndex
+    split: Split
+    experiment: str
+    model_name: str
+    tracking_uri: str
 
 
 @dataclass
@@ -68,6 +86,9 @@ class SearchOutcome:
     tracking_uri: str
 
 
+# --- preflight: checks only, no writes (except generated demo data) ------------------------
+
+
 def check_options(opts: SearchOptions) -> None:
     positive = {"--samples": opts.samples, "--max-epochs": opts.max_epochs, "--grace-period": opts.grace_period}
     for flag, value in positive.items():
@@ -75,24 +96,46 @@ def check_options(opts: SearchOptions) -> None:
             raise UserInputError(f"{flag} {value}: must be at least 1")
     if opts.reduction_factor < 2:
         raise UserInputError(f"--reduction-factor {opts.reduction_factor}: must be at least 2")
-    if opts.cpus_per_trial <= 0:
-        raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial}: must be above 0")
-    if opts.gpus_per_trial < 0:
-        raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial}: must not be negative")
+    if opts.cpus_per_trial is not None and opts.cpus_per_trial <= 0:
+        raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: must be above 0")
+    if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
+        raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: must not be negative")
     if opts.max_concurrent is not None and opts.max_concurrent < 1:
         raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
 
 
-def prepare_workdir(workdir: Path) -> Path:
+def check_workdir(workdir: Path) -> Path:
+    """The absolute workdir, if it exists or can be created and is writable (nothing is created)."""
     workdir = Path(workdir).expanduser().resolve()
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserInputError(f"--workdir {workdir}: not writable ({exc.strerror})") from None
+    probe = workdir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"--workdir {workdir}: not writable ({probe} is not a writable folder)")
     return workdir
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    workdir = check_workdir(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def check_tracking(uri: str) -> None:
+    """A server must answer; a sqlite file must be creatable. Nothing is created here."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+                response.read()
+        except Exception as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserInputError(f"tracking server {uri} does not answer ({reason})") from None
+    elif parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):])
+        check_workdir(db.parent)
 
 
 def load_dataset(task: TaskSpec, data: Path | None, workdir: Path) -> ImageIndex:
@@ -115,139 +158,184 @@ def check_space(space: SearchSpace, seed: int) -> None:
         trial = study.ask()
         config = space.sample(trial)
         study.tell(trial, 0.0)
-        if "model" not in config:
-            raise UserInputError(f"{space.source}: the space sets no `model`")
+        for required in ("model", "lr"):
+            if required not in config:
+                raise UserInputError(f"{space.source}: the space sets no `{required}`")
         if config["model"] not in model_names():
             raise UserInputError(f"{space.source}: unknown model {config['model']!r}; known: {', '.join(model_names())}")
-        if "lr" not in config:
-            raise UserInputError(f"{space.source}: the space sets no `lr`")
     for point in space.initial_points:
         if point.get("model", "small_convnet") not in model_names():
             raise UserInputError(f"{space.source}: initial point uses unknown model {point['model']!r}")
 
 
-def names_for(task: TaskSpec, index: ImageIndex, experiment: str | None) -> tuple[str, str]:
-    suffix = "-demo" if index.source == "demo" else ""
-    return experiment or f"tune-cells-{task.name}{suffix}", f"tune-cells-{task.name}{suffix}"
+def prepare(opts: SearchOptions) -> PreparedSearch:
+    from tune_cells.tracking import resolve_tracking_uri
 
-
-def run_search(opts: SearchOptions) -> SearchOutcome:
-    from tune_cells import ray_backend
-    from tune_cells.tracking import TrialRecorder, Tracker, resolve_tracking_uri
-    from tune_cells.trainables.classification import METRICS, ClassificationData, train_classifier
-    from tune_cells.transforms import channel_stats
-
-    started = time.time()
     task = get_task(opts.task)
     check_options(opts)
     space = load_space(opts.space or builtin_space_path(task.default_space))
     check_space(space, opts.seed)
-    workdir = prepare_workdir(opts.workdir)
+    workdir = check_workdir(opts.workdir)
     index = load_dataset(task, opts.data, workdir)
-    split = load_or_create_split(split_path(workdir, task.name, index, opts.seed), index, opts.seed)
-    reader = SplitReader(index, split, task.channels, task.store_size, workdir)
-    log.info("dataset %s: %d images, %s; split %s", index.root, len(index.items), index.class_counts(), split.sizes())
-    train_images, train_labels = reader.load("train", "training")
-    val_images, val_labels = reader.load("val", "selection")
-    check_decodable(index.root, split.parts["test"], task.channels)  # pixels not kept: not a read
-    mean, std = channel_stats(train_images)
-
-    experiment, model_name = names_for(task, index, opts.experiment)
+    split = plan_split(split_path(workdir, task.name, index, opts.seed), index, opts.seed)
+    check_decodable(index.root, list(index.items["path"]), task.channels)  # pixels not kept: not a read
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
-    tracker = Tracker(tracking_uri, workdir / "mlartifacts")
-    data_bytes = train_images.nbytes + val_images.nbytes
-    resources = ray_backend.init(opts.address, num_cpus=os.cpu_count(), object_store_bytes=max(128 << 20, 3 * data_bytes)
-                                 if not opts.address else None, verbose=opts.verbose)
+    check_tracking(tracking_uri)
+    suffix = "-demo" if index.source == "demo" else ""
+    return PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
+                          f"tune-cells-{task.name}{suffix}", tracking_uri)
+
+
+@dataclass(frozen=True)
+class TrialResources:
+    """What one trial asks Ray for, by its configuration (picklable: Ray stores it)."""
+
+    cpus: float
+    gpus: float | None  # None: the model's default share of a GPU (models.GPU_SHARE)
+    use_gpus: bool
+
+    def __call__(self, config: dict) -> dict[str, float]:
+        from tune_cells.models import gpu_share
+
+        gpus = self.gpus if self.gpus is not None else gpu_share(config.get("model", "")) if self.use_gpus else 0.0
+        return {"CPU": self.cpus, "GPU": gpus} if gpus else {"CPU": self.cpus}
+
+
+def trial_resources(opts: SearchOptions, cluster: dict) -> TrialResources:
+    """Explicit flags win; otherwise GPUs are used where the cluster has them, shared per model.
+
+    On a local Ray an impossible request is bad input; on a cluster (--address) the autoscaler
+    may still add nodes, so it is only explained while trials wait.
+    """
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if not opts.address:
+        if (opts.gpus_per_trial or 0) > gpus:
+            raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus:g} GPUs")
+        if (opts.cpus_per_trial or 0) > cpus:
+            raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: this machine has {cpus:g} CPUs")
+    return TrialResources(opts.cpus_per_trial or 1.0, opts.gpus_per_trial, use_gpus=gpus > 0)
+
+
+# --- the search ---------------------------------------------------------------------------
+
+
+def run_search(opts: SearchOptions) -> SearchOutcome:
+    from tune_cells import ray_backend
+
+    started = time.time()
+    prep = prepare(opts)
+    resources = ray_backend.init(opts.address, num_cpus=os.cpu_count(), verbose=opts.verbose,
+                                 object_store_bytes=None if opts.address else _object_store_bytes(prep))
     try:
-        _check_resources(opts, resources)
-        experiment_id = _experiment_id(tracker, experiment)
-        search_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        parent = tracker.start_run(experiment_id, search_name, "search", tags={
-            "task": task.name, "data_root": str(index.root), "data_source": index.source,
-            "split_file": split.path.name, "ray_experiment": search_name,
-        })
-        try:
-            outcome = _search_and_promote(
-                opts, task, index, split, space, tracker, experiment_id, experiment, model_name, parent,
-                search_name, workdir, ClassificationData(
-                    train_images, train_labels, val_images, val_labels, task.name, list(index.classes),
-                    task.channels, task.store_size, mean, std, opts.max_epochs, opts.seed,
-                    opts.cpus_per_trial, opts.gpus_per_trial),
-                train_classifier, METRICS, ray_backend, TrialRecorder,
-            )
-        except BaseException as exc:
-            tracker.set_tags(parent, {"failure": f"{type(exc).__name__}: {exc}"[:500]})
-            tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
+        outcome = _tracked_search(opts, prep, trial_resources(opts, resources))
     finally:
         ray_backend.shutdown()
     outcome.wall_time_s = time.time() - started
     return outcome
 
 
-def _experiment_id(tracker, experiment: str) -> str:
+def _object_store_bytes(prep: PreparedSearch) -> int:
+    size = prep.task.store_size
+    images = len(prep.split.parts["train"]) + len(prep.split.parts["val"])
+    return max(128 << 20, 3 * images * size * size * prep.task.channels)
+
+
+def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialResources) -> SearchOutcome:
+    from tune_cells import ray_backend
+    from tune_cells.tracking import TrialRecorder, Tracker
+    from tune_cells.trainables.classification import METRICS, ClassificationData, train_classifier
+    from tune_cells.transforms import channel_stats
+
+    prepare_workdir(prep.workdir)
+    split = save_split(prep.split)
+    reader = SplitReader(prep.index, split, prep.task.channels, prep.task.store_size, prep.workdir)
+    log.info("dataset %s: %d images, %s; split %s", prep.index.root, len(prep.index.items),
+             prep.index.class_counts(), split.sizes())
+    train_images, train_labels = reader.load("train", "training")
+    val_images, val_labels = reader.load("val", "selection")
+    mean, std = channel_stats(train_images)
+    data = ClassificationData(
+        train_images, train_labels, val_images, val_labels, prep.task.name, list(prep.index.classes),
+        prep.task.channels, prep.task.store_size, mean, std, opts.max_epochs, opts.seed)
+
+    tracker = Tracker(prep.tracking_uri, prep.workdir / "mlartifacts")
+    experiment_id = tracker.experiment_id(prep.experiment)
+    search_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    parent = tracker.start_run(experiment_id, search_name, "search", tags={
+        "task": prep.task.name, "data_root": str(prep.index.root), "data_source": prep.index.source,
+        "split_file": split.path.name, "split_sha256": split.sha256, "ray_experiment": search_name,
+    })
     try:
-        return tracker.experiment_id(experiment)
-    except Exception as exc:  # unreachable server, unwritable store, bad URI
-        raise UserInputError(f"tracking store {tracker.tracking_uri}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        _log_search_inputs(tracker, parent, opts, prep, split, data, resources)
+        recorder = TrialRecorder(tracker, experiment_id, parent, opts.max_epochs, METRICS,
+                                 common_tags={"split_sha256": split.sha256})
+        result = ray_backend.run_search(ray_backend.SearchRequest(
+            trainable=train_classifier, trainable_kwargs={"data": data}, space=prep.space,
+            metric=prep.task.metric, mode=prep.task.mode, samples=opts.samples, seed=opts.seed,
+            max_epochs=opts.max_epochs, grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
+            trial_resources=resources, storage_path=opts.storage or str(prep.workdir / "ray" / prep.experiment), name=search_name,
+            events=recorder, initial_points=prep.space.initial_points, max_concurrent=opts.max_concurrent,
+        ))
+        return _promote(tracker, parent, opts, prep, split, result, recorder.runs)
+    except BaseException as exc:
+        tracker.set_tags(parent, {"failure": f"{type(exc).__name__}: {exc}"[:500]})
+        tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
 
 
-def _check_resources(opts: SearchOptions, resources: dict) -> None:
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    if opts.gpus_per_trial > gpus:
-        raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial}: the cluster has {gpus:g} GPUs")
-    if opts.cpus_per_trial > cpus:
-        raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial}: the cluster has {cpus:g} CPUs")
-
-
-def _search_and_promote(opts, task, index, split: Split, space, tracker, experiment_id, experiment, model_name,
-                        parent, search_name, workdir, data, trainable, metric_keys, ray_backend, recorder_cls):
+def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, split: Split, data,
+                       resources: TrialResources) -> None:
+    task = prep.task
     tracker.log_params(parent, {
-        **{k: v for k, v in asdict(opts).items() if k not in ("data", "workdir", "space", "task")},
-        "task": task.name, "data": str(index.root), "space": space.source, "workdir": str(workdir),
+        **{k: v for k, v in asdict(opts).items() if k not in ("data", "workdir", "space", "task", "verbose")},
+        "trial_cpus": resources.cpus, "trial_gpus": "per model" if resources.gpus is None and resources.use_gpus
+        else resources.gpus or 0,
+        "task": task.name, "data": str(prep.index.root), "space": prep.space.source, "workdir": str(prep.workdir),
         "metric": task.metric, "mode": task.mode, "split_sha256": split.sha256,
-        "classes": ",".join(index.classes), "images": len(index.items),
+        "classes": ",".join(prep.index.classes), "images": len(prep.index.items),
         **{f"split_{part}": n for part, n in split.sizes().items()},
         "promotion_policy": f"best trial by {task.mode} {task.metric} over all its epochs; its best-epoch checkpoint",
     })
+    labels = dict(zip(prep.index.items["path"], prep.index.items["label"]))
+    summary = {
+        "root": str(prep.index.root), "source": prep.index.source, "classes": prep.index.classes,
+        "counts": {part: {name: sum(labels[p] == i for p in paths) for i, name in enumerate(prep.index.classes)}
+                   for part, paths in split.parts.items()},
+        "train_channel_mean": data.mean, "train_channel_std": data.std,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "data_summary.json").write_text(json.dumps(summary, indent=1))
+        (Path(tmp) / "search_space.yaml").write_text(prep.space.fingerprint())
+        tracker.log_artifact(parent, Path(tmp) / "data_summary.json")
+        tracker.log_artifact(parent, Path(tmp) / "search_space.yaml")
     tracker.log_artifact(parent, split.path, "split")
-    space_copy = workdir / "splits" / f".space-{search_name}.yaml"
-    space_copy.write_text(space.fingerprint())
-    tracker.log_artifact(parent, space_copy, "space")
-    space_copy.unlink()
-    recorder = recorder_cls(tracker, experiment_id, parent, opts.max_epochs, metric_keys)
-    storage = opts.storage or str((workdir / "ray" / experiment).resolve())
-    request = ray_backend.SearchRequest(
-        trainable=trainable, trainable_kwargs={"data": data}, space=space, metric=task.metric, mode=task.mode,
-        samples=opts.samples, seed=opts.seed, max_epochs=opts.max_epochs, grace_period=opts.grace_period,
-        reduction_factor=opts.reduction_factor, cpus_per_trial=opts.cpus_per_trial,
-        gpus_per_trial=opts.gpus_per_trial, storage_path=storage, name=search_name, events=recorder,
-        initial_points=space.initial_points, max_concurrent=opts.max_concurrent,
-    )
-    log.info("search %s: %d trials, up to %d epochs each, ASHA grace %d, reduction %d",
-             search_name, opts.samples, opts.max_epochs, opts.grace_period, opts.reduction_factor)
-    result = ray_backend.run_search(request)
-    best_run = recorder.runs.get(result.best_trial_id)
-    version = tracker.log_model(best_run or parent, result.best_checkpoint, model_name, tags={
-        "task": task.name, "search_run_id": parent, "trial_run_id": best_run or "", "ray_trial_id": result.best_trial_id,
-        "epoch": result.best_epoch, task.metric: f"{result.best_metric:.6f}", "data_root": str(index.root),
+
+
+def _promote(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, split: Split, result,
+             trial_runs: dict[str, str]) -> SearchOutcome:
+    task = prep.task
+    best_run = trial_runs.get(result.best_trial_id, "")
+    version = tracker.log_model(best_run or parent, result.best_checkpoint, prep.model_name, tags={
+        "task": task.name, "search_run_id": parent, "trial_run_id": best_run, "ray_trial_id": result.best_trial_id,
+        "epoch": result.best_epoch, task.metric: f"{result.best_metric:.6f}", "data_root": str(prep.index.root),
         "split_file": str(split.path), "split_seed": split.seed, "split_sha256": split.sha256,
-    })
-    previous = tracker.promote(model_name, version)
+    }, classes=list(prep.index.classes))
+    previous = tracker.promote(prep.model_name, version)
     shutil.rmtree(result.best_checkpoint, ignore_errors=True)
     failed = sum(t.failed for t in result.trials)
     stopped = sum(1 for t in result.trials if not t.failed and t.iterations < opts.max_epochs)
     tracker.log_metrics(parent, {f"best_{task.metric}": result.best_metric, "trials_failed": failed,
                                  "trials_stopped_early": stopped, "trials": len(result.trials)})
-    tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": best_run or "",
-                              "model_name": model_name, "model_version": version,
+    tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": best_run,
+                              "model_name": prep.model_name, "model_version": version,
                               "previous_champion": previous or "", "ray_experiment_path": result.experiment_path})
     tracker.end_run(parent)
     return SearchOutcome(
-        task=task.name, workdir=workdir, metric=task.metric, experiment=experiment, parent_run_id=parent, model_name=model_name, model_version=version,
-        best_trial_id=result.best_trial_id, best_metric=result.best_metric, best_epoch=result.best_epoch,
-        best_config=result.best_config, trials=len(result.trials), failed_trials=failed, stopped_early=stopped,
-        wall_time_s=0.0, tracking_uri=tracker.tracking_uri,
+        task=task.name, workdir=prep.workdir, metric=task.metric, experiment=prep.experiment, parent_run_id=parent,
+        model_name=prep.model_name, model_version=version, best_trial_id=result.best_trial_id,
+        best_metric=result.best_metric, best_epoch=result.best_epoch, best_config=result.best_config,
+        trials=len(result.trials), failed_trials=failed, stopped_early=stopped, wall_time_s=0.0,
+        tracking_uri=tracker.tracking_uri,
     )
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -104,18 +105,22 @@ class Tracker:
 
     # --- models -------------------------------------------------------------------------
 
-    def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict) -> str:
+    def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict,
+                  classes: list[str]) -> str:
         """Log a checkpoint as a pyfunc model in `run_id`, register it, tag the version."""
         import mlflow.pyfunc
 
         code = Path(__file__).with_name("mlflow_model_code.py")
-        with self._fluent(run_id):
+        with self._fluent(run_id), warnings.catch_warnings():
+            # The signature is explicit; an input example would have to be an image file.
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(code),
                 artifacts={"checkpoint": str(checkpoint_dir)},
                 registered_model_name=registered_name,
                 pip_requirements=_pip_requirements(),
+                signature=_classifier_signature(classes),
             )
         version = str(info.registered_model_version)
         for key, value in tags.items():
@@ -188,6 +193,16 @@ class Tracker:
                     os.environ[key] = value
 
 
+def _classifier_signature(classes: list[str]):
+    """Input: a `path` (local file) or `image` (base64 bytes) column; output: class + probabilities."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "path", required=False), ColSpec("string", "image", required=False)])
+    outputs = Schema([ColSpec("string", "predicted_class"), *[ColSpec("double", f"prob_{c}") for c in classes]])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -209,6 +224,7 @@ class TrialRecorder:
     max_epochs: int
     metric_keys: tuple[str, ...]
 
+    common_tags: dict = field(default_factory=dict)  # set on every trial run (e.g. the split's hash)
     summary_keys: tuple[str, ...] = ("val_loss", "val_balanced_accuracy")
 
     def __post_init__(self):
@@ -219,7 +235,8 @@ class TrialRecorder:
         if trial_id in self.runs:
             return
         run_id = self.tracker.start_run(
-            self.experiment_id, trial_name, "trial", self.parent_run_id, tags={"ray_trial_id": trial_id}
+            self.experiment_id, trial_name, "trial", self.parent_run_id,
+            tags={**self.common_tags, "ray_trial_id": trial_id},
         )
         self.tracker.log_params(run_id, config)
         self.runs[trial_id] = run_id

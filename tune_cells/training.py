@@ -19,9 +19,10 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged; the trial is failed with this reason."""
 
 
-def pick_device(gpus: float) -> torch.device:
-    """CUDA when the trial was given a GPU and one is really usable, else CPU."""
-    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+def pick_device(gpu_ids: list) -> torch.device:
+    """CUDA when the trial was given a GPU and CUDA really works here, else the CPU (a declared
+    GPU resource on a machine without CUDA still trains, on the CPU)."""
+    return torch.device("cuda") if gpu_ids and torch.cuda.is_available() else torch.device("cpu")
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +27,7 @@ class Split:
     path: Path
     parts: dict[str, list[str]]  # part -> relative image paths
     seed: int
+    header: dict = field(default_factory=dict)  # written with a new file; empty for a loaded one
 
     @property
     def sha256(self) -> str:
@@ -80,24 +81,28 @@ def _stratified(items: pd.DataFrame, count: int, seed: int, index: ImageIndex):
     return kept, held
 
 
-def load_or_create_split(path: Path, index: ImageIndex, seed: int) -> Split:
+def plan_split(path: Path, index: ImageIndex, seed: int) -> Split:
+    """The split in `path` if it exists (checked against the dataset), else a new one, not yet written."""
     path = Path(path)
     if path.exists():
         return _load(path, index, seed)
-    parts = make_parts(index, seed)
-    payload = {
-        "format": 1,
-        "seed": seed,
-        "data_root": str(index.root),
-        "fingerprint": index.fingerprint(),
-        "classes": index.classes,
-        **parts,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)  # atomic: a crash never leaves half a split file
-    return Split(path=path, parts=parts, seed=seed)
+    header = {"format": 1, "seed": seed, "data_root": str(index.root), "fingerprint": index.fingerprint(),
+              "classes": index.classes}
+    return Split(path=path, parts=make_parts(index, seed), seed=seed, header=header)
+
+
+def save_split(split: Split) -> Split:
+    """Write a new split file (atomically: a crash never leaves half a file); keep an existing one."""
+    if not split.path.exists():
+        split.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = split.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({**split.header, **split.parts}, indent=1))
+        os.replace(tmp, split.path)
+    return split
+
+
+def load_or_create_split(path: Path, index: ImageIndex, seed: int) -> Split:
+    return save_split(plan_split(path, index, seed))
 
 
 def _load(path: Path, index: ImageIndex, seed: int) -> Split:
