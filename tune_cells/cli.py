@@ -130,6 +130,64 @@ def _default_model_uri(tracker, task: str) -> str:
 
 
 @cli.command()
+@click.argument("task")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model-uri", default=None, help="Model to use [default: models:/tune-cells-TASK@champion].")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="CSV to write [default: WORKDIR/predictions/TASK-<time>.csv]; an existing file is not overwritten.")
+@workdir_option
+@tracking_option
+def predict(task, paths, model_uri, output, workdir, tracking_uri):
+    """Predict the class of images (files or folders) with TASK's champion; writes a CSV."""
+    import time
+
+    from tune_cells.predict import collect_images, predict_files
+    from tune_cells.search import check_workdir
+    from tune_cells.tasks import get_task
+    from tune_cells.tracking import Tracker, resolve_tracking_uri
+
+    spec = get_task(task)
+    workdir = check_workdir(workdir)
+    files = collect_images(paths)
+    output = output or workdir / "predictions" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    if output.exists():
+        raise UserInputError(f"--output {output}: already exists (not overwritten)")
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir / "mlartifacts")
+    model_uri = model_uri or _default_model_uri(tracker, spec.name)
+    table = predict_files(tracker, model_uri, spec, files)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output, index=False)
+    click.echo(table.to_string(index=False, max_rows=20, float_format=lambda v: f"{v:.4f}"))
+    click.echo(f"\n{len(table)} predictions of {model_uri} written to {output}")
+
+
+@cli.command()
+@click.argument("task")
+@click.option("--model-uri", default=None, help="Model to serve [default: models:/tune-cells-TASK@champion].")
+@click.option("--port", type=int, default=5001, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
+@workdir_option
+@tracking_option
+def serve(task, model_uri, port, host, workdir, tracking_uri):
+    """Serve TASK's champion over REST with MLflow's model server (POST /invocations)."""
+    from tune_cells.search import check_workdir
+    from tune_cells.tasks import get_task
+    from tune_cells.tracking import Tracker, resolve_tracking_uri
+
+    spec = get_task(task)
+    workdir = check_workdir(workdir)
+    uri = resolve_tracking_uri(tracking_uri, workdir)
+    tracker = Tracker(uri, workdir / "mlartifacts")
+    model_uri = model_uri or _default_model_uri(tracker, spec.name)
+    version = tracker.resolve_model(model_uri)  # exit 2 now rather than a server that cannot start
+    click.echo(f"Serving {model_uri} (version {version.version}) on http://{host}:{port}/invocations (Ctrl-C stops it)")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    # --env-manager local: serve from this environment, no rebuild of one from the model's requirements.
+    os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+                                "--env-manager", "local", "--host", host, "--port", str(port)], env)
+
+
+@cli.command()
 def tasks():
     """List the tasks, their data layout, metric and default search space."""
     from tune_cells.search_spaces import builtin_space_path

@@ -5,6 +5,8 @@ No `from __future__ import annotations` here: MLflow reads `predict`'s type hint
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from tune_cells.model_io import ImageClassifier
 
@@ -19,6 +21,17 @@ class TuneCellsModel(mlflow.pyfunc.PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         column = next((c for c in INPUT_COLUMNS if c in frame.columns and frame[c].notna().any()), None)
         if column is None:
-            raise ValueError(f"input needs a column named one of {', '.join(INPUT_COLUMNS)}")
+            raise _bad_input(f"input needs a column named one of {', '.join(INPUT_COLUMNS)}")
         decode = self.classifier.decode_path if column == "path" else self.classifier.decode_base64
-        return self.classifier.predict_table([decode(value) for value in frame[column]])
+        images = []
+        for row, value in enumerate(frame[column]):
+            try:
+                images.append(decode(value))
+            except (OSError, ValueError, TypeError, SyntaxError) as exc:  # PIL raises all of these
+                raise _bad_input(f"row {row} ({column}): not a decodable image ({type(exc).__name__})") from None
+        return self.classifier.predict_table(images)
+
+
+def _bad_input(message: str) -> MlflowException:
+    """MLflow's scoring server answers an INVALID_PARAMETER_VALUE with HTTP 400 and this message."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)

@@ -1,0 +1,136 @@
+"""`tune-cells predict` and `tune-cells serve`: MLflow's real model server on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from conftest import cli_subprocess
+from test_cluster_search import free_port
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+params:
+  model: small_convnet
+  depth: 2
+  width: 12
+  optimizer: adamw
+  lr: 0.003
+  batch_size: 32
+  image_size: 40
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    (root / "space.yaml").write_text(SPACE)
+    workdir = root / "work"
+    trained = cli_subprocess(["search", "nuclei", "--samples", 1, "--max-epochs", 2, "--space", root / "space.yaml",
+                              "--workdir", workdir, "--no-evaluate"], cwd=root)
+    assert trained.code == 0, trained.err[-2000:]
+    port = free_port()
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    server = subprocess.Popen([sys.executable, "-m", "tune_cells", "serve", "nuclei", "--workdir", workdir,
+                               "--port", str(port)], cwd=root, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"server exited: {server.stdout.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("server did not answer /ping within 120 s")
+        yield {"root": root, "workdir": workdir, "url": url, "server": server}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def post(url: str, body: bytes | str, content_type: str = "application/json"):
+    data = body.encode() if isinstance(body, str) else body
+    request = urllib.request.Request(f"{url}/invocations", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(errors="replace")
+
+
+def some_images(workdir, n=4):
+    return sorted((workdir / "demo-data" / "nuclei" / "train").glob("*.png"))[:n]
+
+
+def test_server_answers_like_predict(served):
+    images = some_images(served["workdir"])
+    output = served["root"] / "predicted.csv"
+    predicted = cli_subprocess(["predict", "nuclei", *images, "--workdir", served["workdir"], "--output", output],
+                               cwd=served["root"])
+    assert predicted.code == 0, predicted.err[-2000:]
+    expected = pd.read_csv(output)
+    assert list(expected["path"]) == [str(p) for p in images]
+
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in images]
+    status, answer = post(served["url"], json.dumps({"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}}))
+    assert status == 200, answer
+    by_bytes = pd.DataFrame(answer["predictions"])
+    status, answer = post(served["url"], json.dumps({"dataframe_records": [{"path": str(p)} for p in images]}))
+    assert status == 200, answer
+    by_path = pd.DataFrame(answer["predictions"])
+    for served_answer in (by_bytes, by_path):
+        assert list(served_answer["predicted_class"]) == list(expected["predicted_class"])
+        for column in [c for c in expected.columns if c.startswith("prob_")]:
+            assert served_answer[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body, content_type, expect",
+    [
+        (json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"hello").decode()]]}}),
+         "application/json", "not a decodable image"),
+        (json.dumps({"dataframe_split": {"columns": ["image"], "data": [["%%% not base64 %%%"]]}}),
+         "application/json", "not a decodable image"),
+        (json.dumps({"dataframe_records": [{"colour": "red"}]}), "application/json", "column"),
+        ("", "application/json", ""),
+        ("{not json", "application/json", ""),
+        ("image bytes", "image/png", ""),
+    ],
+    ids=["not-an-image", "not-base64", "wrong-column", "empty-body", "bad-json", "wrong-content-type"],
+)
+def test_bad_requests_get_4xx_and_the_server_lives_on(served, body, content_type, expect):
+    status, answer = post(served["url"], body, content_type)
+    assert 400 <= status < 500, (status, answer)
+    assert expect in str(answer)
+    with urllib.request.urlopen(f"{served['url']}/ping", timeout=5) as response:
+        assert response.status == 200
+    assert served["server"].poll() is None
+
+
+def test_predict_rejects_missing_files_and_overwrites_nothing(served, tmp_path):
+    existing = tmp_path / "keep.csv"
+    existing.write_text("mine")
+    image = some_images(served["workdir"], 1)[0]
+    result = cli_subprocess(["predict", "nuclei", image, "--workdir", served["workdir"], "--output", existing],
+                            cwd=served["root"])
+    assert result.code == 2 and "already exists" in result.err and existing.read_text() == "mine"
+    result = cli_subprocess(["predict", "nuclei", tmp_path / "absent.png", "--workdir", served["workdir"]],
+                            cwd=served["root"])
+    assert result.code == 2 and "absent.png: no such file or folder" in result.err

@@ -1,0 +1,43 @@
+"""`tune-cells predict`: the registered model's own prediction path, over local files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tune_cells.data.images import IMAGE_SUFFIXES
+from tune_cells.errors import UserInputError
+from tune_cells.tasks import TaskSpec
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given, and image files found below folders (sorted); missing paths are exit 2."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise UserInputError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below this folder")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserInputError(f"{path}: no such file or folder")
+    return files
+
+
+def predict_files(tracker, model_uri: str, task: TaskSpec, files: list[Path]) -> pd.DataFrame:
+    version = tracker.resolve_model(model_uri)
+    if version.tags.get("task") != task.name:
+        raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {task.name!r}")
+    classifier = tracker.load_classifier(model_uri)
+    images = []
+    for file in files:
+        try:
+            images.append(classifier.decode_path(file))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
+    table = classifier.predict_table(images)
+    table.insert(0, "path", [str(f) for f in files])
+    return table
