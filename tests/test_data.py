@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tune_cells.data.images import check_decodable, decode_image
+from tune_cells.data.images import decode_image, image_hashes, near_duplicates
 from tune_cells.data.reader import SplitReader, read_log_entries
 from tune_cells.data.splits import load_or_create_split, split_path
 from tune_cells.errors import UserInputError
@@ -60,7 +60,7 @@ def test_undecodable_images_are_named(kaggle_dataset, corrupt):
     corrupt(kaggle_dataset / "train" / "5.png")
     index = nuclei.importer(kaggle_dataset)
     with pytest.raises(UserInputError, match=r"cannot decode train/5\.png"):
-        check_decodable(index.root, list(index.items["path"]), channels=3)
+        image_hashes(index.root, list(index.items["path"]))
 
 
 def test_decode_handles_grey_and_16_bit(tmp_path):
@@ -119,3 +119,16 @@ def test_reader_logs_every_read(tmp_path, kaggle_dataset):
     assert len(labels) == len(images)
     entries = read_log_entries(tmp_path)
     assert [(e["part"], e["purpose"], e["images"]) for e in entries] == [("val", "selection", len(images))]
+
+
+def test_near_identical_images_are_found_and_different_ones_are_not(tmp_path):
+    rng = np.random.default_rng(0)
+    base = (rng.random((60, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(base).save(tmp_path / "a.png")
+    Image.fromarray(base).save(tmp_path / "a-copy.jpg", quality=80)  # recompressed copy
+    Image.fromarray(np.clip(base.astype(int) + 12, 0, 255).astype(np.uint8)).save(tmp_path / "a-brighter.png")
+    Image.fromarray((rng.random((60, 60, 3)) * 255).astype(np.uint8)).save(tmp_path / "other.png")
+    paths = ["a.png", "a-copy.jpg", "a-brighter.png", "other.png"]
+    hashes = image_hashes(tmp_path, paths)
+    pairs = {(paths[i], paths[j]) for i, j, _ in near_duplicates(hashes, hashes) if i < j}
+    assert pairs == {("a.png", "a-copy.jpg"), ("a.png", "a-brighter.png"), ("a-copy.jpg", "a-brighter.png")}

@@ -104,6 +104,15 @@ def pretrained_available(arch: str) -> bool:
     return any((checkpoints / Path(w.url).name).exists() for w in _weights_enum(arch))
 
 
+def expected_weights_file(arch: str) -> Path:
+    """Where torchvision looks for `arch`'s default ImageNet weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_weights_enum(arch).DEFAULT.url).name
+
+
+def has_pretrained_weights(name: str) -> bool:
+    return name in _WEIGHT_ENUMS
+
+
 def _adapt(model: nn.Module, in_channels: int, pretrained: bool, first_conv_path: str) -> nn.Module:
     """Fit the input channels: a new first conv from scratch; grey → 3 channels for pretrained."""
     if in_channels == 3:

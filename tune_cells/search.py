@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tune_cells.data.images import ImageIndex, check_decodable
+import pandas as pd
+
+from tune_cells.data.images import ImageIndex, image_hashes
 from tune_cells.data.reader import SplitReader
-from tune_cells.data.splits import Split, plan_split, save_split, split_path
+from tune_cells.data.splits import Split, cross_split_duplicates, plan_split, save_split, split_path
 from tune_cells.errors import UserInputError
 from tune_cells.models import model_names
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
@@ -64,6 +66,7 @@ class PreparedSearch:
     experiment: str
     model_name: str
     tracking_uri: str
+    duplicates: list[dict]  # near-identical images across split parts
 
 
 @dataclass
@@ -152,20 +155,29 @@ def check_space(space: SearchSpace, seed: int) -> None:
     """Sample the space a few times so that typos fail now, not in trial 37."""
     import optuna
 
+    from tune_cells.models import expected_weights_file, has_pretrained_weights, pretrained_available
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    for _ in range(16):
+    configs = []
+    for _ in range(32):
         trial = study.ask()
-        config = space.sample(trial)
+        configs.append(space.sample(trial))
         study.tell(trial, 0.0)
+    for config in configs + [{"model": "small_convnet", "lr": 0, **p} for p in space.initial_points]:
         for required in ("model", "lr"):
             if required not in config:
                 raise UserInputError(f"{space.source}: the space sets no `{required}`")
-        if config["model"] not in model_names():
-            raise UserInputError(f"{space.source}: unknown model {config['model']!r}; known: {', '.join(model_names())}")
-    for point in space.initial_points:
-        if point.get("model", "small_convnet") not in model_names():
-            raise UserInputError(f"{space.source}: initial point uses unknown model {point['model']!r}")
+        model = config["model"]
+        if model not in model_names():
+            raise UserInputError(f"{space.source}: unknown model {model!r}; known: {', '.join(model_names())}")
+        if config.get("pretrained"):
+            if not has_pretrained_weights(model):
+                raise UserInputError(f"{space.source}: {model} has no pretrained weights")
+            if not pretrained_available(model):
+                raise UserInputError(
+                    f"{space.source}: pretrained {model} needs {expected_weights_file(model)}: download it on a "
+                    "machine with internet, or set TORCH_HOME to a cache that has it")
 
 
 def prepare(opts: SearchOptions) -> PreparedSearch:
@@ -178,12 +190,14 @@ def prepare(opts: SearchOptions) -> PreparedSearch:
     workdir = check_workdir(opts.workdir)
     index = load_dataset(task, opts.data, workdir)
     split = plan_split(split_path(workdir, task.name, index, opts.seed), index, opts.seed)
-    check_decodable(index.root, list(index.items["path"]), task.channels)  # pixels not kept: not a read
+    paths = list(index.items["path"])
+    hashes = image_hashes(index.root, paths)  # every image must decode; pixels not kept (not a read)
+    duplicates = cross_split_duplicates(split, paths, hashes)
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
     check_tracking(tracking_uri)
     suffix = "-demo" if index.source == "demo" else ""
     return PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
-                          f"tune-cells-{task.name}{suffix}", tracking_uri)
+                          f"tune-cells-{task.name}{suffix}", tracking_uri, duplicates)
 
 
 @dataclass(frozen=True)
@@ -258,6 +272,11 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         train_images, train_labels, val_images, val_labels, prep.task.name, list(prep.index.classes),
         prep.task.channels, prep.task.store_size, mean, std, opts.max_epochs, opts.seed)
 
+    if prep.duplicates:
+        first = prep.duplicates[0]
+        log.warning("%d near-identical image pairs across split parts (e.g. %s in %s ~ %s in %s): held-out "
+                    "metrics may be optimistic; edit %s to move them into one part", len(prep.duplicates),
+                    first["path_a"], first["part_a"], first["path_b"], first["part_b"], split.path)
     tracker = Tracker(prep.tracking_uri, prep.workdir / "mlartifacts")
     experiment_id = tracker.experiment_id(prep.experiment)
     search_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -294,6 +313,7 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
         "metric": task.metric, "mode": task.mode, "split_sha256": split.sha256,
         "classes": ",".join(prep.index.classes), "images": len(prep.index.items),
         **{f"split_{part}": n for part, n in split.sizes().items()},
+        "near_duplicates_across_splits": len(prep.duplicates),
         "promotion_policy": f"best trial by {task.mode} {task.metric} over all its epochs; its best-epoch checkpoint",
     })
     labels = dict(zip(prep.index.items["path"], prep.index.items["label"]))
@@ -307,6 +327,9 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
         (Path(tmp) / "data_summary.json").write_text(json.dumps(summary, indent=1))
         (Path(tmp) / "search_space.yaml").write_text(prep.space.fingerprint())
         tracker.log_artifact(parent, Path(tmp) / "data_summary.json")
+        if prep.duplicates:
+            pd.DataFrame(prep.duplicates).to_csv(Path(tmp) / "near_duplicates.csv", index=False)
+            tracker.log_artifact(parent, Path(tmp) / "near_duplicates.csv")
         tracker.log_artifact(parent, Path(tmp) / "search_space.yaml")
     tracker.log_artifact(parent, split.path, "split")
 

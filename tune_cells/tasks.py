@@ -46,6 +46,9 @@ def task_names() -> list[str]:
     return sorted(_TASKS)
 
 
+# Importers and demo writers are looked up lazily: `tune-cells tasks` need not import pandas/scipy.
+
+
 def _nuclei_importer(root: Path) -> ImageIndex:
     from tune_cells.data.importers import import_kaggle_csv
 
@@ -56,6 +59,42 @@ def _nuclei_demo(root: Path) -> Path:
     from tune_cells.data.demo import generate
 
     return generate(root)
+
+
+def _all_idb_importer(root: Path) -> ImageIndex:
+    from tune_cells.data.importers import import_all_idb
+
+    return import_all_idb(root)
+
+
+def _all_idb_demo(root: Path) -> Path:
+    from tune_cells.data.demo import generate_all_idb
+
+    return generate_all_idb(root)
+
+
+def _folder_importer(root: Path) -> ImageIndex:
+    from tune_cells.data.importers import import_image_folder
+
+    return import_image_folder(root)
+
+
+def _folder_demo(root: Path) -> Path:
+    from tune_cells.data.demo import generate_folder
+
+    return generate_folder(root, NUCLEI_CLASSES)
+
+
+def _hep2_importer(root: Path) -> ImageIndex:
+    from tune_cells.data.importers import import_hep2
+
+    return import_hep2(root)
+
+
+def _hep2_demo(root: Path) -> Path:
+    from tune_cells.data.demo import generate_hep2
+
+    return generate_hep2(root)
 
 
 NUCLEI_CLASSES = ["normal_epithelial", "cancer_epithelial", "muscle", "immune"]
@@ -70,5 +109,43 @@ register_task(
         store_size=100,
         default_space="nuclei",
         demo=_nuclei_demo,
+    )
+)
+register_task(
+    TaskSpec(
+        name="leukemia",
+        description="ALL-IDB acute lymphoblastic leukemia: lymphoblast vs normal lymphocyte",
+        layout="ALL-IDB1 or ALL-IDB2: ImNNN_L.<ext> anywhere below the folder, L=1 blast, L=0 normal "
+               "(tif/jpg/png, any case)",
+        importer=_all_idb_importer,
+        channels=3,
+        store_size=128,
+        default_space="leukemia",
+        demo=_all_idb_demo,
+    )
+)
+register_task(
+    TaskSpec(
+        name="hep2",
+        description="HEp-2 immunofluorescence staining patterns (ICPR 2014), 6 classes, greyscale",
+        layout="gt_training.csv ('Image ID,Image class') + NNNNN.png, flat or in training/ validation/ test/ "
+               "(all three: the split; training/ + validation/: validation/ is the test part)",
+        importer=_hep2_importer,
+        channels=1,
+        store_size=78,
+        default_space="hep2",
+        demo=_hep2_demo,
+    )
+)
+register_task(
+    TaskSpec(
+        name="folder",
+        description="bring your own classification data: one folder per class",
+        layout="<class>/<image> (png, jpg, tif, bmp, any size); classes are the folder names, sorted",
+        importer=_folder_importer,
+        channels=3,
+        store_size=128,
+        default_space="folder",
+        demo=_folder_demo,
     )
 )

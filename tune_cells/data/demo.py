@@ -77,14 +77,22 @@ def _nucleus(rng: np.random.Generator, look: NucleusLook, cy: float, cx: float, 
     return conc, theta
 
 
-def make_patch(rng: np.random.Generator, label: int) -> np.ndarray:
+# ALL-IDB-like lymphocytes: 0 normal (small, dense, round), 1 lymphoblast (large, fine chromatin,
+# nucleoli, slightly irregular). Same drawing code, other looks.
+LEUKEMIA_LOOKS = (
+    NucleusLook((10.0, 1.5), (1.0, 1.2), 0.03, (1.00, 1.35), 0.8, 0.12, (0, 0), 0.0, 0.0),
+    NucleusLook((15.0, 2.2), (1.0, 1.35), 0.08, (0.65, 0.95), 1.2, 0.25, (1, 3), 0.0, 0.0),
+)
+
+
+def make_patch(rng: np.random.Generator, label: int, looks: tuple[NucleusLook, ...] = LOOKS) -> np.ndarray:
     yy, xx = np.mgrid[0:PATCH, 0:PATCH].astype(np.float64)
-    look = LOOKS[label]
+    look = looks[label]
     eosin = 0.25 + 0.35 * ndimage.gaussian_filter(rng.random((PATCH, PATCH)), 6) + look.eosin
     hema = 0.05 * ndimage.gaussian_filter(rng.random((PATCH, PATCH)), 3)
     # Neighbouring nuclei of random classes, mostly near the border: clutter and overlap.
     for _ in range(rng.integers(0, 5)):
-        other = LOOKS[rng.integers(0, 4)]
+        other = looks[rng.integers(0, len(looks))]
         angle = rng.uniform(0, 2 * np.pi)
         dist = rng.uniform(28, 50)
         conc, _ = _nucleus(rng, other, 50 + dist * np.sin(angle), 50 + dist * np.cos(angle), yy, xx)
@@ -108,28 +116,130 @@ def make_patch(rng: np.random.Generator, label: int) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def generate(root: Path, counts=DEFAULT_COUNTS, seed: int = 0) -> Path:
-    """Write `train.csv` + `train/<n>.png` under `root` (once: an existing complete copy is kept)."""
+def _materialise(root: Path, meta: dict, write) -> Path:
+    """Write a demo dataset once: `write(folder, rng)` fills a temporary folder that then replaces
+    `root` in one rename; an existing copy made with the same settings is kept as it is."""
     root = Path(root)
     stamp = root / ".demo.json"
-    meta = {"generator": GENERATOR_VERSION, "counts": list(counts), "seed": seed}
+    meta = {"generator": GENERATOR_VERSION, **meta}
     if stamp.exists() and json.loads(stamp.read_text()) == meta:
         return root
     if root.exists():
         shutil.rmtree(root)  # an old or interrupted demo copy: ours to replace
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "train").mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    labels = np.concatenate([np.full(n, label) for label, n in enumerate(counts)])
-    rng.shuffle(labels)
-    rows = ["Filename,Label"]
-    log.info("generating %d demo nucleus patches in %s", len(labels), root)
-    for number, label in enumerate(labels, start=1):
-        patch = make_patch(rng, int(label))
-        Image.fromarray(patch).save(tmp / "train" / f"{number}.png", compress_level=1)
-        rows.append(f"{number}.png,{label}")
-    (tmp / "train.csv").write_text("\n".join(rows) + "\n")
+    tmp.mkdir(parents=True)
+    log.info("generating demo data in %s", root)
+    write(tmp, np.random.default_rng(meta.get("seed", 0)))
     (tmp / ".demo.json").write_text(json.dumps(meta))
     os.replace(tmp, root)
     return root
+
+
+def _shuffled_labels(rng: np.random.Generator, counts) -> np.ndarray:
+    labels = np.concatenate([np.full(n, label) for label, n in enumerate(counts)])
+    rng.shuffle(labels)
+    return labels
+
+
+def _save(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, compress_level=1)
+
+
+def generate(root: Path, counts=DEFAULT_COUNTS, seed: int = 0) -> Path:
+    """Nuclei in the Kaggle layout: `train.csv` (Filename,Label) + `train/<n>.png`."""
+
+    def write(folder: Path, rng: np.random.Generator) -> None:
+        rows = ["Filename,Label"]
+        for number, label in enumerate(_shuffled_labels(rng, counts), start=1):
+            _save(make_patch(rng, int(label)), folder / "train" / f"{number}.png")
+            rows.append(f"{number}.png,{label}")
+        (folder / "train.csv").write_text("\n".join(rows) + "\n")
+
+    return _materialise(root, {"layout": "kaggle", "counts": list(counts), "seed": seed}, write)
+
+
+def generate_folder(root: Path, classes: list[str], counts=DEFAULT_COUNTS, seed: int = 0) -> Path:
+    """The nuclei demo patches in the bring-your-own layout: `<class>/<n>.png`."""
+
+    def write(folder: Path, rng: np.random.Generator) -> None:
+        for number, label in enumerate(_shuffled_labels(rng, counts), start=1):
+            _save(make_patch(rng, int(label)), folder / classes[label] / f"{number}.png")
+
+    return _materialise(root, {"layout": "folder", "classes": classes, "counts": list(counts), "seed": seed}, write)
+
+
+def generate_all_idb(root: Path, counts=(60, 60), seed: int = 0) -> Path:
+    """ALL-IDB2-style lymphocyte crops: `ALL_IDB2/img/ImNNN_L.png`, L=1 blast, L=0 normal."""
+
+    def write(folder: Path, rng: np.random.Generator) -> None:
+        for number, label in enumerate(_shuffled_labels(rng, counts), start=1):
+            patch = make_patch(rng, int(label), LEUKEMIA_LOOKS)
+            _save(patch, folder / "ALL_IDB2" / "img" / f"Im{number:03d}_{label}.png")
+
+    return _materialise(root, {"layout": "all-idb", "counts": list(counts), "seed": seed}, write)
+
+
+HEP2_PATCH = 78
+
+
+def make_hep2_cell(rng: np.random.Generator, label: int) -> np.ndarray:
+    """One greyscale HEp-2 cell with the immunofluorescence pattern of class `label`
+    (0 homogeneous, 1 speckled, 2 nucleolar, 3 centromere, 4 nuclear membrane, 5 Golgi)."""
+    yy, xx = np.mgrid[0:HEP2_PATCH, 0:HEP2_PATCH].astype(np.float64)
+    cy, cx = HEP2_PATCH / 2 + rng.normal(0, 2, size=2)
+    ry, rx = rng.uniform(20, 30), rng.uniform(20, 30)
+    theta = rng.uniform(0, np.pi)
+    u = (xx - cx) * np.cos(theta) + (yy - cy) * np.sin(theta)
+    v = -(xx - cx) * np.sin(theta) + (yy - cy) * np.cos(theta)
+    r = np.sqrt((u / rx) ** 2 + (v / ry) ** 2)
+    nucleus = 1.0 / (1.0 + np.exp((r - 1.0) * 14.0))
+
+    def spots(count, sigma, spread=0.8):
+        out = np.zeros_like(r)
+        for _ in range(count):
+            a, d = rng.uniform(0, 2 * np.pi), spread * np.sqrt(rng.uniform())
+            sy, sx = cy + d * ry * np.sin(a), cx + d * rx * np.cos(a)
+            out += np.exp(-((yy - sy) ** 2 + (xx - sx) ** 2) / (2 * sigma**2))
+        return out
+
+    texture = ndimage.gaussian_filter(rng.normal(size=r.shape), 1.5)
+    if label == 0:
+        signal = nucleus * (0.8 + 0.08 * texture)
+    elif label == 1:
+        signal = nucleus * (0.35 + 0.9 * np.clip(ndimage.gaussian_filter(rng.random(r.shape), 0.9) - 0.45, 0, 1) * 4)
+    elif label == 2:
+        signal = nucleus * 0.15 + nucleus * spots(rng.integers(2, 6), rng.uniform(2.5, 4.0), 0.6)
+    elif label == 3:
+        signal = nucleus * 0.08 + nucleus * spots(rng.integers(25, 50), rng.uniform(0.8, 1.2))
+    elif label == 4:
+        signal = nucleus * 0.2 + 0.9 * np.exp(-((r - 0.95) ** 2) / (2 * 0.06**2))
+    else:
+        a = rng.uniform(0, 2 * np.pi)
+        cap = np.exp(-((xx - cx - 0.85 * rx * np.cos(a)) ** 2 + (yy - cy - 0.85 * ry * np.sin(a)) ** 2) / (2 * 6.0**2))
+        signal = nucleus * 0.15 + 1.1 * cap * np.clip(r, 0.6, 1.2)  # a perinuclear cap on one side
+    # Neighbouring cells at the border, staining strength (positive vs intermediate), camera noise.
+    for _ in range(rng.integers(0, 3)):
+        a = rng.uniform(0, 2 * np.pi)
+        ny, nx = cy + 52 * np.sin(a), cx + 52 * np.cos(a)
+        signal += 0.6 * np.exp(-(((yy - ny) / 22) ** 2 + ((xx - nx) / 22) ** 2) ** 2)
+    image = signal * rng.uniform(0.4, 1.0) * 220
+    image = ndimage.gaussian_filter(image, rng.uniform(0.6, 1.4)) + rng.normal(10, rng.uniform(2, 7), size=r.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def generate_hep2(root: Path, per_class: int = 40, seed: int = 0) -> Path:
+    """ICPR 2014 layout: `gt_training.csv` ("Image ID,Image class") + `training/` and
+    `validation/` folders of zero-padded `NNNNN.png` (validation/ is about a fifth)."""
+    from tune_cells.data.importers import HEP2_CLASSES
+
+    def write(folder: Path, rng: np.random.Generator) -> None:
+        rows = ["Image ID,Image class"]
+        for number, label in enumerate(_shuffled_labels(rng, [per_class] * len(HEP2_CLASSES)), start=1):
+            part = "validation" if rng.random() < 0.2 else "training"
+            _save(make_hep2_cell(rng, int(label)), folder / part / f"{number:05d}.png")
+            rows.append(f"{number},{HEP2_CLASSES[label]}")
+        (folder / "gt_training.csv").write_text("\n".join(rows) + "\n")
+
+    return _materialise(root, {"layout": "hep2", "per_class": per_class, "seed": seed}, write)

@@ -6,11 +6,12 @@ classes non-empty) and raises UserInputError naming the culprit.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 
-from tune_cells.data.images import ImageIndex
+from tune_cells.data.images import IMAGE_SUFFIXES, ImageIndex
 from tune_cells.errors import UserInputError
 
 
@@ -60,6 +61,129 @@ def import_kaggle_csv(root: Path, classes: list[str]) -> ImageIndex:
         raise UserInputError(f"{csv_path}: rows without their file: {_name_some(missing)}")
     items = pd.DataFrame({"path": paths, "label": raw_labels.map(known).astype(int)})
     index = ImageIndex(root=root, items=items, classes=list(classes))
+    empty = [name for name, n in index.class_counts().items() if n == 0]
+    if empty:
+        raise UserInputError(f"{csv_path}: no images of class {_name_some(empty)}")
+    return index
+
+
+# Operating-system litter that may sit beside images; anything else that is not an image is an error.
+_IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+
+
+def _listed(root: Path, folder: Path) -> tuple[list[str], list[str]]:
+    """(image files, other files) below `folder`, as sorted POSIX paths relative to `root`."""
+    images, others = [], []
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() or path.name.startswith(".") or path.name.lower() in _IGNORED_FILES:
+            continue
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path.relative_to(root).as_posix())
+    return images, others
+
+
+def import_image_folder(root: Path) -> ImageIndex:
+    """Bring-your-own layout `<root>/<class>/<image>`; classes are the folder names, sorted."""
+    root = require_dir(root)
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise UserInputError(f"{root}: expected one folder per class (<class>/<image>), found {len(class_dirs)}")
+    paths, labels, strays = [], [], []
+    for label, folder in enumerate(class_dirs):
+        images, others = _listed(root, folder)
+        paths += images
+        labels += [label] * len(images)
+        strays += others
+    if strays:
+        raise UserInputError(f"{root}: not image files ({', '.join(sorted(IMAGE_SUFFIXES))}): {_name_some(strays)}")
+    index = ImageIndex(root=root, items=pd.DataFrame({"path": paths, "label": labels}),
+                       classes=[d.name for d in class_dirs])
+    empty = [name for name, n in index.class_counts().items() if n == 0]
+    if empty:
+        raise UserInputError(f"{root}: no images in class folder {_name_some(empty)}")
+    return index
+
+
+_ALL_IDB_NAME = re.compile(r"^im(\d+)_([01])$", re.IGNORECASE)
+
+
+def import_all_idb(root: Path) -> ImageIndex:
+    """ALL-IDB1 or ALL-IDB2: `ImNNN_L.<ext>` anywhere below `root`, L=1 blast, L=0 normal."""
+    root = require_dir(root)
+    images, _ = _listed(root, root)  # ALL-IDB1's .xyc coordinate files are not images: skipped
+    if not images:
+        raise UserInputError(f"{root}: no images named ImNNN_L.<ext> (ALL-IDB layout)")
+    versions = {part for p in images for part in p.split("/")[:-1] if part.upper() in ("ALL_IDB1", "ALL_IDB2")}
+    if len(versions) > 1:
+        raise UserInputError(f"{root}: holds both ALL_IDB1 and ALL_IDB2: point --data at one of them")
+    named = [(p, _ALL_IDB_NAME.match(Path(p).stem)) for p in images]
+    unnamed = [p for p, match in named if match is None]
+    if unnamed:
+        raise UserInputError(f"{root}: not named ImNNN_L (L=0 normal, 1 blast): {_name_some(unnamed)}")
+    stems = pd.Series([Path(p).stem.lower() for p in images])
+    twice = sorted(set(stems[stems.duplicated()]))
+    if twice:
+        raise UserInputError(f"{root}: the same image under two extensions: {_name_some(twice)}")
+    items = pd.DataFrame({"path": images, "label": [int(match.group(2)) for _, match in named]})
+    index = ImageIndex(root=root, items=items, classes=["normal", "blast"])
+    empty = [name for name, n in index.class_counts().items() if n == 0]
+    if empty:
+        raise UserInputError(f"{root}: no images of class {_name_some(empty)}")
+    return index
+
+
+HEP2_CLASSES = ["Homogeneous", "Speckled", "Nucleolar", "Centromere", "NuMem", "Golgi"]
+_HEP2_FOLDERS = ("training", "validation", "test")
+
+
+def import_hep2(root: Path) -> ImageIndex:
+    """ICPR 2014 HEp-2 cells: `gt_training.csv` ("Image ID,Image class", IDs without zero padding)
+    and `NNNNN.png` images, flat or in training/ validation/ test/ folders.
+
+    All three folders: they are the split. training/ and validation/ only: validation/ is the test
+    part and validation is carved from training/. Flat: split as usual.
+    """
+    root = require_dir(root)
+    csv_path = root / "gt_training.csv"
+    if not csv_path.is_file():
+        raise UserInputError(f"{csv_path}: missing (expected gt_training.csv with 'Image ID,Image class')")
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise UserInputError(f"{csv_path}: not a readable CSV ({exc.__class__.__name__})") from None
+    columns = {c.strip().lower(): c for c in table.columns}
+    if "image id" not in columns or "image class" not in columns:
+        raise UserInputError(f"{csv_path}: needs columns 'Image ID,Image class', found {','.join(table.columns)}")
+    folders = [name for name in _HEP2_FOLDERS if (root / name).is_dir()]
+    files: dict[int, tuple[str, str | None]] = {}  # image id -> (relative path, folder)
+    for folder in folders or [None]:
+        base = root / folder if folder else root
+        for path in sorted(base.iterdir()):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.stem.isdigit():
+                number = int(path.stem)
+                if number in files:
+                    raise UserInputError(f"{root}: image {number} is in both {files[number][0]} and {path.relative_to(root)}")
+                files[number] = (path.relative_to(root).as_posix(), folder)
+    classes = {name.lower(): i for i, name in enumerate(HEP2_CLASSES)}
+    ids = table[columns["image id"]].str.strip()
+    names = table[columns["image class"]].str.strip()
+    bad_ids = [v for v in ids if not v.isdigit()]
+    if bad_ids:
+        raise UserInputError(f"{csv_path}: Image ID must be a number: {_name_some(bad_ids)}")
+    unknown = sorted({n for n in names if n.lower() not in classes})
+    if unknown:
+        raise UserInputError(f"{csv_path}: unknown class {_name_some(unknown)} (expected {', '.join(HEP2_CLASSES)})")
+    missing = [v for v in ids if int(v) not in files]
+    if missing:
+        raise UserInputError(f"{csv_path}: rows without their image (NNNNN.png): {_name_some(missing)}")
+    own_split = {"training": "train", "validation": "val", "test": "test"} if len(folders) == 3 else \
+        {"validation": "test"} if set(folders) == {"training", "validation"} else {}
+    rows = [files[int(v)] for v in ids]
+    items = pd.DataFrame({
+        "path": [path for path, _ in rows],
+        "label": [classes[n.lower()] for n in names],
+        "split": [own_split.get(folder) for _, folder in rows],
+    })
+    index = ImageIndex(root=root, items=items, classes=list(HEP2_CLASSES))
     empty = [name for name, n in index.class_counts().items() if n == 0]
     if empty:
         raise UserInputError(f"{csv_path}: no images of class {_name_some(empty)}")

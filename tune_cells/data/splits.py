@@ -73,7 +73,10 @@ def make_parts(index: ImageIndex, seed: int) -> dict[str, list[str]]:
 
 def _stratified(items: pd.DataFrame, count: int, seed: int, index: ImageIndex):
     labels = items["label"]
-    stratify = labels if labels.value_counts().min() >= 2 else None
+    counts = labels.value_counts()
+    # Stratify when every class can be represented on both sides; tiny sets are split plainly.
+    feasible = counts.min() >= 2 and min(count, len(items) - count) >= len(counts)
+    stratify = labels if feasible else None
     try:
         kept, held = train_test_split(items["path"].tolist(), test_size=count, random_state=seed, stratify=stratify)
     except ValueError as exc:
@@ -124,3 +127,18 @@ def _load(path: Path, index: ImageIndex, seed: int) -> Split:
             raise UserInputError(f"{path}: the {part} split is empty")
         seen.update(parts[part])
     return Split(path=path, parts=parts, seed=seed)
+
+
+def cross_split_duplicates(split: Split, paths: list[str], hashes) -> list[dict]:
+    """Near-identical images in two different parts (train/val, train/test, val/test)."""
+    from tune_cells.data.images import near_duplicates
+
+    row = {path: i for i, path in enumerate(paths)}
+    found = []
+    for a, b in (("train", "test"), ("val", "test"), ("train", "val")):
+        rows_a = [row[p] for p in split.parts[a]]
+        rows_b = [row[p] for p in split.parts[b]]
+        for i, j, bits in near_duplicates(hashes[rows_a], hashes[rows_b]):
+            found.append({"part_a": a, "path_a": split.parts[a][i], "part_b": b, "path_b": split.parts[b][j],
+                          "differing_bits": bits})
+    return found
