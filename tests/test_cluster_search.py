@@ -97,3 +97,32 @@ def test_gpu_trials_land_only_on_the_gpu_node(cluster, tmp_path):
     assert len(trials) == 4
     assert {cluster["nodes"][t.data.tags["ray_node_id"]] for t in trials} == {"gpu"}
     assert all(t.info.status == "FINISHED" for t in trials)  # CPU fallback: no CUDA here
+
+
+def test_trials_that_fit_no_node_are_explained_in_plain_words(cluster, tmp_path):
+    """On a cluster the autoscaler may add nodes, so the search waits, and says why."""
+    import select
+    import signal
+    import time
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    env = {**os.environ, **cluster["env"], "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    search = subprocess.Popen(
+        [sys.executable, "-m", "tune_cells", "search", "nuclei", "--address", cluster["address"], "--samples", "2",
+         "--max-epochs", "1", "--space", str(space), "--workdir", str(tmp_path / "work"), "--gpus-per-trial", "2"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    seen, deadline = "", time.time() + 120
+    try:
+        while time.time() < deadline and "pending" not in seen:
+            ready, _, _ = select.select([search.stderr], [], [], 5)
+            if ready:
+                line = search.stderr.readline()
+                if not line:
+                    break
+                seen += line
+    finally:
+        os.killpg(search.pid, signal.SIGKILL)
+        search.wait(timeout=30)
+    assert "trial pending: each needs 1 CPU, 2 GPU on one node, the largest node has 1 CPU, 1 GPU" in seen, seen[-2000:]

@@ -181,7 +181,9 @@ def serve(task, model_uri, port, host, workdir, tracking_uri):
     model_uri = model_uri or _default_model_uri(tracker, spec.name)
     version = tracker.resolve_model(model_uri)  # exit 2 now rather than a server that cannot start
     click.echo(f"Serving {model_uri} (version {version.version}) on http://{host}:{port}/invocations (Ctrl-C stops it)")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    # MLflow execs `uvicorn` from PATH: put this environment's bin first (a venv need not be activated).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": path}
     # --env-manager local: serve from this environment, no rebuild of one from the model's requirements.
     os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                                 "--env-manager", "local", "--host", host, "--port", str(port)], env)

@@ -5,6 +5,7 @@ Adding a task means adding an importer and one `register_task(TaskSpec(...))`; n
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -46,57 +47,16 @@ def task_names() -> list[str]:
     return sorted(_TASKS)
 
 
-# Importers and demo writers are looked up lazily: `tune-cells tasks` need not import pandas/scipy.
+def _call(module: str, function: str, *args, root: Path):
+    return getattr(importlib.import_module(module), function)(root, *args)
 
 
-def _nuclei_importer(root: Path) -> ImageIndex:
-    from tune_cells.data.importers import import_kaggle_csv
-
-    return import_kaggle_csv(root, NUCLEI_CLASSES)
-
-
-def _nuclei_demo(root: Path) -> Path:
-    from tune_cells.data.demo import generate
-
-    return generate(root)
+def _lazy(module: str, function: str, *args) -> Callable[[Path], object]:
+    """`module.function(root, *args)`, imported only when called: `tune-cells tasks` stays light."""
+    return lambda root: _call(module, function, *args, root=root)
 
 
-def _all_idb_importer(root: Path) -> ImageIndex:
-    from tune_cells.data.importers import import_all_idb
-
-    return import_all_idb(root)
-
-
-def _all_idb_demo(root: Path) -> Path:
-    from tune_cells.data.demo import generate_all_idb
-
-    return generate_all_idb(root)
-
-
-def _folder_importer(root: Path) -> ImageIndex:
-    from tune_cells.data.importers import import_image_folder
-
-    return import_image_folder(root)
-
-
-def _folder_demo(root: Path) -> Path:
-    from tune_cells.data.demo import generate_folder
-
-    return generate_folder(root, NUCLEI_CLASSES)
-
-
-def _hep2_importer(root: Path) -> ImageIndex:
-    from tune_cells.data.importers import import_hep2
-
-    return import_hep2(root)
-
-
-def _hep2_demo(root: Path) -> Path:
-    from tune_cells.data.demo import generate_hep2
-
-    return generate_hep2(root)
-
-
+_IMPORTERS, _DEMO = "tune_cells.data.importers", "tune_cells.data.demo"
 NUCLEI_CLASSES = ["normal_epithelial", "cancer_epithelial", "muscle", "immune"]
 
 register_task(
@@ -104,11 +64,11 @@ register_task(
         name="nuclei",
         description="4-class H&E nucleus patches: normal epithelial, cancer epithelial, muscle, immune",
         layout="train.csv (Filename,Label with labels 0-3) + train/<Filename>, RGB patches",
-        importer=_nuclei_importer,
+        importer=_lazy(_IMPORTERS, "import_kaggle_csv", NUCLEI_CLASSES),
         channels=3,
         store_size=100,
         default_space="nuclei",
-        demo=_nuclei_demo,
+        demo=_lazy(_DEMO, "generate"),
     )
 )
 register_task(
@@ -117,11 +77,11 @@ register_task(
         description="ALL-IDB acute lymphoblastic leukemia: lymphoblast vs normal lymphocyte",
         layout="ALL-IDB1 or ALL-IDB2: ImNNN_L.<ext> anywhere below the folder, L=1 blast, L=0 normal "
                "(tif/jpg/png, any case)",
-        importer=_all_idb_importer,
+        importer=_lazy(_IMPORTERS, "import_all_idb"),
         channels=3,
         store_size=128,
         default_space="leukemia",
-        demo=_all_idb_demo,
+        demo=_lazy(_DEMO, "generate_all_idb"),
     )
 )
 register_task(
@@ -130,11 +90,11 @@ register_task(
         description="HEp-2 immunofluorescence staining patterns (ICPR 2014), 6 classes, greyscale",
         layout="gt_training.csv ('Image ID,Image class') + NNNNN.png, flat or in training/ validation/ test/ "
                "(all three: the split; training/ + validation/: validation/ is the test part)",
-        importer=_hep2_importer,
+        importer=_lazy(_IMPORTERS, "import_hep2"),
         channels=1,
         store_size=78,
         default_space="hep2",
-        demo=_hep2_demo,
+        demo=_lazy(_DEMO, "generate_hep2"),
     )
 )
 register_task(
@@ -142,10 +102,10 @@ register_task(
         name="folder",
         description="bring your own classification data: one folder per class",
         layout="<class>/<image> (png, jpg, tif, bmp, any size); classes are the folder names, sorted",
-        importer=_folder_importer,
+        importer=_lazy(_IMPORTERS, "import_image_folder"),
         channels=3,
         store_size=128,
         default_space="folder",
-        demo=_folder_demo,
+        demo=_lazy(_DEMO, "generate_folder", NUCLEI_CLASSES),
     )
 )

@@ -27,21 +27,26 @@ def require_dir(root: Path) -> Path:
     return root.resolve()
 
 
-def import_kaggle_csv(root: Path, classes: list[str]) -> ImageIndex:
-    """Kaggle layout: `train.csv` (Filename,Label with integer labels) and `train/<Filename>`."""
-    root = require_dir(root)
-    csv_path = root / "train.csv"
+def _read_label_csv(csv_path: Path, columns: tuple[str, str], expected: str) -> tuple[pd.Series, pd.Series]:
+    """The two named columns of a label CSV as stripped strings (names matched case-insensitively)."""
     if not csv_path.is_file():
-        raise UserInputError(f"{csv_path}: missing (expected train.csv with Filename,Label and train/<file>)")
+        raise UserInputError(f"{csv_path}: missing (expected {expected})")
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise UserInputError(f"{csv_path}: not a readable CSV ({exc.__class__.__name__})") from None
-    columns = {c.strip().lower(): c for c in table.columns}
-    if "filename" not in columns or "label" not in columns:
-        raise UserInputError(f"{csv_path}: needs columns Filename,Label, found {','.join(table.columns)}")
-    names = table[columns["filename"]].str.strip()
-    raw_labels = table[columns["label"]].str.strip()
+    found = {c.strip().lower(): c for c in table.columns}
+    if any(name.lower() not in found for name in columns):
+        raise UserInputError(f"{csv_path}: needs columns {','.join(columns)}, found {','.join(table.columns)}")
+    first, second = (table[found[name.lower()]].str.strip() for name in columns)
+    return first, second
+
+
+def import_kaggle_csv(root: Path, classes: list[str]) -> ImageIndex:
+    """Kaggle layout: `train.csv` (Filename,Label with integer labels) and `train/<Filename>`."""
+    root = require_dir(root)
+    csv_path = root / "train.csv"
+    names, raw_labels = _read_label_csv(csv_path, ("Filename", "Label"), "train.csv with Filename,Label and train/<file>")
     if names.empty:
         raise UserInputError(f"{csv_path}: no rows")
 
@@ -144,15 +149,7 @@ def import_hep2(root: Path) -> ImageIndex:
     """
     root = require_dir(root)
     csv_path = root / "gt_training.csv"
-    if not csv_path.is_file():
-        raise UserInputError(f"{csv_path}: missing (expected gt_training.csv with 'Image ID,Image class')")
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise UserInputError(f"{csv_path}: not a readable CSV ({exc.__class__.__name__})") from None
-    columns = {c.strip().lower(): c for c in table.columns}
-    if "image id" not in columns or "image class" not in columns:
-        raise UserInputError(f"{csv_path}: needs columns 'Image ID,Image class', found {','.join(table.columns)}")
+    ids, names = _read_label_csv(csv_path, ("Image ID", "Image class"), "gt_training.csv with 'Image ID,Image class'")
     folders = [name for name in _HEP2_FOLDERS if (root / name).is_dir()]
     files: dict[int, tuple[str, str | None]] = {}  # image id -> (relative path, folder)
     for folder in folders or [None]:
@@ -164,8 +161,6 @@ def import_hep2(root: Path) -> ImageIndex:
                     raise UserInputError(f"{root}: image {number} is in both {files[number][0]} and {path.relative_to(root)}")
                 files[number] = (path.relative_to(root).as_posix(), folder)
     classes = {name.lower(): i for i, name in enumerate(HEP2_CLASSES)}
-    ids = table[columns["image id"]].str.strip()
-    names = table[columns["image class"]].str.strip()
     bad_ids = [v for v in ids if not v.isdigit()]
     if bad_ids:
         raise UserInputError(f"{csv_path}: Image ID must be a number: {_name_some(bad_ids)}")
