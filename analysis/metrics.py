@@ -70,3 +70,13 @@ def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, classes: list[str
 
 def confusion(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> np.ndarray:
     return confusion_matrix(y_true, probs.argmax(1), labels=list(range(n_classes)))
+
+
+def exact_accuracy_interval(y_true: np.ndarray, probs: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval of accuracy (a binomial proportion). Unlike the percentile
+    bootstrap it does not collapse to [1, 1] when every one of a few test images is right."""
+    from scipy.stats import binomtest
+
+    correct = int((probs.argmax(1) == y_true).sum())
+    interval = binomtest(correct, len(y_true)).proportion_ci(confidence_level=level, method="exact")
+    return float(interval.low), float(interval.high)

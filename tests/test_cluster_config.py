@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -24,7 +25,7 @@ def test_schema_check_catches_a_typo(config):
 
     broken = yaml.safe_load(CLUSTER_YAML.read_text())
     broken["available_node_types"]["gpu_worker"]["min_worker"] = 1  # typo of min_workers
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="'min_worker' was unexpected"):
         validate_config(prepare_config(broken))
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion
+from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion, exact_accuracy_interval
 
 CLASSES = ["a", "b c", "d"]
 
@@ -41,3 +41,11 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     for key in ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc"):
         low, high = first[key]
         assert low <= point[key] <= high and high - low > 0.02
+
+
+def test_exact_interval_stays_honest_when_every_image_is_right():
+    y = np.array([0, 1] * 13 + [0])  # 27 test images, all correct
+    probs = np.eye(2)[y]
+    assert bootstrap_intervals(y, probs, ["n", "b"], n_boot=100)["test_accuracy"] == (1.0, 1.0)
+    low, high = exact_accuracy_interval(y, probs)
+    assert high == 1.0 and 0.86 < low < 0.88  # Clopper-Pearson for 27/27: [0.872, 1]

@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion
+from tune_cells.analysis.metrics import (
+    bootstrap_intervals,
+    classification_metrics,
+    confusion,
+    exact_accuracy_interval,
+)
 from tune_cells.analysis.plots import save_confusion_matrix
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import load_or_create_split
@@ -30,7 +35,8 @@ class Evaluation:
     model_uri: str
     version: str
     metrics: dict[str, float]
-    intervals: dict[str, tuple[float, float]]
+    intervals: dict[str, tuple[float, float]]  # percentile bootstrap, every metric
+    exact_accuracy: tuple[float, float]  # Clopper-Pearson
     n_images: int
 
 
@@ -51,6 +57,7 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
 
     metrics = classification_metrics(labels, probs, spec.classes)
     intervals = bootstrap_intervals(labels, probs, spec.classes, n_boot=n_boot)
+    exact = exact_accuracy_interval(labels, probs)
     experiment_id = tracker.get_run(parent_run_id).info.experiment_id if parent_run_id else tracker.experiment_id(
         f"tune-cells-{task.name}")
     run_id = tracker.start_run(experiment_id, f"evaluation-v{version.version}", "evaluation", parent_run_id,
@@ -63,6 +70,7 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
         })
         ci_metrics = {f"{k}_ci_low": lo for k, (lo, hi) in intervals.items()}
         ci_metrics.update({f"{k}_ci_high": hi for k, (lo, hi) in intervals.items()})
+        ci_metrics.update({"test_accuracy_exact_ci_low": exact[0], "test_accuracy_exact_ci_high": exact[1]})
         tracker.log_metrics(run_id, {**metrics, **ci_metrics})
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -74,14 +82,15 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
             predictions.insert(0, "label", [spec.classes[i] for i in labels])
             predictions.insert(0, "path", split.parts["test"])
             predictions.to_csv(tmp / "test_predictions.csv", index=False)
-            (tmp / "metrics.json").write_text(json.dumps({"metrics": metrics, "ci95": intervals}, indent=1))
+            (tmp / "metrics.json").write_text(json.dumps(
+                {"metrics": metrics, "ci95_bootstrap": intervals, "accuracy_ci95_exact": exact}, indent=1))
             for name in ("confusion_matrix.png", "test_predictions.csv", "metrics.json"):
                 tracker.log_artifact(run_id, tmp / name)
         tracker.end_run(run_id)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
-    return Evaluation(run_id, model_uri, version.version, metrics, intervals, len(labels))
+    return Evaluation(run_id, model_uri, version.version, metrics, intervals, exact, len(labels))
 
 
 def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir: Path) -> Path:
@@ -103,4 +112,7 @@ def format_table(evaluation: Evaluation) -> str:
     for key in keys:
         lo, hi = evaluation.intervals.get(key, (np.nan, np.nan))
         rows.append(f"{key:<32}{evaluation.metrics[key]:>8.4f}   [{lo:.4f}, {hi:.4f}]")
+        if key == "test_accuracy":
+            lo, hi = evaluation.exact_accuracy
+            rows.append(f"{'  (exact binomial CI)':<32}{'':>8}   [{lo:.4f}, {hi:.4f}]")
     return "\n".join(rows)
