@@ -83,6 +83,18 @@ def test_one_parent_three_children_with_full_metric_histories(search):
     assert parents[0].data.params["split_train"] and "split" in {a.path for a in client.list_artifacts(parent_id)}
 
 
+def test_best_configuration_is_exported_as_a_pinned_space(search):
+    from tune_cells.search_spaces import load_space
+
+    parent = by_type(search["runs"], "search")[0]
+    path = search["workdir"] / "best-configs" / "tune-cells-nuclei-demo" / f"{parent.info.run_id}.yaml"
+    assert f"Pinned best configuration: {path}" in search["result"].out
+    space = load_space(path)
+    assert all(not isinstance(v, dict) for v in space.params.values())  # every parameter fixed
+    assert space.params["lr"] == pytest.approx(0.004) and space.params["width"] == 16  # the good trial
+    assert path.name in {a.path for a in search["client"].list_artifacts(parent.info.run_id)}
+
+
 def test_hopeless_trials_are_stopped_early_by_asha(search):
     children = by_type(search["runs"], "trial")
     hopeless = [c for c in children if float(c.data.params["lr"]) < 1e-6]
@@ -181,3 +193,18 @@ def test_registered_pyfunc_predicts_paths_and_base64_like_evaluation(search):
     for column in prob_columns:
         assert by_path[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-6)
         assert by_bytes[column].tolist() == pytest.approx(expected[column].tolist(), abs=1e-6)
+
+
+def test_external_test_set_is_scored_whole(search, tmp_path):
+    from tune_cells.data.demo import generate
+
+    external = generate(tmp_path / "external", counts=(3, 3, 3, 3), seed=11)  # another dataset, same layout
+    result = cli_subprocess(["evaluate", "nuclei", "--data", external, "--workdir", search["workdir"],
+                             "--bootstrap", 50], cwd=search["root"])
+    assert result.code == 0, result.err[-2000:]
+    assert f"on 12 images of {external}" in result.out
+    experiment = search["client"].get_experiment_by_name("tune-cells-nuclei-demo")
+    runs = by_type(search["client"].search_runs([experiment.experiment_id]), "evaluation")
+    external_runs = [r for r in runs if r.data.tags.get("evaluation_data") == "external"]
+    assert len(external_runs) == 1 and external_runs[0].data.params["test_images"] == "12"
+    assert any(e["part"] == "external" and e["images"] == 12 for e in read_log_entries(search["workdir"]))

@@ -83,6 +83,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
     click.echo(f"Best trial {outcome.best_trial_id}: {outcome.metric} {outcome.best_metric:.4f} at epoch "
                f"{outcome.best_epoch}\n  {config}")
     click.echo(f"Promoted: models:/{outcome.model_name}@champion (version {outcome.model_version})")
+    click.echo(f"Pinned best configuration: {outcome.best_config_file} (rerun it with --space)")
     if not no_evaluate:
         code = evaluate_in_fresh_process(outcome)
         if code != 0:
@@ -97,9 +98,11 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 @click.argument("task")
 @click.option("--model-uri", default=None, help="Model to evaluate [default: models:/tune-cells-TASK@champion].")
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Bootstrap resamples for CIs.")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="An external test set in the task's layout: every image is scored (classes matched by name).")
 @workdir_option
 @tracking_option
-def evaluate(task, model_uri, n_boot, workdir, tracking_uri):
+def evaluate(task, model_uri, n_boot, data, workdir, tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
     from tune_cells.evaluation import evaluate_registered, format_table
     from tune_cells.search import check_workdir
@@ -113,9 +116,10 @@ def evaluate(task, model_uri, n_boot, workdir, tracking_uri):
         model_uri = _default_model_uri(tracker, spec.name)
     if n_boot < 1:
         raise UserInputError(f"--bootstrap {n_boot}: must be at least 1")
-    result = evaluate_registered(spec, tracker, model_uri, workdir, n_boot=n_boot)
+    result = evaluate_registered(spec, tracker, model_uri, workdir, n_boot=n_boot, external=data)
+    where = f"images of {data}" if data else "held-out test images"
     click.echo(f"\nEvaluation {result.run_id} of {result.model_uri} (version {result.version}) "
-               f"on {result.n_images} held-out test images:")
+               f"on {result.n_images} {where}:")
     click.echo(format_table(result))
 
 

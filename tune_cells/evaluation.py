@@ -19,7 +19,7 @@ from tune_cells.analysis.metrics import (
 )
 from tune_cells.analysis.plots import save_confusion_matrix
 from tune_cells.data.reader import SplitReader
-from tune_cells.data.splits import load_or_create_split
+from tune_cells.data.splits import Split, load_or_create_split
 from tune_cells.errors import UserInputError
 from tune_cells.tasks import TaskSpec
 from tune_cells.tracking import Tracker
@@ -40,7 +40,10 @@ class Evaluation:
     n_images: int
 
 
-def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdir: Path, n_boot: int = 1000) -> Evaluation:
+def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdir: Path, n_boot: int = 1000,
+                        external: Path | None = None) -> Evaluation:
+    """Score a registered model on the test part it was trained beside, or on every image of an
+    `external` dataset in the task's layout (classes matched by name)."""
     version = tracker.resolve_model(model_uri)
     tags = version.tags
     if tags.get("task") != task.name:
@@ -49,10 +52,21 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
     spec = classifier.spec
     parent_run_id = tags.get("search_run_id")
 
-    index = task.importer(Path(tags["data_root"]))
-    split_file = _split_file(tracker, tags, parent_run_id, workdir)
-    split = load_or_create_split(split_file, index, int(tags.get("split_seed", 0)))
-    images, labels = SplitReader(index, split, spec.channels, spec.store_size, workdir).load("test", "evaluation")
+    if external is None:
+        index = task.importer(Path(tags["data_root"]))
+        split = load_or_create_split(_split_file(tracker, tags, parent_run_id, workdir), index,
+                                     int(tags.get("split_seed", 0)))
+        part, source = "test", {"split_file": split.path.name, "split_sha256": split.sha256}
+    else:
+        index = task.importer(Path(external))
+        unknown = [name for name in index.classes if name not in spec.classes]
+        if unknown:
+            raise UserInputError(f"--data {index.root}: class {unknown[0]!r} is not one the model knows "
+                                 f"({', '.join(spec.classes)})")
+        split = Split(path=Path(external), parts={"external": list(index.items["path"])}, seed=0)
+        part, source = "external", {"external_data": str(index.root)}
+    images, labels = SplitReader(index, split, spec.channels, spec.store_size, workdir).load(part, "evaluation")
+    labels = np.array([spec.classes.index(index.classes[i]) for i in labels], dtype=np.int64)  # match by name
     probs = classifier.predict_proba(images)
 
     metrics = classification_metrics(labels, probs, spec.classes)
@@ -60,12 +74,14 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
     exact = exact_accuracy_interval(labels, probs)
     experiment_id = tracker.get_run(parent_run_id).info.experiment_id if parent_run_id else tracker.experiment_id(
         f"tune-cells-{task.name}")
-    run_id = tracker.start_run(experiment_id, f"evaluation-v{version.version}", "evaluation", parent_run_id,
-                               tags={"model_uri": model_uri, "model_version": version.version, "task": task.name})
+    run_name = f"{'external-' if external is not None else ''}evaluation-v{version.version}"
+    run_id = tracker.start_run(experiment_id, run_name, "evaluation", parent_run_id,
+                               tags={"model_uri": model_uri, "model_version": version.version, "task": task.name,
+                                     "evaluation_data": part})
     try:
         tracker.log_params(run_id, {
             "model_uri": model_uri, "model_name": version.name, "model_version": version.version,
-            "split_file": split.path.name, "split_sha256": split.sha256, "test_images": len(labels),
+            **source, "test_images": len(labels),
             "bootstrap_resamples": n_boot,
         })
         ci_metrics = {f"{k}_ci_low": lo for k, (lo, hi) in intervals.items()}
@@ -80,7 +96,7 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
             predictions = pd.DataFrame(probs, columns=[f"prob_{c}" for c in spec.classes])
             predictions.insert(0, "predicted", [spec.classes[i] for i in probs.argmax(1)])
             predictions.insert(0, "label", [spec.classes[i] for i in labels])
-            predictions.insert(0, "path", split.parts["test"])
+            predictions.insert(0, "path", split.parts[part])
             predictions.to_csv(tmp / "test_predictions.csv", index=False)
             (tmp / "metrics.json").write_text(json.dumps(
                 {"metrics": metrics, "ci95_bootstrap": intervals, "accuracy_ci95_exact": exact}, indent=1))

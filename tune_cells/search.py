@@ -87,6 +87,7 @@ class SearchOutcome:
     stopped_early: int
     wall_time_s: float
     tracking_uri: str
+    best_config_file: Path
 
 
 # --- preflight: checks only, no writes (except generated demo data) ------------------------
@@ -352,14 +353,29 @@ def _promote(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, sp
     tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": best_run,
                               "model_name": prep.model_name, "model_version": version,
                               "previous_champion": previous or "", "ray_experiment_path": result.experiment_path})
+    best_config_file = _export_best_config(prep, parent, result)
+    tracker.log_artifact(parent, best_config_file)
     tracker.end_run(parent)
     return SearchOutcome(
         task=task.name, workdir=prep.workdir, metric=task.metric, experiment=prep.experiment, parent_run_id=parent,
         model_name=prep.model_name, model_version=version, best_trial_id=result.best_trial_id,
         best_metric=result.best_metric, best_epoch=result.best_epoch, best_config=result.best_config,
         trials=len(result.trials), failed_trials=failed, stopped_early=stopped, wall_time_s=0.0,
-        tracking_uri=tracker.tracking_uri,
+        tracking_uri=tracker.tracking_uri, best_config_file=best_config_file,
     )
+
+
+def _export_best_config(prep: PreparedSearch, parent: str, result) -> Path:
+    """The champion's configuration as a pinned space (every parameter fixed): `--space` reruns it."""
+    import yaml
+
+    path = prep.workdir / "best-configs" / prep.experiment / f"{parent}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    description = (f"Pinned best configuration of search run {parent} ({prep.experiment}): trial "
+                   f"{result.best_trial_id}, {prep.task.metric} {result.best_metric:.4f} at epoch {result.best_epoch}.")
+    params = {k: (v.item() if hasattr(v, "item") else v) for k, v in sorted(result.best_config.items())}
+    path.write_text(yaml.safe_dump({"description": description, "params": params}, sort_keys=False))
+    return path
 
 
 def evaluate_in_fresh_process(outcome: SearchOutcome) -> int:
