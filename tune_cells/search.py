@@ -293,8 +293,9 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             trainable=train_classifier, trainable_kwargs={"data": data}, space=prep.space,
             metric=prep.task.metric, mode=prep.task.mode, samples=opts.samples, seed=opts.seed,
             max_epochs=opts.max_epochs, grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
-            trial_resources=resources, storage_path=opts.storage or str(prep.workdir / "ray" / prep.experiment), name=search_name,
-            events=recorder, initial_points=prep.space.initial_points, max_concurrent=opts.max_concurrent,
+            trial_resources=resources, name=search_name, events=recorder,
+            storage_path=opts.storage or str(prep.workdir / "ray" / prep.experiment),
+            initial_points=prep.space.initial_points, max_concurrent=opts.max_concurrent,
         ))
         return _promote(tracker, parent, opts, prep, split, result, recorder.runs)
     except BaseException as exc:
