@@ -208,3 +208,35 @@ def test_external_test_set_is_scored_whole(search, tmp_path):
     external_runs = [r for r in runs if r.data.tags.get("evaluation_data") == "external"]
     assert len(external_runs) == 1 and external_runs[0].data.params["test_images"] == "12"
     assert any(e["part"] == "external" and e["images"] == 12 for e in read_log_entries(search["workdir"]))
+
+
+DIVERGING_SPACE = """
+params:
+  model: small_convnet
+  depth: 2
+  width: 12
+  optimizer: sgd
+  lr: {float: [1.0e-3, 1.0e+6], log: true}
+  batch_size: 32
+  image_size: 32
+initial_points:
+  - {lr: 0.003}
+  - {lr: 1.0e+6}
+"""
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path):
+    (tmp_path / "space.yaml").write_text(DIVERGING_SPACE)
+    result = cli_subprocess(["search", "nuclei", "--samples", 2, "--max-epochs", 2, "--max-concurrent", 1,
+                             "--space", tmp_path / "space.yaml", "--workdir", tmp_path / "w", "--no-evaluate"],
+                            cwd=tmp_path)
+    assert result.code == 0, result.err[-2000:]
+    assert "2 trials (0 stopped early by ASHA, 1 failed)" in result.out
+    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
+    trials = by_type(client.search_runs([experiment.experiment_id]), "trial")
+    failed = [t for t in trials if t.info.status == "FAILED"]
+    assert len(failed) == 1 and float(failed[0].data.params["lr"]) == 1e6
+    assert "training loss became" in failed[0].data.tags["failure"]
+    champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
+    assert champion.tags["trial_run_id"] != failed[0].info.run_id

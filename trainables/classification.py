@@ -83,10 +83,13 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
     for epoch in range(first_epoch, data.max_epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(
-            model, data.train_images, train_labels, optimizer, preset, int(config.get("batch_size", 32)),
-            train_loss_fn, device, generator,
-        )
+        batch_size = int(config.get("batch_size", 32))
+        try:
+            train_loss = train_one_epoch(model, data.train_images, train_labels, optimizer, preset, batch_size,
+                                         train_loss_fn, device, generator)
+        except (torch.OutOfMemoryError, MemoryError) as exc:  # a failed trial with a hint, not a dead search
+            raise MemoryError(f"out of memory at batch_size {batch_size} on {device}: try a smaller batch_size, "
+                              "fewer trials per GPU (--gpus-per-trial) or a smaller image_size") from exc
         val = evaluate_logits(predict_logits(model, data.val_images, preset.eval_preset, device), val_labels, val_loss_fn)
         step_lr_schedule(schedule, val["loss"])
         metrics = {

@@ -108,14 +108,22 @@ def check_options(opts: SearchOptions) -> None:
         raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
 
 
-def check_workdir(workdir: Path) -> Path:
-    """The absolute workdir, if it exists or can be created and is writable (nothing is created)."""
+MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
+
+
+def check_workdir(workdir: Path, min_free: int = 0) -> Path:
+    """The absolute workdir, if it exists or can be created, is writable and has `min_free` bytes
+    free (nothing is created)."""
     workdir = Path(workdir).expanduser().resolve()
     probe = workdir
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserInputError(f"--workdir {workdir}: not writable ({probe} is not a writable folder)")
+    free = shutil.disk_usage(probe).free
+    if free < min_free:
+        raise UserInputError(f"--workdir {workdir}: only {free / 2**30:.2f} GiB free, a search needs at least "
+                             f"{min_free / 2**30:.0f} GiB")
     return workdir
 
 
@@ -188,7 +196,7 @@ def prepare(opts: SearchOptions) -> PreparedSearch:
     check_options(opts)
     space = load_space(opts.space or builtin_space_path(task.default_space))
     check_space(space, opts.seed)
-    workdir = check_workdir(opts.workdir)
+    workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
     index = load_dataset(task, opts.data, workdir)
     split = plan_split(split_path(workdir, task.name, index, opts.seed), index, opts.seed)
     paths = list(index.items["path"])
