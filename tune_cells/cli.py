@@ -105,6 +105,19 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 def evaluate(task, model_uri, n_boot, data, workdir, tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
     from tune_cells.evaluation import evaluate_registered, format_table
+
+    if n_boot < 1:
+        raise UserInputError(f"--bootstrap {n_boot}: must be at least 1")
+    spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
+    result = evaluate_registered(spec, tracker, model_uri, workdir, n_boot=n_boot, external=data)
+    where = f"images of {data}" if data else "held-out test images"
+    click.echo(f"\nEvaluation {result.run_id} of {result.model_uri} (version {result.version}) "
+               f"on {result.n_images} {where}:")
+    click.echo(format_table(result))
+
+
+def _open_model(task: str, workdir: Path, tracking_uri: str | None, model_uri: str | None):
+    """(task spec, checked workdir, tracker, model URI): the URI given, else the task's champion."""
     from tune_cells.search import check_workdir
     from tune_cells.tasks import get_task
     from tune_cells.tracking import Tracker, resolve_tracking_uri
@@ -112,15 +125,7 @@ def evaluate(task, model_uri, n_boot, data, workdir, tracking_uri):
     spec = get_task(task)
     workdir = check_workdir(workdir)
     tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir / "mlartifacts")
-    if model_uri is None:
-        model_uri = _default_model_uri(tracker, spec.name)
-    if n_boot < 1:
-        raise UserInputError(f"--bootstrap {n_boot}: must be at least 1")
-    result = evaluate_registered(spec, tracker, model_uri, workdir, n_boot=n_boot, external=data)
-    where = f"images of {data}" if data else "held-out test images"
-    click.echo(f"\nEvaluation {result.run_id} of {result.model_uri} (version {result.version}) "
-               f"on {result.n_images} {where}:")
-    click.echo(format_table(result))
+    return spec, workdir, tracker, model_uri or _default_model_uri(tracker, spec.name)
 
 
 def _default_model_uri(tracker, task: str) -> str:
@@ -146,18 +151,12 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
     import time
 
     from tune_cells.predict import collect_images, predict_files
-    from tune_cells.search import check_workdir
-    from tune_cells.tasks import get_task
-    from tune_cells.tracking import Tracker, resolve_tracking_uri
 
-    spec = get_task(task)
-    workdir = check_workdir(workdir)
     files = collect_images(paths)
+    spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
     output = output or workdir / "predictions" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     if output.exists():
         raise UserInputError(f"--output {output}: already exists (not overwritten)")
-    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir / "mlartifacts")
-    model_uri = model_uri or _default_model_uri(tracker, spec.name)
     table = predict_files(tracker, model_uri, spec, files)
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)
@@ -174,15 +173,8 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
 @tracking_option
 def serve(task, model_uri, port, host, workdir, tracking_uri):
     """Serve TASK's champion over REST with MLflow's model server (POST /invocations)."""
-    from tune_cells.search import check_workdir
-    from tune_cells.tasks import get_task
-    from tune_cells.tracking import Tracker, resolve_tracking_uri
-
-    spec = get_task(task)
-    workdir = check_workdir(workdir)
-    uri = resolve_tracking_uri(tracking_uri, workdir)
-    tracker = Tracker(uri, workdir / "mlartifacts")
-    model_uri = model_uri or _default_model_uri(tracker, spec.name)
+    _, _, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
+    uri = tracker.tracking_uri
     version = tracker.resolve_model(model_uri)  # exit 2 now rather than a server that cannot start
     click.echo(f"Serving {model_uri} (version {version.version}) on http://{host}:{port}/invocations (Ctrl-C stops it)")
     # MLflow execs `uvicorn` from PATH: put this environment's bin first (a venv need not be activated).
