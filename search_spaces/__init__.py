@@ -61,7 +61,7 @@ class SearchSpace:
         fixed = self(trial)
         return {**trial.params, **fixed}
 
-    def fingerprint(self) -> str:
+    def to_yaml(self) -> str:
         return yaml.safe_dump({"params": self.params, "initial_points": self.initial_points}, sort_keys=True)
 
 

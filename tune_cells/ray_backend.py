@@ -53,7 +53,6 @@ class TrialSummary:
     iterations: int
     failed: bool
     error: str | None
-    best_metric: float | None
 
 
 @dataclass
@@ -155,12 +154,6 @@ def _summarise(results, request: SearchRequest) -> SearchResult:
     trials = []
     for result in results:
         metrics = result.metrics or {}
-        history = result.metrics_dataframe
-        best = None
-        if history is not None and request.metric in history:
-            series = history[request.metric].dropna()
-            if not series.empty:
-                best = float(series.max() if request.mode == "max" else series.min())
         trials.append(
             TrialSummary(
                 trial_id=metrics.get("trial_id") or Path(result.path).name,
@@ -168,7 +161,6 @@ def _summarise(results, request: SearchRequest) -> SearchResult:
                 iterations=int(metrics.get("training_iteration", 0)),
                 failed=result.error is not None,
                 error=_first_line(result.error),
-                best_metric=best,
             )
         )
     scored = [r for r in results if r.error is None and r.best_checkpoints]

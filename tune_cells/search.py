@@ -335,7 +335,7 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
     }
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "data_summary.json").write_text(json.dumps(summary, indent=1))
-        (Path(tmp) / "search_space.yaml").write_text(prep.space.fingerprint())
+        (Path(tmp) / "search_space.yaml").write_text(prep.space.to_yaml())
         tracker.log_artifact(parent, Path(tmp) / "data_summary.json")
         if prep.duplicates:
             pd.DataFrame(prep.duplicates).to_csv(Path(tmp) / "near_duplicates.csv", index=False)

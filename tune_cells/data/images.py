@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,8 @@ class ImageIndex:
     items: pd.DataFrame
     classes: list[str]
     source: str = "user"  # "user" or "demo"
-    notes: list[str] = field(default_factory=list)
 
+    @cached_property
     def fingerprint(self) -> str:
         """Short hash of file names, sizes and labels: names the split file of this dataset."""
         digest = hashlib.sha256()

@@ -38,7 +38,7 @@ class Split:
 
 
 def split_path(workdir: Path, task: str, index: ImageIndex, seed: int) -> Path:
-    return Path(workdir) / "splits" / f"{task}-{index.fingerprint()}-{seed}.json"
+    return Path(workdir) / "splits" / f"{task}-{index.fingerprint}-{seed}.json"
 
 
 def make_parts(index: ImageIndex, seed: int) -> dict[str, list[str]]:
@@ -89,7 +89,7 @@ def plan_split(path: Path, index: ImageIndex, seed: int) -> Split:
     path = Path(path)
     if path.exists():
         return _load(path, index, seed)
-    header = {"format": 1, "seed": seed, "data_root": str(index.root), "fingerprint": index.fingerprint(),
+    header = {"format": 1, "seed": seed, "data_root": str(index.root), "fingerprint": index.fingerprint,
               "classes": index.classes}
     return Split(path=path, parts=make_parts(index, seed), seed=seed, header=header)
 
