@@ -62,8 +62,16 @@ def test_space_file_errors_name_the_problem(tmp_path, text, message):
         load_space(path)
 
 
-def test_space_with_unknown_model_fails_before_any_trial(tmp_path):
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("  model: {choices: [small_convnet, vgg99]}\n", "unknown model 'vgg99'"),
+        ("  model: small_convnet\n  optimizer: sgdd\n", "unknown optimizer 'sgdd'; known: adamw, sgd"),
+        ("  model: small_convnet\n  lr_schedule: {choices: [cosine, cosign]}\n", "unknown lr_schedule 'cosign'"),
+    ],
+)
+def test_space_with_unknown_names_fails_before_any_trial(tmp_path, extra, message):
     path = tmp_path / "space.yaml"
-    path.write_text("params:\n  model: {choices: [small_convnet, vgg99]}\n  lr: 0.01\n")
-    with pytest.raises(UserInputError, match="unknown model 'vgg99'"):
+    path.write_text("params:\n" + extra + "  lr: 0.01\n")
+    with pytest.raises(UserInputError, match=message):
         check_space(load_space(path), seed=0)

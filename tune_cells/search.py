@@ -165,6 +165,7 @@ def check_space(space: SearchSpace, seed: int) -> None:
     import optuna
 
     from tune_cells.models import expected_weights_file, has_pretrained_weights, pretrained_available
+    from tune_cells.training import LR_SCHEDULES, OPTIMIZERS
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -177,6 +178,10 @@ def check_space(space: SearchSpace, seed: int) -> None:
         for required in ("model", "lr"):
             if required not in config:
                 raise UserInputError(f"{space.source}: the space sets no `{required}`")
+        # The training code would otherwise fall back silently (AdamW, constant LR) on a typo.
+        for key, known in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+            if key in config and config[key] not in known:
+                raise UserInputError(f"{space.source}: unknown {key} {config[key]!r}; known: {', '.join(known)}")
         model = config["model"]
         if model not in model_names():
             raise UserInputError(f"{space.source}: unknown model {model!r}; known: {', '.join(model_names())}")
