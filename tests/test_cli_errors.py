@@ -25,6 +25,7 @@ def snapshot(folder):
         (["search", "nuclei", "--bogus-flag"], "No such option '--bogus-flag'"),
         (["evaluate", "nuclei"], "no champion for task nuclei"),
         (["evaluate", "nuclei", "--model-uri", "runs:/abc/model"], "expected models:/NAME@ALIAS"),
+        (["ui"], "no MLflow store at sqlite:///"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_and_touch_nothing(run_cli, tmp_path, args, message):

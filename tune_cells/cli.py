@@ -204,10 +204,12 @@ def tasks():
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
 def ui(workdir, tracking_uri, port, host):
     """Start the MLflow UI on this project's runs."""
-    from tune_cells.tracking import resolve_tracking_uri
+    from tune_cells.tracking import Tracker, resolve_tracking_uri
 
     workdir = Path(workdir).resolve()
     uri = resolve_tracking_uri(tracking_uri, workdir)
+    if not Tracker(uri, workdir / "mlartifacts").store_exists():  # mlflow ui would create an empty one
+        raise UserInputError(f"no MLflow store at {uri}: run `tune-cells search TASK --workdir {workdir}` first")
     click.echo(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
