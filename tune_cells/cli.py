@@ -147,7 +147,8 @@ def _default_model_uri(tracker, task: str) -> str:
 @workdir_option
 @tracking_option
 def predict(task, paths, model_uri, output, workdir, tracking_uri):
-    """Predict the class of images (files or folders) with TASK's champion; writes a CSV."""
+    """Predict images (files or folders) with TASK's champion: a CSV of classes and probabilities, or
+    for segmentation of pixel counts per target, with masks and overlays in a folder beside it."""
     import time
 
     from tune_cells.predict import collect_images, predict_files
@@ -157,11 +158,16 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
     output = output or workdir / "predictions" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
     if output.exists():
         raise UserInputError(f"--output {output}: already exists (not overwritten)")
-    table = predict_files(tracker, model_uri, spec, files)
+    mask_dir = output.with_name(output.stem + "-masks")
+    if spec.kind == "segmentation" and mask_dir.exists():
+        raise UserInputError(f"{mask_dir}: already exists (not overwritten)")
+    table = predict_files(tracker, model_uri, spec, files, mask_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)
     click.echo(table.to_string(index=False, max_rows=20, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"\n{len(table)} predictions of {model_uri} written to {output}")
+    if spec.kind == "segmentation":
+        click.echo(f"masks and overlays: {mask_dir}")
 
 
 @cli.command()

@@ -36,8 +36,9 @@ class Evaluation:
     version: str
     metrics: dict[str, float]
     intervals: dict[str, tuple[float, float]]  # percentile bootstrap, every metric
-    exact_accuracy: tuple[float, float]  # Clopper-Pearson
+    exact_accuracy: tuple[float, float] | None  # Clopper-Pearson (classification)
     n_images: int
+    output_dir: Path | None = None  # masks, overlays and the pixel-count table (segmentation)
 
 
 def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdir: Path, n_boot: int = 1000,
@@ -61,20 +62,27 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
         index = task.importer(Path(external))
         unknown = [name for name in index.classes if name not in spec.classes]
         if unknown:
-            raise UserInputError(f"--data {index.root}: class {unknown[0]!r} is not one the model knows "
+            kind = "target" if spec.kind == "segmentation" else "class"
+            raise UserInputError(f"--data {index.root}: {kind} {unknown[0]!r} is not one the model knows "
                                  f"({', '.join(spec.classes)})")
         split = Split(path=Path(external), parts={"external": list(index.items["path"])}, seed=0)
         part, source = "external", {"external_data": str(index.root)}
-    images, labels = SplitReader(index, split, spec.channels, spec.store_size, workdir).load(part, "evaluation")
+    reader = SplitReader(index, split, spec.channels, spec.store_size, workdir)
+    experiment_id = tracker.get_run(parent_run_id).info.experiment_id if parent_run_id else tracker.experiment_id(
+        f"tune-cells-{task.name}")
+    run_name = f"{'external-' if external is not None else ''}evaluation-v{version.version}"
+    if spec.kind == "segmentation":
+        from tune_cells.segmentation_evaluation import evaluate_segmenter
+
+        return evaluate_segmenter(task, tracker, classifier, version, model_uri, reader, part, source,
+                                  experiment_id, run_name, parent_run_id, workdir, n_boot)
+    images, labels = reader.load(part, "evaluation")
     labels = np.array([spec.classes.index(index.classes[i]) for i in labels], dtype=np.int64)  # match by name
     probs = classifier.predict_proba(images)
 
     metrics = classification_metrics(labels, probs, spec.classes)
     intervals = bootstrap_intervals(labels, probs, spec.classes, n_boot=n_boot)
     exact = exact_accuracy_interval(labels, probs)
-    experiment_id = tracker.get_run(parent_run_id).info.experiment_id if parent_run_id else tracker.experiment_id(
-        f"tune-cells-{task.name}")
-    run_name = f"{'external-' if external is not None else ''}evaluation-v{version.version}"
     run_id = tracker.start_run(experiment_id, run_name, "evaluation", parent_run_id,
                                tags={"model_uri": model_uri, "model_version": version.version, "task": task.name,
                                      "evaluation_data": part})
@@ -121,14 +129,20 @@ def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir
     raise UserInputError(f"split file {path} of this model is missing")
 
 
+SEGMENTATION_HEADLINE = ("test_dice", "test_pooled_dice", "test_jaccard")
+
+
 def format_table(evaluation: Evaluation) -> str:
-    rows = [f"{'metric':<32}{'value':>8}   95% CI (bootstrap)"]
-    keys = [k for k in HEADLINE if k in evaluation.metrics]
-    keys += sorted(k for k in evaluation.metrics if k.startswith("test_f1_"))
+    rows = [f"{'metric':<40}{'value':>8}   95% CI (bootstrap)"]
+    keys = [k for k in HEADLINE + SEGMENTATION_HEADLINE if k in evaluation.metrics]
+    keys += sorted(k for k in evaluation.metrics if k.startswith(("test_f1_", "test_dice_", "test_pooled_dice_")))
     for key in keys:
         lo, hi = evaluation.intervals.get(key, (np.nan, np.nan))
-        rows.append(f"{key:<32}{evaluation.metrics[key]:>8.4f}   [{lo:.4f}, {hi:.4f}]")
-        if key == "test_accuracy":
+        interval = f"[{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) else ""
+        rows.append(f"{key:<40}{evaluation.metrics[key]:>8.4f}   {interval}")
+        if key == "test_accuracy" and evaluation.exact_accuracy:
             lo, hi = evaluation.exact_accuracy
-            rows.append(f"{'  (exact binomial CI)':<32}{'':>8}   [{lo:.4f}, {hi:.4f}]")
+            rows.append(f"{'  (exact binomial CI)':<40}{'':>8}   [{lo:.4f}, {hi:.4f}]")
+    if evaluation.output_dir is not None:
+        rows.append(f"masks, overlays and pixel counts: {evaluation.output_dir}")
     return "\n".join(rows)

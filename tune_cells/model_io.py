@@ -38,6 +38,7 @@ class ModelSpec:
     std: list[float]
     config: dict = field(default_factory=dict)  # the trial's full configuration
     format: int = 1
+    kind: str = "classification"  # or "segmentation" (classes are then the mask targets)
 
     def preset(self) -> EvalPreset:
         return EvalPreset(self.image_size, tuple(self.mean), tuple(self.std))
@@ -66,6 +67,15 @@ def load_spec(directory: Path) -> ModelSpec:
 def load_trainer_state(directory: Path) -> dict | None:
     path = Path(directory) / TRAINER_FILE
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+def load_predictor(directory: Path, device: str = "cpu"):
+    """The checkpoint's predictor: an ImageClassifier, or an ImageSegmenter for a segmentation model."""
+    if load_spec(directory).kind == "segmentation":
+        from tune_cells.segmentation import ImageSegmenter
+
+        return ImageSegmenter.from_checkpoint(directory, device)
+    return ImageClassifier.from_checkpoint(directory, device)
 
 
 class ImageClassifier:

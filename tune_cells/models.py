@@ -34,7 +34,7 @@ def model_hyperparameters(name: str) -> set[str]:
 
 # Default share of one GPU per trial: small cell models leave most of a GPU idle, so several
 # trials share one (Ray packs them by these fractions). Used when --gpus-per-trial is not given.
-GPU_SHARE = {"small_convnet": 0.25, "resnet18": 0.25, "mobilenet_v2": 0.25, "alexnet": 0.5, "resnet50": 0.5}
+GPU_SHARE = {"unet": 0.5, "small_convnet": 0.25, "resnet18": 0.25, "mobilenet_v2": 0.25, "alexnet": 0.5, "resnet50": 0.5}
 
 
 def gpu_share(name: str) -> float:
@@ -165,6 +165,7 @@ def _torchvision_classifier(arch, num_classes, in_channels, pretrained, freeze_f
 # torchvision's weight enums by architecture (looked up lazily: torchvision imports are slow).
 _WEIGHT_ENUMS = {
     "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
     "resnet50": "ResNet50_Weights",
     "mobilenet_v2": "MobileNet_V2_Weights",
     "alexnet": "AlexNet_Weights",
@@ -195,3 +196,42 @@ def mobilenet_v2(num_classes: int, in_channels: int, pretrained: bool = False, f
 @register_model
 def alexnet(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.5):
     return _torchvision_classifier("alexnet", num_classes, in_channels, pretrained, freeze_features, dropout)
+
+
+# --- segmentation -------------------------------------------------------------------------
+
+UNET_ENCODERS = ("resnet18", "resnet34", "mobilenet_v2")
+
+
+@register_model
+def unet(num_classes: int, in_channels: int, encoder: str = "resnet18", depth: int = 4, base_width: int = 16,
+         pretrained: bool = False):
+    """U-Net from segmentation-models-pytorch: `depth` encoder stages and a decoder whose widths
+    double from `base_width` at full resolution; one output channel per target (multi-label).
+
+    A pretrained encoder takes torchvision's ImageNet weights from the torch cache (smp's encoders
+    are torchvision networks, so the state dicts match), never smp's own download.
+    """
+    import segmentation_models_pytorch as smp
+
+    if encoder not in UNET_ENCODERS:
+        raise UserInputError(f"unknown U-Net encoder {encoder!r}; known: {', '.join(UNET_ENCODERS)}")
+    depth = int(depth)
+    if not 3 <= depth <= 5:
+        raise UserInputError(f"U-Net depth {depth}: must be 3, 4 or 5")
+    model = smp.Unet(encoder, encoder_weights=None, encoder_depth=depth, in_channels=in_channels,
+                     decoder_channels=tuple(int(base_width) * 2**i for i in reversed(range(depth))),
+                     classes=num_classes)
+    if pretrained:
+        if in_channels != 3:
+            raise UserInputError("a pretrained U-Net encoder needs RGB input")
+        weights = _pretrained_weights(_weights_enum(encoder), encoder)
+        state = weights.get_state_dict(progress=False)
+        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}  # unused head
+        model.encoder.load_state_dict(state)  # strict: every encoder weight must come from the file
+    return model
+
+
+def pretrained_arch(config: dict) -> str:
+    """The torchvision network whose ImageNet weights a config asks for (a U-Net's encoder)."""
+    return config.get("encoder", "resnet18") if config.get("model") == "unet" else config.get("model", "")

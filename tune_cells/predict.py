@@ -27,17 +27,29 @@ def collect_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-def predict_files(tracker, model_uri: str, task: TaskSpec, files: list[Path]) -> pd.DataFrame:
+def predict_files(tracker, model_uri: str, task: TaskSpec, files: list[Path], mask_dir: Path) -> pd.DataFrame:
+    """Class probabilities per file; for a segmentation model, the pixel-count table, with masks
+    and overlays written to `mask_dir`."""
     version = tracker.resolve_model(model_uri)
     if version.tags.get("task") != task.name:
         raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {task.name!r}")
-    classifier = tracker.load_classifier(model_uri)
+    predictor = tracker.load_classifier(model_uri)
     images = []
     for file in files:
         try:
-            images.append(classifier.decode_path(file))
+            images.append(predictor.decode_path(file))
         except (OSError, ValueError, SyntaxError) as exc:
             raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
-    table = classifier.predict_table(images)
+    if predictor.spec.kind == "segmentation":
+        from tune_cells.segmentation import write_predictions
+
+        stems = [f.stem for f in files]
+        if len(set(stems)) < len(stems):  # masks are named by stem: same-named files would overwrite
+            stems = [f"{i:04d}_{stem}" for i, stem in enumerate(stems)]
+        masks = [predictor.predict_masks(image) for image in images]
+        table = write_predictions(predictor, stems, images, masks, mask_dir)
+        table.insert(0, "path", [str(f) for f in files])
+        return table
+    table = predictor.predict_table(images)
     table.insert(0, "path", [str(f) for f in files])
     return table

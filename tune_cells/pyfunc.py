@@ -8,14 +8,15 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from tune_cells.model_io import ImageClassifier
+from tune_cells.model_io import load_predictor
 
 INPUT_COLUMNS = ("path", "image")  # a local file path, or base64-encoded PNG/JPEG/TIFF bytes
 
 
 class TuneCellsModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        self.classifier = ImageClassifier.from_checkpoint(context.artifacts["checkpoint"])
+        # `classifier`: an ImageClassifier, or an ImageSegmenter (pixel counts per target) for segmentation.
+        self.classifier = load_predictor(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -164,7 +164,10 @@ def check_space(space: SearchSpace, seed: int) -> None:
     """Sample the space a few times so that typos fail now, not in trial 37."""
     import optuna
 
-    from tune_cells.models import expected_weights_file, has_pretrained_weights, pretrained_available
+    from tune_cells.models import (expected_weights_file, has_pretrained_weights, pretrained_arch,
+                                   pretrained_available)
+    from tune_cells.models import UNET_ENCODERS
+    from tune_cells.segmentation import LOSSES
     from tune_cells.training import LR_SCHEDULES, OPTIMIZERS
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -179,18 +182,20 @@ def check_space(space: SearchSpace, seed: int) -> None:
             if required not in config:
                 raise UserInputError(f"{space.source}: the space sets no `{required}`")
         # The training code would otherwise fall back silently (AdamW, constant LR) on a typo.
-        for key, known in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES)):
+        for key, known in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("loss", LOSSES),
+                           ("encoder", UNET_ENCODERS)):
             if key in config and config[key] not in known:
                 raise UserInputError(f"{space.source}: unknown {key} {config[key]!r}; known: {', '.join(known)}")
         model = config["model"]
         if model not in model_names():
             raise UserInputError(f"{space.source}: unknown model {model!r}; known: {', '.join(model_names())}")
         if config.get("pretrained"):
-            if not has_pretrained_weights(model):
-                raise UserInputError(f"{space.source}: {model} has no pretrained weights")
-            if not pretrained_available(model):
+            arch = pretrained_arch(config)
+            if not has_pretrained_weights(arch):
+                raise UserInputError(f"{space.source}: {arch} has no pretrained weights")
+            if not pretrained_available(arch):
                 raise UserInputError(
-                    f"{space.source}: pretrained {model} needs {expected_weights_file(model)}: download it on a "
+                    f"{space.source}: pretrained {arch} needs {expected_weights_file(arch)}: download it on a "
                     "machine with internet, or set TORCH_HOME to a cache that has it")
 
 
@@ -206,6 +211,8 @@ def prepare(opts: SearchOptions) -> PreparedSearch:
     split = plan_split(split_path(workdir, task.name, index, opts.seed), index, opts.seed)
     paths = list(index.items["path"])
     hashes = image_hashes(index.root, paths)  # every image must decode; pixels not kept (not a read)
+    for target in index.classes if index.kind == "segmentation" else ():
+        image_hashes(index.root, index.mask_paths(target))  # and every mask
     duplicates = cross_split_duplicates(split, paths, hashes)
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
     check_tracking(tracking_uri)
@@ -263,28 +270,28 @@ def run_search(opts: SearchOptions) -> SearchOutcome:
 
 
 def _object_store_bytes(prep: PreparedSearch) -> int:
-    size = prep.task.store_size
     images = len(prep.split.parts["train"]) + len(prep.split.parts["val"])
-    return max(128 << 20, 3 * images * size * size * prep.task.channels)
+    if prep.index.kind == "segmentation":  # full-size images and masks (sizes from the first header)
+        from PIL import Image
+
+        with Image.open(prep.index.root / prep.split.parts["train"][0]) as first:
+            per_image = first.width * first.height * (3 + len(prep.index.classes))
+    else:
+        per_image = prep.task.store_size ** 2 * prep.task.channels
+    return max(128 << 20, 3 * images * per_image)
 
 
 def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialResources) -> SearchOutcome:
     from tune_cells import ray_backend
     from tune_cells.tracking import TrialRecorder, Tracker
-    from tune_cells.trainables.classification import METRICS, ClassificationData, train_classifier
-    from tune_cells.transforms import channel_stats
 
     prepare_workdir(prep.workdir)
     split = save_split(prep.split)
     reader = SplitReader(prep.index, split, prep.task.channels, prep.task.store_size, prep.workdir)
-    log.info("dataset %s: %d images, %s; split %s", prep.index.root, len(prep.index.items),
-             prep.index.class_counts(), split.sizes())
-    train_images, train_labels = reader.load("train", "training")
-    val_images, val_labels = reader.load("val", "selection")
-    mean, std = channel_stats(train_images)
-    data = ClassificationData(
-        train_images, train_labels, val_images, val_labels, prep.task.name, list(prep.index.classes),
-        prep.task.channels, prep.task.store_size, mean, std, opts.max_epochs, opts.seed)
+    what = prep.index.class_counts() if prep.index.kind == "classification" else f"targets {prep.index.classes}"
+    log.info("dataset %s: %d images, %s; split %s", prep.index.root, len(prep.index.items), what, split.sizes())
+    trial = _trial_inputs(opts, prep, reader)
+    data = trial.data
 
     if prep.duplicates:
         first = prep.duplicates[0]
@@ -300,10 +307,10 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     })
     try:
         _log_search_inputs(tracker, parent, opts, prep, split, data, resources)
-        recorder = TrialRecorder(tracker, experiment_id, parent, opts.max_epochs, METRICS,
-                                 common_tags={"split_sha256": split.sha256})
+        recorder = TrialRecorder(tracker, experiment_id, parent, opts.max_epochs, trial.metric_keys,
+                                 common_tags={"split_sha256": split.sha256}, summary_keys=trial.summary_keys)
         result = ray_backend.run_search(ray_backend.SearchRequest(
-            trainable=train_classifier, trainable_kwargs={"data": data}, space=prep.space,
+            trainable=trial.trainable, trainable_kwargs={"data": data}, space=prep.space,
             metric=prep.task.metric, mode=prep.task.mode, samples=opts.samples, seed=opts.seed,
             max_epochs=opts.max_epochs, grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
             trial_resources=resources, name=search_name, events=recorder,
@@ -315,6 +322,39 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         tracker.set_tags(parent, {"failure": f"{type(exc).__name__}: {exc}"[:500]})
         tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+@dataclass
+class TrialInputs:
+    trainable: object  # the Ray Tune function trainable
+    data: object  # its decoded train/val data, shared with every trial through the object store
+    metric_keys: tuple[str, ...]  # what each epoch reports, logged to the trial's MLflow run
+    summary_keys: tuple[str, ...]
+
+
+def _trial_inputs(opts: SearchOptions, prep: PreparedSearch, reader: SplitReader) -> TrialInputs:
+    """Decode the train and validation parts once, for the task's kind of trainable."""
+    from tune_cells.transforms import channel_stats
+
+    task, classes = prep.task, list(prep.index.classes)
+    if task.kind == "segmentation":
+        from tune_cells.segmentation import pixel_stats
+        from tune_cells.trainables.segmentation import SegmentationData, metric_keys, train_segmenter
+
+        train_images, train_masks = reader.load_segmentation("train", "training")
+        val_images, val_masks = reader.load_segmentation("val", "selection")
+        mean, std = pixel_stats(train_images)
+        data = SegmentationData(train_images, train_masks, val_images, val_masks, task.name, classes, mean, std,
+                                opts.max_epochs, opts.seed)
+        return TrialInputs(train_segmenter, data, metric_keys(classes), ("val_loss", "val_dice"))
+    from tune_cells.trainables.classification import METRICS, ClassificationData, train_classifier
+
+    train_images, train_labels = reader.load("train", "training")
+    val_images, val_labels = reader.load("val", "selection")
+    mean, std = channel_stats(train_images)
+    data = ClassificationData(train_images, train_labels, val_images, val_labels, task.name, classes, task.channels,
+                              task.store_size, mean, std, opts.max_epochs, opts.seed)
+    return TrialInputs(train_classifier, data, METRICS, ("val_loss", "val_balanced_accuracy"))
 
 
 def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, split: Split, data,
@@ -332,10 +372,14 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
         "promotion_policy": f"best trial by {task.mode} {task.metric} over all its epochs; its best-epoch checkpoint",
     })
     labels = dict(zip(prep.index.items["path"], prep.index.items["label"]))
+    if prep.index.kind == "segmentation":
+        counts = {part: {"images": len(paths)} for part, paths in split.parts.items()}
+    else:
+        counts = {part: {name: sum(labels[p] == i for p in paths) for i, name in enumerate(prep.index.classes)}
+                  for part, paths in split.parts.items()}
     summary = {
-        "root": str(prep.index.root), "source": prep.index.source, "classes": prep.index.classes,
-        "counts": {part: {name: sum(labels[p] == i for p in paths) for i, name in enumerate(prep.index.classes)}
-                   for part, paths in split.parts.items()},
+        "root": str(prep.index.root), "source": prep.index.source, "kind": prep.index.kind,
+        "classes": prep.index.classes, "counts": counts,
         "train_channel_mean": data.mean, "train_channel_std": data.std,
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -357,7 +401,7 @@ def _promote(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, sp
         "task": task.name, "search_run_id": parent, "trial_run_id": best_run, "ray_trial_id": result.best_trial_id,
         "epoch": result.best_epoch, task.metric: f"{result.best_metric:.6f}", "data_root": str(prep.index.root),
         "split_file": str(split.path), "split_seed": split.seed, "split_sha256": split.sha256,
-    }, classes=list(prep.index.classes))
+    }, classes=list(prep.index.classes), kind=prep.index.kind)
     previous = tracker.promote(prep.model_name, version)
     shutil.rmtree(result.best_checkpoint, ignore_errors=True)
     failed = sum(t.failed for t in result.trials)

@@ -109,3 +109,18 @@ register_task(
         demo=_lazy(_DEMO, "generate_folder", NUCLEI_CLASSES),
     )
 )
+register_task(
+    TaskSpec(
+        name="lung",
+        description="U-Net segmentation of lung parenchyma and severe inflammation in H&E fields (LungNeuralNet)",
+        layout=".../Original/<name>.jpg + one folder of same-name masks per target beside it "
+               "(e.g. Parenchyma/, SevereInflammation/; JPEG masks are thresholded at 127)",
+        importer=_lazy(_IMPORTERS, "import_lung_masks"),
+        channels=3,
+        store_size=0,  # segmentation keeps each image's own size
+        default_space="lung",
+        metric="val_dice",
+        kind="segmentation",
+        demo=_lazy(_DEMO, "generate_lung"),
+    )
+)

@@ -95,7 +95,11 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        """A file, or a folder's contents (under `artifact_path`)."""
+        if Path(path).is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
@@ -106,7 +110,7 @@ class Tracker:
     # --- models -------------------------------------------------------------------------
 
     def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict,
-                  classes: list[str]) -> str:
+                  classes: list[str], kind: str = "classification") -> str:
         """Log a checkpoint as a pyfunc model in `run_id`, register it, tag the version."""
         import mlflow.pyfunc
 
@@ -120,7 +124,7 @@ class Tracker:
                 artifacts={"checkpoint": str(checkpoint_dir)},
                 registered_model_name=registered_name,
                 pip_requirements=_pip_requirements(),
-                signature=_classifier_signature(classes),
+                signature=_signature(classes, kind),
             )
         version = str(info.registered_model_version)
         for key, value in tags.items():
@@ -160,7 +164,8 @@ class Tracker:
         return version
 
     def load_classifier(self, model_uri: str):
-        """Load a registered model as MLflow does (pyfunc) and return its ImageClassifier."""
+        """Load a registered model as MLflow does (pyfunc) and return its predictor (an
+        ImageClassifier, or an ImageSegmenter for a segmentation model)."""
         import mlflow.pyfunc
 
         with self._fluent(None):
@@ -193,13 +198,20 @@ class Tracker:
                     os.environ[key] = value
 
 
-def _classifier_signature(classes: list[str]):
-    """Input: a `path` (local file) or `image` (base64 bytes) column; output: class + probabilities."""
+def _signature(classes: list[str], kind: str):
+    """Input: a `path` (local file) or `image` (base64 bytes) column. Output: class + probabilities,
+    or for segmentation the image size and each target's pixel count and percentage."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("string", "image", required=False)])
-    outputs = Schema([ColSpec("string", "predicted_class"), *[ColSpec("double", f"prob_{c}") for c in classes]])
+    if kind == "segmentation":
+        columns = [ColSpec("long", "width"), ColSpec("long", "height")]
+        for target in classes:
+            columns += [ColSpec("long", f"pixels_{target}"), ColSpec("double", f"percent_{target}")]
+        outputs = Schema(columns)
+    else:
+        outputs = Schema([ColSpec("string", "predicted_class"), *[ColSpec("double", f"prob_{c}") for c in classes]])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
@@ -210,7 +222,8 @@ def _is_number(value) -> bool:
 def _pip_requirements() -> list[str]:
     from importlib.metadata import version
 
-    names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "scikit-learn"]
+    names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "scikit-learn",
+             "segmentation-models-pytorch"]
     return [f"{name}=={version(name)}" for name in names] + ["tune-cells"]
 
 

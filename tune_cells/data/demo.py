@@ -243,3 +243,53 @@ def generate_hep2(root: Path, per_class: int = 40, seed: int = 0) -> Path:
         (folder / "gt_training.csv").write_text("\n".join(rows) + "\n")
 
     return _materialise(root, {"layout": "hep2", "per_class": per_class, "seed": seed}, write)
+
+
+LUNG_TARGETS = ("Parenchyma", "SevereInflammation")
+
+
+def make_lung_field(rng: np.random.Generator, height: int, width: int, inflamed: bool = True):
+    """An H&E-like lung field and its masks: pink parenchyma with alveolar holes on a white
+    background, and (when `inflamed`) patches of densely packed dark nuclei inside it."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    tissue_field = ndimage.gaussian_filter(rng.normal(size=(height, width)), height / 8)
+    tissue = tissue_field > np.quantile(tissue_field, rng.uniform(0.3, 0.6))
+    alveoli = ndimage.gaussian_filter(rng.normal(size=(height, width)), 3) > 0.12
+    parenchyma = tissue & ~(alveoli & (ndimage.gaussian_filter(rng.normal(size=(height, width)), 20) > 0))
+    parenchyma = ndimage.binary_opening(parenchyma, iterations=1)
+    inflammation = np.zeros_like(parenchyma)
+    if inflamed:
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.integers(0, height), rng.integers(0, width)
+            radius = rng.uniform(0.06, 0.14) * height
+            blob = ((yy - cy) / radius) ** 2 + ((xx - cx) / (radius * rng.uniform(0.7, 1.5))) ** 2 < 1
+            inflammation |= blob & tissue
+        parenchyma |= inflammation  # inflamed regions are solid tissue (no air spaces)
+    eosin = np.where(parenchyma, rng.uniform(0.35, 0.6), 0.0) + rng.normal(0, 0.03, (height, width))
+    haematoxylin = np.where(parenchyma, 0.08, 0.0)
+    nuclei = ndimage.gaussian_filter((rng.random((height, width)) < 0.004).astype(float), 1.2) * 12
+    haematoxylin += np.where(parenchyma, nuclei, 0.0)
+    dense = ndimage.gaussian_filter((rng.random((height, width)) < 0.05).astype(float), 1.0) * 6
+    haematoxylin += np.where(inflammation, dense + 0.35, 0.0)
+    density = eosin[..., None] * EOSIN + haematoxylin[..., None] * HEMATOXYLIN
+    image = 255 * np.exp(-np.clip(density, 0, None) * 1.6) * rng.uniform(0.92, 1.0, size=3)
+    image = np.clip(image + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+    return image, parenchyma.astype(np.uint8), inflammation.astype(np.uint8)
+
+
+def generate_lung(root: Path, images: int = 10, size: tuple[int, int] = (464, 348), seed: int = 0) -> Path:
+    """LungNeuralNet layout: `train/Original/<name>.jpg` and same-name JPEG masks in
+    `train/Parenchyma/` and `train/SevereInflammation/` (lossy, so they need thresholding; the last
+    image has no inflammation, so one mask is all black as in the real data)."""
+
+    def write(folder: Path, rng: np.random.Generator) -> None:
+        for number in range(1, images + 1):
+            image, parenchyma, inflammation = make_lung_field(rng, size[1], size[0], inflamed=number < images)
+            name = f"{number}_demo_lung.jpg"
+            for sub, array in (("Original", image), ("Parenchyma", parenchyma * 255),
+                               ("SevereInflammation", inflammation * 255)):
+                path = folder / "train" / sub / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array.astype(np.uint8)).save(path, quality=90)
+
+    return _materialise(root, {"layout": "lung", "images": images, "size": list(size), "seed": seed}, write)

@@ -29,8 +29,12 @@ class ImageIndex:
 
     root: Path
     items: pd.DataFrame
-    classes: list[str]
+    classes: list[str]  # class names; for segmentation, the target (mask) names
     source: str = "user"  # "user" or "demo"
+    kind: str = "classification"  # or "segmentation": column `mask:<target>` holds each mask's path
+
+    def mask_paths(self, target: str) -> list[str]:
+        return list(self.items[f"mask:{target}"])
 
     @cached_property
     def fingerprint(self) -> str:
@@ -39,6 +43,9 @@ class ImageIndex:
         for path, label in zip(self.items["path"], self.items["label"]):
             size = (self.root / path).stat().st_size
             digest.update(f"{path}\t{size}\t{label}\n".encode())
+        for column in (c for c in self.items.columns if c.startswith("mask:")):  # segmentation masks
+            for path in self.items[column]:
+                digest.update(f"{path}\t{(self.root / path).stat().st_size}\n".encode())
         digest.update("\t".join(self.classes).encode())
         return digest.hexdigest()[:12]
 
@@ -64,6 +71,31 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
             image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
         array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if channels == 1 else array
+
+
+def decode_full(path: Path, scale: float = 1.0) -> np.ndarray:
+    """An RGB image at its own size times `scale` (segmentation keeps the geometry), H×W×3 uint8."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if scale != 1.0:
+            image = image.resize(_scaled(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
+        return np.asarray(image, dtype=np.uint8)
+
+
+MASK_THRESHOLD = 127  # masks may be lossy JPEG: grey values above this are foreground
+
+
+def decode_mask(path: Path, scale: float = 1.0) -> np.ndarray:
+    """A binary mask (H×W uint8 0/1) at its own size times `scale`, thresholded at 127."""
+    with Image.open(path) as image:
+        image = image.convert("L")
+        if scale != 1.0:
+            image = image.resize(_scaled(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
+        return (np.asarray(image) > MASK_THRESHOLD).astype(np.uint8)
+
+
+def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def decode_images(root: Path, paths: list[str], channels: int, size: int) -> np.ndarray:

@@ -183,3 +183,56 @@ def import_hep2(root: Path) -> ImageIndex:
     if empty:
         raise UserInputError(f"{csv_path}: no images of class {_name_some(empty)}")
     return index
+
+
+def import_lung_masks(root: Path) -> ImageIndex:
+    """LungNeuralNet layout: `<root>/.../Original/<name>.<ext>` and, beside `Original/`, one folder
+    per target holding a mask of the same name (any image extension; lossy JPEG is thresholded).
+
+    Every image needs a mask in every target folder, of the image's size (read from the headers).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = require_dir(root)
+    originals = sorted({p for p in root.rglob("*") if p.is_dir() and p.name.lower() == "original"})
+    if not originals:
+        raise UserInputError(f"--data {root}: no Original/ folder (expected .../Original/<name>.jpg and a mask "
+                             "folder per target beside it, e.g. Parenchyma/, SevereInflammation/)")
+    if len(originals) > 1:
+        raise UserInputError(f"--data {root}: several Original/ folders ({_name_some([str(o.relative_to(root)) for o in originals])}); "
+                             "point --data at one of their parents")
+    original = originals[0]
+    targets = sorted(d.name for d in original.parent.iterdir() if d.is_dir() and d != original
+                     and not d.name.startswith("."))
+    if not targets:
+        raise UserInputError(f"{original.parent}: no mask folders beside Original/ (one folder per target)")
+    images = sorted(p for p in original.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UserInputError(f"{original}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    masks_by_stem = {
+        target: {p.stem: p for p in (original.parent / target).iterdir()
+                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+        for target in targets
+    }
+
+    def size_of(path: Path) -> tuple[int, int]:
+        try:
+            with Image.open(path) as image:
+                return image.size
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise UserInputError(f"{path}: not a readable image ({type(exc).__name__})") from None
+
+    rows = []
+    for image in images:
+        row = {"path": image.relative_to(root).as_posix(), "label": 0}
+        size = size_of(image)
+        for target in targets:
+            mask = masks_by_stem[target].get(image.stem)
+            if mask is None:
+                raise UserInputError(f"{image.relative_to(root)}: no mask {target}/{image.stem}.* beside Original/")
+            if size_of(mask) != size:
+                raise UserInputError(f"{mask.relative_to(root)}: mask is {size_of(mask)[0]}x{size_of(mask)[1]}, "
+                                     f"its image is {size[0]}x{size[1]}")
+            row[f"mask:{target}"] = mask.relative_to(root).as_posix()
+        rows.append(row)
+    return ImageIndex(root=root, items=pd.DataFrame(rows), classes=targets, kind="segmentation")

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import UnidentifiedImageError
 
-from tune_cells.data.images import ImageIndex, decode_images
+from tune_cells.data.images import ImageIndex, decode_full, decode_images, decode_mask
 from tune_cells.data.splits import Split
+from tune_cells.errors import UserInputError
 
 READ_LOG_NAME = "read-log.jsonl"
 
@@ -35,6 +37,21 @@ class SplitReader:
         labels = np.array([self._labels[p] for p in paths], dtype=np.int64)
         self._log(part, purpose, len(paths))
         return images, labels
+
+    def load_segmentation(self, part: str, purpose: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Return full-size images (uint8 H×W×3) and their masks (uint8 0/1 T×H×W) of one part."""
+        rows = self.index.items.set_index("path")
+        images, masks = [], []
+        for path in self.split.parts[part]:
+            try:
+                images.append(decode_full(self.index.root / path))
+                masks.append(np.stack([decode_mask(self.index.root / rows.at[path, f"mask:{t}"])
+                                       for t in self.index.classes]))
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                raise UserInputError(f"{self.index.root / path}: cannot decode it or its masks "
+                                     f"({type(exc).__name__})") from None
+        self._log(part, purpose, len(images))
+        return images, masks
 
     def _log(self, part: str, purpose: str, count: int) -> None:
         entry = {

@@ -1,0 +1,96 @@
+"""Lung segmentation end to end on generated data in the LungNeuralNet layout: search (real Ray,
+Optuna, ASHA, MLflow), promotion, the held-out evaluation with masks/overlays/pixel counts,
+`predict`, and the registered pyfunc's table."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tune_cells.data.demo import generate_lung
+
+from conftest import cli_subprocess
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+params:
+  model: unet
+  encoder: resnet18
+  depth: 3
+  base_width: {choices: [8, 16]}
+  loss: {choices: [bce_dice, dice]}
+  optimizer: adamw
+  lr: {float: [1.0e-3, 3.0e-3], log: true}
+  lr_schedule: constant
+  batch_size: 4
+  views_per_epoch: 8
+  scale: 0.5
+  tile_size: 128
+  overlap: 0.25
+"""
+
+
+@pytest.fixture(scope="module")
+def lung_search(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lung")
+    data = generate_lung(root / "data", images=10, size=(160, 120))
+    (root / "space.yaml").write_text(SPACE)
+    workdir = root / "work"
+    result = cli_subprocess(["search", "lung", "--data", data, "--samples", 2, "--max-epochs", 2, "--grace-period", 1,
+                             "--space", root / "space.yaml", "--workdir", workdir], cwd=root)
+    assert result.code == 0, result.err[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tune-cells-lung").experiment_id])
+    return {"root": root, "data": data, "workdir": workdir, "client": client, "runs": runs, "result": result}
+
+
+def test_split_is_by_source_image_6_2_2(lung_search):
+    import json
+
+    split_file = next((lung_search["workdir"] / "splits").glob("lung-*.json"))
+    parts = json.loads(split_file.read_text())
+    assert [len(parts[p]) for p in ("train", "val", "test")] == [6, 2, 2]
+    assert all(p.startswith("train/Original/") for part in ("train", "val", "test") for p in parts[part])
+
+
+def test_trials_report_dice_per_target(lung_search):
+    trials = [r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "trial"]
+    assert len(trials) == 2
+    for run in trials:
+        for key in ("val_dice", "val_dice_Parenchyma", "val_dice_SevereInflammation", "val_jaccard", "val_pooled_dice"):
+            assert 0.0 <= run.data.metrics[key] <= 1.0
+
+
+def test_evaluation_writes_masks_overlays_and_pixel_table(lung_search):
+    evaluation = next(r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "evaluation")
+    metrics = evaluation.data.metrics
+    for key in ("test_dice", "test_pooled_dice", "test_dice_Parenchyma", "test_pooled_dice_SevereInflammation"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert "test_dice" in lung_search["result"].out and "pixel counts" in lung_search["result"].out
+    folder = next((lung_search["workdir"] / "evaluations").iterdir())
+    table = pd.read_csv(folder / "pixel_counts.csv")
+    assert len(table) == 2
+    assert {"pixels_Parenchyma", "percent_Parenchyma", "truth_pixels_SevereInflammation", "dice_Parenchyma"} <= set(table)
+    assert (table["width"] == 160).all() and (table["height"] == 120).all()  # stitched back to full size
+    for stem in table["image"].map(lambda p: p.rsplit("/", 1)[-1].rsplit(".", 1)[0]):
+        for suffix in ("overlay", "Parenchyma", "SevereInflammation"):
+            assert (folder / f"{stem}_{suffix}.png").is_file()
+    logged = {f.path for f in lung_search["client"].list_artifacts(evaluation.info.run_id, "evaluation")}
+    assert "evaluation/pixel_counts.csv" in logged
+
+
+def test_predict_and_pyfunc_share_the_prediction_path(lung_search):
+    import mlflow.pyfunc
+
+    workdir, image = lung_search["workdir"], next((lung_search["data"] / "train" / "Original").glob("*.jpg"))
+    output = lung_search["root"] / "pred.csv"
+    result = cli_subprocess(["predict", "lung", image, "--workdir", workdir, "--output", output], cwd=lung_search["root"])
+    assert result.code == 0, result.err[-2000:]
+    table = pd.read_csv(output)
+    assert (lung_search["root"] / "pred-masks" / f"{image.stem}_overlay.png").is_file()
+    mlflow.set_registry_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/tune-cells-lung@champion")
+    served = model.predict(pd.DataFrame({"path": [str(image)]}))
+    assert served.loc[0, "pixels_Parenchyma"] == table.loc[0, "pixels_Parenchyma"]

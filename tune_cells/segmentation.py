@@ -1,0 +1,218 @@
+"""Segmentation: tiles in, stitched full-size masks out; the one prediction path shared by the
+trainable's validation, evaluation, `tune-cells predict` and serving.
+
+Images are worked on at `scale` times their size (set in the trial config; 0.5 by default, since
+CPU training at the full 1392×1040 is slow), cut into square views of `tile_size` original pixels
+that overlap by `overlap`, and the views' logits are blended with a tapered window so seams do
+not show. The blended logits are resized back to the original size before thresholding, so masks,
+Dice and pixel counts always refer to the original pixels.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tune_cells.data.images import MASK_THRESHOLD, decode_full
+from tune_cells.model_io import WEIGHTS_FILE, ModelSpec, load_spec
+from tune_cells.transforms import EvalPreset
+
+LOSSES = ("bce", "dice", "bce_dice")
+NETWORK_STRIDE = 32  # a U-Net of depth <= 5 needs sides divisible by 2**5
+
+
+def working_tile(tile_size: int, scale: float) -> int:
+    """The side of a view at working scale, a multiple of the network stride."""
+    return max(NETWORK_STRIDE, int(round(tile_size * scale / NETWORK_STRIDE)) * NETWORK_STRIDE)
+
+
+def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """H×W×3 uint8 at `scale` (PIL bilinear, as `decode_full` does for files)."""
+    if scale == 1.0:
+        return image
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+    return np.asarray(pil.resize(size, Image.Resampling.BILINEAR, reducing_gap=None))
+
+
+def rescale_masks(masks: np.ndarray, scale: float) -> np.ndarray:
+    """T×H×W 0/1 masks at `scale`: bilinear on 0/255, then the same threshold as decoding."""
+    if scale == 1.0:
+        return masks
+    return np.stack([(rescale_image(np.repeat(m[..., None] * 255, 3, -1).astype(np.uint8), scale)[..., 0]
+                      > MASK_THRESHOLD).astype(np.uint8) for m in masks])
+
+
+def pixel_stats(images: list[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0-1 scale) over every pixel of images of any sizes."""
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    count = 0
+    for image in images:
+        flat = image.reshape(-1, 3).astype(np.float64) / 255.0
+        total += flat.sum(0)
+        squares += (flat**2).sum(0)
+        count += len(flat)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 1e-6))
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets covering [0, length) with views of `tile` overlapping by about `overlap`."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - int(round(tile * overlap)))
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+@lru_cache(maxsize=8)
+def _blend_window(tile: int) -> torch.Tensor:
+    """Weights that fall off towards a view's border (never to 0, so image borders still count)."""
+    ramp = torch.minimum(torch.arange(tile) + 1, torch.arange(tile, 0, -1)).float()
+    ramp = torch.clamp(ramp / (tile / 4), max=1.0) * 0.9 + 0.1
+    return ramp[:, None] * ramp[None, :]
+
+
+@torch.no_grad()
+def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: EvalPreset, tile: int, overlap: float,
+                         device: torch.device, batch_size: int = 4) -> torch.Tensor:
+    """Blended logits T×H×W for one H×W×3 uint8 image (views padded where the image is smaller)."""
+    model.eval()
+    height, width = image.shape[:2]
+    x = preset.normalize(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div_(255.0))  # a copy
+    pad_h, pad_w = max(0, tile - height), max(0, tile - width)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    boxes = [(y, x0) for y in tile_starts(x.shape[-2], tile, overlap) for x0 in tile_starts(x.shape[-1], tile, overlap)]
+    window = _blend_window(tile)
+    total = weight = None
+    for start in range(0, len(boxes), batch_size):
+        chunk = boxes[start : start + batch_size]
+        views = torch.cat([x[..., y : y + tile, x0 : x0 + tile] for y, x0 in chunk]).to(device)
+        logits = model(views).float().cpu()
+        if total is None:
+            total = torch.zeros(logits.shape[1], *x.shape[-2:])
+            weight = torch.zeros(x.shape[-2:])
+        for (y, x0), view in zip(chunk, logits):
+            total[:, y : y + tile, x0 : x0 + tile] += view * window
+            weight[y : y + tile, x0 : x0 + tile] += window
+    return (total / weight)[:, :height, :width]
+
+
+class ImageSegmenter:
+    """A trained segmentation network and its preprocessing: full-size images in, full-size masks out."""
+
+    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.spec = spec
+        self.preset = EvalPreset(0, tuple(spec.mean), tuple(spec.std))
+        config = spec.config
+        self.scale = float(config.get("scale", 1.0))
+        self.tile = working_tile(int(config.get("tile_size", 512)), self.scale)
+        self.overlap = float(config.get("overlap", 0.25))
+        self.threshold = float(config.get("threshold", 0.5))
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path, device: str = "cpu") -> "ImageSegmenter":
+        spec = load_spec(directory)
+        model = spec.build()
+        model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        return cls(model, spec, device)
+
+    @property
+    def targets(self) -> list[str]:
+        return self.spec.classes
+
+    def decode_path(self, path: str | Path) -> np.ndarray:
+        return decode_full(Path(path))
+
+    def decode_base64(self, text: str) -> np.ndarray:
+        import base64
+        import io
+
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"image is not valid base64 ({exc})") from None
+        return decode_full(io.BytesIO(raw))
+
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        """T×H×W float32 probabilities at the image's own size."""
+        logits = predict_logits_tiled(self.model, rescale_image(image, self.scale), self.preset, self.tile,
+                                      self.overlap, self.device)
+        if logits.shape[-2:] != image.shape[:2]:
+            logits = F.interpolate(logits[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        return torch.sigmoid(logits).numpy()
+
+    def predict_masks(self, image: np.ndarray) -> np.ndarray:
+        """T×H×W uint8 0/1 masks at the image's own size."""
+        return (self.predict_proba(image) > self.threshold).astype(np.uint8)
+
+    def predict_table(self, images: list[np.ndarray], masks: list[np.ndarray] | None = None) -> pd.DataFrame:
+        """Per image: its size, and the pixel count and percentage of each target."""
+        masks = masks if masks is not None else [self.predict_masks(image) for image in images]
+        return pixel_table(masks, self.targets)
+
+
+def pixel_table(masks: list[np.ndarray], targets: list[str]) -> pd.DataFrame:
+    columns = ["width", "height", *[c for t in targets for c in (f"pixels_{t}", f"percent_{t}")]]
+    rows = []
+    for mask in masks:
+        area = mask.shape[-1] * mask.shape[-2]
+        row = {"width": mask.shape[-1], "height": mask.shape[-2]}
+        for k, target in enumerate(targets):
+            count = int(np.count_nonzero(mask[k]))
+            row[f"pixels_{target}"] = count
+            row[f"percent_{target}"] = round(100.0 * count / area, 3)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)
+
+
+# Overlay colours per target (RGB), cycled: parenchyma green, inflammation magenta, ...
+OVERLAY_COLOURS = ((46, 204, 64), (240, 18, 190), (0, 116, 217), (255, 133, 27), (255, 220, 0))
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """The image with each target's mask tinted and outlined (targets drawn in order)."""
+    out = image.astype(np.float32).copy()
+    for k, mask in enumerate(masks.astype(bool)):
+        colour = np.array(OVERLAY_COLOURS[k % len(OVERLAY_COLOURS)], dtype=np.float32)
+        out[mask] = (1 - alpha) * out[mask] + alpha * colour
+        edge = mask & ~_eroded(mask)
+        out[edge] = colour
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1, mode="edge")
+    core = padded[1:-1, 1:-1].copy()
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        core &= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+    return core
+
+
+def save_mask_png(mask: np.ndarray, path: Path) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+def write_predictions(segmenter: ImageSegmenter, names: list[str], images: list[np.ndarray], masks: list[np.ndarray],
+                      folder: Path) -> pd.DataFrame:
+    """Per image: `<name>_<target>.png` masks and `<name>_overlay.png`; returns the pixel-count table."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image, mask in zip(names, images, masks):
+        stem = Path(name).stem
+        for k, target in enumerate(segmenter.targets):
+            save_mask_png(mask[k], folder / f"{stem}_{target}.png")
+        Image.fromarray(overlay(image, mask)).save(folder / f"{stem}_overlay.png")
+    table = segmenter.predict_table(images, masks)
+    table.insert(0, "image", list(names))
+    return table
