@@ -17,6 +17,7 @@ from torch import nn
 from tune_cells import ray_backend
 from tune_cells.model_io import ModelSpec, load_trainer_state, save_checkpoint, WEIGHTS_FILE
 from tune_cells.training import (
+    NonFiniteLossError,
     build_lr_schedule,
     build_optimizer,
     evaluate_logits,
@@ -87,6 +88,9 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
         try:
             train_loss = train_one_epoch(model, data.train_images, train_labels, optimizer, preset, batch_size,
                                          train_loss_fn, device, generator)
+        except NonFiniteLossError as exc:
+            ray_backend.report_failure(f"diverged at epoch {epoch}: {exc}", METRICS[:4])
+            return
         except (torch.OutOfMemoryError, MemoryError) as exc:  # a failed trial with a hint, not a dead search
             raise MemoryError(f"out of memory at batch_size {batch_size} on {device}: try a smaller batch_size, "
                               "fewer trials per GPU (--gpus-per-trial) or a smaller image_size") from exc

@@ -157,6 +157,9 @@ def train_segmenter(config: dict, data: SegmentationData) -> None:
                 loss.backward()
                 optimizer.step()
                 total += loss.item() * len(x)
+        except NonFiniteLossError as exc:
+            ray_backend.report_failure(f"diverged at epoch {epoch}: {exc}", metric_keys(data.targets)[:3])
+            return
         except (torch.OutOfMemoryError, MemoryError) as exc:  # a failed trial with a hint, not a dead search
             raise MemoryError(f"out of memory at batch_size {batch_size}, tile {tile} on {device}: try a smaller "
                               "batch_size, tile_size or scale") from exc

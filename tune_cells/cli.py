@@ -62,9 +62,13 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--address", default=None, help="Ray cluster address (auto or HOST:PORT) [default: a local Ray].")
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
 @click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
+@click.option("--resume", is_flag=True,
+              help="Continue the experiment's latest interrupted search (same flags): its Optuna and ASHA state, "
+                   "trials from their last checkpoints, the same MLflow parent and trial runs.")
 @click.pass_context
 def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor, cpus_per_trial, gpus_per_trial,
-           max_concurrent, seed, space, experiment, workdir, tracking_uri, storage, address, no_evaluate, smoke_test):
+           max_concurrent, seed, space, experiment, workdir, tracking_uri, storage, address, no_evaluate, smoke_test,
+           resume):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
     from tune_cells.search import SearchOptions, evaluate_in_fresh_process, run_search
     from tune_cells.tracking import resolve_tracking_uri
@@ -75,7 +79,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
         task=task, data=data, samples=samples, max_epochs=max_epochs, grace_period=grace_period,
         reduction_factor=reduction_factor, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
         experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
-        address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"],
+        address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"], resume=resume,
     ))
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "

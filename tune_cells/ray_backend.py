@@ -44,6 +44,8 @@ class SearchRequest:
     events: TrialEvents | None = None
     initial_points: list[dict] = field(default_factory=list)
     max_concurrent: int | None = None
+    resume: bool = False  # continue the interrupted search at storage_path/name
+    max_failures: int = 2  # retries of a trial whose worker died (from its last checkpoint)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class SearchResult:
     best_checkpoint: Path  # a local copy of the best trial's best-epoch checkpoint
     trials: list[TrialSummary]
     experiment_path: str
+    searcher_trials: int  # trials the Optuna study holds (one per Ray trial, also across a resume)
 
 
 def init(address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None,
@@ -73,6 +76,9 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: floa
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's console tables are replaced by tune-cells' own per-trial log lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Snapshot the experiment (trials, Optuna and ASHA state) every few seconds rather than Ray's
+    # adaptive default: the state is small, and a crash then loses at most seconds of bookkeeping.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if not ray.is_initialized():
         # Worker output (per-checkpoint INFO lines) reaches the console only with -v; failed
         # trials are still reported, with their error, by the driver.
@@ -121,8 +127,14 @@ def run_search(request: SearchRequest) -> SearchResult:
         tune.with_parameters(request.trainable, **request.trainable_kwargs),
         lambda config: tune.PlacementGroupFactory([trial_resources(config)]),
     )
-    callbacks = [_EventsCallback(request.events)] if request.events else []
-    callbacks.append(_PendingTrialsExplainer())
+    # Ray pickles callbacks into the experiment and restores those copies on resume: they find
+    # this run's event sink by the search's name instead of carrying it.
+    _EVENT_SINKS[request.name] = request.events
+    experiment_path = f"{request.storage_path.rstrip('/')}/{request.name}"
+    if request.resume:
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return _summarise(tuner.fit(), request)
+    callbacks = [_EventsCallback(request.name), _PendingTrialsExplainer()]
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -138,6 +150,7 @@ def run_search(request: SearchRequest) -> SearchResult:
             name=request.name,
             storage_path=request.storage_path,
             callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=request.max_failures),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2,
                 checkpoint_score_attribute=request.metric,
@@ -150,6 +163,22 @@ def run_search(request: SearchRequest) -> SearchResult:
     return _summarise(results, request)
 
 
+def can_resume(storage_path: str, name: str) -> bool:
+    return tune.Tuner.can_restore(f"{storage_path.rstrip('/')}/{name}")
+
+
+def _searcher_trials(experiment_path: str) -> int:
+    """Trials in the Optuna study Ray saved with the experiment (its searcher state file)."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    try:
+        searcher.restore_from_dir(experiment_path)
+    except (FileNotFoundError, RuntimeError):
+        return -1
+    return len(searcher._ot_study.trials)  # no public accessor in Ray 2.60
+
+
 def _summarise(results, request: SearchRequest) -> SearchResult:
     trials = []
     for result in results:
@@ -159,8 +188,8 @@ def _summarise(results, request: SearchRequest) -> SearchResult:
                 trial_id=metrics.get("trial_id") or Path(result.path).name,
                 config=result.config or {},
                 iterations=int(metrics.get("training_iteration", 0)),
-                failed=result.error is not None,
-                error=_first_line(result.error),
+                failed=result.error is not None or bool(metrics.get("failure")),
+                error=_first_line(result.error) or metrics.get("failure"),
             )
         )
     scored = [r for r in results if r.error is None and r.best_checkpoints]
@@ -179,6 +208,7 @@ def _summarise(results, request: SearchRequest) -> SearchResult:
         best_checkpoint=local,
         trials=trials,
         experiment_path=results.experiment_path,
+        searcher_trials=_searcher_trials(results.experiment_path),
     )
 
 
@@ -189,26 +219,40 @@ def _first_line(error) -> str | None:
     return text[-1] if text else type(error).__name__
 
 
-class _EventsCallback(tune.Callback):
-    """Forwards Ray's driver-side trial events to a TrialEvents implementation."""
+_EVENT_SINKS: dict[str, TrialEvents | None] = {}
 
-    def __init__(self, events: TrialEvents):
-        self.events = events
+
+class _EventsCallback(tune.Callback):
+    """Forwards Ray's driver-side trial events to the TrialEvents registered under `key`."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    @property
+    def events(self) -> TrialEvents | None:
+        return _EVENT_SINKS.get(self.key)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.events.on_trial_start(trial.trial_id, str(trial), dict(trial.config))
+        if self.events:
+            self.events.on_trial_start(trial.trial_id, str(trial), dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.events.on_trial_result(trial.trial_id, result)
+        if self.events:
+            self.events.on_trial_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.events.on_trial_end(trial.trial_id, False, trial.last_result or {}, None)
+        if self.events:
+            self.events.on_trial_end(trial.trial_id, False, trial.last_result or {}, None)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        log.warning("trial %s lost its worker; retrying it from its last checkpoint", trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         error = None
         if trial.error_file and os.path.exists(trial.error_file):
             error = _first_line(Path(trial.error_file).read_text())
-        self.events.on_trial_end(trial.trial_id, True, trial.last_result or {}, error)
+        if self.events:
+            self.events.on_trial_end(trial.trial_id, True, trial.last_result or {}, error)
 
 
 class _PendingTrialsExplainer(tune.Callback):
@@ -252,6 +296,12 @@ class _PendingTrialsExplainer(tune.Callback):
 def report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
     checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
     tune.report(metrics, checkpoint=checkpoint)
+
+
+def report_failure(message: str, metric_keys) -> None:
+    """End a trial as failed *without* raising: a deterministic failure (a diverged loss) must not
+    be retried by Ray's FailureConfig. The searcher is told NaN (Optuna records a failed trial)."""
+    tune.report({**{key: float("nan") for key in metric_keys}, "failure": message})
 
 
 @contextmanager

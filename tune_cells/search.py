@@ -52,6 +52,7 @@ class SearchOptions:
     address: str | None = None
     max_concurrent: int | None = None
     verbose: bool = False
+    resume: bool = False  # continue the latest interrupted search of the experiment
 
 
 @dataclass
@@ -67,6 +68,8 @@ class PreparedSearch:
     model_name: str
     tracking_uri: str
     duplicates: list[dict]  # near-identical images across split parts
+    resume_run_id: str = ""  # with --resume: the interrupted search's parent run ...
+    resume_name: str = ""  # ... and its Ray experiment name
 
 
 @dataclass
@@ -217,8 +220,43 @@ def prepare(opts: SearchOptions) -> PreparedSearch:
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
     check_tracking(tracking_uri)
     suffix = "-demo" if index.source == "demo" else ""
-    return PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
+    prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
                           f"tune-cells-{task.name}{suffix}", tracking_uri, duplicates)
+    if opts.resume:
+        prep.resume_run_id, prep.resume_name = find_interrupted_search(opts, prep)
+    return prep
+
+
+RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed")
+
+
+def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[str, str]:
+    """(parent run id, Ray experiment name) of the latest search of the experiment, which must be
+    unfinished, resumable from its Ray state, and started with the same data and budget flags."""
+    from tune_cells import ray_backend
+    from tune_cells.tracking import Tracker
+
+    tracker = Tracker(prep.tracking_uri, prep.workdir / "mlartifacts")
+    if not tracker.store_exists():
+        raise UserInputError(f"--resume: no MLflow store at {prep.tracking_uri}, so no search to resume")
+    latest = tracker.latest_search(prep.experiment)
+    if latest is None:
+        raise UserInputError(f"--resume: experiment {prep.experiment} has no search to resume")
+    name = latest.data.tags.get("ray_experiment", "")
+    if latest.info.status == "FINISHED":
+        raise UserInputError(f"--resume: the latest search of {prep.experiment} ({name}) finished; nothing to resume")
+    storage = opts.storage or str(prep.workdir / "ray" / prep.experiment)
+    if not name or not ray_backend.can_resume(storage, name):
+        raise UserInputError(f"--resume: no Ray state for {name or 'the latest search'} under {storage}")
+    current = prep.split.sha256 if prep.split.path.exists() else ""
+    if latest.data.tags.get("split_sha256") != current:
+        raise UserInputError(f"--resume: search {name} used another split or dataset than --data gives now")
+    for key in RESUME_MUST_MATCH:
+        given, started = str(getattr(opts, key)), latest.data.params.get(key)
+        if started is not None and given != started:
+            raise UserInputError(f"--resume: search {name} was started with --{key.replace('_', '-')} {started}, "
+                                 f"not {given}")
+    return latest.info.run_id, name
 
 
 @dataclass(frozen=True)
@@ -300,23 +338,33 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
                     first["path_a"], first["part_a"], first["path_b"], first["part_b"], split.path)
     tracker = Tracker(prep.tracking_uri, prep.workdir / "mlartifacts")
     experiment_id = tracker.experiment_id(prep.experiment)
-    search_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    parent = tracker.start_run(experiment_id, search_name, "search", tags={
-        "task": prep.task.name, "data_root": str(prep.index.root), "data_source": prep.index.source,
-        "split_file": split.path.name, "split_sha256": split.sha256, "ray_experiment": search_name,
-    })
+    storage = opts.storage or str(prep.workdir / "ray" / prep.experiment)
+    if opts.resume:
+        parent, search_name = prep.resume_run_id, prep.resume_name
+        tracker.reopen_run(parent)
+        log.info("resuming search %s (%s)", search_name, parent)
+    else:
+        search_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        parent = tracker.start_run(experiment_id, search_name, "search", tags={
+            "task": prep.task.name, "data_root": str(prep.index.root), "data_source": prep.index.source,
+            "split_file": split.path.name, "split_sha256": split.sha256, "ray_experiment": search_name,
+        })
     try:
-        _log_search_inputs(tracker, parent, opts, prep, split, data, resources)
+        if not opts.resume:
+            _log_search_inputs(tracker, parent, opts, prep, split, data, resources)
         recorder = TrialRecorder(tracker, experiment_id, parent, opts.max_epochs, trial.metric_keys,
                                  common_tags={"split_sha256": split.sha256}, summary_keys=trial.summary_keys)
+        if opts.resume:  # the trial → run map lives in MLflow (each child run is tagged with its trial id)
+            recorder.runs.update(tracker.trial_runs(experiment_id, parent))
         result = ray_backend.run_search(ray_backend.SearchRequest(
             trainable=trial.trainable, trainable_kwargs={"data": data}, space=prep.space,
             metric=prep.task.metric, mode=prep.task.mode, samples=opts.samples, seed=opts.seed,
             max_epochs=opts.max_epochs, grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
             trial_resources=resources, name=search_name, events=recorder,
-            storage_path=opts.storage or str(prep.workdir / "ray" / prep.experiment),
-            initial_points=prep.space.initial_points, max_concurrent=opts.max_concurrent,
+            storage_path=storage, initial_points=prep.space.initial_points, max_concurrent=opts.max_concurrent,
+            resume=opts.resume,
         ))
+        tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
         return _promote(tracker, parent, opts, prep, split, result, recorder.runs)
     except BaseException as exc:
         tracker.set_tags(parent, {"failure": f"{type(exc).__name__}: {exc}"[:500]})
@@ -407,7 +455,8 @@ def _promote(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, sp
     failed = sum(t.failed for t in result.trials)
     stopped = sum(1 for t in result.trials if not t.failed and t.iterations < opts.max_epochs)
     tracker.log_metrics(parent, {f"best_{task.metric}": result.best_metric, "trials_failed": failed,
-                                 "trials_stopped_early": stopped, "trials": len(result.trials)})
+                                 "trials_stopped_early": stopped, "trials": len(result.trials),
+                                 "searcher_trials": result.searcher_trials})
     tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": best_run,
                               "model_name": prep.model_name, "model_version": version,
                               "previous_champion": previous or "", "ray_experiment_path": result.experiment_path})

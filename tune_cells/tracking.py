@@ -104,6 +104,44 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def reopen_run(self, run_id: str) -> None:
+        self.client.update_run(run_id, status="RUNNING")
+
+    def latest_search(self, experiment_name: str):
+        """The most recently started search (parent) run of an experiment, or None."""
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return None
+        runs = self.client.search_runs([experiment.experiment_id], f"tags.`{RUN_TYPE_TAG}` = 'search'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    def _trial_children(self, experiment_id: str, parent_run_id: str):
+        return self.client.search_runs(
+            [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{RUN_TYPE_TAG}` = 'trial'",
+            max_results=10000)
+
+    def trial_runs(self, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+        """Ray trial id → MLflow run id of a search's trial runs (persisted as the runs' tags)."""
+        return {r.data.tags["ray_trial_id"]: r.info.run_id for r in self._trial_children(experiment_id, parent_run_id)
+                if "ray_trial_id" in r.data.tags}
+
+    def end_orphaned_trial_runs(self, experiment_id: str, parent_run_id: str, trial_failed: dict[str, bool]) -> None:
+        """After a (resumed) search: no trial run stays RUNNING. A run whose trial Ray finished gets
+        that trial's status; one Ray no longer knows (started just before a crash, after Ray's last
+        state snapshot) is KILLED, and deleted (soft) if it never reported an epoch."""
+        for run in self._trial_children(experiment_id, parent_run_id):
+            if run.info.status != "RUNNING":
+                continue
+            trial_id = run.data.tags.get("ray_trial_id", "")
+            if trial_id in trial_failed:
+                self.end_run(run.info.run_id, "FAILED" if trial_failed[trial_id] else "FINISHED")
+                continue
+            self.set_tags(run.info.run_id, {"failure": "lost when the search was interrupted"})
+            self.end_run(run.info.run_id, "KILLED")
+            if not run.data.metrics:  # started but never reported: Ray's state and Optuna's lack it too,
+                self.client.delete_run(run.info.run_id)  # so hide it (soft delete, restorable in MLflow)
+
     def get_run(self, run_id: str):
         return self.client.get_run(run_id)
 
@@ -245,7 +283,9 @@ class TrialRecorder:
         self.ended = 0
 
     def on_trial_start(self, trial_id: str, trial_name: str, config: dict) -> None:
-        if trial_id in self.runs:
+        if trial_id in self.runs:  # a retried or resumed trial continues its own run
+            if self.tracker.get_run(self.runs[trial_id]).info.status != "RUNNING":
+                self.tracker.reopen_run(self.runs[trial_id])
             return
         run_id = self.tracker.start_run(
             self.experiment_id, trial_name, "trial", self.parent_run_id,
@@ -268,6 +308,8 @@ class TrialRecorder:
         if run_id is None:
             return
         epochs = int(last_result.get("training_iteration", 0))
+        if last_result.get("failure"):  # ended by the trainable itself (a diverged loss): not retried
+            failed, error = True, str(last_result["failure"])
         tags = {"epochs_run": epochs}
         if failed:
             tags["failure"] = error or "trial failed"

@@ -1,0 +1,135 @@
+"""Reliability with the real parts: kill -9 a running search and resume it; kill a trial's worker
+and let Ray retry it. MLflow must end with exactly one run per trial under one parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import short_tmpdir
+
+pytestmark = pytest.mark.slow
+
+SPACE = """
+params:
+  model: small_convnet
+  depth: 2
+  width: {choices: [12, 16]}
+  optimizer: adamw
+  lr: {float: [1.0e-3, 5.0e-3], log: true}
+  batch_size: 32
+  image_size: 40
+"""
+SAMPLES, EPOCHS = 4, 4
+ARGS = ["search", "nuclei", "--samples", str(SAMPLES), "--max-epochs", str(EPOCHS), "--grace-period", str(EPOCHS),
+        "--max-concurrent", "1", "--space", "space.yaml", "--workdir", "w", "--no-evaluate"]
+
+
+def start(root: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(root / f"search{len(list(root.glob('search*.log')))}.log", "w")
+    # Its own session: the driver, and the Ray processes it starts, can be killed together.
+    return subprocess.Popen([sys.executable, "-m", "tune_cells", *ARGS, *extra], cwd=root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def trial_statuses(db: Path) -> list[str]:
+    try:
+        with sqlite3.connect(db) as connection:
+            rows = connection.execute(
+                "select r.status from runs r join tags t on r.run_uuid = t.run_uuid "
+                "where t.key = 'tune_cells.run_type' and t.value = 'trial' and r.lifecycle_stage = 'active'").fetchall()
+    except sqlite3.Error:  # not created yet, or locked by the writer
+        return []
+    return [status for (status,) in rows]
+
+
+def wait_for(condition, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.3)
+    raise AssertionError("timed out")
+
+
+def kill_session(session_id: int) -> None:
+    """SIGKILL every process of the session: the driver, raylet, GCS, and Ray's workers."""
+    for _ in range(3):
+        for line in subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout.splitlines():
+            pid, sid = map(int, line.split())
+            if sid == session_id:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.5)
+
+
+def runs_of(root: Path):
+    client = MlflowClient(f"sqlite:///{root / 'w' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    kind = lambda k: [r for r in runs if r.data.tags.get("tune_cells.run_type") == k]  # noqa: E731
+    return client, kind("search"), kind("trial")
+
+
+def test_kill_9_and_resume_gives_one_run_per_trial_and_a_champion(tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    first = start(tmp_path)
+    db = tmp_path / "w" / "mlflow.db"
+    wait_for(lambda: "FINISHED" in trial_statuses(db) and "RUNNING" in trial_statuses(db))
+    time.sleep(1.5)  # let the running trial report an epoch, so it has a checkpoint to resume from
+    kill_session(first.pid)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL
+
+    second = start(tmp_path, "--resume")
+    assert second.wait(timeout=600) == 0, (tmp_path / "search1.log").read_text()[-3000:]
+    log = (tmp_path / "search1.log").read_text()
+    assert "resuming search" in log
+
+    client, parents, trials = runs_of(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == SAMPLES
+    assert len({t.data.tags["ray_trial_id"] for t in trials}) == SAMPLES
+    assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
+    assert not [t for t in trials if t.info.status == "RUNNING"]
+    assert parents[0].data.metrics["searcher_trials"] == SAMPLES  # Optuna's study: one trial per Ray trial
+    for trial in trials:  # every epoch once or more, none missing: resumed from its checkpoint
+        steps = {m.step for m in client.get_metric_history(trial.info.run_id, "val_loss")}
+        assert steps == set(range(1, EPOCHS + 1)) or trial.info.status != "FINISHED"
+    champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
+    assert champion.tags["search_run_id"] == parents[0].info.run_id
+
+    again = start(tmp_path, "--resume")  # nothing left to resume: exit 2, one line
+    assert again.wait(timeout=300) == 2
+    assert "nothing to resume" in (tmp_path / "search2.log").read_text()
+
+
+def test_a_killed_trial_worker_is_retried_and_the_search_finishes(tmp_path):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    search = start(tmp_path)
+    db = tmp_path / "w" / "mlflow.db"
+    wait_for(lambda: "RUNNING" in trial_statuses(db))
+    time.sleep(1.0)
+    workers = subprocess.run(["pgrep", "-s", str(search.pid), "-f", "ray::ImplicitFunc"], capture_output=True,
+                             text=True).stdout.split()
+    assert workers, "no trial worker found"
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    assert search.wait(timeout=600) == 0, (tmp_path / "search0.log").read_text()[-3000:]
+    assert "retrying it from its last checkpoint" in (tmp_path / "search0.log").read_text()
+    client, parents, trials = runs_of(tmp_path)
+    assert len(parents) == 1 and len(trials) == SAMPLES
+    assert all(t.info.status == "FINISHED" for t in trials)
+    client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
