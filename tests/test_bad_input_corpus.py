@@ -1,0 +1,236 @@
+"""The bad-input corpus: every case exits 2 with one line naming the culprit, no traceback, and
+leaves the user's MLflow store and working folder byte-for-byte as they were. A few inputs that
+look odd but are valid (16-bit, greyscale, a JPEG named .png) are accepted by the same preflight."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import short_tmpdir, write_kaggle
+
+LABELS = [0, 1, 2, 3] * 6
+
+
+def kaggle(tmp: Path) -> Path:
+    return write_kaggle(tmp / "data", LABELS)
+
+
+def corrupt(tmp):
+    data = kaggle(tmp)
+    (data / "train" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    return ["--data", data], "cannot decode train/3.png"
+
+
+def zero_byte(tmp):
+    data = kaggle(tmp)
+    (data / "train" / "4.png").write_bytes(b"")
+    return ["--data", data], "cannot decode train/4.png"
+
+
+def truncated(tmp):
+    data = kaggle(tmp)
+    whole = (data / "train" / "5.png").read_bytes()
+    (data / "train" / "5.png").write_bytes(whole[: len(whole) // 2])  # the header is intact
+    return ["--data", data], "cannot decode train/5.png"
+
+
+def text_as_image(tmp):
+    data = kaggle(tmp)
+    (data / "train" / "6.png").write_text("Filename,Label\nnot an image\n")
+    return ["--data", data], "cannot decode train/6.png"
+
+
+def csv_row_without_file(tmp):
+    data = kaggle(tmp)
+    (data / "train" / "7.png").unlink()
+    return ["--data", data], "7.png"
+
+
+def unknown_label(tmp):
+    data = kaggle(tmp)
+    (data / "train.csv").write_text((data / "train.csv").read_text().replace("8.png,3", "8.png,9"))
+    return ["--data", data], "unknown label 9"
+
+
+def missing_csv(tmp):
+    data = kaggle(tmp)
+    (data / "train.csv").unlink()
+    return ["--data", data], "train.csv: missing"
+
+
+def csv_wrong_columns(tmp):
+    data = kaggle(tmp)
+    (data / "train.csv").write_text("name,class\n1.png,0\n")
+    return ["--data", data], "needs columns Filename,Label"
+
+
+def too_few_per_class(tmp):
+    data = write_kaggle(tmp / "data", [0, 0, 0, 1, 1, 1, 2, 3, 3, 3])
+    return ["--data", data], "classes need at least 3 images"
+
+
+def empty_class_folder(tmp):
+    data = tmp / "folder"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(data / "a" / f"{i}.png")
+    return ["folder", "--data", data], "no images in class folder b"
+
+
+def non_image_in_class_folder(tmp):
+    data = tmp / "folder"
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(data / name / f"{i}.png")
+    (data / "b" / "notes.docx").write_text("x")
+    return ["folder", "--data", data], "not image files"
+
+
+def lung_layout(tmp, mask_size=(40, 30), drop_mask=False, bad_original=False):
+    data = tmp / "lung"
+    for sub in ("Original", "Parenchyma", "SevereInflammation"):
+        (data / "train" / sub).mkdir(parents=True)
+    for i in range(10):
+        Image.new("RGB", (40, 30)).save(data / "train" / "Original" / f"{i}.jpg")
+        for sub in ("Parenchyma", "SevereInflammation"):
+            if not (drop_mask and i == 2 and sub == "Parenchyma"):
+                Image.new("L", mask_size if i == 3 else (40, 30)).save(data / "train" / sub / f"{i}.jpg")
+    if bad_original:
+        (data / "train" / "Original" / "4.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    return data
+
+
+def mask_wrong_size(tmp):
+    return ["lung", "--data", lung_layout(tmp, mask_size=(20, 30))], "mask is 20x30, its image is 40x30"
+
+
+def mask_missing(tmp):
+    return ["lung", "--data", lung_layout(tmp, drop_mask=True)], "no mask Parenchyma/2.*"
+
+
+def lung_image_undecodable(tmp):
+    return ["lung", "--data", lung_layout(tmp, bad_original=True)], "4.jpg: not a readable image"
+
+
+def unknown_task(tmp):
+    return ["mitochondria"], "unknown task 'mitochondria'"
+
+
+def zero_samples(tmp):
+    return ["--samples", "0"], "--samples 0: must be at least 1"
+
+
+def negative_samples(tmp):
+    return ["--samples", "-5"], "--samples -5: must be at least 1"
+
+
+def unreachable_server(tmp):
+    return ["--tracking-uri", "http://127.0.0.1:9"], "tracking server http://127.0.0.1:9 does not answer"
+
+
+def unwritable_workdir(tmp):
+    (tmp / "a-file").write_text("")
+    return ["--workdir", tmp / "a-file" / "runs"], "not writable"
+
+
+def unwritable_sqlite(tmp):
+    (tmp / "b-file").write_text("")
+    return ["--tracking-uri", f"sqlite:///{tmp}/b-file/mlflow.db"], "not writable"
+
+
+def too_many_gpus(tmp):
+    return ["--gpus-per-trial", "8"], "--gpus-per-trial 8: this machine has 0 GPUs"
+
+
+def space_syntax_error(tmp):
+    (tmp / "space.yaml").write_text("params:\n  lr: {float: [0.1, 1]\n")
+    return ["--space", tmp / "space.yaml"], "YAML syntax error at line"
+
+
+def space_unknown_model(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: transformer9000\n  lr: 0.01\n")
+    return ["--space", tmp / "space.yaml"], "unknown model 'transformer9000'"
+
+
+def space_unknown_loss(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: unet\n  loss: focal_typo\n  lr: 0.01\n")
+    return ["lung", "--space", tmp / "space.yaml"], "unknown loss 'focal_typo'"
+
+
+def resume_without_search(tmp):
+    return ["--resume"], "has no search to resume"
+
+
+CASES = [corrupt, zero_byte, truncated, text_as_image, csv_row_without_file, unknown_label, missing_csv,
+         csv_wrong_columns, too_few_per_class, empty_class_folder, non_image_in_class_folder, mask_wrong_size,
+         mask_missing, lung_image_undecodable, unknown_task, zero_samples, negative_samples, unreachable_server,
+         unwritable_workdir, unwritable_sqlite, too_many_gpus, space_syntax_error, space_unknown_model,
+         space_unknown_loss, resume_without_search]
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Every file below `folder` with a hash of its bytes (and so of the MLflow store's)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def existing_store(tmp_path_factory) -> Path:
+    """A working folder that already holds a user's MLflow store and files."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("store") / "work"
+    folder.mkdir()
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("earlier-work"))
+    client.log_metric(run.info.run_id, "val_dice", 0.9)
+    (folder / "notes.txt").write_text("the user's own file")
+    return folder
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_exits_2_in_one_line_and_changes_nothing(case, run_cli, tmp_path, existing_store, monkeypatch):
+    monkeypatch.setenv("TUNE_CELLS_RAY_TMPDIR", short_tmpdir("tcr"))
+    workdir = tmp_path / "work"
+    shutil.copytree(existing_store, workdir)
+    args, message = case(tmp_path)
+    task = [] if args and args[0] in ("folder", "lung", "mitochondria") else ["nuclei"]
+    if "--data" not in args and not task == []:  # real data: demo data would be generated in the workdir
+        args = [*args, "--data", kaggle(tmp_path)]
+    before = fingerprint(workdir)
+    result = run_cli("search", *task, *map(str, args), *([] if "--workdir" in args else ["--workdir", workdir]))
+    lines = result.err.strip().splitlines()
+    assert result.code == 2, result.err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("tune-cells: error:"), result.err
+    assert message in lines[0]
+    assert "Traceback" not in result.err
+    assert fingerprint(workdir) == before
+
+
+@pytest.mark.parametrize("kind", ["sixteen_bit", "greyscale", "jpeg_named_png"])
+def test_odd_but_valid_images_pass_the_preflight(kind, tmp_path):
+    from tune_cells.search import SearchOptions, prepare
+
+    data = kaggle(tmp_path)
+    target = data / "train" / "2.png"
+    if kind == "sixteen_bit":  # rescaled to 8 bit by its own range, not clipped
+        Image.fromarray((np.arange(24 * 24).reshape(24, 24) * 90).astype(np.uint16)).save(target)
+    elif kind == "greyscale":  # repeated to RGB for an RGB task
+        Image.new("L", (24, 24), 100).save(target)
+    else:  # PIL reads the content, not the extension
+        Image.new("RGB", (24, 24), (10, 200, 30)).save(target, format="JPEG")
+    prep = prepare(SearchOptions(task="nuclei", data=data, workdir=tmp_path / "w"))
+    assert len(prep.index.items) == len(LABELS)
+    assert not (tmp_path / "w").exists()  # the preflight writes nothing
+    from tune_cells.data.images import decode_image
+
+    pixels = decode_image(target, 3, 24)
+    assert pixels.shape == (24, 24, 3) and pixels.max() > 0
