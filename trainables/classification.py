@@ -52,11 +52,12 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
     where = ray_backend.trial_info()
     torch.set_num_threads(max(1, int(where["cpus"])))
     device = pick_device(where["gpu_ids"])
-    generator = seed_everything(data.seed)
+    seed = int(config.get("seed", data.seed))  # `evaluate --seeds` retrains under other seeds
+    generator = seed_everything(seed)
     spec = ModelSpec(
         task=data.task, architecture=config["model"], classes=list(data.classes), channels=data.channels,
         store_size=data.store_size, image_size=int(config.get("image_size", data.store_size)),
-        mean=list(data.mean), std=list(data.std), config={**config, "seed": data.seed},
+        mean=list(data.mean), std=list(data.std), config={**config, "seed": seed},
     )
     model = spec.build(load_pretrained=True).to(device)
     optimizer = build_optimizer(config, model)

@@ -104,8 +104,9 @@ def train_segmenter(config: dict, data: SegmentationData) -> None:
     where = ray_backend.trial_info()
     torch.set_num_threads(max(1, int(where["cpus"])))
     device = pick_device(where["gpu_ids"])
-    generator = seed_everything(data.seed)
-    rng = np.random.default_rng(data.seed)
+    seed = int(config.get("seed", data.seed))  # `evaluate --seeds` retrains under other seeds
+    generator = seed_everything(seed)
+    rng = np.random.default_rng(seed)
     scale = float(config.get("scale", 0.5))
     tile = working_tile(int(config.get("tile_size", 512)), scale)
     overlap = float(config.get("overlap", 0.25))
@@ -117,7 +118,7 @@ def train_segmenter(config: dict, data: SegmentationData) -> None:
 
     spec = ModelSpec(task=data.task, architecture=config.get("model", "unet"), classes=list(data.targets), channels=3,
                      store_size=0, image_size=tile, mean=list(data.mean), std=list(data.std),
-                     config={**config, "seed": data.seed}, kind="segmentation")
+                     config={**config, "seed": seed}, kind="segmentation")
     model = spec.build(load_pretrained=True).to(device)
     optimizer = build_optimizer(config, model)
     schedule = build_lr_schedule(config, optimizer, data.max_epochs)

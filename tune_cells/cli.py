@@ -104,15 +104,30 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Bootstrap resamples for CIs.")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="An external test set in the task's layout: every image is scored (classes matched by name).")
+@click.option("--seeds", type=int, default=None,
+              help="Also retrain the champion's configuration under K new seeds and report mean ± sd of each test "
+                   "metric beside the champion's bootstrap CI (K full trainings).")
 @workdir_option
 @tracking_option
-def evaluate(task, model_uri, n_boot, data, workdir, tracking_uri):
+def evaluate(task, model_uri, n_boot, data, seeds, workdir, tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
     from tune_cells.evaluation import evaluate_registered, format_table
 
     if n_boot < 1:
         raise UserInputError(f"--bootstrap {n_boot}: must be at least 1")
+    if seeds is not None and seeds < 2:
+        raise UserInputError(f"--seeds {seeds}: must be at least 2 (a spread needs two retrains)")
+    if seeds is not None and data is not None:
+        raise UserInputError("--seeds retrains on the model's own split: it does not combine with --data")
     spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
+    if seeds is not None:
+        from tune_cells.seeds import evaluate_seeds, format_seeds_table
+
+        result = evaluate_seeds(spec, tracker, model_uri, workdir, seeds, n_boot)
+        click.echo(f"\nSeeds evaluation {result.run_id} of {model_uri}: the champion, and its configuration "
+                   f"retrained under seeds {', '.join(map(str, result.seeds))}, on the held-out test images:")
+        click.echo(format_seeds_table(result))
+        return
     result = evaluate_registered(spec, tracker, model_uri, workdir, n_boot=n_boot, external=data)
     where = f"images of {data}" if data else "held-out test images"
     click.echo(f"\nEvaluation {result.run_id} of {result.model_uri} (version {result.version}) "
@@ -193,6 +208,70 @@ def serve(task, model_uri, port, host, workdir, tracking_uri):
     # --env-manager local: serve from this environment, no rebuild of one from the model's requirements.
     os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                                 "--env-manager", "local", "--host", host, "--port", str(port)], env)
+
+
+@cli.command()
+@click.option("--experiment", default=None, help="Report this experiment's latest search [default: the store's latest].")
+@click.option("--run-id", default=None, help="Report this search (its parent run id).")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Folder for the report [default: WORKDIR/reports/SEARCH].")
+@workdir_option
+@tracking_option
+def report(experiment, run_id, output, workdir, tracking_uri):
+    """Trials table, learning curves, best-so-far, parameter importance and parallel coordinates of
+    a search, as PNGs, a CSV and one HTML page (also logged to the search's run)."""
+    from tune_cells.report import build_report
+    from tune_cells.search import check_workdir
+    from tune_cells.tracking import Tracker, resolve_tracking_uri
+
+    workdir = check_workdir(workdir)
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir / "mlartifacts")
+    result = build_report(tracker, experiment, run_id, output, workdir)
+    trials = result.trials
+    click.echo(f"Search {result.search_name} ({result.parent_run_id}): {len(trials)} trials, "
+               f"{int(trials['stopped_early'].sum())} stopped early, {int((trials['status'] == 'FAILED').sum())} failed")
+    if not result.importance.empty:
+        top = ", ".join(f"{k} {v:.2f}" for k, v in result.importance.sort_values(ascending=False).head(5).items())
+        click.echo(f"Parameter importance: {top}")
+    click.echo(f"Report: {result.folder / 'report.html'} (also logged to the search run under report/)")
+
+
+@cli.command()
+@click.argument("task")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model-uri", default=None, help="Model to explain [default: models:/tune-cells-TASK@champion].")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Folder for the image grids [default: WORKDIR/explanations/TASK-<time>].")
+@click.option("--steps", type=int, default=32, show_default=True, help="Integration steps of integrated gradients.")
+@workdir_option
+@tracking_option
+def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
+    """Captum attribution maps (integrated gradients, noise tunnel, occlusion) of TASK's champion for
+    images (files or folders): one PNG grid per image."""
+    import time
+
+    from tune_cells.explain import explain_file
+    from tune_cells.predict import collect_images
+
+    if steps < 2:
+        raise UserInputError(f"--steps {steps}: must be at least 2")
+    files = collect_images(paths)
+    spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
+    if spec.kind != "classification":
+        raise UserInputError(f"explain supports classification tasks; {task} is {spec.kind} "
+                             "(its masks and overlays come from `tune-cells predict`)")
+    version = tracker.resolve_model(model_uri)
+    if version.tags.get("task") != spec.name:
+        raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {spec.name!r}")
+    classifier = tracker.load_classifier(model_uri)
+    output = output or workdir / "explanations" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for file in files:
+        try:
+            shown = explain_file(classifier, file, output, steps)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
+        click.echo(f"{file}: {shown['predicted_class']} (p={shown['probability']:.3f}) -> {shown['figure']}")
+    click.echo(f"\n{len(files)} attribution grids of {model_uri} in {output}")
 
 
 @cli.command()

@@ -134,7 +134,8 @@ def run_search(request: SearchRequest) -> SearchResult:
     if request.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         return _summarise(tuner.fit(), request)
-    callbacks = [_EventsCallback(request.name), _PendingTrialsExplainer()]
+    callbacks = [_EventsCallback(request.name), _PendingTrialsExplainer(),
+                 _ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode)]
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -161,6 +162,40 @@ def run_search(request: SearchRequest) -> SearchResult:
     )
     results = tuner.fit()
     return _summarise(results, request)
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    best_metric: float
+    best_epoch: int
+    checkpoint: Path  # a local copy of its best-epoch checkpoint
+
+
+def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], config: dict, seeds: list[int],
+              metric: str, mode: str, trial_resources: Callable[[dict], dict[str, float]], storage_path: str,
+              name: str) -> list[SeedRun]:
+    """Train one fixed configuration once per seed (a grid over `seed`, no searcher, no early stop)
+    and return each run's best epoch by `metric`, as the search's promotion rule picks it."""
+    runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
+                                   lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
+    tuner = tune.Tuner(
+        runnable,
+        param_space={**config, "seed": tune.grid_search(list(seeds))},
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=2),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                                          checkpoint_score_order=mode)),
+    )
+    runs = []
+    for result in tuner.fit():
+        if result.error is not None or not result.best_checkpoints:
+            raise RuntimeError(f"seed {result.config.get('seed')} failed: {_first_line(result.error)}")
+        checkpoint, metrics = result.best_checkpoints[0]
+        runs.append(SeedRun(int(result.config["seed"]), float(metrics[metric]), int(metrics["training_iteration"]),
+                            Path(checkpoint.to_directory())))
+    return sorted(runs, key=lambda r: r.seed)
 
 
 def can_resume(storage_path: str, name: str) -> bool:
@@ -253,6 +288,46 @@ class _EventsCallback(tune.Callback):
             error = _first_line(Path(trial.error_file).read_text())
         if self.events:
             self.events.on_trial_end(trial.trial_id, True, trial.last_result or {}, error)
+
+
+class _ProgressReporter(tune.Callback):
+    """One live line for the whole search, every `every_s` and after each trial: trials done,
+    running, pending and stopped early, the best metric so far, and an estimate of time left."""
+
+    def __init__(self, samples: int, max_epochs: int, metric: str, mode: str, every_s: float = 30.0):
+        self.samples, self.max_epochs, self.metric, self.mode, self.every_s = samples, max_epochs, metric, mode, every_s
+        self._started = None
+        self._last = 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        self._started = self._started or now
+        if now - self._last >= self.every_s:
+            self._report(trials, now)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._report(trials, time.monotonic())
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._report(trials, time.monotonic())
+
+    def _report(self, trials, now: float) -> None:
+        self._last = now
+        started = self._started or now
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        running = sum(t.status == "RUNNING" for t in trials)
+        stopped = sum(1 for t in ended if t.status == "TERMINATED"
+                      and int((t.last_result or {}).get("training_iteration", 0)) < self.max_epochs)
+        failed = sum(t.status == "ERROR" or bool((t.last_result or {}).get("failure")) for t in ended)
+        values = [t.metric_analysis[self.metric][self.mode] for t in trials if self.metric in t.metric_analysis]
+        values = [v for v in values if v == v]  # drop NaN (diverged trials)
+        best = (max(values) if self.mode == "max" else min(values)) if values else None
+        done_work = len(ended) + 0.5 * running
+        left = (now - started) / done_work * (self.samples - done_work) if done_work else None
+        log.info("progress: %d/%d trials done (%d stopped early, %d failed), %d running, %d pending; best %s %s; %s",
+                 len(ended), self.samples, stopped, failed, running, max(0, self.samples - len(ended) - running),
+                 self.metric, f"{best:.4f}" if best is not None else "-",
+                 f"about {left / 60:.0f} min left" if left is not None and left > 0 else "estimating time left")
 
 
 class _PendingTrialsExplainer(tune.Callback):

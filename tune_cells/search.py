@@ -328,7 +328,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     reader = SplitReader(prep.index, split, prep.task.channels, prep.task.store_size, prep.workdir)
     what = prep.index.class_counts() if prep.index.kind == "classification" else f"targets {prep.index.classes}"
     log.info("dataset %s: %d images, %s; split %s", prep.index.root, len(prep.index.items), what, split.sizes())
-    trial = _trial_inputs(opts, prep, reader)
+    trial = trial_inputs(prep.task, prep.index, reader, opts.max_epochs, opts.seed)
     data = trial.data
 
     if prep.duplicates:
@@ -380,11 +380,11 @@ class TrialInputs:
     summary_keys: tuple[str, ...]
 
 
-def _trial_inputs(opts: SearchOptions, prep: PreparedSearch, reader: SplitReader) -> TrialInputs:
+def trial_inputs(task: TaskSpec, index: ImageIndex, reader: SplitReader, max_epochs: int, seed: int) -> TrialInputs:
     """Decode the train and validation parts once, for the task's kind of trainable."""
     from tune_cells.transforms import channel_stats
 
-    task, classes = prep.task, list(prep.index.classes)
+    classes = list(index.classes)
     if task.kind == "segmentation":
         from tune_cells.segmentation import pixel_stats
         from tune_cells.trainables.segmentation import SegmentationData, metric_keys, train_segmenter
@@ -393,7 +393,7 @@ def _trial_inputs(opts: SearchOptions, prep: PreparedSearch, reader: SplitReader
         val_images, val_masks = reader.load_segmentation("val", "selection")
         mean, std = pixel_stats(train_images)
         data = SegmentationData(train_images, train_masks, val_images, val_masks, task.name, classes, mean, std,
-                                opts.max_epochs, opts.seed)
+                                max_epochs, seed)
         return TrialInputs(train_segmenter, data, metric_keys(classes), ("val_loss", "val_dice"))
     from tune_cells.trainables.classification import METRICS, ClassificationData, train_classifier
 
@@ -401,7 +401,7 @@ def _trial_inputs(opts: SearchOptions, prep: PreparedSearch, reader: SplitReader
     val_images, val_labels = reader.load("val", "selection")
     mean, std = channel_stats(train_images)
     data = ClassificationData(train_images, train_labels, val_images, val_labels, task.name, classes, task.channels,
-                              task.store_size, mean, std, opts.max_epochs, opts.seed)
+                              task.store_size, mean, std, max_epochs, seed)
     return TrialInputs(train_classifier, data, METRICS, ("val_loss", "val_balanced_accuracy"))
 
 

@@ -116,21 +116,31 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0] if runs else None
 
-    def _trial_children(self, experiment_id: str, parent_run_id: str):
+    def latest_search_anywhere(self):
+        """The most recently started search run in any experiment of the store, or None."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        runs = self.client.search_runs(experiments, f"tags.`{RUN_TYPE_TAG}` = 'search'",
+                                       order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+        return runs[0] if runs else None
+
+    def metric_history(self, run_id: str, key: str):
+        return sorted(self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+
+    def trial_children(self, experiment_id: str, parent_run_id: str):
         return self.client.search_runs(
             [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{RUN_TYPE_TAG}` = 'trial'",
             max_results=10000)
 
     def trial_runs(self, experiment_id: str, parent_run_id: str) -> dict[str, str]:
         """Ray trial id → MLflow run id of a search's trial runs (persisted as the runs' tags)."""
-        return {r.data.tags["ray_trial_id"]: r.info.run_id for r in self._trial_children(experiment_id, parent_run_id)
+        return {r.data.tags["ray_trial_id"]: r.info.run_id for r in self.trial_children(experiment_id, parent_run_id)
                 if "ray_trial_id" in r.data.tags}
 
     def end_orphaned_trial_runs(self, experiment_id: str, parent_run_id: str, trial_failed: dict[str, bool]) -> None:
         """After a (resumed) search: no trial run stays RUNNING. A run whose trial Ray finished gets
         that trial's status; one Ray no longer knows (started just before a crash, after Ray's last
         state snapshot) is KILLED, and deleted (soft) if it never reported an epoch."""
-        for run in self._trial_children(experiment_id, parent_run_id):
+        for run in self.trial_children(experiment_id, parent_run_id):
             if run.info.status != "RUNNING":
                 continue
             trial_id = run.data.tags.get("ray_trial_id", "")

@@ -102,7 +102,7 @@ def decode_images(root: Path, paths: list[str], channels: int, size: int) -> np.
     """Decode many images into one (N, size, size, C) uint8 array; undecodable files are exit 2."""
     out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
     bad: list[str] = []
-    for i, rel in enumerate(paths):
+    for i, rel in enumerate(_progress(paths, "decoding images")):
         try:
             out[i] = decode_image(root / rel, channels, size)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
@@ -111,6 +111,17 @@ def decode_images(root: Path, paths: list[str], channels: int, size: int) -> np.
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise UserInputError(f"{root}: cannot decode {', '.join(bad[:3])}{more}")
     return out
+
+
+def _progress(items: list, what: str):
+    """A progress bar on a terminal for long loops over many images; silent in logs and tests."""
+    import sys
+
+    if len(items) < 1000 or not sys.stderr.isatty():
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit="img", leave=False)
 
 
 # Difference hash (dHash) on a 17x16 grey thumbnail: 256 bits that survive recompression, small
@@ -123,7 +134,7 @@ def image_hashes(root: Path, paths: list[str]) -> np.ndarray:
     """(N, 4) uint64 dHashes of every image; any file that does not decode is exit 2, named."""
     hashes = np.zeros((len(paths), HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
     bad: list[str] = []
-    for i, rel in enumerate(paths):
+    for i, rel in enumerate(_progress(paths, "checking images")):
         try:
             with Image.open(root / rel) as image:
                 image.load()

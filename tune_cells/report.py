@@ -1,0 +1,171 @@
+"""`tune-cells report`: one search's trials as a table, plots and an HTML page, from what MLflow holds.
+
+Everything is rebuilt from the tracking store (the search's parent run, its trial runs and their
+metric histories), so a report can be made for any past search, on any machine that sees the store.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tune_cells.analysis import search_plots
+from tune_cells.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    parent_run_id: str
+    search_name: str
+    folder: Path
+    trials: pd.DataFrame
+    importance: pd.Series
+    files: list[Path]
+
+
+def build_report(tracker, experiment: str | None, run_id: str | None, output: Path | None, workdir: Path) -> Report:
+    parent = _search_run(tracker, experiment, run_id)
+    params = parent.data.params
+    metric, mode = params.get("metric", "val_balanced_accuracy"), params.get("mode", "max")
+    name = parent.info.run_name
+    folder = Path(output) if output else Path(workdir) / "reports" / name
+    folder.mkdir(parents=True, exist_ok=True)
+
+    runs = tracker.trial_children(parent.info.experiment_id, parent.info.run_id)
+    if not runs:
+        raise UserInputError(f"search {name} has no trial runs to report")
+    champion = parent.data.tags.get("best_trial_id", "")
+    rows, curves = [], []
+    for run in runs:
+        trial = run.data.tags.get("ray_trial_id", run.info.run_id[:8])
+        history = tracker.metric_history(run.info.run_id, metric)
+        values = pd.Series([m.value for m in history], dtype=float)
+        curves += [{"trial": trial, "epoch": m.step, "value": m.value} for m in history]
+        rows.append({
+            "trial": trial, "run_id": run.info.run_id, "status": run.info.status,
+            "start_time": run.info.start_time, "epochs": len(history),
+            "stopped_early": run.data.tags.get("stopped_early") == "true",
+            "best_value": (values.max() if mode == "max" else values.min()) if len(values) else float("nan"),
+            "last_value": values.iloc[-1] if len(values) else float("nan"),
+            "failure": run.data.tags.get("failure", ""), "champion": trial == champion,
+            **{f"param_{k}": _number(v) for k, v in run.data.params.items()},
+        })
+    trials = pd.DataFrame(rows).sort_values("start_time").reset_index(drop=True)
+    trials.insert(0, "number", range(1, len(trials) + 1))
+    curves = pd.DataFrame(curves, columns=["trial", "epoch", "value"])
+    space = _logged_space(tracker, parent.info.run_id)
+    searched = [p for p, spec in space.get("params", {}).items() if isinstance(spec, dict)]
+    importance = param_importance(trials, space, searched, mode)
+
+    plotted = trials.rename(columns={f"param_{p}": p for p in searched})
+    files = [
+        search_plots.learning_curves(curves, trials, metric, folder / "learning_curves.png"),
+        search_plots.best_so_far(trials.dropna(subset=["best_value"]), metric, mode, folder / "best_so_far.png"),
+        search_plots.importance_bars(importance, metric, folder / "param_importance.png"),
+        search_plots.parallel_coordinates(plotted.dropna(subset=["best_value"]), searched, metric, mode,
+                                          folder / "parallel_coordinates.png"),
+    ]
+    trials.to_csv(folder / "trials.csv", index=False)
+    importance.rename("importance").to_csv(folder / "param_importance.csv", index_label="param")
+    files += [folder / "trials.csv", folder / "param_importance.csv"]
+    page = _html_page(name, parent, metric, mode, trials, importance, searched)
+    (folder / "report.html").write_text(page)
+    files.append(folder / "report.html")
+    tracker.log_artifact(parent.info.run_id, folder, "report")
+    return Report(parent.info.run_id, name, folder, trials, importance, files)
+
+
+def _search_run(tracker, experiment: str | None, run_id: str | None):
+    if not tracker.store_exists():
+        raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run a search first")
+    if run_id:
+        run = tracker.get_run(run_id)
+        if run.data.tags.get("tune_cells.run_type") != "search":
+            raise UserInputError(f"run {run_id} is not a search (parent) run")
+        return run
+    run = tracker.latest_search(experiment) if experiment else tracker.latest_search_anywhere()
+    if run is None:
+        raise UserInputError(f"no search in {'experiment ' + experiment if experiment else tracker.tracking_uri}")
+    return run
+
+
+def _logged_space(tracker, run_id: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = tracker.client.download_artifacts(run_id, "search_space.yaml", tmp)
+        except Exception:  # an older run without it: importance is then skipped
+            return {}
+        return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def param_importance(trials: pd.DataFrame, space: dict, searched: list[str], mode: str) -> pd.Series:
+    """Optuna's fANOVA importance on a study rebuilt from the finished trials: each trial's values
+    are replayed through the search space, so Optuna sees the real distributions (log, ranges)."""
+    import optuna
+
+    from tune_cells.search_spaces import SearchSpace
+
+    done = trials[trials["status"] == "FINISHED"].dropna(subset=["best_value"])
+    if len(done) < 3 or not searched:
+        return pd.Series(dtype=float)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    function = SearchSpace(params=space["params"], source="logged space")
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for _, row in done.iterrows():
+        values = {p: row[f"param_{p}"] for p in searched if f"param_{p}" in row and pd.notna(row[f"param_{p}"])}
+        study.enqueue_trial(values, skip_if_exists=False)
+        trial = study.ask()
+        function(trial)
+        study.tell(trial, float(row["best_value"]))
+    try:
+        importance = optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError) as exc:  # e.g. no parameter varied
+        log.warning("parameter importance skipped: %s", exc)
+        return pd.Series(dtype=float)
+    return pd.Series(importance, dtype=float)
+
+
+def _number(value: str):
+    """An MLflow param (always a string) back as the bool, int or float it was logged from."""
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    return int(number) if number.is_integer() and "." not in str(value) and "e" not in str(value) else number
+
+
+def _html_page(name: str, parent, metric: str, mode: str, trials: pd.DataFrame, importance: pd.Series,
+               searched: list[str]) -> str:
+    tags = parent.data.tags
+    columns = ["number", "trial", "status", "epochs", "stopped_early", "best_value", "last_value", "champion",
+               *[f"param_{p}" for p in searched if f"param_{p}" in trials], "failure"]
+    table = trials[columns].rename(columns={"best_value": f"best {metric}", "last_value": f"last {metric}"})
+    summary = (f"{len(trials)} trials, {int(trials['stopped_early'].sum())} stopped early by ASHA, "
+               f"{int((trials['status'] == 'FAILED').sum())} failed. Champion: trial {tags.get('best_trial_id', '?')} "
+               f"(model version {tags.get('model_version', '?')}), {mode} {metric}.")
+    figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{f}</figcaption></figure>' for f in
+                      ("learning_curves.png", "best_so_far.png", "param_importance.png", "parallel_coordinates.png"))
+    ranked = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in importance.sort_values(ascending=False).items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>tune-cells report: {html.escape(name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} figure{{display:inline-block;margin:.5em}}
+img{{max-width:560px;border:1px solid #ddd}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 6px}} tr:nth-child(even){{background:#f6f6f6}}</style></head>
+<body><h1>Search {html.escape(name)}</h1>
+<p>Experiment run {html.escape(parent.info.run_id)}; task {html.escape(tags.get('task', '?'))}. {html.escape(summary)}</p>
+<p>Parameter importance: {ranked or 'not computed (too few finished trials)'}</p>
+{figures}
+<h2>Trials</h2>
+{table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)}
+</body></html>
+"""

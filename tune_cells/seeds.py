@@ -1,0 +1,140 @@
+"""`tune-cells evaluate TASK --seeds K`: how much of the champion's score is its configuration, and
+how much its luck. The champion's configuration is retrained K times under new seeds (same split,
+same epochs, same best-epoch rule), each retrained model is scored on the test part, and mean ± sd
+is reported beside the champion's own score and bootstrap CI.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tune_cells.data.reader import SplitReader
+from tune_cells.data.splits import load_or_create_split
+from tune_cells.errors import UserInputError
+
+CLASSIFICATION_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
+
+
+@dataclass
+class SeedsEvaluation:
+    run_id: str
+    table: pd.DataFrame  # metric, champion, ci_low, ci_high, mean, sd, seed_<n>...
+    seeds: list[int]
+
+
+def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot: int = 1000) -> SeedsEvaluation:
+    from tune_cells import ray_backend
+    from tune_cells.evaluation import _split_file
+    from tune_cells.model_io import load_predictor
+    from tune_cells.search import TrialResources, trial_inputs
+
+    version = tracker.resolve_model(model_uri)
+    tags = version.tags
+    if tags.get("task") != task.name:
+        raise UserInputError(f"{model_uri} is a {tags.get('task', 'unknown')!r} model, not {task.name!r}")
+    champion = tracker.load_classifier(model_uri)
+    parent_id = tags.get("search_run_id")
+    if not parent_id:
+        raise UserInputError(f"{model_uri} has no search run: --seeds needs the search it came from")
+    parent = tracker.get_run(parent_id)
+    max_epochs = int(parent.data.params.get("max_epochs", 10))
+    metric, mode = parent.data.params.get("metric", task.metric), parent.data.params.get("mode", task.mode)
+    index = task.importer(Path(tags["data_root"]))
+    split = load_or_create_split(_split_file(tracker, tags, parent_id, workdir), index, int(tags.get("split_seed", 0)))
+    reader = SplitReader(index, split, task.channels, task.store_size, workdir)
+    config = {key: value for key, value in champion.spec.config.items() if key != "seed"}
+    base = int(champion.spec.config.get("seed", 0))
+    seeds = [base + 1000 + i for i in range(k)]  # new seeds, never the champion's own
+
+    ray_backend.init(num_cpus=os.cpu_count())
+    try:
+        inputs = trial_inputs(task, index, reader, max_epochs, split.seed)
+        runs = ray_backend.run_seeds(
+            inputs.trainable, {"data": inputs.data}, config, seeds, metric, mode,
+            TrialResources(1.0, None, use_gpus=False), str(Path(workdir).resolve() / "ray" / "seeds"),
+            f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}")
+    finally:
+        ray_backend.shutdown()
+
+    scorer = _Scorer(task, reader, n_boot)
+    champion_scores, intervals = scorer.score(champion, with_intervals=True)
+    per_seed = [scorer.score(load_predictor(run.checkpoint))[0] for run in runs]
+    keys = [key for key in scorer.keys if key in champion_scores]
+    table = pd.DataFrame({
+        "metric": keys,
+        "champion": [champion_scores[key] for key in keys],
+        "ci_low": [intervals.get(key, (np.nan, np.nan))[0] for key in keys],
+        "ci_high": [intervals.get(key, (np.nan, np.nan))[1] for key in keys],
+        "mean": [float(np.mean([s[key] for s in per_seed])) for key in keys],
+        "sd": [float(np.std([s[key] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for key in keys],
+        **{f"seed_{run.seed}": [scores[key] for key in keys] for run, scores in zip(runs, per_seed)},
+    })
+
+    run_id = tracker.start_run(parent.info.experiment_id, f"seeds-v{version.version}", "evaluation", parent_id,
+                               tags={"model_uri": model_uri, "model_version": version.version, "task": task.name,
+                                     "evaluation_data": "test", "evaluation_kind": "seeds"})
+    try:
+        tracker.log_params(run_id, {"model_uri": model_uri, "seeds": ",".join(map(str, seeds)), "retrains": k,
+                                    "max_epochs": max_epochs, "split_sha256": split.sha256,
+                                    "best_epochs": ",".join(str(r.best_epoch) for r in runs)})
+        tracker.log_metrics(run_id, {**{f"{m}_seed_mean": v for m, v in zip(table["metric"], table["mean"])},
+                                     **{f"{m}_seed_sd": v for m, v in zip(table["metric"], table["sd"])}})
+        with tempfile.TemporaryDirectory() as tmp:
+            table.to_csv(Path(tmp) / "seeds.csv", index=False)
+            tracker.log_artifact(run_id, Path(tmp) / "seeds.csv")
+        tracker.end_run(run_id)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    for run in runs:
+        import shutil
+
+        shutil.rmtree(run.checkpoint, ignore_errors=True)
+    return SeedsEvaluation(run_id, table, seeds)
+
+
+class _Scorer:
+    """Test-part scores of any predictor of the task; the test part is decoded once."""
+
+    def __init__(self, task, reader: SplitReader, n_boot: int):
+        self.segmentation = task.kind == "segmentation"
+        self.n_boot = n_boot
+        if self.segmentation:
+            self.images, self.truths = reader.load_segmentation("test", "evaluation")
+            self.targets = list(reader.index.classes)
+            self.keys = ["test_dice", "test_pooled_dice", *[f"test_dice_{t}" for t in self.targets]]
+        else:
+            self.images, self.labels = reader.load("test", "evaluation")
+            self.keys = list(CLASSIFICATION_KEYS)
+
+    def score(self, predictor, with_intervals: bool = False) -> tuple[dict, dict]:
+        if self.segmentation:
+            from tune_cells.analysis.segmentation_metrics import segmentation_scores
+            from tune_cells.segmentation_evaluation import bootstrap_over_images
+
+            predicted = [predictor.predict_masks(image) for image in self.images]
+            scores, rows = segmentation_scores(self.truths, predicted, self.targets, "test_")
+            intervals = bootstrap_over_images(rows, self.targets, len(self.images), self.n_boot) if with_intervals else {}
+            return scores, intervals
+        from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics
+
+        classes = predictor.spec.classes
+        probs = predictor.predict_proba(self.images)
+        scores = classification_metrics(self.labels, probs, classes)
+        intervals = bootstrap_intervals(self.labels, probs, classes, n_boot=self.n_boot) if with_intervals else {}
+        return scores, intervals
+
+
+def format_seeds_table(result: SeedsEvaluation) -> str:
+    rows = [f"{'metric':<32}{'champion':>9}   {'95% CI (bootstrap)':<18}  mean ± sd over {len(result.seeds)} retrains"]
+    for row in result.table.itertuples(index=False):
+        interval = f"[{row.ci_low:.4f}, {row.ci_high:.4f}]" if np.isfinite(row.ci_low) else ""
+        rows.append(f"{row.metric:<32}{row.champion:>9.4f}   {interval:<18}  {row.mean:.4f} ± {row.sd:.4f}")
+    return "\n".join(rows)
