@@ -34,7 +34,8 @@ def attributions(model: torch.nn.Module, x: torch.Tensor, target: int, steps: in
         METHODS[1]: NoiseTunnel(ig).attribute(x, baselines=baseline, target=target, n_steps=steps // 2,
                                               nt_type="smoothgrad_sq", nt_samples=noise_samples, stdevs=0.15),
         METHODS[2]: Occlusion(model).attribute(x, target=target, sliding_window_shapes=(x.shape[1], window, window),
-                                               strides=(x.shape[1], window // 2, window // 2), baselines=0.0),
+                                               strides=(x.shape[1], window // 2, window // 2), baselines=0.0,
+                                               perturbations_per_eval=64),  # batched: 1 per pass is 50x slower
     }
     return {name: a.detach()[0].abs().sum(0).numpy() if name != METHODS[2] else a.detach()[0].sum(0).numpy()
             for name, a in maps.items()}

@@ -306,19 +306,20 @@ class _ProgressReporter(tune.Callback):
             self._report(trials, now)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._report(trials, time.monotonic())
+        self._report(trials, time.monotonic(), trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._report(trials, time.monotonic())
+        self._report(trials, time.monotonic(), trial)
 
-    def _report(self, trials, now: float) -> None:
+    def _report(self, trials, now: float, ending=None) -> None:
+        """`ending`: the trial whose end triggered this (Ray updates its status after the callbacks)."""
         self._last = now
         started = self._started or now
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
-        running = sum(t.status == "RUNNING" for t in trials)
-        stopped = sum(1 for t in ended if t.status == "TERMINATED"
-                      and int((t.last_result or {}).get("training_iteration", 0)) < self.max_epochs)
+        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
+        running = sum(t.status == "RUNNING" and t is not ending for t in trials)
         failed = sum(t.status == "ERROR" or bool((t.last_result or {}).get("failure")) for t in ended)
+        stopped = sum(1 for t in ended if t.status != "ERROR" and not (t.last_result or {}).get("failure")
+                      and int((t.last_result or {}).get("training_iteration", 0)) < self.max_epochs)
         values = [t.metric_analysis[self.metric][self.mode] for t in trials if self.metric in t.metric_analysis]
         values = [v for v in values if v == v]  # drop NaN (diverged trials)
         best = (max(values) if self.mode == "max" else min(values)) if values else None
@@ -327,7 +328,8 @@ class _ProgressReporter(tune.Callback):
         log.info("progress: %d/%d trials done (%d stopped early, %d failed), %d running, %d pending; best %s %s; %s",
                  len(ended), self.samples, stopped, failed, running, max(0, self.samples - len(ended) - running),
                  self.metric, f"{best:.4f}" if best is not None else "-",
-                 f"about {left / 60:.0f} min left" if left is not None and left > 0 else "estimating time left")
+                 "done" if len(ended) >= self.samples else
+                 f"about {max(1, round(left / 60))} min left" if left is not None else "estimating time left")
 
 
 class _PendingTrialsExplainer(tune.Callback):
