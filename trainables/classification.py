@@ -29,7 +29,7 @@ from tune_cells.training import (
 )
 from tune_cells.transforms import TrainPreset
 
-METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "epoch_time_s")
+METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "epoch_time_s", "data_time_s")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
         lr = optimizer.param_groups[0]["lr"]
         batch_size = int(config.get("batch_size", 32))
         try:
-            train_loss = train_one_epoch(model, data.train_images, train_labels, optimizer, preset, batch_size,
+            train_loss, data_time = train_one_epoch(model, data.train_images, train_labels, optimizer, preset, batch_size,
                                          train_loss_fn, device, generator)
         except NonFiniteLossError as exc:
             ray_backend.report_failure(f"diverged at epoch {epoch}: {exc}", METRICS[:4])
@@ -104,6 +104,7 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
             "val_balanced_accuracy": val["balanced_accuracy"],
             "lr": lr,
             "epoch_time_s": time.perf_counter() - started,
+            "data_time_s": data_time,  # batch preparation (indexing, augmentation): the input pipeline's share
             "node_id": where["node_id"],
         }
         trainer_state = {

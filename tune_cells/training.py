@@ -69,16 +69,21 @@ def train_one_epoch(
     loss_fn: nn.Module,
     device: torch.device,
     generator: torch.Generator,
-) -> float:
+) -> tuple[float, float]:
+    """One pass over the training images: (mean loss, seconds spent preparing batches)."""
+    import time
+
     model.train()
     order = torch.randperm(len(images), generator=generator)
-    total, count = 0.0, 0
+    total, count, data_seconds = 0.0, 0, 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on a single image
             continue
+        started = time.perf_counter()
         x = preset(images[idx.numpy()], generator).to(device, non_blocking=True)
         y = labels[idx].to(device, non_blocking=True)
+        data_seconds += time.perf_counter() - started
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
@@ -87,7 +92,7 @@ def train_one_epoch(
         optimizer.step()
         total += loss.item() * len(idx)
         count += len(idx)
-    return total / max(count, 1)
+    return total / max(count, 1), data_seconds
 
 
 @torch.no_grad()

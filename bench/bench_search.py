@@ -1,0 +1,131 @@
+"""Search benchmark: ASHA's savings, per-trial overhead, input-pipeline share, time to first result.
+
+    .venv/bin/python bench/bench_search.py                 # N=50 configurations, ~15 min on 2 cores
+    .venv/bin/python bench/bench_search.py --samples 12    # a quicker look
+
+The same N configurations (sampled once, at random, from one seed) are run twice on the generated
+nuclei demo data, side by side in one process: once to the full epoch budget (ASHA's grace period
+set to the budget, so it never stops a trial) and once with ASHA. Everything printed is a ratio of
+the two runs or a share within one, since absolute seconds on a shared CPU mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+SPACE = {
+    "model": "small_convnet",
+    "depth": {"int": [2, 3]},
+    "width": {"choices": [12, 16, 24]},
+    "dropout": {"float": [0.0, 0.4]},
+    "optimizer": {"choices": ["adamw", "sgd"]},
+    "lr": {"float": [1.0e-4, 3.0e-2], "log": True},
+    "weight_decay": {"float": [1.0e-6, 1.0e-2], "log": True},
+    "momentum": 0.9,
+    "batch_size": 32,
+    "lr_schedule": "cosine",
+    "image_size": 48,
+    "affine": {"float": [0.0, 0.4]},
+    "color_jitter": {"float": [0.0, 0.4]},
+}
+
+
+def sample_configs(n: int, seed: int) -> list[dict]:
+    """N configurations drawn at random from SPACE: both runs get exactly these."""
+    import optuna
+
+    from tune_cells.search_spaces import SearchSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = SearchSpace(params=SPACE, source="bench")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    configs = []
+    for _ in range(n):
+        trial = study.ask()
+        space(trial)
+        configs.append(dict(trial.params))
+        study.tell(trial, 0.0)
+    return configs
+
+
+def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: int, grace: int, seed: int) -> dict:
+    from tune_cells.search import SearchOptions, run_search
+    from tune_cells.tracking import Tracker
+
+    workdir = root / label
+    started = time.time()
+    outcome = run_search(SearchOptions(task="nuclei", data=data, samples=n, max_epochs=epochs, grace_period=grace,
+                                       reduction_factor=3, seed=seed, space=space_file, workdir=workdir,
+                                       experiment=f"bench-{label}"))
+    wall = time.time() - started
+    tracker = Tracker(outcome.tracking_uri, workdir / "mlartifacts")
+    experiment_id = tracker.get_run(outcome.parent_run_id).info.experiment_id
+    epochs_run, train_s, data_s, firsts, best = 0, 0.0, 0.0, [], []
+    for trial in tracker.trial_children(experiment_id, outcome.parent_run_id):
+        epoch_times = tracker.metric_history(trial.info.run_id, "epoch_time_s")
+        epochs_run += len(epoch_times)
+        train_s += sum(m.value for m in epoch_times)
+        data_s += sum(m.value for m in tracker.metric_history(trial.info.run_id, "data_time_s"))
+        history = tracker.metric_history(trial.info.run_id, outcome.metric)
+        if history:
+            firsts.append(min(m.timestamp for m in history) / 1000.0)
+            best.append(max(m.value for m in history))
+    return {"label": label, "wall_s": wall, "epochs": epochs_run, "train_s": train_s, "data_s": data_s,
+            "first_result_s": min(firsts) - started if firsts else float("nan"), "best": max(best),
+            "trials": outcome.trials, "stopped_early": outcome.stopped_early}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=50, help="configurations (N)")
+    parser.add_argument("--max-epochs", type=int, default=9, help="full budget per configuration")
+    parser.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None, help="kept for inspection [default: a temp folder]")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    from tune_cells.data.demo import generate
+
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="tune-cells-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    data = generate(root / "demo-data")
+    configs = sample_configs(args.samples, args.seed)
+    space_file = root / "bench-space.yaml"
+    space_file.write_text(yaml.safe_dump({"params": SPACE, "initial_points": configs}, sort_keys=False))
+
+    full = run("full", root, data, space_file, args.samples, args.max_epochs, args.max_epochs, args.seed)
+    asha = run("asha", root, data, space_file, args.samples, args.max_epochs, args.grace_period, args.seed)
+    concurrency = os.cpu_count() or 1
+
+    print(f"\ntune-cells search benchmark: {args.samples} configurations x {args.max_epochs} epochs, nuclei demo "
+          f"data, {concurrency} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'':<44}{'full budget':>14}{'ASHA':>14}")
+    rows = [
+        ("trials (stopped early)", lambda r: f"{r['trials']} ({r['stopped_early']})"),
+        ("epochs trained", lambda r: f"{r['epochs']}"),
+        ("best val_balanced_accuracy", lambda r: f"{r['best']:.4f}"),
+        ("overhead: wall / (train time / concurrency)", lambda r: f"{r['wall_s'] / (r['train_s'] / concurrency):.2f}"),
+        ("input pipeline: data time / epoch time", lambda r: f"{100 * r['data_s'] / r['train_s']:.1f} %"),
+        ("time to first result (s)", lambda r: f"{r['first_result_s']:.1f}"),
+        ("wall time (s)", lambda r: f"{r['wall_s']:.0f}"),
+    ]
+    for name, cell in rows:
+        print(f"{name:<44}{cell(full):>14}{cell(asha):>14}")
+    print(f"\nASHA epochs / full-budget epochs: {asha['epochs'] / full['epochs']:.3f} (target <= 0.25)")
+    print(f"ASHA best - full best: {100 * (asha['best'] - full['best']):+.2f} percentage points (target >= -0.5)")
+    print(f"ASHA wall time / full-budget wall time: {asha['wall_s'] / full['wall_s']:.3f}")
+    print(f"runs kept in {root}")
+
+
+if __name__ == "__main__":
+    main()
