@@ -8,7 +8,6 @@ import numpy as np
 import sklearn
 from sklearn.metrics import (
     accuracy_score,
-    balanced_accuracy_score,
     confusion_matrix,
     precision_recall_fscore_support,
     roc_auc_score,
@@ -19,21 +18,29 @@ def metric_safe(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-.]", "_", name)
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, float]:
-    """test_* metrics of one set of predictions; ROC AUC is one-vs-rest macro (binary: positive class)."""
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str],
+                           present: list[int] | None = None) -> dict[str, float]:
+    """test_* metrics of one set of predictions; ROC AUC is one-vs-rest macro (binary: positive class).
+
+    Per-class and macro scores cover the classes `present` in the evaluated set (default: those in
+    `y_true`): an external set without some class says nothing about it, and a 0 there would be a lie.
+    """
     labels = list(range(len(classes)))
+    present = sorted(set(np.unique(y_true).tolist())) if present is None else present
     y_pred = probs.argmax(1)
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     metrics = {
         "test_accuracy": accuracy_score(y_true, y_pred),
         # Balanced accuracy is the mean per-class recall: the HEp-2 contest's "mean class accuracy".
-        "test_balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
-        "test_macro_f1": float(np.mean(f1)),
+        "test_balanced_accuracy": float(np.mean(recall[present])),
+        "test_macro_f1": float(np.mean(f1[present])),
     }
     auc = _roc_auc(y_true, probs, labels)
     if auc is not None:
         metrics["test_roc_auc"] = auc
     for i, name in enumerate(classes):
+        if i not in present:
+            continue
         safe = metric_safe(name)
         metrics[f"test_f1_{safe}"] = f1[i]
         metrics[f"test_precision_{safe}"] = precision[i]
@@ -55,11 +62,12 @@ def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, classes: list[str
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
     n = len(y_true)
+    present = sorted(set(np.unique(y_true).tolist()))  # of the whole set, not of each resample
     # The inputs were validated by the point estimate; re-validating each resample triples the time.
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
         for _ in range(n_boot):
             idx = rng.integers(0, n, n)
-            for key, value in classification_metrics(y_true[idx], probs[idx], classes).items():
+            for key, value in classification_metrics(y_true[idx], probs[idx], classes, present).items():
                 samples.setdefault(key, []).append(value)
     tail = (1 - level) / 2 * 100
     return {

@@ -49,3 +49,16 @@ def test_exact_interval_stays_honest_when_every_image_is_right():
     assert bootstrap_intervals(y, probs, ["n", "b"], n_boot=100)["test_accuracy"] == (1.0, 1.0)
     low, high = exact_accuracy_interval(y, probs)
     assert high == 1.0 and 0.86 < low < 0.88  # Clopper-Pearson for 27/27: [0.872, 1]
+
+
+def test_classes_absent_from_the_evaluated_set_get_no_per_class_scores():
+    import numpy as np
+
+    from tune_cells.analysis.metrics import classification_metrics
+
+    y_true = np.array([0, 0, 1, 1])  # an external set without class 2
+    probs = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7]])
+    metrics = classification_metrics(y_true, probs, ["a", "b", "c"])
+    assert "test_f1_c" not in metrics and "test_recall_c" not in metrics
+    assert metrics["test_balanced_accuracy"] == 0.5 * (0.5 + 0.5)
+    assert "test_f1_a" in metrics

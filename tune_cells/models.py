@@ -235,3 +235,8 @@ def unet(num_classes: int, in_channels: int, encoder: str = "resnet18", depth: i
 def pretrained_arch(config: dict) -> str:
     """The torchvision network whose ImageNet weights a config asks for (a U-Net's encoder)."""
     return config.get("encoder", "resnet18") if config.get("model") == "unet" else config.get("model", "")
+
+
+def pretrained_architectures() -> list[str]:
+    """torchvision networks whose ImageNet weights tune-cells can load (classifiers and U-Net encoders)."""
+    return list(_WEIGHT_ENUMS)

@@ -417,6 +417,7 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
         "classes": ",".join(prep.index.classes), "images": len(prep.index.items),
         **{f"split_{part}": n for part, n in split.sizes().items()},
         "near_duplicates_across_splits": len(prep.duplicates),
+        "pretrained_weights_cached": _cached_pretrained_weights() or "none",
         "promotion_policy": f"best trial by {task.mode} {task.metric} over all its epochs; its best-epoch checkpoint",
     })
     labels = dict(zip(prep.index.items["path"], prep.index.items["label"]))
@@ -439,6 +440,13 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
             tracker.log_artifact(parent, Path(tmp) / "near_duplicates.csv")
         tracker.log_artifact(parent, Path(tmp) / "search_space.yaml")
     tracker.log_artifact(parent, split.path, "split")
+
+
+def _cached_pretrained_weights() -> str:
+    """Which ImageNet backbones this machine's torch cache can load (logged with every search)."""
+    from tune_cells.models import pretrained_available, pretrained_architectures
+
+    return ",".join(arch for arch in pretrained_architectures() if pretrained_available(arch))
 
 
 def _promote(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, split: Split, result,
