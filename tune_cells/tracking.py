@@ -290,6 +290,7 @@ class TrialRecorder:
 
     def __post_init__(self):
         self.runs: dict[str, str] = {}  # Ray trial id → MLflow run id
+        self._nodes: dict[str, str] = {}  # Ray trial id → the node its run is tagged with
         self.ended = 0
 
     def on_trial_start(self, trial_id: str, trial_name: str, config: dict) -> None:
@@ -310,8 +311,10 @@ class TrialRecorder:
             return
         metrics = {k: result[k] for k in self.metric_keys if k in result}
         self.tracker.log_metrics(run_id, metrics, step=int(result.get("training_iteration", 0)))
-        if result.get("node_id"):
-            self.tracker.set_tags(run_id, {"ray_node_id": result["node_id"]})
+        node = result.get("node_id")
+        if node and self._nodes.get(trial_id) != node:  # once per node, not a store write every epoch
+            self.tracker.set_tags(run_id, {"ray_node_id": node})
+            self._nodes[trial_id] = node
 
     def on_trial_end(self, trial_id: str, failed: bool, last_result: dict, error: str | None) -> None:
         run_id = self.runs.get(trial_id)
