@@ -57,7 +57,8 @@ def explain_file(classifier, path: Path, output: Path, steps: int = 32) -> dict:
     for ax, (name, values) in zip(axes[1:], maps.items()):
         ax.imshow(grey, cmap="gray")
         signed = name == METHODS[2]  # occlusion: drop in the class score, positive = evidence
-        limit = np.abs(values).max() or 1.0
+        # Clip at the 99th percentile: a few extreme pixels (squared in SmoothGrad²) would hide the rest.
+        limit = float(np.percentile(np.abs(values), 99)) or float(np.abs(values).max()) or 1.0
         ax.imshow(values, cmap="bwr" if signed else "inferno", alpha=0.6,
                   vmin=-limit if signed else 0, vmax=limit)
         ax.set_title(name, fontsize=9)
