@@ -54,3 +54,27 @@ def test_pretrained_mobilenet_loads_offline_from_the_torch_cache(monkeypatch):
     model = create_model("mobilenet_v2", num_classes=4, in_channels=1, pretrained=True)
     # ImageNet filters kept (grey is repeated to RGB), a new 4-class head
     assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 4)
+
+
+def test_mixed_precision_and_channels_last_path_trains():
+    """The CUDA-only speed path (bf16 autocast, channels-last), forced on here so the code runs."""
+    import numpy as np
+    import torch
+
+    from tune_cells.models import create_model
+    from tune_cells.training import Precision, predict_logits, train_one_epoch
+    from tune_cells.transforms import EvalPreset, TrainPreset
+
+    device = torch.device("cpu")
+    precision = Precision.for_device(device, {"mixed_precision": True, "channels_last": True})
+    assert precision.autocast_dtype == torch.bfloat16 and precision.channels_last
+    assert Precision.for_device(device, {}) == Precision()  # auto: off without CUDA
+    model = precision.prepare_model(create_model("small_convnet", num_classes=3, in_channels=3, depth=2, width=8))
+    images = np.random.default_rng(0).integers(0, 256, (8, 24, 24, 3), dtype=np.uint8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    preset = TrainPreset(EvalPreset(24, (0.5,) * 3, (0.25,) * 3))
+    loss, data_time = train_one_epoch(model, images, labels, torch.optim.SGD(model.parameters(), lr=0.01), preset, 4,
+                                      torch.nn.CrossEntropyLoss(), device, torch.Generator().manual_seed(0), precision)
+    assert np.isfinite(loss) and data_time >= 0
+    logits = predict_logits(model, images, preset.eval_preset, device, precision=precision)
+    assert logits.dtype == torch.float32 and logits.shape == (8, 3)

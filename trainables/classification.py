@@ -18,6 +18,7 @@ from tune_cells import ray_backend
 from tune_cells.model_io import ModelSpec, load_trainer_state, save_checkpoint, WEIGHTS_FILE
 from tune_cells.training import (
     NonFiniteLossError,
+    Precision,
     build_lr_schedule,
     build_optimizer,
     evaluate_logits,
@@ -59,7 +60,8 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
         store_size=data.store_size, image_size=int(config.get("image_size", data.store_size)),
         mean=list(data.mean), std=list(data.std), config={**config, "seed": seed},
     )
-    model = spec.build(load_pretrained=True).to(device)
+    precision = Precision.for_device(device, config)
+    model = precision.prepare_model(spec.build(load_pretrained=True).to(device))
     optimizer = build_optimizer(config, model)
     schedule = build_lr_schedule(config, optimizer, data.max_epochs)
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=float(config.get("label_smoothing", 0.0)))
@@ -87,15 +89,16 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
         lr = optimizer.param_groups[0]["lr"]
         batch_size = int(config.get("batch_size", 32))
         try:
-            train_loss, data_time = train_one_epoch(model, data.train_images, train_labels, optimizer, preset, batch_size,
-                                         train_loss_fn, device, generator)
+            train_loss, data_time = train_one_epoch(model, data.train_images, train_labels, optimizer, preset,
+                                                    batch_size, train_loss_fn, device, generator, precision)
         except NonFiniteLossError as exc:
             ray_backend.report_failure(f"diverged at epoch {epoch}: {exc}", METRICS[:4])
             return
         except (torch.OutOfMemoryError, MemoryError) as exc:  # a failed trial with a hint, not a dead search
             raise MemoryError(f"out of memory at batch_size {batch_size} on {device}: try a smaller batch_size, "
                               "fewer trials per GPU (--gpus-per-trial) or a smaller image_size") from exc
-        val = evaluate_logits(predict_logits(model, data.val_images, preset.eval_preset, device), val_labels, val_loss_fn)
+        val = evaluate_logits(predict_logits(model, data.val_images, preset.eval_preset, device, precision=precision),
+                              val_labels, val_loss_fn)
         step_lr_schedule(schedule, val["loss"])
         metrics = {
             "train_loss": train_loss,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,6 +25,38 @@ def pick_device(gpu_ids: list) -> torch.device:
     """CUDA when the trial was given a GPU and CUDA really works here, else the CPU (a declared
     GPU resource on a machine without CUDA still trains, on the CPU)."""
     return torch.device("cuda") if gpu_ids and torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Mixed precision and memory layout of a trial. Both pay off on CUDA (tensor cores, cuDNN's
+    NHWC kernels) and not on a CPU, so `auto` turns them on only there. bfloat16 needs no loss
+    scaling (it has float32's range); GPUs without it train in float32."""
+
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device, config: dict) -> "Precision":
+        cuda = device.type == "cuda"
+        wanted = config.get("mixed_precision", "auto")
+        use_amp = (cuda and torch.cuda.is_bf16_supported()) if wanted == "auto" else bool(wanted)
+        layout = config.get("channels_last", "auto")
+        return cls(torch.bfloat16 if use_amp else None, cuda if layout == "auto" else bool(layout))
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+FLOAT32 = Precision()
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -69,6 +103,7 @@ def train_one_epoch(
     loss_fn: nn.Module,
     device: torch.device,
     generator: torch.Generator,
+    precision: Precision = FLOAT32,
 ) -> tuple[float, float]:
     """One pass over the training images: (mean loss, seconds spent preparing batches)."""
     import time
@@ -81,11 +116,12 @@ def train_one_epoch(
         if len(idx) < 2:  # BatchNorm cannot train on a single image
             continue
         started = time.perf_counter()
-        x = preset(images[idx.numpy()], generator).to(device, non_blocking=True)
+        x = precision.prepare_input(preset(images[idx.numpy()], generator).to(device, non_blocking=True))
         y = labels[idx].to(device, non_blocking=True)
         data_seconds += time.perf_counter() - started
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        with precision.autocast(device):
+            loss = loss_fn(model(x).float(), y)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"training loss became {loss.item()} (try a lower learning rate)")
         loss.backward()
@@ -96,9 +132,14 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images, preset: EvalPreset, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+def predict_logits(model: nn.Module, images, preset: EvalPreset, device: torch.device, batch_size: int = 256,
+                   precision: Precision = FLOAT32) -> torch.Tensor:
     model.eval()
-    out = [model(preset(images[i : i + batch_size]).to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = precision.prepare_input(preset(images[i : i + batch_size]).to(device))
+        with precision.autocast(device):
+            out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 
