@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tune_cells import ray_backend
-from tune_cells.model_io import ModelSpec, load_trainer_state, save_checkpoint, WEIGHTS_FILE
+from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint
 from tune_cells.training import (
     NonFiniteLossError,
     Precision,
@@ -76,12 +76,7 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
     first_epoch = 1
     with ray_backend.resumed_checkpoint() as checkpoint:
         if checkpoint is not None:  # resume where this trial stopped, not from epoch 1
-            model.load_state_dict(torch.load(checkpoint / WEIGHTS_FILE, map_location=device, weights_only=True))
-            state = load_trainer_state(checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
-            if schedule is not None and state.get("schedule"):
-                schedule.load_state_dict(state["schedule"])
-            generator.set_state(state["generator"])
+            state = restore_training(checkpoint, model, optimizer, schedule, generator, device)
             first_epoch = int(state["epoch"]) + 1
 
     for epoch in range(first_epoch, data.max_epochs + 1):

@@ -20,7 +20,7 @@ from torch import nn
 
 from tune_cells import ray_backend
 from tune_cells.analysis.segmentation_metrics import segmentation_scores
-from tune_cells.model_io import WEIGHTS_FILE, ModelSpec, load_trainer_state, save_checkpoint
+from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint
 from tune_cells.segmentation import LOSSES, predict_logits_tiled, rescale_image, rescale_masks, working_tile
 from tune_cells.training import (
     NonFiniteLossError,
@@ -129,12 +129,7 @@ def train_segmenter(config: dict, data: SegmentationData) -> None:
     first_epoch = 1
     with ray_backend.resumed_checkpoint() as checkpoint:
         if checkpoint is not None:  # resume where this trial stopped, not from epoch 1
-            model.load_state_dict(torch.load(checkpoint / WEIGHTS_FILE, map_location=device, weights_only=True))
-            state = load_trainer_state(checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
-            if schedule is not None and state.get("schedule"):
-                schedule.load_state_dict(state["schedule"])
-            generator.set_state(state["generator"])
+            state = restore_training(checkpoint, model, optimizer, schedule, generator, device)
             rng.bit_generator.state = state["numpy_rng"]
             first_epoch = int(state["epoch"]) + 1
 

@@ -260,9 +260,7 @@ def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     if spec.kind != "classification":
         raise UserInputError(f"explain supports classification tasks; {task} is {spec.kind} "
                              "(its masks and overlays come from `tune-cells predict`)")
-    version = tracker.resolve_model(model_uri)
-    if version.tags.get("task") != spec.name:
-        raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {spec.name!r}")
+    tracker.resolve_model(model_uri, spec.name)
     classifier = tracker.load_classifier(model_uri)
     output = output or workdir / "explanations" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     for file in files:

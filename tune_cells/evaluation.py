@@ -45,10 +45,8 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
                         external: Path | None = None) -> Evaluation:
     """Score a registered model on the test part it was trained beside, or on every image of an
     `external` dataset in the task's layout (classes matched by name)."""
-    version = tracker.resolve_model(model_uri)
+    version = tracker.resolve_model(model_uri, task.name)
     tags = version.tags
-    if tags.get("task") != task.name:
-        raise UserInputError(f"{model_uri} is a {tags.get('task', 'unknown')!r} model, not {task.name!r}")
     classifier = tracker.load_classifier(model_uri)
     spec = classifier.spec
     parent_run_id = tags.get("search_run_id")

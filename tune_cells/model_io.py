@@ -69,6 +69,19 @@ def load_trainer_state(directory: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
+def restore_training(checkpoint: Path, model: torch.nn.Module, optimizer, schedule, generator: torch.Generator,
+                     device: torch.device) -> dict:
+    """Load a trial's own checkpoint into its model, optimizer, LR schedule and generator (a
+    resumed or retried trial continues where it stopped); returns the trainer state."""
+    model.load_state_dict(torch.load(Path(checkpoint) / WEIGHTS_FILE, map_location=device, weights_only=True))
+    state = load_trainer_state(checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None and state.get("schedule"):
+        schedule.load_state_dict(state["schedule"])
+    generator.set_state(state["generator"])
+    return state
+
+
 def load_predictor(directory: Path, device: str = "cpu"):
     """The checkpoint's predictor: an ImageClassifier, or an ImageSegmenter for a segmentation model."""
     if load_spec(directory).kind == "segmentation":

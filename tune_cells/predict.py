@@ -30,9 +30,7 @@ def collect_images(paths: list[Path]) -> list[Path]:
 def predict_files(tracker, model_uri: str, task: TaskSpec, files: list[Path], mask_dir: Path) -> pd.DataFrame:
     """Class probabilities per file; for a segmentation model, the pixel-count table, with masks
     and overlays written to `mask_dir`."""
-    version = tracker.resolve_model(model_uri)
-    if version.tags.get("task") != task.name:
-        raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {task.name!r}")
+    tracker.resolve_model(model_uri, task.name)
     predictor = tracker.load_classifier(model_uri)
     images = []
     for file in files:

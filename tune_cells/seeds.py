@@ -35,10 +35,8 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     from tune_cells.model_io import load_predictor
     from tune_cells.search import TrialResources, trial_inputs
 
-    version = tracker.resolve_model(model_uri)
+    version = tracker.resolve_model(model_uri, task.name)
     tags = version.tags
-    if tags.get("task") != task.name:
-        raise UserInputError(f"{model_uri} is a {tags.get('task', 'unknown')!r} model, not {task.name!r}")
     champion = tracker.load_classifier(model_uri)
     parent_id = tags.get("search_run_id")
     if not parent_id:

@@ -194,8 +194,9 @@ class Tracker:
         except MlflowException:
             return None
 
-    def resolve_model(self, model_uri: str):
-        """The registry version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`."""
+    def resolve_model(self, model_uri: str, task: str | None = None):
+        """The registry version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`; with `task`,
+        it must be a model of that task."""
         parsed = urlparse(model_uri)
         if parsed.scheme != "models":
             raise UserInputError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -209,6 +210,8 @@ class Tracker:
                 version = self.client.get_model_version(name, number)
         except MlflowException as exc:
             raise UserInputError(f"{model_uri}: not found in {self.tracking_uri} ({exc.error_code})") from None
+        if task is not None and version.tags.get("task") != task:
+            raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {task!r}")
         return version
 
     def load_classifier(self, model_uri: str):
