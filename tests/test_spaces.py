@@ -75,3 +75,11 @@ def test_space_with_unknown_names_fails_before_any_trial(tmp_path, extra, messag
     path.write_text("params:\n" + extra + "  lr: 0.01\n")
     with pytest.raises(UserInputError, match=message):
         check_space(load_space(path), seed=0)
+
+
+def test_logged_uris_lose_their_passwords():
+    from tune_cells.search import _without_credentials
+
+    assert _without_credentials("https://bob:s3cr3t@mlflow.example.org/") == "https://bob:***@mlflow.example.org/"
+    assert _without_credentials("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert _without_credentials(None) is None

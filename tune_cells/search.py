@@ -409,7 +409,8 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
                        resources: TrialResources) -> None:
     task = prep.task
     tracker.log_params(parent, {
-        **{k: v for k, v in asdict(opts).items() if k not in ("data", "workdir", "space", "task", "verbose")},
+        **{k: _without_credentials(v) for k, v in asdict(opts).items()
+           if k not in ("data", "workdir", "space", "task", "verbose")},
         "trial_cpus": resources.cpus, "trial_gpus": "per model" if resources.gpus is None and resources.use_gpus
         else resources.gpus or 0,
         "task": task.name, "data": str(prep.index.root), "space": prep.space.source, "workdir": str(prep.workdir),
@@ -440,6 +441,17 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
             tracker.log_artifact(parent, Path(tmp) / "near_duplicates.csv")
         tracker.log_artifact(parent, Path(tmp) / "search_space.yaml")
     tracker.log_artifact(parent, split.path, "split")
+
+
+def _without_credentials(value):
+    """A URI with its password replaced (`https://user:secret@host` → `https://user:***@host`):
+    parameters are visible to everyone who can read the store."""
+    if not isinstance(value, str) or "@" not in value or "://" not in value:
+        return value
+    parsed = urlparse(value)
+    if parsed.password is None:
+        return value
+    return value.replace(f":{parsed.password}@", ":***@", 1)
 
 
 def _cached_pretrained_weights() -> str:
