@@ -323,13 +323,16 @@ class _ProgressReporter(tune.Callback):
         values = [t.metric_analysis[self.metric][self.mode] for t in trials if self.metric in t.metric_analysis]
         values = [v for v in values if v == v]  # drop NaN (diverged trials)
         best = (max(values) if self.mode == "max" else min(values)) if values else None
-        done_work = len(ended) + 0.5 * running
-        left = (now - started) / done_work * (self.samples - done_work) if done_work else None
+        # Work in trial budgets: an ended trial is one, a running one its share of max_epochs. Pending
+        # trials are assumed to run the whole budget (ASHA usually stops them sooner): an upper bound.
+        done_work = len(ended) + sum(min(1.0, int((t.last_result or {}).get("training_iteration", 0)) / self.max_epochs)
+                                     for t in trials if t.status == "RUNNING" and t is not ending)
+        left = (now - started) / done_work * (self.samples - done_work) if done_work > 0 else None
         log.info("progress: %d/%d trials done (%d stopped early, %d failed), %d running, %d pending; best %s %s; %s",
                  len(ended), self.samples, stopped, failed, running, max(0, self.samples - len(ended) - running),
                  self.metric, f"{best:.4f}" if best is not None else "-",
                  "done" if len(ended) >= self.samples else
-                 f"about {max(1, round(left / 60))} min left" if left is not None else "estimating time left")
+                 f"at most about {max(1, round(left / 60))} min left" if left is not None else "estimating time left")
 
 
 class _PendingTrialsExplainer(tune.Callback):
