@@ -94,3 +94,14 @@ def test_predict_and_pyfunc_share_the_prediction_path(lung_search):
     model = mlflow.pyfunc.load_model("models:/tune-cells-lung@champion")
     served = model.predict(pd.DataFrame({"path": [str(image)]}))
     assert served.loc[0, "pixels_Parenchyma"] == table.loc[0, "pixels_Parenchyma"]
+
+
+def test_external_lung_set_is_scored_whole_and_explain_says_it_is_for_classifiers(lung_search, tmp_path):
+    external = generate_lung(tmp_path / "external", images=3, size=(160, 120), seed=5)
+    result = cli_subprocess(["evaluate", "lung", "--data", external, "--workdir", lung_search["workdir"],
+                             "--bootstrap", 50], cwd=lung_search["root"])
+    assert result.code == 0, result.err[-2000:]
+    assert f"on 3 images of {external}" in result.out and "test_dice_Parenchyma" in result.out
+    image = next((external / "train" / "Original").glob("*.jpg"))
+    refused = cli_subprocess(["explain", "lung", image, "--workdir", lung_search["workdir"]], cwd=lung_search["root"])
+    assert refused.code == 2 and "explain supports classification tasks" in refused.err
