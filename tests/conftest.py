@@ -70,3 +70,27 @@ def cli_subprocess(args: list[str], cwd: Path, timeout: int = 900, env_extra: di
     proc = subprocess.run([sys.executable, "-m", "tune_cells", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def store_client(db: Path):
+    """An MlflowClient on a sqlite store, registry included: never MLflow's process-global registry
+    URI, which a test that loads a pyfunc model may have pointed at another store."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{db}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_globals():
+    """Put back MLflow's global tracking/registry URIs (and their env vars) after each test."""
+    import mlflow
+
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    mlflow.set_registry_uri(None)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

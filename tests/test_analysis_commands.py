@@ -13,10 +13,9 @@ import urllib.request
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import cli_subprocess
+from conftest import cli_subprocess, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,7 @@ def searched(tmp_path_factory):
                              "--reduction-factor", 2, "--max-concurrent", 1, "--space", root / "space.yaml",
                              "--workdir", workdir, "--seed", 3], cwd=root)
     assert result.code == 0, result.err[-3000:]
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = store_client(workdir / 'mlflow.db')
     experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
     return {"root": root, "workdir": workdir, "client": client, "experiment": experiment, "result": result}
 

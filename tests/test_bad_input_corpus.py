@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import short_tmpdir, write_kaggle
+from conftest import short_tmpdir, store_client, write_kaggle
 
 LABELS = [0, 1, 2, 3] * 6
 
@@ -185,11 +185,10 @@ def fingerprint(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def existing_store(tmp_path_factory) -> Path:
     """A working folder that already holds a user's MLflow store and files."""
-    from mlflow.tracking import MlflowClient
-
+    
     folder = tmp_path_factory.mktemp("store") / "work"
     folder.mkdir()
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client = store_client(folder / 'mlflow.db')
     run = client.create_run(client.create_experiment("earlier-work"))
     client.log_metric(run.info.run_id, "val_dice", 0.9)
     (folder / "notes.txt").write_text("the user's own file")

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import cli_subprocess, short_tmpdir
+from conftest import cli_subprocess, short_tmpdir, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +77,7 @@ def run_on(cluster, tmp_path, *flags, epochs: int = 1) -> list:
                              "--space", space, "--workdir", workdir, "--no-evaluate", *flags],
                             cwd=tmp_path, env_extra=cluster["env"])
     assert result.code == 0, result.err[-3000:]
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = store_client(workdir / 'mlflow.db')
     experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
     return client.search_runs([experiment.experiment_id], "tags.`tune_cells.run_type` = 'trial'")
 

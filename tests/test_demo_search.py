@@ -1,9 +1,8 @@
 """The out-of-the-box runs: `--smoke-test`, and the default demo search that `./run demo` starts."""
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import cli_subprocess
+from conftest import cli_subprocess, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +19,7 @@ def test_default_demo_search_learns_what_mean_colour_cannot(tmp_path):
     # Same flags as `./run demo` (defaults only). Mean colour scores < 0.6: see test_demo_data.
     result = cli_subprocess(["search", "nuclei", "--workdir", tmp_path / "w"], cwd=tmp_path, timeout=1500)
     assert result.code == 0, result.err[-2000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    client = store_client(tmp_path / 'w' / 'mlflow.db')
     experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
     evaluation = client.search_runs([experiment.experiment_id], "tags.`tune_cells.run_type` = 'evaluation'")
     assert len(evaluation) == 1

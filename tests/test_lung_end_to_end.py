@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tune_cells.data.demo import generate_lung
 
-from conftest import cli_subprocess
+from conftest import cli_subprocess, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +40,7 @@ def lung_search(tmp_path_factory):
     result = cli_subprocess(["search", "lung", "--data", data, "--samples", 2, "--max-epochs", 2, "--grace-period", 1,
                              "--space", root / "space.yaml", "--workdir", workdir], cwd=root)
     assert result.code == 0, result.err[-3000:]
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = store_client(workdir / 'mlflow.db')
     runs = client.search_runs([client.get_experiment_by_name("tune-cells-lung").experiment_id])
     return {"root": root, "data": data, "workdir": workdir, "client": client, "runs": runs, "result": result}
 

@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import short_tmpdir
+from conftest import short_tmpdir, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +75,7 @@ def kill_session(session_id: int) -> None:
 
 
 def runs_of(root: Path):
-    client = MlflowClient(f"sqlite:///{root / 'w' / 'mlflow.db'}")
+    client = store_client(root / 'w' / 'mlflow.db')
     experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
     runs = client.search_runs([experiment.experiment_id])
     kind = lambda k: [r for r in runs if r.data.tags.get("tune_cells.run_type") == k]  # noqa: E731

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tune_cells.data.reader import read_log_entries
 
-from conftest import cli_subprocess
+from conftest import cli_subprocess, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +52,7 @@ def search(tmp_path_factory):
         cwd=root,
     )
     assert result.code == 0, result.err[-3000:]
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = store_client(workdir / 'mlflow.db')
     experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
     runs = client.search_runs([experiment.experiment_id])
     return {"root": root, "workdir": workdir, "client": client, "runs": runs, "result": result}
@@ -232,7 +231,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path
                             cwd=tmp_path)
     assert result.code == 0, result.err[-2000:]
     assert "2 trials (0 stopped early by ASHA, 1 failed)" in result.out
-    client = MlflowClient(f"sqlite:///{tmp_path / 'w' / 'mlflow.db'}")
+    client = store_client(tmp_path / 'w' / 'mlflow.db')
     experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
     trials = by_type(client.search_runs([experiment.experiment_id]), "trial")
     failed = [t for t in trials if t.info.status == "FAILED"]

@@ -5,9 +5,8 @@ a promoted champion and a held-out evaluation run. (Nuclei and lung have their o
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import cli_subprocess
+from conftest import cli_subprocess, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +32,7 @@ def test_task_searches_promotes_and_evaluates_on_its_own_layout(task, layout, tm
                              "--space", tmp_path / "space.yaml", "--workdir", workdir], cwd=tmp_path)
     assert result.code == 0, result.err[-3000:]
     assert any(layout in str(p) for p in (workdir / "demo-data" / task).rglob("*"))  # data in the real layout
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = store_client(workdir / 'mlflow.db')
     experiment = client.get_experiment_by_name(f"tune-cells-{task}-demo")
     runs = client.search_runs([experiment.experiment_id])
     kinds = [r.data.tags.get("tune_cells.run_type") for r in runs]

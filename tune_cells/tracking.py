@@ -230,7 +230,12 @@ class Tracker:
         `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ, so the
         environment is restored exactly, not through MLflow's setters.
         """
+        from mlflow.tracking._model_registry import utils as registry_globals
+        from mlflow.tracking._tracking_service import utils as tracking_globals
+
         saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        # Private, but the only way to put back "unset": the public getters return resolved defaults.
+        saved_uris = (getattr(tracking_globals, "_tracking_uri", None), getattr(registry_globals, "_registry_uri", None))
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         try:
@@ -242,6 +247,7 @@ class Tracker:
                     yield
                 self.client.set_terminated(run_id, status)  # reopening must not change its status
         finally:
+            tracking_globals._tracking_uri, registry_globals._registry_uri = saved_uris
             for key, value in saved_env.items():
                 if value is None:
                     os.environ.pop(key, None)
