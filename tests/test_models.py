@@ -78,3 +78,16 @@ def test_mixed_precision_and_channels_last_path_trains():
     assert np.isfinite(loss) and data_time >= 0
     logits = predict_logits(model, images, preset.eval_preset, device, precision=precision)
     assert logits.dtype == torch.float32 and logits.shape == (8, 3)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet18", "alexnet"])
+def test_a_pretrained_grey_model_is_rebuilt_in_its_trained_architecture(arch):
+    """A checkpoint of a pretrained network on grey cells (hep2) must load into the network that
+    evaluation, predict and serving rebuild without ImageNet weights."""
+    from tune_cells.model_io import ModelSpec
+
+    spec = ModelSpec("hep2", arch, ["a", "b"], 1, 78, 64, [0.5], [0.2], {"pretrained": True, "dropout": 0.3})
+    trained = create_model(arch, num_classes=2, in_channels=1, pretrained=True, dropout=0.3, load_weights=False)
+    rebuilt = spec.build()
+    assert list(rebuilt.state_dict()) == list(trained.state_dict())
+    rebuilt.load_state_dict(trained.state_dict())

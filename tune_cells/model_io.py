@@ -44,9 +44,11 @@ class ModelSpec:
         return EvalPreset(self.image_size, tuple(self.mean), tuple(self.std))
 
     def build(self, load_pretrained: bool = False) -> torch.nn.Module:
-        """The network; ImageNet weights are fetched only for training (a state_dict replaces them)."""
-        config = {**self.config, "pretrained": load_pretrained and bool(self.config.get("pretrained"))}
-        return create_model(self.architecture, num_classes=len(self.classes), in_channels=self.channels, **config)
+        """The network, always in the architecture it was trained in (a pretrained network on grey
+        input repeats it to RGB); ImageNet weights are fetched only for training, since a
+        checkpoint's state_dict replaces them."""
+        return create_model(self.architecture, num_classes=len(self.classes), in_channels=self.channels,
+                            load_weights=load_pretrained, **self.config)
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, trainer_state: dict | None = None) -> Path:

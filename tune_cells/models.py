@@ -29,7 +29,7 @@ def model_names() -> list[str]:
 
 def model_hyperparameters(name: str) -> set[str]:
     params = inspect.signature(_builder(name)).parameters
-    return {p for p in params if p not in ("num_classes", "in_channels")}
+    return {p for p in params if p not in ("num_classes", "in_channels", "load_weights")}
 
 
 # Default share of one GPU per trial: small cell models leave most of a GPU idle, so several
@@ -41,9 +41,13 @@ def gpu_share(name: str) -> float:
     return GPU_SHARE.get(name, 0.5)
 
 
-def create_model(name: str, *, num_classes: int, in_channels: int, **config) -> nn.Module:
+def create_model(name: str, *, num_classes: int, in_channels: int, load_weights: bool = True, **config) -> nn.Module:
+    """`load_weights=False` builds a pretrained configuration's exact architecture without fetching
+    ImageNet weights (a checkpoint's own state_dict is loaded next)."""
     builder = _builder(name)
     kwargs = {k: v for k, v in config.items() if k in model_hyperparameters(name)}
+    if "load_weights" in inspect.signature(builder).parameters:
+        kwargs["load_weights"] = load_weights
     return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
@@ -139,10 +143,12 @@ class _RepeatChannels(nn.Module):
         return x.expand(-1, self.channels, -1, -1)
 
 
-def _torchvision_classifier(arch, num_classes, in_channels, pretrained, freeze_features, dropout):
+def _torchvision_classifier(arch, num_classes, in_channels, pretrained, freeze_features, dropout, load_weights=True):
+    """`pretrained` shapes the network (a grey input is repeated to RGB for ImageNet filters);
+    `load_weights` fetches the ImageNet weights, skipped when a checkpoint's state_dict follows."""
     from torchvision import models as tvm
 
-    weights = _pretrained_weights(_weights_enum(arch), arch) if pretrained else None
+    weights = _pretrained_weights(_weights_enum(arch), arch) if pretrained and load_weights else None
     model = getattr(tvm, arch)(weights=weights)
     if freeze_features:
         for param in model.parameters():
@@ -179,23 +185,27 @@ def _weights_enum(arch: str):
 
 
 @register_model
-def resnet18(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.0):
-    return _torchvision_classifier("resnet18", num_classes, in_channels, pretrained, freeze_features, dropout)
+def resnet18(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.0,
+             load_weights: bool = True):
+    return _torchvision_classifier("resnet18", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
 @register_model
-def resnet50(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.0):
-    return _torchvision_classifier("resnet50", num_classes, in_channels, pretrained, freeze_features, dropout)
+def resnet50(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.0,
+             load_weights: bool = True):
+    return _torchvision_classifier("resnet50", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
 @register_model
-def mobilenet_v2(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.2):
-    return _torchvision_classifier("mobilenet_v2", num_classes, in_channels, pretrained, freeze_features, dropout)
+def mobilenet_v2(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.2,
+                 load_weights: bool = True):
+    return _torchvision_classifier("mobilenet_v2", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
 @register_model
-def alexnet(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.5):
-    return _torchvision_classifier("alexnet", num_classes, in_channels, pretrained, freeze_features, dropout)
+def alexnet(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.5,
+            load_weights: bool = True):
+    return _torchvision_classifier("alexnet", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
 # --- segmentation -------------------------------------------------------------------------
@@ -205,7 +215,7 @@ UNET_ENCODERS = ("resnet18", "resnet34", "mobilenet_v2")
 
 @register_model
 def unet(num_classes: int, in_channels: int, encoder: str = "resnet18", depth: int = 4, base_width: int = 16,
-         pretrained: bool = False):
+         pretrained: bool = False, load_weights: bool = True):
     """U-Net from segmentation-models-pytorch: `depth` encoder stages and a decoder whose widths
     double from `base_width` at full resolution; one output channel per target (multi-label).
 
@@ -222,7 +232,7 @@ def unet(num_classes: int, in_channels: int, encoder: str = "resnet18", depth: i
     model = smp.Unet(encoder, encoder_weights=None, encoder_depth=depth, in_channels=in_channels,
                      decoder_channels=tuple(int(base_width) * 2**i for i in reversed(range(depth))),
                      classes=num_classes)
-    if pretrained:
+    if pretrained and load_weights:
         if in_channels != 3:
             raise UserInputError("a pretrained U-Net encoder needs RGB input")
         weights = _pretrained_weights(_weights_enum(encoder), encoder)
