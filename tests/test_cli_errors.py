@@ -79,3 +79,13 @@ def test_unwritable_workdir_exits_2(run_cli, tmp_path):
 def test_tasks_lists_nuclei(run_cli):
     result = run_cli("tasks")
     assert result.code == 0 and "nuclei:" in result.out and "train.csv" in result.out
+
+
+def test_report_of_an_unknown_run_id_is_one_line_exit_2(run_cli, tmp_path):
+    from conftest import store_client
+
+    (tmp_path / "w").mkdir()
+    store_client(tmp_path / "w" / "mlflow.db").create_experiment("something")
+    result = run_cli("report", "--run-id", "0123456789abcdef", "--workdir", tmp_path / "w")
+    assert result.code == 2 and "--run-id 0123456789abcdef: no such run" in result.err
+    assert len(result.err.strip().splitlines()) == 1

@@ -52,9 +52,7 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
     parent_run_id = tags.get("search_run_id")
 
     if external is None:
-        index = task.importer(Path(tags["data_root"]))
-        split = load_or_create_split(_split_file(tracker, tags, parent_run_id, workdir), index,
-                                     int(tags.get("split_seed", 0)))
+        index, split = model_split(task, tracker, tags, workdir)
         part, source = "test", {"split_file": split.path.name, "split_sha256": split.sha256}
     else:
         index = task.importer(Path(external))
@@ -113,6 +111,13 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
         tracker.end_run(run_id, "FAILED")
         raise
     return Evaluation(run_id, model_uri, version.version, metrics, intervals, exact, len(labels))
+
+
+def model_split(task: TaskSpec, tracker: Tracker, tags: dict, workdir: Path) -> tuple:
+    """(dataset index, split) a registered model was trained under, from its version tags."""
+    index = task.importer(Path(tags["data_root"]))
+    split_file = _split_file(tracker, tags, tags.get("search_run_id"), workdir)
+    return index, load_or_create_split(split_file, index, int(tags.get("split_seed", 0)))
 
 
 def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir: Path) -> Path:

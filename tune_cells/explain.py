@@ -27,18 +27,17 @@ def attributions(model: torch.nn.Module, x: torch.Tensor, target: int, steps: in
     model.eval()
     baseline = torch.zeros_like(x)
     ig = IntegratedGradients(model)
-    side = x.shape[-1]
-    window = max(4, side // 8)
-    maps = {
-        METHODS[0]: ig.attribute(x, baselines=baseline, target=target, n_steps=steps),
-        METHODS[1]: NoiseTunnel(ig).attribute(x, baselines=baseline, target=target, n_steps=steps // 2,
-                                              nt_type="smoothgrad_sq", nt_samples=noise_samples, stdevs=0.15),
-        METHODS[2]: Occlusion(model).attribute(x, target=target, sliding_window_shapes=(x.shape[1], window, window),
-                                               strides=(x.shape[1], window // 2, window // 2), baselines=0.0,
-                                               perturbations_per_eval=64),  # batched: 1 per pass is 50x slower
-    }
-    return {name: a.detach()[0].abs().sum(0).numpy() if name != METHODS[2] else a.detach()[0].sum(0).numpy()
-            for name, a in maps.items()}
+    window = max(4, x.shape[-1] // 8)
+    gradients = ig.attribute(x, baselines=baseline, target=target, n_steps=steps)
+    smoothed = NoiseTunnel(ig).attribute(x, baselines=baseline, target=target, n_steps=steps // 2,
+                                         nt_type="smoothgrad_sq", nt_samples=noise_samples, stdevs=0.15)
+    occluded = Occlusion(model).attribute(x, target=target, sliding_window_shapes=(x.shape[1], window, window),
+                                          strides=(x.shape[1], window // 2, window // 2), baselines=0.0,
+                                          perturbations_per_eval=64)  # batched: 1 per pass is 50x slower
+    magnitude = lambda a: a.detach()[0].abs().sum(0).numpy()  # noqa: E731
+    # Occlusion keeps its sign: a drop in the class score (positive) is evidence for the class.
+    return {METHODS[0]: magnitude(gradients), METHODS[1]: magnitude(smoothed),
+            METHODS[2]: occluded.detach()[0].sum(0).numpy()}
 
 
 def explain_file(classifier, path: Path, output: Path, steps: int = 32) -> dict:

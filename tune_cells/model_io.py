@@ -84,6 +84,14 @@ def restore_training(checkpoint: Path, model: torch.nn.Module, optimizer, schedu
     return state
 
 
+def base64_image_file(text: str) -> io.BytesIO:
+    """The bytes behind a base64 string, as a file for PIL; bad base64 is a ValueError."""
+    try:
+        return io.BytesIO(base64.b64decode(text, validate=True))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"image is not valid base64 ({exc})") from None
+
+
 def load_predictor(directory: Path, device: str = "cpu"):
     """The checkpoint's predictor: an ImageClassifier, or an ImageSegmenter for a segmentation model."""
     if load_spec(directory).kind == "segmentation":
@@ -120,11 +128,7 @@ class ImageClassifier:
 
     def decode_base64(self, text: str) -> np.ndarray:
         """Base64-encoded image bytes (PNG, JPEG, TIFF...), decoded exactly as the training data was."""
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"image is not valid base64 ({exc})") from None
-        return decode_image(io.BytesIO(raw), self.spec.channels, self.spec.store_size)
+        return decode_image(base64_image_file(text), self.spec.channels, self.spec.store_size)
 
     def predict_table(self, images: list[np.ndarray]) -> pd.DataFrame:
         """Predicted class and per-class probabilities, one row per decoded image."""

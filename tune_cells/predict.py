@@ -46,8 +46,7 @@ def predict_files(tracker, model_uri: str, task: TaskSpec, files: list[Path], ma
             stems = [f"{i:04d}_{stem}" for i, stem in enumerate(stems)]
         masks = [predictor.predict_masks(image) for image in images]
         table = write_predictions(predictor, stems, images, masks, mask_dir)
-        table.insert(0, "path", [str(f) for f in files])
-        return table
-    table = predictor.predict_table(images)
+    else:
+        table = predictor.predict_table(images)
     table.insert(0, "path", [str(f) for f in files])
     return table

@@ -87,7 +87,9 @@ def _search_run(tracker, experiment: str | None, run_id: str | None):
     if not tracker.store_exists():
         raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run a search first")
     if run_id:
-        run = tracker.get_run(run_id)
+        run = tracker.find_run(run_id)
+        if run is None:
+            raise UserInputError(f"--run-id {run_id}: no such run in {tracker.tracking_uri}")
         if run.data.tags.get("tune_cells.run_type") != "search":
             raise UserInputError(f"run {run_id} is not a search (parent) run")
         return run

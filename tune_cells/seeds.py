@@ -7,6 +7,7 @@ is reported beside the champion's own score and bootstrap CI.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from tune_cells.data.reader import SplitReader
-from tune_cells.data.splits import load_or_create_split
 from tune_cells.errors import UserInputError
 
 CLASSIFICATION_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
@@ -31,7 +31,7 @@ class SeedsEvaluation:
 
 def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot: int = 1000) -> SeedsEvaluation:
     from tune_cells import ray_backend
-    from tune_cells.evaluation import _split_file
+    from tune_cells.evaluation import model_split
     from tune_cells.model_io import load_predictor
     from tune_cells.search import TrialResources, trial_inputs
 
@@ -44,8 +44,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     parent = tracker.get_run(parent_id)
     max_epochs = int(parent.data.params.get("max_epochs", 10))
     metric, mode = parent.data.params.get("metric", task.metric), parent.data.params.get("mode", task.mode)
-    index = task.importer(Path(tags["data_root"]))
-    split = load_or_create_split(_split_file(tracker, tags, parent_id, workdir), index, int(tags.get("split_seed", 0)))
+    index, split = model_split(task, tracker, tags, workdir)
     reader = SplitReader(index, split, task.channels, task.store_size, workdir)
     config = {key: value for key, value in champion.spec.config.items() if key != "seed"}
     base = int(champion.spec.config.get("seed", 0))
@@ -92,8 +91,6 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         tracker.end_run(run_id, "FAILED")
         raise
     for run in runs:
-        import shutil
-
         shutil.rmtree(run.checkpoint, ignore_errors=True)
     return SeedsEvaluation(run_id, table, seeds)
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tune_cells.data.images import MASK_THRESHOLD, decode_full
-from tune_cells.model_io import WEIGHTS_FILE, ModelSpec, load_spec
+from tune_cells.data.images import MASK_THRESHOLD, decode_full, scaled_size
+from tune_cells.model_io import WEIGHTS_FILE, ModelSpec, base64_image_file, load_spec
 from tune_cells.transforms import EvalPreset
 
 LOSSES = ("bce", "dice", "bce_dice")
@@ -37,16 +37,19 @@ def rescale_image(image: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1.0:
         return image
     pil = Image.fromarray(np.ascontiguousarray(image))
-    size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
-    return np.asarray(pil.resize(size, Image.Resampling.BILINEAR, reducing_gap=None))
+    return np.asarray(pil.resize(scaled_size(pil.size, scale), Image.Resampling.BILINEAR, reducing_gap=None))
 
 
 def rescale_masks(masks: np.ndarray, scale: float) -> np.ndarray:
     """T×H×W 0/1 masks at `scale`: bilinear on 0/255, then the same threshold as decoding."""
     if scale == 1.0:
         return masks
-    return np.stack([(rescale_image(np.repeat(m[..., None] * 255, 3, -1).astype(np.uint8), scale)[..., 0]
-                      > MASK_THRESHOLD).astype(np.uint8) for m in masks])
+    resized = []
+    for mask in masks:
+        grey = Image.fromarray((mask * 255).astype(np.uint8))
+        resized.append((np.asarray(grey.resize(scaled_size(grey.size, scale), Image.Resampling.BILINEAR,
+                                               reducing_gap=None)) > MASK_THRESHOLD).astype(np.uint8))
+    return np.stack(resized)
 
 
 def pixel_stats(images: list[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -136,14 +139,7 @@ class ImageSegmenter:
         return decode_full(Path(path))
 
     def decode_base64(self, text: str) -> np.ndarray:
-        import base64
-        import io
-
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"image is not valid base64 ({exc})") from None
-        return decode_full(io.BytesIO(raw))
+        return decode_full(base64_image_file(text))
 
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
         """T×H×W float32 probabilities at the image's own size."""

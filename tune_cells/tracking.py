@@ -155,6 +155,13 @@ class Tracker:
     def get_run(self, run_id: str):
         return self.client.get_run(run_id)
 
+    def find_run(self, run_id: str):
+        """The run, or None when the store has no such run (a user-given id)."""
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            return None
+
     # --- models -------------------------------------------------------------------------
 
     def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict,

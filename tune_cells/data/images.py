@@ -78,7 +78,7 @@ def decode_full(path: Path, scale: float = 1.0) -> np.ndarray:
     with Image.open(path) as image:
         image = image.convert("RGB")
         if scale != 1.0:
-            image = image.resize(_scaled(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
+            image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
         return np.asarray(image, dtype=np.uint8)
 
 
@@ -90,11 +90,11 @@ def decode_mask(path: Path, scale: float = 1.0) -> np.ndarray:
     with Image.open(path) as image:
         image = image.convert("L")
         if scale != 1.0:
-            image = image.resize(_scaled(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
+            image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
         return (np.asarray(image) > MASK_THRESHOLD).astype(np.uint8)
 
 
-def _scaled(size: tuple[int, int], scale: float) -> tuple[int, int]:
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
