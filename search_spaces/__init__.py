@@ -61,6 +61,13 @@ class SearchSpace:
         fixed = self(trial)
         return {**trial.params, **fixed}
 
+    @property
+    def may_use_pretrained(self) -> bool:
+        """Whether some configuration of this space asks for ImageNet weights."""
+        spec = self.params.get("pretrained", False)
+        values = spec.get("choices", [True]) if isinstance(spec, dict) else [spec]
+        return any(bool(v) for v in values) or any(p.get("pretrained") for p in self.initial_points)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump({"params": self.params, "initial_points": self.initial_points}, sort_keys=True)
 

@@ -132,3 +132,20 @@ def test_near_identical_images_are_found_and_different_ones_are_not(tmp_path):
     hashes = image_hashes(tmp_path, paths)
     pairs = {(paths[i], paths[j]) for i, j, _ in near_duplicates(hashes, hashes) if i < j}
     assert pairs == {("a.png", "a-copy.jpg"), ("a.png", "a-brighter.png"), ("a-copy.jpg", "a-brighter.png")}
+
+
+def test_a_search_decodes_each_image_once_and_never_keeps_test_pixels(tmp_path, kaggle_dataset):
+    from tune_cells.data.images import decode_images
+    from tune_cells.search import decode_once
+
+    index = nuclei.importer(kaggle_dataset)
+    split = load_or_create_split(tmp_path / "s.json", index, seed=0)
+    scan, decoded = decode_once(nuclei, index, split)
+    assert scan.hashes.shape == (len(index.items), 4) and scan.hashes.any(axis=1).all()
+    assert set(decoded) == set(split.parts["train"]) | set(split.parts["val"])  # no test pixels
+    reader = SplitReader(index, split, nuclei.channels, nuclei.store_size, tmp_path, decoded)
+    val, _ = reader.load("val", "selection")
+    np.testing.assert_array_equal(val, decode_images(index.root, split.parts["val"], nuclei.channels,
+                                                     nuclei.store_size))
+    assert set(decoded) == set(split.parts["train"])  # handed over once, then dropped
+    assert [e["part"] for e in read_log_entries(tmp_path)] == ["val"]  # the read is still logged

@@ -153,3 +153,23 @@ def test_trainer_state_with_numpy_rng_loads_with_weights_only(tmp_path):
     restored = np.random.default_rng()
     restored.bit_generator.state = load_trainer_state(tmp_path)["numpy_rng"]
     assert restored.random() == rng.random()
+
+
+def test_segmentation_images_and_masks_are_decoded_once(tmp_path):
+    from tune_cells.data.images import decode_full, decode_mask
+    from tune_cells.data.reader import SplitReader
+    from tune_cells.data.splits import load_or_create_split
+    from tune_cells.search import decode_once
+    from tune_cells.tasks import get_task
+
+    index = import_lung_masks(generate_lung(tmp_path / "demo", images=10, size=(96, 64)))
+    split = load_or_create_split(tmp_path / "s.json", index, seed=0)
+    _, decoded = decode_once(get_task("lung"), index, split)
+    rows = index.items.set_index("path")
+    fitting = split.parts["train"] + split.parts["val"]
+    masks = {rows.at[p, f"mask:{t}"] for p in fitting for t in index.classes}
+    assert set(decoded) == set(fitting) | masks  # nothing of the test part
+    images, kept_masks = SplitReader(index, split, 3, 0, tmp_path, decoded).load_segmentation("val", "selection")
+    first = split.parts["val"][0]
+    np.testing.assert_array_equal(images[0], decode_full(index.root / first))
+    np.testing.assert_array_equal(kept_masks[0][0], decode_mask(index.root / rows.at[first, f"mask:{index.classes[0]}"]))

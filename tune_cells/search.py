@@ -16,13 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pandas as pd
 
-from tune_cells.data.images import ImageIndex, image_hashes
+from tune_cells.data.images import ImageIndex, ImageScan, full_array, mask_array, scan_images, store_array
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, cross_split_duplicates, plan_split, save_split, split_path
 from tune_cells.errors import UserInputError
@@ -68,6 +69,7 @@ class PreparedSearch:
     model_name: str
     tracking_uri: str
     duplicates: list[dict]  # near-identical images across split parts
+    decoded: dict = field(default_factory=dict)  # train/val pixels by path, decoded by the preflight
     resume_run_id: str = ""  # with --resume: the interrupted search's parent run ...
     resume_name: str = ""  # ... and its Ray experiment name
 
@@ -203,6 +205,14 @@ def check_space(space: SearchSpace, seed: int) -> None:
 
 
 def prepare(opts: SearchOptions) -> PreparedSearch:
+    """The whole preflight: the quick checks, then every image decoded (see `check_pixels`)."""
+    prep = check_inputs(opts)
+    check_pixels(prep)
+    return prep
+
+
+def check_inputs(opts: SearchOptions) -> PreparedSearch:
+    """The quick part of the preflight: options, space, workdir, dataset index, split, store."""
     from tune_cells.tracking import resolve_tracking_uri
 
     task = get_task(opts.task)
@@ -212,19 +222,41 @@ def prepare(opts: SearchOptions) -> PreparedSearch:
     workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
     index = load_dataset(task, opts.data, workdir)
     split = plan_split(split_path(workdir, task.name, index, opts.seed), index, opts.seed)
-    paths = list(index.items["path"])
-    hashes = image_hashes(index.root, paths)  # every image must decode; pixels not kept (not a read)
-    for target in index.classes if index.kind == "segmentation" else ():
-        image_hashes(index.root, index.mask_paths(target))  # and every mask
-    duplicates = cross_split_duplicates(split, paths, hashes)
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
     check_tracking(tracking_uri)
     suffix = "-demo" if index.source == "demo" else ""
     prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
-                          f"tune-cells-{task.name}{suffix}", tracking_uri, duplicates)
+                          f"tune-cells-{task.name}{suffix}", tracking_uri, [])
     if opts.resume:
         prep.resume_run_id, prep.resume_name = find_interrupted_search(opts, prep)
     return prep
+
+
+def check_pixels(prep: PreparedSearch) -> None:
+    """The slow part of the preflight: every image decodes (their pixels for training are kept),
+    and near-identical images across split parts are found."""
+    scan, prep.decoded = decode_once(prep.task, prep.index, prep.split)
+    prep.duplicates = cross_split_duplicates(prep.split, list(prep.index.items["path"]), scan.hashes)
+
+
+def decode_once(task: TaskSpec, index: ImageIndex, split: Split) -> tuple[ImageScan, dict]:
+    """Check that every image (and mask) decodes, hash it for the duplicate check, and keep the
+    train and validation pixels in the form training uses: the one decoding pass of a search.
+    Test pixels are never kept: the test part is read only after promotion."""
+    from functools import partial
+
+    fitting = frozenset(split.parts["train"]) | frozenset(split.parts["val"])
+    if index.kind != "segmentation":
+        scan = scan_images(index.root, list(index.items["path"]), fitting,
+                           partial(store_array, channels=task.channels, size=task.store_size))
+        return scan, scan.kept
+    scan = scan_images(index.root, list(index.items["path"]), fitting, full_array)
+    decoded = dict(scan.kept)
+    fitting_rows = index.items["path"].isin(fitting)
+    for target in index.classes:
+        masks = index.items[f"mask:{target}"]
+        decoded.update(scan_images(index.root, list(masks), frozenset(masks[fitting_rows]), mask_array).kept)
+    return scan, decoded
 
 
 RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed")
@@ -294,15 +326,26 @@ def trial_resources(opts: SearchOptions, cluster: dict) -> TrialResources:
 
 def run_search(opts: SearchOptions) -> SearchOutcome:
     from tune_cells import ray_backend
+    from tune_cells.tracking import Tracker
 
     started = time.time()
-    prep = prepare(opts)
-    resources = ray_backend.init(opts.address, num_cpus=os.cpu_count(), verbose=opts.verbose,
-                                 object_store_bytes=None if opts.address else _object_store_bytes(prep))
-    try:
-        outcome = _tracked_search(opts, prep, trial_resources(opts, resources))
-    finally:
-        ray_backend.shutdown()
+    prep = check_inputs(opts)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Ray's start mostly waits for its processes; decoding every image is CPU work that Pillow
+        # does without the GIL: do both at once. A bad image still stops the search before the
+        # workdir or the store is touched (Ray's own session files live in its temp folder).
+        decoding = pool.submit(check_pixels, prep)
+        try:
+            resources = ray_backend.init(opts.address, num_cpus=os.cpu_count(), verbose=opts.verbose,
+                                         object_store_bytes=None if opts.address else _object_store_bytes(prep))
+            decoding.result()
+            prepare_workdir(prep.workdir)
+            tracker = Tracker(prep.tracking_uri, prep.workdir / "mlartifacts")
+            outcome = _tracked_search(opts, prep, trial_resources(opts, resources), tracker,
+                                      tracker.experiment_id(prep.experiment))
+        finally:
+            decoding.cancel()
+            ray_backend.shutdown()
     outcome.wall_time_s = time.time() - started
     return outcome
 
@@ -319,13 +362,13 @@ def _object_store_bytes(prep: PreparedSearch) -> int:
     return max(128 << 20, 3 * images * per_image)
 
 
-def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialResources) -> SearchOutcome:
+def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialResources, tracker,
+                    experiment_id: str) -> SearchOutcome:
     from tune_cells import ray_backend
-    from tune_cells.tracking import TrialRecorder, Tracker
+    from tune_cells.tracking import TrialRecorder
 
-    prepare_workdir(prep.workdir)
     split = save_split(prep.split)
-    reader = SplitReader(prep.index, split, prep.task.channels, prep.task.store_size, prep.workdir)
+    reader = SplitReader(prep.index, split, prep.task.channels, prep.task.store_size, prep.workdir, prep.decoded)
     what = prep.index.class_counts() if prep.index.kind == "classification" else f"targets {prep.index.classes}"
     log.info("dataset %s: %d images, %s; split %s", prep.index.root, len(prep.index.items), what, split.sizes())
     trial = trial_inputs(prep.task, prep.index, reader, opts.max_epochs, opts.seed)
@@ -336,8 +379,6 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         log.warning("%d near-identical image pairs across split parts (e.g. %s in %s ~ %s in %s): held-out "
                     "metrics may be optimistic; edit %s to move them into one part", len(prep.duplicates),
                     first["path_a"], first["part_a"], first["path_b"], first["part_b"], split.path)
-    tracker = Tracker(prep.tracking_uri, prep.workdir / "mlartifacts")
-    experiment_id = tracker.experiment_id(prep.experiment)
     storage = opts.storage or str(prep.workdir / "ray" / prep.experiment)
     if opts.resume:
         parent, search_name = prep.resume_run_id, prep.resume_name
@@ -418,7 +459,9 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
         "classes": ",".join(prep.index.classes), "images": len(prep.index.items),
         **{f"split_{part}": n for part, n in split.sizes().items()},
         "near_duplicates_across_splits": len(prep.duplicates),
-        "pretrained_weights_cached": _cached_pretrained_weights() or "none",
+        # (Listing the cache imports torchvision: seconds a space without pretrained models need not wait.)
+        "pretrained_weights_cached": (_cached_pretrained_weights() or "none") if prep.space.may_use_pretrained
+        else "not used by the space",
         "promotion_policy": f"best trial by {task.mode} {task.metric} over all its epochs; its best-epoch checkpoint",
     })
     labels = dict(zip(prep.index.items["path"], prep.index.items["label"]))

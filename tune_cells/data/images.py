@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -61,25 +64,34 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
     """
     with Image.open(path) as image:
         image.load()
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit microscopy: rescale to 8 bit rather than clipping to white.
-            array = np.asarray(image, dtype=np.float32)
-            top = float(array.max()) or 1.0
-            image = Image.fromarray((array / top * 255).astype(np.uint8))
-        image = image.convert("RGB" if channels == 3 else "L")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-        array = np.asarray(image, dtype=np.uint8)
+        return store_array(image, channels, size)
+
+
+def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
+    """A loaded image as the classification store keeps it: `size`x`size`x`channels` uint8."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit microscopy: rescale to 8 bit rather than clipping to white.
+        array = np.asarray(image, dtype=np.float32)
+        top = float(array.max()) or 1.0
+        image = Image.fromarray((array / top * 255).astype(np.uint8))
+    image = image.convert("RGB" if channels == 3 else "L")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if channels == 1 else array
 
 
 def decode_full(path: Path, scale: float = 1.0) -> np.ndarray:
     """An RGB image at its own size times `scale` (segmentation keeps the geometry), H×W×3 uint8."""
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        if scale != 1.0:
-            image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
-        return np.asarray(image, dtype=np.uint8)
+        return full_array(image, scale)
+
+
+def full_array(image: Image.Image, scale: float = 1.0) -> np.ndarray:
+    image = image.convert("RGB")
+    if scale != 1.0:
+        image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(image, dtype=np.uint8)
 
 
 MASK_THRESHOLD = 127  # masks may be lossy JPEG: grey values above this are foreground
@@ -88,10 +100,14 @@ MASK_THRESHOLD = 127  # masks may be lossy JPEG: grey values above this are fore
 def decode_mask(path: Path, scale: float = 1.0) -> np.ndarray:
     """A binary mask (H×W uint8 0/1) at its own size times `scale`, thresholded at 127."""
     with Image.open(path) as image:
-        image = image.convert("L")
-        if scale != 1.0:
-            image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
-        return (np.asarray(image) > MASK_THRESHOLD).astype(np.uint8)
+        return mask_array(image, scale)
+
+
+def mask_array(image: Image.Image, scale: float = 1.0) -> np.ndarray:
+    image = image.convert("L")
+    if scale != 1.0:
+        image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
+    return (np.asarray(image) > MASK_THRESHOLD).astype(np.uint8)
 
 
 def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -100,28 +116,36 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 def decode_images(root: Path, paths: list[str], channels: int, size: int) -> np.ndarray:
     """Decode many images into one (N, size, size, C) uint8 array; undecodable files are exit 2."""
+    def one(rel: str):
+        try:
+            return decode_image(root / rel, channels, size), None
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            return None, f"{rel} ({type(exc).__name__})"
+
     out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
     bad: list[str] = []
-    for i, rel in enumerate(_progress(paths, "decoding images")):
-        try:
-            out[i] = decode_image(root / rel, channels, size)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            bad.append(f"{rel} ({type(exc).__name__})")
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        results = pool.map(one, paths, chunksize=32)
+        for i, (array, error) in enumerate(_progress(results, "decoding images", total=len(paths))):
+            if error is not None:
+                bad.append(error)
+            else:
+                out[i] = array
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise UserInputError(f"{root}: cannot decode {', '.join(bad[:3])}{more}")
     return out
 
 
-def _progress(items: list, what: str):
+def _progress(items, what: str, total: int | None = None):
     """A progress bar on a terminal for long loops over many images; silent in logs and tests."""
     import sys
 
-    if len(items) < 1000 or not sys.stderr.isatty():
+    if (total if total is not None else len(items)) < 1000 or not sys.stderr.isatty():
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=what, unit="img", leave=False)
+    return tqdm(items, desc=what, unit="img", leave=False, total=total)
 
 
 # Difference hash (dHash) on a 17x16 grey thumbnail: 256 bits that survive recompression, small
@@ -132,23 +156,53 @@ NEAR_DUPLICATE_BITS = 12  # of 256: near-identical; similar-looking cells (HEp-2
 
 def image_hashes(root: Path, paths: list[str]) -> np.ndarray:
     """(N, 4) uint64 dHashes of every image; any file that does not decode is exit 2, named."""
-    hashes = np.zeros((len(paths), HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
-    bad: list[str] = []
-    for i, rel in enumerate(_progress(paths, "checking images")):
+    return scan_images(root, paths).hashes
+
+
+@dataclass
+class ImageScan:
+    hashes: np.ndarray  # (N, 4) uint64 dHash per path
+    kept: dict[str, np.ndarray]  # converted pixels of the paths asked for, by path
+
+
+def scan_images(root: Path, paths: list[str], keep: frozenset[str] = frozenset(),
+                convert: Callable[[Image.Image], np.ndarray] | None = None) -> ImageScan:
+    """Decode every image once: hash it, and keep `convert(image)` for the paths in `keep`.
+
+    This is the preflight's check that every file decodes, and also the decoding that training
+    uses (so a search decodes each image once, not twice). Pillow releases the GIL while it
+    decodes and resizes, so a thread per core does the work in parallel. Any file that does not
+    decode is exit 2, named.
+    """
+    def one(rel: str):
         try:
             with Image.open(root / rel) as image:
                 image.load()
                 grey = np.asarray(image.convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BILINEAR),
                                   dtype=np.int16)
+                pixels = convert(image) if convert is not None and rel in keep else None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            bad.append(f"{rel} ({type(exc).__name__})")
-            continue
+            return None, None, f"{rel} ({type(exc).__name__})"
         bits = (grey[:, 1:] > grey[:, :-1]).reshape(-1)
-        hashes[i] = np.packbits(bits).view(">u8").astype(np.uint64)
+        return np.packbits(bits).view(">u8").astype(np.uint64), pixels, None
+
+    hashes = np.zeros((len(paths), HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
+    kept: dict[str, np.ndarray] = {}
+    bad: list[str] = []
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = pool.map(one, paths, chunksize=32)
+        for i, (rel, (digest, pixels, error)) in enumerate(zip(paths, _progress(results, "checking images",
+                                                                              total=len(paths)))):
+            if error is not None:
+                bad.append(error)
+                continue
+            hashes[i] = digest
+            if pixels is not None:
+                kept[rel] = pixels
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise UserInputError(f"{root}: cannot decode {', '.join(bad[:3])}{more}")
-    return hashes
+    return ImageScan(hashes, kept)
 
 
 def near_duplicates(hashes_a: np.ndarray, hashes_b: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS):

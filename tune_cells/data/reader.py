@@ -22,8 +22,12 @@ READ_LOG_NAME = "read-log.jsonl"
 
 
 class SplitReader:
-    def __init__(self, index: ImageIndex, split: Split, channels: int, size: int, workdir: Path):
+    def __init__(self, index: ImageIndex, split: Split, channels: int, size: int, workdir: Path,
+                 decoded: dict[str, np.ndarray] | None = None):
+        """`decoded`: pixels the preflight already decoded (by path), used instead of decoding
+        again; each is handed over once and then dropped."""
         self.index = index
+        self._decoded = decoded if decoded is not None else {}
         self.split = split
         self.channels = channels
         self.size = size
@@ -33,7 +37,10 @@ class SplitReader:
     def load(self, part: str, purpose: str) -> tuple[np.ndarray, np.ndarray]:
         """Return (images uint8 N×H×W×C, labels int64) of one split part."""
         paths = self.split.parts[part]
-        images = decode_images(self.index.root, paths, self.channels, self.size)
+        if paths and all(p in self._decoded for p in paths):
+            images = np.stack([self._decoded.pop(p) for p in paths])
+        else:
+            images = decode_images(self.index.root, paths, self.channels, self.size)
         labels = np.array([self._labels[p] for p in paths], dtype=np.int64)
         self._log(part, purpose, len(paths))
         return images, labels
@@ -44,14 +51,18 @@ class SplitReader:
         images, masks = [], []
         for path in self.split.parts[part]:
             try:
-                images.append(decode_full(self.index.root / path))
-                masks.append(np.stack([decode_mask(self.index.root / rows.at[path, f"mask:{t}"])
+                images.append(self._take(path, decode_full))
+                masks.append(np.stack([self._take(rows.at[path, f"mask:{t}"], decode_mask)
                                        for t in self.index.classes]))
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
                 raise UserInputError(f"{self.index.root / path}: cannot decode it or its masks "
                                      f"({type(exc).__name__})") from None
         self._log(part, purpose, len(images))
         return images, masks
+
+    def _take(self, path: str, decode) -> np.ndarray:
+        found = self._decoded.pop(path, None)
+        return found if found is not None else decode(self.index.root / path)
 
     def _log(self, part: str, purpose: str, count: int) -> None:
         entry = {
