@@ -1,7 +1,7 @@
 """Search benchmark: ASHA's savings, per-trial overhead, input-pipeline share, time to first result.
 
-    .venv/bin/python bench/bench_search.py                 # N=50 configurations, ~15 min on 2 cores
-    .venv/bin/python bench/bench_search.py --samples 12    # a quicker look
+    .venv/bin/python bench/bench_search.py                 # N=50 configurations x 16 epochs, ~15 min on 2 cores
+    .venv/bin/python bench/bench_search.py --samples 12 --max-epochs 4   # a quicker look
 
 The same N configurations (sampled once, at random, from one seed) are run twice on the generated
 nuclei demo data, side by side in one process: once to the full epoch budget (ASHA's grace period
@@ -12,6 +12,7 @@ the two runs or a share within one, since absolute seconds on a shared CPU mean 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -55,14 +56,15 @@ def sample_configs(n: int, seed: int) -> list[dict]:
     return configs
 
 
-def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: int, grace: int, seed: int) -> dict:
+def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: int, grace: int, reduction: int,
+        seed: int) -> dict:
     from tune_cells.search import SearchOptions, run_search
     from tune_cells.tracking import Tracker
 
     workdir = root / label
     started = time.time()
     outcome = run_search(SearchOptions(task="nuclei", data=data, samples=n, max_epochs=epochs, grace_period=grace,
-                                       reduction_factor=3, seed=seed, space=space_file, workdir=workdir,
+                                       reduction_factor=reduction, seed=seed, space=space_file, workdir=workdir,
                                        experiment=f"bench-{label}"))
     wall = time.time() - started
     tracker = Tracker(outcome.tracking_uri, workdir / "mlartifacts")
@@ -79,14 +81,46 @@ def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: in
             best.append(max(m.value for m in history))
     return {"label": label, "wall_s": wall, "epochs": epochs_run, "train_s": train_s, "data_s": data_s,
             "first_result_s": min(firsts) - started if firsts else float("nan"), "best": max(best),
-            "trials": outcome.trials, "stopped_early": outcome.stopped_early}
+            "trials": outcome.trials, "stopped_early": outcome.stopped_early,
+            **time_budget(workdir / "ray", started, wall)}
+
+
+def time_budget(ray_results: Path, started: float, wall: float) -> dict:
+    """Where a search's wall time went, from the per-iteration records Ray keeps for each trial
+    (`result.json`): each trial's span, each iteration's time in the trial (`time_this_iter_s`)
+    against the epoch itself (`epoch_time_s`: training and validation)."""
+    spans, first_extra, report_s = [], 0.0, 0.0
+    for path in ray_results.glob("**/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "epoch_time_s" in r]
+        if not rows:
+            continue
+        spans.append((rows[0]["timestamp"] - rows[0]["time_this_iter_s"], rows[-1]["timestamp"]))
+        first_extra += rows[0]["time_this_iter_s"] - rows[0]["epoch_time_s"]  # building the model, data refs
+        report_s += sum(r["time_this_iter_s"] - r["epoch_time_s"] for r in rows[1:])  # checkpoint + report
+    if not spans:
+        return {}
+    concurrency = os.cpu_count() or 1
+    first_start, last_end = min(s for s, _ in spans), max(e for _, e in spans)
+    # Slot-seconds left idle inside the search: fewer trials running than there are CPUs.
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    idle, running, last = 0.0, 0, first_start
+    for moment, change in events:
+        idle += max(0, concurrency - running) * (moment - last)
+        running += change
+        last = moment
+    return {"startup_s": first_start - started, "teardown_s": started + wall - last_end,
+            "fit_span_s": last_end - first_start, "idle_slot_s": idle, "trial_start_s": first_extra,
+            "report_s": report_s}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=50, help="configurations (N)")
-    parser.add_argument("--max-epochs", type=int, default=9, help="full budget per configuration")
+    parser.add_argument("--max-epochs", type=int, default=16, help="full budget per configuration")
     parser.add_argument("--grace-period", type=int, default=1, help="ASHA's first rung")
+    parser.add_argument("--reduction-factor", type=int, default=4,
+                        help="ASHA keeps 1/this at each rung (4: Ray's default and the ASHA paper's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="kept for inspection [default: a temp folder]")
     args = parser.parse_args()
@@ -103,13 +137,16 @@ def main() -> None:
     space_file = root / "bench-space.yaml"
     space_file.write_text(yaml.safe_dump({"params": SPACE, "initial_points": configs}, sort_keys=False))
 
-    full = run("full", root, data, space_file, args.samples, args.max_epochs, args.max_epochs, args.seed)
-    asha = run("asha", root, data, space_file, args.samples, args.max_epochs, args.grace_period, args.seed)
+    full = run("full", root, data, space_file, args.samples, args.max_epochs, args.max_epochs,
+               args.reduction_factor, args.seed)
+    asha = run("asha", root, data, space_file, args.samples, args.max_epochs, args.grace_period,
+               args.reduction_factor, args.seed)
     concurrency = os.cpu_count() or 1
 
-    print(f"\ntune-cells search benchmark: {args.samples} configurations x {args.max_epochs} epochs, nuclei demo "
-          f"data, {concurrency} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'':<44}{'full budget':>14}{'ASHA':>14}")
+    print(f"\ntune-cells search benchmark: {args.samples} configurations x {args.max_epochs} epochs (ASHA: grace "
+          f"{args.grace_period}, reduction factor {args.reduction_factor}), nuclei demo data, {concurrency} CPUs, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'':<56}{'full budget':>14}{'ASHA':>14}")
     rows = [
         ("trials (stopped early)", lambda r: f"{r['trials']} ({r['stopped_early']})"),
         ("epochs trained", lambda r: f"{r['epochs']}"),
@@ -118,9 +155,19 @@ def main() -> None:
         ("input pipeline: data time / epoch time", lambda r: f"{100 * r['data_s'] / r['train_s']:.1f} %"),
         ("time to first result (s)", lambda r: f"{r['first_result_s']:.1f}"),
         ("wall time (s)", lambda r: f"{r['wall_s']:.0f}"),
+        ("where the wall time went (s):", lambda r: ""),
+        ("  start-up: command to first trial running", lambda r: f"{r['startup_s']:.1f}"),
+        ("  trials running (first start to last end)", lambda r: f"{r['fit_span_s']:.1f}"),
+        ("    of it, training / concurrency", lambda r: f"{r['train_s'] / concurrency:.1f}"),
+        ("    trial set-up in a worker / concurrency", lambda r: f"{r['trial_start_s'] / concurrency:.1f}"),
+        ("    checkpoint + report / concurrency", lambda r: f"{r['report_s'] / concurrency:.1f}"),
+        ("    CPU slots idle / concurrency", lambda r: f"{r['idle_slot_s'] / concurrency:.1f}"),
+        ("  promotion and shutdown", lambda r: f"{r['teardown_s']:.1f}"),
+        ("overhead while trials run: span / (train / concurrency)",
+         lambda r: f"{r['fit_span_s'] / (r['train_s'] / concurrency):.2f}"),
     ]
     for name, cell in rows:
-        print(f"{name:<44}{cell(full):>14}{cell(asha):>14}")
+        print(f"{name:<56}{cell(full):>14}{cell(asha):>14}")
     print(f"\nASHA epochs / full-budget epochs: {asha['epochs'] / full['epochs']:.3f} (target <= 0.25)")
     print(f"ASHA best - full best: {100 * (asha['best'] - full['best']):+.2f} percentage points (target >= -0.5)")
     print(f"ASHA wall time / full-budget wall time: {asha['wall_s'] / full['wall_s']:.3f}")

@@ -79,6 +79,9 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: floa
     # Snapshot the experiment (trials, Optuna and ASHA state) every few seconds rather than Ray's
     # adaptive default: the state is small, and a crash then loses at most seconds of bookkeeping.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Tune adds a TensorBoard logger by default, whose import alone delays the first trial by
+    # ~2 s; MLflow is this project's record. The JSON and CSV records are added back explicitly.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     if not ray.is_initialized():
         # Worker output (per-checkpoint INFO lines) reaches the console only with -v; failed
         # trials are still reported, with their error, by the driver.
@@ -133,9 +136,11 @@ def run_search(request: SearchRequest) -> SearchResult:
     experiment_path = f"{request.storage_path.rstrip('/')}/{request.name}"
     if request.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        return _summarise(tuner.fit(), request)
+        with _pending_trials(request):
+            return _summarise(tuner.fit(), request)
     callbacks = [_EventsCallback(request.name), _PendingTrialsExplainer(),
-                 _ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode)]
+                 _ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode),
+                 *_result_records()]
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -160,8 +165,29 @@ def run_search(request: SearchRequest) -> SearchResult:
             verbose=0,
         ),
     )
-    results = tuner.fit()
+    with _pending_trials(request):
+        results = tuner.fit()
     return _summarise(results, request)
+
+
+@contextmanager
+def _pending_trials(request: SearchRequest) -> Iterator[None]:
+    """Let Tune start as many trials at once as there are free slots for them.
+
+    With a searcher, Tune keeps one trial pending at a time, so the second worker only starts
+    once the first is running: seconds of an idle CPU at the start of every search. Asking the
+    searcher for one trial per slot is what concurrent trials do anyway.
+    """
+    if "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:  # the user's own setting wins
+        yield
+        return
+    cpus_per_trial = max(request.trial_resources({}).get("CPU", 1.0), 1e-3)
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_trial))
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(min(slots, request.max_concurrent or slots))
+    try:
+        yield
+    finally:
+        del os.environ["TUNE_MAX_PENDING_TRIALS_PG"]
 
 
 @dataclass
@@ -183,7 +209,7 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
         runnable,
         param_space={**config, "seed": tune.grid_search(list(seeds))},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=_result_records(),
                                   failure_config=tune.FailureConfig(max_failures=2),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                                           checkpoint_score_order=mode)),
@@ -196,6 +222,13 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
         runs.append(SeedRun(int(result.config["seed"]), float(metrics[metric]), int(metrics["training_iteration"]),
                             Path(checkpoint.to_directory())))
     return sorted(runs, key=lambda r: r.seed)
+
+
+def _result_records() -> list:
+    """Tune's per-trial result files (result.json, progress.csv): every reported result, on disk."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [JsonLoggerCallback(), CSVLoggerCallback()]
 
 
 def can_resume(storage_path: str, name: str) -> bool:

@@ -113,6 +113,22 @@ def check_options(opts: SearchOptions) -> None:
         raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
 
 
+def check_local_resources(opts: SearchOptions) -> None:
+    """A trial that asks for more than this machine has would wait forever on a local Ray.
+    (Checked again against what Ray itself detects once it runs; a cluster may still grow.)"""
+    if opts.address:
+        return
+    cpus = os.cpu_count() or 1
+    if (opts.cpus_per_trial or 0) > cpus:
+        raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: this machine has {cpus:g} CPUs")
+    if opts.gpus_per_trial:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if opts.gpus_per_trial > gpus:
+            raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus:g} GPUs")
+
+
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
 
 
@@ -217,6 +233,7 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
 
     task = get_task(opts.task)
     check_options(opts)
+    check_local_resources(opts)
     space = load_space(opts.space or builtin_space_path(task.default_space))
     check_space(space, opts.seed)
     workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
@@ -326,28 +343,33 @@ def trial_resources(opts: SearchOptions, cluster: dict) -> TrialResources:
 
 def run_search(opts: SearchOptions) -> SearchOutcome:
     from tune_cells import ray_backend
-    from tune_cells.tracking import Tracker
 
     started = time.time()
     prep = check_inputs(opts)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        # Ray's start mostly waits for its processes; decoding every image is CPU work that Pillow
-        # does without the GIL: do both at once. A bad image still stops the search before the
-        # workdir or the store is touched (Ray's own session files live in its temp folder).
-        decoding = pool.submit(check_pixels, prep)
+        # Ray's start mostly waits for its processes. Meanwhile: decode every image (Pillow works
+        # without the GIL) and then open the MLflow store (a fresh one spends seconds on its
+        # schema). A bad image still stops the search before the workdir or the store is touched.
+        store = pool.submit(_check_pixels_and_open_store, prep)
         try:
             resources = ray_backend.init(opts.address, num_cpus=os.cpu_count(), verbose=opts.verbose,
                                          object_store_bytes=None if opts.address else _object_store_bytes(prep))
-            decoding.result()
-            prepare_workdir(prep.workdir)
-            tracker = Tracker(prep.tracking_uri, prep.workdir / "mlartifacts")
-            outcome = _tracked_search(opts, prep, trial_resources(opts, resources), tracker,
-                                      tracker.experiment_id(prep.experiment))
+            tracker, experiment_id = store.result()
+            outcome = _tracked_search(opts, prep, trial_resources(opts, resources), tracker, experiment_id)
         finally:
-            decoding.cancel()
             ray_backend.shutdown()
     outcome.wall_time_s = time.time() - started
     return outcome
+
+
+def _check_pixels_and_open_store(prep: PreparedSearch):
+    """The slow preflight, then (only if it passed) the workdir, the store and the experiment."""
+    from tune_cells.tracking import Tracker
+
+    check_pixels(prep)
+    prepare_workdir(prep.workdir)
+    tracker = Tracker(prep.tracking_uri, prep.workdir / "mlartifacts")
+    return tracker, tracker.experiment_id(prep.experiment)
 
 
 def _object_store_bytes(prep: PreparedSearch) -> int:
