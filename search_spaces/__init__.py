@@ -87,8 +87,11 @@ def builtin_space_path(name: str) -> Path:
 
 
 def load_space(path: Path | str) -> SearchSpace:
-    """Read and check a space file; every problem is a UserInputError naming the file."""
+    """Read and check a space file; every problem is a UserInputError naming the file. A bare
+    name (`nuclei-pretrained`) that is not a file names one of the spaces shipped here."""
     path = Path(path)
+    if not path.exists() and path.suffix == "" and len(path.parts) == 1 and builtin_space_path(path.name).exists():
+        path = builtin_space_path(path.name)
     try:
         document = yaml.safe_load(path.read_text())
     except FileNotFoundError:

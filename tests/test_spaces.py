@@ -83,3 +83,20 @@ def test_logged_uris_lose_their_passwords():
     assert _without_credentials("https://bob:s3cr3t@mlflow.example.org/") == "https://bob:***@mlflow.example.org/"
     assert _without_credentials("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert _without_credentials(None) is None
+
+
+def test_a_shipped_space_is_named_without_its_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_space("folder-pretrained").source == load_space(builtin_space_path("folder-pretrained")).source
+    (tmp_path / "folder-pretrained").write_text("params: {model: small_convnet, lr: 0.01}\n")
+    assert load_space("folder-pretrained").params == {"model": "small_convnet", "lr": 0.01}  # a file wins
+    with pytest.raises(UserInputError, match="no-such-space: no such file"):
+        load_space("no-such-space")
+
+
+@pytest.mark.parametrize("name", ["nuclei", "nuclei-pretrained", "hep2", "hep2-pretrained", "hep2-mobilenet-pretrained",
+                                  "leukemia", "lung", "folder", "folder-pretrained"])
+def test_every_shipped_space_loads(name):
+    space = load_space(name)
+    assert space.params["model"] and "lr" in space.params
+    assert space.may_use_pretrained == ("pretrained" in name)

@@ -6,7 +6,6 @@ Ray's object store (`ClassificationData`); the test part never reaches a trial.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -15,16 +14,15 @@ import torch
 from torch import nn
 
 from tune_cells import ray_backend
-from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint
+from tune_cells.model_io import ModelSpec, restore_training
+from tune_cells.trainables.common import report_epoch, start_trial
 from tune_cells.training import (
     NonFiniteLossError,
     Precision,
     build_lr_schedule,
     build_optimizer,
     evaluate_logits,
-    pick_device,
     predict_logits,
-    seed_everything,
     step_lr_schedule,
     train_one_epoch,
 )
@@ -50,11 +48,8 @@ class ClassificationData:
 
 
 def train_classifier(config: dict, data: ClassificationData) -> None:
-    where = ray_backend.trial_info()
-    torch.set_num_threads(max(1, int(where["cpus"])))
-    device = pick_device(where["gpu_ids"])
-    seed = int(config.get("seed", data.seed))  # `evaluate --seeds` retrains under other seeds
-    generator = seed_everything(seed)
+    trial = start_trial(config, data.seed)
+    device, seed, generator = trial.device, trial.seed, trial.generator
     spec = ModelSpec(
         task=data.task, architecture=config["model"], classes=list(data.classes), channels=data.channels,
         store_size=data.store_size, image_size=int(config.get("image_size", data.store_size)),
@@ -103,15 +98,7 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
             "lr": lr,
             "epoch_time_s": time.perf_counter() - started,
             "data_time_s": data_time,  # batch preparation (indexing, augmentation): the input pipeline's share
-            "node_id": where["node_id"],
+            "node_id": trial.node_id,
         }
-        trainer_state = {
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict() if schedule is not None else None,
-            "generator": generator.get_state(),
-            "epoch": epoch,
-        }
-        with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
-            save_checkpoint(tmp, model, spec, trainer_state)
-            ray_backend.report(metrics, checkpoint_dir=tmp)
+        report_epoch(metrics, epoch, model, spec, optimizer, schedule, generator)
 

@@ -9,7 +9,6 @@ images through the same tiled, stitched prediction that evaluation and `predict`
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -20,17 +19,12 @@ from torch import nn
 
 from tune_cells import ray_backend
 from tune_cells.analysis.segmentation_metrics import segmentation_scores
-from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint
+from tune_cells.model_io import ModelSpec, restore_training
 from tune_cells.segmentation import LOSSES, predict_logits_tiled, rescale_image, rescale_masks, working_tile
-from tune_cells.training import (
-    NonFiniteLossError,
-    build_lr_schedule,
-    build_optimizer,
-    pick_device,
-    seed_everything,
-    step_lr_schedule,
-)
+from tune_cells.trainables.common import report_epoch, start_trial
+from tune_cells.training import NonFiniteLossError, build_lr_schedule, build_optimizer, step_lr_schedule
 from tune_cells.transforms import EvalPreset, TrainPreset
+
 
 def metric_keys(targets: list[str]) -> tuple[str, ...]:
     per_target = [f"val_{m}_{t}" for t in targets for m in ("dice", "jaccard", "pooled_dice")]
@@ -101,11 +95,8 @@ def _pad_to(image: np.ndarray, mask: np.ndarray, tile: int):
 
 
 def train_segmenter(config: dict, data: SegmentationData) -> None:
-    where = ray_backend.trial_info()
-    torch.set_num_threads(max(1, int(where["cpus"])))
-    device = pick_device(where["gpu_ids"])
-    seed = int(config.get("seed", data.seed))  # `evaluate --seeds` retrains under other seeds
-    generator = seed_everything(seed)
+    trial = start_trial(config, data.seed)
+    device, seed, generator = trial.device, trial.seed, trial.generator
     rng = np.random.default_rng(seed)
     scale = float(config.get("scale", 0.5))
     tile = working_tile(int(config.get("tile_size", 512)), scale)
@@ -167,10 +158,5 @@ def train_segmenter(config: dict, data: SegmentationData) -> None:
         scores, _ = segmentation_scores(val_masks, predicted, list(data.targets), "val_")
         step_lr_schedule(schedule, val_loss / len(val_images))
         metrics = {"train_loss": total / len(views), "val_loss": val_loss / len(val_images), **scores, "lr": lr,
-                   "epoch_time_s": time.perf_counter() - started, "node_id": where["node_id"]}
-        trainer_state = {"optimizer": optimizer.state_dict(),
-                         "schedule": schedule.state_dict() if schedule is not None else None,
-                         "generator": generator.get_state(), "numpy_rng": rng.bit_generator.state, "epoch": epoch}
-        with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
-            save_checkpoint(tmp, model, spec, trainer_state)
-            ray_backend.report(metrics, checkpoint_dir=tmp)
+                   "epoch_time_s": time.perf_counter() - started, "node_id": trial.node_id}
+        report_epoch(metrics, epoch, model, spec, optimizer, schedule, generator, numpy_rng=rng.bit_generator.state)
