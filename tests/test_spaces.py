@@ -95,7 +95,7 @@ def test_a_shipped_space_is_named_without_its_path(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["nuclei", "nuclei-pretrained", "hep2", "hep2-pretrained", "hep2-mobilenet-pretrained",
-                                  "leukemia", "lung", "folder", "folder-pretrained"])
+                                  "leukemia", "lung", "lung-pretrained", "folder", "folder-pretrained"])
 def test_every_shipped_space_loads(name):
     space = load_space(name)
     assert space.params["model"] and "lr" in space.params
