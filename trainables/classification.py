@@ -22,6 +22,7 @@ from tune_cells.training import (
     build_lr_schedule,
     build_optimizer,
     evaluate_logits,
+    is_out_of_memory,
     predict_logits,
     step_lr_schedule,
     train_one_epoch,
@@ -84,7 +85,10 @@ def train_classifier(config: dict, data: ClassificationData) -> None:
         except NonFiniteLossError as exc:
             ray_backend.report_failure(f"diverged at epoch {epoch}: {exc}", METRICS[:4])
             return
-        except (torch.OutOfMemoryError, MemoryError) as exc:  # a failed trial with a hint, not a dead search
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # a failed trial with a hint, not a dead search
             raise MemoryError(f"out of memory at batch_size {batch_size} on {device}: try a smaller batch_size, "
                               "fewer trials per GPU (--gpus-per-trial) or a smaller image_size") from exc
         val = evaluate_logits(predict_logits(model, data.val_images, preset.eval_preset, device, precision=precision),

@@ -22,7 +22,8 @@ from tune_cells.analysis.segmentation_metrics import segmentation_scores
 from tune_cells.model_io import ModelSpec, restore_training
 from tune_cells.segmentation import LOSSES, predict_logits_tiled, rescale_image, rescale_masks, working_tile
 from tune_cells.trainables.common import report_epoch, start_trial
-from tune_cells.training import NonFiniteLossError, build_lr_schedule, build_optimizer, step_lr_schedule
+from tune_cells.training import (NonFiniteLossError, build_lr_schedule, build_optimizer, is_out_of_memory,
+                                 step_lr_schedule)
 from tune_cells.transforms import EvalPreset, TrainPreset
 
 
@@ -147,7 +148,10 @@ def train_segmenter(config: dict, data: SegmentationData) -> None:
         except NonFiniteLossError as exc:
             ray_backend.report_failure(f"diverged at epoch {epoch}: {exc}", metric_keys(data.targets)[:3])
             return
-        except (torch.OutOfMemoryError, MemoryError) as exc:  # a failed trial with a hint, not a dead search
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # a failed trial with a hint, not a dead search
             raise MemoryError(f"out of memory at batch_size {batch_size}, tile {tile} on {device}: try a smaller "
                               "batch_size, tile_size or scale") from exc
         val_loss, predicted = 0.0, []

@@ -21,6 +21,12 @@ class NonFiniteLossError(FloatingPointError):
     """Training diverged; the trial is failed with this reason."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises torch.OutOfMemoryError; torch's CPU allocator raises a RuntimeError that says so."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def pick_device(gpu_ids: list) -> torch.device:
     """CUDA when the trial was given a GPU and CUDA really works here, else the CPU (a declared
     GPU resource on a machine without CUDA still trains, on the CPU)."""
