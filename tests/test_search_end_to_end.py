@@ -224,23 +224,6 @@ initial_points:
 """
 
 
-def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path):
-    (tmp_path / "space.yaml").write_text(DIVERGING_SPACE)
-    result = cli_subprocess(["search", "nuclei", "--samples", 2, "--max-epochs", 2, "--max-concurrent", 1,
-                             "--space", tmp_path / "space.yaml", "--workdir", tmp_path / "w", "--no-evaluate"],
-                            cwd=tmp_path)
-    assert result.code == 0, result.err[-2000:]
-    assert "2 trials (0 stopped early by ASHA, 1 failed)" in result.out
-    client = store_client(tmp_path / 'w' / 'mlflow.db')
-    experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
-    trials = by_type(client.search_runs([experiment.experiment_id]), "trial")
-    failed = [t for t in trials if t.info.status == "FAILED"]
-    assert len(failed) == 1 and float(failed[0].data.params["lr"]) == 1e20
-    assert "training loss became" in failed[0].data.tags["failure"]
-    champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
-    assert champion.tags["trial_run_id"] != failed[0].info.run_id
-
-
 OUT_OF_MEMORY_SPACE = """
 params:
   model: small_convnet
@@ -255,15 +238,23 @@ initial_points:
 """
 
 
-def test_a_trial_out_of_memory_fails_with_a_hint_and_the_search_goes_on(tmp_path):
-    (tmp_path / "space.yaml").write_text(OUT_OF_MEMORY_SPACE)
-    result = cli_subprocess(["search", "nuclei", "--samples", 2, "--max-epochs", 1, "--max-concurrent", 1,
+@pytest.mark.parametrize("space, max_epochs, param, value, reason", [
+    (DIVERGING_SPACE, 2, "lr", 1e20, "training loss became"),
+    (OUT_OF_MEMORY_SPACE, 1, "image_size", 200000, "out of memory at batch_size 32 on cpu: try a smaller batch_size"),
+], ids=["diverging", "out-of-memory"])
+def test_a_failing_trial_fails_with_its_reason_and_the_search_goes_on(tmp_path, space, max_epochs, param, value,
+                                                                      reason):
+    (tmp_path / "space.yaml").write_text(space)
+    result = cli_subprocess(["search", "nuclei", "--samples", 2, "--max-epochs", max_epochs, "--max-concurrent", 1,
                              "--space", tmp_path / "space.yaml", "--workdir", tmp_path / "w", "--no-evaluate"],
                             cwd=tmp_path)
     assert result.code == 0, result.err[-2000:]
     assert "2 trials (0 stopped early by ASHA, 1 failed)" in result.out
     client = store_client(tmp_path / 'w' / 'mlflow.db')
     experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
-    failed = [t for t in by_type(client.search_runs([experiment.experiment_id]), "trial") if t.info.status == "FAILED"]
-    assert len(failed) == 1 and failed[0].data.params["image_size"] == "200000"
-    assert "out of memory at batch_size 32 on cpu: try a smaller batch_size" in failed[0].data.tags["failure"]
+    trials = by_type(client.search_runs([experiment.experiment_id]), "trial")
+    failed = [t for t in trials if t.info.status == "FAILED"]
+    assert len(failed) == 1 and float(failed[0].data.params[param]) == value
+    assert reason in failed[0].data.tags["failure"]
+    champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
+    assert champion.tags["trial_run_id"] != failed[0].info.run_id

@@ -68,8 +68,9 @@ class PreparedSearch:
     experiment: str
     model_name: str
     tracking_uri: str
-    duplicates: list[dict]  # near-identical images across split parts
-    decoded: dict = field(default_factory=dict)  # train/val pixels by path, decoded by the preflight
+    # Filled by the slow part of the preflight (`check_pixels`):
+    duplicates: list[dict] = field(default_factory=list)  # near-identical images across split parts
+    decoded: dict = field(default_factory=dict)  # train/val pixels by path
     resume_run_id: str = ""  # with --resume: the interrupted search's parent run ...
     resume_name: str = ""  # ... and its Ray experiment name
 
@@ -114,19 +115,23 @@ def check_options(opts: SearchOptions) -> None:
 
 
 def check_local_resources(opts: SearchOptions) -> None:
-    """A trial that asks for more than this machine has would wait forever on a local Ray.
-    (Checked again against what Ray itself detects once it runs; a cluster may still grow.)"""
-    if opts.address:
+    """A trial that asks for more than this machine has would wait forever on a local Ray: said
+    before anything is written (and again against what Ray itself detects, once it runs)."""
+    if opts.address:  # a cluster may still grow
         return
-    cpus = os.cpu_count() or 1
-    if (opts.cpus_per_trial or 0) > cpus:
-        raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: this machine has {cpus:g} CPUs")
+    gpus = 0
     if opts.gpus_per_trial:
         import torch
 
         gpus = torch.cuda.device_count()
-        if opts.gpus_per_trial > gpus:
-            raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus:g} GPUs")
+    _check_trial_fits(opts, os.cpu_count() or 1, gpus)
+
+
+def _check_trial_fits(opts: SearchOptions, cpus: float, gpus: float) -> None:
+    if (opts.gpus_per_trial or 0) > gpus:
+        raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus:g} GPUs")
+    if (opts.cpus_per_trial or 0) > cpus:
+        raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: this machine has {cpus:g} CPUs")
 
 
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
@@ -243,7 +248,7 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     check_tracking(tracking_uri)
     suffix = "-demo" if index.source == "demo" else ""
     prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
-                          f"tune-cells-{task.name}{suffix}", tracking_uri, [])
+                          f"tune-cells-{task.name}{suffix}", tracking_uri)
     if opts.resume:
         prep.resume_run_id, prep.resume_name = find_interrupted_search(opts, prep)
     return prep
@@ -329,12 +334,9 @@ def trial_resources(opts: SearchOptions, cluster: dict) -> TrialResources:
     On a local Ray an impossible request is bad input; on a cluster (--address) the autoscaler
     may still add nodes, so it is only explained while trials wait.
     """
-    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    gpus = cluster.get("GPU", 0)
     if not opts.address:
-        if (opts.gpus_per_trial or 0) > gpus:
-            raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: this machine has {gpus:g} GPUs")
-        if (opts.cpus_per_trial or 0) > cpus:
-            raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: this machine has {cpus:g} CPUs")
+        _check_trial_fits(opts, cluster.get("CPU", 0), gpus)
     return TrialResources(opts.cpus_per_trial or 1.0, opts.gpus_per_trial, use_gpus=gpus > 0)
 
 

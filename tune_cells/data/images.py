@@ -116,25 +116,35 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 
 def decode_images(root: Path, paths: list[str], channels: int, size: int) -> np.ndarray:
     """Decode many images into one (N, size, size, C) uint8 array; undecodable files are exit 2."""
+    arrays = _for_each_image(root, paths, lambda image, rel: store_array(image, channels, size), "decoding images")
+    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
+    for i, array in enumerate(arrays):
+        out[i] = array
+    return out
+
+
+# What Pillow raises for a file that is not a readable image (empty, truncated, text, ...).
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+
+
+def _for_each_image(root: Path, paths: list[str], work: Callable[[Image.Image, str], object], what: str) -> list:
+    """`work(loaded image, path)` for every path, in order, a thread per core (Pillow decodes and
+    resizes without the GIL). Files that do not decode are exit 2, the first three named."""
     def one(rel: str):
         try:
-            return decode_image(root / rel, channels, size), None
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            with Image.open(root / rel) as image:
+                image.load()
+                return work(image, rel), None
+        except DECODE_ERRORS as exc:
             return None, f"{rel} ({type(exc).__name__})"
 
-    out = np.empty((len(paths), size, size, channels), dtype=np.uint8)
-    bad: list[str] = []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
-        results = pool.map(one, paths, chunksize=32)
-        for i, (array, error) in enumerate(_progress(results, "decoding images", total=len(paths))):
-            if error is not None:
-                bad.append(error)
-            else:
-                out[i] = array
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(_progress(pool.map(one, paths, chunksize=32), what, total=len(paths)))
+    bad = [error for _, error in results if error is not None]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise UserInputError(f"{root}: cannot decode {', '.join(bad[:3])}{more}")
-    return out
+    return [value for value, _ in results]
 
 
 def _progress(items, what: str, total: int | None = None):
@@ -170,39 +180,21 @@ def scan_images(root: Path, paths: list[str], keep: frozenset[str] = frozenset()
     """Decode every image once: hash it, and keep `convert(image)` for the paths in `keep`.
 
     This is the preflight's check that every file decodes, and also the decoding that training
-    uses (so a search decodes each image once, not twice). Pillow releases the GIL while it
-    decodes and resizes, so a thread per core does the work in parallel. Any file that does not
-    decode is exit 2, named.
+    uses (so a search decodes each image once, not twice). Any file that does not decode is
+    exit 2, named.
     """
-    def one(rel: str):
-        try:
-            with Image.open(root / rel) as image:
-                image.load()
-                grey = np.asarray(image.convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BILINEAR),
-                                  dtype=np.int16)
-                pixels = convert(image) if convert is not None and rel in keep else None
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-            return None, None, f"{rel} ({type(exc).__name__})"
+    def hash_and_keep(image: Image.Image, rel: str):
+        grey = np.asarray(image.convert("L").resize((HASH_SIZE + 1, HASH_SIZE), Image.Resampling.BILINEAR),
+                          dtype=np.int16)
         bits = (grey[:, 1:] > grey[:, :-1]).reshape(-1)
-        return np.packbits(bits).view(">u8").astype(np.uint64), pixels, None
+        pixels = convert(image) if convert is not None and rel in keep else None
+        return np.packbits(bits).view(">u8").astype(np.uint64), pixels
 
+    results = _for_each_image(root, paths, hash_and_keep, "checking images")
     hashes = np.zeros((len(paths), HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
-    kept: dict[str, np.ndarray] = {}
-    bad: list[str] = []
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = pool.map(one, paths, chunksize=32)
-        for i, (rel, (digest, pixels, error)) in enumerate(zip(paths, _progress(results, "checking images",
-                                                                              total=len(paths)))):
-            if error is not None:
-                bad.append(error)
-                continue
-            hashes[i] = digest
-            if pixels is not None:
-                kept[rel] = pixels
-    if bad:
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise UserInputError(f"{root}: cannot decode {', '.join(bad[:3])}{more}")
-    return ImageScan(hashes, kept)
+    for i, (digest, _) in enumerate(results):
+        hashes[i] = digest
+    return ImageScan(hashes, {rel: pixels for rel, (_, pixels) in zip(paths, results) if pixels is not None})
 
 
 def near_duplicates(hashes_a: np.ndarray, hashes_b: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tune_cells.data.images import IMAGE_SUFFIXES, ImageIndex
+from tune_cells.data.images import DECODE_ERRORS, IMAGE_SUFFIXES, ImageIndex
 from tune_cells.errors import UserInputError
 
 
@@ -191,7 +191,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
 
     Every image needs a mask in every target folder, of the image's size (read from the headers).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     root = require_dir(root)
     originals = sorted({p for p in root.rglob("*") if p.is_dir() and p.name.lower() == "original"})
@@ -219,7 +219,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
         try:
             with Image.open(path) as image:
                 return image.size
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        except DECODE_ERRORS as exc:
             raise UserInputError(f"{path}: not a readable image ({type(exc).__name__})") from None
 
     rows = []

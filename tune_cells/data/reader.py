@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import UnidentifiedImageError
 
-from tune_cells.data.images import ImageIndex, decode_full, decode_images, decode_mask
+from tune_cells.data.images import DECODE_ERRORS, ImageIndex, decode_full, decode_images, decode_mask
 from tune_cells.data.splits import Split
 from tune_cells.errors import UserInputError
 
@@ -54,7 +53,7 @@ class SplitReader:
                 images.append(self._take(path, decode_full))
                 masks.append(np.stack([self._take(rows.at[path, f"mask:{t}"], decode_mask)
                                        for t in self.index.classes]))
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            except DECODE_ERRORS as exc:
                 raise UserInputError(f"{self.index.root / path}: cannot decode it or its masks "
                                      f"({type(exc).__name__})") from None
         self._log(part, purpose, len(images))
