@@ -58,7 +58,8 @@ def sample_configs(n: int, seed: int) -> list[dict]:
 
 def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: int, grace: int, reduction: int,
         seed: int) -> dict:
-    from tune_cells.search import SearchOptions, run_search
+    from tune_cells.preflight import SearchOptions
+    from tune_cells.search import run_search
     from tune_cells.tracking import Tracker
 
     workdir = root / label

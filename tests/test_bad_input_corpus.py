@@ -185,7 +185,7 @@ def fingerprint(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def existing_store(tmp_path_factory) -> Path:
     """A working folder that already holds a user's MLflow store and files."""
-    
+
     folder = tmp_path_factory.mktemp("store") / "work"
     folder.mkdir()
     client = store_client(folder / 'mlflow.db')
@@ -216,7 +216,7 @@ def test_bad_input_exits_2_in_one_line_and_changes_nothing(case, run_cli, tmp_pa
 
 @pytest.mark.parametrize("kind", ["sixteen_bit", "greyscale", "jpeg_named_png"])
 def test_odd_but_valid_images_pass_the_preflight(kind, tmp_path):
-    from tune_cells.search import SearchOptions, prepare
+    from tune_cells.preflight import SearchOptions, prepare
 
     data = kaggle(tmp_path)
     target = data / "train" / "2.png"

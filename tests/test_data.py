@@ -136,7 +136,7 @@ def test_near_identical_images_are_found_and_different_ones_are_not(tmp_path):
 
 def test_a_search_decodes_each_image_once_and_never_keeps_test_pixels(tmp_path, kaggle_dataset):
     from tune_cells.data.images import decode_images
-    from tune_cells.search import decode_once
+    from tune_cells.preflight import decode_once
 
     index = nuclei.importer(kaggle_dataset)
     split = load_or_create_split(tmp_path / "s.json", index, seed=0)

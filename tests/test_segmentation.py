@@ -159,7 +159,7 @@ def test_segmentation_images_and_masks_are_decoded_once(tmp_path):
     from tune_cells.data.images import decode_full, decode_mask
     from tune_cells.data.reader import SplitReader
     from tune_cells.data.splits import load_or_create_split
-    from tune_cells.search import decode_once
+    from tune_cells.preflight import decode_once
     from tune_cells.tasks import get_task
 
     index = import_lung_masks(generate_lung(tmp_path / "demo", images=10, size=(96, 64)))

@@ -2,7 +2,7 @@ import optuna
 import pytest
 
 from tune_cells.errors import UserInputError
-from tune_cells.search import check_space
+from tune_cells.preflight import check_space
 from tune_cells.search_spaces import builtin_space_path, load_space
 
 
@@ -78,7 +78,7 @@ def test_space_with_unknown_names_fails_before_any_trial(tmp_path, extra, messag
 
 
 def test_logged_uris_lose_their_passwords():
-    from tune_cells.search import _without_credentials
+    from tune_cells.tracking import without_credentials as _without_credentials
 
     assert _without_credentials("https://bob:s3cr3t@mlflow.example.org/") == "https://bob:***@mlflow.example.org/"
     assert _without_credentials("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -9,7 +9,6 @@ images through the same tiled, stitched prediction that evaluation and `predict`
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_cells import ray_backend
 from tune_cells.analysis.segmentation_metrics import segmentation_scores
-from tune_cells.model_io import ModelSpec, restore_training
-from tune_cells.segmentation import LOSSES, predict_logits_tiled, rescale_image, rescale_masks, working_tile
-from tune_cells.trainables.common import report_epoch, start_trial
-from tune_cells.training import (NonFiniteLossError, build_lr_schedule, build_optimizer, is_out_of_memory,
-                                 step_lr_schedule)
+from tune_cells.config import SegmentationConfig
+from tune_cells.model_io import ModelSpec
+from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
+from tune_cells.trainables.skeleton import TrialSession, TrialTrainer, ray_session
+from tune_cells.training import NonFiniteLossError
 from tune_cells.transforms import EvalPreset, TrainPreset
 
 
@@ -49,20 +47,18 @@ class SegmentationData:
 class SegmentationLoss(nn.Module):
     """BCE, soft Dice (segmentation-models-pytorch's), or their sum, on multi-label logits."""
 
-    def __init__(self, kind: str):
+    def __init__(self, name: str):  # one of SegmentationConfig's `loss` values
         super().__init__()
         from segmentation_models_pytorch.losses import DiceLoss
 
-        if kind not in LOSSES:
-            raise ValueError(f"unknown loss {kind!r}; known: {', '.join(LOSSES)}")
-        self.kind = kind
+        self.name = name
         self.dice = DiceLoss("multilabel", from_logits=True)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros(())
-        if self.kind in ("bce", "bce_dice"):
+        if self.name in ("bce", "bce_dice"):
             loss = loss + F.binary_cross_entropy_with_logits(logits, target)
-        if self.kind in ("dice", "bce_dice"):
+        if self.name in ("dice", "bce_dice"):
             loss = loss + self.dice(logits, target)
         return loss
 
@@ -95,72 +91,67 @@ def _pad_to(image: np.ndarray, mask: np.ndarray, tile: int):
     return image, mask
 
 
-def train_segmenter(config: dict, data: SegmentationData) -> None:
-    trial = start_trial(config, data.seed)
-    device, seed, generator = trial.device, trial.seed, trial.generator
-    rng = np.random.default_rng(seed)
-    scale = float(config.get("scale", 0.5))
-    tile = working_tile(int(config.get("tile_size", 512)), scale)
-    overlap = float(config.get("overlap", 0.25))
-    threshold = float(config.get("threshold", 0.5))
-    train_images = [rescale_image(i, scale) for i in data.train_images]
-    train_masks = [rescale_masks(m, scale) for m in data.train_masks]
-    val_images = [rescale_image(i, scale) for i in data.val_images]
-    val_masks = [rescale_masks(m, scale) for m in data.val_masks]
+class SegmentationTrainer(TrialTrainer):
+    config_type = SegmentationConfig
+    oom_hint = "try a smaller batch_size, tile_size or scale"
+    config: SegmentationConfig
+    data: SegmentationData
 
-    spec = ModelSpec(task=data.task, architecture=config.get("model", "unet"), classes=list(data.targets), channels=3,
-                     store_size=0, image_size=tile, mean=list(data.mean), std=list(data.std),
-                     config={**config, "seed": seed}, kind="segmentation")
-    model = spec.build(load_pretrained=True).to(device)
-    optimizer = build_optimizer(config, model)
-    schedule = build_lr_schedule(config, optimizer, data.max_epochs)
-    loss_fn = SegmentationLoss(config.get("loss", "bce_dice"))
-    eval_preset = EvalPreset(tile, tuple(data.mean), tuple(data.std))
-    jitter = TrainPreset(eval_preset, flip=False, rotate90=False, color_jitter=float(config.get("color_jitter", 0.0)))
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        return metric_keys(self.data.targets)
 
-    first_epoch = 1
-    with ray_backend.resumed_checkpoint() as checkpoint:
-        if checkpoint is not None:  # resume where this trial stopped, not from epoch 1
-            state = restore_training(checkpoint, model, optimizer, schedule, generator, device)
-            rng.bit_generator.state = state["numpy_rng"]
-            first_epoch = int(state["epoch"]) + 1
+    def setup(self) -> tuple[ModelSpec, nn.Module]:
+        config, data = self.config, self.data
+        self.rng = np.random.default_rng(self.seed)
+        self.tile = working_tile(config.tile_size, config.scale)
+        self.train_images = [rescale_image(i, config.scale) for i in data.train_images]
+        self.train_masks = [rescale_masks(m, config.scale) for m in data.train_masks]
+        self.val_images = [rescale_image(i, config.scale) for i in data.val_images]
+        self.val_masks = [rescale_masks(m, config.scale) for m in data.val_masks]
+        spec = ModelSpec(task=data.task, architecture=config.model, classes=list(data.targets), channels=3,
+                         store_size=0, image_size=self.tile, mean=list(data.mean), std=list(data.std),
+                         config=config.to_flat(), kind="segmentation")
+        self.loss_fn = SegmentationLoss(config.loss)
+        self.eval_preset = EvalPreset(self.tile, tuple(data.mean), tuple(data.std))
+        self.jitter = TrainPreset(self.eval_preset, flip=False, rotate90=False, color_jitter=config.color_jitter)
+        return spec, spec.build(load_pretrained=True).to(self.device)
 
-    views_per_epoch = int(config.get("views_per_epoch", 32))
-    batch_size = int(config.get("batch_size", 4))
-    for epoch in range(first_epoch, data.max_epochs + 1):
-        started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        model.train()
-        views, view_masks = sample_views(train_images, train_masks, views_per_epoch, tile, rng,
-                                         bool(config.get("dihedral", True)))
+    def extra_state(self) -> dict:
+        return {"numpy_rng": self.rng.bit_generator.state}
+
+    def restore_extra(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["numpy_rng"]
+
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        batch_size = self.config.batch_size
+        views, view_masks = sample_views(self.train_images, self.train_masks, self.config.views_per_epoch, self.tile,
+                                         self.rng, self.config.dihedral)
         total = 0.0
-        try:
-            for start in range(0, len(views), batch_size):
-                x = jitter(views[start : start + batch_size], generator).to(device)
-                y = torch.from_numpy(view_masks[start : start + batch_size]).float().to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"training loss became {loss.item()} (try a lower learning rate)")
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(x)
-        except NonFiniteLossError as exc:
-            ray_backend.report_failure(f"diverged at epoch {epoch}: {exc}", metric_keys(data.targets)[:3])
-            return
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            # a failed trial with a hint, not a dead search
-            raise MemoryError(f"out of memory at batch_size {batch_size}, tile {tile} on {device}: try a smaller "
-                              "batch_size, tile_size or scale") from exc
+        for start in range(0, len(views), batch_size):
+            x = self.jitter(views[start : start + batch_size], self.generator).to(self.device)
+            y = torch.from_numpy(view_masks[start : start + batch_size]).float().to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.model(x), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"training loss became {loss.item()} (try a lower learning rate)")
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item() * len(x)
+        return {"train_loss": total / len(views)}
+
+    def validate(self) -> dict[str, float]:
         val_loss, predicted = 0.0, []
-        for image, mask in zip(val_images, val_masks):
-            logits = predict_logits_tiled(model, image, eval_preset, tile, overlap, device)
-            val_loss += float(loss_fn(logits[None], torch.from_numpy(mask)[None].float()))
-            predicted.append((torch.sigmoid(logits) > threshold).numpy())
-        scores, _ = segmentation_scores(val_masks, predicted, list(data.targets), "val_")
-        step_lr_schedule(schedule, val_loss / len(val_images))
-        metrics = {"train_loss": total / len(views), "val_loss": val_loss / len(val_images), **scores, "lr": lr,
-                   "epoch_time_s": time.perf_counter() - started, "node_id": trial.node_id}
-        report_epoch(metrics, epoch, model, spec, optimizer, schedule, generator, numpy_rng=rng.bit_generator.state)
+        for image, mask in zip(self.val_images, self.val_masks):
+            logits = predict_logits_tiled(self.model, image, self.eval_preset, self.tile, self.config.overlap,
+                                          self.device)
+            val_loss += float(self.loss_fn(logits[None], torch.from_numpy(mask)[None].float()))
+            predicted.append((torch.sigmoid(logits) > self.config.threshold).numpy())
+        scores, _ = segmentation_scores(self.val_masks, predicted, list(self.data.targets), "val_")
+        return {"val_loss": val_loss / len(self.val_images), **scores}
+
+
+def train_segmenter(config: dict, data: SegmentationData, session: TrialSession | None = None) -> None:
+    """The Ray Tune function trainable (Tune passes `config` and the object-store `data`)."""
+    SegmentationTrainer(config, data, session or ray_session()).run()

@@ -16,7 +16,7 @@ from tune_cells.errors import UserInputError
 
 log = logging.getLogger("tune_cells")
 
-DEFAULT_WORKDIR = "tune-cells-runs"
+DEFAULT_WORKDIR = "tune-cells-runs"  # tune_cells.paths.DEFAULT_WORKDIR, without importing it at startup
 workdir_option = click.option("--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, show_default=True,
                               help="Working folder: MLflow store, Ray results, split files, demo data.")
 tracking_option = click.option("--tracking-uri", default=None,
@@ -70,7 +70,9 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
            max_concurrent, seed, space, experiment, workdir, tracking_uri, storage, address, no_evaluate, smoke_test,
            resume):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
-    from tune_cells.search import SearchOptions, evaluate_in_fresh_process, run_search
+    from tune_cells.analysis.promotion import evaluate_in_fresh_process
+    from tune_cells.preflight import SearchOptions
+    from tune_cells.search import run_search
     from tune_cells.tracking import resolve_tracking_uri
 
     if smoke_test:
@@ -111,7 +113,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 @tracking_option
 def evaluate(task, model_uri, n_boot, data, seeds, workdir, tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
-    from tune_cells.evaluation import evaluate_registered, format_table
+    from tune_cells.analysis.evaluation import evaluate_registered, format_table
 
     if n_boot < 1:
         raise UserInputError(f"--bootstrap {n_boot}: must be at least 1")
@@ -121,7 +123,7 @@ def evaluate(task, model_uri, n_boot, data, seeds, workdir, tracking_uri):
         raise UserInputError("--seeds retrains on the model's own split: it does not combine with --data")
     spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
     if seeds is not None:
-        from tune_cells.seeds import evaluate_seeds, format_seeds_table
+        from tune_cells.analysis.seeds import evaluate_seeds, format_seeds_table
 
         result = evaluate_seeds(spec, tracker, model_uri, workdir, seeds, n_boot)
         click.echo(f"\nSeeds evaluation {result.run_id} of {model_uri}: the champion, and its configuration "
@@ -137,13 +139,13 @@ def evaluate(task, model_uri, n_boot, data, seeds, workdir, tracking_uri):
 
 def _open_model(task: str, workdir: Path, tracking_uri: str | None, model_uri: str | None):
     """(task spec, checked workdir, tracker, model URI): the URI given, else the task's champion."""
-    from tune_cells.search import check_workdir
+    from tune_cells.preflight import check_workdir
     from tune_cells.tasks import get_task
     from tune_cells.tracking import Tracker, resolve_tracking_uri
 
     spec = get_task(task)
     workdir = check_workdir(workdir)
-    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir / "mlartifacts")
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
     return spec, workdir, tracker, model_uri or _default_model_uri(tracker, spec.name)
 
 
@@ -168,24 +170,22 @@ def _default_model_uri(tracker, task: str) -> str:
 def predict(task, paths, model_uri, output, workdir, tracking_uri):
     """Predict images (files or folders) with TASK's champion: a CSV of classes and probabilities, or
     for segmentation of pixel counts per target, with masks and overlays in a folder beside it."""
-    import time
-
     from tune_cells.predict import collect_images, predict_files
 
     files = collect_images(paths)
     spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
-    output = output or workdir / "predictions" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    output = output or workdir.predictions(spec.name)
     if output.exists():
         raise UserInputError(f"--output {output}: already exists (not overwritten)")
     mask_dir = output.with_name(output.stem + "-masks")
-    if spec.kind == "segmentation" and mask_dir.exists():
+    if spec.kind.writes_masks and mask_dir.exists():
         raise UserInputError(f"{mask_dir}: already exists (not overwritten)")
     table = predict_files(tracker, model_uri, spec, files, mask_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)
     click.echo(table.to_string(index=False, max_rows=20, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"\n{len(table)} predictions of {model_uri} written to {output}")
-    if spec.kind == "segmentation":
+    if spec.kind.writes_masks:
         click.echo(f"masks and overlays: {mask_dir}")
 
 
@@ -220,12 +220,12 @@ def serve(task, model_uri, port, host, workdir, tracking_uri):
 def report(experiment, run_id, output, workdir, tracking_uri):
     """Trials table, learning curves, best-so-far, parameter importance and parallel coordinates of
     a search, as PNGs, a CSV and one HTML page (also logged to the search's run)."""
-    from tune_cells.report import build_report
-    from tune_cells.search import check_workdir
+    from tune_cells.analysis.report import build_report
+    from tune_cells.preflight import check_workdir
     from tune_cells.tracking import Tracker, resolve_tracking_uri
 
     workdir = check_workdir(workdir)
-    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir / "mlartifacts")
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
     result = build_report(tracker, experiment, run_id, output, workdir)
     trials = result.trials
     click.echo(f"Search {result.search_name} ({result.parent_run_id}): {len(trials)} trials, "
@@ -248,21 +248,19 @@ def report(experiment, run_id, output, workdir, tracking_uri):
 def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     """Captum attribution maps (integrated gradients, noise tunnel, occlusion) of TASK's champion for
     images (files or folders): one PNG grid per image."""
-    import time
-
-    from tune_cells.explain import explain_file
+    from tune_cells.analysis.explain import explain_file
     from tune_cells.predict import collect_images
 
     if steps < 2:
         raise UserInputError(f"--steps {steps}: must be at least 2")
     files = collect_images(paths)
     spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
-    if spec.kind != "classification":
-        raise UserInputError(f"explain supports classification tasks; {task} is {spec.kind} "
+    if not spec.kind.explainable:
+        raise UserInputError(f"explain supports classification tasks; {task} is {spec.kind.name} "
                              "(its masks and overlays come from `tune-cells predict`)")
     tracker.resolve_model(model_uri, spec.name)
     classifier = tracker.load_classifier(model_uri)
-    output = output or workdir / "explanations" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output = output or workdir.explanations(spec.name)
     for file in files:
         try:
             shown = explain_file(classifier, file, output, steps)
@@ -285,17 +283,41 @@ def tasks():
 
 
 @cli.command()
+@click.argument("task")
+def params(task):
+    """List every searchable parameter of TASK with its default: the trainer's, then each model's."""
+    from tune_cells.config import describe_fields
+    from tune_cells.models import get_model, model_names
+    from tune_cells.tasks import get_task
+
+    kind = get_task(task).kind
+    click.echo(f"{task} ({kind.name}): parameters a search space may set\n\ntrainer:")
+    for name, default, description in describe_fields(kind.config_type):
+        allowed = kind.config_type.allowed_values(name)
+        values = f" [{', '.join(map(str, allowed))}]" if len(allowed) > 1 else ""
+        click.echo(f"  {name:<18}{default:<12}{description}{values}")
+    for model in model_names(kind.name):
+        entry = get_model(model)
+        click.echo(f"\nmodel {model}: {entry.description}")
+        for name, default in entry.hyperparameters.items():
+            allowed = entry.choices.get(name)
+            values = f" [{', '.join(map(str, allowed))}]" if allowed else ""
+            click.echo(f"  {name:<18}{default!r}{values}")
+
+
+@cli.command()
 @workdir_option
 @tracking_option
 @click.option("--port", type=int, default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
 def ui(workdir, tracking_uri, port, host):
     """Start the MLflow UI on this project's runs."""
+    from tune_cells.paths import WorkDir
     from tune_cells.tracking import Tracker, resolve_tracking_uri
 
-    workdir = Path(workdir).resolve()
+    workdir = WorkDir.at(workdir)
     uri = resolve_tracking_uri(tracking_uri, workdir)
-    if not Tracker(uri, workdir / "mlartifacts").store_exists():  # mlflow ui would create an empty one
+    if not Tracker(uri, workdir.artifacts).store_exists():  # mlflow ui would create an empty one
         raise UserInputError(f"no MLflow store at {uri}: run `tune-cells search TASK --workdir {workdir}` first")
     click.echo(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -1,7 +1,10 @@
-"""Checkpoints (state_dict + JSON spec) and the one prediction path used by evaluate, predict and serving.
+"""The model format: a checkpoint folder of weights (state_dict) and a JSON spec, versioned.
 
 No pickled modules anywhere: the network is rebuilt through the model factory from the JSON
 spec and its weights are loaded with `torch.load(weights_only=True)`.
+
+Format 1 (before 0.2): the fields up to `kind`. Format 2 adds optional fields, each with a default
+that reproduces a format-1 model, so every format-1 checkpoint loads unchanged.
 """
 
 from __future__ import annotations
@@ -9,21 +12,20 @@ from __future__ import annotations
 import base64
 import io
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
-from tune_cells.data.images import decode_image
-from tune_cells.models import create_model
-from tune_cells.training import predict_logits
+from tune_cells.errors import UserInputError
+from tune_cells.models import create_model, select_hyperparameters
 from tune_cells.transforms import EvalPreset
 
 WEIGHTS_FILE = "model.pt"
 SPEC_FILE = "model.json"
 TRAINER_FILE = "trainer.pt"
+MODEL_FORMAT = 2
+TTA_MODES = ("none", "dihedral")
 
 
 @dataclass
@@ -36,9 +38,15 @@ class ModelSpec:
     image_size: int  # ... then resized to this by the eval preset
     mean: list[float]
     std: list[float]
-    config: dict = field(default_factory=dict)  # the trial's full configuration
-    format: int = 1
-    kind: str = "classification"  # or "segmentation" (classes are then the mask targets)
+    config: dict = field(default_factory=dict)  # the trial's full flat configuration
+    format: int = MODEL_FORMAT
+    kind: str = "classification"  # the task kind's name (tune_cells.kinds); classes are then the targets
+    # Format 2: each default reproduces a format-1 model.
+    members: list[str] = field(default_factory=list)  # fold-ensemble member folders; empty: this folder's weights
+    temperature: float = 1.0  # logits are divided by it before softmax/sigmoid (calibration)
+    tta: str = "none"  # test-time augmentation: none, or dihedral (mean over the 8 flips and turns)
+    thresholds: dict[str, float] = field(default_factory=dict)  # per segmentation target; else config threshold
+    input_stem: str = "default"  # first-layer variant the network was built with
 
     def preset(self) -> EvalPreset:
         return EvalPreset(self.image_size, tuple(self.mean), tuple(self.std))
@@ -48,7 +56,31 @@ class ModelSpec:
         input repeats it to RGB); ImageNet weights are fetched only for training, since a
         checkpoint's state_dict replaces them."""
         return create_model(self.architecture, num_classes=len(self.classes), in_channels=self.channels,
-                            load_weights=load_pretrained, **self.config)
+                            load_weights=load_pretrained, **select_hyperparameters(self.architecture, self.config))
+
+    def load_network(self, directory: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+        """The network with the checkpoint's weights, in eval mode."""
+        if self.members:
+            raise UserInputError(f"{directory}: a fold-ensemble model needs a newer tune-cells")
+        model = self.build()
+        model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        return model.to(device).eval()
+
+
+def spec_from_json(document: dict, source: str = SPEC_FILE) -> ModelSpec:
+    """A spec of any format this version reads; newer formats and unknown fields are refused."""
+    version = int(document.get("format", 1))
+    if version > MODEL_FORMAT:
+        raise UserInputError(f"{source}: model format {version} is newer than this tune-cells reads "
+                             f"({MODEL_FORMAT}); upgrade tune-cells")
+    known = {f.name for f in fields(ModelSpec)}
+    unknown = sorted(set(document) - known)
+    if unknown:
+        raise UserInputError(f"{source}: unknown model field {unknown[0]!r} for format {version}")
+    spec = ModelSpec(**document)
+    if spec.tta not in TTA_MODES:
+        raise UserInputError(f"{source}: tta {spec.tta!r}; known: {', '.join(TTA_MODES)}")
+    return spec
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, trainer_state: dict | None = None) -> Path:
@@ -63,7 +95,8 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, tr
 
 
 def load_spec(directory: Path) -> ModelSpec:
-    return ModelSpec(**json.loads((Path(directory) / SPEC_FILE).read_text()))
+    path = Path(directory) / SPEC_FILE
+    return spec_from_json(json.loads(path.read_text()), str(path))
 
 
 def load_trainer_state(directory: Path) -> dict | None:
@@ -92,50 +125,3 @@ def base64_image_file(text: str) -> io.BytesIO:
         raise ValueError(f"image is not valid base64 ({exc})") from None
 
 
-def load_predictor(directory: Path, device: str = "cpu"):
-    """The checkpoint's predictor: an ImageClassifier, or an ImageSegmenter for a segmentation model."""
-    if load_spec(directory).kind == "segmentation":
-        from tune_cells.segmentation import ImageSegmenter
-
-        return ImageSegmenter.from_checkpoint(directory, device)
-    return ImageClassifier.from_checkpoint(directory, device)
-
-
-class ImageClassifier:
-    """A trained classifier and its preprocessing: uint8 images or files in, probabilities out."""
-
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.spec = spec
-        self.preset = spec.preset()
-
-    @classmethod
-    def from_checkpoint(cls, directory: Path, device: str = "cpu") -> "ImageClassifier":
-        spec = load_spec(directory)
-        model = spec.build()
-        state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        return cls(model, spec, device)
-
-    def predict_proba(self, images_uint8: np.ndarray) -> np.ndarray:
-        logits = predict_logits(self.model, images_uint8, self.preset, self.device)
-        return torch.softmax(logits, 1).numpy()
-
-    def decode_path(self, path: str | Path) -> np.ndarray:
-        """A local image file, decoded exactly as the training data was."""
-        return decode_image(Path(path), self.spec.channels, self.spec.store_size)
-
-    def decode_base64(self, text: str) -> np.ndarray:
-        """Base64-encoded image bytes (PNG, JPEG, TIFF...), decoded exactly as the training data was."""
-        return decode_image(base64_image_file(text), self.spec.channels, self.spec.store_size)
-
-    def predict_table(self, images: list[np.ndarray]) -> pd.DataFrame:
-        """Predicted class and per-class probabilities, one row per decoded image."""
-        columns = ["predicted_class", *[f"prob_{c}" for c in self.spec.classes]]
-        if not images:
-            return pd.DataFrame(columns=columns)
-        probs = self.predict_proba(np.stack(images))
-        table = pd.DataFrame(probs, columns=columns[1:])
-        table.insert(0, "predicted_class", [self.spec.classes[i] for i in probs.argmax(1)])
-        return table

@@ -1,86 +1,176 @@
-"""Model registry and factory (timm style): `@register_model` builders, `create_model(name, ...)`.
+"""Model registry and factory (timm style): each builder is registered with its facts
+(`@register_model` / `@register_backbone`) and built by `create_model(name, ...)`.
 
-A builder takes `num_classes`, `in_channels` and its own keyword hyperparameters; `create_model`
-passes each builder only the hyperparameters it declares, so one flat trial config serves all.
+A builder takes `num_classes`, `in_channels` and its own keyword hyperparameters (its signature is
+the list of what it accepts); `select_hyperparameters` picks those from a flat trial config.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from tune_cells.errors import UserInputError
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+# Builder arguments set by the factory, not searched.
+_FACTORY_ARGUMENTS = ("num_classes", "in_channels", "load_weights")
+# A trial's share of one GPU when its model declares none: Ray packs trials by these fractions.
+_DEFAULT_GPU_SHARE = 0.5
+
+# Installs a new `num_classes` head (with dropout) on a torchvision network, in place.
+HeadBuilder = Callable[[nn.Module, int, float], None]
 
 
-def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _BUILDERS[builder.__name__] = builder
-    return builder
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    kind: str  # the task kind served: "classification" or "segmentation"
+    gpu_share: float  # default share of one GPU per trial (small cell models leave most of a GPU idle)
+    weights: str | None = None  # torchvision weights enum name; None: no ImageNet weights
+    first_conv: str | None = None  # module path of the first conv, replaced for non-RGB input
+    head: HeadBuilder | None = None  # torchvision backbones only; other builders build their own
+    description: str = ""  # the builder docstring's first paragraph, on one line
+    # Hyperparameters with a fixed set of values (checked by the preflight); a callable is asked
+    # when needed, so a set filled by later registrations (U-Net encoders) is complete.
+    allowed: dict[str, tuple] | Callable[[], dict[str, tuple]] = field(default_factory=dict)
+
+    @property
+    def choices(self) -> dict[str, tuple]:
+        return self.allowed() if callable(self.allowed) else self.allowed
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The builder's searchable keywords and their defaults."""
+        params = inspect.signature(self.builder).parameters.values()
+        return {p.name: p.default for p in params if p.name not in _FACTORY_ARGUMENTS}
 
 
-def model_names() -> list[str]:
-    return sorted(_BUILDERS)
+_REGISTRY: dict[str, ModelEntry] = {}
+# U-Net encoders (smp names torchvision's networks alike) → their torchvision weights enum name.
+_ENCODERS: dict[str, str] = {}
+
+
+def register_model(*, kind: str = "classification", gpu_share: float = _DEFAULT_GPU_SHARE, weights: str | None = None,
+                   first_conv: str | None = None, head: HeadBuilder | None = None, choices=None):
+    """Register the decorated builder under its function name, with its facts."""
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        name = builder.__name__
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        if not 0 < gpu_share <= 1:
+            raise ValueError(f"model {name!r}: gpu_share {gpu_share} is not in (0, 1]")
+        description = " ".join((inspect.getdoc(builder) or "").partition("\n\n")[0].split())  # first paragraph
+        _REGISTRY[name] = ModelEntry(name, builder, kind, gpu_share, weights, first_conv, head, description,
+                                     choices or {})
+        return builder
+
+    return register
+
+
+def register_backbone(*, weights: str, first_conv: str | None = None, head: HeadBuilder | None = None,
+                      gpu_share: float = _DEFAULT_GPU_SHARE, unet_encoder: bool = False):
+    """Register a torchvision classifier named as torchvision's constructor. Its head and first
+    conv must be declared: a default head would silently give a new backbone the wrong network."""
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        missing = [fact for fact, value in (("head", head), ("first_conv", first_conv)) if value is None]
+        if missing:
+            raise ValueError(f"torchvision backbone {builder.__name__!r} is registered without {' and '.join(missing)}")
+        if unet_encoder:
+            register_encoder(builder.__name__, weights=weights)
+        return register_model(gpu_share=gpu_share, weights=weights, first_conv=first_conv, head=head)(builder)
+
+    return register
+
+
+def register_encoder(name: str, *, weights: str) -> None:
+    """Make torchvision network `name` available as a U-Net encoder, with its ImageNet weights."""
+    _ENCODERS[name] = weights
+
+
+def get_model(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise UserInputError(f"unknown model {name!r}; known: {', '.join(model_names())}")
+    return _REGISTRY[name]
+
+
+def model_names(kind: str | None = None) -> list[str]:
+    return sorted(name for name, entry in _REGISTRY.items() if kind is None or entry.kind == kind)
 
 
 def model_hyperparameters(name: str) -> set[str]:
-    params = inspect.signature(_builder(name)).parameters
-    return {p for p in params if p not in ("num_classes", "in_channels", "load_weights")}
+    return set(get_model(name).hyperparameters)
 
 
-# Default share of one GPU per trial: small cell models leave most of a GPU idle, so several
-# trials share one (Ray packs them by these fractions). Used when --gpus-per-trial is not given.
-GPU_SHARE = {"unet": 0.5, "small_convnet": 0.25, "resnet18": 0.25, "mobilenet_v2": 0.25, "alexnet": 0.5, "resnet50": 0.5}
+def model_defaults(name: str) -> dict[str, Any]:
+    return dict(get_model(name).hyperparameters)
 
 
 def gpu_share(name: str) -> float:
-    return GPU_SHARE.get(name, 0.5)
+    return _REGISTRY[name].gpu_share if name in _REGISTRY else _DEFAULT_GPU_SHARE
 
 
-def create_model(name: str, *, num_classes: int, in_channels: int, load_weights: bool = True, **config) -> nn.Module:
+def unet_encoders() -> list[str]:
+    return sorted(_ENCODERS)
+
+
+def select_hyperparameters(name: str, config: dict) -> dict[str, Any]:
+    """The keys of a flat trial config (which also holds trainer settings) that model `name` takes."""
+    declared = get_model(name).hyperparameters
+    return {key: value for key, value in config.items() if key in declared}
+
+
+def create_model(name: str, *, num_classes: int, in_channels: int, load_weights: bool = True,
+                 **hyperparameters) -> nn.Module:
     """`load_weights=False` builds a pretrained configuration's exact architecture without fetching
-    ImageNet weights (a checkpoint's own state_dict is loaded next)."""
-    builder = _builder(name)
-    kwargs = {k: v for k, v in config.items() if k in model_hyperparameters(name)}
-    if "load_weights" in inspect.signature(builder).parameters:
-        kwargs["load_weights"] = load_weights
-    return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    ImageNet weights (a checkpoint's own state_dict is loaded next). An undeclared keyword is an
+    error: silently dropping it would train a model other than the one asked for."""
+    entry = get_model(name)
+    declared = entry.hyperparameters
+    for key in sorted(hyperparameters):
+        if key not in declared:
+            raise UserInputError(f"model {name!r} takes no parameter {key!r}; its parameters: {', '.join(sorted(declared))}")
+    if "load_weights" in inspect.signature(entry.builder).parameters:
+        hyperparameters["load_weights"] = load_weights
+    return entry.builder(num_classes=num_classes, in_channels=in_channels, **hyperparameters)
 
 
-def _builder(name: str) -> Callable[..., nn.Module]:
-    if name not in _BUILDERS:
-        raise UserInputError(f"unknown model {name!r}; known: {', '.join(model_names())}")
-    return _BUILDERS[name]
+# --- ImageNet weights ---------------------------------------------------------------------
 
 
-# --- from scratch -------------------------------------------------------------------------
+def _weights_name(arch: str) -> str | None:
+    entry = _REGISTRY.get(arch)
+    return entry.weights if entry else _ENCODERS.get(arch)
 
 
-@register_model
-def small_convnet(num_classes: int, in_channels: int, depth: int = 3, width: int = 32, dropout: float = 0.2):
-    """VGG-style stages (2× conv-BN-ReLU, max-pool), channel width doubling per stage."""
-    layers: list[nn.Module] = []
-    channels = in_channels
-    for stage in range(int(depth)):
-        out = int(width) * 2**stage
-        for _ in range(2):
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-            channels = out
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(
-        *layers,
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(float(dropout)),
-        nn.Linear(channels, num_classes),
-    )
+def has_pretrained_weights(arch: str) -> bool:
+    return _weights_name(arch) is not None
 
 
-# --- torchvision backbones, optionally ImageNet-pretrained --------------------------------
+def pretrained_architectures() -> list[str]:
+    """torchvision networks whose ImageNet weights tune-cells can load (classifiers and U-Net encoders)."""
+    return sorted({name for name in [*_REGISTRY, *_ENCODERS] if has_pretrained_weights(name)})
+
+
+def pretrained_arch(model: str, encoder: str | None = None) -> str:
+    """The torchvision network whose ImageNet weights a config asks for: a U-Net's encoder (its
+    builder's default when none is given), otherwise the model itself."""
+    defaults = _REGISTRY[model].hyperparameters if model in _REGISTRY else {}
+    return (encoder or defaults["encoder"]) if "encoder" in defaults else model
+
+
+def _weights_enum(arch: str):
+    from torchvision import models as tvm  # lazily: importing torchvision is slow
+
+    if not has_pretrained_weights(arch):
+        raise UserInputError(f"{arch} has no pretrained weights")
+    return getattr(tvm, _weights_name(arch))
 
 
 def _pretrained_weights(weights_enum, arch: str):
@@ -98,9 +188,13 @@ def _pretrained_weights(weights_enum, arch: str):
     except Exception as exc:  # URLError, socket timeouts, hash mismatch: all mean "not available"
         raise UserInputError(
             f"pretrained {arch} needs {checkpoints / Path(weights.url).name} ({type(exc).__name__} downloading it): "
-            "download it on a machine with internet, or set TORCH_HOME to a cache that has it"
-        ) from None
+            "download it on a machine with internet, or set TORCH_HOME to a cache that has it") from None
     return weights
+
+
+def cached_pretrained_architectures() -> list[str]:
+    """Which ImageNet backbones this machine's torch cache can load (logged with every search)."""
+    return [arch for arch in pretrained_architectures() if pretrained_available(arch)]
 
 
 def pretrained_available(arch: str) -> bool:
@@ -113,8 +207,25 @@ def expected_weights_file(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(_weights_enum(arch).DEFAULT.url).name
 
 
-def has_pretrained_weights(name: str) -> bool:
-    return name in _WEIGHT_ENUMS
+# --- from scratch -------------------------------------------------------------------------
+
+
+@register_model(gpu_share=0.25)
+def small_convnet(num_classes: int, in_channels: int, depth: int = 3, width: int = 32, dropout: float = 0.2):
+    """VGG-style stages (2× conv-BN-ReLU, max-pool), channel width doubling per stage."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for stage in range(int(depth)):
+        out = int(width) * 2**stage
+        for _ in range(2):
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            channels = out
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(float(dropout)),
+                         nn.Linear(channels, num_classes))
+
+
+# --- torchvision backbones, optionally ImageNet-pretrained --------------------------------
 
 
 def _adapt(model: nn.Module, in_channels: int, pretrained: bool, first_conv_path: str) -> nn.Module:
@@ -126,11 +237,8 @@ def _adapt(model: nn.Module, in_channels: int, pretrained: bool, first_conv_path
     parent_path, _, attr = first_conv_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     old: nn.Conv2d = getattr(parent, attr)
-    setattr(
-        parent,
-        attr,
-        nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None),
-    )
+    setattr(parent, attr, nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                    bias=old.bias is not None))
     return model
 
 
@@ -148,72 +256,66 @@ def _torchvision_classifier(arch, num_classes, in_channels, pretrained, freeze_f
     `load_weights` fetches the ImageNet weights, skipped when a checkpoint's state_dict follows."""
     from torchvision import models as tvm
 
+    entry = _REGISTRY[arch]
     weights = _pretrained_weights(_weights_enum(arch), arch) if pretrained and load_weights else None
     model = getattr(tvm, arch)(weights=weights)
     if freeze_features:
         for param in model.parameters():
             param.requires_grad = False
-    # A new classifier head (trainable even when features are frozen).
-    if arch.startswith("resnet"):
-        model.fc = nn.Sequential(nn.Dropout(float(dropout)), nn.Linear(model.fc.in_features, num_classes))
-        first = "conv1"
-    elif arch == "mobilenet_v2":
-        model.classifier = nn.Sequential(nn.Dropout(float(dropout)), nn.Linear(model.last_channel, num_classes))
-        first = "features.0.0"
-    else:  # alexnet: dropout + ReLU + linear on the pooled features, as in the HEp-2 recipe
-        model.classifier = nn.Sequential(
-            nn.Dropout(float(dropout)), nn.Linear(256 * 6 * 6, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)
-        )
-        first = "features.0"
-    return _adapt(model, in_channels, bool(pretrained), first)
+    entry.head(model, num_classes, float(dropout))  # installed after freezing: the head stays trainable
+    return _adapt(model, in_channels, bool(pretrained), entry.first_conv)
 
 
-# torchvision's weight enums by architecture (looked up lazily: torchvision imports are slow).
-_WEIGHT_ENUMS = {
-    "resnet18": "ResNet18_Weights",
-    "resnet34": "ResNet34_Weights",
-    "resnet50": "ResNet50_Weights",
-    "mobilenet_v2": "MobileNet_V2_Weights",
-    "alexnet": "AlexNet_Weights",
-}
+def _resnet_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_classes))
 
 
-def _weights_enum(arch: str):
-    from torchvision import models as tvm
-
-    return getattr(tvm, _WEIGHT_ENUMS[arch])
-
-
-@register_model
+@register_backbone(weights="ResNet18_Weights", first_conv="conv1", head=_resnet_head, gpu_share=0.25, unet_encoder=True)
 def resnet18(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.0,
              load_weights: bool = True):
+    """ResNet-18 (torchvision) with a new dropout + linear head."""
     return _torchvision_classifier("resnet18", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
-@register_model
+@register_backbone(weights="ResNet50_Weights", first_conv="conv1", head=_resnet_head, gpu_share=0.5)
 def resnet50(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.0,
              load_weights: bool = True):
+    """ResNet-50 (torchvision) with a new dropout + linear head."""
     return _torchvision_classifier("resnet50", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
-@register_model
+def _mobilenet_v2_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    model.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.last_channel, num_classes))
+
+
+@register_backbone(weights="MobileNet_V2_Weights", first_conv="features.0.0", head=_mobilenet_v2_head, gpu_share=0.25,
+                   unet_encoder=True)
 def mobilenet_v2(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.2,
                  load_weights: bool = True):
+    """MobileNetV2 (torchvision) with a new dropout + linear head."""
     return _torchvision_classifier("mobilenet_v2", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
-@register_model
+def _alexnet_head(model: nn.Module, num_classes: int, dropout: float) -> None:
+    # dropout + ReLU + linear on the pooled features, as in the HEp-2 recipe
+    model.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(256 * 6 * 6, 512), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_classes))
+
+
+@register_backbone(weights="AlexNet_Weights", first_conv="features.0", head=_alexnet_head, gpu_share=0.5)
 def alexnet(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.5,
             load_weights: bool = True):
+    """AlexNet (torchvision) with the HEp-2 recipe's two-layer head."""
     return _torchvision_classifier("alexnet", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
 # --- segmentation -------------------------------------------------------------------------
 
-UNET_ENCODERS = ("resnet18", "resnet34", "mobilenet_v2")
+register_encoder("resnet34", weights="ResNet34_Weights")  # an encoder only: no resnet34 classifier
 
 
-@register_model
+@register_model(kind="segmentation", gpu_share=0.5,
+                choices=lambda: {"encoder": tuple(unet_encoders()), "depth": (3, 4, 5)})
 def unet(num_classes: int, in_channels: int, encoder: str = "resnet18", depth: int = 4, base_width: int = 16,
          pretrained: bool = False, load_weights: bool = True):
     """U-Net from segmentation-models-pytorch: `depth` encoder stages and a decoder whose widths
@@ -224,8 +326,8 @@ def unet(num_classes: int, in_channels: int, encoder: str = "resnet18", depth: i
     """
     import segmentation_models_pytorch as smp
 
-    if encoder not in UNET_ENCODERS:
-        raise UserInputError(f"unknown U-Net encoder {encoder!r}; known: {', '.join(UNET_ENCODERS)}")
+    if encoder not in _ENCODERS:
+        raise UserInputError(f"unknown U-Net encoder {encoder!r}; known: {', '.join(unet_encoders())}")
     depth = int(depth)
     if not 3 <= depth <= 5:
         raise UserInputError(f"U-Net depth {depth}: must be 3, 4 or 5")
@@ -240,13 +342,3 @@ def unet(num_classes: int, in_channels: int, encoder: str = "resnet18", depth: i
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}  # unused head
         model.encoder.load_state_dict(state)  # strict: every encoder weight must come from the file
     return model
-
-
-def pretrained_arch(config: dict) -> str:
-    """The torchvision network whose ImageNet weights a config asks for (a U-Net's encoder)."""
-    return config.get("encoder", "resnet18") if config.get("model") == "unet" else config.get("model", "")
-
-
-def pretrained_architectures() -> list[str]:
-    """torchvision networks whose ImageNet weights tune-cells can load (classifiers and U-Net encoders)."""
-    return list(_WEIGHT_ENUMS)

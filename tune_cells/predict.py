@@ -38,15 +38,6 @@ def predict_files(tracker, model_uri: str, task: TaskSpec, files: list[Path], ma
             images.append(predictor.decode_path(file))
         except (OSError, ValueError, SyntaxError) as exc:
             raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
-    if predictor.spec.kind == "segmentation":
-        from tune_cells.segmentation import write_predictions
-
-        stems = [f.stem for f in files]
-        if len(set(stems)) < len(stems):  # masks are named by stem: same-named files would overwrite
-            stems = [f"{i:04d}_{stem}" for i, stem in enumerate(stems)]
-        masks = [predictor.predict_masks(image) for image in images]
-        table = write_predictions(predictor, stems, images, masks, mask_dir)
-    else:
-        table = predictor.predict_table(images)
+    table = task.kind.predict_files(predictor, [f.stem for f in files], images, mask_dir)
     table.insert(0, "path", [str(f) for f in files])
     return table

@@ -8,7 +8,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from tune_cells.model_io import load_predictor
+from tune_cells.kinds import load_predictor
 
 INPUT_COLUMNS = ("path", "image")  # a local file path, or base64-encoded PNG/JPEG/TIFF bytes
 

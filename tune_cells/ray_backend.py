@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import ray
 from ray import tune
+
+from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +140,8 @@ def run_search(request: SearchRequest) -> SearchResult:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         with _pending_trials(request):
             return _summarise(tuner.fit(), request)
-    callbacks = [_EventsCallback(request.name), _PendingTrialsExplainer(),
-                 _ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode),
+    callbacks = [_EventsCallback(request.name), PendingTrialsExplainer(),
+                 ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode),
                  *_result_records()]
     tuner = tune.Tuner(
         trainable,
@@ -321,86 +323,6 @@ class _EventsCallback(tune.Callback):
             error = _first_line(Path(trial.error_file).read_text())
         if self.events:
             self.events.on_trial_end(trial.trial_id, True, trial.last_result or {}, error)
-
-
-class _ProgressReporter(tune.Callback):
-    """One live line for the whole search, every `every_s` and after each trial: trials done,
-    running, pending and stopped early, the best metric so far, and an estimate of time left."""
-
-    def __init__(self, samples: int, max_epochs: int, metric: str, mode: str, every_s: float = 30.0):
-        self.samples, self.max_epochs, self.metric, self.mode, self.every_s = samples, max_epochs, metric, mode, every_s
-        self._started = None
-        self._last = 0.0
-
-    def on_step_end(self, iteration, trials, **info):
-        now = time.monotonic()
-        self._started = self._started or now
-        if now - self._last >= self.every_s:
-            self._report(trials, now)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._report(trials, time.monotonic(), trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._report(trials, time.monotonic(), trial)
-
-    def _report(self, trials, now: float, ending=None) -> None:
-        """`ending`: the trial whose end triggered this (Ray updates its status after the callbacks)."""
-        self._last = now
-        started = self._started or now
-        ended = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ending]
-        running = sum(t.status == "RUNNING" and t is not ending for t in trials)
-        failed = sum(t.status == "ERROR" or bool((t.last_result or {}).get("failure")) for t in ended)
-        stopped = sum(1 for t in ended if t.status != "ERROR" and not (t.last_result or {}).get("failure")
-                      and int((t.last_result or {}).get("training_iteration", 0)) < self.max_epochs)
-        values = [t.metric_analysis[self.metric][self.mode] for t in trials if self.metric in t.metric_analysis]
-        values = [v for v in values if v == v]  # drop NaN (diverged trials)
-        best = (max(values) if self.mode == "max" else min(values)) if values else None
-        # Work in trial budgets: an ended trial is one, a running one its share of max_epochs. Pending
-        # trials are assumed to run the whole budget (ASHA usually stops them sooner): an upper bound.
-        done_work = len(ended) + sum(min(1.0, int((t.last_result or {}).get("training_iteration", 0)) / self.max_epochs)
-                                     for t in trials if t.status == "RUNNING" and t is not ending)
-        left = (now - started) / done_work * (self.samples - done_work) if done_work > 0 else None
-        log.info("progress: %d/%d trials done (%d stopped early, %d failed), %d running, %d pending; best %s %s; %s",
-                 len(ended), self.samples, stopped, failed, running, max(0, self.samples - len(ended) - running),
-                 self.metric, f"{best:.4f}" if best is not None else "-",
-                 "done" if len(ended) >= self.samples else
-                 f"at most about {max(1, round(left / 60))} min left" if left is not None else "estimating time left")
-
-
-class _PendingTrialsExplainer(tune.Callback):
-    """Says in plain words why trials wait, when what they ask for exceeds the whole cluster."""
-
-    def __init__(self, every_s: float = 30.0, check_every_s: float = 5.0):
-        self.every_s = every_s
-        self.check_every_s = check_every_s
-        self._checked = 0.0
-        self._last: dict[str, float] = {}
-
-    def on_step_end(self, iteration, trials, **info):
-        now = time.monotonic()
-        if now - self._checked < self.check_every_s:  # steps come many times a second
-            return
-        self._checked = now
-        pending = [t for t in trials if t.status == "PENDING"]
-        if not pending:
-            return
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        wants: dict[tuple, int] = {}
-        for trial in pending:
-            need = trial.placement_group_factory.required_resources
-            key = tuple(sorted((k, v) for k, v in need.items() if v))
-            wants[key] = wants.get(key, 0) + 1
-        for key, count in wants.items():
-            if any(all(node.get(k, 0) >= v for k, v in key) for node in nodes):
-                continue  # some node can run it: it only waits its turn
-            need = ", ".join(f"{v:g} {k}" for k, v in key)
-            biggest = ", ".join(f"{max((node.get(k, 0) for node in nodes), default=0):g} {k}" for k, _ in key)
-            message = (f"{count} trial{'s' if count > 1 else ''} pending: each needs {need} on one node, "
-                       f"the largest node has {biggest} (an autoscaling cluster may still add nodes)")
-            if now - self._last.get(message, -1e9) >= self.every_s:
-                self._last[message] = now
-                log.warning(message)
 
 
 # --- inside a trial -----------------------------------------------------------------------

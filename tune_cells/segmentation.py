@@ -1,8 +1,8 @@
 """Segmentation: tiles in, stitched full-size masks out; the one prediction path shared by the
 trainable's validation, evaluation, `tune-cells predict` and serving.
 
-Images are worked on at `scale` times their size (set in the trial config; 0.5 by default, since
-CPU training at the full 1392×1040 is slow), cut into square views of `tile_size` original pixels
+Images are worked on at `scale` times their size (set in the trial config; 0.5 by default, see
+`tune_cells.config.SegmentationConfig`, since CPU training at the full 1392×1040 is slow), cut into square views of `tile_size` original pixels
 that overlap by `overlap`, and the views' logits are blended with a tapered window so seams do
 not show. The blended logits are resized back to the original size before thresholding, so masks,
 Dice and pixel counts always refer to the original pixels.
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tune_cells.config import SegmentationConfig
 from tune_cells.data.images import MASK_THRESHOLD, decode_full, scaled_size
-from tune_cells.model_io import WEIGHTS_FILE, ModelSpec, base64_image_file, load_spec
+from tune_cells.model_io import ModelSpec, base64_image_file, load_spec
 from tune_cells.transforms import EvalPreset
 
-LOSSES = ("bce", "dice", "bce_dice")
 NETWORK_STRIDE = 32  # a U-Net of depth <= 5 needs sides divisible by 2**5
 
 
@@ -118,18 +118,17 @@ class ImageSegmenter:
         self.model = model.to(self.device).eval()
         self.spec = spec
         self.preset = EvalPreset(0, tuple(spec.mean), tuple(spec.std))
-        config = spec.config
-        self.scale = float(config.get("scale", 1.0))
-        self.tile = working_tile(int(config.get("tile_size", 512)), self.scale)
-        self.overlap = float(config.get("overlap", 0.25))
-        self.threshold = float(config.get("threshold", 0.5))
+        config = SegmentationConfig.from_flat(spec.config, strict=False, source=f"model {spec.task}")
+        self.scale = config.scale
+        self.tile = working_tile(config.tile_size, self.scale)
+        self.overlap = config.overlap
+        # One threshold per target: the spec's (chosen on validation) or the trial's.
+        self.thresholds = np.array([spec.thresholds.get(t, config.threshold) for t in spec.classes], dtype=np.float32)
 
     @classmethod
-    def from_checkpoint(cls, directory: Path, device: str = "cpu") -> "ImageSegmenter":
+    def from_checkpoint(cls, directory: Path, device: str = "cpu") -> ImageSegmenter:
         spec = load_spec(directory)
-        model = spec.build()
-        model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
-        return cls(model, spec, device)
+        return cls(spec.load_network(directory), spec, device)
 
     @property
     def targets(self) -> list[str]:
@@ -147,11 +146,11 @@ class ImageSegmenter:
                                       self.overlap, self.device)
         if logits.shape[-2:] != image.shape[:2]:
             logits = F.interpolate(logits[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-        return torch.sigmoid(logits).numpy()
+        return torch.sigmoid(logits / self.spec.temperature).numpy()
 
     def predict_masks(self, image: np.ndarray) -> np.ndarray:
         """T×H×W uint8 0/1 masks at the image's own size."""
-        return (self.predict_proba(image) > self.threshold).astype(np.uint8)
+        return (self.predict_proba(image) > self.thresholds[:, None, None]).astype(np.uint8)
 
     def predict_table(self, images: list[np.ndarray], masks: list[np.ndarray] | None = None) -> pd.DataFrame:
         """Per image: its size, and the pixel count and percentage of each target."""

@@ -6,12 +6,13 @@ Adding a task means adding an importer and one `register_task(TaskSpec(...))`; n
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tune_cells.data.images import ImageIndex
 from tune_cells.errors import UserInputError
+from tune_cells.kinds import CLASSIFICATION, SEGMENTATION, TaskKind
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class TaskSpec:
     default_space: str  # a file name in search_spaces/, without .yaml
     metric: str = "val_balanced_accuracy"
     mode: str = "max"
-    kind: str = "classification"
+    kind: TaskKind = CLASSIFICATION
     demo: Callable[[Path], Path] | None = None  # writes demo data in `layout` into a folder
 
 
@@ -120,7 +121,7 @@ register_task(
         store_size=0,  # segmentation keeps each image's own size
         default_space="lung",
         metric="val_dice",
-        kind="segmentation",
+        kind=SEGMENTATION,
         demo=_lazy(_DEMO, "generate_lung"),
     )
 )

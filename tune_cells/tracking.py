@@ -10,10 +10,10 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlparse
 
 import mlflow
@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tune_cells.errors import UserInputError
+from tune_cells.paths import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,18 @@ _MAX_PARAM_LENGTH = 6000
 
 def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    return uri or f"sqlite:///{WorkDir.at(workdir).mlflow_db}"
+
+
+def without_credentials(value):
+    """A URI with its password replaced (`https://user:secret@host` → `https://user:***@host`):
+    parameters are visible to everyone who can read the store."""
+    if not isinstance(value, str) or "@" not in value or "://" not in value:
+        return value
+    parsed = urlparse(value)
+    if parsed.password is None:
+        return value
+    return value.replace(f":{parsed.password}@", ":***@", 1)
 
 
 def is_local_store(uri: str) -> bool:
@@ -164,9 +176,9 @@ class Tracker:
 
     # --- models -------------------------------------------------------------------------
 
-    def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict,
-                  classes: list[str], kind: str = "classification") -> str:
-        """Log a checkpoint as a pyfunc model in `run_id`, register it, tag the version."""
+    def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict, signature) -> str:
+        """Log a checkpoint as a pyfunc model in `run_id`, register it, tag the version (`signature`:
+        the task kind's MLflow signature)."""
         import mlflow.pyfunc
 
         code = Path(__file__).with_name("mlflow_model_code.py")
@@ -179,7 +191,7 @@ class Tracker:
                 artifacts={"checkpoint": str(checkpoint_dir)},
                 registered_model_name=registered_name,
                 pip_requirements=_pip_requirements(),
-                signature=_signature(classes, kind),
+                signature=signature,
             )
         version = str(info.registered_model_version)
         for key, value in tags.items():
@@ -260,23 +272,6 @@ class Tracker:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-
-
-def _signature(classes: list[str], kind: str):
-    """Input: a `path` (local file) or `image` (base64 bytes) column. Output: class + probabilities,
-    or for segmentation the image size and each target's pixel count and percentage."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    inputs = Schema([ColSpec("string", "path", required=False), ColSpec("string", "image", required=False)])
-    if kind == "segmentation":
-        columns = [ColSpec("long", "width"), ColSpec("long", "height")]
-        for target in classes:
-            columns += [ColSpec("long", f"pixels_{target}"), ColSpec("double", f"percent_{target}")]
-        outputs = Schema(columns)
-    else:
-        outputs = Schema([ColSpec("string", "predicted_class"), *[ColSpec("double", f"prob_{c}") for c in classes]])
-    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def _is_number(value) -> bool:

@@ -11,10 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tune_cells.config import TrainerConfig
 from tune_cells.transforms import EvalPreset, TrainPreset
-
-OPTIMIZERS = ("adamw", "sgd")
-LR_SCHEDULES = ("constant", "cosine", "plateau")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,12 +41,11 @@ class Precision:
     channels_last: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device, config: dict) -> "Precision":
+    def for_device(cls, device: torch.device, mixed_precision: str | bool = "auto",
+                   channels_last: str | bool = "auto") -> Precision:
         cuda = device.type == "cuda"
-        wanted = config.get("mixed_precision", "auto")
-        use_amp = (cuda and torch.cuda.is_bf16_supported()) if wanted == "auto" else bool(wanted)
-        layout = config.get("channels_last", "auto")
-        return cls(torch.bfloat16 if use_amp else None, cuda if layout == "auto" else bool(layout))
+        use_amp = (cuda and torch.cuda.is_bf16_supported()) if mixed_precision == "auto" else bool(mixed_precision)
+        return cls(torch.bfloat16 if use_amp else None, cuda if channels_last == "auto" else bool(channels_last))
 
     def autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -72,20 +69,19 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def build_optimizer(config: dict, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(config: TrainerConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    lr, wd = float(config["lr"]), float(config.get("weight_decay", 0.0))
-    if config.get("optimizer", "adamw") == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(config.get("momentum", 0.9)), weight_decay=wd, nesterov=True)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               nesterov=True)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def build_lr_schedule(config: dict, optimizer, max_epochs: int):
+def build_lr_schedule(config: TrainerConfig, optimizer, max_epochs: int):
     """Per-epoch schedule; `plateau` steps on the validation loss (see `step_lr_schedule`)."""
-    kind = config.get("lr_schedule", "constant")
-    if kind == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), eta_min=float(config["lr"]) * 0.01)
-    if kind == "plateau":
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), eta_min=config.lr * 0.01)
+    if config.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2)
     return None
 

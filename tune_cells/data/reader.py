@@ -1,7 +1,8 @@
 """Decodes the images of one split part, and logs every read.
 
 The read log is how the project proves that the test part is not touched before promotion:
-each call appends one JSON line (part, purpose, image count, time) to `<workdir>/read-log.jsonl`.
+each call appends one JSON line (part, purpose, image count, time) to the workdir's read log
+(`WorkDir.read_log`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import numpy as np
 from tune_cells.data.images import DECODE_ERRORS, ImageIndex, decode_full, decode_images, decode_mask
 from tune_cells.data.splits import Split
 from tune_cells.errors import UserInputError
-
-READ_LOG_NAME = "read-log.jsonl"
+from tune_cells.paths import WorkDir
 
 
 class SplitReader:
@@ -30,7 +30,7 @@ class SplitReader:
         self.split = split
         self.channels = channels
         self.size = size
-        self.read_log = Path(workdir) / READ_LOG_NAME
+        self.read_log = WorkDir.at(workdir).read_log
         self._labels = dict(zip(index.items["path"], index.items["label"]))
 
     def load(self, part: str, purpose: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +78,7 @@ class SplitReader:
 
 
 def read_log_entries(workdir: Path) -> list[dict]:
-    path = Path(workdir) / READ_LOG_NAME
+    path = WorkDir.at(workdir).read_log
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

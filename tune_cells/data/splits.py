@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 
 from tune_cells.data.images import ImageIndex
 from tune_cells.errors import UserInputError
+from tune_cells.paths import WorkDir
 
 PARTS = ("train", "val", "test")
 DEFAULT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -38,7 +39,7 @@ class Split:
 
 
 def split_path(workdir: Path, task: str, index: ImageIndex, seed: int) -> Path:
-    return Path(workdir) / "splits" / f"{task}-{index.fingerprint}-{seed}.json"
+    return WorkDir.at(workdir).split_file(task, index.fingerprint, seed)
 
 
 def make_parts(index: ImageIndex, seed: int) -> dict[str, list[str]]:

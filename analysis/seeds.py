@@ -18,8 +18,7 @@ import pandas as pd
 
 from tune_cells.data.reader import SplitReader
 from tune_cells.errors import UserInputError
-
-CLASSIFICATION_KEYS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
+from tune_cells.paths import WorkDir
 
 
 @dataclass
@@ -31,9 +30,8 @@ class SeedsEvaluation:
 
 def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot: int = 1000) -> SeedsEvaluation:
     from tune_cells import ray_backend
-    from tune_cells.evaluation import model_split
-    from tune_cells.model_io import load_predictor
-    from tune_cells.search import TrialResources, trial_inputs
+    from tune_cells.analysis.evaluation import model_split
+    from tune_cells.resources import TrialResources
 
     version = tracker.resolve_model(model_uri, task.name)
     tags = version.tags
@@ -47,22 +45,22 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     index, split = model_split(task, tracker, tags, workdir)
     reader = SplitReader(index, split, task.channels, task.store_size, workdir)
     config = {key: value for key, value in champion.spec.config.items() if key != "seed"}
-    base = int(champion.spec.config.get("seed", 0))
+    base = task.kind.parse_config(champion.spec.config, strict=False).seed or 0
     seeds = [base + 1000 + i for i in range(k)]  # new seeds, never the champion's own
 
     ray_backend.init(num_cpus=os.cpu_count())
     try:
-        inputs = trial_inputs(task, index, reader, max_epochs, split.seed)
+        inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed)
         runs = ray_backend.run_seeds(
             inputs.trainable, {"data": inputs.data}, config, seeds, metric, mode,
-            TrialResources(1.0, None, use_gpus=False), str(Path(workdir).resolve() / "ray" / "seeds"),
+            TrialResources(1.0, None, use_gpus=False), str(WorkDir.at(workdir).seeds_storage),
             f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}")
     finally:
         ray_backend.shutdown()
 
-    scorer = _Scorer(task, reader, n_boot)
+    scorer = task.kind.test_scorer(reader, n_boot)
     champion_scores, intervals = scorer.score(champion, with_intervals=True)
-    per_seed = [scorer.score(load_predictor(run.checkpoint))[0] for run in runs]
+    per_seed = [scorer.score(task.kind.load_predictor(run.checkpoint))[0] for run in runs]
     keys = [key for key in scorer.keys if key in champion_scores]
     table = pd.DataFrame({
         "metric": keys,
@@ -93,38 +91,6 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     for run in runs:
         shutil.rmtree(run.checkpoint, ignore_errors=True)
     return SeedsEvaluation(run_id, table, seeds)
-
-
-class _Scorer:
-    """Test-part scores of any predictor of the task; the test part is decoded once."""
-
-    def __init__(self, task, reader: SplitReader, n_boot: int):
-        self.segmentation = task.kind == "segmentation"
-        self.n_boot = n_boot
-        if self.segmentation:
-            self.images, self.truths = reader.load_segmentation("test", "evaluation")
-            self.targets = list(reader.index.classes)
-            self.keys = ["test_dice", "test_pooled_dice", *[f"test_dice_{t}" for t in self.targets]]
-        else:
-            self.images, self.labels = reader.load("test", "evaluation")
-            self.keys = list(CLASSIFICATION_KEYS)
-
-    def score(self, predictor, with_intervals: bool = False) -> tuple[dict, dict]:
-        if self.segmentation:
-            from tune_cells.analysis.segmentation_metrics import segmentation_scores
-            from tune_cells.segmentation_evaluation import bootstrap_over_images
-
-            predicted = [predictor.predict_masks(image) for image in self.images]
-            scores, rows = segmentation_scores(self.truths, predicted, self.targets, "test_")
-            intervals = bootstrap_over_images(rows, self.targets, len(self.images), self.n_boot) if with_intervals else {}
-            return scores, intervals
-        from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics
-
-        classes = predictor.spec.classes
-        probs = predictor.predict_proba(self.images)
-        scores = classification_metrics(self.labels, probs, classes)
-        intervals = bootstrap_intervals(self.labels, probs, classes, n_boot=self.n_boot) if with_intervals else {}
-        return scores, intervals
 
 
 def format_seeds_table(result: SeedsEvaluation) -> str:

@@ -17,6 +17,7 @@ import yaml
 
 from tune_cells.analysis import search_plots
 from tune_cells.errors import UserInputError
+from tune_cells.paths import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
     params = parent.data.params
     metric, mode = params.get("metric", "val_balanced_accuracy"), params.get("mode", "max")
     name = parent.info.run_name
-    folder = Path(output) if output else Path(workdir) / "reports" / name
+    folder = Path(output) if output else WorkDir.at(workdir).report(name)
     folder.mkdir(parents=True, exist_ok=True)
 
     runs = tracker.trial_children(parent.info.experiment_id, parent.info.run_id)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext, evaluation_run, interval_metrics
 from tune_cells.analysis.segmentation_metrics import segmentation_scores
 from tune_cells.segmentation import write_predictions
 
@@ -34,11 +34,9 @@ def bootstrap_over_images(rows: list[dict], targets: list[str], n_images: int, n
     return {k: (float(lo), float(hi)) for k, (lo, hi) in intervals.items()}
 
 
-def evaluate_segmenter(task, tracker, segmenter, version, model_uri: str, reader, part: str, source: dict,
-                       experiment_id: str, run_name: str, parent_run_id: str | None, workdir: Path, n_boot: int):
-    from tune_cells.evaluation import Evaluation
-
-    images, truths = reader.load_segmentation(part, "evaluation")
+def evaluate_segmenter(context: EvaluationContext) -> Evaluation:
+    segmenter, version, reader = context.predictor, context.version, context.reader
+    images, truths = reader.load_segmentation(context.part, "evaluation")
     model_targets = segmenter.targets
     # An external set may hold a subset of the model's targets (matched by name): score those.
     targets = [t for t in model_targets if t in reader.index.classes]
@@ -46,14 +44,11 @@ def evaluate_segmenter(task, tracker, segmenter, version, model_uri: str, reader
     truths = [truth[[reader.index.classes.index(t) for t in targets]] for truth in truths]
     predicted = [segmenter.predict_masks(image) for image in images]
     metrics, rows = segmentation_scores(truths, [p[columns] for p in predicted], targets, "test_")
-    intervals = bootstrap_over_images(rows, targets, len(images), n_boot)
+    intervals = bootstrap_over_images(rows, targets, len(images), context.n_boot)
 
-    names = list(reader.split.parts[part])
-    run_id = tracker.start_run(experiment_id, run_name, "evaluation", parent_run_id,
-                               tags={"model_uri": model_uri, "model_version": version.version, "task": task.name,
-                                     "evaluation_data": part})
-    try:
-        output_dir = Path(workdir) / "evaluations" / f"{version.name}-v{version.version}-{run_id[:8]}"
+    names = context.paths
+    with evaluation_run(context) as run_id:
+        output_dir = context.workdir.evaluation(version.name, version.version, run_id)
         table = write_predictions(segmenter, names, images, predicted, output_dir)
         for k, target in enumerate(targets):
             table[f"truth_pixels_{target}"] = [int(t[k].sum()) for t in truths]
@@ -67,15 +62,23 @@ def evaluate_segmenter(task, tracker, segmenter, version, model_uri: str, reader
             {"metrics": metrics, "ci95_bootstrap_over_images": intervals,
              "convention": "both empty: dice 1; empty truth with predicted pixels: dice 0 (pixels reported)"},
             indent=1))
-        tracker.log_params(run_id, {"model_uri": model_uri, "model_name": version.name,
-                                    "model_version": version.version, **source, "test_images": len(images),
-                                    "bootstrap_resamples": n_boot, "targets": ",".join(targets)})
-        ci = {f"{k}_ci_low": lo for k, (lo, hi) in intervals.items()}
-        ci.update({f"{k}_ci_high": hi for k, (lo, hi) in intervals.items()})
-        tracker.log_metrics(run_id, {**metrics, **ci})
-        tracker.log_artifact(run_id, output_dir, "evaluation")
-        tracker.end_run(run_id)
-    except BaseException:
-        tracker.end_run(run_id, "FAILED")
-        raise
-    return Evaluation(run_id, model_uri, version.version, metrics, intervals, None, len(images), output_dir)
+        context.tracker.log_params(run_id, context.params(len(images), targets=",".join(targets)))
+        context.tracker.log_metrics(run_id, {**metrics, **interval_metrics(intervals)})
+        context.tracker.log_artifact(run_id, output_dir, "evaluation")
+    return Evaluation(run_id, context.model_uri, version.version, metrics, intervals, None, len(images), output_dir)
+
+
+class SegmentationScorer:
+    """Test-part Dice of any segmenter of the task; the test part is decoded once."""
+
+    def __init__(self, reader, n_boot: int):
+        self.n_boot = n_boot
+        self.images, self.truths = reader.load_segmentation("test", "evaluation")
+        self.targets = list(reader.index.classes)
+        self.keys = ["test_dice", "test_pooled_dice", *[f"test_dice_{t}" for t in self.targets]]
+
+    def score(self, predictor, with_intervals: bool = False) -> tuple[dict, dict]:
+        predicted = [predictor.predict_masks(image) for image in self.images]
+        scores, rows = segmentation_scores(self.truths, predicted, self.targets, "test_")
+        intervals = bootstrap_over_images(rows, self.targets, len(self.images), self.n_boot) if with_intervals else {}
+        return scores, intervals

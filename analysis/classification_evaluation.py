@@ -1,0 +1,68 @@
+"""Held-out evaluation of a classifier: metrics with bootstrap and exact CIs, a confusion matrix,
+and every prediction, logged as an evaluation run."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext, evaluation_run, interval_metrics
+from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion, exact_accuracy_interval
+from tune_cells.analysis.plots import save_confusion_matrix
+
+HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
+
+
+def evaluate_classifier(context: EvaluationContext) -> Evaluation:
+    classifier, version, reader = context.predictor, context.version, context.reader
+    spec = classifier.spec
+    images, labels = reader.load(context.part, "evaluation")
+    index_classes = reader.index.classes
+    labels = np.array([spec.classes.index(index_classes[i]) for i in labels], dtype=np.int64)  # match by name
+    probs = classifier.predict_proba(images)
+
+    metrics = classification_metrics(labels, probs, spec.classes)
+    intervals = bootstrap_intervals(labels, probs, spec.classes, n_boot=context.n_boot)
+    exact = exact_accuracy_interval(labels, probs)
+    with evaluation_run(context) as run_id:
+        context.tracker.log_params(run_id, context.params(len(labels)))
+        context.tracker.log_metrics(run_id, {
+            **metrics, **interval_metrics(intervals),
+            "test_accuracy_exact_ci_low": exact[0], "test_accuracy_exact_ci_high": exact[1],
+        })
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            matrix = confusion(labels, probs, len(spec.classes))
+            save_confusion_matrix(matrix, spec.classes, tmp / "confusion_matrix.png",
+                                  f"{version.name} v{version.version}: test confusion matrix")
+            predictions = pd.DataFrame(probs, columns=[f"prob_{c}" for c in spec.classes])
+            predictions.insert(0, "predicted", [spec.classes[i] for i in probs.argmax(1)])
+            predictions.insert(0, "label", [spec.classes[i] for i in labels])
+            predictions.insert(0, "path", context.paths)
+            predictions.to_csv(tmp / "test_predictions.csv", index=False)
+            (tmp / "metrics.json").write_text(json.dumps(
+                {"metrics": metrics, "ci95_bootstrap": intervals, "accuracy_ci95_exact": exact}, indent=1))
+            for name in ("confusion_matrix.png", "test_predictions.csv", "metrics.json"):
+                context.tracker.log_artifact(run_id, tmp / name)
+    return Evaluation(run_id, context.model_uri, version.version, metrics, intervals, exact, len(labels))
+
+
+class ClassificationScorer:
+    """Test-part scores of any classifier of the task; the test part is decoded once."""
+
+    keys = list(HEADLINE)
+
+    def __init__(self, reader, n_boot: int):
+        self.n_boot = n_boot
+        self.images, self.labels = reader.load("test", "evaluation")
+
+    def score(self, predictor, with_intervals: bool = False) -> tuple[dict, dict]:
+        classes = predictor.spec.classes
+        probs = predictor.predict_proba(self.images)
+        scores = classification_metrics(self.labels, probs, classes)
+        intervals = bootstrap_intervals(self.labels, probs, classes, n_boot=self.n_boot) if with_intervals else {}
+        return scores, intervals

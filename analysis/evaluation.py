@@ -1,0 +1,88 @@
+"""Held-out evaluation of a registered model: the only code that reads the test part.
+
+The task's kind scores and logs (analysis/classification_evaluation.py, segmentation_evaluation.py);
+this module finds what to score: the version, its split, or an external set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tune_cells.analysis.classification_evaluation import HEADLINE
+from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext
+from tune_cells.data.reader import SplitReader
+from tune_cells.data.splits import Split, load_or_create_split
+from tune_cells.errors import UserInputError
+from tune_cells.paths import WorkDir
+from tune_cells.tasks import TaskSpec
+from tune_cells.tracking import Tracker
+
+SEGMENTATION_HEADLINE = ("test_dice", "test_pooled_dice", "test_jaccard")
+
+
+def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdir: Path, n_boot: int = 1000,
+                        external: Path | None = None) -> Evaluation:
+    """Score a registered model on the test part it was trained beside, or on every image of an
+    `external` dataset in the task's layout (classes matched by name)."""
+    workdir = WorkDir.at(workdir)
+    version = tracker.resolve_model(model_uri, task.name)
+    tags = version.tags
+    predictor = tracker.load_classifier(model_uri)
+    spec = predictor.spec
+    parent_run_id = tags.get("search_run_id")
+
+    if external is None:
+        index, split = model_split(task, tracker, tags, workdir)
+        part, source = "test", {"split_file": split.path.name, "split_sha256": split.sha256}
+    else:
+        index = task.importer(Path(external))
+        unknown = [name for name in index.classes if name not in spec.classes]
+        if unknown:
+            raise UserInputError(f"--data {index.root}: {task.kind.label_noun} {unknown[0]!r} is not one the model "
+                                 f"knows ({', '.join(spec.classes)})")
+        split = Split(path=Path(external), parts={"external": list(index.items["path"])}, seed=0)
+        part, source = "external", {"external_data": str(index.root)}
+    reader = SplitReader(index, split, spec.channels, spec.store_size, workdir)
+    experiment_id = tracker.get_run(parent_run_id).info.experiment_id if parent_run_id else tracker.experiment_id(
+        f"tune-cells-{task.name}")
+    run_name = f"{'external-' if external is not None else ''}evaluation-v{version.version}"
+    return task.kind.evaluate(EvaluationContext(
+        task=task, tracker=tracker, predictor=predictor, version=version, model_uri=model_uri, reader=reader,
+        part=part, source=source, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
+        workdir=workdir, n_boot=n_boot))
+
+
+def model_split(task: TaskSpec, tracker: Tracker, tags: dict, workdir: Path) -> tuple:
+    """(dataset index, split) a registered model was trained under, from its version tags."""
+    index = task.importer(Path(tags["data_root"]))
+    split_file = _split_file(tracker, tags, tags.get("search_run_id"), WorkDir.at(workdir))
+    return index, load_or_create_split(split_file, index, int(tags.get("split_seed", 0)))
+
+
+def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir: WorkDir) -> Path:
+    """The split file the model was trained under: on disk, else the copy logged with the search."""
+    path = Path(tags.get("split_file", ""))
+    if path.is_file():
+        return path
+    if parent_run_id:
+        workdir.splits.mkdir(parents=True, exist_ok=True)
+        return Path(tracker.client.download_artifacts(parent_run_id, f"split/{path.name}", str(workdir.splits)))
+    raise UserInputError(f"split file {path} of this model is missing")
+
+
+def format_table(evaluation: Evaluation) -> str:
+    rows = [f"{'metric':<40}{'value':>8}   95% CI (bootstrap)"]
+    keys = [k for k in HEADLINE + SEGMENTATION_HEADLINE if k in evaluation.metrics]
+    keys += sorted(k for k in evaluation.metrics if k.startswith(("test_f1_", "test_dice_", "test_pooled_dice_")))
+    for key in keys:
+        lo, hi = evaluation.intervals.get(key, (np.nan, np.nan))
+        interval = f"[{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) else ""
+        rows.append(f"{key:<40}{evaluation.metrics[key]:>8.4f}   {interval}")
+        if key == "test_accuracy" and evaluation.exact_accuracy:
+            lo, hi = evaluation.exact_accuracy
+            rows.append(f"{'  (exact binomial CI)':<40}{'':>8}   [{lo:.4f}, {hi:.4f}]")
+    if evaluation.output_dir is not None:
+        rows.append(f"masks, overlays and pixel counts: {evaluation.output_dir}")
+    return "\n".join(rows)

@@ -1,0 +1,166 @@
+"""How one trial trains, for every kind: seeding, device and threads, resume, NaN/inf, out of memory
+and per-epoch reporting. A kind's trainer overrides a few small hooks (nnU-Net's trainer variants).
+
+Imports neither Ray nor MLflow: a trial reaches Ray through a `TrialSession` (Ray's, from
+`tune_cells.ray_backend`, when Tune runs the trial; `LocalSession` when a test or a device check
+trains outside Tune).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from tune_cells.config import TrainerConfig
+from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint
+from tune_cells.training import (
+    NonFiniteLossError,
+    build_lr_schedule,
+    build_optimizer,
+    is_out_of_memory,
+    pick_device,
+    seed_everything,
+    step_lr_schedule,
+)
+
+
+class TrialSession(Protocol):
+    """Where a trial runs and where its results go (`tune_cells.ray_backend` is one)."""
+
+    def trial_info(self) -> dict: ...  # node_id, cpus, gpu_ids
+    def resumed_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None: ...
+    def report_failure(self, message: str, metric_keys) -> None: ...
+
+
+@dataclass
+class LocalSession:
+    """A trial outside Ray Tune: results in a list, the last checkpoint copied to `checkpoint_dir`."""
+
+    checkpoint_dir: Path | None = None
+    resume_from: Path | None = None
+    cpus: int = 1
+    results: list[dict] = field(default_factory=list)
+    failure: str | None = None
+
+    def trial_info(self) -> dict:
+        return {"trial_id": "local", "node_id": "local", "cpus": self.cpus, "gpu_ids": []}
+
+    @contextlib.contextmanager
+    def resumed_checkpoint(self) -> Iterator[Path | None]:
+        yield self.resume_from
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
+        self.results.append({**metrics, "training_iteration": len(self.results) + 1})
+        if checkpoint_dir is not None and self.checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.checkpoint_dir, dirs_exist_ok=True)
+
+    def report_failure(self, message: str, metric_keys) -> None:
+        self.failure = message
+
+
+def ray_session() -> TrialSession:
+    """The session of a trial that Ray Tune runs (imported only then)."""
+    from tune_cells import ray_backend
+
+    return ray_backend
+
+
+class TrialTrainer(ABC):
+    """The skeleton; a kind's trainer fills in `setup`, `train_epoch` and `validate`."""
+
+    config_type: ClassVar[type[TrainerConfig]]
+    oom_hint: ClassVar[str] = "try a smaller batch_size"
+
+    def __init__(self, config: dict, data, session: TrialSession):
+        self.session = session
+        self.data = data
+        self.config = self.config_type.from_flat(config, strict=False)
+        place = session.trial_info()
+        torch.set_num_threads(max(1, int(place["cpus"])))
+        self.node_id = place["node_id"]
+        self.device = pick_device(place["gpu_ids"])
+        self.seed = self.config.seed if self.config.seed is not None else data.seed  # `--seeds` sets other seeds
+        self.generator = seed_everything(self.seed)
+
+    # --- hooks of a kind ---------------------------------------------------------------
+
+    @abstractmethod
+    def setup(self) -> tuple[ModelSpec, torch.nn.Module]:
+        """The spec and the network on `self.device`, plus whatever the epochs need."""
+
+    @abstractmethod
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch of training: at least `train_loss`. Raises NonFiniteLossError on NaN/inf."""
+
+    @abstractmethod
+    def validate(self) -> dict[str, float]:
+        """Validation metrics: at least `val_loss` (which a plateau schedule steps on)."""
+
+    @property
+    @abstractmethod
+    def metric_keys(self) -> tuple[str, ...]:
+        """What each epoch reports (a failed trial reports NaN for the first few)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """More trainer state for an exact resume (e.g. a NumPy RNG)."""
+        return {}
+
+    def restore_extra(self, state: dict[str, Any]) -> None:  # noqa: B027 (an optional hook)
+        """Restore what `extra_state` saved."""
+
+    # --- the skeleton ------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.spec, self.model = self.setup()
+        self.spec.config = {**self.config.to_flat(), "seed": self.seed}
+        self.optimizer = build_optimizer(self.config, self.model)
+        self.schedule = build_lr_schedule(self.config, self.optimizer, self.data.max_epochs)
+        first_epoch = 1
+        with self.session.resumed_checkpoint() as checkpoint:
+            if checkpoint is not None:  # resume where this trial stopped, not from epoch 1
+                state = restore_training(checkpoint, self.model, self.optimizer, self.schedule, self.generator,
+                                         self.device)
+                self.restore_extra(state)
+                first_epoch = int(state["epoch"]) + 1
+        for epoch in range(first_epoch, self.data.max_epochs + 1):
+            started = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            try:
+                trained = self.train_epoch()
+            except NonFiniteLossError as exc:  # deterministic: reported as failed, never retried
+                self.session.report_failure(f"diverged at epoch {epoch}: {exc}", self.metric_keys[:4])
+                return
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # a failed trial with a hint, not a dead search
+                raise MemoryError(f"out of memory at batch_size {self.config.batch_size} on {self.device}: "
+                                  f"{self.oom_hint}") from exc
+            validated = self.validate()
+            step_lr_schedule(self.schedule, validated["val_loss"])
+            metrics = {**trained, **validated, "lr": lr, "epoch_time_s": time.perf_counter() - started,
+                       "node_id": self.node_id}
+            self._report(metrics, epoch)
+
+    def _report(self, metrics: dict, epoch: int) -> None:
+        """One epoch's metrics with a checkpoint that can resume training exactly."""
+        trainer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "generator": self.generator.get_state(),
+            "epoch": epoch,
+            **self.extra_state(),
+        }
+        with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
+            save_checkpoint(tmp, self.model, self.spec, trainer_state)
+            self.session.report(metrics, checkpoint_dir=Path(tmp))

@@ -1,0 +1,138 @@
+"""Typed trial configurations: one class per task kind, each field with its default, range or
+allowed values, and a one-line description.
+
+A trial's configuration arrives from Optuna as one flat dict (what a space file samples). It splits
+into the trainer's fields (declared here) and the model's keyword arguments (declared by the model
+builder's signature in `tune_cells.models`). The preflight parses strictly: an unknown name or a value
+outside its allowed set is a UserInputError naming it. Stored configurations (checkpoints of older
+versions) parse leniently, so a model registered before a field was renamed still loads.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tune_cells.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+class TrainerConfig(BaseModel):
+    """What every trial of every kind reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str = Field(description="network from the model registry (`tune-cells params TASK` lists them)")
+    lr: float = Field(gt=0, le=10, description="peak learning rate")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled (AdamW) or L2 (SGD) weight decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    batch_size: int = Field(32, ge=2, le=4096, description="images (or views) per optimiser step")
+    lr_schedule: Literal["constant", "cosine", "plateau"] = Field(
+        "constant", description="per epoch: constant, cosine to 1% of lr, or x0.3 after 2 epochs without gain")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="strength of brightness/contrast/stain jitter")
+    mixed_precision: Literal["auto"] | bool = Field("auto", description="bf16 autocast; auto: on CUDA only")
+    channels_last: Literal["auto"] | bool = Field("auto", description="NHWC memory layout; auto: on CUDA only")
+    seed: int | None = Field(None, description="trial seed [default: the search's --seed]")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, exclude=True,
+                                         description="the model builder's own keyword arguments")
+
+    @classmethod
+    def trainer_fields(cls) -> dict[str, Any]:
+        return {name: info for name, info in cls.model_fields.items() if name != "model_kwargs"}
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], strict: bool = True, source: str = "trial configuration"):
+        """Split a flat trial configuration into trainer fields and model keyword arguments.
+
+        `strict`: a name that is neither, or a model argument the chosen model does not take, is an
+        error; otherwise it is dropped with a debug line (stored configurations of older versions).
+        """
+        from tune_cells.models import get_model, model_defaults
+
+        fields = cls.trainer_fields()
+        trainer = {k: v for k, v in flat.items() if k in fields}
+        rest = {k: v for k, v in flat.items() if k not in fields}
+        model = trainer.get("model", fields["model"].default)
+        if not isinstance(model, str):
+            raise UserInputError(f"{source}: parameter 'model' must be a model name, not {model!r}")
+        entry = get_model(model)
+        declared = model_defaults(model)
+        unknown = [k for k in rest if k not in declared]
+        if unknown and strict:
+            known = sorted([*fields, *declared])
+            raise UserInputError(f"{source}: unknown parameter {unknown[0]!r} for model {model}; known: "
+                                 f"{', '.join(known)}")
+        if unknown:
+            log.debug("%s: ignoring %s", source, ", ".join(unknown))
+        kwargs = {k: v for k, v in rest.items() if k in declared}
+        for name, allowed in entry.choices.items():
+            if name in kwargs and kwargs[name] not in allowed:
+                raise UserInputError(f"{source}: parameter {name!r} = {kwargs[name]!r} is not allowed; allowed: "
+                                     f"{', '.join(map(str, allowed))}")
+        try:
+            return cls.model_validate({**trainer, "model_kwargs": kwargs})
+        except ValidationError as exc:
+            raise UserInputError(f"{source}: {_first_problem(exc, cls)}") from None
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat form stored in a checkpoint's spec and logged as MLflow params."""
+        values = self.model_dump(exclude_none=True)
+        return {**values, **self.model_kwargs}
+
+
+    @classmethod
+    def allowed_values(cls, name: str) -> tuple:
+        """The values a field with a fixed set of choices allows (empty for open ranges)."""
+        def literals(annotation) -> list:
+            if get_origin(annotation) is Literal:
+                return list(get_args(annotation))
+            return [v for arg in get_args(annotation) for v in literals(arg)]
+
+        field = cls.model_fields.get(name)
+        return tuple(literals(field.annotation)) if field is not None else ()
+
+
+def _first_problem(exc: ValidationError, config_type: type[TrainerConfig]) -> str:
+    error = exc.errors()[0]
+    name = ".".join(str(part) for part in error["loc"]) or "configuration"
+    if error["type"] == "missing":
+        return f"the space sets no `{name}`"
+    allowed = config_type.allowed_values(name)
+    if error["type"] == "literal_error" and allowed:
+        return f"unknown {name} {error.get('input')!r}; known: {', '.join(map(str, allowed))}"
+    return f"parameter {name!r} = {error.get('input')!r}: {error['msg']}"
+
+
+class ClassificationConfig(TrainerConfig):
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the training loss only")
+    flip: bool = Field(True, description="random horizontal and vertical flips")
+    rotate90: bool = Field(True, description="random right-angle turns (cells have no 'up')")
+    affine: float = Field(0.0, ge=0, le=1, description="strength of random rotation, scale and shear")
+    image_size: int | None = Field(None, ge=8, le=1024, description="network input side [default: the task's "
+                                                                    "decoded size]")
+
+
+class SegmentationConfig(TrainerConfig):
+    model: str = Field("unet", description="network from the model registry")
+    batch_size: int = Field(4, ge=1, le=512, description="views per optimiser step")
+    loss: Literal["bce", "dice", "bce_dice"] = Field("bce_dice", description="multi-label BCE, soft Dice, or both")
+    scale: float = Field(0.5, gt=0, le=1, description="images are worked on at this fraction of their size")
+    tile_size: int = Field(512, ge=32, le=4096, description="side of a training view and of a stitched tile, "
+                                                            "in original pixels")
+    overlap: float = Field(0.25, ge=0, lt=1, description="overlap of neighbouring tiles when stitching")
+    threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a pixel is a target's")
+    views_per_epoch: int = Field(32, ge=1, le=100000, description="random views drawn per training epoch")
+    dihedral: bool = Field(True, description="random flips and right-angle turns of views")
+
+
+def describe_fields(config_type: type[TrainerConfig]) -> list[tuple[str, str, str]]:
+    """(name, default, description) of every trainer field, for `tune-cells params`."""
+    rows = []
+    for name, info in config_type.trainer_fields().items():
+        default = "required" if info.is_required() else repr(info.default)
+        rows.append((name, default, info.description or ""))
+    return rows

@@ -1,0 +1,27 @@
+"""The task kinds (classification, segmentation): looked up by name, never compared as strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tune_cells.errors import UserInputError
+from tune_cells.kinds.base import TaskKind, TrialInputs
+from tune_cells.kinds.classification import CLASSIFICATION
+from tune_cells.kinds.segmentation import SEGMENTATION
+
+KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (CLASSIFICATION, SEGMENTATION)}
+
+__all__ = ["CLASSIFICATION", "KINDS", "SEGMENTATION", "TaskKind", "TrialInputs", "get_kind", "load_predictor"]
+
+
+def get_kind(name: str) -> TaskKind:
+    if name not in KINDS:
+        raise UserInputError(f"unknown task kind {name!r}; known: {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+def load_predictor(directory: Path, device: str = "cpu"):
+    """A checkpoint's predictor, by the kind its spec names."""
+    from tune_cells.model_io import load_spec
+
+    return get_kind(load_spec(directory).kind).load_predictor(directory, device)

@@ -1,0 +1,94 @@
+"""What a task kind is: everything that differs between classification and segmentation, behind
+one interface, so no other module asks which kind it holds."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from tune_cells.config import TrainerConfig
+
+if TYPE_CHECKING:  # annotations only
+    import pandas as pd
+
+    from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext, TestScorer
+    from tune_cells.data.images import ImageIndex, ImageScan
+    from tune_cells.data.reader import SplitReader
+    from tune_cells.data.splits import Split
+
+
+class TaskSpec(Protocol):
+    """What a kind reads of a task (tune_cells.tasks.TaskSpec, which refers to kinds, not back)."""
+
+    name: str
+    channels: int
+    store_size: int
+
+
+@dataclass
+class TrialInputs:
+    trainable: Callable[..., None]  # the Ray Tune function trainable
+    data: Any  # its decoded train/val data, shared with every trial through the object store
+    metric_keys: tuple[str, ...]  # what each epoch reports, logged to the trial's MLflow run
+    summary_keys: tuple[str, ...]  # what a finished trial's log line shows
+
+
+class TaskKind(ABC):
+    name: ClassVar[str]
+    config_type: ClassVar[type[TrainerConfig]]
+    label_noun: ClassVar[str]  # what `classes` are: "class" or "target"
+    explainable: ClassVar[bool]  # attribution maps (`tune-cells explain`) make sense
+    writes_masks: ClassVar[bool]  # `predict` writes masks and overlays beside its CSV
+
+    def parse_config(self, flat: dict, strict: bool = True, source: str = "trial configuration") -> TrainerConfig:
+        return self.config_type.from_flat(flat, strict=strict, source=source)
+
+    # --- the search ----------------------------------------------------------------------
+
+    @abstractmethod
+    def decode_for_search(self, task: TaskSpec, index: ImageIndex, split: Split) -> tuple[ImageScan, dict]:
+        """Decode every image once (hashes for the duplicate check), keeping train/val pixels by path."""
+
+    @abstractmethod
+    def object_store_bytes(self, task: TaskSpec, index: ImageIndex, split: Split) -> int:
+        """About how many bytes the decoded train/val data takes in Ray's object store."""
+
+    @abstractmethod
+    def trial_inputs(self, task: TaskSpec, index: ImageIndex, reader: SplitReader, max_epochs: int,
+                     seed: int) -> TrialInputs:
+        """Decode the train and validation parts once, for this kind's trainable."""
+
+    @abstractmethod
+    def describe(self, index: ImageIndex) -> str:
+        """The dataset in a few words for the search's log line."""
+
+    @abstractmethod
+    def part_counts(self, index: ImageIndex, split: Split) -> dict[str, dict[str, int]]:
+        """Per split part, what it holds (images per class, or images)."""
+
+    # --- the model -----------------------------------------------------------------------
+
+    @abstractmethod
+    def load_predictor(self, directory: Path, device: str = "cpu"):
+        """The checkpoint's predictor (decode_path, decode_base64, predict_table, spec)."""
+
+    @abstractmethod
+    def signature(self, classes: list[str]):
+        """The MLflow model signature of the pyfunc model."""
+
+    @abstractmethod
+    def predict_files(self, predictor, names: list[str], images: list, mask_dir: Path) -> pd.DataFrame:
+        """`tune-cells predict`'s table for decoded files (and masks in `mask_dir`, for segmentation)."""
+
+    # --- after the search ----------------------------------------------------------------
+
+    @abstractmethod
+    def evaluate(self, context: EvaluationContext) -> Evaluation:
+        """Score a predictor on one part, log the evaluation run and its artifacts."""
+
+    @abstractmethod
+    def test_scorer(self, reader: SplitReader, n_boot: int) -> TestScorer:
+        """Scores of any predictor of the task on the test part, decoded once (`evaluate --seeds`)."""

@@ -1,0 +1,78 @@
+"""Image classification: one label per image, decoded to a fixed square size."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from tune_cells.config import ClassificationConfig
+from tune_cells.kinds.base import TaskKind, TrialInputs
+
+
+class ClassificationKind(TaskKind):
+    name = "classification"
+    config_type = ClassificationConfig
+    label_noun = "class"
+    explainable = True
+    writes_masks = False
+
+    def decode_for_search(self, task, index, split):
+        from tune_cells.data.images import scan_images, store_array
+
+        fitting = frozenset(split.parts["train"]) | frozenset(split.parts["val"])
+        scan = scan_images(index.root, list(index.items["path"]), fitting,
+                           partial(store_array, channels=task.channels, size=task.store_size))
+        return scan, scan.kept
+
+    def object_store_bytes(self, task, index, split) -> int:
+        images = len(split.parts["train"]) + len(split.parts["val"])
+        return images * task.store_size ** 2 * task.channels
+
+    def trial_inputs(self, task, index, reader, max_epochs, seed) -> TrialInputs:
+        from tune_cells.trainables.classification import METRICS, ClassificationData, train_classifier
+        from tune_cells.transforms import channel_stats
+
+        train_images, train_labels = reader.load("train", "training")
+        val_images, val_labels = reader.load("val", "selection")
+        mean, std = channel_stats(train_images)
+        data = ClassificationData(train_images, train_labels, val_images, val_labels, task.name, list(index.classes),
+                                  task.channels, task.store_size, mean, std, max_epochs, seed)
+        return TrialInputs(train_classifier, data, METRICS, ("val_loss", "val_balanced_accuracy"))
+
+    def describe(self, index) -> str:
+        return str(index.class_counts())
+
+    def part_counts(self, index, split) -> dict[str, dict[str, int]]:
+        labels = dict(zip(index.items["path"], index.items["label"]))
+        return {part: {name: sum(labels[p] == i for p in paths) for i, name in enumerate(index.classes)}
+                for part, paths in split.parts.items()}
+
+    def load_predictor(self, directory: Path, device: str = "cpu"):
+        from tune_cells.classifier import ImageClassifier
+
+        return ImageClassifier.from_checkpoint(directory, device)
+
+    def signature(self, classes: list[str]):
+        """Input: a `path` (local file) or `image` (base64 bytes) column. Output: class + probabilities."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        inputs = Schema([ColSpec("string", "path", required=False), ColSpec("string", "image", required=False)])
+        outputs = Schema([ColSpec("string", "predicted_class"), *[ColSpec("double", f"prob_{c}") for c in classes]])
+        return ModelSignature(inputs=inputs, outputs=outputs)
+
+    def predict_files(self, predictor, names, images, mask_dir):
+        return predictor.predict_table(images)
+
+    def evaluate(self, context):
+        from tune_cells.analysis.classification_evaluation import evaluate_classifier
+
+        return evaluate_classifier(context)
+
+    def test_scorer(self, reader, n_boot):
+        from tune_cells.analysis.classification_evaluation import ClassificationScorer
+
+        return ClassificationScorer(reader, n_boot)
+
+
+CLASSIFICATION = ClassificationKind()

@@ -1,0 +1,91 @@
+"""Multi-target segmentation: full-size images with one binary mask per target (U-Net, tiled)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tune_cells.config import SegmentationConfig
+from tune_cells.kinds.base import TaskKind, TrialInputs
+
+
+class SegmentationKind(TaskKind):
+    name = "segmentation"
+    config_type = SegmentationConfig
+    label_noun = "target"
+    explainable = False
+    writes_masks = True
+
+    def decode_for_search(self, task, index, split):
+        from tune_cells.data.images import full_array, mask_array, scan_images
+
+        fitting = frozenset(split.parts["train"]) | frozenset(split.parts["val"])
+        scan = scan_images(index.root, list(index.items["path"]), fitting, full_array)
+        decoded = dict(scan.kept)
+        fitting_rows = index.items["path"].isin(fitting)
+        for target in index.classes:
+            masks = index.items[f"mask:{target}"]
+            decoded.update(scan_images(index.root, list(masks), frozenset(masks[fitting_rows]), mask_array).kept)
+        return scan, decoded
+
+    def object_store_bytes(self, task, index, split) -> int:
+        from PIL import Image
+
+        images = len(split.parts["train"]) + len(split.parts["val"])
+        with Image.open(index.root / split.parts["train"][0]) as first:  # full-size images and masks
+            return images * first.width * first.height * (3 + len(index.classes))
+
+    def trial_inputs(self, task, index, reader, max_epochs, seed) -> TrialInputs:
+        from tune_cells.segmentation import pixel_stats
+        from tune_cells.trainables.segmentation import SegmentationData, metric_keys, train_segmenter
+
+        classes = list(index.classes)
+        train_images, train_masks = reader.load_segmentation("train", "training")
+        val_images, val_masks = reader.load_segmentation("val", "selection")
+        mean, std = pixel_stats(train_images)
+        data = SegmentationData(train_images, train_masks, val_images, val_masks, task.name, classes, mean, std,
+                                max_epochs, seed)
+        return TrialInputs(train_segmenter, data, metric_keys(classes), ("val_loss", "val_dice"))
+
+    def describe(self, index) -> str:
+        return f"targets {index.classes}"
+
+    def part_counts(self, index, split) -> dict[str, dict[str, int]]:
+        return {part: {"images": len(paths)} for part, paths in split.parts.items()}
+
+    def load_predictor(self, directory: Path, device: str = "cpu"):
+        from tune_cells.segmentation import ImageSegmenter
+
+        return ImageSegmenter.from_checkpoint(directory, device)
+
+    def signature(self, classes: list[str]):
+        """Input: a `path` or `image` (base64) column. Output: the image size and each target's pixel
+        count and percentage."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, Schema
+
+        inputs = Schema([ColSpec("string", "path", required=False), ColSpec("string", "image", required=False)])
+        columns = [ColSpec("long", "width"), ColSpec("long", "height")]
+        for target in classes:
+            columns += [ColSpec("long", f"pixels_{target}"), ColSpec("double", f"percent_{target}")]
+        return ModelSignature(inputs=inputs, outputs=Schema(columns))
+
+    def predict_files(self, predictor, names, images, mask_dir):
+        from tune_cells.segmentation import write_predictions
+
+        if len(set(names)) < len(names):  # masks are named by stem: same-named files would overwrite
+            names = [f"{i:04d}_{name}" for i, name in enumerate(names)]
+        masks = [predictor.predict_masks(image) for image in images]
+        return write_predictions(predictor, names, images, masks, mask_dir)
+
+    def evaluate(self, context):
+        from tune_cells.analysis.segmentation_evaluation import evaluate_segmenter
+
+        return evaluate_segmenter(context)
+
+    def test_scorer(self, reader, n_boot):
+        from tune_cells.analysis.segmentation_evaluation import SegmentationScorer
+
+        return SegmentationScorer(reader, n_boot)
+
+
+SEGMENTATION = SegmentationKind()

@@ -1,0 +1,76 @@
+"""Every location inside a working folder, in one place (nnU-Net's `paths.py` idea).
+
+Nothing here touches the disk: a `WorkDir` only names paths; the commands that write create them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path("tune-cells-runs")
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    root: Path  # absolute
+
+    @classmethod
+    def at(cls, path: Path | str | WorkDir) -> WorkDir:
+        return path if isinstance(path, WorkDir) else cls(Path(path).expanduser().resolve())
+
+    def __fspath__(self) -> str:  # `Path(workdir)` and `open` accept a WorkDir
+        return str(self.root)
+
+    @property
+    def mlflow_db(self) -> Path:
+        """The default MLflow store (sqlite) when no tracking URI is given."""
+        return self.root / "mlflow.db"
+
+    @property
+    def artifacts(self) -> Path:
+        """Artifact root of experiments in a local store."""
+        return self.root / "mlartifacts"
+
+    @property
+    def read_log(self) -> Path:
+        """One JSON line per decoded split part: proof that the test part is read only after promotion."""
+        return self.root / "read-log.jsonl"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    def split_file(self, task: str, fingerprint: str, seed: int) -> Path:
+        return self.splits / f"{task}-{fingerprint}-{seed}.json"
+
+    def demo_data(self, task: str) -> Path:
+        return self.root / "demo-data" / task
+
+    def ray_storage(self, experiment: str) -> Path:
+        """Ray Tune's results of an experiment's searches (trial checkpoints, searcher state)."""
+        return self.root / "ray" / experiment
+
+    @property
+    def seeds_storage(self) -> Path:
+        return self.root / "ray" / "seeds"
+
+    def best_config(self, experiment: str, search_run_id: str) -> Path:
+        return self.root / "best-configs" / experiment / f"{search_run_id}.yaml"
+
+    def predictions(self, task: str) -> Path:
+        return self.root / "predictions" / f"{task}-{_stamp()}.csv"
+
+    def explanations(self, task: str) -> Path:
+        return self.root / "explanations" / f"{task}-{_stamp()}"
+
+    def report(self, search_name: str) -> Path:
+        return self.root / "reports" / search_name
+
+    def evaluation(self, model_name: str, version: str, run_id: str) -> Path:
+        return self.root / "evaluations" / f"{model_name}-v{version}-{run_id[:8]}"

@@ -1,0 +1,250 @@
+"""The preflight of a search: everything cheap to check, checked before anything is written.
+
+Only when it passes are the split file, the read log, the MLflow store and the Ray results folder
+touched, so a bad input leaves the user's store and working folder exactly as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tune_cells.data.images import ImageIndex
+from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
+from tune_cells.errors import UserInputError
+from tune_cells.kinds import TaskKind, get_kind
+from tune_cells.paths import DEFAULT_WORKDIR, WorkDir
+from tune_cells.resources import check_local_resources
+from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
+from tune_cells.tasks import TaskSpec, get_task
+
+MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
+RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed")
+
+
+@dataclass
+class SearchOptions:
+    task: str
+    data: Path | None = None
+    samples: int = 8
+    max_epochs: int = 10
+    grace_period: int = 2
+    reduction_factor: int = 3
+    cpus_per_trial: float | None = None  # None: 1
+    gpus_per_trial: float | None = None  # None: per model (its registry entry) where there are GPUs, else 0
+    seed: int = 0
+    experiment: str | None = None
+    workdir: Path = DEFAULT_WORKDIR
+    tracking_uri: str | None = None
+    storage: str | None = None
+    space: Path | None = None
+    address: str | None = None
+    max_concurrent: int | None = None
+    verbose: bool = False
+    resume: bool = False  # continue the latest interrupted search of the experiment
+
+
+@dataclass
+class PreparedSearch:
+    """Everything the preflight established; nothing of it is written yet."""
+
+    task: TaskSpec
+    space: SearchSpace
+    workdir: WorkDir
+    index: ImageIndex
+    split: Split
+    experiment: str
+    model_name: str
+    tracking_uri: str
+    # Filled by the slow part of the preflight (`check_pixels`):
+    duplicates: list[dict] = field(default_factory=list)  # near-identical images across split parts
+    decoded: dict = field(default_factory=dict)  # train/val pixels by path
+    resume_run_id: str = ""  # with --resume: the interrupted search's parent run ...
+    resume_name: str = ""  # ... and its Ray experiment name
+
+
+def check_options(opts: SearchOptions) -> None:
+    positive = {"--samples": opts.samples, "--max-epochs": opts.max_epochs, "--grace-period": opts.grace_period}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UserInputError(f"{flag} {value}: must be at least 1")
+    if opts.reduction_factor < 2:
+        raise UserInputError(f"--reduction-factor {opts.reduction_factor}: must be at least 2")
+    if opts.cpus_per_trial is not None and opts.cpus_per_trial <= 0:
+        raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: must be above 0")
+    if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
+        raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: must not be negative")
+    if opts.max_concurrent is not None and opts.max_concurrent < 1:
+        raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
+
+
+def check_workdir(workdir: Path, min_free: int = 0) -> WorkDir:
+    """The workdir, if it exists or can be created, is writable and has `min_free` bytes free
+    (nothing is created)."""
+    workdir = WorkDir.at(workdir)
+    probe = workdir.root
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"--workdir {workdir.root}: not writable ({probe} is not a writable folder)")
+    free = shutil.disk_usage(probe).free
+    if free < min_free:
+        raise UserInputError(f"--workdir {workdir.root}: only {free / 2**30:.2f} GiB free, a search needs at least "
+                             f"{min_free / 2**30:.0f} GiB")
+    return workdir
+
+
+def prepare_workdir(workdir: Path) -> WorkDir:
+    workdir = check_workdir(workdir)
+    workdir.root.mkdir(parents=True, exist_ok=True)
+    return workdir
+
+
+def check_tracking(uri: str) -> None:
+    """A server must answer; a sqlite file must be creatable. Nothing is created here."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+                response.read()
+        except Exception as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserInputError(f"tracking server {uri} does not answer ({reason})") from None
+    elif parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):])
+        check_workdir(db.parent)
+
+
+def load_dataset(task: TaskSpec, data: Path | None, workdir: WorkDir) -> ImageIndex:
+    if data is not None:
+        return task.importer(Path(data))
+    if task.demo is None:
+        raise UserInputError(f"task {task.name} has no demo data: give --data DIR ({task.layout})")
+    index = task.importer(task.demo(workdir.demo_data(task.name)))
+    index.source = "demo"
+    return index
+
+
+def check_space(space: SearchSpace, seed: int, kind: TaskKind | None = None) -> None:
+    """Sample the space a few times so that typos fail now, not in trial 37: every sampled
+    configuration (and every initial point) must parse as the kind's typed configuration, with
+    the model's own keyword arguments. Without `kind`, each model's registered kind is used."""
+    import optuna
+
+    from tune_cells.models import (
+        expected_weights_file,
+        get_model,
+        has_pretrained_weights,
+        pretrained_arch,
+        pretrained_available,
+    )
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    configs = []
+    for _ in range(32):
+        trial = study.ask()
+        configs.append(space.sample(trial))
+        study.tell(trial, 0.0)
+    fixed = {name: value for name, value in space.params.items() if not isinstance(value, dict)}
+    # An initial point sets only some parameters; the rest are sampled, so stand-ins fill them here.
+    points = [{"model": configs[0].get("model"), "lr": 1e-3, **fixed, **point} for point in space.initial_points]
+    for config in configs + points:
+        for required in ("model", "lr"):
+            if config.get(required) is None:
+                raise UserInputError(f"{space.source}: the space sets no `{required}`")
+        entry = get_model(config["model"])
+        model_kind = get_kind(entry.kind)
+        if kind is not None and model_kind is not kind:
+            raise UserInputError(f"{space.source}: model {entry.name} is a {model_kind.name} model; this task is "
+                                 f"{kind.name}")
+        model_kind.parse_config(config, strict=True, source=space.source)
+        if config.get("pretrained"):
+            arch = pretrained_arch(config["model"], config.get("encoder"))
+            if not has_pretrained_weights(arch):
+                raise UserInputError(f"{space.source}: {arch} has no pretrained weights")
+            if not pretrained_available(arch):
+                raise UserInputError(
+                    f"{space.source}: pretrained {arch} needs {expected_weights_file(arch)}: download it on a "
+                    "machine with internet, or set TORCH_HOME to a cache that has it")
+
+
+def prepare(opts: SearchOptions) -> PreparedSearch:
+    """The whole preflight: the quick checks, then every image decoded (see `check_pixels`)."""
+    prep = check_inputs(opts)
+    check_pixels(prep)
+    return prep
+
+
+def check_inputs(opts: SearchOptions) -> PreparedSearch:
+    """The quick part of the preflight: options, space, workdir, dataset index, split, store."""
+    from tune_cells.tracking import resolve_tracking_uri
+
+    task = get_task(opts.task)
+    check_options(opts)
+    check_local_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.address)
+    space = load_space(opts.space or builtin_space_path(task.default_space))
+    check_space(space, opts.seed, task.kind)
+    workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
+    index = load_dataset(task, opts.data, workdir)
+    split = plan_split(workdir.split_file(task.name, index.fingerprint, opts.seed), index, opts.seed)
+    tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
+    check_tracking(tracking_uri)
+    suffix = "-demo" if index.source == "demo" else ""
+    prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
+                          f"tune-cells-{task.name}{suffix}", tracking_uri)
+    if opts.resume:
+        prep.resume_run_id, prep.resume_name = find_interrupted_search(opts, prep)
+    return prep
+
+
+def check_pixels(prep: PreparedSearch) -> None:
+    """The slow part of the preflight: every image decodes (their pixels for training are kept),
+    and near-identical images across split parts are found."""
+    scan, prep.decoded = decode_once(prep.task, prep.index, prep.split)
+    prep.duplicates = cross_split_duplicates(prep.split, list(prep.index.items["path"]), scan.hashes)
+
+
+def decode_once(task: TaskSpec, index: ImageIndex, split: Split):
+    """Check that every image (and mask) decodes, hash it for the duplicate check, and keep the
+    train and validation pixels in the form training uses: the one decoding pass of a search.
+    Test pixels are never kept: the test part is read only after promotion."""
+    return task.kind.decode_for_search(task, index, split)
+
+
+def ray_storage(opts: SearchOptions, prep: PreparedSearch) -> str:
+    return opts.storage or str(prep.workdir.ray_storage(prep.experiment))
+
+
+def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[str, str]:
+    """(parent run id, Ray experiment name) of the latest search of the experiment, which must be
+    unfinished, resumable from its Ray state, and started with the same data and budget flags."""
+    from tune_cells import ray_backend
+    from tune_cells.tracking import Tracker
+
+    tracker = Tracker(prep.tracking_uri, prep.workdir.artifacts)
+    if not tracker.store_exists():
+        raise UserInputError(f"--resume: no MLflow store at {prep.tracking_uri}, so no search to resume")
+    latest = tracker.latest_search(prep.experiment)
+    if latest is None:
+        raise UserInputError(f"--resume: experiment {prep.experiment} has no search to resume")
+    name = latest.data.tags.get("ray_experiment", "")
+    if latest.info.status == "FINISHED":
+        raise UserInputError(f"--resume: the latest search of {prep.experiment} ({name}) finished; nothing to resume")
+    storage = ray_storage(opts, prep)
+    if not name or not ray_backend.can_resume(storage, name):
+        raise UserInputError(f"--resume: no Ray state for {name or 'the latest search'} under {storage}")
+    current = prep.split.sha256 if prep.split.path.exists() else ""
+    if latest.data.tags.get("split_sha256") != current:
+        raise UserInputError(f"--resume: search {name} used another split or dataset than --data gives now")
+    for key in RESUME_MUST_MATCH:
+        given, started = str(getattr(opts, key)), latest.data.params.get(key)
+        if started is not None and given != started:
+            raise UserInputError(f"--resume: search {name} was started with --{key.replace('_', '-')} {started}, "
+                                 f"not {given}")
+    return latest.info.run_id, name
