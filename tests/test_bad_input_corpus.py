@@ -165,6 +165,21 @@ def space_unknown_loss(tmp):
     return ["lung", "--space", tmp / "space.yaml"], "unknown loss 'focal_typo'"
 
 
+def space_misspelt_parameter(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: small_convnet\n  lr: 0.01\n  weight_decy: 0.001\n")
+    return ["--space", tmp / "space.yaml"], "unknown parameter 'weight_decy' for model small_convnet; known: "
+
+
+def space_value_outside_its_set(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: unet\n  encoder: {choices: [resnet18, vgg16]}\n  lr: 0.01\n")
+    return ["lung", "--space", tmp / "space.yaml"], "parameter 'encoder' = 'vgg16' is not allowed"
+
+
+def space_model_of_another_kind(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: unet\n  lr: 0.01\n")
+    return ["--space", tmp / "space.yaml"], "model unet is a segmentation model; this task is classification"
+
+
 def resume_without_search(tmp):
     return ["--resume"], "has no search to resume"
 
@@ -173,7 +188,8 @@ CASES = [corrupt, zero_byte, truncated, text_as_image, csv_row_without_file, unk
          csv_wrong_columns, too_few_per_class, empty_class_folder, non_image_in_class_folder, mask_wrong_size,
          mask_missing, lung_image_undecodable, unknown_task, zero_samples, negative_samples, unreachable_server,
          unwritable_workdir, unwritable_sqlite, too_many_gpus, space_syntax_error, space_unknown_model,
-         space_unknown_loss, resume_without_search]
+         space_unknown_loss, space_misspelt_parameter, space_value_outside_its_set, space_model_of_another_kind,
+         resume_without_search]
 
 
 def fingerprint(folder: Path) -> dict[str, str]:
