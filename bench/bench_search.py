@@ -58,6 +58,7 @@ def sample_configs(n: int, seed: int) -> list[dict]:
 
 def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: int, grace: int, reduction: int,
         seed: int) -> dict:
+    from tune_cells.paths import WorkDir
     from tune_cells.preflight import SearchOptions
     from tune_cells.search import run_search
     from tune_cells.tracking import Tracker
@@ -68,7 +69,7 @@ def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: in
                                        reduction_factor=reduction, seed=seed, space=space_file, workdir=workdir,
                                        experiment=f"bench-{label}"))
     wall = time.time() - started
-    tracker = Tracker(outcome.tracking_uri, workdir / "mlartifacts")
+    tracker = Tracker(outcome.tracking_uri, WorkDir.at(workdir).artifacts)
     experiment_id = tracker.get_run(outcome.parent_run_id).info.experiment_id
     epochs_run, train_s, data_s, firsts, best = 0, 0.0, 0.0, [], []
     for trial in tracker.trial_children(experiment_id, outcome.parent_run_id):
@@ -83,7 +84,7 @@ def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: in
     return {"label": label, "wall_s": wall, "epochs": epochs_run, "train_s": train_s, "data_s": data_s,
             "first_result_s": min(firsts) - started if firsts else float("nan"), "best": max(best),
             "trials": outcome.trials, "stopped_early": outcome.stopped_early,
-            **time_budget(workdir / "ray", started, wall)}
+            **time_budget(WorkDir.at(workdir).ray_storage(f"bench-{label}"), started, wall)}
 
 
 def time_budget(ray_results: Path, started: float, wall: float) -> dict:
