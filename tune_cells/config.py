@@ -26,7 +26,7 @@ class TrainerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     model: str = Field(description="network from the model registry (`tune-cells params TASK` lists them)")
-    lr: float = Field(gt=0, le=10, description="peak learning rate")
+    lr: float = Field(gt=0, description="peak learning rate")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="AdamW, or SGD with Nesterov momentum")
     weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled (AdamW) or L2 (SGD) weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
@@ -112,7 +112,7 @@ class ClassificationConfig(TrainerConfig):
     flip: bool = Field(True, description="random horizontal and vertical flips")
     rotate90: bool = Field(True, description="random right-angle turns (cells have no 'up')")
     affine: float = Field(0.0, ge=0, le=1, description="strength of random rotation, scale and shear")
-    image_size: int | None = Field(None, ge=8, le=1024, description="network input side [default: the task's "
+    image_size: int | None = Field(None, ge=8, description="network input side [default: the task's "
                                                                     "decoded size]")
 
 
