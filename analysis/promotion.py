@@ -3,13 +3,16 @@ configuration, and hand over to evaluation in a fresh process."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from tune_cells.paths import WorkDir
+from tune_cells.tracking import CHAMPION
 
 
 @dataclass
@@ -33,35 +36,86 @@ class SearchOutcome:
     best_config_file: Path
 
 
+FAILPOINT_ENV = "TUNE_CELLS_FAIL_AT"  # tests: kill this process (SIGKILL) at the named promotion step
+
+
 def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], max_epochs: int) -> SearchOutcome:
-    """Register the search's best checkpoint (`prep`: the PreparedSearch, `result`: Ray's SearchResult)."""
-    task = prep.task
-    best_run = trial_runs.get(result.best_trial_id, "")
-    version = tracker.log_model(best_run or parent, result.best_checkpoint, prep.model_name, tags={
-        "task": task.name, "search_run_id": parent, "trial_run_id": best_run, "ray_trial_id": result.best_trial_id,
-        "epoch": result.best_epoch, task.metric: f"{result.best_metric:.6f}", "data_root": str(prep.index.root),
-        "split_file": str(split.path), "split_seed": split.seed, "split_sha256": split.sha256,
-    }, signature=task.kind.signature(list(prep.index.classes)))
-    previous = tracker.promote(prep.model_name, version)
-    shutil.rmtree(result.best_checkpoint, ignore_errors=True)
+    """The promotion pipeline of a search (`prep`: its PreparedSearch, `result`: Ray's SearchResult):
+
+    stage the best checkpoint → register it (one version per search, keyed by the search run) →
+    decide whether it becomes champion → move the aliases → finish the search run.
+
+    Every step is idempotent, so a promotion killed at any step is completed by `search --resume`:
+    one version per search, the right `champion` and `previous-champion`, no run left RUNNING.
+    """
+    task, name = prep.task, prep.model_name
+    staging = prep.workdir.promotion_staging(parent)
+    version = _register(tracker, parent, prep, split, result, trial_runs, staging)
+    _failpoint("registered")
+    previous = _champion_before(tracker, name, version)
+    _failpoint("decided")
+    tracker.move_champion(name, version, previous)
+    _failpoint("moved")
+
     failed = sum(t.failed for t in result.trials)
     stopped = sum(1 for t in result.trials if not t.failed and t.iterations < max_epochs)
     tracker.log_metrics(parent, {f"best_{task.metric}": result.best_metric, "trials_failed": failed,
                                  "trials_stopped_early": stopped, "trials": len(result.trials),
                                  "searcher_trials": result.searcher_trials})
-    tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": best_run,
-                              "model_name": prep.model_name, "model_version": version,
-                              "previous_champion": previous or "", "ray_experiment_path": result.experiment_path})
+    tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": trial_runs.get(
+        result.best_trial_id, ""), "model_name": name, "model_version": version, "previous_champion": previous or "",
+        "ray_experiment_path": result.experiment_path})
     best_config_file = export_best_config(prep, parent, result)
     tracker.log_artifact(parent, best_config_file)
     tracker.end_run(parent)
+    shutil.rmtree(staging, ignore_errors=True)
     return SearchOutcome(
         task=task.name, workdir=prep.workdir, metric=task.metric, experiment=prep.experiment, parent_run_id=parent,
-        model_name=prep.model_name, model_version=version, best_trial_id=result.best_trial_id,
+        model_name=name, model_version=version, best_trial_id=result.best_trial_id,
         best_metric=result.best_metric, best_epoch=result.best_epoch, best_config=result.best_config,
         trials=len(result.trials), failed_trials=failed, stopped_early=stopped, wall_time_s=0.0,
         tracking_uri=tracker.tracking_uri, best_config_file=best_config_file,
     )
+
+
+def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], staging: Path) -> str:
+    """The search's registered version: the one an earlier attempt registered, else a new one
+    from the best checkpoint, staged in the working folder (not the system's temp folder)."""
+    from tune_cells import ray_backend
+
+    task = prep.task
+    existing = tracker.version_of_search(prep.model_name, parent)
+    if existing is not None:
+        return str(existing.version)
+    checkpoint = ray_backend.copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
+    _failpoint("staged")
+    best_run = trial_runs.get(result.best_trial_id, "")
+    return tracker.log_model(best_run or parent, checkpoint, prep.model_name, tags={
+        "task": task.name, "search_run_id": parent, "trial_run_id": best_run, "ray_trial_id": result.best_trial_id,
+        "epoch": result.best_epoch, task.metric: f"{result.best_metric:.6f}", "data_root": str(prep.index.root),
+        "split_file": str(split.path), "split_seed": split.seed, "split_sha256": split.sha256,
+    }, signature=task.kind.signature(list(prep.index.classes)))
+
+
+def _champion_before(tracker, name: str, version: str) -> str | None:
+    """The champion this search's version replaces, written on the version before any alias moves
+    (so a resumed promotion still knows it after `champion` has moved)."""
+    champion = tracker.version_for_alias(name, CHAMPION)
+    if champion is not None and str(champion.version) == version:  # moved by an earlier attempt
+        recorded = tracker.client.get_model_version(name, version).tags.get("previous_champion", "")
+        return recorded or None
+    previous = str(champion.version) if champion is not None else None
+    tracker.set_version_tags(name, version, {"previous_champion": previous or ""})
+    return previous
+
+
+def _failpoint(step: str) -> None:
+    """A crash at `step` (tests): the whole process group when this process leads it (the driver
+    and the Ray it started, as a power cut would), else this process alone."""
+    if os.environ.get(FAILPOINT_ENV) == step:
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def export_best_config(prep, parent: str, result) -> Path:

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from tune_cells.errors import UserInputError
+from tune_cells.errors import Interrupted, UserInputError
 
 log = logging.getLogger("tune_cells")
 
@@ -33,6 +34,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     ctx.obj = {"verbose": verbose}
+    # SIGTERM ends a command like Ctrl-C does (runs end KILLED, locks are released), not at once.
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "urllib3", "ray", "filelock", "matplotlib", "PIL"):
@@ -113,7 +116,8 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 @tracking_option
 def evaluate(task, model_uri, n_boot, data, seeds, workdir, tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
-    from tune_cells.analysis.evaluation import evaluate_registered, format_table
+    from tune_cells.lock import WorkdirLock
+    from tune_cells.paths import WorkDir
 
     if n_boot < 1:
         raise UserInputError(f"--bootstrap {n_boot}: must be at least 1")
@@ -121,7 +125,14 @@ def evaluate(task, model_uri, n_boot, data, seeds, workdir, tracking_uri):
         raise UserInputError(f"--seeds {seeds}: must be at least 2 (a spread needs two retrains)")
     if seeds is not None and data is not None:
         raise UserInputError("--seeds retrains on the model's own split: it does not combine with --data")
-    spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
+    with WorkdirLock(WorkDir.at(workdir), "evaluate"):
+        spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
+        _evaluate(spec, tracker, model_uri, workdir, n_boot, data, seeds)
+
+
+def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds) -> None:
+    from tune_cells.analysis.evaluation import evaluate_registered, format_table
+
     if seeds is not None:
         from tune_cells.analysis.seeds import evaluate_seeds, format_seeds_table
 
@@ -325,6 +336,10 @@ def ui(workdir, tracking_uri, port, host):
                                 "--port", str(port), "--workers", "1"], env)
 
 
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
 def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -332,18 +347,19 @@ def _short(value) -> str:
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("tune-cells: aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:  # click turns a KeyboardInterrupt into Abort
+        cause = exc.__cause__
+        click.echo(f"tune-cells: {'interrupted' if cause else 'aborted'}", err=True)
+        sys.exit(cause.exit_code if isinstance(cause, Interrupted) else 130)
     except click.ClickException as exc:  # usage errors: one line, not click's usage block
         click.echo(f"tune-cells: error: {exc.format_message()}", err=True)
         sys.exit(2)
     except UserInputError as exc:
         click.echo(f"tune-cells: error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         click.echo("tune-cells: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except Exception as exc:
         log.debug("traceback", exc_info=True)
         click.echo(f"tune-cells: failed: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)

@@ -1,5 +1,21 @@
-"""Errors that the CLI turns into exit codes (2: bad input, 1: runtime failure)."""
+"""Errors that the CLI turns into exit codes (2: bad input, 1: runtime failure, 128+N: signal N)."""
+
+from __future__ import annotations
+
+import signal
 
 
 class UserInputError(Exception):
     """Bad input from the user: printed as one line on stderr, exit code 2, no traceback."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal (Ctrl-C, SIGTERM): nothing is promoted, the search can be resumed."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM

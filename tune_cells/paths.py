@@ -38,6 +38,15 @@ class WorkDir:
         return self.root / "mlartifacts"
 
     @property
+    def lock(self) -> Path:
+        """Held by a command that writes (search, evaluate, promote): one writer per folder."""
+        return self.root / ".tune-cells.lock"
+
+    def promotion_staging(self, search_run_id: str) -> Path:
+        """The best checkpoint of a search while it is being promoted (kept until promotion ends)."""
+        return self.root / "promotion" / search_run_id
+
+    @property
     def read_log(self) -> Path:
         """One JSON line per decoded split part: proof that the test part is read only after promotion."""
         return self.root / "read-log.jsonl"

@@ -239,8 +239,12 @@ def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[
     storage = ray_storage(opts, prep)
     if not name or not ray_backend.can_resume(storage, name):
         raise UserInputError(f"--resume: no Ray state for {name or 'the latest search'} under {storage}")
-    current = prep.split.sha256 if prep.split.path.exists() else ""
-    if latest.data.tags.get("split_sha256") != current:
+    if not prep.split.path.exists():
+        logged = f"split/{latest.data.tags.get('split_file', prep.split.path.name)}"
+        raise UserInputError(f"--resume: the split file {prep.split.path} of search {name} is missing (deleted?); "
+                             f"its copy is logged with the search run ({latest.info.run_id}, artifact {logged}): "
+                             "put it back there to resume")
+    if latest.data.tags.get("split_sha256") != prep.split.sha256:
         raise UserInputError(f"--resume: search {name} used another split or dataset than --data gives now")
     for key in RESUME_MUST_MATCH:
         given, started = str(getattr(opts, key)), latest.data.params.get(key)

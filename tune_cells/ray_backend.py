@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import ray
 from ray import tune
 
+from tune_cells.errors import Interrupted, UserInputError
 from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class SearchResult:
     best_config: dict
     best_metric: float
     best_epoch: int
-    best_checkpoint: Path  # a local copy of the best trial's best-epoch checkpoint
+    best_checkpoint: tune.Checkpoint  # the best trial's best-epoch checkpoint, where Ray stored it
     trials: list[TrialSummary]
     experiment_path: str
     searcher_trials: int  # trials the Optuna study holds (one per Ray trial, also across a resume)
@@ -138,8 +140,12 @@ def run_search(request: SearchRequest) -> SearchResult:
     experiment_path = f"{request.storage_path.rstrip('/')}/{request.name}"
     if request.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        with _pending_trials(request):
-            return _summarise(tuner.fit(), request)
+        with _pending_trials(request), _stop_on_signals():
+            try:
+                return _summarise(tuner.fit(), request)
+            except FileNotFoundError as exc:  # trial checkpoints deleted since the interruption
+                raise UserInputError(f"--resume: Ray's state under {experiment_path} is incomplete "
+                                     f"({Path(exc.filename or str(exc)).name} is missing): start a new search") from None
     callbacks = [_EventsCallback(request.name), PendingTrialsExplainer(),
                  ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode),
                  *_result_records()]
@@ -167,9 +173,56 @@ def run_search(request: SearchRequest) -> SearchResult:
             verbose=0,
         ),
     )
-    with _pending_trials(request):
+    with _pending_trials(request), _stop_on_signals():
         results = tuner.fit()
     return _summarise(results, request)
+
+
+def copy_checkpoint(checkpoint: tune.Checkpoint, destination: Path) -> Path:
+    """A local copy of a checkpoint, wherever Ray stored it (a local folder, s3://, NFS)."""
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(checkpoint.to_directory(str(destination)))
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Ctrl-C or SIGTERM while trials run: Tune stops and saves its state one last time (its own
+    SIGUSR1 path), and the search then ends as interrupted (resumable), never as finished.
+
+    Tune's own Ctrl-C handler stops the same way but lets `fit()` return as if the search had
+    finished, and SIGTERM would end the driver without saving (Ray's handler exits at once). A
+    second signal stops at once.
+    """
+    received: list[int] = []
+
+    def stop(signum, frame):
+        if received or signal.getsignal(signal.SIGUSR1) is placeholder:  # again, or before Tune listens
+            raise Interrupted(signum)
+        received.append(signum)
+        log.warning("%s received: stopping the trials and saving the search's state (again: stop at once); "
+                    "continue it later with --resume", signal.Signals(signum).name)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def placeholder(signum, frame):  # until Tune installs its SIGUSR1 handler
+        pass
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGUSR1, placeholder)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if saved_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
+    if received:
+        raise Interrupted(received[0])
 
 
 @contextmanager
@@ -269,13 +322,12 @@ def _summarise(results, request: SearchRequest) -> SearchResult:
     best_result = results.get_best_result(request.metric, request.mode, scope="all", filter_nan_and_inf=True)
     checkpoint = best_result.get_best_checkpoint(request.metric, request.mode)
     checkpoint_metrics = next(m for c, m in best_result.best_checkpoints if c.path == checkpoint.path)
-    local = Path(checkpoint.to_directory())
     return SearchResult(
         best_trial_id=best_result.metrics["trial_id"],
         best_config=best_result.config,
         best_metric=float(checkpoint_metrics[request.metric]),
         best_epoch=int(checkpoint_metrics["training_iteration"]),
-        best_checkpoint=local,
+        best_checkpoint=checkpoint,
         trials=trials,
         experiment_path=results.experiment_path,
         searcher_trials=_searcher_trials(results.experiment_path),

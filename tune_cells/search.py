@@ -21,6 +21,7 @@ import pandas as pd
 from tune_cells.analysis.promotion import SearchOutcome, promote
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, save_split
+from tune_cells.lock import WorkdirLock
 from tune_cells.preflight import PreparedSearch, SearchOptions, check_inputs, check_pixels, prepare_workdir, ray_storage
 from tune_cells.resources import TrialResources, trial_resources
 from tune_cells.tracking import without_credentials
@@ -33,7 +34,7 @@ def run_search(opts: SearchOptions) -> SearchOutcome:
 
     started = time.time()
     prep = check_inputs(opts)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with WorkdirLock(prep.workdir, "search"), ThreadPoolExecutor(max_workers=1) as pool:
         # Ray's start mostly waits for its processes. Meanwhile: decode every image (Pillow works
         # without the GIL) and then open the MLflow store (a fresh one spends seconds on its
         # schema). A bad image still stops the search before the workdir or the store is touched.
@@ -109,8 +110,13 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs)
     except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
         tracker.set_tags(parent, {"failure": f"{type(exc).__name__}: {exc}"[:500]})
-        tracker.end_run(parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        if interrupted:  # resumable: its unfinished trials too
+            tracker.kill_running_trial_runs(experiment_id, parent)
+            log.warning("search %s interrupted; nothing promoted. Continue it: tune-cells search %s --resume "
+                        "(with the same flags)", search_name, task.name)
+        tracker.end_run(parent, "KILLED" if interrupted else "FAILED")
         raise
 
 

@@ -148,6 +148,12 @@ class Tracker:
         return {r.data.tags["ray_trial_id"]: r.info.run_id for r in self.trial_children(experiment_id, parent_run_id)
                 if "ray_trial_id" in r.data.tags}
 
+    def kill_running_trial_runs(self, experiment_id: str, parent_run_id: str) -> None:
+        """An interrupted search: its unfinished trial runs end KILLED (a resume reopens them)."""
+        for run in self.trial_children(experiment_id, parent_run_id):
+            if run.info.status == "RUNNING":
+                self.end_run(run.info.run_id, "KILLED")
+
     def end_orphaned_trial_runs(self, experiment_id: str, parent_run_id: str, trial_failed: dict[str, bool]) -> None:
         """After a (resumed) search: no trial run stays RUNNING. A run whose trial Ray finished gets
         that trial's status; one Ray no longer knows (started just before a crash, after Ray's last
@@ -177,8 +183,9 @@ class Tracker:
     # --- models -------------------------------------------------------------------------
 
     def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict, signature) -> str:
-        """Log a checkpoint as a pyfunc model in `run_id`, register it, tag the version (`signature`:
-        the task kind's MLflow signature)."""
+        """Log a checkpoint as a pyfunc model in `run_id` and register it as a new version that
+        carries `tags` from its creation (one registry call: a crash leaves no untagged version).
+        `signature`: the task kind's MLflow signature."""
         import mlflow.pyfunc
 
         code = Path(__file__).with_name("mlflow_model_code.py")
@@ -189,23 +196,32 @@ class Tracker:
                 name="model",
                 python_model=str(code),
                 artifacts={"checkpoint": str(checkpoint_dir)},
-                registered_model_name=registered_name,
                 pip_requirements=_pip_requirements(),
                 signature=signature,
             )
-        version = str(info.registered_model_version)
-        for key, value in tags.items():
-            self.client.set_model_version_tag(registered_name, version, key, str(value))
-        return version
+        with self._fluent(None):
+            version = mlflow.register_model(info.model_uri, registered_name,
+                                            tags={key: str(value) for key, value in tags.items()})
+        return str(version.version)
 
-    def promote(self, name: str, version: str) -> str | None:
-        """Point `champion` at `version`; the version it left gets `previous-champion`."""
-        previous = self.version_for_alias(name, CHAMPION)
+    def version_of_search(self, name: str, search_run_id: str):
+        """The version registered by a search (tag `search_run_id`), if it got that far, else None."""
+        try:
+            versions = self.client.search_model_versions(f"name='{name}' and tags.search_run_id='{search_run_id}'")
+        except MlflowException:  # no such registered model yet
+            return None
+        return min(versions, key=lambda v: int(v.version)) if versions else None
+
+    def set_version_tags(self, name: str, version: str, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value))
+
+    def move_champion(self, name: str, version: str, previous: str | None) -> None:
+        """`champion` → `version`, and `previous-champion` → the version it left. Idempotent: a
+        promotion that crashed between the two writes repeats both with the same values."""
+        if previous and previous != version:
+            self.client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
         self.client.set_registered_model_alias(name, CHAMPION, version)
-        if previous is not None and previous.version != version:
-            self.client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous.version)
-            return previous.version
-        return None
 
     def version_for_alias(self, name: str, alias: str):
         try:

@@ -1,0 +1,102 @@
+"""Faults with the real parts: Ctrl-C and SIGTERM stop a search without promoting anything and
+leave it resumable; a promotion killed at any of its steps is completed by --resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import short_tmpdir
+from test_resume import SAMPLES, SPACE, runs_of, trial_statuses, wait_for
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tune-cells-nuclei-demo"
+ARGS = ["search", "nuclei", "--samples", str(SAMPLES), "--max-epochs", "3", "--grace-period", "3",
+        "--max-concurrent", "1", "--space", "space.yaml", "--workdir", "w", "--no-evaluate"]
+
+
+def start(root: Path, *extra: str, fail_at: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("TUNE_CELLS_FAIL_AT", None)
+    if fail_at:
+        env["TUNE_CELLS_FAIL_AT"] = fail_at
+    log = open(root / f"run{len(list(root.glob('run*.log')))}.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "tune_cells", *ARGS, *extra], cwd=root, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def last_log(root: Path) -> str:
+    return sorted(root.glob("run*.log"), key=lambda p: int(p.stem[3:]))[-1].read_text()
+
+
+def versions(client) -> list:
+    return client.search_model_versions(f"name='{MODEL}'")
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """Ctrl-C, then SIGTERM during the resumed search, then a resume that finishes."""
+    root = tmp_path_factory.mktemp("interrupts")
+    (root / "space.yaml").write_text(SPACE)
+    db = root / "w" / "mlflow.db"
+    codes = []
+    for signum, extra in ((signal.SIGINT, ()), (signal.SIGTERM, ("--resume",))):
+        search = start(root, *extra)
+        done_before = trial_statuses(db).count("FINISHED")
+        wait_for(lambda done=done_before: trial_statuses(db).count("FINISHED") > done and "RUNNING" in trial_statuses(db))
+        os.kill(search.pid, signum)  # the driver alone, as `kill -INT` / `kill -TERM` would
+        codes.append(search.wait(timeout=300))
+        client, parents, trials = runs_of(root)
+        codes.append((parents[0].info.status, sorted({t.info.status for t in trials}), len(versions(client))))
+    final = start(root, "--resume")
+    assert final.wait(timeout=600) == 0, last_log(root)[-3000:]
+    return root, codes
+
+
+def test_ctrl_c_and_sigterm_stop_without_promoting_and_exit_130_and_143(interrupted):
+    root, codes = interrupted
+    assert codes[0] == 130 and codes[2] == 143, (root / "run0.log").read_text()[-3000:]
+    for status, trial_statuses_after, registered in (codes[1], codes[3]):
+        assert status == "KILLED" and "RUNNING" not in trial_statuses_after and registered == 0
+    assert "nothing promoted" in (root / "run0.log").read_text()
+
+
+def test_a_resumed_interrupted_search_ends_as_one_search(interrupted):
+    root, _ = interrupted
+    client, parents, trials = runs_of(root)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(trials) == SAMPLES and not [t for t in trials if t.info.status == "RUNNING"]
+    assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
+    assert parents[0].data.metrics["searcher_trials"] == SAMPLES
+    assert [v.tags["search_run_id"] for v in versions(client)] == [parents[0].info.run_id]
+    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+
+def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
+    """A second search of the same experiment, killed (SIGKILL, driver and Ray) at every step of its
+    promotion in turn; each --resume goes one step further."""
+    root, _ = interrupted
+    steps = ["staged", "registered", "decided", "moved"]
+    for number, step in enumerate(steps):
+        search = start(root, *(("--resume",) if number else ()), fail_at=step)
+        assert search.wait(timeout=600) == -signal.SIGKILL, last_log(root)[-3000:]
+    final = start(root, "--resume")
+    assert final.wait(timeout=600) == 0, last_log(root)[-3000:]
+
+    client, parents, trials = runs_of(root)
+    second = max(parents, key=lambda r: r.info.start_time)
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
+    assert not [t for t in trials if t.info.status == "RUNNING"]
+    ours = [v for v in versions(client) if v.tags["search_run_id"] == second.info.run_id]
+    assert len(ours) == 1 and len(versions(client)) == 2  # one version per search
+    assert client.get_model_version_by_alias(MODEL, "champion").version == ours[0].version
+    assert client.get_model_version_by_alias(MODEL, "previous-champion").version == "1"
+    assert second.data.tags["previous_champion"] == "1"
+    assert not (root / "w" / "promotion" / second.info.run_id).exists()  # the staged checkpoint is gone
