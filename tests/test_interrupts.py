@@ -76,7 +76,7 @@ def test_a_resumed_interrupted_search_ends_as_one_search(interrupted):
     assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
     assert parents[0].data.metrics["searcher_trials"] == SAMPLES
     assert [v.tags["search_run_id"] for v in versions(client)] == [parents[0].info.run_id]
-    assert client.get_model_version_by_alias(MODEL, "champion").version == "1"
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
 def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
@@ -97,6 +97,6 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     ours = [v for v in versions(client) if v.tags["search_run_id"] == second.info.run_id]
     assert len(ours) == 1 and len(versions(client)) == 2  # one version per search
     assert client.get_model_version_by_alias(MODEL, "champion").version == ours[0].version
-    assert client.get_model_version_by_alias(MODEL, "previous-champion").version == "1"
+    assert str(client.get_model_version_by_alias(MODEL, "previous-champion").version) == "1"
     assert second.data.tags["previous_champion"] == "1"
     assert not (root / "w" / "promotion" / second.info.run_id).exists()  # the staged checkpoint is gone
