@@ -2,7 +2,7 @@
 and per-epoch reporting. A kind's trainer overrides a few small hooks (nnU-Net's trainer variants).
 
 Imports neither Ray nor MLflow: a trial reaches Ray through a `TrialSession` (Ray's, from
-`tune_cells.ray_backend`, when Tune runs the trial; `LocalSession` when a test or a device check
+`tune_cells.ray_trial`, when Tune runs the trial; `LocalSession` when a test or a device check
 trains outside Tune).
 """
 
@@ -34,7 +34,7 @@ from tune_cells.training import (
 
 
 class TrialSession(Protocol):
-    """Where a trial runs and where its results go (`tune_cells.ray_backend` is one)."""
+    """Where a trial runs and where its results go (`tune_cells.ray_trial` is one)."""
 
     def trial_info(self) -> dict: ...  # node_id, cpus, gpu_ids
     def resumed_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]: ...
@@ -70,9 +70,9 @@ class LocalSession:
 
 def ray_session() -> TrialSession:
     """The session of a trial that Ray Tune runs (imported only then)."""
-    from tune_cells import ray_backend
+    from tune_cells import ray_trial
 
-    return ray_backend
+    return ray_trial
 
 
 class TrialTrainer(ABC):

@@ -1,6 +1,6 @@
 """Everything tune-cells asks of Ray Tune, in one module: Ray's API moves between versions.
 
-Driver side: `init`, `run_search`. Trial side: `report`, `resumed_checkpoint`, `trial_info`.
+Driver side: `init`, `run_search`, `run_seeds`. The trial side is `ray_trial`.
 Per-trial events reach the rest of the project through the small `TrialEvents` protocol.
 """
 
@@ -375,40 +375,3 @@ class _EventsCallback(tune.Callback):
             error = _first_line(Path(trial.error_file).read_text())
         if self.events:
             self.events.on_trial_end(trial.trial_id, True, trial.last_result or {}, error)
-
-
-# --- inside a trial -----------------------------------------------------------------------
-
-
-def report(metrics: dict, checkpoint_dir: Path | None = None) -> None:
-    checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-    tune.report(metrics, checkpoint=checkpoint)
-
-
-def report_failure(message: str, metric_keys) -> None:
-    """End a trial as failed *without* raising: a deterministic failure (a diverged loss) must not
-    be retried by Ray's FailureConfig. The searcher is told NaN (Optuna records a failed trial)."""
-    tune.report({**{key: float("nan") for key in metric_keys}, "failure": message})
-
-
-@contextmanager
-def resumed_checkpoint() -> Iterator[Path | None]:
-    """The trial's own last checkpoint when Ray restarts or resumes it, else None."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        yield None
-        return
-    with checkpoint.as_directory() as directory:
-        yield Path(directory)
-
-
-def trial_info() -> dict:
-    """Who and where this trial is: its id, Ray node, and the CPUs and GPU ids it was given."""
-    context = tune.get_context()
-    resources = context.get_trial_resources().required_resources
-    return {
-        "trial_id": context.get_trial_id(),
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "cpus": float(resources.get("CPU", 1)),
-        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-    }
