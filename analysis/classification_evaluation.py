@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from tune_cells.analysis.calibration import expected_calibration_error
 from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext, evaluation_run, interval_metrics
 from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion, exact_accuracy_interval
-from tune_cells.analysis.plots import save_confusion_matrix
+from tune_cells.analysis.plots import save_confusion_matrix, save_reliability_diagram
 
 HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
 
@@ -23,9 +25,13 @@ def evaluate_classifier(context: EvaluationContext) -> Evaluation:
     images, labels = reader.load(context.part, "evaluation")
     index_classes = reader.index.classes
     labels = np.array([spec.classes.index(index_classes[i]) for i in labels], dtype=np.int64)  # match by name
-    probs = classifier.predict_proba(images)
+    logits = classifier.predict_logits(images)
+    probs = torch.softmax(logits / spec.temperature, 1).numpy()  # what predict_proba and serving return
+    uncalibrated = torch.softmax(logits, 1).numpy()
 
-    metrics = classification_metrics(labels, probs, spec.classes)
+    metrics = {**classification_metrics(labels, probs, spec.classes),
+               "test_ece": expected_calibration_error(probs, labels),
+               "test_ece_before_temperature": expected_calibration_error(uncalibrated, labels)}
     intervals = bootstrap_intervals(labels, probs, spec.classes, n_boot=context.n_boot)
     exact = exact_accuracy_interval(labels, probs)
     with evaluation_run(context) as run_id:
@@ -39,6 +45,8 @@ def evaluate_classifier(context: EvaluationContext) -> Evaluation:
             matrix = confusion(labels, probs, len(spec.classes))
             save_confusion_matrix(matrix, spec.classes, tmp / "confusion_matrix.png",
                                   f"{version.name} v{version.version}: test confusion matrix")
+            save_reliability_diagram(uncalibrated, probs, labels, tmp / "reliability_diagram.png",
+                                     f"{version.name} v{version.version}: test reliability (T={spec.temperature:.2f})")
             predictions = pd.DataFrame(probs, columns=[f"prob_{c}" for c in spec.classes])
             predictions.insert(0, "predicted", [spec.classes[i] for i in probs.argmax(1)])
             predictions.insert(0, "label", [spec.classes[i] for i in labels])
@@ -46,7 +54,7 @@ def evaluate_classifier(context: EvaluationContext) -> Evaluation:
             predictions.to_csv(tmp / "test_predictions.csv", index=False)
             (tmp / "metrics.json").write_text(json.dumps(
                 {"metrics": metrics, "ci95_bootstrap": intervals, "accuracy_ci95_exact": exact}, indent=1))
-            for name in ("confusion_matrix.png", "test_predictions.csv", "metrics.json"):
+            for name in ("confusion_matrix.png", "reliability_diagram.png", "test_predictions.csv", "metrics.json"):
                 context.tracker.log_artifact(run_id, tmp / name)
     return Evaluation(run_id, context.model_uri, version.version, metrics, intervals, exact, len(labels))
 

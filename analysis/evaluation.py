@@ -20,6 +20,7 @@ from tune_cells.tasks import TaskSpec
 from tune_cells.tracking import Tracker
 
 SEGMENTATION_HEADLINE = ("test_dice", "test_pooled_dice", "test_jaccard")
+CALIBRATION = ("test_ece_before_temperature", "test_ece")
 
 
 def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdir: Path, n_boot: int = 1000,
@@ -74,7 +75,7 @@ def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir
 
 def format_table(evaluation: Evaluation) -> str:
     rows = [f"{'metric':<40}{'value':>8}   95% CI (bootstrap)"]
-    keys = [k for k in HEADLINE + SEGMENTATION_HEADLINE if k in evaluation.metrics]
+    keys = [k for k in HEADLINE + SEGMENTATION_HEADLINE + CALIBRATION if k in evaluation.metrics]
     keys += sorted(k for k in evaluation.metrics if k.startswith(("test_f1_", "test_dice_", "test_pooled_dice_")))
     for key in keys:
         lo, hi = evaluation.intervals.get(key, (np.nan, np.nan))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tune_cells.paths import WorkDir
-from tune_cells.tracking import CHAMPION
+from tune_cells.tracking import CHALLENGER, CHAMPION
 
 
 @dataclass
@@ -34,27 +34,34 @@ class SearchOutcome:
     wall_time_s: float
     tracking_uri: str
     best_config_file: Path
+    decision: Decision
 
 
 FAILPOINT_ENV = "TUNE_CELLS_FAIL_AT"  # tests: kill this process (SIGKILL) at the named promotion step
 
 
-def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], max_epochs: int) -> SearchOutcome:
-    """The promotion pipeline of a search (`prep`: its PreparedSearch, `result`: Ray's SearchResult):
+def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], max_epochs: int,
+            data) -> SearchOutcome:
+    """The promotion pipeline of a search (`prep`: its PreparedSearch, `result`: Ray's SearchResult,
+    `data`: the trials' train/validation data):
 
-    stage the best checkpoint → register it (one version per search, keyed by the search run) →
-    decide whether it becomes champion → move the aliases → finish the search run.
+    stage the best checkpoint and finish it on validation (test-time augmentation, temperature) →
+    register it (one version per search, keyed by the search run) → decide: champion, or challenger
+    → move the aliases → finish the search run.
 
     Every step is idempotent, so a promotion killed at any step is completed by `search --resume`:
     one version per search, the right `champion` and `previous-champion`, no run left RUNNING.
     """
     task, name = prep.task, prep.model_name
     staging = prep.workdir.promotion_staging(parent)
-    version = _register(tracker, parent, prep, split, result, trial_runs, staging)
+    version = _register(tracker, parent, prep, split, result, trial_runs, staging, data)
     _failpoint("registered")
-    previous = _champion_before(tracker, name, version)
+    decision = _decide(tracker, name, version, task)
     _failpoint("decided")
-    tracker.move_champion(name, version, previous)
+    if decision.champion:
+        tracker.move_champion(name, version, decision.previous)
+    else:
+        tracker.set_alias(name, CHALLENGER, version)
     _failpoint("moved")
 
     failed = sum(t.failed for t in result.trials)
@@ -63,7 +70,8 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
                                  "trials_stopped_early": stopped, "trials": len(result.trials),
                                  "searcher_trials": result.searcher_trials})
     tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": trial_runs.get(
-        result.best_trial_id, ""), "model_name": name, "model_version": version, "previous_champion": previous or "",
+        result.best_trial_id, ""), "model_name": name, "model_version": version,
+        "previous_champion": decision.previous or "", "promotion": decision.reason,
         "ray_experiment_path": result.experiment_path})
     best_config_file = export_best_config(prep, parent, result)
     tracker.log_artifact(parent, best_config_file)
@@ -74,11 +82,74 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
         model_name=name, model_version=version, best_trial_id=result.best_trial_id,
         best_metric=result.best_metric, best_epoch=result.best_epoch, best_config=result.best_config,
         trials=len(result.trials), failed_trials=failed, stopped_early=stopped, wall_time_s=0.0,
-        tracking_uri=tracker.tracking_uri, best_config_file=best_config_file,
+        tracking_uri=tracker.tracking_uri, best_config_file=best_config_file, decision=decision,
     )
 
 
-def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], staging: Path) -> str:
+@dataclass(frozen=True)
+class Decision:
+    champion: bool  # else challenger
+    reason: str  # one line, for the summary and the version's tags
+    previous: str | None = None  # the champion it replaces
+
+
+def _decide(tracker, name: str, version: str, task) -> Decision:
+    """Champion when there is none, or when this version is better on validation data that both
+    were scored on (the same split file); else challenger. Written on the version before any alias
+    moves, so a resumed promotion repeats the same decision."""
+    mine = tracker.client.get_model_version(name, version).tags
+    if "promotion" in mine:  # an earlier attempt decided
+        return Decision(mine["promotion"] == CHAMPION, mine.get("promotion_reason", ""),
+                        mine.get("previous_champion") or None)
+    champion = tracker.version_for_alias(name, CHAMPION)
+    decision = compare(mine, champion, task.metric, task.mode)
+    tracker.set_version_tags(name, version, {
+        "promotion": CHAMPION if decision.champion else CHALLENGER, "promotion_reason": decision.reason,
+        "previous_champion": decision.previous or ""})
+    return decision
+
+
+def compare(mine: dict, champion, metric: str, mode: str) -> Decision:
+    """The rule: `mine` (a version's tags) against the current champion (a ModelVersion or None)."""
+    if champion is None:
+        return Decision(True, "champion: there was none")
+    theirs = champion.tags
+    if theirs.get("split_sha256") != mine.get("split_sha256"):
+        return Decision(False, f"challenger: not comparable with champion version {champion.version} "
+                               "(scored on another split file)")
+    ours, best = _validation_score(mine, metric), _validation_score(theirs, metric)
+    better = ours > best if mode == "max" else ours < best
+    sign = (">" if better else "<=") if mode == "max" else ("<" if better else ">=")
+    if better:
+        return Decision(True, f"champion: better on validation ({metric} {ours:.4f} {sign} {best:.4f} of version "
+                              f"{champion.version})", previous=str(champion.version))
+    return Decision(False, f"challenger: not better on validation ({metric} {ours:.4f} {sign} {best:.4f} of "
+                           f"champion version {champion.version})")
+
+
+def _validation_score(tags: dict, metric: str) -> float:
+    """The validation score of a version as it predicts (older versions: its trial's best epoch)."""
+    return float(tags.get("validation_score", tags.get(metric, "nan")))
+
+
+def promote_by_hand(tracker, name: str, version: str) -> str | None:
+    """`tune-cells promote`: `champion` → `version` whatever the rule says, logged on the version;
+    returns the champion it replaced."""
+    import time
+
+    champion = tracker.version_for_alias(name, CHAMPION)
+    previous = str(champion.version) if champion is not None and str(champion.version) != version else None
+    tracker.set_version_tags(name, version, {
+        "promotion": CHAMPION, "promotion_reason": f"champion: promoted by hand ({time.strftime('%Y-%m-%d %H:%M')})",
+        "previous_champion": previous or "", "promoted_by_hand": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    tracker.move_champion(name, version, previous)
+    challenger = tracker.version_for_alias(name, CHALLENGER)
+    if challenger is not None and str(challenger.version) == version:
+        tracker.delete_alias(name, CHALLENGER)
+    return previous
+
+
+def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], staging: Path, data) -> str:
     """The search's registered version: the one an earlier attempt registered, else a new one
     from the best checkpoint, staged in the working folder (not the system's temp folder)."""
     from tune_cells import ray_backend
@@ -88,25 +159,15 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
     if existing is not None:
         return str(existing.version)
     checkpoint = ray_backend.copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
+    chosen = {"validation_score": result.best_metric, **task.kind.finalize(checkpoint, data)}
     _failpoint("staged")
     best_run = trial_runs.get(result.best_trial_id, "")
     return tracker.log_model(best_run or parent, checkpoint, prep.model_name, tags={
         "task": task.name, "search_run_id": parent, "trial_run_id": best_run, "ray_trial_id": result.best_trial_id,
         "epoch": result.best_epoch, task.metric: f"{result.best_metric:.6f}", "data_root": str(prep.index.root),
         "split_file": str(split.path), "split_seed": split.seed, "split_sha256": split.sha256,
+        **{key: f"{value:.6f}" if isinstance(value, float) else value for key, value in chosen.items()},
     }, signature=task.kind.signature(list(prep.index.classes)))
-
-
-def _champion_before(tracker, name: str, version: str) -> str | None:
-    """The champion this search's version replaces, written on the version before any alias moves
-    (so a resumed promotion still knows it after `champion` has moved)."""
-    champion = tracker.version_for_alias(name, CHAMPION)
-    if champion is not None and str(champion.version) == version:  # moved by an earlier attempt
-        recorded = tracker.client.get_model_version(name, version).tags.get("previous_champion", "")
-        return recorded or None
-    previous = str(champion.version) if champion is not None else None
-    tracker.set_version_tags(name, version, {"previous_champion": previous or ""})
-    return previous
 
 
 def _failpoint(step: str) -> None:

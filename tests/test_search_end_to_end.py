@@ -150,22 +150,43 @@ def test_evaluate_in_a_fresh_process_reproduces_the_logged_metrics(search):
         assert recomputed[key] == pytest.approx(logged[key], abs=1e-6), key
 
 
-def test_a_second_search_keeps_the_first_and_moves_the_alias(search):
+HOPELESS = SPACE.split("initial_points:")[0].replace("lr: {float: [1.0e-3, 5.0e-3], log: true}", "lr: 1.0e-7")
+
+
+def test_a_second_search_keeps_the_first_and_the_champion_moves_only_when_better(search):
+    """Another split is not comparable; a worse model on the same split (a smoke search) neither:
+    both become `challenger`, the champion stays; `tune-cells promote` moves it by hand."""
     client, workdir, root = search["client"], search["workdir"], search["root"]
-    first_version = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion").version
+    model = "tune-cells-nuclei-demo"
+    first_version = client.get_model_version_by_alias(model, "champion").version
     result = cli_subprocess(
         ["search", "nuclei", "--samples", 1, "--max-epochs", 1, "--space", root / "space.yaml",
          "--workdir", workdir, "--no-evaluate"], cwd=root)
     assert result.code == 0, result.err[-2000:]
-    experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
+    assert "as models:/tune-cells-nuclei-demo@challenger: not comparable with champion version" in result.out
+    experiment = client.get_experiment_by_name(model)
     assert len(by_type(client.search_runs([experiment.experiment_id]), "search")) == 2
     assert len(list((workdir / "ray" / "tune-cells-nuclei-demo").iterdir())) == 2
-    champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
-    previous = client.get_model_version_by_alias("tune-cells-nuclei-demo", "previous-champion")
-    assert int(champion.version) == int(first_version) + 1 and previous.version == first_version
+    assert client.get_model_version_by_alias(model, "champion").version == first_version
+    challenger = client.get_model_version_by_alias(model, "challenger")
+    assert int(challenger.version) == int(first_version) + 1
     split_files = list((workdir / "splits").glob("nuclei-*-*.json"))
     assert len(split_files) == 2  # seed 7 and the default seed 0, each written once
     assert json.loads(split_files[0].read_text())["classes"][0] == "normal_epithelial"
+
+    (root / "hopeless.yaml").write_text(HOPELESS)
+    smoke = cli_subprocess(["search", "nuclei", "--smoke-test", "--seed", 7, "--space", root / "hopeless.yaml",
+                            "--workdir", workdir, "--no-evaluate"], cwd=root)
+    assert smoke.code == 0, smoke.err[-2000:]
+    assert "@challenger: not better on validation" in smoke.out
+    assert client.get_model_version_by_alias(model, "champion").version == first_version
+
+    by_hand = cli_subprocess(["promote", "nuclei", challenger.version, "--workdir", workdir], cwd=root)
+    assert by_hand.code == 0, by_hand.err
+    champion = client.get_model_version_by_alias(model, "champion")
+    previous = client.get_model_version_by_alias(model, "previous-champion")
+    assert champion.version == challenger.version and previous.version == first_version
+    assert "promoted by hand" in champion.tags["promotion_reason"]
 
 
 def test_registered_pyfunc_predicts_paths_and_base64_like_evaluation(search):

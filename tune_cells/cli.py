@@ -91,7 +91,11 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
                f"({outcome.stopped_early} stopped early by ASHA, {outcome.failed_trials} failed) in {outcome.wall_time_s:.0f} s")
     click.echo(f"Best trial {outcome.best_trial_id}: {outcome.metric} {outcome.best_metric:.4f} at epoch "
                f"{outcome.best_epoch}\n  {config}")
-    click.echo(f"Promoted: models:/{outcome.model_name}@champion (version {outcome.model_version})")
+    why = outcome.decision.reason.partition(": ")[2]
+    if outcome.decision.champion:
+        click.echo(f"Promoted: models:/{outcome.model_name}@champion (version {outcome.model_version}): {why}")
+    else:
+        click.echo(f"Registered version {outcome.model_version} as models:/{outcome.model_name}@challenger: {why}")
     click.echo(f"Pinned best configuration: {outcome.best_config_file} (rerun it with --space)")
     if not no_evaluate:
         code = evaluate_in_fresh_process(outcome)
@@ -148,7 +152,8 @@ def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds) 
     click.echo(format_table(result))
 
 
-def _open_model(task: str, workdir: Path, tracking_uri: str | None, model_uri: str | None):
+def _open_model(task: str, workdir: Path, tracking_uri: str | None, model_uri: str | None,
+                needs_champion: bool = True):
     """(task spec, checked workdir, tracker, model URI): the URI given, else the task's champion."""
     from tune_cells.preflight import check_workdir
     from tune_cells.tasks import get_task
@@ -157,6 +162,10 @@ def _open_model(task: str, workdir: Path, tracking_uri: str | None, model_uri: s
     spec = get_task(task)
     workdir = check_workdir(workdir)
     tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
+    if not needs_champion:
+        if not tracker.store_exists():
+            raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run `tune-cells search {task}` first")
+        return spec, workdir, tracker, model_uri
     return spec, workdir, tracker, model_uri or _default_model_uri(tracker, spec.name)
 
 
@@ -291,6 +300,34 @@ def tasks():
         spec = get_task(name)
         click.echo(f"{name}: {spec.description}\n  layout: {spec.layout}\n  metric: {spec.metric} ({spec.mode})"
                    f"\n  space:  {builtin_space_path(spec.default_space)}")
+
+
+@cli.command()
+@click.argument("task")
+@click.argument("version")
+@click.option("--model-name", default=None, help="Registered model [default: tune-cells-TASK, else tune-cells-TASK-demo].")
+@workdir_option
+@tracking_option
+def promote(task, version, model_name, workdir, tracking_uri):
+    """Make VERSION of TASK's registered model the champion by hand (the search's rule moves it only
+    when a new version is better on the same validation data); logged on the version."""
+    from tune_cells.analysis.promotion import promote_by_hand
+    from tune_cells.lock import WorkdirLock
+    from tune_cells.paths import WorkDir
+
+    with WorkdirLock(WorkDir.at(workdir), "promote"):
+        _, workdir, tracker, _ = _open_model(task, workdir, tracking_uri, None, needs_champion=False)
+        name = model_name or _model_name_with_version(tracker, task, version)
+        tracker.resolve_model(f"models:/{name}/{version}", task)
+        previous = promote_by_hand(tracker, name, version)
+    click.echo(f"models:/{name}@champion is version {version}" + (f" (was {previous})" if previous else ""))
+
+
+def _model_name_with_version(tracker, task: str, version: str) -> str:
+    for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
+        if tracker.find_version(name, version) is not None:
+            return name
+    raise UserInputError(f"no version {version} of tune-cells-{task} or tune-cells-{task}-demo in {tracker.tracking_uri}")
 
 
 @cli.command()

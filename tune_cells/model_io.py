@@ -88,10 +88,15 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, tr
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, directory / WEIGHTS_FILE)
-    (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=1))
+    save_spec(directory, spec)
     if trainer_state is not None:
         torch.save(trainer_state, directory / TRAINER_FILE)
     return directory
+
+
+def save_spec(directory: Path, spec: ModelSpec) -> None:
+    """Rewrite a checkpoint's spec (promotion adds what it chose on validation: temperature, tta)."""
+    (Path(directory) / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=1))
 
 
 def load_spec(directory: Path) -> ModelSpec:

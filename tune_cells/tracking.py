@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | evaluation
-CHAMPION, PREVIOUS_CHAMPION = "champion", "previous-champion"
+CHAMPION, PREVIOUS_CHAMPION, CHALLENGER = "champion", "previous-champion", "challenger"
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -222,6 +222,19 @@ class Tracker:
         if previous and previous != version:
             self.client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
         self.client.set_registered_model_alias(name, CHAMPION, version)
+
+    def find_version(self, name: str, version: str):
+        """The version, or None when the registry has no such model or version."""
+        try:
+            return self.client.get_model_version(name, version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.client.delete_registered_model_alias(name, alias)
 
     def version_for_alias(self, name: str, alias: str):
         try:

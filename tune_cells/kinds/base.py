@@ -86,6 +86,12 @@ class TaskKind(ABC):
     # --- after the search ----------------------------------------------------------------
 
     @abstractmethod
+    def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
+        """Choose on validation (`data`: the trials' TrialInputs.data) what the promoted model
+        keeps beyond its weights, written into the checkpoint's spec; returns what was chosen and
+        measured, with `validation_score`: the task metric of the model as it will predict."""
+
+    @abstractmethod
     def evaluate(self, context: EvaluationContext) -> Evaluation:
         """Score a predictor on one part, log the evaluation run and its artifacts."""
 

@@ -64,6 +64,17 @@ class ClassificationKind(TaskKind):
     def predict_files(self, predictor, names, images, mask_dir):
         return predictor.predict_table(images)
 
+    def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
+        """Test-time augmentation when it helps on validation, then a temperature fitted there."""
+        from tune_cells.analysis.calibration import calibrate
+        from tune_cells.classifier import ImageClassifier
+        from tune_cells.model_io import save_spec
+
+        classifier = ImageClassifier.from_checkpoint(checkpoint)
+        chosen = calibrate(classifier, data.val_images, data.val_labels)
+        save_spec(checkpoint, classifier.spec)
+        return chosen
+
     def evaluate(self, context):
         from tune_cells.analysis.classification_evaluation import evaluate_classifier
 

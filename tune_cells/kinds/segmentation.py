@@ -77,6 +77,9 @@ class SegmentationKind(TaskKind):
         masks = [predictor.predict_masks(image) for image in images]
         return write_predictions(predictor, names, images, masks, mask_dir)
 
+    def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
+        return {}  # the trial's own validation Dice stands; thresholds stay the trial's
+
     def evaluate(self, context):
         from tune_cells.analysis.segmentation_evaluation import evaluate_segmenter
 

@@ -1,0 +1,77 @@
+"""Whether predicted probabilities mean what they say: expected calibration error, and the
+temperature that makes them so on validation data (Guo et al., "On Calibration of Modern Neural
+Networks", 2017: one scalar divides the logits; argmax, and so accuracy, is unchanged)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+ECE_BINS = 15
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(error)
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS):
+    """(bin centres, accuracy per bin, confidence per bin, images per bin); empty bins are NaN."""
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    accuracy = np.array([correct[which == b].mean() if counts[b] else np.nan for b in range(bins)])
+    mean_confidence = np.array([confidence[which == b].mean() if counts[b] else np.nan for b in range(bins)])
+    return (edges[:-1] + edges[1:]) / 2, accuracy, mean_confidence, counts
+
+
+def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray) -> float:
+    """The temperature T > 0 minimising the negative log-likelihood of softmax(logits / T)."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    target = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def nll():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    optimizer.step(nll)
+    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+
+
+def calibrate(classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, float | str]:
+    """Set a classifier's test-time augmentation (kept when it raises balanced accuracy on these
+    validation images, or keeps it and lowers the loss) and temperature (fitted on them)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    labels = np.asarray(labels)
+    scored = {}
+    for tta in ("none", "dihedral"):
+        classifier.spec.tta = tta
+        logits = classifier.predict_logits(images)
+        nll = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels)))
+        scored[tta] = (balanced_accuracy_score(labels, logits.argmax(1).numpy()), -nll, logits)
+    tta = max(scored, key=lambda name: scored[name][:2])
+    score, _, logits = scored[tta]
+    temperature = fit_temperature(logits, labels)
+    classifier.spec.tta, classifier.spec.temperature = tta, temperature
+    return {
+        "validation_score": float(score), "tta": tta, "temperature": temperature,
+        "validation_score_without_tta": float(scored["none"][0]),
+        "val_ece_before": expected_calibration_error(torch.softmax(logits, 1).numpy(), labels),
+        "val_ece_after": expected_calibration_error(torch.softmax(logits / temperature, 1).numpy(), labels),
+    }
