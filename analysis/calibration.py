@@ -53,16 +53,18 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray) -> fl
     return float(np.clip(log_t.exp().item(), 0.05, 20.0))
 
 
-def calibrate(classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, float | str]:
+def calibrate(classifier, images: np.ndarray, labels: np.ndarray,
+              fold_of: np.ndarray | None = None) -> dict[str, float | str]:
     """Set a classifier's test-time augmentation (kept when it raises balanced accuracy on these
-    validation images, or keeps it and lowers the loss) and temperature (fitted on them)."""
+    validation images, or keeps it and lowers the loss) and temperature (fitted on them). A fold
+    ensemble is judged out of fold: each image by the member that did not train on it."""
     from sklearn.metrics import balanced_accuracy_score
 
     labels = np.asarray(labels)
     scored = {}
     for tta in ("none", "dihedral"):
         classifier.spec.tta = tta
-        logits = classifier.predict_logits(images)
+        logits = _held_out_logits(classifier, images, fold_of)
         nll = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels)))
         scored[tta] = (balanced_accuracy_score(labels, logits.argmax(1).numpy()), -nll, logits)
     tta = max(scored, key=lambda name: scored[name][:2])
@@ -75,3 +77,16 @@ def calibrate(classifier, images: np.ndarray, labels: np.ndarray) -> dict[str, f
         "val_ece_before": expected_calibration_error(torch.softmax(logits, 1).numpy(), labels),
         "val_ece_after": expected_calibration_error(torch.softmax(logits / temperature, 1).numpy(), labels),
     }
+
+
+def _held_out_logits(classifier, images: np.ndarray, fold_of: np.ndarray | None) -> torch.Tensor:
+    """Logits of images no network trained on: the model's, or each fold member's on its own fold."""
+    if fold_of is None:
+        return classifier.predict_logits(images)
+    logits = None
+    for k in range(len(classifier.members)):
+        held = np.flatnonzero(fold_of == k)
+        member = classifier.member_logits(images[held], only=k)[0]
+        logits = logits if logits is not None else torch.empty(len(images), member.shape[1])
+        logits[held] = member
+    return logits

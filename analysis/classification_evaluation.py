@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from tune_cells.analysis.calibration import expected_calibration_error
 from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext, evaluation_run, interval_metrics
@@ -25,9 +24,8 @@ def evaluate_classifier(context: EvaluationContext) -> Evaluation:
     images, labels = reader.load(context.part, "evaluation")
     index_classes = reader.index.classes
     labels = np.array([spec.classes.index(index_classes[i]) for i in labels], dtype=np.int64)  # match by name
-    logits = classifier.predict_logits(images)
-    probs = torch.softmax(logits / spec.temperature, 1).numpy()  # what predict_proba and serving return
-    uncalibrated = torch.softmax(logits, 1).numpy()
+    probs = classifier.predict_proba(images)  # what predict and serving return
+    uncalibrated = classifier.predict_proba(images, temperature=1.0)
 
     metrics = {**classification_metrics(labels, probs, spec.classes),
                "test_ece": expected_calibration_error(probs, labels),

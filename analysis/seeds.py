@@ -50,7 +50,8 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
 
     ray_backend.init(num_cpus=os.cpu_count())
     try:
-        inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed)
+        folds = int(parent.data.params.get("folds", 1))  # a fold ensemble is retrained as one
+        inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed, folds)
         runs = ray_backend.run_seeds(
             inputs.trainable, {"data": inputs.data}, config, seeds, metric, mode,
             TrialResources(1.0, None, use_gpus=False), str(WorkDir.at(workdir).seeds_storage),

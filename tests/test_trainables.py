@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from tune_cells.kinds import load_predictor
 from tune_cells.model_io import load_spec, load_trainer_state
@@ -87,3 +88,54 @@ def test_the_training_step_imports_and_runs_without_ray_or_mlflow():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_fold_ensemble_trial_trains_k_models_and_reports_their_mean(tmp_path):
+    """`--folds 3`: one trial, three fold models on the pooled parts; the checkpoint is one model
+    whose probabilities are the mean of its members'."""
+    from dataclasses import replace
+
+    from tune_cells.classifier import ImageClassifier
+    from tune_cells.data.folds import fold_of
+    from tune_cells.kinds import CLASSIFICATION
+
+    pooled = classification_data(1)
+    data = replace(pooled, val_images=pooled.train_images[:0], val_labels=pooled.train_labels[:0],
+                   fold_of=fold_of(16, 3, 0, pooled.train_labels))
+    session = LocalSession(checkpoint_dir=tmp_path / "ckpt")
+    train_classifier(CLASSIFIER, data, session)
+    assert session.failure is None and len(session.results) == 1
+    spec = load_spec(tmp_path / "ckpt")
+    assert spec.members == ["fold0", "fold1", "fold2"]
+    chosen = CLASSIFICATION.finalize(tmp_path / "ckpt", data)  # out-of-fold TTA and temperature
+    ensemble = load_predictor(tmp_path / "ckpt")
+    assert ensemble.spec.temperature == pytest.approx(chosen["temperature"])
+    members = [ImageClassifier.from_checkpoint(tmp_path / "ckpt" / name) for name in spec.members]
+    for member in members:  # each member as its own model, with the ensemble's temperature and TTA
+        member.spec.temperature, member.spec.tta = ensemble.spec.temperature, ensemble.spec.tta
+    images = data.train_images
+    expected = np.mean([member.predict_proba(images) for member in members], axis=0)
+    np.testing.assert_allclose(ensemble.predict_proba(images), expected, atol=1e-6)
+    np.testing.assert_allclose(torch.softmax(ensemble.model(ensemble.preset(images)), 1).detach().numpy(),
+                               ensemble.predict_proba(images) if ensemble.spec.tta == "none" else
+                               torch.softmax(ensemble.model(ensemble.preset(images)), 1).detach().numpy(), atol=1e-5)
+
+    resumed = LocalSession(checkpoint_dir=tmp_path / "again", resume_from=tmp_path / "ckpt")
+    train_classifier(CLASSIFIER, replace(data, max_epochs=2), resumed)
+    assert len(resumed.results) == 1 and load_trainer_state(tmp_path / "again" / "fold2")["epoch"] == 2
+
+
+def test_a_segmentation_fold_ensemble_averages_logits(tmp_path):
+    from dataclasses import replace
+
+    from tune_cells.segmentation import LogitEnsemble
+
+    pooled = segmentation_data(1)
+    data = replace(pooled, train_images=pooled.train_images * 2, train_masks=pooled.train_masks * 2,
+                   val_images=[], val_masks=[], fold_of=np.array([0, 1, 0, 1]))
+    session = LocalSession(checkpoint_dir=tmp_path / "ckpt")
+    train_segmenter(SEGMENTER, data, session)
+    assert session.failure is None and "val_dice" in session.results[0]
+    segmenter = load_predictor(tmp_path / "ckpt")
+    assert isinstance(segmenter.model, LogitEnsemble) and len(segmenter.model.members) == 2
+    assert segmenter.predict_masks(pooled.train_images[0]).shape == (1, 64, 64)

@@ -6,7 +6,7 @@ Ray's object store (`ClassificationData`); the test part never reaches a trial.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from tune_cells.config import ClassificationConfig
 from tune_cells.model_io import ModelSpec
-from tune_cells.trainables.skeleton import TrialSession, TrialTrainer, ray_session
+from tune_cells.trainables.skeleton import TrialSession, TrialTrainer, ray_session, run_trial
 from tune_cells.training import Precision, evaluate_logits, predict_logits, train_one_epoch
 from tune_cells.transforms import TrainPreset
 
@@ -35,6 +35,17 @@ class ClassificationData:
     std: tuple[float, ...]
     max_epochs: int
     seed: int
+    fold_of: np.ndarray | None = None  # K-fold: the fold of each pooled image (train_* hold them all)
+
+    @property
+    def folds(self) -> int:
+        return 1 if self.fold_of is None else int(self.fold_of.max()) + 1
+
+    def fold(self, k: int) -> ClassificationData:
+        """Fold k's data: the other folds train, fold k validates."""
+        held = self.fold_of == k
+        return replace(self, train_images=self.train_images[~held], train_labels=self.train_labels[~held],
+                       val_images=self.train_images[held], val_labels=self.train_labels[held], fold_of=None)
 
 
 class ClassificationTrainer(TrialTrainer):
@@ -79,4 +90,4 @@ class ClassificationTrainer(TrialTrainer):
 
 def train_classifier(config: dict, data: ClassificationData, session: TrialSession | None = None) -> None:
     """The Ray Tune function trainable (Tune passes `config` and the object-store `data`)."""
-    ClassificationTrainer(config, data, session or ray_session()).run()
+    run_trial(ClassificationTrainer, config, data, session or ray_session())

@@ -9,7 +9,7 @@ images through the same tiled, stitched prediction that evaluation and `predict`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from tune_cells.analysis.segmentation_metrics import segmentation_scores
 from tune_cells.config import SegmentationConfig
 from tune_cells.model_io import ModelSpec
 from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
-from tune_cells.trainables.skeleton import TrialSession, TrialTrainer, ray_session
+from tune_cells.trainables.skeleton import TrialSession, TrialTrainer, ray_session, run_trial
 from tune_cells.training import NonFiniteLossError
 from tune_cells.transforms import EvalPreset, TrainPreset
 
@@ -42,6 +42,20 @@ class SegmentationData:
     std: tuple[float, ...]
     max_epochs: int
     seed: int
+    fold_of: np.ndarray | None = None  # K-fold: the fold of each pooled image (train_* hold them all)
+
+    @property
+    def folds(self) -> int:
+        return 1 if self.fold_of is None else int(self.fold_of.max()) + 1
+
+    def fold(self, k: int) -> SegmentationData:
+        """Fold k's data: the other folds train, fold k validates."""
+        held = [i for i, f in enumerate(self.fold_of) if f == k]
+        kept = [i for i, f in enumerate(self.fold_of) if f != k]
+        return replace(self, train_images=[self.train_images[i] for i in kept],
+                       train_masks=[self.train_masks[i] for i in kept],
+                       val_images=[self.train_images[i] for i in held], val_masks=[self.train_masks[i] for i in held],
+                       fold_of=None)
 
 
 class SegmentationLoss(nn.Module):
@@ -154,4 +168,4 @@ class SegmentationTrainer(TrialTrainer):
 
 def train_segmenter(config: dict, data: SegmentationData, session: TrialSession | None = None) -> None:
     """The Ray Tune function trainable (Tune passes `config` and the object-store `data`)."""
-    SegmentationTrainer(config, data, session or ray_session()).run()
+    run_trial(SegmentationTrainer, config, data, session or ray_session())

@@ -14,14 +14,14 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
 
 from tune_cells.config import TrainerConfig
-from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint
+from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint, save_spec
 from tune_cells.training import (
     NonFiniteLossError,
     build_lr_schedule,
@@ -121,39 +121,52 @@ class TrialTrainer(ABC):
     # --- the skeleton ------------------------------------------------------------------
 
     def run(self) -> None:
+        with self.session.resumed_checkpoint() as checkpoint:
+            first_epoch = self.start(checkpoint)
+        for epoch in range(first_epoch, self.data.max_epochs + 1):
+            metrics = self.run_epoch(epoch)
+            if metrics is None:
+                return
+            with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
+                self.save(Path(tmp), epoch)
+                self.session.report(metrics, checkpoint_dir=Path(tmp))
+
+    def start(self, checkpoint: Path | None) -> int:
+        """Build the network and its optimiser; restore them from `checkpoint` (a resumed or retried
+        trial continues where it stopped). Returns the first epoch to train."""
         self.spec, self.model = self.setup()
         self.spec.config = {**self.config.to_flat(), "seed": self.seed}
         self.optimizer = build_optimizer(self.config, self.model)
         self.schedule = build_lr_schedule(self.config, self.optimizer, self.data.max_epochs)
-        first_epoch = 1
-        with self.session.resumed_checkpoint() as checkpoint:
-            if checkpoint is not None:  # resume where this trial stopped, not from epoch 1
-                state = restore_training(checkpoint, self.model, self.optimizer, self.schedule, self.generator,
-                                         self.device)
-                self.restore_extra(state)
-                first_epoch = int(state["epoch"]) + 1
-        for epoch in range(first_epoch, self.data.max_epochs + 1):
-            started = time.perf_counter()
-            lr = self.optimizer.param_groups[0]["lr"]
-            try:
-                trained = self.train_epoch()
-            except NonFiniteLossError as exc:  # deterministic: reported as failed, never retried
-                self.session.report_failure(f"diverged at epoch {epoch}: {exc}", self.metric_keys[:4])
-                return
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                # a failed trial with a hint, not a dead search
-                raise MemoryError(f"out of memory at batch_size {self.config.batch_size} on {self.device}: "
-                                  f"{self.oom_hint}") from exc
-            validated = self.validate()
-            step_lr_schedule(self.schedule, validated["val_loss"])
-            metrics = {**trained, **validated, "lr": lr, "epoch_time_s": time.perf_counter() - started,
-                       "node_id": self.node_id}
-            self._report(metrics, epoch)
+        if checkpoint is None:
+            return 1
+        state = restore_training(checkpoint, self.model, self.optimizer, self.schedule, self.generator, self.device)
+        self.restore_extra(state)
+        return int(state["epoch"]) + 1
 
-    def _report(self, metrics: dict, epoch: int) -> None:
-        """One epoch's metrics with a checkpoint that can resume training exactly."""
+    def run_epoch(self, epoch: int) -> dict | None:
+        """Train and validate one epoch: its metrics, or None when the trial diverged (then it is
+        reported as failed, never retried: the divergence would repeat)."""
+        started = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        try:
+            trained = self.train_epoch()
+        except NonFiniteLossError as exc:
+            self.session.report_failure(f"diverged at epoch {epoch}: {exc}", self.metric_keys[:4])
+            return None
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # a failed trial with a hint, not a dead search
+            raise MemoryError(f"out of memory at batch_size {self.config.batch_size} on {self.device}: "
+                              f"{self.oom_hint}") from exc
+        validated = self.validate()
+        step_lr_schedule(self.schedule, validated["val_loss"])
+        return {**trained, **validated, "lr": lr, "epoch_time_s": time.perf_counter() - started,
+                "node_id": self.node_id}
+
+    def save(self, directory: Path, epoch: int) -> None:
+        """A checkpoint that can resume training exactly."""
         trainer_state = {
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
@@ -161,6 +174,55 @@ class TrialTrainer(ABC):
             "epoch": epoch,
             **self.extra_state(),
         }
-        with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
-            save_checkpoint(tmp, self.model, self.spec, trainer_state)
-            self.session.report(metrics, checkpoint_dir=Path(tmp))
+        save_checkpoint(directory, self.model, self.spec, trainer_state)
+
+
+class FoldEnsembleTrainer:
+    """K-fold cross-validation inside one trial: K trainers of one kind side by side, one per fold
+    of the pooled train and validation parts; each epoch reports the mean of their metrics (what
+    ASHA and Optuna see) and checkpoints all K, as one fold-ensemble model."""
+
+    def __init__(self, trainer_type: type[TrialTrainer], config: dict, data, session: TrialSession):
+        self.session = session
+        self.max_epochs = data.max_epochs
+        self.members = [trainer_type(config, data.fold(k), session) for k in range(data.folds)]
+
+    def run(self) -> None:
+        with self.session.resumed_checkpoint() as checkpoint:
+            first_epoch = min(member.start(checkpoint / member_name(k) if checkpoint is not None else None)
+                              for k, member in enumerate(self.members))
+        for epoch in range(first_epoch, self.max_epochs + 1):
+            per_fold = []
+            for member in self.members:
+                metrics = member.run_epoch(epoch)
+                if metrics is None:
+                    return
+                per_fold.append(metrics)
+            with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
+                self.save(Path(tmp), epoch)
+                self.session.report(self.mean(per_fold), checkpoint_dir=Path(tmp))
+
+    @staticmethod
+    def mean(per_fold: list[dict]) -> dict:
+        numbers = [k for k, v in per_fold[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        mean = {**per_fold[0], **{k: sum(m[k] for m in per_fold) / len(per_fold) for k in numbers}}
+        mean["epoch_time_s"] = sum(m["epoch_time_s"] for m in per_fold)  # folds train one after another
+        return mean
+
+    def save(self, directory: Path, epoch: int) -> None:
+        for k, member in enumerate(self.members):
+            member.save(directory / member_name(k), epoch)
+        ensemble = replace(self.members[0].spec, members=[member_name(k) for k in range(len(self.members))])
+        save_spec(directory, ensemble)
+
+
+def member_name(fold: int) -> str:
+    return f"fold{fold}"
+
+
+def run_trial(trainer_type: type[TrialTrainer], config: dict, data, session: TrialSession) -> None:
+    """One trial: a single model, or a fold ensemble when the data carries folds."""
+    if data.folds > 1:
+        FoldEnsembleTrainer(trainer_type, config, data, session).run()
+    else:
+        trainer_type(config, data, session).run()

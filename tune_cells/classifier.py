@@ -19,27 +19,63 @@ def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
     return turns + [np.ascontiguousarray(t[:, :, ::-1]) for t in turns]
 
 
-class ImageClassifier:
-    """uint8 images or files in, class probabilities out (temperature and test-time augmentation
-    as the model's spec says)."""
+class ProbabilityEnsemble(torch.nn.Module):
+    """Fold members as one network (for attribution maps): the log of the mean of their
+    temperature-scaled class probabilities."""
 
-    def __init__(self, model: torch.nn.Module, spec: ModelSpec, device: str | torch.device = "cpu"):
+    def __init__(self, members: list[torch.nn.Module], temperature: float):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(member(x) / self.temperature, 1) for member in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
+class ImageClassifier:
+    """uint8 images or files in, class probabilities out: one network or a fold ensemble (the mean
+    of its members' probabilities), with the temperature and test-time augmentation of its spec."""
+
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module], spec: ModelSpec,
+                 device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.members = [m.to(self.device).eval() for m in (model if isinstance(model, list) else [model])]
         self.spec = spec
         self.preset = spec.preset()
 
     @classmethod
     def from_checkpoint(cls, directory: Path, device: str = "cpu") -> ImageClassifier:
         spec = load_spec(directory)
-        return cls(spec.load_network(directory), spec, device)
+        return cls(spec.load_members(directory), spec, device)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """One network whose softmax is the model's prediction (attribution maps need one)."""
+        if len(self.members) == 1:
+            return self.members[0]
+        return ProbabilityEnsemble(self.members, self.spec.temperature)
+
+    def member_logits(self, images_uint8: np.ndarray, only: int | None = None) -> list[torch.Tensor]:
+        """Each member's logits, or member `only`'s (averaged over the test-time views when the
+        spec asks for them)."""
+        views = dihedral_views(images_uint8) if self.spec.tta == "dihedral" else [images_uint8]
+        members = self.members if only is None else [self.members[only]]
+        return [torch.stack([predict_logits(member, view, self.preset, self.device) for view in views]).mean(0)
+                for member in members]
 
     def predict_logits(self, images_uint8: np.ndarray) -> torch.Tensor:
-        views = dihedral_views(images_uint8) if self.spec.tta == "dihedral" else [images_uint8]
-        return torch.stack([predict_logits(self.model, view, self.preset, self.device) for view in views]).mean(0)
+        """Logits before the temperature (of a fold ensemble: the log of its mean probabilities)."""
+        logits = self.member_logits(images_uint8)
+        if len(logits) == 1:
+            return logits[0]
+        return torch.stack([torch.softmax(each, 1) for each in logits]).mean(0).clamp_min(1e-12).log()
 
-    def predict_proba(self, images_uint8: np.ndarray) -> np.ndarray:
-        return torch.softmax(self.predict_logits(images_uint8) / self.spec.temperature, 1).numpy()
+    def predict_proba(self, images_uint8: np.ndarray, temperature: float | None = None) -> np.ndarray:
+        """Class probabilities: the mean over members of softmax(logits / T), T the spec's by default."""
+        temperature = self.spec.temperature if temperature is None else temperature
+        logits = self.member_logits(images_uint8)
+        return torch.stack([torch.softmax(each / temperature, 1) for each in logits]).mean(0).numpy()
 
     def decode_path(self, path: str | Path) -> np.ndarray:
         """A local image file, decoded exactly as the training data was."""

@@ -59,12 +59,19 @@ class ModelSpec:
                             load_weights=load_pretrained, **select_hyperparameters(self.architecture, self.config))
 
     def load_network(self, directory: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """The network with the checkpoint's weights, in eval mode."""
+        """The network with the checkpoint's weights, in eval mode (one model: see `load_members`)."""
         if self.members:
-            raise UserInputError(f"{directory}: a fold-ensemble model needs a newer tune-cells")
+            raise UserInputError(f"{directory}: a fold ensemble has one network per member (load_members)")
         model = self.build()
         model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
         return model.to(device).eval()
+
+    def load_members(self, directory: Path, device: str | torch.device = "cpu") -> list[torch.nn.Module]:
+        """Every network of the model: its fold members' (each a checkpoint folder of its own), or its one."""
+        if not self.members:
+            return [self.load_network(directory, device)]
+        return [load_spec(Path(directory) / member).load_network(Path(directory) / member, device)
+                for member in self.members]
 
 
 def spec_from_json(document: dict, source: str = SPEC_FILE) -> ModelSpec:

@@ -22,7 +22,7 @@ from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
 from tune_cells.tasks import TaskSpec, get_task
 
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
-RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed")
+RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class SearchOptions:
     max_concurrent: int | None = None
     verbose: bool = False
     resume: bool = False  # continue the latest interrupted search of the experiment
+    folds: int = 1  # K > 1: each trial trains K fold models on the pooled train and validation parts
 
 
 @dataclass
@@ -71,6 +72,8 @@ def check_options(opts: SearchOptions) -> None:
     for flag, value in positive.items():
         if value < 1:
             raise UserInputError(f"{flag} {value}: must be at least 1")
+    if not 1 <= opts.folds <= 20:
+        raise UserInputError(f"--folds {opts.folds}: must be 1 (one validation part) to 20")
     if opts.reduction_factor < 2:
         raise UserInputError(f"--reduction-factor {opts.reduction_factor}: must be at least 2")
     if opts.cpus_per_trial is not None and opts.cpus_per_trial <= 0:
@@ -193,6 +196,11 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
     index = load_dataset(task, opts.data, workdir)
     split = plan_split(workdir.split_file(task.name, index.fingerprint, opts.seed), index, opts.seed)
+    if opts.folds > 1:  # enough images per class for every fold: said now, not after the store is opened
+        from tune_cells.data.folds import fold_of
+
+        pooled = split.parts["train"] + split.parts["val"]
+        fold_of(len(pooled), opts.folds, opts.seed, task.kind.fold_labels(index, pooled))
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
     check_tracking(tracking_uri)
     suffix = "-demo" if index.source == "demo" else ""

@@ -75,7 +75,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     reader = SplitReader(prep.index, split, task.channels, task.store_size, prep.workdir, prep.decoded)
     log.info("dataset %s: %d images, %s; split %s", prep.index.root, len(prep.index.items), kind.describe(prep.index),
              split.sizes())
-    trial = kind.trial_inputs(task, prep.index, reader, opts.max_epochs, opts.seed)
+    trial = kind.trial_inputs(task, prep.index, reader, opts.max_epochs, opts.seed, opts.folds)
 
     if prep.duplicates:
         first = prep.duplicates[0]

@@ -110,6 +110,17 @@ def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: Eval
     return (total / weight)[:, :height, :width]
 
 
+class LogitEnsemble(torch.nn.Module):
+    """Fold members as one network: the mean of their logits, before stitching and thresholds."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(0)
+
+
 class ImageSegmenter:
     """A trained segmentation network and its preprocessing: full-size images in, full-size masks out."""
 
@@ -128,7 +139,8 @@ class ImageSegmenter:
     @classmethod
     def from_checkpoint(cls, directory: Path, device: str = "cpu") -> ImageSegmenter:
         spec = load_spec(directory)
-        return cls(spec.load_network(directory), spec, device)
+        members = spec.load_members(directory)
+        return cls(members[0] if len(members) == 1 else LogitEnsemble(members), spec, device)
 
     @property
     def targets(self) -> list[str]:

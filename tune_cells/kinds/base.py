@@ -58,8 +58,13 @@ class TaskKind(ABC):
 
     @abstractmethod
     def trial_inputs(self, task: TaskSpec, index: ImageIndex, reader: SplitReader, max_epochs: int,
-                     seed: int) -> TrialInputs:
-        """Decode the train and validation parts once, for this kind's trainable."""
+                     seed: int, folds: int = 1) -> TrialInputs:
+        """Decode the train and validation parts once, for this kind's trainable; with `folds` > 1
+        pooled and cut into that many folds (cross-validation inside each trial)."""
+
+    @abstractmethod
+    def fold_labels(self, index: ImageIndex, paths: list[str]):
+        """What folds are stratified by (the class of each path), or None."""
 
     @abstractmethod
     def describe(self, index: ImageIndex) -> str:

@@ -28,16 +28,33 @@ class ClassificationKind(TaskKind):
         images = len(split.parts["train"]) + len(split.parts["val"])
         return images * task.store_size ** 2 * task.channels
 
-    def trial_inputs(self, task, index, reader, max_epochs, seed) -> TrialInputs:
+    def trial_inputs(self, task, index, reader, max_epochs, seed, folds: int = 1) -> TrialInputs:
+        import numpy as np
+
+        from tune_cells.data.folds import fold_of
         from tune_cells.trainables.classification import METRICS, ClassificationData, train_classifier
         from tune_cells.transforms import channel_stats
 
         train_images, train_labels = reader.load("train", "training")
-        val_images, val_labels = reader.load("val", "selection")
-        mean, std = channel_stats(train_images)
-        data = ClassificationData(train_images, train_labels, val_images, val_labels, task.name, list(index.classes),
-                                  task.channels, task.store_size, mean, std, max_epochs, seed)
+        val_images, val_labels = reader.load("val", "selection" if folds == 1 else "training (folds)")
+        fields = dict(task=task.name, classes=list(index.classes), channels=task.channels,
+                      store_size=task.store_size, max_epochs=max_epochs, seed=seed)
+        if folds > 1:  # pooled, then cut into folds: every image validates exactly one fold model
+            images, labels = np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels])
+            mean, std = channel_stats(images)
+            data = ClassificationData(images, labels, images[:0], labels[:0], mean=mean, std=std, **fields,
+                                      fold_of=fold_of(len(images), folds, seed, labels))  # as the preflight did
+        else:
+            mean, std = channel_stats(train_images)
+            data = ClassificationData(train_images, train_labels, val_images, val_labels, mean=mean, std=std,
+                                      **fields)
         return TrialInputs(train_classifier, data, METRICS, ("val_loss", "val_balanced_accuracy"))
+
+    def fold_labels(self, index, paths):
+        import numpy as np
+
+        labels = dict(zip(index.items["path"], index.items["label"]))
+        return np.array([labels[p] for p in paths], dtype=np.int64)
 
     def describe(self, index) -> str:
         return str(index.class_counts())
@@ -71,7 +88,10 @@ class ClassificationKind(TaskKind):
         from tune_cells.model_io import save_spec
 
         classifier = ImageClassifier.from_checkpoint(checkpoint)
-        chosen = calibrate(classifier, data.val_images, data.val_labels)
+        if data.folds > 1:  # out of fold: the pooled images, each judged by the member it validated
+            chosen = calibrate(classifier, data.train_images, data.train_labels, data.fold_of)
+        else:
+            chosen = calibrate(classifier, data.val_images, data.val_labels)
         save_spec(checkpoint, classifier.spec)
         return chosen
 

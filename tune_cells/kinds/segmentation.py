@@ -34,17 +34,27 @@ class SegmentationKind(TaskKind):
         with Image.open(index.root / split.parts["train"][0]) as first:  # full-size images and masks
             return images * first.width * first.height * (3 + len(index.classes))
 
-    def trial_inputs(self, task, index, reader, max_epochs, seed) -> TrialInputs:
+    def trial_inputs(self, task, index, reader, max_epochs, seed, folds: int = 1) -> TrialInputs:
+        from tune_cells.data.folds import fold_of
         from tune_cells.segmentation import pixel_stats
         from tune_cells.trainables.segmentation import SegmentationData, metric_keys, train_segmenter
 
         classes = list(index.classes)
         train_images, train_masks = reader.load_segmentation("train", "training")
-        val_images, val_masks = reader.load_segmentation("val", "selection")
-        mean, std = pixel_stats(train_images)
-        data = SegmentationData(train_images, train_masks, val_images, val_masks, task.name, classes, mean, std,
-                                max_epochs, seed)
+        val_images, val_masks = reader.load_segmentation("val", "selection" if folds == 1 else "training (folds)")
+        if folds > 1:  # pooled, then cut into folds: every image validates exactly one fold model
+            images, masks = train_images + val_images, train_masks + val_masks
+            mean, std = pixel_stats(images)
+            data = SegmentationData(images, masks, [], [], task.name, classes, mean, std, max_epochs, seed,
+                                    fold_of=fold_of(len(images), folds, seed))
+        else:
+            mean, std = pixel_stats(train_images)
+            data = SegmentationData(train_images, train_masks, val_images, val_masks, task.name, classes, mean, std,
+                                    max_epochs, seed)
         return TrialInputs(train_segmenter, data, metric_keys(classes), ("val_loss", "val_dice"))
+
+    def fold_labels(self, index, paths):
+        return None  # no class per image: folds are cut plainly
 
     def describe(self, index) -> str:
         return f"targets {index.classes}"
