@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,19 @@ def write_kaggle(root: Path, labels: list[int], size: int = 24, seed: int = 0) -
         rows.append(f"{number}.png,{label}")
     (root / "train.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def png_of_zeros(width: int, height: int, bit_depth: int) -> bytes:
+    """A valid greyscale PNG of zeros, written row by row (never `width*height` bytes in memory):
+    a few hundred KB that decode to hundreds of MB."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width * bit_depth + 7) // 8)  # filter byte + the row's samples
+    packer = zlib.compressobj(9)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 @pytest.fixture

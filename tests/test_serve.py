@@ -43,8 +43,10 @@ def served(tmp_path_factory):
     port = free_port()
     env = {**os.environ}
     env.pop("MLFLOW_TRACKING_URI", None)
+    # `path` rows are read only under --allow-path-root: the demo images are in the workdir.
     server = subprocess.Popen([sys.executable, "-m", "tune_cells", "serve", "nuclei", "--workdir", workdir,
-                               "--port", str(port)], cwd=root, env=env, stdout=subprocess.PIPE,
+                               "--port", str(port), "--allow-path-root", workdir], cwd=root, env=env,
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -79,11 +80,15 @@ class ImageClassifier:
 
     def decode_path(self, path: str | Path) -> np.ndarray:
         """A local image file, decoded exactly as the training data was."""
-        return decode_image(Path(path), self.spec.channels, self.spec.store_size)
+        return self.decode_file(Path(path))
 
     def decode_base64(self, text: str) -> np.ndarray:
-        """Base64-encoded image bytes (PNG, JPEG, TIFF...), decoded exactly as the training data was."""
-        return decode_image(base64_image_file(text), self.spec.channels, self.spec.store_size)
+        """Base64-encoded image bytes (PNG, JPEG, TIFF, BMP), decoded exactly as the training data was."""
+        return self.decode_file(base64_image_file(text))
+
+    def decode_file(self, file: Path | BinaryIO) -> np.ndarray:
+        """An image file or an open binary file object, decoded exactly as the training data was."""
+        return decode_image(file, self.spec.channels, self.spec.store_size)
 
     def predict_table(self, images: list[np.ndarray]) -> pd.DataFrame:
         """Predicted class and per-class probabilities, one row per decoded image."""

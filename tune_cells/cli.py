@@ -217,20 +217,27 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
 @click.option("--model-uri", default=None, help="Model to serve [default: models:/tune-cells-TASK@champion].")
 @click.option("--port", type=int, default=5001, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
+@click.option("--allow-path-root", type=click.Path(path_type=Path), default=None,
+              help="Let requests name image files (the `path` column) inside this folder [default: no `path`].")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="A Host header to answer besides loopback and --host (repeatable), e.g. this machine's name.")
 @workdir_option
 @tracking_option
-def serve(task, model_uri, port, host, workdir, tracking_uri):
-    """Serve TASK's champion over REST with MLflow's model server (POST /invocations)."""
+def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, tracking_uri):
+    """Serve TASK's champion over REST with MLflow's scoring app (POST /invocations)."""
+    from tune_cells.path_access import allowed_root
+    from tune_cells.serving import answered_hosts, build_app, load_served_model, run_server
+
+    if allow_path_root is not None and not allow_path_root.is_dir():
+        raise UserInputError(f"--allow-path-root {allow_path_root}: not a folder")
     _, _, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
-    uri = tracker.tracking_uri
     version = tracker.resolve_model(model_uri)  # exit 2 now rather than a server that cannot start
-    click.echo(f"Serving {model_uri} (version {version.version}) on http://{host}:{port}/invocations (Ctrl-C stops it)")
-    # MLflow execs `uvicorn` from PATH: put this environment's bin first (a venv need not be activated).
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": path}
-    # --env-manager local: serve from this environment, no rebuild of one from the model's requirements.
-    os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-                                "--env-manager", "local", "--host", host, "--port", str(port)], env)
+    path_root = allowed_root(allow_path_root) if allow_path_root is not None else None
+    model = load_served_model(tracker, model_uri, path_root)
+    paths = f"`path` rows under {path_root}" if path_root else "no `path` rows"
+    click.echo(f"Serving {model_uri} (version {version.version}) on http://{host}:{port}/invocations, {paths} "
+               "(Ctrl-C stops it)")
+    run_server(build_app(model, answered_hosts(host, allowed_hosts)), host, port)
 
 
 @cli.command()

@@ -1,21 +1,46 @@
 """The MLflow pyfunc flavour of a tune-cells model (logged as models-from-code: nothing pickled).
 
+Every failure inside `predict` is an MlflowException with a one-line message naming the row and
+the reason, never a stack trace: MLflow's scoring server answers INVALID_PARAMETER_VALUE with 400.
+
+Serving (a network client sends the rows) differs from Python use in two ways: at most
+MAX_ROWS_PER_REQUEST rows, and `path` rows only under the root the server was given
+(tune_cells.path_access), off without one. `tune-cells serve` builds this model with `serving=True`;
+a process MLflow marks as its scoring server (`mlflow models serve`) counts as serving too.
+
 No `from __future__ import annotations` here: MLflow reads `predict`'s type hints at class creation.
 """
+
+import logging
+import os
+from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from tune_cells.data.images import DECODE_ERRORS, ImageTooLarge
 from tune_cells.kinds import load_predictor
+from tune_cells.path_access import PathRefused, open_under_root
 
-INPUT_COLUMNS = ("path", "image")  # a local file path, or base64-encoded PNG/JPEG/TIFF bytes
+log = logging.getLogger(__name__)
+
+INPUT_COLUMNS = ("path", "image")  # a file path on the server, or base64-encoded PNG/JPEG/TIFF/BMP bytes
+MAX_ROWS_PER_REQUEST = 64  # a served request; Python callers may pass any number
+# Decoded pixels predicted at once: all of a classifier's small images, one large segmentation image.
+DECODED_BYTES_PER_BATCH = 64 << 20
+MLFLOW_SERVING_FLAG = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"  # set by MLflow's scoring server in its process
 
 
 class TuneCellsModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
+    def __init__(self, classifier=None, serving: bool = False, path_root: Path | None = None):
         # `classifier`: an ImageClassifier, or an ImageSegmenter (pixel counts per target) for segmentation.
+        self.classifier = classifier
+        self.serving = serving
+        self.path_root = path_root  # resolved (tune_cells.path_access.allowed_root); None: no confinement
+
+    def load_context(self, context):
         self.classifier = load_predictor(context.artifacts["checkpoint"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -23,14 +48,44 @@ class TuneCellsModel(mlflow.pyfunc.PythonModel):
         column = next((c for c in INPUT_COLUMNS if c in frame.columns and frame[c].notna().any()), None)
         if column is None:
             raise _bad_input(f"input needs a column named one of {', '.join(INPUT_COLUMNS)}")
-        decode = self.classifier.decode_path if column == "path" else self.classifier.decode_base64
-        images = []
+        serving = self.serving or os.environ.get(MLFLOW_SERVING_FLAG, "").lower() == "true"
+        if serving and len(frame) > MAX_ROWS_PER_REQUEST:
+            raise _bad_input(f"{len(frame)} rows: at most {MAX_ROWS_PER_REQUEST} per request")
+        if serving and column == "path" and self.path_root is None:
+            raise _bad_input("the path column is off on this server: send the image column (base64 image bytes)")
+        tables, batch, batch_bytes = [], [], 0
         for row, value in enumerate(frame[column]):
-            try:
-                images.append(decode(value))
-            except (OSError, ValueError, TypeError, SyntaxError) as exc:  # PIL raises all of these
-                raise _bad_input(f"row {row} ({column}): not a decodable image ({type(exc).__name__})") from None
-        return self.classifier.predict_table(images)
+            batch.append(self._decode_row(row, column, value))
+            batch_bytes += batch[-1].nbytes
+            if batch_bytes >= DECODED_BYTES_PER_BATCH:
+                tables.append(self._predict_batch(batch))
+                batch, batch_bytes = [], 0
+        if batch or not tables:
+            tables.append(self._predict_batch(batch))
+        return tables[0] if len(tables) == 1 else pd.concat(tables, ignore_index=True)
+
+    def _decode_row(self, row: int, column: str, value):
+        try:
+            if column == "image":
+                return self.classifier.decode_base64(value)
+            if self.path_root is not None:
+                with open_under_root(value, self.path_root) as file:
+                    return self.classifier.decode_file(file)
+            return self.classifier.decode_path(value)
+        except (PathRefused, ImageTooLarge) as exc:
+            raise _bad_input(f"row {row} ({column}): {exc}") from None
+        except DECODE_ERRORS as exc:  # Pillow raises all of these
+            raise _bad_input(f"row {row} ({column}): not a decodable image ({type(exc).__name__})") from None
+        except Exception as exc:  # anything else (MemoryError...) is still this row's, and one line
+            raise _bad_input(f"row {row} ({column}): cannot be decoded ({type(exc).__name__})") from None
+
+    def _predict_batch(self, images: list) -> pd.DataFrame:
+        try:
+            return self.classifier.predict_table(images)
+        except Exception as exc:  # decoded images that the network fails on: the server's fault, not the row's
+            log.exception("prediction of %d decoded images failed", len(images))
+            raise MlflowException(f"prediction failed ({type(exc).__name__}); the server log has the details",
+                                  error_code=INTERNAL_ERROR) from None
 
 
 def _bad_input(message: str) -> MlflowException:

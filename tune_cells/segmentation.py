@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -151,6 +152,10 @@ class ImageSegmenter:
 
     def decode_base64(self, text: str) -> np.ndarray:
         return decode_full(base64_image_file(text))
+
+    def decode_file(self, file: Path | BinaryIO) -> np.ndarray:
+        """An image file or an open binary file object, at its own size."""
+        return decode_full(file)
 
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
         """T×H×W float32 probabilities at the image's own size."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | evaluation
 CHAMPION, PREVIOUS_CHAMPION, CHALLENGER = "champion", "previous-champion", "challenger"
+MODEL_CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")  # the pyfunc's models-from-code file
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -188,13 +190,12 @@ class Tracker:
         `signature`: the task kind's MLflow signature."""
         import mlflow.pyfunc
 
-        code = Path(__file__).with_name("mlflow_model_code.py")
         with self._fluent(run_id), warnings.catch_warnings():
             # The signature is explicit; an input example would have to be an image file.
             warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(code),
+                python_model=str(MODEL_CODE_FILE),
                 artifacts={"checkpoint": str(checkpoint_dir)},
                 pip_requirements=_pip_requirements(),
                 signature=signature,
@@ -263,13 +264,23 @@ class Tracker:
         return version
 
     def load_classifier(self, model_uri: str):
-        """Load a registered model as MLflow does (pyfunc) and return its predictor (an
-        ImageClassifier, or an ImageSegmenter for a segmentation model)."""
-        import mlflow.pyfunc
+        """A registered model's predictor (an ImageClassifier, or an ImageSegmenter for a
+        segmentation model), rebuilt from its checkpoint (JSON spec and state_dict) by the project's
+        own loader: nothing stored with the model is run."""
+        from tune_cells.kinds import load_predictor
 
-        with self._fluent(None):
-            model = mlflow.pyfunc.load_model(model_uri)
-        return model.unwrap_python_model().classifier
+        with tempfile.TemporaryDirectory(prefix="tune-cells-model-") as folder:
+            return load_predictor(model_checkpoint(self.download_model(model_uri, Path(folder)), model_uri))
+
+    def download_model(self, model_uri: str, into: Path) -> Path:
+        """Copy a registered model's folder (MLmodel, code file, checkpoint) into the local folder `into`."""
+        import mlflow.artifacts
+
+        version = self.resolve_model(model_uri)
+        # The storage location itself: a models:/ URI would be resolved through MLflow's global registry URI.
+        location = self.client.get_model_version_download_uri(version.name, version.version)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(into),
+                                                        tracking_uri=self.tracking_uri))
 
     @contextmanager
     def _fluent(self, run_id: str | None) -> Iterator[None]:
@@ -301,6 +312,21 @@ class Tracker:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def model_checkpoint(model_dir: Path, model_uri: str) -> Path:
+    """The checkpoint folder (spec and weights) inside a downloaded model folder, where its MLmodel
+    file says (`artifacts/<name of the folder logged>`), read as data."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((model_dir / "MLmodel").read_text())
+        folder = (model_dir / meta["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]).resolve()
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        folder = None
+    if folder is None or not folder.is_relative_to(model_dir.resolve()) or not folder.is_dir():
+        raise UserInputError(f"{model_uri}: not a tune-cells model (its MLmodel file names no checkpoint folder)")
+    return folder
 
 
 def _is_number(value) -> bool:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,29 @@ from tune_cells.errors import UserInputError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # Pillow's decoders for those suffixes; no other is tried
+# Largest image decoded, read from the header first: every task's images fit (lung fields are
+# 1392x1040, 1.4 MP), and a compressed "decompression bomb" of 13k x 13k is refused unread.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than MAX_IMAGE_PIXELS."""
+
+
+def open_image(source: Path | BinaryIO) -> Image.Image:
+    """A lazily opened image (a file or a file object) of a known format within MAX_IMAGE_PIXELS;
+    nothing is decoded yet. Raises what Pillow raises for a non-image (DECODE_ERRORS)."""
+    limit = f"over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
+    try:
+        image = Image.open(source, formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError:  # Pillow's own header check, at twice its MAX_IMAGE_PIXELS
+        raise ImageTooLarge(f"image {limit}") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise ImageTooLarge(f"{width}x{height} pixels, {limit}")
+    return image
 
 
 @dataclass
@@ -57,12 +81,12 @@ class ImageIndex:
         return {name: int(counts.get(i, 0)) for i, name in enumerate(self.classes)}
 
 
-def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
+def decode_image(path: Path | BinaryIO, channels: int, size: int) -> np.ndarray:
     """Decode one image to an HxWxC uint8 array of `size`x`size` (C = `channels`).
 
     Raises OSError/UnidentifiedImageError/ValueError for files that are not images.
     """
-    with Image.open(path) as image:
+    with open_image(path) as image:
         image.load()
         return store_array(image, channels, size)
 
@@ -71,9 +95,7 @@ def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
     """A loaded image as the classification store keeps it: `size`x`size`x`channels` uint8."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit microscopy: rescale to 8 bit rather than clipping to white.
-        array = np.asarray(image, dtype=np.float32)
-        top = float(array.max()) or 1.0
-        image = Image.fromarray((array / top * 255).astype(np.uint8))
+        image = Image.fromarray(_rescaled_to_uint8(np.asarray(image)))
     image = image.convert("RGB" if channels == 3 else "L")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
@@ -81,9 +103,18 @@ def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
     return array[:, :, None] if channels == 1 else array
 
 
-def decode_full(path: Path, scale: float = 1.0) -> np.ndarray:
+def _rescaled_to_uint8(array: np.ndarray, rows: int = 512) -> np.ndarray:
+    """`array / max * 255` as uint8, in float32 a band of rows at a time (never the whole image)."""
+    top = float(array.max()) or 1.0
+    out = np.empty(array.shape, dtype=np.uint8)
+    for start in range(0, len(array), rows):
+        out[start : start + rows] = (array[start : start + rows].astype(np.float32) / top * 255).astype(np.uint8)
+    return out
+
+
+def decode_full(path: Path | BinaryIO, scale: float = 1.0) -> np.ndarray:
     """An RGB image at its own size times `scale` (segmentation keeps the geometry), H×W×3 uint8."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         return full_array(image, scale)
 
 
@@ -99,7 +130,7 @@ MASK_THRESHOLD = 127  # masks may be lossy JPEG: grey values above this are fore
 
 def decode_mask(path: Path, scale: float = 1.0) -> np.ndarray:
     """A binary mask (H×W uint8 0/1) at its own size times `scale`, thresholded at 127."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         return mask_array(image, scale)
 
 
@@ -132,7 +163,7 @@ def _for_each_image(root: Path, paths: list[str], work: Callable[[Image.Image, s
     resizes without the GIL). Files that do not decode are exit 2, the first three named."""
     def one(rel: str):
         try:
-            with Image.open(root / rel) as image:
+            with open_image(root / rel) as image:
                 image.load()
                 return work(image, rel), None
         except DECODE_ERRORS as exc:

@@ -78,7 +78,7 @@ class TaskKind(ABC):
 
     @abstractmethod
     def load_predictor(self, directory: Path, device: str = "cpu"):
-        """The checkpoint's predictor (decode_path, decode_base64, predict_table, spec)."""
+        """The checkpoint's predictor (decode_path, decode_base64, decode_file, predict_table, spec)."""
 
     @abstractmethod
     def signature(self, classes: list[str]):
