@@ -83,6 +83,10 @@ def test_logged_uris_lose_their_passwords():
     assert _without_credentials("https://bob:s3cr3t@mlflow.example.org/") == "https://bob:***@mlflow.example.org/"
     assert _without_credentials("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert _without_credentials(None) is None
+    # an '@' or ':' typed into the password, a database URI, a URI inside a message
+    assert _without_credentials("http://bob:p@ss:w@host:5000/x") == "http://bob:***@host:5000/x"
+    assert (_without_credentials("failed: postgresql+psycopg://bob:s3cr3t@db/mlflow and http://h:1/a@b")
+            == "failed: postgresql+psycopg://bob:***@db/mlflow and http://h:1/a@b")
 
 
 def test_a_shipped_space_is_named_without_its_path(tmp_path, monkeypatch):
