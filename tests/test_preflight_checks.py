@@ -1,10 +1,11 @@
 """Preflight checks beside the bad-input corpus: what a tracking server is sent and must answer,
-and how image paths are normalised."""
+the options the preflight corrects rather than refuses, and how image paths are normalised."""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tune_cells.errors import UserInputError
+from tune_cells.preflight import SearchOptions, check_options
 from tune_cells.tracking_checks import check_server, split_credentials
 
 
@@ -74,6 +76,25 @@ def test_refused_credentials_are_named_without_the_password(fake_mlflow):
     with pytest.raises(UserInputError, match=r"http://user:\*\*\*@127.0.0.1:\d+ refused the credentials") as info:
         check_server(f"http://user:s3cret@127.0.0.1:{fake_mlflow}")
     assert "s3cret" not in str(info.value)
+
+
+def test_grace_period_above_max_epochs_is_clamped_once_and_said(caplog):
+    opts = SearchOptions(task="nuclei", max_epochs=3, grace_period=5)
+    with caplog.at_level(logging.WARNING, logger="tune_cells.preflight"):
+        check_options(opts)
+    assert opts.grace_period == 3  # what ASHA gets and what the search run logs (asdict(opts))
+    assert [r.getMessage() for r in caplog.records] == ["--grace-period 5 is above --max-epochs 3: using 3"]
+
+
+@pytest.mark.parametrize("name", ["/abs/name", "../up", "a/b", "a\\b", "..", "."])
+def test_experiment_names_that_would_leave_the_workdir_are_refused(name):
+    with pytest.raises(UserInputError, match="must be a plain name"):
+        check_options(SearchOptions(task="nuclei", experiment=name))
+
+
+def test_plain_experiment_names_pass():
+    for name in ("tune-cells-nuclei", "my run 2", "v1.2..3"):
+        check_options(SearchOptions(task="nuclei", experiment=name))
 
 
 def test_image_paths_are_normalised_and_may_pass_through_a_folder_inside(tmp_path):

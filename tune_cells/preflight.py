@@ -83,6 +83,23 @@ def check_options(opts: SearchOptions) -> None:
         raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: must not be negative")
     if opts.max_concurrent is not None and opts.max_concurrent < 1:
         raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
+    if opts.experiment is not None:
+        check_experiment_name(opts.experiment)
+    if opts.grace_period > opts.max_epochs:
+        # Clamped here, once, so that what ASHA uses is also what the search run logs.
+        log.warning("--grace-period %d is above --max-epochs %d: using %d", opts.grace_period, opts.max_epochs,
+                    opts.max_epochs)
+        opts.grace_period = opts.max_epochs
+
+
+def check_experiment_name(name: str) -> None:
+    """The name becomes folders under the workdir (Ray results, pinned configurations): it must
+    stay one plain folder name there."""
+    if not name.strip():
+        raise UserInputError("--experiment: must not be empty")
+    if name.strip() in (".", "..") or any(bad in name for bad in ("/", "\\", "\0")):  # also refuses absolute
+        raise UserInputError(f"--experiment {name!r}: must be a plain name, without '/', '\\' or '..' (it names "
+                             "folders in the workdir)")
 
 
 def check_workdir(workdir: Path, min_free: int = 0) -> WorkDir:

@@ -124,7 +124,7 @@ def run_search(request: SearchRequest) -> SearchResult:
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         max_t=request.max_epochs,
-        grace_period=min(request.grace_period, request.max_epochs),
+        grace_period=request.grace_period,  # at most max_epochs: the preflight clamps it
         reduction_factor=request.reduction_factor,
     )
     trial_resources = request.trial_resources
