@@ -1,11 +1,15 @@
-"""What a search exposes beyond its own process: the sockets a local Ray listens on."""
+"""What a search exposes beyond its own process: the sockets a local Ray listens on, and where a
+tracking password could surface (command lines that `ps` shows, console output, MLflow params)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,9 @@ import pytest
 from conftest import short_tmpdir
 
 pytestmark = pytest.mark.slow
+
+SECRET = "s3cret-t0ken"
+
 
 # --- reading /proc (Linux) ------------------------------------------------------------------
 
@@ -71,6 +78,18 @@ def is_loopback(address: str) -> bool:
     return (mapped or ip).is_loopback
 
 
+def command_lines_with(text: str) -> list[str]:
+    hits = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = path.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            hits.append(f"{path.parent.name}: {line.replace(text, '<password>')[:300]}")
+    return hits
+
+
 # --- Ray ------------------------------------------------------------------------------------
 
 
@@ -99,3 +118,75 @@ def test_a_local_search_ray_listens_on_loopback_only_with_token_auth(monkeypatch
         assert get_authentication_mode() == AuthenticationMode.TOKEN
     finally:
         ray_backend.shutdown()
+
+
+# --- a tracking password ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, int]:
+    """MLflow's tracking server on 127.0.0.1 (it ignores basic-auth credentials)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder}/server.db"],
+        cwd=folder, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return server, port
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+            time.sleep(0.5)
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc (Linux)")
+def test_a_tracking_password_is_in_no_command_line_output_or_parameter(tmp_path):
+    """The password reaches the search through MLFLOW_TRACKING_URI (a flag would put it in the
+    driver's own command line). Needs the evaluation subprocess to take the URI from its
+    environment too (analysis/promotion.py `evaluate_in_fresh_process`)."""
+    from mlflow.tracking import MlflowClient
+
+    server, port = start_mlflow_server(tmp_path)
+    uri = f"http://user:{SECRET}@127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"),
+           "PYTHONUNBUFFERED": "1"}
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    # The smoke test's budget, with a grace period above it: clamped once, and logged clamped.
+    command = [sys.executable, "-m", "tune_cells", "search", "nuclei", "--samples", "2", "--max-epochs", "2",
+               "--grace-period", "5", "--workdir", tmp_path / "w"]
+    leaks: set[str] = set()
+    try:
+        with out.open("w") as stdout, err.open("w") as stderr:
+            search = subprocess.Popen(list(map(str, command)), cwd=tmp_path, env=env, stdout=stdout, stderr=stderr,
+                                      start_new_session=True)
+            deadline = time.monotonic() + 1100
+            while search.poll() is None and time.monotonic() < deadline:
+                leaks.update(command_lines_with(SECRET))  # the driver, Ray's processes, the evaluation
+                time.sleep(0.2)
+            if search.poll() is None:
+                os.killpg(search.pid, 9)
+        output = out.read_text() + err.read_text()
+        assert search.returncode == 0, output[-3000:]
+        assert not leaks, "the password is in command lines:\n" + "\n".join(sorted(leaks))
+        assert SECRET not in output
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
+        runs = client.search_runs([experiment.experiment_id])
+        search_run = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
+        assert search_run.data.params["grace_period"] == "2"
+        for run in runs:
+            assert SECRET not in repr((run.data.params, run.data.tags)), run.info.run_name
+        kept = [p for p in (tmp_path / "w").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+        assert not kept, f"the password is written in {kept}"  # Ray's experiment state, splits, read log
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
