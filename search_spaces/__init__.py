@@ -49,7 +49,8 @@ class SearchSpace:
                 value = trial.suggest_categorical(name, spec["choices"])
             elif "int" in spec:
                 low, high = spec["int"]
-                value = trial.suggest_int(name, low, high, step=spec.get("step", 1), log=spec.get("log", False))
+                value = trial.suggest_int(name, low, high, step=spec.get("step") or 1,
+                                           log=spec.get("log", False))
             else:
                 low, high = spec["float"]
                 value = trial.suggest_float(name, low, high, step=spec.get("step"), log=spec.get("log", False))
@@ -92,10 +93,16 @@ def load_space(path: Path | str) -> SearchSpace:
     path = Path(path)
     if not path.exists() and path.suffix == "" and len(path.parts) == 1 and builtin_space_path(path.name).exists():
         path = builtin_space_path(path.name)
+    if path.is_dir():
+        raise UserInputError(f"--space {path}: a folder; give a space file (.yaml) in it")
     try:
         document = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserInputError(f"--space {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"--space {path}: not a text file") from None
+    except OSError as exc:
+        raise UserInputError(f"--space {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -136,19 +143,55 @@ def _check_param(path: Path, name: str, spec: Any, earlier: list[str]) -> None:
         raise UserInputError(f"{where}: give exactly one of float, int, choices")
     kind = kinds[0]
     if kind == "choices":
-        if not isinstance(spec["choices"], list) or not spec["choices"]:
-            raise UserInputError(f"{where}: choices must be a non-empty list")
+        _check_choices(where, spec)
     else:
         bounds = spec[kind]
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, (int, float)) for b in bounds)):
+        if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(b) for b in bounds)):
             raise UserInputError(f"{where}: {kind} needs [low, high]")
         if kind == "int" and not all(isinstance(b, int) for b in bounds):
             raise UserInputError(f"{where}: int bounds must be integers")
         low, high = bounds
         if low > high:
             raise UserInputError(f"{where}: low {low} is above high {high}")
-        if spec.get("log") and low <= 0:
-            raise UserInputError(f"{where}: a log scale needs low > 0")
+        _check_scale(where, kind, spec, low)
     for dep in (spec.get("when") or {}):
         if dep not in earlier:
             raise UserInputError(f"{where}: `when` refers to {dep!r}, which is not an earlier parameter")
+
+
+# What Optuna stores as a categorical choice; anything else (a mapping, a list) fails every trial.
+_CHOICE_TYPES = (type(None), bool, int, float, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_choices(where: str, spec: dict) -> None:
+    choices = spec["choices"]
+    if not isinstance(choices, list) or not choices:
+        raise UserInputError(f"{where}: choices must be a non-empty list")
+    for choice in choices:
+        if not isinstance(choice, _CHOICE_TYPES):
+            raise UserInputError(f"{where}: choice {choice!r} is a {type(choice).__name__}; choices must be "
+                                 "numbers, strings, booleans or null")
+    for key in ("log", "step"):
+        if key in spec:
+            raise UserInputError(f"{where}: `{key}` applies to float and int ranges, not to choices")
+
+
+def _check_scale(where: str, kind: str, spec: dict, low: float) -> None:
+    """`log` and `step` as Optuna takes them: a boolean log, a positive step, never both."""
+    log, step = spec.get("log", False), spec.get("step")
+    if not isinstance(log, bool):
+        raise UserInputError(f"{where}: log must be true or false, not {log!r}")
+    if log and low <= 0:
+        raise UserInputError(f"{where}: a log scale needs low > 0")
+    if step is None:
+        return
+    if log:
+        raise UserInputError(f"{where}: give log or step, not both (Optuna samples a log scale without steps)")
+    if not _is_number(step) or step <= 0:
+        raise UserInputError(f"{where}: step must be a number above 0, not {step!r}")
+    if kind == "int" and not isinstance(step, int):
+        raise UserInputError(f"{where}: an int step must be a whole number, not {step!r}")

@@ -4,8 +4,11 @@ look odd but are valid (16-bit, greyscale, a JPEG named .png) are accepted by th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from PIL import Image
 from conftest import short_tmpdir, store_client, write_kaggle
 
 LABELS = [0, 1, 2, 3] * 6
+SECRET = "s3cret"  # the password of the cases' tracking URIs: no case may show it
 
 
 def kaggle(tmp: Path) -> Path:
@@ -184,12 +188,133 @@ def resume_without_search(tmp):
     return ["--resume"], "has no search to resume"
 
 
+def space_step_zero(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: small_convnet\n  lr: {float: [0.001, 0.1], step: 0}\n")
+    return ["--space", tmp / "space.yaml"], "parameter 'lr': step must be a number above 0, not 0"
+
+
+def space_negative_step(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: small_convnet\n  lr: 0.01\n  depth: {int: [2, 4], step: -1}\n")
+    return ["--space", tmp / "space.yaml"], "parameter 'depth': step must be a number above 0, not -1"
+
+
+def space_log_with_step(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: small_convnet\n  lr: {float: [0.001, 0.1], log: true, "
+                                    "step: 0.001}\n")
+    return ["--space", tmp / "space.yaml"], "parameter 'lr': give log or step, not both"
+
+
+def space_choices_of_mappings(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: small_convnet\n  lr: 0.01\n"
+                                    "  optimizer: {choices: [{name: adamw}, sgd]}\n")
+    return ["--space", tmp / "space.yaml"], "parameter 'optimizer': choice {'name': 'adamw'} is a dict"
+
+
+def space_choices_of_lists(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: small_convnet\n  lr: 0.01\n  width: {choices: [[16, 32], 64]}\n")
+    return ["--space", tmp / "space.yaml"], "parameter 'width': choice [16, 32] is a list"
+
+
+def space_is_a_folder(tmp):
+    (tmp / "spaces").mkdir()
+    return ["--space", tmp / "spaces"], "spaces: a folder; give a space file"
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the test reads stderr: one line, the error
+        pass
+
+
+_SERVERS: list[ThreadingHTTPServer] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_web_servers():
+    yield
+    while _SERVERS:
+        server = _SERVERS.pop()
+        server.shutdown()
+        server.server_close()
+
+
+def plain_web_server(folder: Path) -> str:
+    """`python -m http.server` in this process: it answers /health (a file) and nothing MLflow."""
+    folder.mkdir()
+    (folder / "health").write_text("OK")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _SERVERS.append(server)
+    return f"http://127.0.0.1:{server.server_port}"
+
+
+def non_mlflow_server(tmp):
+    url = plain_web_server(tmp / "site").replace("http://", f"http://user:{SECRET}@")
+    return ["--tracking-uri", url], "answers /health but is not an MLflow server"
+
+
+def file_store(tmp):
+    return ["--tracking-uri", f"file://{tmp}/mlruns"], "a file store has no model registry"
+
+
+def postgres_without_driver(tmp):
+    return (["--tracking-uri", f"postgresql://user:{SECRET}@127.0.0.1:5432/mlflow"],
+            "postgresql://user:***@127.0.0.1:5432/mlflow: its database driver is not installed")
+
+
+def mysql_without_driver(tmp):
+    return ["--tracking-uri", f"mysql://user:{SECRET}@127.0.0.1/mlflow"], "no module 'MySQLdb'"
+
+
+def password_of_an_unreachable_server(tmp):
+    return (["--tracking-uri", f"http://user:{SECRET}@127.0.0.1:9"],
+            "tracking server http://user:***@127.0.0.1:9 does not answer")
+
+
+def csv_path_leaves_the_data(tmp):
+    data = kaggle(tmp)
+    shutil.copy(data / "train" / "1.png", tmp / "outside.png")
+    (data / "train.csv").write_text((data / "train.csv").read_text().replace("\n2.png,", "\n../../outside.png,"))
+    return ["--data", data], "../../outside.png resolves outside the data folder"
+
+
+def symlink_leaves_the_data(tmp):
+    data = kaggle(tmp)
+    shutil.copy(data / "train" / "1.png", tmp / "elsewhere.png")
+    (data / "train" / "2.png").unlink()
+    (data / "train" / "2.png").symlink_to(tmp / "elsewhere.png")
+    return ["--data", data], "train/2.png resolves outside the data folder"
+
+
+def one_file_two_spellings(tmp):
+    data = kaggle(tmp)
+    (data / "train.csv").write_text((data / "train.csv").read_text().replace("\n5.png,", "\n./1.png,"))
+    return ["--data", data], "one image listed twice, as train/1.png and train/./1.png"
+
+
+def hep2_id_not_ascii_digits(tmp):
+    data = tmp / "hep2"
+    data.mkdir()
+    (data / "gt_training.csv").write_text("Image ID,Image class\n1,Homogeneous\n\u00b2,Speckled\n")
+    return ["hep2", "--data", data], "Image ID must be a number (digits 0-9): \u00b2"
+
+
+def experiment_absolute(tmp):
+    return ["--experiment", tmp / "elsewhere"], "must be a plain name"
+
+
+def experiment_parent(tmp):
+    return ["--experiment", ".."], "--experiment '..': must be a plain name"
+
+
 CASES = [corrupt, zero_byte, truncated, text_as_image, csv_row_without_file, unknown_label, missing_csv,
          csv_wrong_columns, too_few_per_class, empty_class_folder, non_image_in_class_folder, mask_wrong_size,
          mask_missing, lung_image_undecodable, unknown_task, zero_samples, negative_samples, unreachable_server,
          unwritable_workdir, unwritable_sqlite, too_many_gpus, space_syntax_error, space_unknown_model,
          space_unknown_loss, space_misspelt_parameter, space_value_outside_its_set, space_model_of_another_kind,
-         resume_without_search]
+         resume_without_search, space_step_zero, space_negative_step, space_log_with_step, space_choices_of_mappings,
+         space_choices_of_lists, space_is_a_folder, non_mlflow_server, file_store, postgres_without_driver,
+         mysql_without_driver, password_of_an_unreachable_server, csv_path_leaves_the_data, symlink_leaves_the_data,
+         one_file_two_spellings, hep2_id_not_ascii_digits, experiment_absolute, experiment_parent]
 
 
 def fingerprint(folder: Path) -> dict[str, str]:
@@ -217,7 +342,7 @@ def test_bad_input_exits_2_in_one_line_and_changes_nothing(case, run_cli, tmp_pa
     workdir = tmp_path / "work"
     shutil.copytree(existing_store, workdir)
     args, message = case(tmp_path)
-    task = [] if args and args[0] in ("folder", "lung", "mitochondria") else ["nuclei"]
+    task = [] if args and args[0] in ("folder", "lung", "hep2", "mitochondria") else ["nuclei"]
     if "--data" not in args and not task == []:  # real data: demo data would be generated in the workdir
         args = [*args, "--data", kaggle(tmp_path)]
     before = fingerprint(workdir)
@@ -227,6 +352,7 @@ def test_bad_input_exits_2_in_one_line_and_changes_nothing(case, run_cli, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("tune-cells: error:"), result.err
     assert message in lines[0]
     assert "Traceback" not in result.err
+    assert SECRET not in result.out + result.err
     assert fingerprint(workdir) == before
 
 

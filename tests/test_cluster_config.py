@@ -42,3 +42,22 @@ def test_only_ssh_is_open_and_setup_uses_the_readme_constraints(config):
     setup = " ".join(config["setup_commands"])
     assert "--constraint ~/tune-cells/constraints.txt" in setup
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+
+
+def test_every_ray_start_requires_the_token_and_the_token_reaches_every_node(config):
+    starts = [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in config[key]
+              if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c for c in starts), starts
+    # Ray reads ~/.ray/auth_token; the launcher copies it to the head, the head to the workers.
+    assert config["file_mounts"].get("/home/ubuntu/.ray/auth_token") == "~/.ray/auth_token"
+    assert "RAY_AUTH_MODE=disabled" not in CLUSTER_YAML.read_text()
+
+
+def test_no_ingress_is_open_to_the_whole_internet(config):
+    import ipaddress
+
+    for rule in config["provider"]["security_group"]["IpPermissions"]:
+        ranges = [r["CidrIp"] for r in rule.get("IpRanges", [])] + [r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])]
+        assert ranges, rule  # each rule names who may connect
+        for cidr in ranges:
+            assert ipaddress.ip_network(cidr).prefixlen > 0, f"{cidr} opens port {rule['FromPort']} to everyone"

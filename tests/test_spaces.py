@@ -53,6 +53,15 @@ def test_fixed_space_is_a_pinned_configuration(tmp_path):
         ("just a string\n", "non-empty `params:`"),
         ("params:\n  lr: 0.1\nextra: 1\n", "unknown section 'extra'"),
         ("params:\n  lr: 0.1\ninitial_points:\n  - {nope: 1}\n", "unknown parameter 'nope'"),
+        # what Optuna would refuse in every trial (ValueError, exit 1) is refused here, by name
+        ("params:\n  lr: {float: [0.1, 1], step: 0}\n", "'lr': step must be a number above 0, not 0"),
+        ("params:\n  depth: {int: [2, 8], step: -2}\n", "'depth': step must be a number above 0, not -2"),
+        ("params:\n  depth: {int: [2, 8], step: 1.5}\n", "'depth': an int step must be a whole number"),
+        ("params:\n  lr: {float: [0.1, 1], log: true, step: 0.1}\n", "'lr': give log or step, not both"),
+        ("params:\n  lr: {float: [0.1, 1], log: 'yes'}\n", "'lr': log must be true or false"),
+        ("params:\n  opt: {choices: [{name: sgd}]}\n", "'opt': choice {'name': 'sgd'} is a dict"),
+        ("params:\n  width: {choices: [[16, 32]]}\n", "'width': choice [16, 32] is a list"),
+        ("params:\n  width: {choices: [16, 32], step: 16}\n", "'width': `step` applies to float and int ranges"),
     ],
 )
 def test_space_file_errors_name_the_problem(tmp_path, text, message):
@@ -83,6 +92,27 @@ def test_logged_uris_lose_their_passwords():
     assert _without_credentials("https://bob:s3cr3t@mlflow.example.org/") == "https://bob:***@mlflow.example.org/"
     assert _without_credentials("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert _without_credentials(None) is None
+    # an '@' or ':' typed into the password, a database URI, a URI inside a message
+    assert _without_credentials("http://bob:p@ss:w@host:5000/x") == "http://bob:***@host:5000/x"
+    assert (_without_credentials("failed: postgresql+psycopg://bob:s3cr3t@db/mlflow and http://h:1/a@b")
+            == "failed: postgresql+psycopg://bob:***@db/mlflow and http://h:1/a@b")
+
+
+def test_steps_and_every_kind_of_choice_sample(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("params:\n  depth: {int: [2, 8], step: 2}\n  drop: {float: [0.0, 0.5], step: 0.25}\n"
+                    "  pick: {choices: [null, true, 3, 0.5, text]}\n")
+    configs = sample_many(load_space(path))
+    assert {c["depth"] for c in configs} <= {2, 4, 6, 8} and {c["drop"] for c in configs} <= {0.0, 0.25, 0.5}
+    assert {c["pick"] for c in configs} == {None, True, 3, 0.5, "text"}
+
+
+def test_a_space_that_is_a_folder_or_not_text_is_named(tmp_path):
+    with pytest.raises(UserInputError, match="a folder; give a space file"):
+        load_space(tmp_path)
+    (tmp_path / "space.yaml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(UserInputError, match="not a text file"):
+        load_space(tmp_path / "space.yaml")
 
 
 def test_a_shipped_space_is_named_without_its_path(tmp_path, monkeypatch):

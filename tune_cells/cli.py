@@ -14,8 +14,10 @@ from pathlib import Path
 import click
 
 from tune_cells.errors import Interrupted, UserInputError
+from tune_cells.redact import CredentialFilter, without_credentials
 
 log = logging.getLogger("tune_cells")
+_CREDENTIAL_FILTER = CredentialFilter()  # on every log handler: no password of a URI reaches a log
 
 DEFAULT_WORKDIR = "tune-cells-runs"  # tune_cells.paths.DEFAULT_WORKDIR, without importing it at startup
 workdir_option = click.option("--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, show_default=True,
@@ -33,11 +35,15 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     # Set before MLflow is imported: it configures its own loggers and progress bars at import.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints a URL for every run it ends on a server: the tracking URI, with its password.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     ctx.obj = {"verbose": verbose}
     # SIGTERM ends a command like Ctrl-C does (runs end KILLED, locks are released), not at once.
     signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_CREDENTIAL_FILTER)  # one instance: adding it again is a no-op
     for noisy in ("alembic", "mlflow", "urllib3", "ray", "filelock", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
@@ -106,8 +112,10 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
             raise RuntimeError(f"evaluation of version {outcome.model_version} failed (exit {code})")
     if outcome.tracking_uri == resolve_tracking_uri(None, outcome.workdir):
         click.echo(f"\nBrowse the runs: tune-cells ui --workdir {workdir}")
+    elif outcome.tracking_uri.startswith(("http:", "https:")):
+        click.echo(f"\nBrowse the runs: {without_credentials(outcome.tracking_uri)}")
     else:
-        click.echo(f"\nBrowse the runs: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+        click.echo(f"\nBrowse the runs: mlflow ui --backend-store-uri {without_credentials(outcome.tracking_uri)}")
 
 
 @cli.command()
@@ -175,11 +183,13 @@ def _open_model(task: str, workdir: Path, tracking_uri: str | None, model_uri: s
 def _default_model_uri(tracker, task: str) -> str:
     """The real-data champion if there is one, else the demo champion."""
     if not tracker.store_exists():
-        raise UserInputError(f"no champion for task {task}: no MLflow store at {tracker.tracking_uri}")
+        raise UserInputError(f"no champion for task {task}: no MLflow store at "
+                             f"{without_credentials(tracker.tracking_uri)}")
     for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
         if tracker.version_for_alias(name, "champion") is not None:
             return f"models:/{name}@champion"
-    raise UserInputError(f"no champion for task {task} in {tracker.tracking_uri}: run `tune-cells search {task}` first")
+    raise UserInputError(f"no champion for task {task} in {without_credentials(tracker.tracking_uri)}: run "
+                         f"`tune-cells search {task}` first")
 
 
 @cli.command()
@@ -377,7 +387,7 @@ def ui(workdir, tracking_uri, port, host):
     uri = resolve_tracking_uri(tracking_uri, workdir)
     if not Tracker(uri, workdir.artifacts).store_exists():  # mlflow ui would create an empty one
         raise UserInputError(f"no MLflow store at {uri}: run `tune-cells search TASK --workdir {workdir}` first")
-    click.echo(f"MLflow UI on http://{host}:{port} for {uri} (Ctrl-C stops it)")
+    click.echo(f"MLflow UI on http://{host}:{port} for {without_credentials(uri)} (Ctrl-C stops it)")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
                                 "--port", str(port), "--workers", "1"], env)
@@ -399,15 +409,16 @@ def main() -> None:
         click.echo(f"tune-cells: {'interrupted' if cause else 'aborted'}", err=True)
         sys.exit(cause.exit_code if isinstance(cause, Interrupted) else 130)
     except click.ClickException as exc:  # usage errors: one line, not click's usage block
-        click.echo(f"tune-cells: error: {exc.format_message()}", err=True)
+        click.echo(f"tune-cells: error: {without_credentials(exc.format_message())}", err=True)
         sys.exit(2)
-    except UserInputError as exc:
-        click.echo(f"tune-cells: error: {exc}", err=True)
+    except UserInputError as exc:  # (a library's message may quote a URI with its password)
+        click.echo(f"tune-cells: error: {without_credentials(str(exc))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         click.echo("tune-cells: interrupted", err=True)
         sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except Exception as exc:
         log.debug("traceback", exc_info=True)
-        click.echo(f"tune-cells: failed: {type(exc).__name__}: {exc} (run with -v for the traceback)", err=True)
+        click.echo(f"tune-cells: failed: {type(exc).__name__}: {without_credentials(str(exc))} (run with -v for the "
+                   "traceback)", err=True)
         sys.exit(1)

@@ -6,6 +6,7 @@ touched, so a bad input leaves the user's store and working folder exactly as th
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -17,10 +18,13 @@ from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
 from tune_cells.kinds import TaskKind, get_kind
 from tune_cells.paths import DEFAULT_WORKDIR, WorkDir
+from tune_cells.redact import without_credentials
 from tune_cells.resources import check_local_resources
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
 from tune_cells.tasks import TaskSpec, get_task
+from tune_cells.tracking_checks import check_store
 
+log = logging.getLogger(__name__)
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
 RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds")
 
@@ -82,6 +86,23 @@ def check_options(opts: SearchOptions) -> None:
         raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: must not be negative")
     if opts.max_concurrent is not None and opts.max_concurrent < 1:
         raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
+    if opts.experiment is not None:
+        check_experiment_name(opts.experiment)
+    if opts.grace_period > opts.max_epochs:
+        # Clamped here, once, so that what ASHA uses is also what the search run logs.
+        log.warning("--grace-period %d is above --max-epochs %d: using %d", opts.grace_period, opts.max_epochs,
+                    opts.max_epochs)
+        opts.grace_period = opts.max_epochs
+
+
+def check_experiment_name(name: str) -> None:
+    """The name becomes folders under the workdir (Ray results, pinned configurations): it must
+    stay one plain folder name there."""
+    if not name.strip():
+        raise UserInputError("--experiment: must not be empty")
+    if name.strip() in (".", "..") or any(bad in name for bad in ("/", "\\", "\0")):  # also refuses absolute
+        raise UserInputError(f"--experiment {name!r}: must be a plain name, without '/', '\\' or '..' (it names "
+                             "folders in the workdir)")
 
 
 def check_workdir(workdir: Path, min_free: int = 0) -> WorkDir:
@@ -106,21 +127,13 @@ def prepare_workdir(workdir: Path) -> WorkDir:
     return workdir
 
 
-def check_tracking(uri: str) -> None:
-    """A server must answer; a sqlite file must be creatable. Nothing is created here."""
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
-                response.read()
-        except Exception as exc:
-            reason = getattr(exc, "reason", exc)
-            raise UserInputError(f"tracking server {uri} does not answer ({reason})") from None
-    elif parsed.scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):])
-        check_workdir(db.parent)
+def check_tracking(uri: str, given_as: str = "--tracking-uri") -> None:
+    """A sqlite file must be creatable; a server must be MLflow and answer; a database needs its
+    driver; a file store is refused (see `tracking_checks`). Nothing is created here."""
+    if urlparse(uri).scheme == "sqlite":
+        check_workdir(Path(uri[len("sqlite:///"):]).parent)
+    else:
+        check_store(uri, given_as)
 
 
 def load_dataset(task: TaskSpec, data: Path | None, workdir: WorkDir) -> ImageIndex:
@@ -202,7 +215,7 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
         pooled = split.parts["train"] + split.parts["val"]
         fold_of(len(pooled), opts.folds, opts.seed, task.kind.fold_labels(index, pooled))
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
-    check_tracking(tracking_uri)
+    check_tracking(tracking_uri, "--tracking-uri" if opts.tracking_uri else "MLFLOW_TRACKING_URI")
     suffix = "-demo" if index.source == "demo" else ""
     prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
                           f"tune-cells-{task.name}{suffix}", tracking_uri)
@@ -237,7 +250,8 @@ def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[
 
     tracker = Tracker(prep.tracking_uri, prep.workdir.artifacts)
     if not tracker.store_exists():
-        raise UserInputError(f"--resume: no MLflow store at {prep.tracking_uri}, so no search to resume")
+        raise UserInputError(f"--resume: no MLflow store at {without_credentials(prep.tracking_uri)}, so no search "
+                             "to resume")
     latest = tracker.latest_search(prep.experiment)
     if latest is None:
         raise UserInputError(f"--resume: experiment {prep.experiment} has no search to resume")

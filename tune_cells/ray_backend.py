@@ -94,12 +94,37 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: floa
         if address:
             ray.init(address=address, **common)
         else:
-            # address="local" never joins a stale cluster left in /tmp/ray; a loopback node IP
-            # keeps a laptop's Ray off the network.
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                     object_store_memory=object_store_bytes, _node_ip_address="127.0.0.1",
-                     _temp_dir=os.environ.get("TUNE_CELLS_RAY_TMPDIR"), **common)
+            # address="local" never joins a stale cluster left in /tmp/ray. Token authentication
+            # stays as Ray sets it (on by default for a new local cluster).
+            with _loopback_node():
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                         object_store_memory=object_store_bytes, _node_ip_address="127.0.0.1",
+                         _temp_dir=os.environ.get("TUNE_CELLS_RAY_TMPDIR"), **common)
     return ray.cluster_resources()
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Keep a local Ray's GCS, raylet, workers, agents and driver listening on 127.0.0.1 only.
+
+    On Linux, `ray.init` replaces a loopback `_node_ip_address` by the host's routable address
+    (`services.resolve_ip_for_localhost`), and every process then listens on all interfaces. It
+    keeps 127.0.0.1 where Ray thinks it is on a laptop (`ray_constants.ENABLE_RAY_CLUSTER` False,
+    the macOS/Windows default, read only while the node starts): so for the start of a local
+    node, and nothing else, say so. A cluster (`--address`) is left alone.
+    """
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        log.warning("this Ray has no ray_constants.ENABLE_RAY_CLUSTER: the local Ray may listen beyond 127.0.0.1")
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def shutdown() -> None:
@@ -126,7 +151,7 @@ def run_search(request: SearchRequest) -> SearchResult:
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         max_t=request.max_epochs,
-        grace_period=min(request.grace_period, request.max_epochs),
+        grace_period=request.grace_period,  # at most max_epochs: the preflight clamps it
         reduction_factor=request.reduction_factor,
     )
     trial_resources = request.trial_resources

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from tune_cells.errors import UserInputError
 from tune_cells.paths import WorkDir
+from tune_cells.redact import without_credentials  # noqa: F401  (re-exported: callers import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +38,6 @@ _MAX_PARAM_LENGTH = 6000
 def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{WorkDir.at(workdir).mlflow_db}"
-
-
-def without_credentials(value):
-    """A URI with its password replaced (`https://user:secret@host` → `https://user:***@host`):
-    parameters are visible to everyone who can read the store."""
-    if not isinstance(value, str) or "@" not in value or "://" not in value:
-        return value
-    parsed = urlparse(value)
-    if parsed.password is None:
-        return value
-    return value.replace(f":{parsed.password}@", ":***@", 1)
 
 
 def is_local_store(uri: str) -> bool:

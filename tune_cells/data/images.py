@@ -9,7 +9,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 import numpy as np
@@ -60,6 +60,9 @@ class ImageIndex:
     source: str = "user"  # "user" or "demo"
     kind: str = "classification"  # or "segmentation": column `mask:<target>` holds each mask's path
 
+    def __post_init__(self):
+        self.items = checked_paths(Path(self.root), self.items)
+
     def mask_paths(self, target: str) -> list[str]:
         return list(self.items[f"mask:{target}"])
 
@@ -79,6 +82,30 @@ class ImageIndex:
     def class_counts(self) -> dict[str, int]:
         counts = self.items["label"].value_counts()
         return {name: int(counts.get(i, 0)) for i, name in enumerate(self.classes)}
+
+
+def checked_paths(root: Path, items: pd.DataFrame) -> pd.DataFrame:
+    """`items` with every image and mask path normalised (POSIX, no `.` parts), after checking that
+    each resolves inside `root` (a `../` in a label CSV or a symlink must not read other files) and
+    that no image is listed twice under two spellings (`1.png`, `./1.png`: it would count twice
+    and could sit in two split parts). Both are exit 2, naming the path."""
+    inside = root.resolve()
+    items = items.copy()
+    for column in [c for c in items.columns if c == "path" or c.startswith("mask:")]:
+        spelled = [str(p) for p in items[column]]
+        normal = [PurePosixPath(p).as_posix() for p in spelled]
+        resolved = [(root / p).resolve() for p in normal]
+        for given, target in zip(spelled, resolved):
+            if not target.is_relative_to(inside):
+                raise UserInputError(f"{root}: {given} resolves outside the data folder (to {target})")
+        if column == "path":
+            first: dict[Path, str] = {}
+            for given, target in zip(spelled, resolved):
+                if target in first:
+                    raise UserInputError(f"{root}: one image listed twice, as {first[target]} and {given}")
+                first[target] = given
+        items[column] = normal
+    return items
 
 
 def decode_image(path: Path | BinaryIO, channels: int, size: int) -> np.ndarray:

@@ -155,15 +155,15 @@ def import_hep2(root: Path) -> ImageIndex:
     for folder in folders or [None]:
         base = root / folder if folder else root
         for path in sorted(base.iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.stem.isdigit():
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and _is_ascii_number(path.stem):
                 number = int(path.stem)
                 if number in files:
                     raise UserInputError(f"{root}: image {number} is in both {files[number][0]} and {path.relative_to(root)}")
                 files[number] = (path.relative_to(root).as_posix(), folder)
     classes = {name.lower(): i for i, name in enumerate(HEP2_CLASSES)}
-    bad_ids = [v for v in ids if not v.isdigit()]
+    bad_ids = [v for v in ids if not _is_ascii_number(v)]
     if bad_ids:
-        raise UserInputError(f"{csv_path}: Image ID must be a number: {_name_some(bad_ids)}")
+        raise UserInputError(f"{csv_path}: Image ID must be a number (digits 0-9): {_name_some(bad_ids)}")
     unknown = sorted({n for n in names if n.lower() not in classes})
     if unknown:
         raise UserInputError(f"{csv_path}: unknown class {_name_some(unknown)} (expected {', '.join(HEP2_CLASSES)})")
@@ -183,6 +183,11 @@ def import_hep2(root: Path) -> ImageIndex:
     if empty:
         raise UserInputError(f"{csv_path}: no images of class {_name_some(empty)}")
     return index
+
+
+def _is_ascii_number(text: str) -> bool:
+    """0-9 only: str.isdigit() also accepts '²' or '٣', which int() refuses or reads as another number."""
+    return text.isascii() and text.isdigit()
 
 
 def import_lung_masks(root: Path) -> ImageIndex:

@@ -1,0 +1,111 @@
+"""Preflight checks beside the bad-input corpus: what a tracking server is sent and must answer,
+the options the preflight corrects rather than refuses, and how image paths are normalised."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tune_cells.errors import UserInputError
+from tune_cells.preflight import SearchOptions, check_options
+from tune_cells.tracking_checks import check_server, split_credentials
+
+
+class FakeMlflow(BaseHTTPRequestHandler):
+    """Answers /health and MLflow's experiments search, and records the Authorization headers."""
+
+    seen: list[str | None] = []
+    status = 200
+
+    def do_GET(self):
+        type(self).seen.append(self.headers.get("Authorization"))
+        if type(self).status != 200:
+            self.send_error(type(self).status)
+            return
+        body = b"OK" if self.path == "/health" else json.dumps({"experiments": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_mlflow():
+    FakeMlflow.seen, FakeMlflow.status = [], 200
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_port
+    server.shutdown()
+    server.server_close()
+
+
+def test_credentials_in_the_uri_go_as_basic_auth(fake_mlflow, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    check_server(f"http://user:s3cret@127.0.0.1:{fake_mlflow}")
+    expected = "Basic " + base64.b64encode(b"user:s3cret").decode()
+    assert FakeMlflow.seen == [expected, expected]  # /health, then the MLflow call
+
+
+def test_without_credentials_in_the_uri_mlflow_variables_are_used(fake_mlflow, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "env-user")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "env-pass")
+    check_server(f"http://127.0.0.1:{fake_mlflow}/")
+    assert FakeMlflow.seen[0] == "Basic " + base64.b64encode(b"env-user:env-pass").decode()
+
+
+def test_a_password_with_reserved_characters_is_sent_decoded(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    base, headers = split_credentials("https://bob:p%40ss%3Aw@mlflow.example.org:8443/prefix/")
+    assert base == "https://mlflow.example.org:8443/prefix"
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"bob:p@ss:w").decode()
+
+
+def test_refused_credentials_are_named_without_the_password(fake_mlflow):
+    FakeMlflow.status = 401
+    with pytest.raises(UserInputError, match=r"http://user:\*\*\*@127.0.0.1:\d+ refused the credentials") as info:
+        check_server(f"http://user:s3cret@127.0.0.1:{fake_mlflow}")
+    assert "s3cret" not in str(info.value)
+
+
+def test_grace_period_above_max_epochs_is_clamped_once_and_said(caplog):
+    opts = SearchOptions(task="nuclei", max_epochs=3, grace_period=5)
+    with caplog.at_level(logging.WARNING, logger="tune_cells.preflight"):
+        check_options(opts)
+    assert opts.grace_period == 3  # what ASHA gets and what the search run logs (asdict(opts))
+    assert [r.getMessage() for r in caplog.records] == ["--grace-period 5 is above --max-epochs 3: using 3"]
+
+
+@pytest.mark.parametrize("name", ["/abs/name", "../up", "a/b", "a\\b", "..", "."])
+def test_experiment_names_that_would_leave_the_workdir_are_refused(name):
+    with pytest.raises(UserInputError, match="must be a plain name"):
+        check_options(SearchOptions(task="nuclei", experiment=name))
+
+
+def test_plain_experiment_names_pass():
+    for name in ("tune-cells-nuclei", "my run 2", "v1.2..3"):
+        check_options(SearchOptions(task="nuclei", experiment=name))
+
+
+def test_image_paths_are_normalised_and_may_pass_through_a_folder_inside(tmp_path):
+    from tune_cells.data.images import ImageIndex
+
+    (tmp_path / "train").mkdir()
+    for name in ("1.png", "2.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / "train" / name)
+    items = pd.DataFrame({"path": ["train/./1.png", "train/../train/2.png"], "label": [0, 1]})
+    index = ImageIndex(root=tmp_path, items=items, classes=["a", "b"])
+    assert list(index.items["path"]) == ["train/1.png", "train/../train/2.png"]
+    with pytest.raises(UserInputError, match="one image listed twice, as train/1.png and train/../train/1.png"):
+        ImageIndex(root=tmp_path, items=pd.DataFrame({"path": ["train/1.png", "train/../train/1.png"],
+                                                      "label": [0, 1]}), classes=["a", "b"])

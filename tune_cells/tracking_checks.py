@@ -1,0 +1,129 @@
+"""The preflight of a remote or database MLflow store: refused before Ray starts, not after.
+
+A server must answer `/health` and be MLflow (a REST call returns MLflow's JSON); a database must
+have its driver installed; a file store is refused (the model registry needs a database). (A
+sqlite file is the preflight's own check: it is a path in a folder.) Credentials in the URI are sent as HTTP basic auth, as MLflow's
+client sends them, and never shown: every message names the URI without its password.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import ssl
+import urllib.error
+import urllib.request
+from urllib.parse import unquote, urlparse
+
+from tune_cells.errors import UserInputError
+from tune_cells.redact import without_credentials
+
+TIMEOUT_S = 10
+# An MLflow REST call any tracking server answers with JSON, and a plain web server does not.
+MLFLOW_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+_PROBE_KEYS = {"experiments", "next_page_token"}
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores besides sqlite
+# The pip package that provides a database driver module SQLAlchemy asks for.
+_DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+                    "pymysql": "PyMySQL", "pyodbc": "pyodbc", "pymssql": "pymssql"}
+
+
+def check_store(uri: str, given_as: str = "--tracking-uri") -> None:
+    """Nothing is created here. `given_as` names where the URI came from (a flag or a variable)."""
+    shown = without_credentials(uri)
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        check_server(uri)
+    elif scheme.split("+")[0] in DATABASE_SCHEMES:
+        check_database_driver(uri, given_as)
+    elif scheme == "file" or (scheme == "" and not uri.startswith("databricks")):
+        raise UserInputError(f"{given_as} {shown}: a file store has no model registry, which promotion needs; "
+                             "use a database (sqlite:////abs/path/mlflow.db) or a tracking server")
+
+
+def check_server(uri: str) -> None:
+    """`/health` answers, and an MLflow REST call returns MLflow's JSON (a proxy or another web
+    server on that port answers /health too, and the search would fail only after Ray started)."""
+    base, headers = split_credentials(uri)
+    shown = without_credentials(uri)
+    try:
+        _get(f"{base}/health", headers)
+    except urllib.error.HTTPError as exc:
+        _refuse_http_error(shown, "/health", exc)
+    except Exception as exc:
+        raise UserInputError(f"tracking server {shown} does not answer ({getattr(exc, 'reason', exc)})") from None
+    try:
+        answer = json.loads(_get(f"{base}{MLFLOW_PROBE}", headers))
+    except urllib.error.HTTPError as exc:
+        _refuse_http_error(shown, MLFLOW_PROBE, exc)
+    except (ValueError, UnicodeDecodeError):
+        answer = None
+    except Exception as exc:
+        raise UserInputError(f"tracking server {shown} does not answer ({getattr(exc, 'reason', exc)})") from None
+    if not isinstance(answer, dict) or set(answer) - _PROBE_KEYS:
+        raise UserInputError(f"tracking server {shown} answers /health but is not an MLflow server "
+                             f"(GET {MLFLOW_PROBE.split('?')[0]} did not return MLflow's JSON)")
+
+
+def _refuse_http_error(shown: str, path: str, exc: urllib.error.HTTPError) -> None:
+    if exc.code in (401, 403):
+        raise UserInputError(f"tracking server {shown} refused the credentials (HTTP {exc.code}): give them in the "
+                             "URI or MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD") from None
+    raise UserInputError(f"tracking server {shown} answers /health but is not an MLflow server "
+                         f"(GET {path.split('?')[0]}: HTTP {exc.code})") from None
+
+
+def split_credentials(uri: str) -> tuple[str, dict[str, str]]:
+    """(the URI without user and password, the Authorization header MLflow's client would send).
+
+    urllib takes no credentials from a URL (it reads `user:password@host` as a host and a port),
+    so they travel as basic auth; without them, MLflow's own variables are used."""
+    parsed = urlparse(uri)
+    host = parsed.netloc.rpartition("@")[2]
+    base = parsed._replace(netloc=host).geturl().rstrip("/")
+    user, password = unquote(parsed.username or ""), unquote(parsed.password or "")
+    if not parsed.username:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    if user or password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return base, {"Authorization": f"Basic {token}"}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return base, {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    return base, {}
+
+
+def _get(url: str, headers: dict[str, str]) -> bytes:
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=TIMEOUT_S, context=_tls_context(url)) as response:
+        return response.read()
+
+
+def _tls_context(url: str) -> ssl.SSLContext | None:
+    """The TLS settings MLflow's client honours (a private CA, or no verification at all)."""
+    if not url.startswith("https:"):
+        return None
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return ssl._create_unverified_context()  # the user asked MLflow for exactly this
+    return ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+
+
+def check_database_driver(uri: str, given_as: str) -> None:
+    """SQLAlchemy knows the dialect and its driver imports (MLflow needs it only when it first
+    opens the store, which is after Ray started)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    shown = without_credentials(uri)
+    try:
+        dialect = make_url(uri).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise UserInputError(f"{given_as} {shown}: not a database URI SQLAlchemy can open") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module = exc.name or str(exc)
+        package = _DRIVER_PACKAGES.get(module, module)
+        raise UserInputError(f"{given_as} {shown}: its database driver is not installed (no module {module!r}; "
+                             f"pip install '{package}')") from None
