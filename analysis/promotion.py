@@ -196,5 +196,6 @@ def evaluate_in_fresh_process(outcome: SearchOutcome) -> int:
     """Evaluate the promoted version in a new interpreter: it must stand on what the registry holds."""
     command = [sys.executable, "-m", "tune_cells", "evaluate", outcome.task,
                "--model-uri", f"models:/{outcome.model_name}/{outcome.model_version}",
-               "--workdir", str(outcome.workdir.root), "--tracking-uri", outcome.tracking_uri]
-    return subprocess.call(command)
+               "--workdir", str(outcome.workdir.root)]
+    # The URI travels in the environment: a command line is visible to every user (`ps`).
+    return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": outcome.tracking_uri})

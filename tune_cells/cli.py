@@ -177,19 +177,7 @@ def _open_model(task: str, workdir: Path, tracking_uri: str | None, model_uri: s
         if not tracker.store_exists():
             raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run `tune-cells search {task}` first")
         return spec, workdir, tracker, model_uri
-    return spec, workdir, tracker, model_uri or _default_model_uri(tracker, spec.name)
-
-
-def _default_model_uri(tracker, task: str) -> str:
-    """The real-data champion if there is one, else the demo champion."""
-    if not tracker.store_exists():
-        raise UserInputError(f"no champion for task {task}: no MLflow store at "
-                             f"{without_credentials(tracker.tracking_uri)}")
-    for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
-        if tracker.version_for_alias(name, "champion") is not None:
-            return f"models:/{name}@champion"
-    raise UserInputError(f"no champion for task {task} in {without_credentials(tracker.tracking_uri)}: run "
-                         f"`tune-cells search {task}` first")
+    return spec, workdir, tracker, model_uri or tracker.champion_uri(spec.name)
 
 
 @cli.command()
@@ -337,40 +325,22 @@ def promote(task, version, model_name, workdir, tracking_uri):
 
     with WorkdirLock(WorkDir.at(workdir), "promote"):
         _, workdir, tracker, _ = _open_model(task, workdir, tracking_uri, None, needs_champion=False)
-        name = model_name or _model_name_with_version(tracker, task, version)
+        name = model_name or tracker.model_name_with_version(task, version)
         tracker.resolve_model(f"models:/{name}/{version}", task)
         previous = promote_by_hand(tracker, name, version)
     click.echo(f"models:/{name}@champion is version {version}" + (f" (was {previous})" if previous else ""))
-
-
-def _model_name_with_version(tracker, task: str, version: str) -> str:
-    for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
-        if tracker.find_version(name, version) is not None:
-            return name
-    raise UserInputError(f"no version {version} of tune-cells-{task} or tune-cells-{task}-demo in {tracker.tracking_uri}")
 
 
 @cli.command()
 @click.argument("task")
 def params(task):
     """List every searchable parameter of TASK with its default: the trainer's, then each model's."""
-    from tune_cells.config import describe_fields
-    from tune_cells.models import get_model, model_names
+    from tune_cells.config import parameter_table
     from tune_cells.tasks import get_task
 
     kind = get_task(task).kind
-    click.echo(f"{task} ({kind.name}): parameters a search space may set\n\ntrainer:")
-    for name, default, description in describe_fields(kind.config_type):
-        allowed = kind.config_type.allowed_values(name)
-        values = f" [{', '.join(map(str, allowed))}]" if len(allowed) > 1 else ""
-        click.echo(f"  {name:<18}{default:<12}{description}{values}")
-    for model in model_names(kind.name):
-        entry = get_model(model)
-        click.echo(f"\nmodel {model}: {entry.description}")
-        for name, default in entry.hyperparameters.items():
-            allowed = entry.choices.get(name)
-            values = f" [{', '.join(map(str, allowed))}]" if allowed else ""
-            click.echo(f"  {name:<18}{default!r}{values}")
+    click.echo(f"{task} ({kind.name}): parameters a search space may set\n")
+    click.echo(parameter_table(kind.config_type, kind.name))
 
 
 @cli.command()

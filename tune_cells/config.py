@@ -129,6 +129,24 @@ class SegmentationConfig(TrainerConfig):
     dihedral: bool = Field(True, description="random flips and right-angle turns of views")
 
 
+def parameter_table(config_type: type[TrainerConfig], kind: str) -> str:
+    """`tune-cells params`: the trainer's fields, then each model of the kind with its own."""
+    from tune_cells.models import get_model, model_names
+
+    rows = ["trainer:"]
+    for name, default, description in describe_fields(config_type):
+        allowed = config_type.allowed_values(name)
+        values = f" [{', '.join(map(str, allowed))}]" if len(allowed) > 1 else ""
+        rows.append(f"  {name:<18}{default:<12}{description}{values}")
+    for model in model_names(kind):
+        entry = get_model(model)
+        rows.append(f"\nmodel {model}: {entry.description}")
+        for name, default in entry.hyperparameters.items():
+            allowed = entry.choices.get(name)
+            rows.append(f"  {name:<18}{default!r}" + (f" [{', '.join(map(str, allowed))}]" if allowed else ""))
+    return "\n".join(rows)
+
+
 def describe_fields(config_type: type[TrainerConfig]) -> list[tuple[str, str, str]]:
     """(name, default, description) of every trainer field, for `tune-cells params`."""
     rows = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,8 +17,8 @@ from typing import Any, Protocol
 import ray
 from ray import tune
 
-from tune_cells.errors import Interrupted, UserInputError
-from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter
+from tune_cells.errors import UserInputError
+from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,7 @@ def run_search(request: SearchRequest) -> SearchResult:
     experiment_path = f"{request.storage_path.rstrip('/')}/{request.name}"
     if request.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-        with _pending_trials(request), _stop_on_signals():
+        with _pending_trials(request), stop_on_signals():
             try:
                 return _summarise(tuner.fit(), request)
             except FileNotFoundError as exc:  # trial checkpoints deleted since the interruption
@@ -198,7 +197,7 @@ def run_search(request: SearchRequest) -> SearchResult:
             verbose=0,
         ),
     )
-    with _pending_trials(request), _stop_on_signals():
+    with _pending_trials(request), stop_on_signals():
         results = tuner.fit()
     return _summarise(results, request)
 
@@ -207,47 +206,6 @@ def copy_checkpoint(checkpoint: tune.Checkpoint, destination: Path) -> Path:
     """A local copy of a checkpoint, wherever Ray stored it (a local folder, s3://, NFS)."""
     destination.mkdir(parents=True, exist_ok=True)
     return Path(checkpoint.to_directory(str(destination)))
-
-
-@contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """Ctrl-C or SIGTERM while trials run: Tune stops and saves its state one last time (its own
-    SIGUSR1 path), and the search then ends as interrupted (resumable), never as finished.
-
-    Tune's own Ctrl-C handler stops the same way but lets `fit()` return as if the search had
-    finished, and SIGTERM would end the driver without saving (Ray's handler exits at once). A
-    second signal stops at once.
-    """
-    received: list[int] = []
-
-    def stop(signum, frame):
-        if received or signal.getsignal(signal.SIGUSR1) is placeholder:  # again, or before Tune listens
-            raise Interrupted(signum)
-        received.append(signum)
-        log.warning("%s received: stopping the trials and saving the search's state (again: stop at once); "
-                    "continue it later with --resume", signal.Signals(signum).name)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    def placeholder(signum, frame):  # until Tune installs its SIGUSR1 handler
-        pass
-
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    signal.signal(signal.SIGUSR1, placeholder)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-        if saved_env is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
-    if received:
-        raise Interrupted(received[0])
 
 
 @contextmanager

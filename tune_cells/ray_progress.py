@@ -1,13 +1,19 @@
-"""What a search says while it runs: a live progress line, and why trials wait (Ray Tune callbacks
-that `ray_backend` installs)."""
+"""A running search: what it says (a live progress line, why trials wait: Ray Tune callbacks) and
+how it stops on a signal. `ray_backend` installs both."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 from ray import tune
+
+from tune_cells.errors import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +96,44 @@ class PendingTrialsExplainer(tune.Callback):
             if now - self._last.get(message, -1e9) >= self.every_s:
                 self._last[message] = now
                 log.warning(message)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Ctrl-C or SIGTERM while trials run: Tune stops and saves its state one last time (its own
+    SIGUSR1 path), and the search then ends as interrupted (resumable), never as finished.
+
+    Tune's own Ctrl-C handler stops the same way but lets `fit()` return as if the search had
+    finished, and SIGTERM would end the driver without saving (Ray's handler exits at once). A
+    second signal stops at once.
+    """
+    received: list[int] = []
+
+    def stop(signum, frame):
+        if received or signal.getsignal(signal.SIGUSR1) is placeholder:  # again, or before Tune listens
+            raise Interrupted(signum)
+        received.append(signum)
+        log.warning("%s received: stopping the trials and saving the search's state (again: stop at once); "
+                    "continue it later with --resume", signal.Signals(signum).name)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def placeholder(signum, frame):  # until Tune installs its SIGUSR1 handler
+        pass
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGUSR1, placeholder)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if saved_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
+    if received:
+        raise Interrupted(received[0])

@@ -68,7 +68,7 @@ def _object_store_bytes(prep: PreparedSearch) -> int:
 def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialResources, tracker,
                     experiment_id: str) -> SearchOutcome:
     from tune_cells import ray_backend
-    from tune_cells.tracking import TrialRecorder
+    from tune_cells.trial_recorder import TrialRecorder
 
     task, kind = prep.task, prep.task.kind
     split = save_split(prep.split)
@@ -111,7 +111,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        tracker.set_tags(parent, {"failure": f"{type(exc).__name__}: {exc}"[:500]})
+        tracker.set_tags(parent, {"failure": without_credentials(f"{type(exc).__name__}: {exc}")[:500]})
         if interrupted:  # resumable: its unfinished trials too
             tracker.kill_running_trial_runs(experiment_id, parent)
             log.warning("search %s interrupted; nothing promoted. Continue it: tune-cells search %s --resume "

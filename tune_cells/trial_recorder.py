@@ -1,0 +1,75 @@
+"""Ray trial events → MLflow runs: the `TrialEvents` seam between the two adapters (`ray_backend`
+calls it from the driver; it writes through `tracking.Tracker`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tune_cells.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialRecorder:
+    """Ray trial events → one nested MLflow child run per trial (TrialEvents protocol)."""
+
+    tracker: Tracker
+    experiment_id: str
+    parent_run_id: str
+    max_epochs: int
+    metric_keys: tuple[str, ...]
+
+    common_tags: dict = field(default_factory=dict)  # set on every trial run (e.g. the split's hash)
+    summary_keys: tuple[str, ...] = ("val_loss", "val_balanced_accuracy")
+
+    def __post_init__(self):
+        self.runs: dict[str, str] = {}  # Ray trial id → MLflow run id
+        self._nodes: dict[str, str] = {}  # Ray trial id → the node its run is tagged with
+        self.ended = 0
+
+    def on_trial_start(self, trial_id: str, trial_name: str, config: dict) -> None:
+        if trial_id in self.runs:  # a retried or resumed trial continues its own run
+            if self.tracker.get_run(self.runs[trial_id]).info.status != "RUNNING":
+                self.tracker.reopen_run(self.runs[trial_id])
+            return
+        run_id = self.tracker.start_run(
+            self.experiment_id, trial_name, "trial", self.parent_run_id,
+            tags={**self.common_tags, "ray_trial_id": trial_id},
+        )
+        self.tracker.log_params(run_id, config)
+        self.runs[trial_id] = run_id
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        run_id = self.runs.get(trial_id)
+        if run_id is None:
+            return
+        metrics = {k: result[k] for k in self.metric_keys if k in result}
+        self.tracker.log_metrics(run_id, metrics, step=int(result.get("training_iteration", 0)))
+        node = result.get("node_id")
+        if node and self._nodes.get(trial_id) != node:  # once per node, not a store write every epoch
+            self.tracker.set_tags(run_id, {"ray_node_id": node})
+            self._nodes[trial_id] = node
+
+    def on_trial_end(self, trial_id: str, failed: bool, last_result: dict, error: str | None) -> None:
+        run_id = self.runs.get(trial_id)
+        if run_id is None:
+            return
+        epochs = int(last_result.get("training_iteration", 0))
+        if last_result.get("failure"):  # ended by the trainable itself (a diverged loss): not retried
+            failed, error = True, str(last_result["failure"])
+        tags = {"epochs_run": epochs}
+        if failed:
+            tags["failure"] = error or "trial failed"
+        elif epochs < self.max_epochs:
+            tags["stopped_early"] = "true"  # the trainable always runs to max_epochs unless ASHA stops it
+        self.tracker.set_tags(run_id, tags)
+        self.tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
+        self.ended += 1
+        if failed:
+            log.warning("trial %s failed after %d epochs: %s", trial_id, epochs, tags["failure"])
+        else:
+            log.info("trial %s done (%d finished): %d epochs%s, last %s", trial_id, self.ended, epochs,
+                     " (stopped early by ASHA)" if "stopped_early" in tags else "",
+                     ", ".join(f"{k} {last_result[k]:.4f}" for k in self.summary_keys if k in last_result))
