@@ -27,7 +27,8 @@ class ImageIndex:
     """The images of a dataset and their labels; pixels are decoded only on demand.
 
     `items` has columns `path` (relative to `root`, POSIX) and `label` (int index into
-    `classes`), and optionally `split` when the dataset's own layout fixes the split.
+    `classes`), optionally `split` when the dataset's own layout fixes the split, and optionally
+    `group` when it names related images (one animal, patient, specimen: they share a part).
     """
 
     root: Path
@@ -35,6 +36,7 @@ class ImageIndex:
     classes: list[str]  # class names; for segmentation, the target (mask) names
     source: str = "user"  # "user" or "demo"
     kind: str = "classification"  # or "segmentation": column `mask:<target>` holds each mask's path
+    group_source: str = ""  # where the `group` column came from, for the log ("" without one)
 
     def mask_paths(self, target: str) -> list[str]:
         return list(self.items[f"mask:{target}"])
