@@ -9,12 +9,14 @@ import io
 import json
 import logging
 import shutil
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tune_cells.data.groups import apply_group_pattern
 from tune_cells.data.images import image_hashes
 from tune_cells.data.splits import PARTS, load_or_create_split, plan_split, split_path
 from tune_cells.errors import UserInputError
@@ -131,6 +133,89 @@ def test_lung_is_split_by_animal(tmp_path):
         assert split.units("test") == [Path(p).name.split("_")[0] for p in split.parts["test"]]
 
 
+def write_hep2_with_twins(root: Path) -> dict[str, list]:
+    """ICPR layout, validation/ the fixed test part, with planted twins inside training/, across
+    training/ and validation/ (exact and near), and inside validation/."""
+    rng = np.random.default_rng(2)
+    rows, pixels, number = ["Image ID,Image class"], {}, 0
+    classes = ["Homogeneous", "Speckled", "Nucleolar", "Centromere", "NuMem", "Golgi"]
+
+    def add(folder: str, label: int, image: Image.Image) -> str:
+        nonlocal number
+        number += 1
+        path = f"{folder}/{number:05d}.png"
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        image.save(root / path)
+        rows.append(f"{number},{classes[label]}")
+        return path
+
+    for label in range(6):
+        for k in range(14):
+            folder = "validation" if k % 5 == 0 else "training"
+            array = smooth(rng, 32, grey=True)
+            pixels[add(folder, label, Image.fromarray(array))] = (array, label)
+    training = [p for p in pixels if p.startswith("training/")]
+    validation = [p for p in pixels if p.startswith("validation/")]
+    planted = {"inside_training": [], "across": [], "inside_validation": []}
+    for k, how in enumerate(["exact", "jpeg", "exact", "brighter"]):
+        source = training[7 * k]
+        array, label = pixels[source]
+        planted["inside_training"].append((source, add("training", label, near_twin(array, how)
+                                                       if how != "exact" else Image.fromarray(array))))
+    for k, how in enumerate(["exact", "exact", "noise", "jpeg", "exact"]):
+        source = validation[2 * k]
+        array, label = pixels[source]
+        planted["across"].append((source, add("training", label, near_twin(array, how)
+                                              if how != "exact" else Image.fromarray(array))))
+    array, label = pixels[validation[1]]
+    planted["inside_validation"].append((validation[1], add("validation", label, Image.fromarray(array))))
+    (root / "gt_training.csv").write_text("\n".join(rows) + "\n")
+    return planted
+
+
+def own_dhash(path: Path) -> np.ndarray:
+    """A 256-bit difference hash computed here, not by the code under test."""
+    with Image.open(path) as image:
+        grey = np.asarray(image.convert("L").resize((17, 16), Image.Resampling.BILINEAR), dtype=np.int32)
+    return (grey[:, 1:] > grey[:, :-1]).ravel()
+
+
+def test_independent_check_no_twin_crosses_parts_through_the_preflight(tmp_path):
+    """The rule checked without the code under test: exact pixel twins (bytes of the decoded
+    arrays) and pairs within 20 bits of a hash computed here, between every two parts."""
+    from tune_cells.preflight import SearchOptions, prepare
+
+    planted = write_hep2_with_twins(tmp_path / "hep2")
+    prep = prepare(SearchOptions(task="hep2", data=tmp_path / "hep2", workdir=tmp_path / "w"))
+    assert not (tmp_path / "w").exists()  # the preflight writes nothing
+    split, root = prep.split, prep.index.root
+    assert set(prep.decoded) == set(split.parts["train"]) | set(split.parts["val"])  # no test pixels handed on
+    assert not prep.duplicates
+
+    decoded = {}
+    for path in prep.index.items["path"]:
+        with Image.open(root / path) as image:
+            decoded[path] = np.asarray(image).tobytes()
+    hashes = {path: own_dhash(root / path) for path in decoded}
+    for part_a, part_b in combinations(PARTS, 2):
+        for a in split.parts[part_a]:
+            for b in split.parts[part_b]:
+                assert decoded[a] != decoded[b], (a, part_a, b, part_b)
+                assert (hashes[a] != hashes[b]).sum() > 20, (a, part_a, b, part_b)
+
+    excluded = {entry["path"]: entry for entry in split.excluded}
+    in_parts = set(part_of(split))
+    assert in_parts | set(excluded) == set(decoded) and not in_parts & set(excluded)
+    for fixed_test, training_twin in planted["across"]:  # the layout's boundary holds: the twin is left out
+        assert fixed_test in split.parts["test"] and training_twin in excluded
+        assert excluded[training_twin]["kept_in"] == "test"
+    assert len(excluded) == len(planted["across"])
+    for a, b in planted["inside_training"]:
+        assert part_of(split)[a] == part_of(split)[b] != "test"
+    assert split.units("test") is not None  # the twins inside validation/ are one bootstrap unit
+    assert len(set(split.units("test"))) == len(split.parts["test"]) - 1
+
+
 def test_a_split_file_that_breaks_a_group_is_exit_2_through_search(tmp_path, run_cli):
     write_folder_with_twins(tmp_path / "data")
     index = get_task("folder").importer(tmp_path / "data")
@@ -166,6 +251,27 @@ def test_an_older_split_file_without_groups_warns_once_and_still_works(tmp_path,
     assert len(caplog.records) == 1
     assert str(path) in caplog.text and "from before groups" in caplog.text and "patient-1" in caplog.text
     assert json.loads(path.read_text()) == {"format": 1, "seed": 0, **parts}  # left as it was
+
+
+def test_group_pattern_and_groups_csv(tmp_path, run_cli):
+    root = write_kaggle(tmp_path / "d", [0, 1, 2, 3] * 6)
+    index = get_task("nuclei").importer(root)
+    apply_group_pattern(index, r"train/(\d)")  # the first digit: 1, 10-19 ... share a group
+    assert index.items.set_index("path").at["train/13.png", "group"] == "1"
+    apply_group_pattern(index, r"\d+\.png")  # no capture group: the whole match
+    assert index.items["group"].iloc[0] == "1.png"
+    with pytest.raises(UserInputError, match="matches none of the 24 image paths"):
+        apply_group_pattern(index, r"^nowhere/")
+    result = run_cli("search", "nuclei", "--data", root, "--group-pattern", "(", "--workdir", tmp_path / "w")
+    assert result.code == 2 and "--group-pattern '(': not a regular expression" in result.err
+
+    write_folder_with_twins(tmp_path / "f")
+    (tmp_path / "f" / "groups.csv").write_text("path,group\na/99.png,x\n")
+    with pytest.raises(UserInputError, match=r"groups.csv: a/99.png is not an image of the dataset"):
+        get_task("folder").importer(tmp_path / "f")
+    (tmp_path / "f" / "groups.csv").write_text("image,patient\na/1.png,x\n")
+    with pytest.raises(UserInputError, match="needs columns path,group"):
+        get_task("folder").importer(tmp_path / "f")
 
 
 def test_identical_images_too_few_groups_to_split_is_exit_2(tmp_path):

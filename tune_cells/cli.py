@@ -57,6 +57,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
                    "where the cluster has GPUs, else 0]. Without CUDA a trial trains on the CPU.")
 @click.option("--max-concurrent", type=int, default=None, help="At most this many trials at once.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the sampler and the trials.")
+@click.option("--group-pattern", default=None, metavar="REGEX",
+              help="Related images (one animal, patient, specimen) share a split part: the group of an image is "
+                   "REGEX's first capture group (or whole match) in its path relative to --data. Replaces the "
+                   "layout's own key (lung: the animal) and the folder task's groups.csv; used for a new split.")
 @click.option("--space", type=click.Path(path_type=Path), default=None, help="Search-space YAML replacing the task's.")
 @click.option("--experiment", default=None, help="MLflow experiment [default: tune-cells-TASK].")
 @workdir_option
@@ -70,8 +74,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
                    "trials from their last checkpoints, the same MLflow parent and trial runs.")
 @click.pass_context
 def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor, cpus_per_trial, gpus_per_trial,
-           max_concurrent, seed, space, experiment, workdir, tracking_uri, storage, address, no_evaluate, smoke_test,
-           resume):
+           max_concurrent, seed, group_pattern, space, experiment, workdir, tracking_uri, storage, address, no_evaluate,
+           smoke_test, resume):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
     from tune_cells.analysis.promotion import evaluate_in_fresh_process
     from tune_cells.preflight import SearchOptions
@@ -85,6 +89,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
         reduction_factor=reduction_factor, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
         experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
         address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"], resume=resume,
+        group_pattern=group_pattern,
     ))
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "

@@ -41,6 +41,14 @@ class ImageIndex:
     def mask_paths(self, target: str) -> list[str]:
         return list(self.items[f"mask:{target}"])
 
+    def files_of(self, paths: list[str]) -> set[str]:
+        """The files of these images: the images and, for segmentation, their masks."""
+        rows = self.items["path"].isin(set(paths))
+        files = set(self.items.loc[rows, "path"])
+        for column in (c for c in self.items.columns if c.startswith("mask:")):
+            files.update(self.items.loc[rows, column])
+        return files
+
     @cached_property
     def fingerprint(self) -> str:
         """Short hash of file names, sizes and labels: names the split file of this dataset."""

@@ -16,13 +16,12 @@ class ClassificationKind(TaskKind):
     explainable = True
     writes_masks = False
 
-    def decode_for_search(self, task, index, split):
+    def decode_for_search(self, task, index):
         from tune_cells.data.images import scan_images, store_array
 
-        fitting = frozenset(split.parts["train"]) | frozenset(split.parts["val"])
-        scan = scan_images(index.root, list(index.items["path"]), fitting,
+        paths = list(index.items["path"])
+        return scan_images(index.root, paths, frozenset(paths),
                            partial(store_array, channels=task.channels, size=task.store_size))
-        return scan, scan.kept
 
     def object_store_bytes(self, task, index, split) -> int:
         images = len(split.parts["train"]) + len(split.parts["val"])

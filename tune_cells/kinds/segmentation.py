@@ -15,17 +15,15 @@ class SegmentationKind(TaskKind):
     explainable = False
     writes_masks = True
 
-    def decode_for_search(self, task, index, split):
+    def decode_for_search(self, task, index):
         from tune_cells.data.images import full_array, mask_array, scan_images
 
-        fitting = frozenset(split.parts["train"]) | frozenset(split.parts["val"])
-        scan = scan_images(index.root, list(index.items["path"]), fitting, full_array)
-        decoded = dict(scan.kept)
-        fitting_rows = index.items["path"].isin(fitting)
+        paths = list(index.items["path"])
+        scan = scan_images(index.root, paths, frozenset(paths), full_array)
         for target in index.classes:
-            masks = index.items[f"mask:{target}"]
-            decoded.update(scan_images(index.root, list(masks), frozenset(masks[fitting_rows]), mask_array).kept)
-        return scan, decoded
+            masks = list(index.items[f"mask:{target}"])
+            scan.kept.update(scan_images(index.root, masks, frozenset(masks), mask_array).kept)
+        return scan
 
     def object_store_bytes(self, task, index, split) -> int:
         from PIL import Image
