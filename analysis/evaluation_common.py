@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tune_cells.analysis.metrics import bootstrap_units, too_few_groups
+from tune_cells.analysis.metrics import too_few_groups
 from tune_cells.paths import WorkDir
 
 
@@ -54,10 +54,10 @@ class EvaluationContext:
 
     def bootstrap_facts(self) -> dict:
         """What the bootstrap resampled, for the run's parameters and metrics.json."""
-        units = bootstrap_units(self.groups)
-        return {"bootstrap_unit": "image" if units is None else "group",
-                "bootstrap_units": len(self.paths) if units is None else len(units),
-                "ci_note": too_few_groups(self.groups)}
+        groups = self.groups
+        return {"bootstrap_unit": "image" if groups is None else "group",
+                "bootstrap_units": len(self.paths) if groups is None else len(set(groups)),
+                "ci_note": too_few_groups(groups)}
 
     def params(self, images: int, **more) -> dict:
         version = self.version

@@ -71,11 +71,14 @@ def bootstrap_units(groups) -> list[np.ndarray] | None:
 
 
 def too_few_groups(groups) -> str:
-    """Why a test part gets no bootstrap CI ("" when it gets one): too few groups to resample."""
-    units = bootstrap_units(groups)
-    if units is None or len(units) >= MIN_GROUPS_FOR_CI:
+    """Why a test part gets no bootstrap CI ("" when it gets one): too few groups to resample. Counts
+    groups of one image too (lung's test part may be two animals with one field each)."""
+    if groups is None:
         return ""
-    return (f"too few groups for a bootstrap CI: the test part holds {len(units)} groups of related images "
+    count = len(set(groups))
+    if count >= MIN_GROUPS_FOR_CI:
+        return ""
+    return (f"too few groups for a bootstrap CI: the test part holds {count} groups of related images "
             f"(animals, patients, near-duplicates), a CI needs at least {MIN_GROUPS_FOR_CI}")
 
 

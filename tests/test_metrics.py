@@ -96,6 +96,7 @@ def test_too_few_groups_give_no_interval_but_a_note():
     assert bootstrap_intervals(y, probs, ["n", "b"], n_boot=100, groups=groups) == {}
     note = too_few_groups(groups)
     assert "too few groups" in note and "4 groups" in note and too_few_groups(None) == ""
+    assert "2 groups" in too_few_groups(["36", "39"])  # two animals of one field each: still too few
 
     rows = [{"image": i, "target": "t", "dice": d} for i, d in enumerate([0.9, 0.8, 0.7, 0.95, 0.5, 0.6])]
     assert bootstrap_over_images(rows, ["t"], 6, 100, groups=["a", "a", "b", "b", "b", "b"]) == {}
