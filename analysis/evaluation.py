@@ -84,7 +84,7 @@ def format_table(evaluation: Evaluation) -> str:
             lo, hi = evaluation.exact_accuracy
             rows.append(f"{'  (exact binomial CI)':<40}{'':>8}   [{lo:.4f}, {hi:.4f}]")
     if evaluation.ci_note:
-        rows.append(f"No bootstrap CI: {evaluation.ci_note}.")
+        rows.append(f"{evaluation.ci_note[:1].upper()}{evaluation.ci_note[1:]}.")
     if evaluation.output_dir is not None:
         rows.append(f"masks, overlays and pixel counts: {evaluation.output_dir}")
     return "\n".join(rows)
