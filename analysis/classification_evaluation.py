@@ -30,10 +30,12 @@ def evaluate_classifier(context: EvaluationContext) -> Evaluation:
     metrics = {**classification_metrics(labels, probs, spec.classes),
                "test_ece": expected_calibration_error(probs, labels),
                "test_ece_before_temperature": expected_calibration_error(uncalibrated, labels)}
-    intervals = bootstrap_intervals(labels, probs, spec.classes, n_boot=context.n_boot)
+    intervals = bootstrap_intervals(labels, probs, spec.classes, n_boot=context.n_boot, groups=context.groups)
     exact = exact_accuracy_interval(labels, probs)
+    facts = context.bootstrap_facts()
     with evaluation_run(context) as run_id:
-        context.tracker.log_params(run_id, context.params(len(labels)))
+        context.tracker.log_params(run_id, context.params(len(labels), bootstrap_unit=facts["bootstrap_unit"],
+                                                         bootstrap_units=facts["bootstrap_units"]))
         context.tracker.log_metrics(run_id, {
             **metrics, **interval_metrics(intervals),
             "test_accuracy_exact_ci_low": exact[0], "test_accuracy_exact_ci_high": exact[1],
@@ -51,10 +53,12 @@ def evaluate_classifier(context: EvaluationContext) -> Evaluation:
             predictions.insert(0, "path", context.paths)
             predictions.to_csv(tmp / "test_predictions.csv", index=False)
             (tmp / "metrics.json").write_text(json.dumps(
-                {"metrics": metrics, "ci95_bootstrap": intervals, "accuracy_ci95_exact": exact}, indent=1))
+                {"metrics": metrics, "ci95_bootstrap": intervals or None, "accuracy_ci95_exact": exact, **facts},
+                indent=1))
             for name in ("confusion_matrix.png", "reliability_diagram.png", "test_predictions.csv", "metrics.json"):
                 context.tracker.log_artifact(run_id, tmp / name)
-    return Evaluation(run_id, context.model_uri, version.version, metrics, intervals, exact, len(labels))
+    return Evaluation(run_id, context.model_uri, version.version, metrics, intervals, exact, len(labels),
+                      ci_note=facts["ci_note"])
 
 
 class ClassificationScorer:
@@ -65,10 +69,12 @@ class ClassificationScorer:
     def __init__(self, reader, n_boot: int):
         self.n_boot = n_boot
         self.images, self.labels = reader.load("test", "evaluation")
+        self.groups = reader.split.units("test")
 
     def score(self, predictor, with_intervals: bool = False) -> tuple[dict, dict]:
         classes = predictor.spec.classes
         probs = predictor.predict_proba(self.images)
         scores = classification_metrics(self.labels, probs, classes)
-        intervals = bootstrap_intervals(self.labels, probs, classes, n_boot=self.n_boot) if with_intervals else {}
+        intervals = bootstrap_intervals(self.labels, probs, classes, n_boot=self.n_boot,
+                                        groups=self.groups) if with_intervals else {}
         return scores, intervals

@@ -79,11 +79,13 @@ def format_table(evaluation: Evaluation) -> str:
     keys += sorted(k for k in evaluation.metrics if k.startswith(("test_f1_", "test_dice_", "test_pooled_dice_")))
     for key in keys:
         lo, hi = evaluation.intervals.get(key, (np.nan, np.nan))
-        interval = f"[{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) else ""
+        interval = f"[{lo:.4f}, {hi:.4f}]" if np.isfinite(lo) else "none: too few groups" if evaluation.ci_note else ""
         rows.append(f"{key:<40}{evaluation.metrics[key]:>8.4f}   {interval}")
         if key == "test_accuracy" and evaluation.exact_accuracy:
             lo, hi = evaluation.exact_accuracy
             rows.append(f"{'  (exact binomial CI)':<40}{'':>8}   [{lo:.4f}, {hi:.4f}]")
+    if evaluation.ci_note:
+        rows.append(f"{evaluation.ci_note[:1].upper()}{evaluation.ci_note[1:]}.")
     if evaluation.output_dir is not None:
         rows.append(f"masks, overlays and pixel counts: {evaluation.output_dir}")
     return "\n".join(rows)

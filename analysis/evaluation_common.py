@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from tune_cells.analysis.metrics import too_few_groups
 from tune_cells.paths import WorkDir
 
 
@@ -21,6 +22,7 @@ class Evaluation:
     exact_accuracy: tuple[float, float] | None  # Clopper-Pearson (classification)
     n_images: int
     output_dir: Path | None = None  # masks, overlays and the pixel-count table (segmentation)
+    ci_note: str = ""  # why there are no bootstrap intervals (too few groups), "" when there are
 
 
 @dataclass
@@ -44,6 +46,18 @@ class EvaluationContext:
     @property
     def paths(self) -> list[str]:
         return list(self.reader.split.parts[self.part])
+
+    @property
+    def groups(self) -> list[str] | None:
+        """Each scored image's group as the split file records it (None: the images are the units)."""
+        return self.reader.split.units(self.part)
+
+    def bootstrap_facts(self) -> dict:
+        """What the bootstrap resampled, for the run's parameters and metrics.json."""
+        groups = self.groups
+        return {"bootstrap_unit": "image" if groups is None else "group",
+                "bootstrap_units": len(self.paths) if groups is None else len(set(groups)),
+                "ci_note": too_few_groups(groups)}
 
     def params(self, images: int, **more) -> dict:
         version = self.version

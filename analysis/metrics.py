@@ -56,9 +56,49 @@ def _roc_auc(y_true, probs, labels) -> float | None:
     return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels))
 
 
+MIN_GROUPS_FOR_CI = 5  # fewer groups than this in the test part: no bootstrap CI, a note instead
+
+
+def bootstrap_units(groups) -> list[np.ndarray] | None:
+    """The row indices of each group (`groups`: one label per image); None when every image is its
+    own group, so that an ungrouped set is resampled by image exactly as before groups existed."""
+    if groups is None:
+        return None
+    _, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    if inverse.max(initial=-1) + 1 == len(inverse):
+        return None
+    return [np.flatnonzero(inverse == k) for k in range(inverse.max() + 1)]
+
+
+def too_few_groups(groups) -> str:
+    """Why a test part gets no bootstrap CI ("" when it gets one): too few groups to resample. Counts
+    groups of one image too (lung's test part may be two animals with one field each)."""
+    if groups is None:
+        return ""
+    count = len(set(groups))
+    if count >= MIN_GROUPS_FOR_CI:
+        return ""
+    return (f"too few groups for a bootstrap CI: the test part holds {count} groups of related images "
+            f"(animals, patients, near-duplicates), a CI needs at least {MIN_GROUPS_FOR_CI}")
+
+
+def resample(rng: np.random.Generator, n: int, units: list[np.ndarray] | None) -> np.ndarray:
+    """Row indices of one bootstrap resample: n images, or as many groups as there are, with replacement."""
+    if units is None:
+        return rng.integers(0, n, n)
+    return np.concatenate([units[k] for k in rng.integers(0, len(units), len(units))])
+
+
 def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, classes: list[str], n_boot: int = 1000,
-                        seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap over test images, resampled with replacement (seeded: reproducible)."""
+                        seed: int = 0, level: float = 0.95, groups=None) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap over test images, resampled with replacement (seeded: reproducible).
+
+    With `groups` (a label per image), whole groups are resampled: related images (one animal,
+    near-duplicates) are not independent draws. Fewer than MIN_GROUPS_FOR_CI groups: no intervals.
+    """
+    units = bootstrap_units(groups)
+    if too_few_groups(groups):
+        return {}
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {}
     n = len(y_true)
@@ -66,7 +106,7 @@ def bootstrap_intervals(y_true: np.ndarray, probs: np.ndarray, classes: list[str
     # The inputs were validated by the point estimate; re-validating each resample triples the time.
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
         for _ in range(n_boot):
-            idx = rng.integers(0, n, n)
+            idx = resample(rng, n, units)
             for key, value in classification_metrics(y_true[idx], probs[idx], classes, present).items():
                 samples.setdefault(key, []).append(value)
     tail = (1 - level) / 2 * 100

@@ -26,6 +26,7 @@ class SeedsEvaluation:
     run_id: str
     table: pd.DataFrame  # metric, champion, ci_low, ci_high, mean, sd, seed_<n>...
     seeds: list[int]
+    ci_note: str = ""  # why the champion has no bootstrap CI (too few test groups)
 
 
 def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot: int = 1000) -> SeedsEvaluation:
@@ -91,7 +92,9 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         raise
     for run in runs:
         shutil.rmtree(run.checkpoint, ignore_errors=True)
-    return SeedsEvaluation(run_id, table, seeds)
+    from tune_cells.analysis.metrics import too_few_groups
+
+    return SeedsEvaluation(run_id, table, seeds, too_few_groups(scorer.groups))
 
 
 def format_seeds_table(result: SeedsEvaluation) -> str:
@@ -99,4 +102,6 @@ def format_seeds_table(result: SeedsEvaluation) -> str:
     for row in result.table.itertuples(index=False):
         interval = f"[{row.ci_low:.4f}, {row.ci_high:.4f}]" if np.isfinite(row.ci_low) else ""
         rows.append(f"{row.metric:<32}{row.champion:>9.4f}   {interval:<18}  {row.mean:.4f} ± {row.sd:.4f}")
+    if result.ci_note:
+        rows.append(f"{result.ci_note[:1].upper()}{result.ci_note[1:]}.")
     return "\n".join(rows)

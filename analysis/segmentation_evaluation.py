@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext, evaluation_run, interval_metrics
+from tune_cells.analysis.metrics import bootstrap_units, resample, too_few_groups
 from tune_cells.analysis.segmentation_metrics import segmentation_scores
 from tune_cells.segmentation import write_predictions
 
@@ -21,14 +22,20 @@ log = logging.getLogger(__name__)
 
 
 def bootstrap_over_images(rows: list[dict], targets: list[str], n_images: int, n_boot: int,
-                          seed: int = 0) -> dict[str, tuple[float, float]]:
-    """Percentile 95% intervals of the per-image mean Dice (each target and their mean), resampling images."""
-    if n_images < 2:
+                          seed: int = 0, groups=None) -> dict[str, tuple[float, float]]:
+    """Percentile 95% intervals of the per-image mean Dice (each target and their mean), resampling
+    images, or whole groups (`groups`: a label per image, e.g. the animal; fewer than
+    MIN_GROUPS_FOR_CI groups: no intervals)."""
+    units = bootstrap_units(groups)
+    if n_images < 2 or too_few_groups(groups):
         return {}
     dice = np.array([[next(r["dice"] for r in rows if r["image"] == i and r["target"] == t) for t in targets]
                      for i in range(n_images)])
     rng = np.random.default_rng(seed)
-    samples = dice[rng.integers(0, n_images, size=(n_boot, n_images))].mean(1)  # n_boot × T
+    if units is None:
+        samples = dice[rng.integers(0, n_images, size=(n_boot, n_images))].mean(1)  # n_boot × T
+    else:
+        samples = np.stack([dice[resample(rng, n_images, units)].mean(0) for _ in range(n_boot)])
     intervals = {f"test_dice_{t}": tuple(np.percentile(samples[:, k], [2.5, 97.5])) for k, t in enumerate(targets)}
     intervals["test_dice"] = tuple(np.percentile(samples.mean(1), [2.5, 97.5]))
     return {k: (float(lo), float(hi)) for k, (lo, hi) in intervals.items()}
@@ -44,7 +51,8 @@ def evaluate_segmenter(context: EvaluationContext) -> Evaluation:
     truths = [truth[[reader.index.classes.index(t) for t in targets]] for truth in truths]
     predicted = [segmenter.predict_masks(image) for image in images]
     metrics, rows = segmentation_scores(truths, [p[columns] for p in predicted], targets, "test_")
-    intervals = bootstrap_over_images(rows, targets, len(images), context.n_boot)
+    intervals = bootstrap_over_images(rows, targets, len(images), context.n_boot, groups=context.groups)
+    facts = context.bootstrap_facts()
 
     names = context.paths
     with evaluation_run(context) as run_id:
@@ -59,13 +67,16 @@ def evaluate_segmenter(context: EvaluationContext) -> Evaluation:
         scores.insert(1, "path", [names[i] for i in scores["image"]])
         scores.drop(columns="image").to_csv(output_dir / "per_image_scores.csv", index=False)
         (output_dir / "metrics.json").write_text(json.dumps(
-            {"metrics": metrics, "ci95_bootstrap_over_images": intervals,
+            {"metrics": metrics, "ci95_bootstrap_over_images": intervals or None, **facts,
              "convention": "both empty: dice 1; empty truth with predicted pixels: dice 0 (pixels reported)"},
             indent=1))
-        context.tracker.log_params(run_id, context.params(len(images), targets=",".join(targets)))
+        context.tracker.log_params(run_id, context.params(len(images), targets=",".join(targets),
+                                                         bootstrap_unit=facts["bootstrap_unit"],
+                                                         bootstrap_units=facts["bootstrap_units"]))
         context.tracker.log_metrics(run_id, {**metrics, **interval_metrics(intervals)})
         context.tracker.log_artifact(run_id, output_dir, "evaluation")
-    return Evaluation(run_id, context.model_uri, version.version, metrics, intervals, None, len(images), output_dir)
+    return Evaluation(run_id, context.model_uri, version.version, metrics, intervals, None, len(images), output_dir,
+                      ci_note=facts["ci_note"])
 
 
 class SegmentationScorer:
@@ -75,10 +86,12 @@ class SegmentationScorer:
         self.n_boot = n_boot
         self.images, self.truths = reader.load_segmentation("test", "evaluation")
         self.targets = list(reader.index.classes)
+        self.groups = reader.split.units("test")
         self.keys = ["test_dice", "test_pooled_dice", *[f"test_dice_{t}" for t in self.targets]]
 
     def score(self, predictor, with_intervals: bool = False) -> tuple[dict, dict]:
         predicted = [predictor.predict_masks(image) for image in self.images]
         scores, rows = segmentation_scores(self.truths, predicted, self.targets, "test_")
-        intervals = bootstrap_over_images(rows, self.targets, len(self.images), self.n_boot) if with_intervals else {}
+        intervals = bootstrap_over_images(rows, self.targets, len(self.images), self.n_boot,
+                                          groups=self.groups) if with_intervals else {}
         return scores, intervals

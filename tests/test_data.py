@@ -139,8 +139,9 @@ def test_a_search_decodes_each_image_once_and_never_keeps_test_pixels(tmp_path, 
     from tune_cells.preflight import decode_once
 
     index = nuclei.importer(kaggle_dataset)
-    split = load_or_create_split(tmp_path / "s.json", index, seed=0)
-    scan, decoded = decode_once(nuclei, index, split)
+    scan, split, decoded = decode_once(nuclei, index,
+                                       lambda scan: load_or_create_split(tmp_path / "s.json", index, 0, scan.hashes))
+    assert not scan.kept  # the scan hands on hashes only
     assert scan.hashes.shape == (len(index.items), 4) and scan.hashes.any(axis=1).all()
     assert set(decoded) == set(split.parts["train"]) | set(split.parts["val"])  # no test pixels
     reader = SplitReader(index, split, nuclei.channels, nuclei.store_size, tmp_path, decoded)

@@ -62,3 +62,46 @@ def test_classes_absent_from_the_evaluated_set_get_no_per_class_scores():
     assert "test_f1_c" not in metrics and "test_recall_c" not in metrics
     assert metrics["test_balanced_accuracy"] == 0.5 * (0.5 + 0.5)
     assert "test_f1_a" in metrics
+
+
+def clustered_predictions(groups: int = 24, per_group: int = 8, seed: int = 0):
+    """Images come in groups (one animal, a set of near-duplicates) that are right or wrong together."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, groups * per_group)
+    right = np.repeat(rng.random(groups) < 0.7, per_group)
+    probs = np.eye(2)[np.where(right, y, 1 - y)] * 0.8 + 0.1
+    return y, probs, np.repeat([f"g{k}" for k in range(groups)], per_group)
+
+
+def test_group_bootstrap_is_wider_on_clustered_data_and_equal_without_groups():
+    y, probs, groups = clustered_predictions()
+    by_image = bootstrap_intervals(y, probs, ["n", "b"], n_boot=200)
+    by_group = bootstrap_intervals(y, probs, ["n", "b"], n_boot=200, groups=groups)
+    for key in ("test_accuracy", "test_balanced_accuracy"):
+        assert by_group[key][1] - by_group[key][0] >= by_image[key][1] - by_image[key][0], key
+    width = by_group["test_accuracy"][1] - by_group["test_accuracy"][0]
+    assert width > 1.5 * (by_image["test_accuracy"][1] - by_image["test_accuracy"][0])
+    # every image its own group: exactly the per-image bootstrap
+    singletons = [f"i{k}" for k in range(len(y))]
+    assert bootstrap_intervals(y, probs, ["n", "b"], n_boot=200, groups=singletons) == by_image
+
+
+def test_too_few_groups_give_no_interval_but_a_note():
+    from tune_cells.analysis.evaluation import format_table
+    from tune_cells.analysis.evaluation_common import Evaluation
+    from tune_cells.analysis.metrics import too_few_groups
+    from tune_cells.analysis.segmentation_evaluation import bootstrap_over_images
+
+    y, probs, groups = clustered_predictions(groups=4)
+    assert bootstrap_intervals(y, probs, ["n", "b"], n_boot=100, groups=groups) == {}
+    note = too_few_groups(groups)
+    assert "too few groups" in note and "4 groups" in note and too_few_groups(None) == ""
+    assert "2 groups" in too_few_groups(["36", "39"])  # two animals of one field each: still too few
+
+    rows = [{"image": i, "target": "t", "dice": d} for i, d in enumerate([0.9, 0.8, 0.7, 0.95, 0.5, 0.6])]
+    assert bootstrap_over_images(rows, ["t"], 6, 100, groups=["a", "a", "b", "b", "b", "b"]) == {}
+    wide = bootstrap_over_images(rows, ["t"], 6, 300, groups=["a", "a", "b", "c", "d", "e"])
+    assert set(wide) == {"test_dice_t", "test_dice"} and wide != bootstrap_over_images(rows, ["t"], 6, 300)
+
+    table = format_table(Evaluation("run", "models:/m@champion", "1", {"test_dice": 0.8}, {}, None, 3, ci_note=note))
+    assert "none: too few groups" in table and "Too few groups for a bootstrap CI: the test part holds 4" in table

@@ -163,8 +163,8 @@ def test_segmentation_images_and_masks_are_decoded_once(tmp_path):
     from tune_cells.tasks import get_task
 
     index = import_lung_masks(generate_lung(tmp_path / "demo", images=10, size=(96, 64)))
-    split = load_or_create_split(tmp_path / "s.json", index, seed=0)
-    _, decoded = decode_once(get_task("lung"), index, split)
+    _, split, decoded = decode_once(get_task("lung"), index,
+                                    lambda scan: load_or_create_split(tmp_path / "s.json", index, 0, scan.hashes))
     rows = index.items.set_index("path")
     fitting = split.parts["train"] + split.parts["val"]
     masks = {rows.at[p, f"mask:{t}"] for p in fitting for t in index.classes}

@@ -66,6 +66,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--folds", type=int, default=1, show_default=True,
               help="K > 1: cross-validation inside the search. Train and validation parts are pooled and cut into K "
                    "folds; each trial trains K models and reports their mean; the champion is the K-model ensemble.")
+@click.option("--group-pattern", default=None, metavar="REGEX",
+              help="Related images (one animal, patient, specimen) share a split part: the group of an image is "
+                   "REGEX's first capture group (or whole match) in its path relative to --data. Replaces the "
+                   "layout's own key (lung: the animal) and the folder task's groups.csv; used for a new split.")
 @click.option("--space", type=click.Path(path_type=Path), default=None, help="Search-space YAML replacing the task's.")
 @click.option("--experiment", default=None, help="MLflow experiment [default: tune-cells-TASK].")
 @workdir_option
@@ -79,8 +83,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
                    "trials from their last checkpoints, the same MLflow parent and trial runs.")
 @click.pass_context
 def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor, cpus_per_trial, gpus_per_trial,
-           max_concurrent, seed, folds, space, experiment, workdir, tracking_uri, storage, address, no_evaluate, smoke_test,
-           resume):
+           max_concurrent, seed, folds, group_pattern, space, experiment, workdir, tracking_uri, storage, address,
+           no_evaluate, smoke_test, resume):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
     from tune_cells.analysis.promotion import evaluate_in_fresh_process
     from tune_cells.preflight import SearchOptions
@@ -94,6 +98,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
         reduction_factor=reduction_factor, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
         experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
         address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"], resume=resume, folds=folds,
+        group_pattern=group_pattern,
     ))
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tune_cells.data.images import ImageIndex
+from tune_cells.data.groups import apply_group_pattern
+from tune_cells.data.images import ImageIndex, ImageScan
 from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
 from tune_cells.kinds import TaskKind, get_kind
@@ -50,6 +52,7 @@ class SearchOptions:
     verbose: bool = False
     resume: bool = False  # continue the latest interrupted search of the experiment
     folds: int = 1  # K > 1: each trial trains K fold models on the pooled train and validation parts
+    group_pattern: str | None = None  # regex on relative paths: images with the same match are related
 
 
 @dataclass
@@ -60,13 +63,13 @@ class PreparedSearch:
     space: SearchSpace
     workdir: WorkDir
     index: ImageIndex
-    split: Split
+    split: Split  # a new one is planned again by `check_pixels`, with near-duplicate groups
     experiment: str
     model_name: str
     tracking_uri: str
     # Filled by the slow part of the preflight (`check_pixels`):
     duplicates: list[dict] = field(default_factory=list)  # near-identical images across split parts
-    decoded: dict = field(default_factory=dict)  # train/val pixels by path
+    decoded: dict = field(default_factory=dict)  # train/val pixels by file path (never test pixels)
     resume_run_id: str = ""  # with --resume: the interrupted search's parent run ...
     resume_name: str = ""  # ... and its Ray experiment name
 
@@ -208,6 +211,10 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     check_space(space, opts.seed, task.kind)
     workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
     index = load_dataset(task, opts.data, workdir)
+    if opts.group_pattern is not None:
+        apply_group_pattern(index, opts.group_pattern)
+    # A new split is planned here by group key only, so that a dataset too small to split fails
+    # fast; `check_pixels` plans it again once the hashes know the near-duplicates.
     split = plan_split(workdir.split_file(task.name, index.fingerprint, opts.seed), index, opts.seed)
     if opts.folds > 1:  # enough images per class for every fold: said now, not after the store is opened
         from tune_cells.data.folds import fold_of
@@ -226,16 +233,28 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
 
 def check_pixels(prep: PreparedSearch) -> None:
     """The slow part of the preflight: every image decodes (their pixels for training are kept),
-    and near-identical images across split parts are found."""
-    scan, prep.decoded = decode_once(prep.task, prep.index, prep.split)
+    a new split keeps near-duplicates together, and near-identical images that an existing split
+    file leaves in two parts are found."""
+    def plan(scan: ImageScan) -> Split:
+        if not prep.split.is_new:
+            return prep.split
+        return plan_split(prep.split.path, prep.index, prep.split.seed, scan.hashes)
+
+    scan, prep.split, prep.decoded = decode_once(prep.task, prep.index, plan)
     prep.duplicates = cross_split_duplicates(prep.split, list(prep.index.items["path"]), scan.hashes)
 
 
-def decode_once(task: TaskSpec, index: ImageIndex, split: Split):
-    """Check that every image (and mask) decodes, hash it for the duplicate check, and keep the
-    train and validation pixels in the form training uses: the one decoding pass of a search.
-    Test pixels are never kept: the test part is read only after promotion."""
-    return task.kind.decode_for_search(task, index, split)
+def decode_once(task: TaskSpec, index: ImageIndex, plan: Callable[[ImageScan], Split]) -> tuple[ImageScan, Split, dict]:
+    """The one decoding pass of a search: check that every image (and mask) decodes and hash it,
+    keeping every image's pixels in the form training uses; `plan` the split from the hashes; then
+    keep only the train and validation pixels. Test pixels are dropped before anything is handed
+    on: the test part is read only after promotion. Returns (hashes, split, pixels by file path)."""
+    scan = task.kind.decode_for_search(task, index)
+    split = plan(scan)
+    fitting = index.files_of(split.parts["train"] + split.parts["val"])
+    decoded = {name: pixels for name, pixels in scan.kept.items() if name in fitting}
+    scan.kept = {}
+    return scan, split, decoded
 
 
 def ray_storage(opts: SearchOptions, prep: PreparedSearch) -> str:

@@ -20,7 +20,7 @@ import pandas as pd
 
 from tune_cells.analysis.promotion import SearchOutcome, promote
 from tune_cells.data.reader import SplitReader
-from tune_cells.data.splits import Split, save_split
+from tune_cells.data.splits import Split, describe_groups, save_split
 from tune_cells.lock import WorkdirLock
 from tune_cells.preflight import PreparedSearch, SearchOptions, check_inputs, check_pixels, prepare_workdir, ray_storage
 from tune_cells.resources import TrialResources, trial_resources
@@ -75,6 +75,12 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     reader = SplitReader(prep.index, split, task.channels, task.store_size, prep.workdir, prep.decoded)
     log.info("dataset %s: %d images, %s; split %s", prep.index.root, len(prep.index.items), kind.describe(prep.index),
              split.sizes())
+    log.info("split groups: %s", describe_groups(split))
+    if split.excluded:
+        first = split.excluded[0]
+        log.warning("%d images left out of training and validation: near-duplicates of images that the layout fixes in "
+                    "the %s part (e.g. %s, group %s); listed under `excluded` in %s", len(split.excluded),
+                    first.get("kept_in", "test"), first["path"], first.get("group", "?"), split.path)
     trial = kind.trial_inputs(task, prep.index, reader, opts.max_epochs, opts.seed, opts.folds)
 
     if prep.duplicates:
@@ -135,6 +141,9 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
         "classes": ",".join(prep.index.classes), "images": len(prep.index.items),
         **{f"split_{part}": n for part, n in split.sizes().items()},
         "near_duplicates_across_splits": len(prep.duplicates),
+        "split_groups": "not recorded" if split.groups is None else len(split.groups),
+        "split_groups_merged_by_near_duplicates": split.grouping.get("merged_by_near_duplicates", "not recorded"),
+        "split_excluded_twins": len(split.excluded),
         # (Listing the cache imports torchvision: seconds a space without pretrained models need not wait.)
         "pretrained_weights_cached": (",".join(cached_pretrained_architectures()) or "none")
         if prep.space.may_use_pretrained else "not used by the space",
@@ -143,7 +152,8 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
     summary = {
         "root": str(prep.index.root), "source": prep.index.source, "kind": task.kind.name,
         "classes": prep.index.classes, "counts": task.kind.part_counts(prep.index, split),
-        "train_channel_mean": data.mean, "train_channel_std": data.std,
+        "train_channel_mean": data.mean, "train_channel_std": data.std, "grouping": split.grouping,
+        "excluded": split.excluded,
     }
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "data_summary.json").write_text(json.dumps(summary, indent=1))

@@ -32,3 +32,12 @@ def fold_of(count: int, k: int, seed: int, labels: np.ndarray | None = None,
     for fold, (_, held) in enumerate(splitter.split(index, labels, groups)):
         assignment[held] = fold
     return assignment
+
+
+def pooled_groups(split) -> np.ndarray | None:
+    """The group of each pooled train and validation image (related images stay in one fold), or
+    None when the split records no groups."""
+    train, val = split.units("train"), split.units("val")
+    if train is None and val is None:
+        return None
+    return np.array([*(train or split.parts["train"]), *(val or split.parts["val"])])

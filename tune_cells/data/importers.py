@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tune_cells.data.groups import GROUP_COLUMN, GROUPS_CSV, read_groups_csv
 from tune_cells.data.images import DECODE_ERRORS, IMAGE_SUFFIXES, ImageIndex
 from tune_cells.errors import UserInputError
 
@@ -87,7 +88,8 @@ def _listed(root: Path, folder: Path) -> tuple[list[str], list[str]]:
 
 
 def import_image_folder(root: Path) -> ImageIndex:
-    """Bring-your-own layout `<root>/<class>/<image>`; classes are the folder names, sorted."""
+    """Bring-your-own layout `<root>/<class>/<image>`; classes are the folder names, sorted. An
+    optional `<root>/groups.csv` (path,group) names related images, which share a split part."""
     root = require_dir(root)
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(class_dirs) < 2:
@@ -102,6 +104,10 @@ def import_image_folder(root: Path) -> ImageIndex:
         raise UserInputError(f"{root}: not image files ({', '.join(sorted(IMAGE_SUFFIXES))}): {_name_some(strays)}")
     index = ImageIndex(root=root, items=pd.DataFrame({"path": paths, "label": labels}),
                        classes=[d.name for d in class_dirs])
+    groups = read_groups_csv(root, paths)
+    if groups is not None:
+        index.items[GROUP_COLUMN] = groups
+        index.group_source = GROUPS_CSV
     empty = [name for name, n in index.class_counts().items() if n == 0]
     if empty:
         raise UserInputError(f"{root}: no images in class folder {_name_some(empty)}")
@@ -195,6 +201,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
     per target holding a mask of the same name (any image extension; lossy JPEG is thresholded).
 
     Every image needs a mask in every target folder, of the image's size (read from the headers).
+    Names are `<animal>_<genotype>_FLU_<field>`: the fields of one animal share a split part.
     """
     from PIL import Image
 
@@ -229,7 +236,8 @@ def import_lung_masks(root: Path) -> ImageIndex:
 
     rows = []
     for image in images:
-        row = {"path": image.relative_to(root).as_posix(), "label": 0}
+        row = {"path": image.relative_to(root).as_posix(), "label": 0,
+               GROUP_COLUMN: image.stem.split("_")[0] if "_" in image.stem else None}
         size = size_of(image)
         for target in targets:
             mask = masks_by_stem[target].get(image.stem)
@@ -240,4 +248,6 @@ def import_lung_masks(root: Path) -> ImageIndex:
                                      f"its image is {size[0]}x{size[1]}")
             row[f"mask:{target}"] = mask.relative_to(root).as_posix()
         rows.append(row)
-    return ImageIndex(root=root, items=pd.DataFrame(rows), classes=targets, kind="segmentation")
+    items = pd.DataFrame(rows)
+    return ImageIndex(root=root, items=items, classes=targets, kind="segmentation",
+                      group_source="animal (the file name up to its first _)" if items[GROUP_COLUMN].any() else "")

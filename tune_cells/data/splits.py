@@ -1,26 +1,34 @@
 """Train/validation/test splits: made once per dataset and seed, written to a JSON file, reused.
 
 The file is the source of truth (nnU-Net style): a user may edit it, and later runs use it as
-written as long as it still matches the dataset.
+written as long as it still matches the dataset and keeps each group it records in one part.
+Related images (near-duplicates; one animal, patient or specimen: `groups`) always share a part.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from tune_cells.data.groups import group_keys, image_groups
 from tune_cells.data.images import ImageIndex
 from tune_cells.errors import UserInputError
 from tune_cells.paths import WorkDir
 
+log = logging.getLogger(__name__)
+
 PARTS = ("train", "val", "test")
 DEFAULT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
+SPLIT_FORMAT = 2  # 2: records `groups`, `excluded` and `grouping`; 1 (before groups): parts only
+HELD_OUT_RANK = {"train": 0, "val": 1, "test": 2}
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,13 @@ class Split:
     parts: dict[str, list[str]]  # part -> relative image paths
     seed: int
     header: dict = field(default_factory=dict)  # written with a new file; empty for a loaded one
+    groups: dict[str, list[str]] | None = None  # group name -> its images; None: a file from before groups
+    excluded: list[dict] = field(default_factory=list)  # in no part: twins of images a layout fixes elsewhere
+    grouping: dict = field(default_factory=dict)  # how the groups were formed (counts), as recorded
+
+    @property
+    def is_new(self) -> bool:
+        return bool(self.header)
 
     @property
     def sha256(self) -> str:
@@ -37,19 +52,36 @@ class Split:
     def sizes(self) -> dict[str, int]:
         return {part: len(paths) for part, paths in self.parts.items()}
 
+    def units(self, part: str) -> list[str] | None:
+        """Each image's bootstrap unit in `part`: its recorded group, else the image itself. None
+        where no recorded group has an image in `part`: then images are the units."""
+        group_of = {path: name for name, members in (self.groups or {}).items() for path in members}
+        paths = self.parts[part]
+        if not any(path in group_of for path in paths):
+            return None
+        return [group_of.get(path, path) for path in paths]
+
 
 def split_path(workdir: Path, task: str, index: ImageIndex, seed: int) -> Path:
     return WorkDir.at(workdir).split_file(task, index.fingerprint, seed)
 
 
-def make_parts(index: ImageIndex, seed: int) -> dict[str, list[str]]:
+def make_parts(index: ImageIndex, seed: int, groups: list[str | None] | None = None,
+               excluded: frozenset[str] = frozenset()) -> dict[str, list[str]]:
     """Stratified 70/15/15 split, or the dataset's own split where its layout defines one.
 
     A layout may fix some parts (column `split`); images without one are divided over the
-    parts it leaves open, keeping the default proportions between them.
+    parts it leaves open, keeping the default proportions between them. `groups` (per image,
+    None: related to none) are kept whole; without any group of two or more free images the
+    split is the one made before groups existed, image by image. `excluded` images are in no part.
     """
     items = index.items
     fixed = items["split"] if "split" in items.columns else pd.Series([None] * len(items), index=items.index)
+    units = pd.Series([g if g is not None else p for g, p in zip(groups or [None] * len(items), items["path"])],
+                      index=items.index)
+    if excluded:
+        kept = ~items["path"].isin(excluded)
+        items, fixed = items[kept], fixed[kept]
     parts = {part: sorted(items.loc[fixed == part, "path"]) for part in PARTS}
     open_parts = [part for part in PARTS if not parts[part]]
     free = items[fixed.isna()]
@@ -60,15 +92,22 @@ def make_parts(index: ImageIndex, seed: int) -> dict[str, list[str]]:
         raise UserInputError(
             f"{index.root}: classes need at least {len(open_parts)} images (one per split): {', '.join(too_small)}"
         )
+    grouped = bool(units[free.index].duplicated().any())
     # Carve the open parts off one at a time (test first), each with its exact image count.
     total = sum(DEFAULT_FRACTIONS[part] for part in open_parts)
     counts = {part: round(len(free) * DEFAULT_FRACTIONS[part] / total) for part in open_parts[1:]}
     remaining = free
     for offset, part in enumerate(reversed(open_parts[1:])):
-        kept, held = _stratified(remaining, counts[part], seed + offset, index)
+        if grouped:
+            held = _group_holdout(remaining, units, counts[part], seed + offset, index)
+        else:
+            _, held = _stratified(remaining, counts[part], seed + offset, index)
         parts[part] = sorted(held)
-        remaining = remaining[remaining["path"].isin(set(kept))]
+        remaining = remaining[~remaining["path"].isin(set(held))]
     parts[open_parts[0]] = sorted(remaining["path"])
+    if grouped and not all(parts[part] for part in open_parts):
+        raise UserInputError(f"{index.root}: {units[free.index].nunique()} groups of related images are too few "
+                             f"to fill {len(open_parts)} parts")
     return parts
 
 
@@ -85,14 +124,65 @@ def _stratified(items: pd.DataFrame, count: int, seed: int, index: ImageIndex):
     return kept, held
 
 
-def plan_split(path: Path, index: ImageIndex, seed: int) -> Split:
-    """The split in `path` if it exists (checked against the dataset), else a new one, not yet written."""
+def _group_holdout(items: pd.DataFrame, units: pd.Series, count: int, seed: int, index: ImageIndex) -> list[str]:
+    """About `count` of `items` in whole groups, each class in proportion: a stratified group split
+    (what StratifiedGroupKFold aims at, with the part's size as the target rather than 1/k). Groups
+    in seeded random order (not largest first: that would put every group of two in the first part
+    carved and make seeds agree); a group is held out when that brings the held part's class counts
+    and its size closer to their targets. Unlabelled data (one class) is a plain group split."""
+    table = pd.crosstab(units[items.index], items["label"])  # group x class image counts
+    per_group = table.to_numpy()
+    order = np.random.default_rng(seed).permutation(len(table))
+    target = per_group.sum(0) * count / len(items)
+
+    def distance(held: np.ndarray) -> float:  # to the class targets, and to the size (classes' shares round)
+        return float(np.abs(held - target).sum() + abs(held.sum() - count))
+
+    held, chosen = np.zeros(per_group.shape[1]), []
+    for group in order:
+        after = held + per_group[group]
+        if distance(after) < distance(held):
+            held = after
+            chosen.append(group)
+    if not chosen:  # every group is far larger than the part should be: the smallest one
+        chosen = [min(order, key=lambda group: per_group[group].sum())]
+    if len(chosen) == len(table):
+        raise UserInputError(f"{index.root}: {len(table)} groups of related images are too few to split")
+    names = set(table.index[chosen])
+    return items.loc[units[items.index].isin(names), "path"].tolist()
+
+
+def left_out_twins(index: ImageIndex, members: dict[str, list[str]]) -> list[dict]:
+    """Images whose group reaches into a part the layout fixes (hep2's validation/ as the test
+    part). No image crosses a layout's boundary: the most held-out fixed part keeps its images,
+    and their relatives elsewhere are left out of every part."""
+    if "split" not in index.items.columns:
+        return []
+    fixed_of = {path: part for path, part in zip(index.items["path"], index.items["split"]) if part in PARTS}
+    out = []
+    for name, paths in members.items():
+        fixed = {fixed_of[p] for p in paths if p in fixed_of}
+        if fixed:
+            kept_in = max(fixed, key=HELD_OUT_RANK.__getitem__)
+            out += [{"path": p, "group": name, "kept_in": kept_in} for p in paths if fixed_of.get(p) != kept_in]
+    return sorted(out, key=lambda entry: entry["path"])
+
+
+def plan_split(path: Path, index: ImageIndex, seed: int, hashes: np.ndarray | None = None) -> Split:
+    """The split in `path` if it exists (checked against the dataset), else a new one, not yet
+    written, that keeps groups whole: same group key, and near-duplicates by `hashes` (index order)."""
     path = Path(path)
     if path.exists():
         return _load(path, index, seed)
-    header = {"format": 1, "seed": seed, "data_root": str(index.root), "fingerprint": index.fingerprint,
-              "classes": index.classes}
-    return Split(path=path, parts=make_parts(index, seed), seed=seed, header=header)
+    groups = image_groups(index, hashes)
+    excluded = left_out_twins(index, groups.members)
+    parts = make_parts(index, seed, groups.of, frozenset(entry["path"] for entry in excluded))
+    grouping = {**groups.summary(), "near_duplicates_checked": hashes is not None,
+                "group_key": index.group_source or None, "excluded": len(excluded)}
+    header = {"format": SPLIT_FORMAT, "seed": seed, "data_root": str(index.root), "fingerprint": index.fingerprint,
+              "classes": index.classes, "grouping": grouping}
+    return Split(path=path, parts=parts, seed=seed, header=header, groups=groups.members, excluded=excluded,
+                 grouping=grouping)
 
 
 def save_split(split: Split) -> Split:
@@ -100,20 +190,25 @@ def save_split(split: Split) -> Split:
     if not split.path.exists():
         split.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = split.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**split.header, **split.parts}, indent=1))
+        tmp.write_text(json.dumps({**split.header, **split.parts, "groups": split.groups,
+                                   "excluded": split.excluded}, indent=1))
         os.replace(tmp, split.path)
     return split
 
 
-def load_or_create_split(path: Path, index: ImageIndex, seed: int) -> Split:
-    return save_split(plan_split(path, index, seed))
+def load_or_create_split(path: Path, index: ImageIndex, seed: int, hashes: np.ndarray | None = None) -> Split:
+    return save_split(plan_split(path, index, seed, hashes))
 
 
 def _load(path: Path, index: ImageIndex, seed: int) -> Split:
     try:
         payload = json.loads(path.read_text())
         parts = {part: list(payload[part]) for part in PARTS}
-    except (ValueError, KeyError, TypeError) as exc:
+        groups = payload.get("groups")
+        groups = None if groups is None else {str(name): list(members) for name, members in groups.items()}
+        excluded = [dict(entry) if isinstance(entry, dict) else {"path": entry} for entry in payload.get("excluded", [])]
+        grouping = dict(payload.get("grouping", {}))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserInputError(f"{path}: not a valid split file ({exc.__class__.__name__}: {exc})") from None
     known = set(index.items["path"])
     seen: set[str] = set()
@@ -127,7 +222,53 @@ def _load(path: Path, index: ImageIndex, seed: int) -> Split:
         if not parts[part]:
             raise UserInputError(f"{path}: the {part} split is empty")
         seen.update(parts[part])
-    return Split(path=path, parts=parts, seed=seed)
+    for name, members in (groups or {}).items():
+        unknown = [p for p in members if p not in known]
+        if unknown:
+            raise UserInputError(f"{path}: group {name} lists {unknown[0]}, which is not in the dataset")
+        crossing = _parts_of(members, parts)
+        if len(crossing) > 1:
+            (a, in_a), (b, in_b) = crossing[:2]
+            raise UserInputError(f"{path}: group {name} is in both {a} and {b} ({in_a} in {a}, {in_b} in {b}): "
+                                 "related images must share a part; move them into one")
+    _warn_of_crossing_keys(path, index, parts, groups is None)
+    return Split(path=path, parts=parts, seed=seed, groups=groups, excluded=excluded, grouping=grouping)
+
+
+def _parts_of(members: list[str], parts: dict[str, list[str]]) -> list[tuple[str, str]]:
+    """(part, first member in it) for each part that holds members, train first."""
+    return [(part, found[0]) for part in PARTS if (found := sorted(set(members).intersection(parts[part])))]
+
+
+def _warn_of_crossing_keys(path: Path, index: ImageIndex, parts: dict[str, list[str]], older: bool) -> None:
+    """One warning line for a file written before groups, or one that splits a group the dataset's
+    key now names (a key added after the split was made)."""
+    by_key: dict[str, list[str]] = {}
+    for image, key in zip(index.items["path"], group_keys(index)):
+        if key is not None:
+            by_key.setdefault(key, []).append(image)
+    crossing = next(((key, where) for key, members in sorted(by_key.items())
+                     if len(where := _parts_of(members, parts)) > 1), None)
+    example = f" (group {crossing[0]} is in both {crossing[1][0][0]} and {crossing[1][1][0]})" if crossing else ""
+    if older:
+        log.warning("%s: a split file from before groups: near-duplicates and images of one animal or patient may "
+                    "sit in two parts%s; delete it to split again (the parts will change)", path, example)
+    elif crossing:
+        log.warning("%s: made without the group key %s%s; delete it to split again (the parts will change)",
+                    path, index.group_source or "", example)
+
+
+def describe_groups(split: Split) -> str:
+    """The split's groups in a few words, for the search's log."""
+    if split.groups is None:
+        return "none recorded (a split file from before groups)"
+    grouping = split.grouping
+    key = f"key: {grouping['group_key']}; " if grouping.get("group_key") else ""
+    merged = (f"near-duplicates within {grouping.get('near_duplicate_bits', '?')} bits merged "
+              f"{grouping.get('merged_by_near_duplicates', 0)} groups of {grouping.get('images_in_merged_groups', 0)} "
+              "images" if grouping.get("near_duplicates_checked", True) else "near-duplicates not checked")
+    return (f"{len(split.groups)} groups of related images, each in one part ({key}{merged}); "
+            f"{len(split.excluded)} images left out (twins of images in a part the layout fixes)")
 
 
 def cross_split_duplicates(split: Split, paths: list[str], hashes) -> list[dict]:

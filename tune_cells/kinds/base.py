@@ -49,8 +49,9 @@ class TaskKind(ABC):
     # --- the search ----------------------------------------------------------------------
 
     @abstractmethod
-    def decode_for_search(self, task: TaskSpec, index: ImageIndex, split: Split) -> tuple[ImageScan, dict]:
-        """Decode every image once (hashes for the duplicate check), keeping train/val pixels by path."""
+    def decode_for_search(self, task: TaskSpec, index: ImageIndex) -> ImageScan:
+        """Decode every image (and mask) once: its hash, and its pixels in the form training uses, by
+        file path. All of them: the split, planned from the hashes, decides which are kept."""
 
     @abstractmethod
     def object_store_bytes(self, task: TaskSpec, index: ImageIndex, split: Split) -> int:

@@ -16,13 +16,12 @@ class ClassificationKind(TaskKind):
     explainable = True
     writes_masks = False
 
-    def decode_for_search(self, task, index, split):
+    def decode_for_search(self, task, index):
         from tune_cells.data.images import scan_images, store_array
 
-        fitting = frozenset(split.parts["train"]) | frozenset(split.parts["val"])
-        scan = scan_images(index.root, list(index.items["path"]), fitting,
+        paths = list(index.items["path"])
+        return scan_images(index.root, paths, frozenset(paths),
                            partial(store_array, channels=task.channels, size=task.store_size))
-        return scan, scan.kept
 
     def object_store_bytes(self, task, index, split) -> int:
         images = len(split.parts["train"]) + len(split.parts["val"])
@@ -31,7 +30,7 @@ class ClassificationKind(TaskKind):
     def trial_inputs(self, task, index, reader, max_epochs, seed, folds: int = 1) -> TrialInputs:
         import numpy as np
 
-        from tune_cells.data.folds import fold_of
+        from tune_cells.data.folds import fold_of, pooled_groups
         from tune_cells.trainables.classification import METRICS, ClassificationData, train_classifier
         from tune_cells.transforms import channel_stats
 
@@ -42,8 +41,9 @@ class ClassificationKind(TaskKind):
         if folds > 1:  # pooled, then cut into folds: every image validates exactly one fold model
             images, labels = np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels])
             mean, std = channel_stats(images)
+            folds_of = fold_of(len(images), folds, seed, labels, pooled_groups(reader.split))
             data = ClassificationData(images, labels, images[:0], labels[:0], mean=mean, std=std, **fields,
-                                      fold_of=fold_of(len(images), folds, seed, labels))  # as the preflight did
+                                      fold_of=folds_of)
         else:
             mean, std = channel_stats(train_images)
             data = ClassificationData(train_images, train_labels, val_images, val_labels, mean=mean, std=std,

@@ -15,17 +15,15 @@ class SegmentationKind(TaskKind):
     explainable = False
     writes_masks = True
 
-    def decode_for_search(self, task, index, split):
+    def decode_for_search(self, task, index):
         from tune_cells.data.images import full_array, mask_array, scan_images
 
-        fitting = frozenset(split.parts["train"]) | frozenset(split.parts["val"])
-        scan = scan_images(index.root, list(index.items["path"]), fitting, full_array)
-        decoded = dict(scan.kept)
-        fitting_rows = index.items["path"].isin(fitting)
+        paths = list(index.items["path"])
+        scan = scan_images(index.root, paths, frozenset(paths), full_array)
         for target in index.classes:
-            masks = index.items[f"mask:{target}"]
-            decoded.update(scan_images(index.root, list(masks), frozenset(masks[fitting_rows]), mask_array).kept)
-        return scan, decoded
+            masks = list(index.items[f"mask:{target}"])
+            scan.kept.update(scan_images(index.root, masks, frozenset(masks), mask_array).kept)
+        return scan
 
     def object_store_bytes(self, task, index, split) -> int:
         from PIL import Image
@@ -35,7 +33,7 @@ class SegmentationKind(TaskKind):
             return images * first.width * first.height * (3 + len(index.classes))
 
     def trial_inputs(self, task, index, reader, max_epochs, seed, folds: int = 1) -> TrialInputs:
-        from tune_cells.data.folds import fold_of
+        from tune_cells.data.folds import fold_of, pooled_groups
         from tune_cells.segmentation import pixel_stats
         from tune_cells.trainables.segmentation import SegmentationData, metric_keys, train_segmenter
 
@@ -46,7 +44,7 @@ class SegmentationKind(TaskKind):
             images, masks = train_images + val_images, train_masks + val_masks
             mean, std = pixel_stats(images)
             data = SegmentationData(images, masks, [], [], task.name, classes, mean, std, max_epochs, seed,
-                                    fold_of=fold_of(len(images), folds, seed))
+                                    fold_of=fold_of(len(images), folds, seed, groups=pooled_groups(reader.split)))
         else:
             mean, std = pixel_stats(train_images)
             data = SegmentationData(train_images, train_masks, val_images, val_masks, task.name, classes, mean, std,
