@@ -83,6 +83,10 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     """A second search of the same experiment, killed (SIGKILL, driver and Ray) at every step of its
     promotion in turn; each --resume goes one step further."""
     root, _ = interrupted
+    client, _, _ = runs_of(root)
+    # The second search repeats the first's space on the same split, so it would tie; a weaker
+    # recorded score makes the champion rule move `champion` to it, which is the path to test.
+    client.set_model_version_tag(MODEL, "1", "validation_score", "0.0")
     steps = ["staged", "registered", "decided", "moved"]
     for number, step in enumerate(steps):
         search = start(root, *(("--resume",) if number else ()), fail_at=step)
