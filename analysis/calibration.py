@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 ECE_BINS = 15
+TEMPERATURE_RANGE = (0.5, 20.0)
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -50,7 +51,8 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray) -> fl
         return loss
 
     optimizer.step(nll)
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
+    # Bounded: a T far below 1 turns a few validation images into certainty for every image.
+    return float(np.clip(log_t.exp().item(), TEMPERATURE_RANGE[0], TEMPERATURE_RANGE[1]))
 
 
 def calibrate(classifier, images: np.ndarray, labels: np.ndarray,
@@ -69,11 +71,13 @@ def calibrate(classifier, images: np.ndarray, labels: np.ndarray,
         scored[tta] = (balanced_accuracy_score(labels, logits.argmax(1).numpy()), -nll, logits)
     tta = max(scored, key=lambda name: scored[name][:2])
     score, _, logits = scored[tta]
-    temperature = fit_temperature(logits, labels)
+    # Without a single validation error the likelihood only grows as T shrinks: nothing to fit on.
+    errors = int((logits.argmax(1).numpy() != labels).sum())
+    temperature = fit_temperature(logits, labels) if errors else 1.0
     classifier.spec.tta, classifier.spec.temperature = tta, temperature
     return {
         "validation_score": float(score), "tta": tta, "temperature": temperature,
-        "validation_score_without_tta": float(scored["none"][0]),
+        "validation_score_without_tta": float(scored["none"][0]), "validation_errors": errors,
         "val_ece_before": expected_calibration_error(torch.softmax(logits, 1).numpy(), labels),
         "val_ece_after": expected_calibration_error(torch.softmax(logits / temperature, 1).numpy(), labels),
     }

@@ -80,3 +80,20 @@ def test_the_champion_moves_only_for_a_better_comparable_version(champion, mine,
     decision = compare(mine, champion, "val_balanced_accuracy", "max")
     assert decision.champion == moves and reason in decision.reason
     assert decision.previous == (str(champion.version) if moves and champion else None)
+
+
+def test_a_validation_part_without_errors_leaves_the_temperature_at_1():
+    """Perfectly separated validation data would drive the fitted T towards 0 (certainty for all)."""
+    torch.manual_seed(0)
+    model = create_model("small_convnet", num_classes=2, in_channels=3, depth=1, width=4)
+    spec = ModelSpec("nuclei", "small_convnet", ["a", "b"], 3, 16, 16, [0.5] * 3, [0.25] * 3,
+                     {"model": "small_convnet", "depth": 1, "width": 4, "lr": 0.01})
+    classifier = ImageClassifier(model, spec)
+    images = np.random.default_rng(1).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    spec.tta = "dihedral"
+    labels = classifier.predict_logits(images).argmax(1).numpy()  # right on every image, with TTA
+    spec.tta = "none"
+    chosen = calibrate(classifier, images, labels)
+    if chosen["validation_errors"] == 0:
+        assert chosen["temperature"] == 1.0
+    assert fit_temperature(np.array([[9.0, -9.0], [-9.0, 9.0]]), np.array([0, 1])) == 0.5  # bounded

@@ -76,7 +76,8 @@ class ImageClassifier:
         """Class probabilities: the mean over members of softmax(logits / T), T the spec's by default."""
         temperature = self.spec.temperature if temperature is None else temperature
         logits = self.member_logits(images_uint8)
-        return torch.stack([torch.softmax(each / temperature, 1) for each in logits]).mean(0).numpy()
+        # float64: float32 rounds every confident image to exactly 1.0, and ROC AUC then sees ties
+        return torch.stack([torch.softmax(each.double() / temperature, 1) for each in logits]).mean(0).numpy()
 
     def decode_path(self, path: str | Path) -> np.ndarray:
         """A local image file, decoded exactly as the training data was."""
