@@ -96,4 +96,4 @@ def test_a_validation_part_without_errors_leaves_the_temperature_at_1():
     chosen = calibrate(classifier, images, labels)
     if chosen["validation_errors"] == 0:
         assert chosen["temperature"] == 1.0
-    assert fit_temperature(np.array([[9.0, -9.0], [-9.0, 9.0]]), np.array([0, 1])) == 0.5  # bounded
+    assert fit_temperature(np.array([[1.0, -1.0], [-1.0, 1.0]]), np.array([0, 1])) == 0.5  # bounded
