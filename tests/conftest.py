@@ -87,6 +87,38 @@ def cli_subprocess(args: list[str], cwd: Path, timeout: int = 900, env_extra: di
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def wait_for_ping(url: str, server: subprocess.Popen, seconds: float, log=lambda: "") -> None:
+    """Until the server at `url` answers /ping; fails with `log()`'s tail if it exits or stays silent."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited: {log()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"server did not answer /ping within {seconds:g} s: {log()[-2000:]}")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to a process started in its own session, and its children."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=30)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def store_client(db: Path):
     """An MlflowClient on a sqlite store, registry included: never MLflow's process-global registry
     URI, which a test that loads a pyfunc model may have pointed at another store."""

@@ -11,11 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ import pandas as pd
 import pytest
 from test_serve import post
 
-from conftest import store_client
+from conftest import stop_process_group, store_client, wait_for_ping
 from test_cluster_search import free_port
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -96,28 +93,10 @@ def test_old_registered_model_serves(tmp_path):
                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"server exited: {log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail(f"server did not answer /ping within 90 s: {log_path.read_text()[-2000:]}")
+        wait_for_ping(url, server, 90, log_path.read_text)
         body = {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded_images()]}}
         status, answer = post(url, json.dumps(body))
         assert status == 200, answer
         assert_expected(pd.DataFrame(answer["predictions"]))
     finally:  # the whole session: MLflow's server runs uvicorn workers as children
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(timeout=30)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(server)

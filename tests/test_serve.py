@@ -5,17 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pandas as pd
 import pytest
 
-from conftest import cli_subprocess
+from conftest import cli_subprocess, stop_process_group, wait_for_ping
 from test_cluster_search import free_port
 
 pytestmark = pytest.mark.slow
@@ -50,21 +48,10 @@ def served(tmp_path_factory):
                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if server.poll() is not None:
-                pytest.fail(f"server exited: {server.stdout.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("server did not answer /ping within 120 s")
+        wait_for_ping(url, server, 120)
         yield {"root": root, "workdir": workdir, "url": url, "server": server}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_process_group(server)
 
 
 def post(url: str, body: bytes | str, content_type: str = "application/json"):

@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import pandas as pd
 import pytest
 from test_model_format1 import IMAGE_PATHS, MODEL, assert_expected, encoded_images
 
-from conftest import cli_subprocess, png_of_zeros, store_client
+from conftest import cli_subprocess, png_of_zeros, stop_process_group, store_client
 from test_cluster_search import free_port
 
 pytestmark = pytest.mark.slow
@@ -67,18 +66,6 @@ def wait_until_ready(served: dict, seconds: int = 120) -> None:
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"server did not answer /ping within {seconds} s: {served['log'].read_text()[-2000:]}")
-
-
-def stop(server: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(server.pid, sig)
-            server.wait(timeout=20)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def request(served: dict, method: str, path: str, body: bytes | str | None = None, headers: dict | None = None,
@@ -153,7 +140,7 @@ def servers(tmp_path_factory):
         yield {**started, "root": root, "allowed": allowed, "marker": marker}
     finally:
         for served in started.values():
-            stop(served["server"])
+            stop_process_group(served["server"])
 
 
 @pytest.mark.parametrize("width, height, bit_depth", [(20000, 20000, 1), (13000, 13000, 16)],
