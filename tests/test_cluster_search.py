@@ -33,16 +33,36 @@ def cluster():
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats", "--num-cpus=1"]
+    temp_dir = short_tmpdir("tcc")
     head = [RAY, "start", "--head", f"--port={port}", "--num-gpus=0", "--include-dashboard=false",
-            f"--temp-dir={short_tmpdir('tcc')}", *common]
+            f"--temp-dir={temp_dir}", *common]
     worker = [RAY, "start", f"--address=127.0.0.1:{port}", "--num-gpus=1", *common]
     try:
         subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
         subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
         nodes = _nodes(f"127.0.0.1:{port}", env)
         yield {"address": f"127.0.0.1:{port}", "env": env, "nodes": nodes}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    finally:  # this cluster's processes only: `ray stop` would also stop a search the developer is running
+        stop_ray_processes_under(temp_dir)
+
+
+def stop_ray_processes_under(temp_dir: str) -> None:
+    """SIGKILL every process whose command line names `temp_dir` (Ray passes its session folder to
+    each of its processes), and their children (agents rename themselves `ray::...`)."""
+    import signal
+    import time
+
+    for _ in range(2):
+        rows = subprocess.run(["ps", "-eww", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        table = [line.split(None, 2) for line in rows.splitlines() if len(line.split(None, 2)) == 3]
+        ours = {int(pid) for pid, _, args in table if temp_dir in args and int(pid) != os.getpid()}
+        ours |= {int(pid) for pid, parent, _ in table if int(parent) in ours}
+        for pid in ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1)
 
 
 def _nodes(address: str, env: dict) -> dict[str, str]:
