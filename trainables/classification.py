@@ -14,7 +14,7 @@ from torch import nn
 
 from tune_cells.config import ClassificationConfig
 from tune_cells.model_io import ModelSpec
-from tune_cells.trainables.skeleton import TrialSession, TrialTrainer, ray_session, run_trial
+from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
 from tune_cells.training import Precision, evaluate_logits, predict_logits, train_one_epoch
 from tune_cells.transforms import TrainPreset
 
@@ -22,7 +22,7 @@ METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "l
 
 
 @dataclass(frozen=True)
-class ClassificationData:
+class ClassificationData(FoldedData):
     train_images: np.ndarray  # uint8 N×H×W×C
     train_labels: np.ndarray
     val_images: np.ndarray
@@ -36,10 +36,6 @@ class ClassificationData:
     max_epochs: int
     seed: int
     fold_of: np.ndarray | None = None  # K-fold: the fold of each pooled image (train_* hold them all)
-
-    @property
-    def folds(self) -> int:
-        return 1 if self.fold_of is None else int(self.fold_of.max()) + 1
 
     def fold(self, k: int) -> ClassificationData:
         """Fold k's data: the other folds train, fold k validates."""

@@ -20,7 +20,7 @@ from tune_cells.analysis.segmentation_metrics import segmentation_scores
 from tune_cells.config import SegmentationConfig
 from tune_cells.model_io import ModelSpec
 from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
-from tune_cells.trainables.skeleton import TrialSession, TrialTrainer, ray_session, run_trial
+from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
 from tune_cells.training import NonFiniteLossError
 from tune_cells.transforms import EvalPreset, TrainPreset
 
@@ -31,7 +31,7 @@ def metric_keys(targets: list[str]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class SegmentationData:
+class SegmentationData(FoldedData):
     train_images: list[np.ndarray]  # full-size uint8 H×W×3
     train_masks: list[np.ndarray]  # uint8 0/1 T×H×W
     val_images: list[np.ndarray]
@@ -43,10 +43,6 @@ class SegmentationData:
     max_epochs: int
     seed: int
     fold_of: np.ndarray | None = None  # K-fold: the fold of each pooled image (train_* hold them all)
-
-    @property
-    def folds(self) -> int:
-        return 1 if self.fold_of is None else int(self.fold_of.max()) + 1
 
     def fold(self, k: int) -> SegmentationData:
         """Fold k's data: the other folds train, fold k validates."""

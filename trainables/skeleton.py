@@ -75,6 +75,16 @@ def ray_session() -> TrialSession:
     return ray_trial
 
 
+class FoldedData:
+    """Trial data that may carry K folds (`fold_of`: each pooled image's fold; its `fold(k)` cuts one)."""
+
+    fold_of = None
+
+    @property
+    def folds(self) -> int:
+        return 1 if self.fold_of is None else int(self.fold_of.max()) + 1
+
+
 class TrialTrainer(ABC):
     """The skeleton; a kind's trainer fills in `setup`, `train_epoch` and `validate`."""
 
