@@ -4,8 +4,6 @@ rendered in a real headless Chromium. One small real search (Ray + Optuna + ASHA
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,40 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import cli_subprocess, store_client
+from conftest import chromium, cli_subprocess, free_port
 
 pytestmark = pytest.mark.slow
-
-SPACE = """
-params:
-  model: small_convnet
-  depth: 2
-  width: {choices: [12, 16]}
-  dropout: {float: [0.0, 0.3]}
-  optimizer: adamw
-  lr: {float: [1.0e-3, 5.0e-3], log: true}
-  batch_size: 32
-  lr_schedule: constant
-  image_size: 40
-initial_points:
-  - {width: 16, dropout: 0.1, lr: 0.004}
-  - {width: 12, dropout: 0.2, lr: 1.0e-7}
-"""
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory):
-    root = tmp_path_factory.mktemp("analysis")
-    (root / "space.yaml").write_text(SPACE)
-    workdir = root / "work"
-    result = cli_subprocess(["search", "nuclei", "--samples", 4, "--max-epochs", 3, "--grace-period", 1,
-                             "--reduction-factor", 2, "--max-concurrent", 1, "--space", root / "space.yaml",
-                             "--workdir", workdir, "--seed", 3], cwd=root)
-    assert result.code == 0, result.err[-3000:]
-    client = store_client(workdir / 'mlflow.db')
-    experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
-    return {"root": root, "workdir": workdir, "client": client, "experiment": experiment, "result": result}
-
 
 def search_run(searched):
     runs = searched["client"].search_runs([searched["experiment"].experiment_id], "tags.`tune_cells.run_type` = 'search'")
@@ -104,25 +71,6 @@ def test_seeds_report_mean_and_sd_beside_the_champion(searched):
                                           "tags.evaluation_kind = 'seeds'")
     assert len(runs) == 1 and runs[0].data.params["retrains"] == "2"
     assert 0 <= runs[0].data.metrics["test_accuracy_seed_mean"] <= 1
-
-
-def chromium() -> str:
-    """Debian's chromium, installed with apt-get when missing (works as root, as in CI)."""
-    path = shutil.which("chromium")
-    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=900,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get)")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_mlflow_ui_renders_the_search_runs_in_chromium(searched):

@@ -13,17 +13,14 @@ from pathlib import Path
 
 import click
 
+from tune_cells.commands import register_commands
 from tune_cells.errors import Interrupted, UserInputError
 from tune_cells.redact import CredentialFilter, without_credentials
 
 log = logging.getLogger("tune_cells")
 _CREDENTIAL_FILTER = CredentialFilter()  # on every log handler: no password of a URI reaches a log
 
-DEFAULT_WORKDIR = "tune-cells-runs"  # tune_cells.paths.DEFAULT_WORKDIR, without importing it at startup
-workdir_option = click.option("--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, show_default=True,
-                              help="Working folder: MLflow store, Ray results, split files, demo data.")
-tracking_option = click.option("--tracking-uri", default=None,
-                               help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite in --workdir].")
+from tune_cells.commands.options import tracking_option, workdir_option  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -348,26 +345,6 @@ def params(task):
     click.echo(parameter_table(kind.config_type, kind.name))
 
 
-@cli.command()
-@workdir_option
-@tracking_option
-@click.option("--port", type=int, default=5000, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
-def ui(workdir, tracking_uri, port, host):
-    """Start the MLflow UI on this project's runs."""
-    from tune_cells.paths import WorkDir
-    from tune_cells.tracking import Tracker, resolve_tracking_uri
-
-    workdir = WorkDir.at(workdir)
-    uri = resolve_tracking_uri(tracking_uri, workdir)
-    if not Tracker(uri, workdir.artifacts).store_exists():  # mlflow ui would create an empty one
-        raise UserInputError(f"no MLflow store at {uri}: run `tune-cells search TASK --workdir {workdir}` first")
-    click.echo(f"MLflow UI on http://{host}:{port} for {without_credentials(uri)} (Ctrl-C stops it)")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
-                                "--port", str(port), "--workers", "1"], env)
-
-
 def _interrupt(signum, frame) -> None:
     raise Interrupted(signum)
 
@@ -397,3 +374,6 @@ def main() -> None:
         click.echo(f"tune-cells: failed: {type(exc).__name__}: {without_credentials(str(exc))} (run with -v for the "
                    "traceback)", err=True)
         sys.exit(1)
+
+
+register_commands(cli)  # the commands that live in tune_cells.commands

@@ -1,0 +1,13 @@
+"""Options that several commands share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DEFAULT_WORKDIR = "tune-cells-runs"  # tune_cells.paths.DEFAULT_WORKDIR, without importing it at startup
+workdir_option = click.option("--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, show_default=True,
+                              help="Working folder: MLflow store, Ray results, split files, demo data.")
+tracking_option = click.option("--tracking-uri", default=None,
+                               help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite in --workdir].")

@@ -1,0 +1,32 @@
+"""`tune-cells ui`: the MLflow UI on this project's runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from tune_cells.commands.options import tracking_option, workdir_option
+from tune_cells.errors import UserInputError
+from tune_cells.redact import without_credentials
+
+
+@click.command("ui")
+@workdir_option
+@tracking_option
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
+def command(workdir, tracking_uri, port, host):
+    """Start the MLflow UI on this project's runs."""
+    from tune_cells.paths import WorkDir
+    from tune_cells.tracking import Tracker, resolve_tracking_uri
+
+    workdir = WorkDir.at(workdir)
+    uri = resolve_tracking_uri(tracking_uri, workdir)
+    if not Tracker(uri, workdir.artifacts).store_exists():  # mlflow ui would create an empty one
+        raise UserInputError(f"no MLflow store at {uri}: run `tune-cells search TASK --workdir {workdir.root}` first")
+    click.echo(f"MLflow UI on http://{host}:{port} for {without_credentials(uri)} (Ctrl-C stops it)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+                                "--port", str(port), "--workers", "1"], env)
