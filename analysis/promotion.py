@@ -153,12 +153,14 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
     """The search's registered version: the one an earlier attempt registered, else a new one
     from the best checkpoint, staged in the working folder (not the system's temp folder)."""
     from tune_cells import ray_backend
+    from tune_cells.model_io import strip_training_state
 
     task = prep.task
     existing = tracker.version_of_search(prep.model_name, parent)
     if existing is not None:
         return str(existing.version)
     checkpoint = ray_backend.copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
+    strip_training_state(checkpoint)
     chosen = {"validation_score": result.best_metric, **task.kind.finalize(checkpoint, data)}
     _failpoint("staged")
     best_run = trial_runs.get(result.best_trial_id, "")

@@ -29,10 +29,14 @@ class SeedsEvaluation:
     ci_note: str = ""  # why the champion has no bootstrap CI (too few test groups)
 
 
-def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot: int = 1000) -> SeedsEvaluation:
+def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot: int = 1000,
+                   address: str | None = None, cpus_per_trial: float | None = None,
+                   gpus_per_trial: float | None = None) -> SeedsEvaluation:
+    """Retrain the champion's configuration under `k` new seeds where the champion trained: on a
+    cluster (`address`) and on GPUs when there are any, with the search's per-trial resources."""
     from tune_cells import ray_backend
     from tune_cells.analysis.evaluation import model_split
-    from tune_cells.resources import TrialResources
+    from tune_cells.resources import check_local_resources, trial_resources
 
     version = tracker.resolve_model(model_uri, task.name)
     tags = version.tags
@@ -49,13 +53,14 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     base = task.kind.parse_config(champion.spec.config, strict=False).seed or 0
     seeds = [base + 1000 + i for i in range(k)]  # new seeds, never the champion's own
 
-    ray_backend.init(num_cpus=os.cpu_count())
+    check_local_resources(cpus_per_trial, gpus_per_trial, address)
+    cluster = ray_backend.init(address=address, num_cpus=None if address else os.cpu_count())
     try:
         folds = int(parent.data.params.get("folds", 1))  # a fold ensemble is retrained as one
         inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed, folds)
         runs = ray_backend.run_seeds(
             inputs.trainable, {"data": inputs.data}, config, seeds, metric, mode,
-            TrialResources(1.0, None, use_gpus=False), str(WorkDir.at(workdir).seeds_storage),
+            trial_resources(cpus_per_trial, gpus_per_trial, address, cluster), str(WorkDir.at(workdir).seeds_storage),
             f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}")
     finally:
         ray_backend.shutdown()

@@ -15,7 +15,7 @@ from torch import nn
 from tune_cells.config import ClassificationConfig
 from tune_cells.model_io import ModelSpec
 from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
-from tune_cells.training import Precision, evaluate_logits, predict_logits, train_one_epoch
+from tune_cells.training import Precision, evaluate_logits, on_device, predict_logits, train_one_epoch
 from tune_cells.transforms import TrainPreset
 
 METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "epoch_time_s", "data_time_s")
@@ -36,6 +36,8 @@ class ClassificationData(FoldedData):
     max_epochs: int
     seed: int
     fold_of: np.ndarray | None = None  # K-fold: the fold of each pooled image (train_* hold them all)
+    metric: str = "val_balanced_accuracy"  # the search's metric and mode
+    mode: str = "max"
 
     def fold(self, k: int) -> ClassificationData:
         """Fold k's data: the other folds train, fold k validates."""
@@ -65,19 +67,21 @@ class ClassificationTrainer(TrialTrainer):
         self.val_loss_fn = nn.CrossEntropyLoss()  # unsmoothed, so val_loss compares across trials
         self.preset = TrainPreset(spec.preset(), flip=config.flip, rotate90=config.rotate90, affine=config.affine,
                                   color_jitter=config.color_jitter)
-        self.train_labels = torch.tensor(data.train_labels)  # copies: object-store arrays are read-only
-        self.val_labels = torch.tensor(data.val_labels)
+        self.train_images = on_device(data.train_images, self.device)
+        self.val_images = on_device(data.val_images, self.device)
+        self.train_labels = torch.tensor(data.train_labels, device=self.device)  # copies: object-store arrays
+        self.val_labels = torch.tensor(data.val_labels)  # are read-only
         return spec, model
 
     def train_epoch(self) -> dict[str, float]:
-        loss, data_time = train_one_epoch(self.model, self.data.train_images, self.train_labels, self.optimizer,
+        loss, data_time = train_one_epoch(self.model, self.train_images, self.train_labels, self.optimizer,
                                           self.preset, self.config.batch_size, self.train_loss_fn, self.device,
                                           self.generator, self.precision)
         # data_time_s: batch preparation (indexing, augmentation), the input pipeline's share
         return {"train_loss": loss, "data_time_s": data_time}
 
     def validate(self) -> dict[str, float]:
-        logits = predict_logits(self.model, self.data.val_images, self.preset.eval_preset, self.device,
+        logits = predict_logits(self.model, self.val_images, self.preset.eval_preset, self.device,
                                 precision=self.precision)
         val = evaluate_logits(logits, self.val_labels, self.val_loss_fn)
         return {"val_loss": val["loss"], "val_accuracy": val["accuracy"],

@@ -9,6 +9,7 @@ images through the same tiled, stitched prediction that evaluation and `predict`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,7 +22,7 @@ from tune_cells.config import SegmentationConfig
 from tune_cells.model_io import ModelSpec
 from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
 from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
-from tune_cells.training import NonFiniteLossError
+from tune_cells.training import NonFiniteLossError, Precision
 from tune_cells.transforms import EvalPreset, TrainPreset
 
 
@@ -43,6 +44,8 @@ class SegmentationData(FoldedData):
     max_epochs: int
     seed: int
     fold_of: np.ndarray | None = None  # K-fold: the fold of each pooled image (train_* hold them all)
+    metric: str = "val_dice"  # the search's metric and mode
+    mode: str = "max"
 
     def fold(self, k: int) -> SegmentationData:
         """Fold k's data: the other folds train, fold k validates."""
@@ -125,7 +128,8 @@ class SegmentationTrainer(TrialTrainer):
         self.loss_fn = SegmentationLoss(config.loss)
         self.eval_preset = EvalPreset(self.tile, tuple(data.mean), tuple(data.std))
         self.jitter = TrainPreset(self.eval_preset, flip=False, rotate90=False, color_jitter=config.color_jitter)
-        return spec, spec.build(load_pretrained=True).to(self.device)
+        self.precision = Precision.for_device(self.device, config.mixed_precision, config.channels_last)
+        return spec, self.precision.prepare_model(spec.build(load_pretrained=True).to(self.device))
 
     def extra_state(self) -> dict:
         return {"numpy_rng": self.rng.bit_generator.state}
@@ -138,24 +142,28 @@ class SegmentationTrainer(TrialTrainer):
         batch_size = self.config.batch_size
         views, view_masks = sample_views(self.train_images, self.train_masks, self.config.views_per_epoch, self.tile,
                                          self.rng, self.config.dihedral)
-        total = 0.0
+        total = torch.zeros((), device=self.device)  # summed on the device, checked once (see train_one_epoch)
         for start in range(0, len(views), batch_size):
-            x = self.jitter(views[start : start + batch_size], self.generator).to(self.device)
-            y = torch.from_numpy(view_masks[start : start + batch_size]).float().to(self.device)
+            x = self.jitter(torch.from_numpy(views[start : start + batch_size]).to(self.device), self.generator)
+            x = self.precision.prepare_input(x)
+            y = torch.from_numpy(view_masks[start : start + batch_size]).to(self.device).float()
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.model(x), y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"training loss became {loss.item()} (try a lower learning rate)")
+            with self.precision.autocast(self.device):
+                logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)
             loss.backward()
             self.optimizer.step()
-            total += loss.item() * len(x)
-        return {"train_loss": total / len(views)}
+            total += loss.detach() * len(x)
+        mean = float(total) / len(views)
+        if not math.isfinite(mean):
+            raise NonFiniteLossError(f"training loss became {mean} (try a lower learning rate)")
+        return {"train_loss": mean}
 
     def validate(self) -> dict[str, float]:
         val_loss, predicted = 0.0, []
         for image, mask in zip(self.val_images, self.val_masks):
             logits = predict_logits_tiled(self.model, image, self.eval_preset, self.tile, self.config.overlap,
-                                          self.device)
+                                          self.device, precision=self.precision)
             val_loss += float(self.loss_fn(logits[None], torch.from_numpy(mask)[None].float()))
             predicted.append((torch.sigmoid(logits) > self.config.threshold).numpy())
         scores, _ = segmentation_scores(self.val_masks, predicted, list(self.data.targets), "val_")

@@ -9,6 +9,7 @@ trains outside Tune).
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import tempfile
 import time
@@ -22,6 +23,7 @@ import torch
 
 from tune_cells.config import TrainerConfig
 from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint, save_spec
+from tune_cells.paths import checkpoint_staging_dir
 from tune_cells.training import (
     NonFiniteLossError,
     build_lr_schedule,
@@ -62,7 +64,8 @@ class LocalSession:
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         self.results.append({**metrics, "training_iteration": len(self.results) + 1})
         if checkpoint_dir is not None and self.checkpoint_dir is not None:
-            shutil.copytree(checkpoint_dir, self.checkpoint_dir, dirs_exist_ok=True)
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)  # like Ray: the latest checkpoint, whole
+            shutil.copytree(checkpoint_dir, self.checkpoint_dir)
 
     def report_failure(self, message: str, metric_keys) -> None:
         self.failure = message
@@ -76,13 +79,56 @@ def ray_session() -> TrialSession:
 
 
 class FoldedData:
-    """Trial data that may carry K folds (`fold_of`: each pooled image's fold; its `fold(k)` cuts one)."""
+    """Trial data that may carry K folds (`fold_of`: each pooled image's fold; its `fold(k)` cuts one).
+    Its `metric` and `mode` (the search's) decide when a trial's weights are checkpointed."""
 
     fold_of = None
 
     @property
     def folds(self) -> int:
         return 1 if self.fold_of is None else int(self.fold_of.max()) + 1
+
+
+@dataclass
+class CheckpointPolicy:
+    """What a trial writes each epoch: everything `--resume` needs (weights, trainer and optimiser
+    state) every `every` epochs and at the last; the weights (and the small trainer state) alone
+    whenever the metric improves, so the best epoch, which promotion registers, always has its
+    weights; nothing otherwise. A resume from a weights-only checkpoint restarts the optimiser's
+    moments (`tune_cells.model_io.restore_training`)."""
+
+    metric: str
+    mode: str
+    every: int
+    last_epoch: int
+    best: float | None = None
+
+    def decide(self, epoch: int, metrics: dict) -> str | None:
+        """"full", "weights" or None (no checkpoint this epoch)."""
+        value = metrics.get(self.metric)
+        improved = isinstance(value, (int, float)) and math.isfinite(value) and (
+            self.best is None or (value > self.best if self.mode == "max" else value < self.best))
+        if improved:
+            self.best = float(value)
+        if epoch % self.every == 0 or epoch == self.last_epoch:
+            return "full"
+        return "weights" if improved else None
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
+
+
+def report_epoch(session: TrialSession, policy: CheckpointPolicy, epoch: int, metrics: dict, save) -> None:
+    """Report one epoch, with the checkpoint the policy asks for (`save(directory, full)` writes it);
+    `checkpoint_mb` says how much was written."""
+    what = policy.decide(epoch, metrics)
+    if what is None:
+        session.report({**metrics, "checkpoint_mb": 0.0})
+        return
+    with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-", dir=checkpoint_staging_dir()) as tmp:
+        save(Path(tmp), what == "full")
+        session.report({**metrics, "checkpoint_mb": checkpoint_bytes(Path(tmp)) / 1e6}, checkpoint_dir=Path(tmp))
 
 
 class TrialTrainer(ABC):
@@ -99,8 +145,11 @@ class TrialTrainer(ABC):
         torch.set_num_threads(max(1, int(place["cpus"])))
         self.node_id = place["node_id"]
         self.device = pick_device(place["gpu_ids"])
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN picks its fastest kernels once
         self.seed = self.config.seed if self.config.seed is not None else data.seed  # `--seeds` sets other seeds
         self.generator = seed_everything(self.seed)
+        self.policy = CheckpointPolicy(data.metric, data.mode, self.config.checkpoint_every, data.max_epochs)
 
     # --- hooks of a kind ---------------------------------------------------------------
 
@@ -137,9 +186,8 @@ class TrialTrainer(ABC):
             metrics = self.run_epoch(epoch)
             if metrics is None:
                 return
-            with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
-                self.save(Path(tmp), epoch)
-                self.session.report(metrics, checkpoint_dir=Path(tmp))
+            report_epoch(self.session, self.policy, epoch, metrics,
+                         lambda directory, full, epoch=epoch: self.save(directory, epoch, full))
 
     def start(self, checkpoint: Path | None) -> int:
         """Build the network and its optimiser; restore them from `checkpoint` (a resumed or retried
@@ -152,6 +200,7 @@ class TrialTrainer(ABC):
             return 1
         state = restore_training(checkpoint, self.model, self.optimizer, self.schedule, self.generator, self.device)
         self.restore_extra(state)
+        self.policy.best = state.get("best_metric")
         return int(state["epoch"]) + 1
 
     def run_epoch(self, epoch: int) -> dict | None:
@@ -175,16 +224,18 @@ class TrialTrainer(ABC):
         return {**trained, **validated, "lr": lr, "epoch_time_s": time.perf_counter() - started,
                 "node_id": self.node_id}
 
-    def save(self, directory: Path, epoch: int) -> None:
-        """A checkpoint that can resume training exactly."""
+    def save(self, directory: Path, epoch: int, full: bool = True) -> None:
+        """A checkpoint: weights, spec and the small trainer state; with `full`, the optimiser's state
+        too, so that training resumes exactly."""
         trainer_state = {
-            "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "generator": self.generator.get_state(),
             "epoch": epoch,
+            "best_metric": self.policy.best,
             **self.extra_state(),
         }
-        save_checkpoint(directory, self.model, self.spec, trainer_state)
+        save_checkpoint(directory, self.model, self.spec, trainer_state,
+                        self.optimizer.state_dict() if full else None)
 
 
 class FoldEnsembleTrainer:
@@ -196,6 +247,9 @@ class FoldEnsembleTrainer:
         self.session = session
         self.max_epochs = data.max_epochs
         self.members = [trainer_type(config, data.fold(k), session) for k in range(data.folds)]
+        self.policy = self.members[0].policy  # one policy, on the mean over folds, saved with every member
+        for member in self.members:
+            member.policy = self.policy
 
     def run(self) -> None:
         with self.session.resumed_checkpoint() as checkpoint:
@@ -208,9 +262,8 @@ class FoldEnsembleTrainer:
                 if metrics is None:
                     return
                 per_fold.append(metrics)
-            with tempfile.TemporaryDirectory(prefix="tune-cells-ckpt-") as tmp:
-                self.save(Path(tmp), epoch)
-                self.session.report(self.mean(per_fold), checkpoint_dir=Path(tmp))
+            report_epoch(self.session, self.policy, epoch, self.mean(per_fold),
+                         lambda directory, full, epoch=epoch: self.save(directory, epoch, full))
 
     @staticmethod
     def mean(per_fold: list[dict]) -> dict:
@@ -219,9 +272,9 @@ class FoldEnsembleTrainer:
         mean["epoch_time_s"] = sum(m["epoch_time_s"] for m in per_fold)  # folds train one after another
         return mean
 
-    def save(self, directory: Path, epoch: int) -> None:
+    def save(self, directory: Path, epoch: int, full: bool = True) -> None:
         for k, member in enumerate(self.members):
-            member.save(directory / member_name(k), epoch)
+            member.save(directory / member_name(k), epoch, full)
         ensemble = replace(self.members[0].spec, members=[member_name(k) for k in range(len(self.members))])
         save_spec(directory, ensemble)
 

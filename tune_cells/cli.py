@@ -129,9 +129,12 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 @click.option("--seeds", type=int, default=None,
               help="Also retrain the champion's configuration under K new seeds and report mean ± sd of each test "
                    "metric beside the champion's bootstrap CI (K full trainings).")
+@click.option("--address", default=None, help="--seeds: Ray cluster address, to retrain where the search ran.")
+@click.option("--cpus-per-trial", type=float, default=None, help="--seeds: CPUs per retrain [1].")
+@click.option("--gpus-per-trial", type=float, default=None, help="--seeds: GPUs per retrain [the model's share].")
 @workdir_option
 @tracking_option
-def evaluate(task, model_uri, n_boot, data, seeds, workdir, tracking_uri):
+def evaluate(task, model_uri, n_boot, data, seeds, address, cpus_per_trial, gpus_per_trial, workdir, tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
     from tune_cells.lock import WorkdirLock
     from tune_cells.paths import WorkDir
@@ -144,16 +147,16 @@ def evaluate(task, model_uri, n_boot, data, seeds, workdir, tracking_uri):
         raise UserInputError("--seeds retrains on the model's own split: it does not combine with --data")
     with WorkdirLock(WorkDir.at(workdir), "evaluate"):
         spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
-        _evaluate(spec, tracker, model_uri, workdir, n_boot, data, seeds)
+        _evaluate(spec, tracker, model_uri, workdir, n_boot, data, seeds, (address, cpus_per_trial, gpus_per_trial))
 
 
-def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds) -> None:
+def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds, placement=(None, None, None)) -> None:
     from tune_cells.analysis.evaluation import evaluate_registered, format_table
 
     if seeds is not None:
         from tune_cells.analysis.seeds import evaluate_seeds, format_seeds_table
 
-        result = evaluate_seeds(spec, tracker, model_uri, workdir, seeds, n_boot)
+        result = evaluate_seeds(spec, tracker, model_uri, workdir, seeds, n_boot, *placement)
         click.echo(f"\nSeeds evaluation {result.run_id} of {model_uri}: the champion, and its configuration "
                    f"retrained under seeds {', '.join(map(str, result.seeds))}, on the held-out test images:")
         click.echo(format_seeds_table(result))

@@ -36,6 +36,8 @@ class TrainerConfig(BaseModel):
     color_jitter: float = Field(0.0, ge=0, le=1, description="strength of brightness/contrast/stain jitter")
     mixed_precision: Literal["auto"] | bool = Field("auto", description="bf16 autocast; auto: on CUDA only")
     channels_last: Literal["auto"] | bool = Field("auto", description="NHWC memory layout; auto: on CUDA only")
+    checkpoint_every: int = Field(5, ge=1, description="full trainer state (optimiser too) every N epochs and at "
+                                  "the last; weights alone whenever the metric improves")
     seed: int | None = Field(None, description="trial seed [default: the search's --seed]")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, exclude=True,
                                          description="the model builder's own keyword arguments")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -21,9 +22,12 @@ from tune_cells.errors import UserInputError
 from tune_cells.models import create_model, select_hyperparameters
 from tune_cells.transforms import EvalPreset
 
+log = logging.getLogger(__name__)
+
 WEIGHTS_FILE = "model.pt"
 SPEC_FILE = "model.json"
-TRAINER_FILE = "trainer.pt"
+TRAINER_FILE = "trainer.pt"  # epoch, RNG states, LR schedule, best metric so far
+OPTIMIZER_FILE = "optimizer.pt"  # only in full checkpoints
 MODEL_FORMAT = 2
 TTA_MODES = ("none", "dihedral")
 
@@ -90,7 +94,10 @@ def spec_from_json(document: dict, source: str = SPEC_FILE) -> ModelSpec:
     return spec
 
 
-def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, trainer_state: dict | None = None) -> Path:
+def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, trainer_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Weights and spec (what promotion needs); the small trainer state (epoch, RNGs, schedule); the
+    optimiser's state only when given (a full checkpoint: the optimiser is 1-2x the weights)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -98,6 +105,8 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, tr
     save_spec(directory, spec)
     if trainer_state is not None:
         torch.save(trainer_state, directory / TRAINER_FILE)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, directory / OPTIMIZER_FILE)
     return directory
 
 
@@ -111,6 +120,14 @@ def load_spec(directory: Path) -> ModelSpec:
     return spec_from_json(json.loads(path.read_text()), str(path))
 
 
+def strip_training_state(directory: Path) -> None:
+    """Drop what only a resume needs (trainer and optimiser state, of every fold member) from a
+    staged copy of a checkpoint: a registered model is its weights and spec."""
+    for name in (TRAINER_FILE, OPTIMIZER_FILE):
+        for path in Path(directory).rglob(name):
+            path.unlink()
+
+
 def load_trainer_state(directory: Path) -> dict | None:
     path = Path(directory) / TRAINER_FILE
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
@@ -119,10 +136,21 @@ def load_trainer_state(directory: Path) -> dict | None:
 def restore_training(checkpoint: Path, model: torch.nn.Module, optimizer, schedule, generator: torch.Generator,
                      device: torch.device) -> dict:
     """Load a trial's own checkpoint into its model, optimizer, LR schedule and generator (a
-    resumed or retried trial continues where it stopped); returns the trainer state."""
-    model.load_state_dict(torch.load(Path(checkpoint) / WEIGHTS_FILE, map_location=device, weights_only=True))
+    resumed or retried trial continues where it stopped); returns the trainer state. A checkpoint
+    written for its weights alone (the metric improved between full checkpoints) restores everything
+    but the optimiser's moments, which restart from zero."""
+    checkpoint = Path(checkpoint)
+    model.load_state_dict(torch.load(checkpoint / WEIGHTS_FILE, map_location=device, weights_only=True))
     state = load_trainer_state(checkpoint)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer_file = checkpoint / OPTIMIZER_FILE
+    optimizer_state = state.get("optimizer")  # checkpoints before the split kept it in the trainer state
+    if optimizer_file.exists():
+        optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        log.warning("resuming at epoch %s from a weights-only checkpoint: the optimiser's moments restart",
+                    int(state["epoch"]) + 1)
     if schedule is not None and state.get("schedule"):
         schedule.load_state_dict(state["schedule"])
     generator.set_state(state["generator"])

@@ -83,3 +83,22 @@ class WorkDir:
 
     def evaluation(self, model_name: str, version: str, run_id: str) -> Path:
         return self.root / "evaluations" / f"{model_name}-v{version}-{run_id[:8]}"
+
+
+RAM_STAGING = Path("/dev/shm")
+RAM_STAGING_MIN_FREE = 2 * 2**30  # leave room for Ray's object store, which lives there too
+
+
+def checkpoint_staging_dir() -> str | None:
+    """Where a trial writes a checkpoint before its session copies it away: memory (/dev/shm) when
+    it has room, so a checkpoint is written to disk once (by the copy), not twice; else the system's
+    temporary folder (None)."""
+    import os
+    import shutil
+
+    try:
+        if os.access(RAM_STAGING, os.W_OK) and shutil.disk_usage(RAM_STAGING).free >= RAM_STAGING_MIN_FREE:
+            return str(RAM_STAGING)
+    except OSError:
+        pass
+    return None

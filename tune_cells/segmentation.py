@@ -87,28 +87,35 @@ def _blend_window(tile: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: EvalPreset, tile: int, overlap: float,
-                         device: torch.device, batch_size: int = 4) -> torch.Tensor:
-    """Blended logits T×H×W for one H×W×3 uint8 image (views padded where the image is smaller)."""
+                         device: torch.device, batch_size: int = 4, precision=None) -> torch.Tensor:
+    """Blended logits T×H×W (on the CPU) for one H×W×3 uint8 image (views padded where the image is
+    smaller). The image goes to the device once; views are cut, predicted and blended there."""
     model.eval()
     height, width = image.shape[:2]
-    x = preset.normalize(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().div_(255.0))  # a copy
+    x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float().div_(255.0)  # a copy
+    x = preset.normalize(x)
     pad_h, pad_w = max(0, tile - height), max(0, tile - width)
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
     boxes = [(y, x0) for y in tile_starts(x.shape[-2], tile, overlap) for x0 in tile_starts(x.shape[-1], tile, overlap)]
-    window = _blend_window(tile)
+    window = _blend_window(tile).to(device)
     total = weight = None
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
-        views = torch.cat([x[..., y : y + tile, x0 : x0 + tile] for y, x0 in chunk]).to(device)
-        logits = model(views).float().cpu()
+        views = torch.cat([x[..., y : y + tile, x0 : x0 + tile] for y, x0 in chunk])
+        if precision is not None:
+            views = precision.prepare_input(views)
+            with precision.autocast(device):
+                logits = model(views).float()
+        else:
+            logits = model(views).float()
         if total is None:
-            total = torch.zeros(logits.shape[1], *x.shape[-2:])
-            weight = torch.zeros(x.shape[-2:])
+            total = torch.zeros(logits.shape[1], *x.shape[-2:], device=device)
+            weight = torch.zeros(x.shape[-2:], device=device)
         for (y, x0), view in zip(chunk, logits):
             total[:, y : y + tile, x0 : x0 + tile] += view * window
             weight[y : y + tile, x0 : x0 + tile] += window
-    return (total / weight)[:, :height, :width]
+    return (total / weight)[:, :height, :width].cpu()
 
 
 class LogitEnsemble(torch.nn.Module):

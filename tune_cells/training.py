@@ -95,9 +95,22 @@ def step_lr_schedule(schedule, val_loss: float) -> None:
         schedule.step()
 
 
+def on_device(images: np.ndarray, device: torch.device) -> np.ndarray | torch.Tensor:
+    """A trial's uint8 images where its batches are augmented: copied to a GPU once (then every
+    batch is indexed and augmented there, and the CPU only launches work); left in place on a CPU."""
+    if device.type == "cpu":
+        return images
+    return torch.from_numpy(np.array(images, copy=True)).to(device)  # a copy: object-store arrays are read-only
+
+
+def take(images: np.ndarray | torch.Tensor, index: torch.Tensor):
+    """Rows `index` of a NumPy array or a (device) tensor."""
+    return images[index.to(images.device)] if isinstance(images, torch.Tensor) else images[index.numpy()]
+
+
 def train_one_epoch(
     model: nn.Module,
-    images: np.ndarray,
+    images: np.ndarray | torch.Tensor,
     labels: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     preset: TrainPreset,
@@ -107,42 +120,48 @@ def train_one_epoch(
     generator: torch.Generator,
     precision: Precision = FLOAT32,
 ) -> tuple[float, float]:
-    """One pass over the training images: (mean loss, seconds spent preparing batches)."""
+    """One pass over the training images: (mean loss, seconds spent launching batch preparation).
+
+    `images` on the device (see `on_device`) and `labels` there too keep a GPU from waiting on the
+    CPU. The loss is summed on the device and checked once per epoch: a per-batch `.item()` or
+    `isfinite` test would make the CPU wait for the GPU every batch (a NaN stays NaN in the sum)."""
     import time
 
     model.train()
     order = torch.randperm(len(images), generator=generator)
-    total, count, data_seconds = 0.0, 0, 0.0
+    total, count, data_seconds = torch.zeros((), device=device), 0, 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         if len(idx) < 2:  # BatchNorm cannot train on a single image
             continue
         started = time.perf_counter()
-        x = precision.prepare_input(preset(images[idx.numpy()], generator).to(device, non_blocking=True))
-        y = labels[idx].to(device, non_blocking=True)
+        x = precision.prepare_input(preset(take(images, idx), generator).to(device, non_blocking=True))
+        y = take(labels, idx).to(device, non_blocking=True)
         data_seconds += time.perf_counter() - started
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast(device):
             loss = loss_fn(model(x).float(), y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"training loss became {loss.item()} (try a lower learning rate)")
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx)
+        total += loss.detach() * len(idx)
         count += len(idx)
-    return total / max(count, 1), data_seconds
+    mean = float(total) / max(count, 1)  # the epoch's one synchronisation
+    if not math.isfinite(mean):
+        raise NonFiniteLossError(f"training loss became {mean} (try a lower learning rate)")
+    return mean, data_seconds
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images, preset: EvalPreset, device: torch.device, batch_size: int = 256,
                    precision: Precision = FLOAT32) -> torch.Tensor:
+    """Logits of every image, on the CPU (images: uint8 N×H×W×C, a NumPy array or a device tensor)."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = precision.prepare_input(preset(images[i : i + batch_size]).to(device))
         with precision.autocast(device):
-            out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0)
+            out.append(model(x).float())
+    return torch.cat(out).cpu() if out else torch.empty(0)
 
 
 def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module) -> dict[str, float]:

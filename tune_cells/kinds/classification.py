@@ -37,7 +37,8 @@ class ClassificationKind(TaskKind):
         train_images, train_labels = reader.load("train", "training")
         val_images, val_labels = reader.load("val", "selection" if folds == 1 else "training (folds)")
         fields = dict(task=task.name, classes=list(index.classes), channels=task.channels,
-                      store_size=task.store_size, max_epochs=max_epochs, seed=seed)
+                      store_size=task.store_size, max_epochs=max_epochs, seed=seed, metric=task.metric,
+                      mode=task.mode)
         if folds > 1:  # pooled, then cut into folds: every image validates exactly one fold model
             images, labels = np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels])
             mean, std = channel_stats(images)

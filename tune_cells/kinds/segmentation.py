@@ -44,11 +44,12 @@ class SegmentationKind(TaskKind):
             images, masks = train_images + val_images, train_masks + val_masks
             mean, std = pixel_stats(images)
             data = SegmentationData(images, masks, [], [], task.name, classes, mean, std, max_epochs, seed,
-                                    fold_of=fold_of(len(images), folds, seed, groups=pooled_groups(reader.split)))
+                                    fold_of=fold_of(len(images), folds, seed, groups=pooled_groups(reader.split)),
+                                    metric=task.metric, mode=task.mode)
         else:
             mean, std = pixel_stats(train_images)
             data = SegmentationData(train_images, train_masks, val_images, val_masks, task.name, classes, mean, std,
-                                    max_epochs, seed)
+                                    max_epochs, seed, metric=task.metric, mode=task.mode)
         return TrialInputs(train_segmenter, data, metric_keys(classes), ("val_loss", "val_dice"))
 
     def fold_labels(self, index, paths):
