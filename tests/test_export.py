@@ -180,7 +180,8 @@ def test_a_lung_segmentation_ensemble_is_exported_with_its_tiling_and_thresholds
 
 
 def test_a_wrong_contract_fails_the_parity_check_and_nothing_is_written(searched, tmp_path):
-    from tune_cells.exporting import ONNX, ExportedModel, ParityFailed, export_checked, parity_images
+    from tune_cells.commands.export import parity_images
+    from tune_cells.exporting import ONNX, ExportedModel, ParityFailed, export_checked
     from tune_cells.tasks import get_task
 
     task = get_task("nuclei")
@@ -218,4 +219,6 @@ def test_bad_inputs_are_one_line_and_exit_2(searched, tmp_path, run_cli, args, m
 
 def test_the_shared_store_is_untouched_by_the_registrations(searched, store):
     client = store_client(searched["workdir"] / "mlflow.db")
-    assert [m.name for m in client.search_registered_models()] == ["tune-cells-nuclei-demo"]
+    assert "tune-cells-lung" not in [m.name for m in client.search_registered_models()]
+    versions = client.search_model_versions("name='tune-cells-nuclei-demo'")
+    assert versions and all(v.tags.get("search_run_id") != store["run"] for v in versions)

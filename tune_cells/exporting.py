@@ -246,23 +246,3 @@ def contract_document(plan: ExportPlan, fmt: ExportFormat, output: Path, model: 
         "parity": asdict(parity),
     }
 
-
-def parity_images(task, tracker, version, workdir, plan: ExportPlan, channels: int, size: int) -> tuple[list, str]:
-    """Up to `plan.max_images` images of the test part of the split the registered `version` was
-    trained beside, decoded as the registered model decodes them (the read is logged), and a few
-    words naming them."""
-    from dataclasses import replace
-
-    from tune_cells.analysis.evaluation import model_split
-    from tune_cells.data.reader import SplitReader
-
-    if "data_root" not in version.tags:
-        raise UserInputError(f"models:/{version.name}/{version.version} has no data_root tag: which images to check "
-                             "parity on is unknown")
-    index, split = model_split(task, tracker, version.tags, workdir)
-    paths = split.parts["test"][: plan.max_images]
-    if not paths:
-        raise RuntimeError(f"split {split.path.name} has no test images to check parity on")
-    reader = SplitReader(index, replace(split, parts={"test": paths}), channels, size, workdir)
-    images = plan.load_images(reader, "test", "export parity")
-    return images, f"{len(paths)} test images of split {split.path.name} (sha256 {split.sha256[:12]})"

@@ -26,7 +26,7 @@ def command(task, format_name, output, model_uri, workdir, tracking_uri):
     probabilities, with its preprocessing contract (sizes, normalisation, classes; for segmentation the
     tiling and thresholds) in a JSON beside it. Nothing is written unless the graph, fed as the
     contract says, matches the registered model on the model's test images (max |difference| <= 1e-4)."""
-    from tune_cells.exporting import FORMATS, TORCHSCRIPT, ExportedModel, check_output, export_checked, parity_images
+    from tune_cells.exporting import FORMATS, TORCHSCRIPT, ExportedModel, check_output, export_checked
     from tune_cells.preflight import check_workdir
     from tune_cells.tasks import get_task
     from tune_cells.tracking import Tracker, resolve_tracking_uri
@@ -58,3 +58,24 @@ def command(task, format_name, output, model_uri, workdir, tracking_uri):
     if export_format is TORCHSCRIPT:
         click.echo("Note: PyTorch deprecates TorchScript (torch.jit); --format onnx is the longer-lived choice.")
     click.echo(f"Wrote {result.path}\n  and its contract {result.contract_path}")
+
+
+def parity_images(task, tracker, version, workdir, plan, channels: int, size: int) -> tuple[list, str]:
+    """Up to `plan.max_images` images of the test part of the split the registered `version` was
+    trained beside, decoded as the registered model decodes them (the read is logged), and a few
+    words naming them."""
+    from dataclasses import replace
+
+    from tune_cells.analysis.evaluation import model_split
+    from tune_cells.data.reader import SplitReader
+
+    if "data_root" not in version.tags:
+        raise UserInputError(f"models:/{version.name}/{version.version} has no data_root tag: which images to check "
+                             "parity on is unknown")
+    index, split = model_split(task, tracker, version.tags, workdir)
+    paths = split.parts["test"][: plan.max_images]
+    if not paths:
+        raise RuntimeError(f"split {split.path.name} has no test images to check parity on")
+    reader = SplitReader(index, replace(split, parts={"test": paths}), channels, size, workdir)
+    images = plan.load_images(reader, "test", "export parity")
+    return images, f"{len(paths)} test images of split {split.path.name} (sha256 {split.sha256[:12]})"
