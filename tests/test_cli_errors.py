@@ -26,6 +26,9 @@ def snapshot(folder):
         (["evaluate", "nuclei"], "no champion for task nuclei"),
         (["evaluate", "nuclei", "--model-uri", "runs:/abc/model"], "expected models:/NAME@ALIAS"),
         (["ui"], "no MLflow store at sqlite:///"),
+        (["export", "nuclei"], "no MLflow store at sqlite:///"),
+        (["export", "nuclei", "--model-uri", "models:/tune-cells-nuclei/1"], "no MLflow store at sqlite:///"),
+        (["export", "nuclei", "--format", "tflite"], "Invalid value for '--format'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_and_touch_nothing(run_cli, tmp_path, args, message):

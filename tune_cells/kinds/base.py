@@ -89,6 +89,11 @@ class TaskKind(ABC):
     def predict_files(self, predictor, names: list[str], images: list, mask_dir: Path) -> pd.DataFrame:
         """`tune-cells predict`'s table for decoded files (and masks in `mask_dir`, for segmentation)."""
 
+    @abstractmethod
+    def export_plan(self, predictor):
+        """What `tune-cells export` makes of the predictor: the graph from normalised input to
+        probabilities, its preprocessing contract and its parity check (tune_cells.export_kinds)."""
+
     # --- after the search ----------------------------------------------------------------
 
     @abstractmethod

@@ -82,6 +82,11 @@ class ClassificationKind(TaskKind):
     def predict_files(self, predictor, names, images, mask_dir):
         return predictor.predict_table(images)
 
+    def export_plan(self, predictor):
+        from tune_cells.export_kinds import ClassifierExport
+
+        return ClassifierExport(predictor)
+
     def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
         """Test-time augmentation when it helps on validation, then a temperature fitted there."""
         from tune_cells.analysis.calibration import calibrate

@@ -86,6 +86,11 @@ class SegmentationKind(TaskKind):
         masks = [predictor.predict_masks(image) for image in images]
         return write_predictions(predictor, names, images, masks, mask_dir)
 
+    def export_plan(self, predictor):
+        from tune_cells.export_kinds import SegmenterExport
+
+        return SegmenterExport(predictor)
+
     def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
         return {}  # the trial's own validation Dice stands; thresholds stay the trial's
 
