@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tune_cells.redact import without_credentials
 from tune_cells.search_spaces import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class StudyJournal:
         optuna_id = self._trials[trial_id]
         if failed or last_result.get("failure") or not _finite(value):
             reason = last_result.get("failure") or error or f"no finite {self.metric}"
-            self._storage.set_trial_user_attr(optuna_id, "failure", str(reason)[:500])
+            self._storage.set_trial_user_attr(optuna_id, "failure", without_credentials(str(reason))[:500])
             self._storage.set_trial_state_values(optuna_id, TrialState.FAIL)
         elif int(last_result.get("training_iteration", 0)) < self.max_epochs:  # ASHA stopped it
             self._storage.set_trial_state_values(optuna_id, TrialState.PRUNED, [float(value)])
