@@ -127,6 +127,12 @@ class StudyJournal:
             self._storage.set_trial_state_values(optuna_id, TrialState.COMPLETE, [float(value)])
         self._running.discard(trial_id)
 
+    def close(self) -> None:
+        """After the search: a trial still running here was lost in an interruption (started after
+        Ray's last state snapshot, so the resumed search never ran it on): it ends FAIL, as in MLflow."""
+        for trial_id in sorted(self._running):
+            self.on_trial_end(trial_id, True, {}, "lost when the search was interrupted")
+
     def _safely(self, action: Callable[[], None], opening: bool = False) -> None:
         if self._storage is None and not opening:
             return  # not opened, or stopped after a failure

@@ -127,6 +127,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             max_concurrent=opts.max_concurrent, resume=opts.resume,
         ))
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
+        journal.close()
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
