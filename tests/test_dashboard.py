@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,15 @@ def test_dashboard_without_a_journal_is_bad_input(run_cli, tmp_path):
     (tmp_path / "optuna-journal.log").write_text("not a journal\n")
     result = run_cli("dashboard", "--workdir", tmp_path)
     assert result.code == 2 and "holds no Optuna study" in result.err
+    from tune_cells.live_study import open_journal
+
+    (tmp_path / "optuna-journal.log").unlink()
+    optuna.create_study(study_name="search-1", storage=open_journal(tmp_path / "optuna-journal.log"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("dashboard", "--workdir", tmp_path, "--port", taken.getsockname()[1])
+    assert result.code == 2 and result.err.count("\n") == 1 and "cannot listen there" in result.err, result.err
 
 
 def test_journal_follows_a_trial_from_start_to_end_and_across_a_resume(tmp_path):

@@ -24,7 +24,8 @@ def command(workdir, port, host):
         raise UserInputError(f"no Optuna journal at {journal}: run `tune-cells search TASK --workdir "
                              f"{WorkDir.at(workdir).root}` first (it writes one as its trials report)")
     try:
-        from optuna_dashboard import run_server
+        import bottle
+        from optuna_dashboard import wsgi
     except ImportError:
         raise RuntimeError("optuna-dashboard is not installed: reinstall tune-cells (./run setup)") from None
     from tune_cells.live_study import open_journal
@@ -33,8 +34,8 @@ def command(workdir, port, host):
     if not storage.get_all_studies():  # (Optuna skips lines that are no journal entries)
         raise UserInputError(f"{journal}: holds no Optuna study (not a journal that a search wrote?)")
     click.echo(f"Optuna dashboard on http://{host}:{port} for {journal} (Ctrl-C stops it)")
-    try:
-        run_server(storage, host=host, port=port)
+    try:  # optuna-dashboard's own server (bottle + wsgiref), without a banner or a line per request
+        bottle.run(wsgi(storage), host=host, port=port, quiet=True)
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise UserInputError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
