@@ -2,11 +2,18 @@
 
     .venv/bin/python bench/bench_search.py                 # N=50 configurations x 16 epochs, ~15 min on 2 cores
     .venv/bin/python bench/bench_search.py --samples 12 --max-epochs 4   # a quicker look
+    .venv/bin/python bench/bench_search.py --warm-start --samples 12 --max-epochs 4   # --warm-start against cold, 3 seeds
 
 The same N configurations (sampled once, at random, from one seed) are run twice on the generated
 nuclei demo data, side by side in one process: once to the full epoch budget (ASHA's grace period
 set to the budget, so it never stops a trial) and once with ASHA. Everything printed is a ratio of
 the two runs or a share within one, since absolute seconds on a shared CPU mean little.
+
+With --warm-start it compares instead, for each of --seeds seeds, two searches of N trials with
+ASHA on the same data, split and space: a cold one (a fresh experiment) and a warm-started one (an
+experiment that holds an earlier search of N trials with another seed, whose finished trials the
+sampler is given first). Printed side by side: the best validation metric among each search's own N
+trials (the earlier search's is on its own split).
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ def sample_configs(n: int, seed: int) -> list[dict]:
 
 
 def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: int, grace: int, reduction: int,
-        seed: int) -> dict:
+        seed: int, warm_start: bool = False) -> dict:
     from tune_cells.paths import WorkDir
     from tune_cells.preflight import SearchOptions
     from tune_cells.search import run_search
@@ -67,7 +74,7 @@ def run(label: str, root: Path, data: Path, space_file: Path, n: int, epochs: in
     started = time.time()
     outcome = run_search(SearchOptions(task="nuclei", data=data, samples=n, max_epochs=epochs, grace_period=grace,
                                        reduction_factor=reduction, seed=seed, space=space_file, workdir=workdir,
-                                       experiment=f"bench-{label}"))
+                                       experiment=f"bench-{label}", warm_start=warm_start))
     wall = time.time() - started
     tracker = Tracker(outcome.tracking_uri, WorkDir.at(workdir).artifacts)
     experiment_id = tracker.get_run(outcome.parent_run_id).info.experiment_id
@@ -125,6 +132,9 @@ def main() -> None:
                         help="ASHA keeps 1/this at each rung (4: Ray's default and the ASHA paper's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="kept for inspection [default: a temp folder]")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="compare warm-started searches with cold ones (instead of ASHA with the full budget)")
+    parser.add_argument("--seeds", type=int, default=3, help="--warm-start: seeds compared (SEED, SEED+1, ...)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -135,6 +145,9 @@ def main() -> None:
     root = args.workdir or Path(tempfile.mkdtemp(prefix="tune-cells-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     data = generate(root / "demo-data")
+    if args.warm_start:
+        compare_warm_start(args, root, data)
+        return
     configs = sample_configs(args.samples, args.seed)
     space_file = root / "bench-space.yaml"
     space_file.write_text(yaml.safe_dump({"params": SPACE, "initial_points": configs}, sort_keys=False))
@@ -174,6 +187,30 @@ def main() -> None:
     print(f"ASHA best - full best: {100 * (asha['best'] - full['best']):+.2f} percentage points (target >= -0.5)")
     print(f"ASHA wall time / full-budget wall time: {asha['wall_s'] / full['wall_s']:.3f}")
     print(f"runs kept in {root}")
+
+
+def compare_warm_start(args, root: Path, data: Path) -> None:
+    """Per seed: an earlier search (seed + 1000: its own configurations and split, as a user's earlier
+    search would be), then a warm-started search in its experiment and a cold one in a fresh experiment,
+    both with the seed (the same split, so their scores compare); each with N trials, ASHA, one space."""
+    space_file = root / "warm-space.yaml"
+    space_file.write_text(yaml.safe_dump({"params": SPACE}, sort_keys=False))
+    flags = (args.samples, args.max_epochs, args.grace_period, args.reduction_factor)
+    rows = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        earlier = run(f"warm-{seed}", root, data, space_file, *flags, seed + 1000)
+        warm = run(f"warm-{seed}", root, data, space_file, *flags, seed, warm_start=True)  # same experiment
+        cold = run(f"cold-{seed}", root, data, space_file, *flags, seed)
+        rows.append((seed, earlier["best"], cold["best"], warm["best"]))
+    print(f"\ntune-cells --warm-start benchmark: best val_balanced_accuracy among a search's own {args.samples} trials "
+          f"(x {args.max_epochs} epochs, ASHA grace {args.grace_period}, reduction factor {args.reduction_factor}), "
+          f"nuclei demo data, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'seed':<8}{'earlier (+1000)':>16}{'cold':>12}{'warm-started':>14}{'warm - cold':>15}")
+    for seed, earlier, cold, warm in rows:
+        print(f"{seed:<8}{earlier:>16.4f}{cold:>12.4f}{warm:>14.4f}{100 * (warm - cold):>+12.2f} pp")
+    mean = [sum(r[i] for r in rows) / len(rows) for i in (1, 2, 3)]
+    print(f"{'mean':<8}{mean[0]:>16.4f}{mean[1]:>12.4f}{mean[2]:>14.4f}{100 * (mean[2] - mean[1]):>+12.2f} pp")
+    print(f"warm-started better than cold in {sum(r[3] > r[2] for r in rows)} of {len(rows)} seeds; runs kept in {root}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,80 @@ class SearchSpace:
     def to_yaml(self) -> str:
         return yaml.safe_dump({"params": self.params, "initial_points": self.initial_points}, sort_keys=True)
 
+    @property
+    def name(self) -> str:
+        """What searches of "the same space" share: the space file's name without .yaml."""
+        return Path(self.source).stem
+
+    def as_optuna(self, config: dict[str, Any], strict: bool = True) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """A trial's configuration (its values, or their text as MLflow logs them) as Optuna params and
+        distributions of this space, exactly as sampling it would have made them; None when it is no
+        point of this space: a sampled value missing or outside its range or choices, or a fixed value
+        that differs. Parameters the space does not have are left out. Not `strict`: a number outside
+        its range is kept (an initial point may lie outside, as Optuna allows for enqueued trials)."""
+        replay = _Replay(config, strict)
+        try:
+            fixed = self(replay)
+        except _NotInSpace:
+            return None
+        if strict and any(name not in config or str(config[name]) != str(value) for name, value in fixed.items()):
+            return None
+        return replay.params, replay.distributions
+
+
+class _NotInSpace(Exception):
+    pass
+
+
+class _Replay:
+    """Stands in for an Optuna trial: answers each suggestion with the configuration's own value,
+    checked against the suggestion's range or choices, and keeps the distribution."""
+
+    def __init__(self, config: dict[str, Any], strict: bool = True):
+        self.config, self.strict = config, strict
+        self.params: dict[str, Any] = {}
+        self.distributions: dict[str, Any] = {}
+
+    def suggest_categorical(self, name, choices):
+        from optuna.distributions import CategoricalDistribution
+
+        raw = self._raw(name)
+        value = next((c for c in choices if str(c) == str(raw)), _NotInSpace)
+        if value is _NotInSpace:
+            raise _NotInSpace
+        return self._keep(name, value, CategoricalDistribution(choices), True)
+
+    def suggest_int(self, name, low, high, step=1, log=False):
+        from optuna.distributions import IntDistribution
+
+        value = self._number(name, int)
+        return self._keep(name, value, IntDistribution(low, high, log=log, step=step),
+                          low <= value <= high and (value - low) % step == 0)
+
+    def suggest_float(self, name, low, high, step=None, log=False):
+        from optuna.distributions import FloatDistribution
+
+        value = self._number(name, float)
+        on_step = step is None or abs(round((value - low) / step) * step - (value - low)) <= 1e-8 * max(1.0, abs(step))
+        return self._keep(name, value, FloatDistribution(low, high, log=log, step=step), low <= value <= high and on_step)
+
+    def _raw(self, name):
+        if name not in self.config:
+            raise _NotInSpace
+        return self.config[name]
+
+    def _number(self, name, kind):
+        try:  # through its text: a boolean is no number, and MLflow's params are text anyway
+            return kind(str(self._raw(name)))
+        except ValueError:
+            raise _NotInSpace from None
+
+    def _keep(self, name, value, distribution, inside: bool):
+        if not inside and self.strict:
+            raise _NotInSpace
+        self.params[name], self.distributions[name] = value, distribution
+        return value
+
 
 def _applies(when: dict | None, chosen: dict) -> bool:
     if not when:

@@ -11,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
+
+from tune_cells.live_study import open_journal
 
 from conftest import short_tmpdir, store_client
 
@@ -109,6 +112,10 @@ def test_kill_9_and_resume_gives_one_run_per_trial_and_a_champion(tmp_path):
         assert steps == set(range(1, EPOCHS + 1)) or trial.info.status != "FINISHED"
     champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
     assert champion.tags["search_run_id"] == parents[0].info.run_id
+    live = optuna.load_study(study_name=parents[0].info.run_name, storage=open_journal(tmp_path / "w" /
+                                                                                      "optuna-journal.log"))
+    assert len(live.trials) >= SAMPLES and not [t for t in live.trials if t.state.name == "RUNNING"]
+    assert {t.user_attrs["ray_trial_id"] for t in live.trials} >= {t.data.tags["ray_trial_id"] for t in trials}
 
     again = start(tmp_path, "--resume")  # nothing left to resume: exit 2, one line
     assert again.wait(timeout=300) == 2

@@ -130,3 +130,31 @@ def test_every_shipped_space_loads(name):
     space = load_space(name)
     assert space.params["model"] and "lr" in space.params
     assert space.may_use_pretrained == ("pretrained" in name)
+
+
+def test_a_trial_configuration_replays_as_the_spaces_optuna_params(tmp_path):
+    """--warm-start and the live view: a configuration, typed or as MLflow's text, becomes exactly the
+    params and distributions that sampling the space makes; one outside the space is None."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("params:\n  model: {choices: [small_convnet, resnet18]}\n"
+                    "  depth: {int: [2, 8], step: 2, when: {model: small_convnet}}\n"
+                    "  lr: {float: [1.0e-4, 1.0e-2], log: true}\n  drop: {float: [0.0, 0.5], step: 0.25}\n"
+                    "  flip: {choices: [true, false]}\n  image_size: 40\n")
+    space = load_space(path)
+    assert space.name == "mine"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(12):
+        trial = study.ask()
+        config = space.sample(trial)
+        study.tell(trial, 0.0)
+        for given in (config, {**{k: str(v) for k, v in config.items()}, "not_in_the_space": "7"}):
+            params, distributions = space.as_optuna(given)
+            assert params == trial.params and distributions == trial.distributions
+    base = {"model": "small_convnet", "depth": "4", "lr": "0.001", "drop": "0.25", "flip": "False", "image_size": "40"}
+    assert space.as_optuna(base)[0] == {"model": "small_convnet", "depth": 4, "lr": 0.001, "drop": 0.25, "flip": False}
+    assert space.as_optuna({**base, "model": "resnet18"})[0] == {"model": "resnet18", "lr": 0.001, "drop": 0.25,
+                                                               "flip": False}  # depth does not apply: left out
+    for outside in ({"lr": "0.5"}, {"depth": "5"}, {"depth": "4.0"}, {"drop": "0.3"}, {"model": "vgg"},
+                    {"image_size": "64"}, {"flip": "maybe"}):
+        assert space.as_optuna({**base, **outside}) is None, outside
+    assert space.as_optuna({k: v for k, v in base.items() if k != "lr"}) is None

@@ -78,10 +78,12 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--resume", is_flag=True,
               help="Continue the experiment's latest interrupted search (same flags): its Optuna and ASHA state, "
                    "trials from their last checkpoints, the same MLflow parent and trial runs.")
+@click.option("--warm-start", is_flag=True, help="Start from the finished trials (and scores) of the experiment's earlier "
+              "searches of the same space: the sampler gets them before the first new trial.")
 @click.pass_context
 def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor, cpus_per_trial, gpus_per_trial,
            max_concurrent, seed, folds, group_pattern, space, experiment, workdir, tracking_uri, storage, address,
-           no_evaluate, smoke_test, resume):
+           no_evaluate, smoke_test, resume, warm_start):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
     from tune_cells.analysis.promotion import evaluate_in_fresh_process
     from tune_cells.preflight import SearchOptions
@@ -95,7 +97,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
         reduction_factor=reduction_factor, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
         experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
         address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"], resume=resume, folds=folds,
-        group_pattern=group_pattern,
+        group_pattern=group_pattern, warm_start=warm_start,
     ))
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "

@@ -66,6 +66,12 @@ class WorkDir:
         return self.root / "ray" / experiment
 
     @property
+    def optuna_journal(self) -> Path:
+        """The live view: every search's trials as an Optuna study (one per search run), written as
+        trials report; `tune-cells dashboard` reads it."""
+        return self.root / "optuna-journal.log"
+
+    @property
     def seeds_storage(self) -> Path:
         return self.root / "ray" / "seeds"
 

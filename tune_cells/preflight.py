@@ -53,6 +53,7 @@ class SearchOptions:
     resume: bool = False  # continue the latest interrupted search of the experiment
     folds: int = 1  # K > 1: each trial trains K fold models on the pooled train and validation parts
     group_pattern: str | None = None  # regex on relative paths: images with the same match are related
+    warm_start: bool = False  # the study starts with the finished trials of earlier searches of the task and space
 
 
 @dataclass

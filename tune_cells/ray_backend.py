@@ -46,6 +46,7 @@ class SearchRequest:
     name: str
     events: TrialEvents | None = None
     initial_points: list[dict] = field(default_factory=list)
+    warm_trials: list = field(default_factory=list)  # finished Optuna trials the study holds before its first (--warm-start)
     max_concurrent: int | None = None
     resume: bool = False  # continue the interrupted search at storage_path/name
     max_failures: int = 2  # retries of a trial whose worker died (from its last checkpoint)
@@ -69,7 +70,7 @@ class SearchResult:
     best_checkpoint: tune.Checkpoint  # the best trial's best-epoch checkpoint, where Ray stored it
     trials: list[TrialSummary]
     experiment_path: str
-    searcher_trials: int  # trials the Optuna study holds (one per Ray trial, also across a resume)
+    searcher_trials: int  # trials the Optuna study holds (one per Ray trial, also across a resume; warm-start ones not counted)
 
 
 def init(address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None,
@@ -138,12 +139,21 @@ def run_search(request: SearchRequest) -> SearchResult:
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Earlier trials (--warm-start) go into the study before the searcher opens it: Ray's `evaluated_rewards`
+    # refuses a define-by-run space, so its study is handed over (load_if_exists) with them already in it.
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(storage=storage, study_name=request.name, direction="maximize" if request.mode == "max"
+                        else "minimize").add_trials(request.warm_trials)
     searcher = OptunaSearch(
         space=request.space,
         metric=request.metric,
         mode=request.mode,
         points_to_evaluate=request.initial_points or None,
-        sampler=optuna.samplers.TPESampler(seed=request.seed),
+        # Warm-started, the same --seed would draw the earlier searches' first random configurations again.
+        sampler=optuna.samplers.TPESampler(seed=hash((request.seed, len(request.warm_trials))) & 0x7FFFFFFF
+                                           if request.warm_trials else request.seed),
+        study_name=request.name,
+        storage=storage,
     )
     if request.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=request.max_concurrent)
@@ -273,16 +283,24 @@ def can_resume(storage_path: str, name: str) -> bool:
     return tune.Tuner.can_restore(f"{storage_path.rstrip('/')}/{name}")
 
 
-def _searcher_trials(experiment_path: str) -> int:
-    """Trials in the Optuna study Ray saved with the experiment (its searcher state file)."""
+def searcher_study(experiment_path: str):
+    """The Optuna study Ray saved with the experiment (its searcher state file), or None."""
     from ray.tune.search.optuna import OptunaSearch
 
     searcher = OptunaSearch()
     try:
         searcher.restore_from_dir(experiment_path)
     except (FileNotFoundError, RuntimeError):
-        return -1
-    return len(searcher._ot_study.trials)  # no public accessor in Ray 2.60
+        return None
+    return searcher._ot_study  # no public accessor in Ray 2.60
+
+
+def _searcher_trials(experiment_path: str) -> int:
+    """Trials the saved study holds for Ray's trials (not those given to it by --warm-start)."""
+    from tune_cells.warm_start import WARM_ATTR
+
+    study = searcher_study(experiment_path)
+    return -1 if study is None else sum(WARM_ATTR not in t.user_attrs for t in study.trials)
 
 
 def _summarise(results, request: SearchRequest) -> SearchResult:

@@ -68,7 +68,9 @@ def _object_store_bytes(prep: PreparedSearch) -> int:
 def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialResources, tracker,
                     experiment_id: str) -> SearchOutcome:
     from tune_cells import ray_backend
-    from tune_cells.trial_recorder import TrialRecorder
+    from tune_cells.live_study import StudyJournal
+    from tune_cells.trial_recorder import EventSinks, TrialRecorder
+    from tune_cells.warm_start import WarmStart, earlier_trials
 
     task, kind = prep.task, prep.task.kind
     split = save_split(prep.split)
@@ -88,6 +90,11 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         log.warning("%d near-identical image pairs across split parts (e.g. %s in %s ~ %s in %s): held-out "
                     "metrics may be optimistic; edit %s to move them into one part", len(prep.duplicates),
                     first["path_a"], first["part_a"], first["path_b"], first["part_b"], split.path)
+    warm = WarmStart()
+    if opts.warm_start and opts.resume:
+        log.info("warm start: the resumed search's study already holds the earlier trials it started from")
+    elif opts.warm_start:  # read before this search's own run exists
+        warm = earlier_trials(tracker, experiment_id, prep.space, task.name, task.metric, task.mode)
     if opts.resume:
         parent, search_name = prep.resume_run_id, prep.resume_name
         tracker.reopen_run(parent)
@@ -97,6 +104,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         parent = tracker.start_run(experiment_id, search_name, "search", tags={
             "task": task.name, "data_root": str(prep.index.root), "data_source": prep.index.source,
             "split_file": split.path.name, "split_sha256": split.sha256, "ray_experiment": search_name,
+            **({"warm_start_trials": len(warm.trials)} if opts.warm_start else {}),
         })
     try:
         if not opts.resume:
@@ -105,15 +113,21 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
                                  common_tags={"split_sha256": split.sha256}, summary_keys=trial.summary_keys)
         if opts.resume:  # the trial → run map lives in MLflow (each child run is tagged with its trial id)
             recorder.runs.update(tracker.trial_runs(experiment_id, parent))
+        journal = StudyJournal(prep.workdir.optuna_journal, search_name, prep.space, task.metric, task.mode,
+                               opts.max_epochs, {"task": task.name, "experiment": prep.experiment, "mlflow_run_id": parent},
+                               warm.trials, recorder.runs.get)
+        journal.open()
         result = ray_backend.run_search(ray_backend.SearchRequest(
             trainable=trial.trainable, trainable_kwargs={"data": trial.data}, space=prep.space,
             metric=task.metric, mode=task.mode, samples=opts.samples, seed=opts.seed,
             max_epochs=opts.max_epochs, grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
-            trial_resources=resources, name=search_name, events=recorder,
-            storage_path=ray_storage(opts, prep), initial_points=prep.space.initial_points,
+            trial_resources=resources, name=search_name, events=EventSinks([recorder, journal]),
+            storage_path=ray_storage(opts, prep), initial_points=warm.untried(prep.space.initial_points),
+            warm_trials=warm.trials,
             max_concurrent=opts.max_concurrent, resume=opts.resume,
         ))
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
+        journal.close()
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)

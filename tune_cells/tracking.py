@@ -134,6 +134,12 @@ class Tracker:
             [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{RUN_TYPE_TAG}` = 'trial'",
             max_results=10000)
 
+    def runs_of_type(self, experiment_id: str, run_type: str, finished_only: bool = False):
+        """Every run of one type (search | trial | evaluation) in an experiment, oldest first."""
+        query = f"tags.`{RUN_TYPE_TAG}` = '{run_type}'" + (" and attributes.status = 'FINISHED'" if finished_only else "")
+        return self.client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"],
+                                       max_results=10000)
+
     def trial_runs(self, experiment_id: str, parent_run_id: str) -> dict[str, str]:
         """Ray trial id → MLflow run id of a search's trial runs (persisted as the runs' tags)."""
         return {r.data.tags["ray_trial_id"]: r.info.run_id for r in self.trial_children(experiment_id, parent_run_id)

@@ -73,3 +73,23 @@ class TrialRecorder:
             log.info("trial %s done (%d finished): %d epochs%s, last %s", trial_id, self.ended, epochs,
                      " (stopped early by ASHA)" if "stopped_early" in tags else "",
                      ", ".join(f"{k} {last_result[k]:.4f}" for k in self.summary_keys if k in last_result))
+
+
+@dataclass
+class EventSinks:
+    """Several TrialEvents sinks, each event to each in order (the MLflow recorder first: the live
+    view reads the run ids it makes)."""
+
+    sinks: list
+
+    def on_trial_start(self, trial_id: str, trial_name: str, config: dict) -> None:
+        for sink in self.sinks:
+            sink.on_trial_start(trial_id, trial_name, config)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        for sink in self.sinks:
+            sink.on_trial_result(trial_id, result)
+
+    def on_trial_end(self, trial_id: str, failed: bool, last_result: dict, error: str | None) -> None:
+        for sink in self.sinks:
+            sink.on_trial_end(trial_id, failed, last_result, error)

@@ -12,6 +12,7 @@ import click
 COMMAND_MODULES = (
     "tune_cells.commands.export",
     "tune_cells.commands.ui",
+    "tune_cells.commands.dashboard",
 )
 
 

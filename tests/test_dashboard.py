@@ -1,0 +1,170 @@
+"""The live view: each trial mirrored into an Optuna journal as it reports, and `tune-cells dashboard`
+(optuna-dashboard) over it, rendered in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+
+from conftest import chromium, free_port, stop_process_group
+
+
+def load(path, name):
+    from tune_cells.live_study import open_journal
+
+    return optuna.load_study(study_name=name, storage=open_journal(path))
+
+
+def test_dashboard_without_a_journal_is_bad_input(run_cli, tmp_path):
+    result = run_cli("dashboard", "--workdir", tmp_path / "nothing-here")
+    assert result.code == 2 and result.err.count("\n") == 1, result.err
+    assert "no Optuna journal at" in result.err and "tune-cells search TASK" in result.err
+    assert not (tmp_path / "nothing-here").exists()
+    (tmp_path / "optuna-journal.log").write_text("not a journal\n")
+    result = run_cli("dashboard", "--workdir", tmp_path)
+    assert result.code == 2 and "holds no Optuna study" in result.err
+    from tune_cells.live_study import open_journal
+
+    (tmp_path / "optuna-journal.log").unlink()
+    optuna.create_study(study_name="search-1", storage=open_journal(tmp_path / "optuna-journal.log"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli("dashboard", "--workdir", tmp_path, "--port", taken.getsockname()[1])
+    assert result.code == 2 and result.err.count("\n") == 1 and "cannot listen there" in result.err, result.err
+
+
+def test_journal_follows_a_trial_from_start_to_end_and_across_a_resume(tmp_path):
+    """The mirror itself, fed the events Ray's driver callback forwards, on a real journal file."""
+    from optuna.distributions import FloatDistribution
+
+    from tune_cells.live_study import StudyJournal
+    from tune_cells.search_spaces import SearchSpace
+
+    space = SearchSpace({"model": "small_convnet", "lr": {"float": [1e-3, 1e-2], "log": True}}, "/x/mine.yaml")
+    warm = optuna.trial.create_trial(value=0.5, params={"lr": 2e-3},
+                                     distributions={"lr": FloatDistribution(1e-3, 1e-2, log=True)})
+    path = tmp_path / "work" / "optuna-journal.log"
+
+    def journal():
+        return StudyJournal(path, "search-1", space, "val_acc", "max", 3, {"task": "nuclei"}, [warm],
+                            {"a": "run-a"}.get)
+
+    first = journal()
+    first.open()
+    config = {"model": "small_convnet", "lr": 4e-3}
+    for trial in ("a", "b", "c"):
+        first.on_trial_start(trial, f"train_{trial}", config if trial != "c" else {**config, "lr": 1e-7})
+    for epoch, value in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        first.on_trial_result("a", {"val_acc": value, "training_iteration": epoch})
+    first.on_trial_end("a", False, {"val_acc": 0.8, "training_iteration": 3}, None)
+    first.on_trial_result("b", {"val_acc": 0.3, "training_iteration": 1})
+    first.on_trial_end("b", False, {"val_acc": 0.3, "training_iteration": 1}, None)  # ASHA stopped it
+    first.on_trial_result("c", {"val_acc": 0.2, "training_iteration": 1})
+    # interrupted here; --resume opens the same study again and continues trial c
+    again = journal()
+    again.open()
+    again.on_trial_start("c", "train_c", config)
+    again.on_trial_result("c", {"val_acc": math.nan, "training_iteration": 2})
+    again.on_trial_end("c", True, {"val_acc": math.nan, "training_iteration": 2}, "RuntimeError: boom")
+    study = load(path, "search-1")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL"]
+    assert study.trials[0].value == 0.5 and study.user_attrs["task"] == "nuclei" and study.metric_names == ["val_acc"]
+    a, b, c = study.trials[1:]
+    assert a.value == 0.8 and a.intermediate_values == {1: 0.6, 2: 0.7, 3: 0.8} and a.params == {"lr": 4e-3}
+    assert a.user_attrs == {"ray_trial_id": "a", "ray_trial": "train_a", "mlflow_run_id": "run-a"}
+    assert b.value == 0.3 and b.intermediate_values == {1: 0.3}
+    assert c.params == {"lr": 1e-7}  # an initial point outside the range, kept as Ray's study keeps it
+    assert c.intermediate_values == {1: 0.2} and c.user_attrs["failure"] == "RuntimeError: boom"
+
+
+def test_a_journal_that_cannot_be_written_does_not_stop_the_search(tmp_path, caplog):
+    from tune_cells.live_study import StudyJournal
+    from tune_cells.search_spaces import SearchSpace
+
+    (tmp_path / "file").write_text("")
+    journal = StudyJournal(tmp_path / "file" / "optuna-journal.log", "s", SearchSpace({"lr": 0.1}, "x.yaml"),
+                           "val_acc", "max", 3)
+    journal.open()
+    journal.on_trial_start("a", "train_a", {"lr": 0.1})
+    journal.on_trial_result("a", {"val_acc": 0.5, "training_iteration": 1})
+    journal.on_trial_end("a", False, {"val_acc": 0.5, "training_iteration": 3}, None)
+    assert [r.message for r in caplog.records if "live view" in r.message][0].startswith("live view: cannot write")
+
+
+def search_run(searched):
+    client = searched["client"]
+    (run,) = client.search_runs([searched["experiment"].experiment_id], "tags.`tune_cells.run_type` = 'search'")
+    return run
+
+
+@pytest.mark.slow
+def test_the_search_mirrored_every_trial_and_epoch(searched):
+    client, parent = searched["client"], search_run(searched)
+    study = load(searched["workdir"] / "optuna-journal.log", parent.info.run_name)
+    assert study.user_attrs["mlflow_run_id"] == parent.info.run_id and len(study.trials) == 4
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_balanced_accuracy")}
+        assert trial.intermediate_values == history  # every epoch: the learning curve
+        assert trial.state.name == ("PRUNED" if run.data.tags.get("stopped_early") else "COMPLETE")
+        assert trial.value == run.data.metrics["val_balanced_accuracy"]
+        assert {k: str(v) for k, v in trial.params.items()} == {k: run.data.params[k] for k in trial.params}
+    assert any(t.state.name == "PRUNED" for t in study.trials)  # the lr 1e-7 trial
+
+
+def text_of(dom: str) -> str:
+    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+@pytest.mark.slow
+def test_dashboard_renders_the_search_in_chromium(searched, tmp_path):
+    browser = chromium()
+    parent = search_run(searched)
+    workdir = tmp_path / "work"  # the dashboard reads a copy: the fixture stays as the search left it
+    workdir.mkdir()
+    shutil.copy(searched["workdir"] / "optuna-journal.log", workdir)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tune_cells", "dashboard", "--workdir", workdir, "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    studies = json.load(response)["study_summaries"]
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "optuna-dashboard did not start"
+                time.sleep(0.5)
+        (summary,) = [s for s in studies if s["study_name"] == parent.info.run_name]
+        pages = {}
+        for page in ("", "/trials"):
+            url = f"http://127.0.0.1:{port}/dashboard/studies/{summary['study_id']}{page}"
+            pages[page] = text_of(subprocess.run(
+                [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--virtual-time-budget=20000", "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout)
+        subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                        "--virtual-time-budget=20000", "--window-size=1400,1000", f"--screenshot={tmp_path / 'study.png'}",
+                        f"http://127.0.0.1:{port}/dashboard/studies/{summary['study_id']}"], capture_output=True,
+                       timeout=120)
+        overview, trials = pages[""], pages["/trials"]
+        assert parent.info.run_name in overview and "History" in overview, overview[:2000]
+        assert "Intermediate values" in overview and "val_balanced_accuracy" in overview  # learning curves, named
+        assert "4 Trials" in trials and all(f"Trial {n}" in trials for n in range(4)), trials[:2000]
+        assert "Pruned" in trials and "Complete" in trials
+        assert (tmp_path / "study.png").stat().st_size > 20_000
+    finally:
+        stop_process_group(server)

@@ -1,0 +1,82 @@
+"""`search --warm-start`: a new search begins from what earlier searches of the task and space learned.
+
+Read back from MLflow, the record of every search: the finished trial runs of the experiment's
+earlier searches whose space has the same name (`SearchSpace.name`). Each becomes a COMPLETE Optuna
+trial, its configuration as the current space's params and distributions and its value the last
+value of the task's metric it reported (what Ray's Optuna searcher told its own study then), and
+is added to the new study before its first trial. A trial whose configuration is no point of the
+current space (the space file was edited since) is skipped; parameters the space no longer has are
+left out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tune_cells.search_spaces import SearchSpace
+from tune_cells.tracking import PARENT_TAG, Tracker
+
+log = logging.getLogger(__name__)
+
+WARM_ATTR = "warm_start_from"  # user attribute of a trial given by --warm-start: the search run it came from
+
+
+@dataclass
+class WarmStart:
+    trials: list = field(default_factory=list)  # optuna FrozenTrials, oldest first
+    searches: int = 0  # earlier searches they came from
+    skipped: int = 0  # finished trials of those searches that are no point of the current space
+    tried: list[dict] = field(default_factory=list)  # every finished earlier trial's configuration, as MLflow logs it
+
+    def untried(self, points: list[dict]) -> list[dict]:
+        """The space's initial points that no earlier finished trial has tried (the earlier searches
+        tried them first: again would spend a trial on a known result)."""
+        def same(point: dict, config: dict) -> bool:
+            return all(config.get(k) == str(v) for k, v in point.items())
+
+        left = [p for p in points if not any(same(p, config) for config in self.tried)]
+        if len(left) < len(points):
+            log.info("warm start: %d of the space's %d initial points were tried by earlier searches: not again",
+                     len(points) - len(left), len(points))
+        return left
+
+
+def earlier_trials(tracker: Tracker, experiment_id: str, space: SearchSpace, task: str, metric: str,
+                   mode: str) -> WarmStart:
+    import optuna
+
+    searches = {run.info.run_id: run for run in tracker.runs_of_type(experiment_id, "search")
+                if Path(run.data.params.get("space", "")).stem == space.name}
+    warm, used = WarmStart(), set()
+    for run in tracker.runs_of_type(experiment_id, "trial", finished_only=True) if searches else []:
+        search = searches.get(run.data.tags.get(PARENT_TAG, ""))
+        value = run.data.metrics.get(metric)
+        if search is None:
+            continue
+        warm.tried.append(run.data.params)
+        if value is None or not math.isfinite(value):
+            continue
+        point = space.as_optuna(run.data.params)
+        if point is None:
+            warm.skipped += 1
+            continue
+        params, distributions = point
+        warm.trials.append(optuna.trial.create_trial(
+            value=value, params=params, distributions=distributions,
+            user_attrs={WARM_ATTR: search.info.run_name, "mlflow_run_id": run.info.run_id}))
+        used.add(search.info.run_id)
+    warm.searches = len(used)
+    if warm.skipped:
+        log.warning("warm start: %d finished trial(s) of earlier searches of %s (%s) outside the space now (a value "
+                    "beyond its range or choices, or another fixed value): skipped", warm.skipped, task, space.name)
+    if not warm.trials:
+        log.warning("warm start: no finished trial of an earlier search of %s (%s) to start from: the search starts "
+                    "cold", task, space.name)
+        return warm
+    best = (max if mode == "max" else min)(t.value for t in warm.trials)
+    log.info("warm start: %d earlier trials of %s (%s) given to the sampler, best %s %.4f (from %d search%s)",
+             len(warm.trials), task, space.name, metric, best, warm.searches, "" if warm.searches == 1 else "es")
+    return warm
