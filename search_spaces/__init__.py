@@ -35,6 +35,7 @@ class SearchSpace:
     params: dict[str, Any]
     source: str
     initial_points: list[dict] = field(default_factory=list)
+    fallback: str | None = None  # the from-scratch space searched where no ImageNet weights can be had
 
     def __call__(self, trial) -> dict[str, Any]:
         fixed: dict[str, Any] = {}
@@ -183,7 +184,7 @@ def load_space(path: Path | str) -> SearchSpace:
         raise UserInputError(f"{path}: YAML syntax error{where}") from None
     if not isinstance(document, dict) or not isinstance(document.get("params"), dict) or not document["params"]:
         raise UserInputError(f"{path}: expected a mapping with a non-empty `params:` section")
-    unknown = set(document) - {"params", "initial_points", "description"}
+    unknown = set(document) - {"params", "initial_points", "description", "fallback"}
     if unknown:
         raise UserInputError(f"{path}: unknown section {sorted(unknown)[0]!r}")
     params = document["params"]
@@ -198,7 +199,10 @@ def load_space(path: Path | str) -> SearchSpace:
         extra = set(point) - set(params)
         if extra:
             raise UserInputError(f"{path}: initial point sets unknown parameter {sorted(extra)[0]!r}")
-    return SearchSpace(params=params, source=str(path), initial_points=points)
+    fallback = document.get("fallback")
+    if fallback is not None and not (isinstance(fallback, str) and builtin_space_path(fallback).exists()):
+        raise UserInputError(f"{path}: fallback {fallback!r} is not a space shipped with tune-cells")
+    return SearchSpace(params=params, source=str(path), initial_points=points, fallback=fallback)
 
 
 def _check_param(path: Path, name: str, spec: Any, earlier: list[str]) -> None:

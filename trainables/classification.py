@@ -15,7 +15,14 @@ from torch import nn
 from tune_cells.config import ClassificationConfig
 from tune_cells.model_io import ModelSpec
 from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
-from tune_cells.training import Precision, evaluate_logits, on_device, predict_logits, train_one_epoch
+from tune_cells.training import (
+    Precision,
+    class_balance_weights,
+    evaluate_logits,
+    on_device,
+    predict_logits,
+    train_one_epoch,
+)
 from tune_cells.transforms import TrainPreset
 
 METRICS = ("train_loss", "val_loss", "val_accuracy", "val_balanced_accuracy", "lr", "epoch_time_s", "data_time_s")
@@ -63,7 +70,10 @@ class ClassificationTrainer(TrialTrainer):
                          mean=list(data.mean), std=list(data.std), config=config.to_flat())
         self.precision = Precision.for_device(self.device, config.mixed_precision, config.channels_last)
         model = self.precision.prepare_model(spec.build(load_pretrained=True).to(self.device))
-        self.train_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        balance = class_balance_weights(np.asarray(data.train_labels), len(data.classes))
+        self.sample_weights = balance[torch.as_tensor(data.train_labels)] if config.class_balance == "sampler" else None
+        self.train_loss_fn = nn.CrossEntropyLoss(weight=balance.to(self.device) if config.class_balance == "loss" else None,
+                                                 label_smoothing=config.label_smoothing)
         self.val_loss_fn = nn.CrossEntropyLoss()  # unsmoothed, so val_loss compares across trials
         self.preset = TrainPreset(spec.preset(), flip=config.flip, rotate90=config.rotate90, affine=config.affine,
                                   color_jitter=config.color_jitter)
@@ -76,7 +86,7 @@ class ClassificationTrainer(TrialTrainer):
     def train_epoch(self) -> dict[str, float]:
         loss, data_time = train_one_epoch(self.model, self.train_images, self.train_labels, self.optimizer,
                                           self.preset, self.config.batch_size, self.train_loss_fn, self.device,
-                                          self.generator, self.precision)
+                                          self.generator, self.precision, self.sample_weights)
         # data_time_s: batch preparation (indexing, augmentation), the input pipeline's share
         return {"train_loss": loss, "data_time_s": data_time}
 

@@ -36,6 +36,10 @@ class TrainerConfig(BaseModel):
     color_jitter: float = Field(0.0, ge=0, le=1, description="strength of brightness/contrast/stain jitter")
     mixed_precision: Literal["auto"] | bool = Field("auto", description="bf16 autocast; auto: on CUDA only")
     channels_last: Literal["auto"] | bool = Field("auto", description="NHWC memory layout; auto: on CUDA only")
+    warmup_epochs: int = Field(0, ge=0, le=20, description="linear LR warm-up over the first N epochs (cosine "
+                               "and constant schedules)")
+    backbone_lr_scale: float = Field(1.0, gt=0, le=1, description="pretrained backbones train at lr x this; "
+                                     "their new head at lr")
     checkpoint_every: int = Field(5, ge=1, description="full trainer state (optimiser too) every N epochs and at "
                                   "the last; weights alone whenever the metric improves")
     seed: int | None = Field(None, description="trial seed [default: the search's --seed]")
@@ -116,6 +120,9 @@ class ClassificationConfig(TrainerConfig):
     affine: float = Field(0.0, ge=0, le=1, description="strength of random rotation, scale and shear")
     image_size: int | None = Field(None, ge=8, description="network input side [default: the task's "
                                                                     "decoded size]")
+    class_balance: Literal["none", "loss", "sampler"] = Field(
+        "none", description="unequal classes: inverse-frequency weights in the training loss, or balanced "
+                            "sampling of training images (validation and selection are unchanged)")
 
 
 class SegmentationConfig(TrainerConfig):

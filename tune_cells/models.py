@@ -40,6 +40,7 @@ class ModelEntry:
     # Hyperparameters with a fixed set of values (checked by the preflight); a callable is asked
     # when needed, so a set filled by later registrations (U-Net encoders) is complete.
     allowed: dict[str, tuple] | Callable[[], dict[str, tuple]] = field(default_factory=dict)
+    min_image_size: int = 0  # smaller inputs collapse its feature maps (the preflight refuses them)
 
     @property
     def choices(self) -> dict[str, tuple]:
@@ -58,7 +59,8 @@ _ENCODERS: dict[str, str] = {}
 
 
 def register_model(*, kind: str = "classification", gpu_share: float = _DEFAULT_GPU_SHARE, weights: str | None = None,
-                   first_conv: str | None = None, head: HeadBuilder | None = None, choices=None):
+                   first_conv: str | None = None, head: HeadBuilder | None = None, choices=None,
+                   min_image_size: int = 0):
     """Register the decorated builder under its function name, with its facts."""
     def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = builder.__name__
@@ -68,14 +70,14 @@ def register_model(*, kind: str = "classification", gpu_share: float = _DEFAULT_
             raise ValueError(f"model {name!r}: gpu_share {gpu_share} is not in (0, 1]")
         description = " ".join((inspect.getdoc(builder) or "").partition("\n\n")[0].split())  # first paragraph
         _REGISTRY[name] = ModelEntry(name, builder, kind, gpu_share, weights, first_conv, head, description,
-                                     choices or {})
+                                     choices or {}, min_image_size)
         return builder
 
     return register
 
 
 def register_backbone(*, weights: str, first_conv: str | None = None, head: HeadBuilder | None = None,
-                      gpu_share: float = _DEFAULT_GPU_SHARE, unet_encoder: bool = False):
+                      gpu_share: float = _DEFAULT_GPU_SHARE, unet_encoder: bool = False, min_image_size: int = 0):
     """Register a torchvision classifier named as torchvision's constructor. Its head and first
     conv must be declared: a default head would silently give a new backbone the wrong network."""
     def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -84,7 +86,8 @@ def register_backbone(*, weights: str, first_conv: str | None = None, head: Head
             raise ValueError(f"torchvision backbone {builder.__name__!r} is registered without {' and '.join(missing)}")
         if unet_encoder:
             register_encoder(builder.__name__, weights=weights)
-        return register_model(gpu_share=gpu_share, weights=weights, first_conv=first_conv, head=head)(builder)
+        return register_model(gpu_share=gpu_share, weights=weights, first_conv=first_conv, head=head,
+                              min_image_size=min_image_size)(builder)
 
     return register
 
@@ -262,7 +265,11 @@ def _torchvision_classifier(arch, num_classes, in_channels, pretrained, freeze_f
     if freeze_features:
         for param in model.parameters():
             param.requires_grad = False
+    backbone = {id(param) for param in model.parameters()}
     entry.head(model, num_classes, float(dropout))  # installed after freezing: the head stays trainable
+    for param in model.parameters():  # the new head, which `backbone_lr_scale` leaves at the full rate
+        if id(param) not in backbone:
+            param.is_new_head = True
     return _adapt(model, in_channels, bool(pretrained), entry.first_conv)
 
 
@@ -302,7 +309,9 @@ def _alexnet_head(model: nn.Module, num_classes: int, dropout: float) -> None:
                                      nn.Linear(512, num_classes))
 
 
-@register_backbone(weights="AlexNet_Weights", first_conv="features.0", head=_alexnet_head, gpu_share=0.5)
+# AlexNet's strided stem leaves a 1x1 map before its 6x6 pooling at 78 px; the HEp-2 recipe fed it 224 px.
+@register_backbone(weights="AlexNet_Weights", first_conv="features.0", head=_alexnet_head, gpu_share=0.5,
+                   min_image_size=224)
 def alexnet(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.5,
             load_weights: bool = True):
     """AlexNet (torchvision) with the HEp-2 recipe's two-layer head."""

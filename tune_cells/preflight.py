@@ -23,6 +23,7 @@ from tune_cells.paths import DEFAULT_WORKDIR, WorkDir
 from tune_cells.redact import without_credentials
 from tune_cells.resources import check_local_resources
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
+from tune_cells.space_weights import fit_space_to_weights
 from tune_cells.tasks import TaskSpec, get_task
 from tune_cells.tracking_checks import check_store
 
@@ -183,7 +184,10 @@ def check_space(space: SearchSpace, seed: int, kind: TaskKind | None = None) -> 
         if kind is not None and model_kind is not kind:
             raise UserInputError(f"{space.source}: model {entry.name} is a {model_kind.name} model; this task is "
                                  f"{kind.name}")
-        model_kind.parse_config(config, strict=True, source=space.source)
+        parsed = model_kind.parse_config(config, strict=True, source=space.source)
+        if getattr(parsed, "image_size", None) and parsed.image_size < entry.min_image_size:
+            raise UserInputError(f"{space.source}: {entry.name} needs image_size >= {entry.min_image_size} (its "
+                                 f"feature maps collapse below that); the space gives {parsed.image_size}")
         if config.get("pretrained"):
             arch = pretrained_arch(config["model"], config.get("encoder"))
             if not has_pretrained_weights(arch):
@@ -208,7 +212,7 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     task = get_task(opts.task)
     check_options(opts)
     check_local_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.address)
-    space = load_space(opts.space or builtin_space_path(task.default_space))
+    space = fit_space_to_weights(load_space(opts.space or builtin_space_path(task.default_space)))
     check_space(space, opts.seed, task.kind)
     workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
     index = load_dataset(task, opts.data, workdir)

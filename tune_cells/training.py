@@ -70,7 +70,14 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def build_optimizer(config: TrainerConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW or SGD; a pretrained backbone's layers at `lr x backbone_lr_scale`, its new head at `lr`
+    (the head is the first group, whose rate is the one reported)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    head = [p for p in trainable if getattr(p, "is_new_head", False)]
+    params: list = trainable
+    if config.backbone_lr_scale != 1.0 and head and len(head) < len(trainable):
+        rest = [p for p in trainable if not getattr(p, "is_new_head", False)]
+        params = [{"params": head}, {"params": rest, "lr": config.lr * config.backbone_lr_scale}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                                nesterov=True)
@@ -78,12 +85,22 @@ def build_optimizer(config: TrainerConfig, model: nn.Module) -> torch.optim.Opti
 
 
 def build_lr_schedule(config: TrainerConfig, optimizer, max_epochs: int):
-    """Per-epoch schedule; `plateau` steps on the validation loss (see `step_lr_schedule`)."""
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs), eta_min=config.lr * 0.01)
+    """Per-epoch schedule; `plateau` steps on the validation loss (see `step_lr_schedule`). A warm-up
+    (`warmup_epochs`) rises linearly to the rate first (a new head's large gradients would otherwise
+    disturb pretrained features), then the cosine or constant schedule runs."""
+    from torch.optim import lr_scheduler
+
     if config.lr_schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2)
-    return None
+        return lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2)
+    warmup = min(config.warmup_epochs, max(0, max_epochs - 1))
+    if config.lr_schedule == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs - warmup), eta_min=config.lr * 0.01)
+    else:
+        main = None
+    if not warmup:
+        return main
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    return ramp if main is None else lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 def step_lr_schedule(schedule, val_loss: float) -> None:
@@ -119,6 +136,7 @@ def train_one_epoch(
     device: torch.device,
     generator: torch.Generator,
     precision: Precision = FLOAT32,
+    sample_weights: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """One pass over the training images: (mean loss, seconds spent launching batch preparation).
 
@@ -128,7 +146,11 @@ def train_one_epoch(
     import time
 
     model.train()
-    order = torch.randperm(len(images), generator=generator)
+    freeze_frozen_batchnorm(model)
+    if sample_weights is None:
+        order = torch.randperm(len(images), generator=generator)
+    else:  # balanced sampling: as many draws as images, each class equally likely
+        order = torch.multinomial(sample_weights, len(images), replacement=True, generator=generator)
     total, count, data_seconds = torch.zeros((), device=device), 0, 0.0
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -149,6 +171,21 @@ def train_one_epoch(
     if not math.isfinite(mean):
         raise NonFiniteLossError(f"training loss became {mean} (try a lower learning rate)")
     return mean, data_seconds
+
+
+def freeze_frozen_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers whose parameters are frozen (`freeze_features`) keep their running
+    statistics too: in train mode they would drift to the new data while the weights stay put."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def class_balance_weights(labels: np.ndarray, classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights, mean 1 over the training images (absent classes: 0)."""
+    counts = np.bincount(labels, minlength=classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 @torch.no_grad()
