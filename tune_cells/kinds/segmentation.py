@@ -85,7 +85,7 @@ class SegmentationKind(TaskKind):
         masks = [predictor.predict_masks(image) for image in images]
         return write_predictions(predictor, names, images, masks, mask_dir)
 
-    def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
+    def finalize(self, checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
         return {}  # the trial's own validation Dice stands; thresholds stay the trial's
 
     def evaluate(self, context):
