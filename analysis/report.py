@@ -77,7 +77,7 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
         search_plots.parallel_coordinates(plotted.dropna(subset=["best_value"]), searched, metric, mode,
                                           folder / "parallel_coordinates.png"),
         search_plots.pareto_front(trials, metric, mode, parent.data.tags.get("latency_protocol", ""),
-                                  folder / "pareto_front.png"),
+                                  folder / "pareto_front.png", _budget(parent.data.tags)),
     ]
     trials.to_csv(folder / "trials.csv", index=False)
     importance.rename("importance").to_csv(folder / "param_importance.csv", index_label="param")
@@ -139,6 +139,12 @@ def param_importance(trials: pd.DataFrame, space: dict, searched: list[str], mod
         log.warning("parameter importance skipped: %s", exc)
         return pd.Series(dtype=float)
     return pd.Series(importance, dtype=float)
+
+
+def _budget(tags: dict) -> float | None:
+    """The search's --max-latency-ms, if it had one."""
+    value = _number(tags.get("latency_budget_ms", "none"))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _number(value: str):

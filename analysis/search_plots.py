@@ -116,9 +116,11 @@ def parallel_coordinates(trials: pd.DataFrame, params: list[str], metric: str, m
     return _save(fig, path)
 
 
-def pareto_front(trials: pd.DataFrame, metric: str, mode: str, protocol: str, path: Path) -> Path:
+def pareto_front(trials: pd.DataFrame, metric: str, mode: str, protocol: str, path: Path,
+                 budget: float | None = None) -> Path:
     """Validation metric against latency per image (log x): every measured trial a point, the
-    non-dominated ones (no other trial both faster and better) joined and labelled, the champion starred."""
+    non-dominated ones (no other trial both faster and better) joined and labelled, the champion
+    starred, a latency budget dashed."""
     points = trials.dropna(subset=["best_value", "latency_ms_per_image"])
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     if points.empty:
@@ -137,6 +139,8 @@ def pareto_front(trials: pd.DataFrame, metric: str, mode: str, protocol: str, pa
     champion = points[points["champion"]]
     ax.scatter(champion["latency_ms_per_image"], champion["best_value"], marker="*", s=260, color="tab:red",
                edgecolor="black", label="champion", zorder=4)
+    if budget is not None:
+        ax.axvline(budget, ls="--", color="grey", lw=1.2, label=f"--max-latency-ms {budget:g}")
     ax.set_xscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
