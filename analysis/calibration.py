@@ -55,16 +55,16 @@ def fit_temperature(logits: np.ndarray | torch.Tensor, labels: np.ndarray) -> fl
     return float(np.clip(log_t.exp().item(), TEMPERATURE_RANGE[0], TEMPERATURE_RANGE[1]))
 
 
-def calibrate(classifier, images: np.ndarray, labels: np.ndarray,
-              fold_of: np.ndarray | None = None) -> dict[str, float | str]:
-    """Set a classifier's test-time augmentation (kept when it raises balanced accuracy on these
-    validation images, or keeps it and lowers the loss) and temperature (fitted on them). A fold
-    ensemble is judged out of fold: each image by the member that did not train on it."""
+def calibrate(classifier, images: np.ndarray, labels: np.ndarray, fold_of: np.ndarray | None = None,
+              allow_tta: bool = True) -> dict[str, float | str]:
+    """Set a classifier's test-time augmentation (kept when allowed and it raises balanced accuracy
+    on these validation images, or keeps it and lowers the loss) and temperature (fitted on them). A
+    fold ensemble is judged out of fold: each image by the member that did not train on it."""
     from sklearn.metrics import balanced_accuracy_score
 
     labels = np.asarray(labels)
     scored = {}
-    for tta in ("none", "dihedral"):
+    for tta in ("none", "dihedral") if allow_tta else ("none",):
         classifier.spec.tta = tta
         logits = _held_out_logits(classifier, images, fold_of)
         nll = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels)))

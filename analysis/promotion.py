@@ -35,28 +35,39 @@ class SearchOutcome:
     tracking_uri: str
     best_config_file: Path
     decision: Decision
+    latency_note: str = ""  # with --max-latency-ms: the promoted trial's latency, and the best trial's
 
 
 FAILPOINT_ENV = "TUNE_CELLS_FAIL_AT"  # tests: kill this process (SIGKILL) at the named promotion step
 
 
 def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], max_epochs: int,
-            data) -> SearchOutcome:
+            data, max_latency_ms: float | None = None) -> SearchOutcome:
     """The promotion pipeline of a search (`prep`: its PreparedSearch, `result`: Ray's SearchResult,
     `data`: the trials' train/validation data):
 
-    stage the best checkpoint and finish it on validation (test-time augmentation, temperature) →
-    register it (one version per search, keyed by the search run) → decide: champion, or challenger
-    → move the aliases → finish the search run.
+    measure each finished trial's cost (parameters, latency per image) → take the best trial (with
+    `max_latency_ms`: the best whose latency fits) → stage its best checkpoint and finish it on
+    validation (test-time augmentation, temperature) → register it (one version per search, keyed by
+    the search run) → decide: champion, or challenger → move the aliases → finish the search run.
 
     Every step is idempotent, so a promotion killed at any step is completed by `search --resume`:
     one version per search, the right `champion` and `previous-champion`, no run left RUNNING.
     """
+    from tune_cells.analysis import latency
+
     task, name = prep.task, prep.model_name
     staging = prep.workdir.promotion_staging(parent)
-    version = _register(tracker, parent, prep, split, result, trial_runs, staging, data)
+    costs = latency.measure_trials(tracker, result, trial_runs, task.mode, staging)
+    _failpoint("measured")
+    existing = tracker.version_of_search(name, parent)
+    overall = result.best_trial_id
+    result, note = latency.within_budget(result, costs, max_latency_ms, task.name,
+                                         existing.tags.get("ray_trial_id") if existing is not None else None)
+    version = _register(tracker, parent, prep, split, result, trial_runs, staging, data,
+                        latency.cost_of(costs, result.best_trial_id), max_latency_ms)
     _failpoint("registered")
-    decision = _decide(tracker, name, version, task)
+    decision = _decide(tracker, name, version, task, max_latency_ms, staging)
     _failpoint("decided")
     if decision.champion:
         tracker.move_champion(name, version, decision.previous)
@@ -72,7 +83,9 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": trial_runs.get(
         result.best_trial_id, ""), "model_name": name, "model_version": version,
         "previous_champion": decision.previous or "", "promotion": decision.reason,
-        "ray_experiment_path": result.experiment_path})
+        "ray_experiment_path": result.experiment_path, "best_trial_overall": overall, "latency_protocol":
+        latency.protocol(latency.promotion_device()), "latency_budget_ms": f"{max_latency_ms:g}" if max_latency_ms
+        else "none"})
     best_config_file = export_best_config(prep, parent, result)
     tracker.log_artifact(parent, best_config_file)
     tracker.end_run(parent)
@@ -82,7 +95,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
         model_name=name, model_version=version, best_trial_id=result.best_trial_id,
         best_metric=result.best_metric, best_epoch=result.best_epoch, best_config=result.best_config,
         trials=len(result.trials), failed_trials=failed, stopped_early=stopped, wall_time_s=0.0,
-        tracking_uri=tracker.tracking_uri, best_config_file=best_config_file, decision=decision,
+        tracking_uri=tracker.tracking_uri, best_config_file=best_config_file, decision=decision, latency_note=note,
     )
 
 
@@ -93,16 +106,24 @@ class Decision:
     previous: str | None = None  # the champion it replaces
 
 
-def _decide(tracker, name: str, version: str, task) -> Decision:
+def _decide(tracker, name: str, version: str, task, max_latency_ms: float | None, staging: Path) -> Decision:
     """Champion when there is none, or when this version is better on validation data that both
-    were scored on (the same split file); else challenger. Written on the version before any alias
-    moves, so a resumed promotion repeats the same decision."""
+    were scored on (the same split file), or (with a latency budget) when the champion's latency
+    exceeds it; else challenger. Written on the version before any alias moves, so a resumed
+    promotion repeats the same decision."""
+    from tune_cells.analysis.latency import champion_over_budget
+
     mine = tracker.client.get_model_version(name, version).tags
     if "promotion" in mine:  # an earlier attempt decided
         return Decision(mine["promotion"] == CHAMPION, mine.get("promotion_reason", ""),
                         mine.get("previous_champion") or None)
     champion = tracker.version_for_alias(name, CHAMPION)
-    decision = compare(mine, champion, task.metric, task.mode)
+    slow = None
+    if max_latency_ms is not None and champion is not None and str(champion.version) != version:
+        slow = champion_over_budget(tracker, champion, max_latency_ms, staging)
+    decision = compare(mine, champion, task.metric, task.mode) if slow is None else Decision(
+        True, f"champion: champion version {champion.version} is over the latency budget ({slow:.3g} ms > "
+              f"{max_latency_ms:g} ms per image)", previous=str(champion.version))
     tracker.set_version_tags(name, version, {
         "promotion": CHAMPION if decision.champion else CHALLENGER, "promotion_reason": decision.reason,
         "previous_champion": decision.previous or ""})
@@ -149,10 +170,13 @@ def promote_by_hand(tracker, name: str, version: str) -> str | None:
     return previous
 
 
-def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], staging: Path, data) -> str:
+def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], staging: Path, data,
+              cost=None, max_latency_ms: float | None = None) -> str:
     """The search's registered version: the one an earlier attempt registered, else a new one
-    from the best checkpoint, staged in the working folder (not the system's temp folder)."""
+    from the best checkpoint, staged in the working folder (not the system's temp folder); tagged
+    with its `cost` (latency.Cost) as it predicts."""
     from tune_cells import ray_backend
+    from tune_cells.analysis.latency import allows_tta, version_cost_tags
     from tune_cells.model_io import strip_training_state
 
     task = prep.task
@@ -161,7 +185,9 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
         return str(existing.version)
     checkpoint = ray_backend.copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
     strip_training_state(checkpoint)
-    chosen = {"validation_score": result.best_metric, **task.kind.finalize(checkpoint, data)}
+    allow_tta = allows_tta(cost, max_latency_ms)
+    chosen = {"validation_score": result.best_metric, **task.kind.finalize(checkpoint, data, allow_tta=allow_tta)}
+    chosen.update(version_cost_tags(cost, str(chosen.get("tta", "none")), max_latency_ms))
     _failpoint("staged")
     best_run = trial_runs.get(result.best_trial_id, "")
     return tracker.log_model(best_run or parent, checkpoint, prep.model_name, tags={

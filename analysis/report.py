@@ -57,10 +57,13 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
             "best_value": (values.max() if mode == "max" else values.min()) if len(values) else float("nan"),
             "last_value": values.iloc[-1] if len(values) else float("nan"),
             "failure": run.data.tags.get("failure", ""), "champion": trial == champion,
+            "latency_ms_per_image": run.data.metrics.get("latency_ms_per_image", float("nan")),
+            "param_count": run.data.metrics.get("param_count", float("nan")),
             **{f"param_{k}": _number(v) for k, v in run.data.params.items()},
         })
     trials = pd.DataFrame(rows).sort_values("start_time").reset_index(drop=True)
     trials.insert(0, "number", range(1, len(trials) + 1))
+    trials["param_count"] = trials["param_count"].round().astype("Int64")  # NaN: not measured
     curves = pd.DataFrame(curves, columns=["trial", "epoch", "value"])
     space = _logged_space(tracker, parent.info.run_id)
     searched = [p for p, spec in space.get("params", {}).items() if isinstance(spec, dict)]
@@ -73,6 +76,8 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
         search_plots.importance_bars(importance, metric, folder / "param_importance.png"),
         search_plots.parallel_coordinates(plotted.dropna(subset=["best_value"]), searched, metric, mode,
                                           folder / "parallel_coordinates.png"),
+        search_plots.pareto_front(trials, metric, mode, parent.data.tags.get("latency_protocol", ""),
+                                  folder / "pareto_front.png", _budget(parent.data.tags)),
     ]
     trials.to_csv(folder / "trials.csv", index=False)
     importance.rename("importance").to_csv(folder / "param_importance.csv", index_label="param")
@@ -136,6 +141,12 @@ def param_importance(trials: pd.DataFrame, space: dict, searched: list[str], mod
     return pd.Series(importance, dtype=float)
 
 
+def _budget(tags: dict) -> float | None:
+    """The search's --max-latency-ms, if it had one."""
+    value = _number(tags.get("latency_budget_ms", "none"))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _number(value: str):
     """An MLflow param (always a string) back as the bool, int or float it was logged from."""
     if value in ("True", "False"):
@@ -151,13 +162,15 @@ def _html_page(name: str, parent, metric: str, mode: str, trials: pd.DataFrame, 
                searched: list[str]) -> str:
     tags = parent.data.tags
     columns = ["number", "trial", "status", "epochs", "stopped_early", "best_value", "last_value", "champion",
-               *[f"param_{p}" for p in searched if f"param_{p}" in trials], "failure"]
+               "latency_ms_per_image", "param_count", *[f"param_{p}" for p in searched if f"param_{p}" in trials],
+               "failure"]
     table = trials[columns].rename(columns={"best_value": f"best {metric}", "last_value": f"last {metric}"})
     summary = (f"{len(trials)} trials, {int(trials['stopped_early'].sum())} stopped early by ASHA, "
                f"{int((trials['status'] == 'FAILED').sum())} failed. Champion: trial {tags.get('best_trial_id', '?')} "
                f"(model version {tags.get('model_version', '?')}), {mode} {metric}.")
     figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{f}</figcaption></figure>' for f in
-                      ("learning_curves.png", "best_so_far.png", "param_importance.png", "parallel_coordinates.png"))
+                      ("learning_curves.png", "best_so_far.png", "param_importance.png", "parallel_coordinates.png",
+                       "pareto_front.png"))
     ranked = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in importance.sort_values(ascending=False).items())
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tune-cells report: {html.escape(name)}</title>
@@ -167,6 +180,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px}} tr:nth-child(even){{background:#f
 <body><h1>Search {html.escape(name)}</h1>
 <p>Experiment run {html.escape(parent.info.run_id)}; task {html.escape(tags.get('task', '?'))}. {html.escape(summary)}</p>
 <p>Parameter importance: {ranked or 'not computed (too few finished trials)'}</p>
+<p>Latency: {html.escape(tags.get('latency_protocol', 'not measured (a search before latency was measured)'))};
+budget: {html.escape(tags.get('latency_budget_ms', 'none'))} ms.</p>
 {figures}
 <h2>Trials</h2>
 {table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)}

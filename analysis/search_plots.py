@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -113,6 +114,55 @@ def parallel_coordinates(trials: pd.DataFrame, params: list[str], metric: str, m
     ax.set_title("Parallel coordinates of the searched parameters (colour: best metric)")
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax, label=metric)
     return _save(fig, path)
+
+
+def pareto_front(trials: pd.DataFrame, metric: str, mode: str, protocol: str, path: Path,
+                 budget: float | None = None) -> Path:
+    """Validation metric against latency per image (log x): every measured trial a point, the
+    non-dominated ones (no other trial both faster and better) joined and labelled, the champion
+    starred, a latency budget dashed."""
+    points = trials.dropna(subset=["best_value", "latency_ms_per_image"])
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    if points.empty:
+        ax.text(0.5, 0.5, "no trial's latency was measured", ha="center", va="center")
+        ax.set_axis_off()
+        return _save(fig, path)
+    front = points.loc[non_dominated(points["latency_ms_per_image"], points["best_value"], mode)]
+    front = front.sort_values("latency_ms_per_image")
+    ax.scatter(points["latency_ms_per_image"], points["best_value"], s=30, color="tab:blue", alpha=0.6,
+               label="trial (its best epoch)", zorder=2)
+    ax.plot(front["latency_ms_per_image"], front["best_value"], "-o", color="tab:orange", lw=1.6, ms=6,
+            label="Pareto front", zorder=3)
+    for _, row in front.iterrows():
+        ax.annotate(str(row["trial"]), (row["latency_ms_per_image"], row["best_value"]), xytext=(4, 4),
+                    textcoords="offset points", fontsize=8)
+    champion = points[points["champion"]]
+    ax.scatter(champion["latency_ms_per_image"], champion["best_value"], marker="*", s=260, color="tab:red",
+               edgecolor="black", label="champion", zorder=4)
+    if budget is not None:
+        ax.axvline(budget, ls="--", color="grey", lw=1.2, label=f"--max-latency-ms {budget:g}")
+    ax.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("latency per image (ms, log scale)")
+    ax.set_ylabel(f"{metric} (validation)")
+    ax.set_title(f"Accuracy against latency ({len(points)} trials)")
+    if protocol:
+        fig.text(0.01, 0.01, protocol, fontsize=6, color="grey")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+def non_dominated(latency: pd.Series, value: pd.Series, mode: str) -> pd.Index:
+    """Index of the points no other point beats on both: at most the latency and at least as good,
+    better in one. (Ties on both are all kept.)"""
+    better = value if mode == "max" else -value
+    keep = [i for i in latency.index if not ((latency <= latency[i]) & (better >= better[i])
+                                             & ((latency < latency[i]) | (better > better[i]))).any()]
+    return pd.Index(keep)
 
 
 def _save(fig, path: Path) -> Path:

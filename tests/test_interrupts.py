@@ -87,7 +87,7 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     # The second search repeats the first's space on the same split, so it would tie; a weaker
     # recorded score makes the champion rule move `champion` to it, which is the path to test.
     client.set_model_version_tag(MODEL, "1", "validation_score", "0.0")
-    steps = ["staged", "registered", "decided", "moved"]
+    steps = ["measured", "staged", "registered", "decided", "moved"]
     for number, step in enumerate(steps):
         search = start(root, *(("--resume",) if number else ()), fail_at=step)
         assert search.wait(timeout=600) == -signal.SIGKILL, last_log(root)[-3000:]

@@ -73,6 +73,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @tracking_option
 @click.option("--storage", default=None, help="Ray storage path or URI [default: WORKDIR/ray/EXPERIMENT].")
 @click.option("--address", default=None, help="Ray cluster address (auto or HOST:PORT) [default: a local Ray].")
+@click.option("--max-latency-ms", type=float, default=None, help="Promote the best trial whose latency per image "
+              "(measured after the search on the promotion device) is at most this; `report` shows the trade-off.")
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
 @click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
 @click.option("--resume", is_flag=True,
@@ -83,7 +85,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.pass_context
 def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor, cpus_per_trial, gpus_per_trial,
            max_concurrent, seed, folds, group_pattern, space, experiment, workdir, tracking_uri, storage, address,
-           no_evaluate, smoke_test, resume, warm_start):
+           no_evaluate, smoke_test, resume, warm_start, max_latency_ms):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
     from tune_cells.analysis.promotion import evaluate_in_fresh_process
     from tune_cells.preflight import SearchOptions
@@ -97,13 +99,13 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
         reduction_factor=reduction_factor, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
         experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
         address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"], resume=resume, folds=folds,
-        group_pattern=group_pattern, warm_start=warm_start,
+        group_pattern=group_pattern, warm_start=warm_start, max_latency_ms=max_latency_ms,
     ))
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "
                f"({outcome.stopped_early} stopped early by ASHA, {outcome.failed_trials} failed) in {outcome.wall_time_s:.0f} s")
     click.echo(f"Best trial {outcome.best_trial_id}: {outcome.metric} {outcome.best_metric:.4f} at epoch "
-               f"{outcome.best_epoch}\n  {config}")
+               f"{outcome.best_epoch}" + (f", {outcome.latency_note}" if outcome.latency_note else "") + f"\n  {config}")
     why = outcome.decision.reason.partition(": ")[2]
     if outcome.decision.champion:
         click.echo(f"Promoted: models:/{outcome.model_name}@champion (version {outcome.model_version}): {why}")

@@ -7,6 +7,7 @@ touched, so a bad input leaves the user's store and working folder exactly as th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -55,6 +56,7 @@ class SearchOptions:
     folds: int = 1  # K > 1: each trial trains K fold models on the pooled train and validation parts
     group_pattern: str | None = None  # regex on relative paths: images with the same match are related
     warm_start: bool = False  # the study starts with the finished trials of earlier searches of the task and space
+    max_latency_ms: float | None = None  # promote the best trial whose latency per image is at most this
 
 
 @dataclass
@@ -91,6 +93,8 @@ def check_options(opts: SearchOptions) -> None:
         raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: must not be negative")
     if opts.max_concurrent is not None and opts.max_concurrent < 1:
         raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
+    if opts.max_latency_ms is not None and not (math.isfinite(opts.max_latency_ms) and opts.max_latency_ms > 0):
+        raise UserInputError(f"--max-latency-ms {opts.max_latency_ms:g}: must be a number of milliseconds above 0")
     if opts.experiment is not None:
         check_experiment_name(opts.experiment)
     if opts.grace_period > opts.max_epochs:

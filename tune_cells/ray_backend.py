@@ -59,6 +59,9 @@ class TrialSummary:
     iterations: int
     failed: bool
     error: str | None
+    best_checkpoint: tune.Checkpoint | None = None  # its best-epoch checkpoint (None: failed, or none kept)
+    best_metric: float = float("nan")  # the metric at that epoch
+    best_epoch: int = 0
 
 
 @dataclass
@@ -176,7 +179,7 @@ def run_search(request: SearchRequest) -> SearchResult:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         with _pending_trials(request), stop_on_signals():
             try:
-                return _summarise(tuner.fit(), request)
+                return _summarise(tuner.fit(), request.metric, request.mode)
             except FileNotFoundError as exc:  # trial checkpoints deleted since the interruption
                 raise UserInputError(f"--resume: Ray's state under {experiment_path} is incomplete "
                                      f"({Path(exc.filename or str(exc)).name} is missing): start a new search") from None
@@ -209,7 +212,16 @@ def run_search(request: SearchRequest) -> SearchResult:
     )
     with _pending_trials(request), stop_on_signals():
         results = tuner.fit()
-    return _summarise(results, request)
+    return _summarise(results, request.metric, request.mode)
+
+
+def finished_search(experiment_path: str, metric: str, mode: str) -> SearchResult:
+    """A finished search read back from Ray's results folder (no Ray started): its trials and their
+    best checkpoints, as `run_search` returned them; e.g. to run its promotion again."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    return _summarise(ResultGrid(ExperimentAnalysis(experiment_path, default_metric=metric, default_mode=mode)),
+                      metric, mode)
 
 
 def copy_checkpoint(checkpoint: tune.Checkpoint, destination: Path) -> Path:
@@ -303,36 +315,50 @@ def _searcher_trials(experiment_path: str) -> int:
     return -1 if study is None else sum(WARM_ATTR not in t.user_attrs for t in study.trials)
 
 
-def _summarise(results, request: SearchRequest) -> SearchResult:
+def _summarise(results, metric: str, mode: str) -> SearchResult:
     trials = []
     for result in results:
         metrics = result.metrics or {}
+        failed = result.error is not None or bool(metrics.get("failure"))
         trials.append(
             TrialSummary(
                 trial_id=metrics.get("trial_id") or Path(result.path).name,
                 config=result.config or {},
                 iterations=int(metrics.get("training_iteration", 0)),
-                failed=result.error is not None or bool(metrics.get("failure")),
+                failed=failed,
                 error=_first_line(result.error) or metrics.get("failure"),
+                **({} if failed else _best_of(result.best_checkpoints or [], metric, mode)),
             )
         )
     scored = [r for r in results if r.error is None and r.best_checkpoints]
     if not scored:
         errors = "; ".join(t.error for t in trials if t.error)[:500]
         raise RuntimeError(f"no trial produced a checkpoint ({len(trials)} trials; {errors or 'no errors'})")
-    best_result = results.get_best_result(request.metric, request.mode, scope="all", filter_nan_and_inf=True)
-    checkpoint = best_result.get_best_checkpoint(request.metric, request.mode)
+    best_result = results.get_best_result(metric, mode, scope="all", filter_nan_and_inf=True)
+    checkpoint = best_result.get_best_checkpoint(metric, mode)
     checkpoint_metrics = next(m for c, m in best_result.best_checkpoints if c.path == checkpoint.path)
     return SearchResult(
         best_trial_id=best_result.metrics["trial_id"],
         best_config=best_result.config,
-        best_metric=float(checkpoint_metrics[request.metric]),
+        best_metric=float(checkpoint_metrics[metric]),
         best_epoch=int(checkpoint_metrics["training_iteration"]),
         best_checkpoint=checkpoint,
         trials=trials,
         experiment_path=results.experiment_path,
         searcher_trials=_searcher_trials(results.experiment_path),
     )
+
+
+def _best_of(checkpoints: list, metric: str, mode: str) -> dict:
+    """A trial's best kept checkpoint by `metric` (NaN never best), as TrialSummary fields."""
+    import math
+
+    scored = [(c, m) for c, m in checkpoints if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
+    if not scored:
+        return {}
+    checkpoint, metrics = (max if mode == "max" else min)(scored, key=lambda pair: pair[1][metric])
+    return {"best_checkpoint": checkpoint, "best_metric": float(metrics[metric]),
+            "best_epoch": int(metrics.get("training_iteration", 0))}
 
 
 def _first_line(error) -> str | None:

@@ -128,7 +128,8 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         ))
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
         journal.close()
-        return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data)
+        return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data,
+                       opts.max_latency_ms)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         tracker.set_tags(parent, {"failure": without_credentials(f"{type(exc).__name__}: {exc}")[:500]})

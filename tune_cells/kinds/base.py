@@ -97,10 +97,11 @@ class TaskKind(ABC):
     # --- after the search ----------------------------------------------------------------
 
     @abstractmethod
-    def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
+    def finalize(self, checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
         """Choose on validation (`data`: the trials' TrialInputs.data) what the promoted model
         keeps beyond its weights, written into the checkpoint's spec; returns what was chosen and
-        measured, with `validation_score`: the task metric of the model as it will predict."""
+        measured, with `validation_score`: the task metric of the model as it will predict.
+        `allow_tta` False: no test-time augmentation (a latency budget it would break)."""
 
     @abstractmethod
     def evaluate(self, context: EvaluationContext) -> Evaluation:

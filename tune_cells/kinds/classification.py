@@ -87,17 +87,17 @@ class ClassificationKind(TaskKind):
 
         return ClassifierExport(predictor)
 
-    def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
-        """Test-time augmentation when it helps on validation, then a temperature fitted there."""
+    def finalize(self, checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
+        """Test-time augmentation when it helps on validation (and is allowed), then a temperature fitted there."""
         from tune_cells.analysis.calibration import calibrate
         from tune_cells.classifier import ImageClassifier
         from tune_cells.model_io import save_spec
 
         classifier = ImageClassifier.from_checkpoint(checkpoint)
         if data.folds > 1:  # out of fold: the pooled images, each judged by the member it validated
-            chosen = calibrate(classifier, data.train_images, data.train_labels, data.fold_of)
+            chosen = calibrate(classifier, data.train_images, data.train_labels, data.fold_of, allow_tta)
         else:
-            chosen = calibrate(classifier, data.val_images, data.val_labels)
+            chosen = calibrate(classifier, data.val_images, data.val_labels, allow_tta=allow_tta)
         save_spec(checkpoint, classifier.spec)
         return chosen
 

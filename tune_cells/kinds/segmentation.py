@@ -91,7 +91,7 @@ class SegmentationKind(TaskKind):
 
         return SegmenterExport(predictor)
 
-    def finalize(self, checkpoint: Path, data) -> dict[str, float | str]:
+    def finalize(self, checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
         return {}  # the trial's own validation Dice stands; thresholds stay the trial's
 
     def evaluate(self, context):
