@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -17,7 +19,7 @@ def sample_many(space, n=40, seed=0):
 
 
 def test_nuclei_space_is_conditional_and_covers_the_brief():
-    space = load_space(builtin_space_path("nuclei"))
+    space = load_space(builtin_space_path("nuclei-scratch"))
     configs = sample_many(space)
     assert {c["model"] for c in configs} == {"small_convnet", "resnet18"}
     assert {c["optimizer"] for c in configs} == {"adamw", "sgd"}
@@ -124,12 +126,16 @@ def test_a_shipped_space_is_named_without_its_path(tmp_path, monkeypatch):
         load_space("no-such-space")
 
 
-@pytest.mark.parametrize("name", ["nuclei", "nuclei-pretrained", "hep2", "hep2-pretrained", "hep2-mobilenet-pretrained",
-                                  "leukemia", "lung", "lung-pretrained", "folder", "folder-pretrained"])
+@pytest.mark.parametrize("name", ["nuclei", "nuclei-scratch", "nuclei-pretrained", "hep2", "hep2-scratch",
+                                  "hep2-pretrained", "hep2-mobilenet-pretrained", "leukemia", "leukemia-scratch", "lung",
+                                  "lung-pretrained", "folder", "folder-scratch", "folder-pretrained"])
 def test_every_shipped_space_loads(name):
     space = load_space(name)
     assert space.params["model"] and "lr" in space.params
-    assert space.may_use_pretrained == ("pretrained" in name)
+    # the task defaults start pretrained and name their from-scratch fallback
+    defaults = ("nuclei", "hep2", "leukemia", "folder")
+    assert space.may_use_pretrained == ("pretrained" in name or name in defaults)
+    assert space.fallback == (f"{name}-scratch" if name in defaults else None)
 
 
 def test_a_trial_configuration_replays_as_the_spaces_optuna_params(tmp_path):
@@ -158,3 +164,36 @@ def test_a_trial_configuration_replays_as_the_spaces_optuna_params(tmp_path):
                     {"image_size": "64"}, {"flip": "maybe"}):
         assert space.as_optuna({**base, **outside}) is None, outside
     assert space.as_optuna({k: v for k, v in base.items() if k != "lr"}) is None
+
+
+def test_a_default_space_falls_back_to_scratch_offline_with_one_line(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from tune_cells.space_weights import fit_space_to_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TUNE_CELLS_OFFLINE", "1")
+    with caplog.at_level(logging.INFO, logger="tune_cells.space_weights"):
+        space = fit_space_to_weights(load_space("nuclei"))
+    assert Path(space.source).name == "nuclei-scratch.yaml"
+    assert caplog.messages == ["no ImageNet weights for mobilenet_v2, resnet18, resnet50 offline: searching "
+                               "from-scratch models (nuclei-scratch)"]
+
+
+def test_a_default_space_keeps_the_backbones_whose_weights_are_cached(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from tune_cells.models import expected_weights_file
+    from tune_cells.space_weights import fit_space_to_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNE_CELLS_OFFLINE", "1")
+    cached = expected_weights_file("mobilenet_v2")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")  # its presence is what the choice reads; nothing is loaded here
+    with caplog.at_level(logging.INFO, logger="tune_cells.space_weights"):
+        space = fit_space_to_weights(load_space("nuclei"))
+    assert space.params["model"] == "mobilenet_v2" and space.fallback == "nuclei-scratch"
+    assert [p["model"] for p in space.initial_points] == ["mobilenet_v2"]  # ResNet-50's recipe left out
+    assert caplog.messages == ["no ImageNet weights for resnet18, resnet50 offline: searching mobilenet_v2"]
+    check_space(space, seed=0)

@@ -53,6 +53,19 @@ class ClassificationData(FoldedData):
                        val_images=self.train_images[held], val_labels=self.train_labels[held], fold_of=None)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def input_statistics(config: ClassificationConfig, data: ClassificationData) -> tuple[tuple, tuple]:
+    """ImageNet's normalisation for ImageNet-pretrained filters (a grey channel gets the mean of its
+    three, as it is repeated to RGB); otherwise the training part's own."""
+    if not config.model_kwargs.get("pretrained"):
+        return data.mean, data.std
+    if data.channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (sum(IMAGENET_MEAN) / 3,) * data.channels, (sum(IMAGENET_STD) / 3,) * data.channels
+
+
 class ClassificationTrainer(TrialTrainer):
     config_type = ClassificationConfig
     oom_hint = "try a smaller batch_size, fewer trials per GPU (--gpus-per-trial) or a smaller image_size"
@@ -65,9 +78,10 @@ class ClassificationTrainer(TrialTrainer):
 
     def setup(self) -> tuple[ModelSpec, nn.Module]:
         config, data = self.config, self.data
+        mean, std = input_statistics(config, data)
         spec = ModelSpec(task=data.task, architecture=config.model, classes=list(data.classes), channels=data.channels,
                          store_size=data.store_size, image_size=config.image_size or data.store_size,
-                         mean=list(data.mean), std=list(data.std), config=config.to_flat())
+                         mean=list(mean), std=list(std), config=config.to_flat())
         self.precision = Precision.for_device(self.device, config.mixed_precision, config.channels_last)
         model = self.precision.prepare_model(spec.build(load_pretrained=True).to(self.device))
         balance = class_balance_weights(np.asarray(data.train_labels), len(data.classes))

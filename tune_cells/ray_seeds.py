@@ -1,0 +1,47 @@
+"""`evaluate --seeds` on Ray Tune: one fixed configuration retrained under several seeds (beside
+`ray_backend`, whose `init` and `shutdown` it shares)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from tune_cells.ray_backend import _first_line, _result_records
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    best_metric: float
+    best_epoch: int
+    checkpoint: Path  # a local copy of its best-epoch checkpoint
+
+
+def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], config: dict, seeds: list[int],
+              metric: str, mode: str, trial_resources: Callable[[dict], dict[str, float]], storage_path: str,
+              name: str) -> list[SeedRun]:
+    """Train one fixed configuration once per seed (a grid over `seed`, no searcher, no early stop)
+    and return each run's best epoch by `metric`, as the search's promotion rule picks it."""
+    runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
+                                   lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
+    tuner = tune.Tuner(
+        runnable,
+        param_space={**config, "seed": tune.grid_search(list(seeds))},
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=_result_records(),
+                                  failure_config=tune.FailureConfig(max_failures=2),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                                          checkpoint_score_order=mode)),
+    )
+    runs = []
+    for result in tuner.fit():
+        if result.error is not None or not result.best_checkpoints:
+            raise RuntimeError(f"seed {result.config.get('seed')} failed: {_first_line(result.error)}")
+        checkpoint, metrics = result.best_checkpoints[0]
+        runs.append(SeedRun(int(result.config["seed"]), float(metrics[metric]), int(metrics["training_iteration"]),
+                            Path(checkpoint.to_directory())))
+    return sorted(runs, key=lambda r: r.seed)
