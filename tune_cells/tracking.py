@@ -6,6 +6,7 @@ avoids sqlite write races between trial processes).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | evaluation
+# MLflow UI: model development (not GenAI) experiments, evaluation runs marked (their search shows expanded),
+# a run's description (Markdown), and the shared view of the runs table that `runs_page` opens.
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+EVALUATION_RUN_TAGS = {"mlflow.runType": "evaluation"}
+NOTE_TAG, VIEW_KEY = "mlflow.note.content", "tune-cells"
 CHAMPION, PREVIOUS_CHAMPION, CHALLENGER = "champion", "previous-champion", "challenger"
 MODEL_CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")  # the pyfunc's models-from-code file
 _MAX_PARAM_LENGTH = 6000
@@ -68,16 +74,29 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before tune-cells tagged its experiments
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
             return found.experiment_id
         location = None
         if is_local_store(self.tracking_uri):
             # With sqlite the default artifact root is ./mlruns relative to the cwd: pin it.
             location = (self.artifact_root / name).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+
+    def set_runs_view(self, experiment_id: str, metrics: list[str]) -> None:
+        """The runs table as `runs_page` opens it (MLflow's shared view state, an experiment tag):
+        these metric columns first, then each run's model, dataset and source."""
+        columns = [f"metrics.`{m}`" for m in metrics] + [f"attributes.`{a}`" for a in ("Models", "Dataset", "Source")]
+        widths = {f"metrics.`{m}`": 20 + 8 * len(m) for m in metrics}
+        self.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(
+            {"selectedColumns": columns, "columnOrder": columns, "columnWidths": widths}))
 
     def start_run(self, experiment_id: str, name: str, run_type: str, parent_run_id: str | None = None,
-                  tags: dict | None = None) -> str:
+                  tags: dict | None = None, source: str | None = None) -> str:
         all_tags = {RUN_TYPE_TAG: run_type, **(tags or {})}
+        if source:  # the command, the UI's Source column
+            all_tags.update({"mlflow.source.name": source, "mlflow.source.type": "LOCAL"})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
@@ -96,6 +115,25 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dataset(self, run_id: str, dataset, context: str) -> None:
+        """A DatasetRecord (tune_cells.data.splits) as an MLflow dataset input, used for `context`."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        record = Dataset(dataset.name, dataset.digest, "local", json.dumps({"uri": dataset.uri}),
+                         profile=json.dumps(dataset.profile))
+        self.client.log_inputs(run_id, [DatasetInput(record, [InputTag("mlflow.data.context", context)])])
+
+    def link_model(self, run_id: str, version, as_input: bool = False) -> None:
+        """The logged model behind a registry version, as an output of `run_id` (a search: the run page
+        lists it) or an input (an evaluation). Once: a resumed promotion does not add it twice."""
+        from mlflow.entities import LoggedModelInput, LoggedModelOutput
+
+        model_id = logged_model_id(version)
+        if model_id is not None and as_input:
+            self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])  # (merged: idempotent)
+        elif model_id is not None and all(m.model_id != model_id for m in self.get_run(run_id).outputs.model_outputs):
+            self.client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's contents (under `artifact_path`)."""
@@ -333,6 +371,21 @@ def model_checkpoint(model_dir: Path, model_uri: str) -> Path:
     if folder is None or not folder.is_relative_to(model_dir.resolve()) or not folder.is_dir():
         raise UserInputError(f"{model_uri}: not a tune-cells model (its MLmodel file names no checkpoint folder)")
     return folder
+
+
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The UI's runs table in its model-training view (MLflow 3.17 opens its GenAI view unless the
+    URL says otherwise, whatever the experiment's kind), as `set_runs_view` stored it."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
+
+
+def logged_model_id(version) -> str | None:
+    """The MLflow 3 logged model (m-...) a registry version was made from, if any."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = str(getattr(version, "source", ""))
+    return source[len("models:/"):].split("/")[0] if source.startswith("models:/m-") else None
 
 
 def _is_number(value) -> bool:
