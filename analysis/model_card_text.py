@@ -68,15 +68,17 @@ def _header(f: CardFacts) -> str:
 def _model(f: CardFacts) -> str:
     tags, data, config = f.version_tags, f.data, f.config
     mean, std = data.get("train_channel_mean"), data.get("train_channel_std")
-    channels = len(mean) if mean else None
+    size = (f"resized to {config['image_size']} px" if "image_size" in config else
+            f"scaled by {config.get('scale', 1)} and cut into {config['tile_size']} px tiles overlapping by "
+            f"{config.get('overlap', 0)}" if "tile_size" in config else "at its stored size")
     rows = [("Architecture", config.get("model", "?")),
-            ("Input", f"{_channels(channels)} image, resized to {config.get('image_size', '?')} px"
+            ("Input", f"{_channels(len(mean) if mean else None)} image, {size}"
                       + (f"; normalised by the training part's channel mean {_list(mean)} and sd {_list(std)}" if mean else "")),
             ("Output", f"{'one of' if f.label_noun == 'class' else 'a mask for each of'} {len(data.get('classes', []))} "
                        f"{f.label_noun}s: {', '.join(data.get('classes', []))}" if data.get("classes")
              else "see the registered model's signature"),
-            ("Test-time augmentation", tags.get("tta", "none")),
-            ("Temperature", tags.get("temperature", "1 (none)")),
+            *[(name, tags[key]) for name, key in (("Test-time augmentation", "tta"), ("Temperature", "temperature"))
+              if key in tags],
             ("Trained in", f"trial `{tags.get('ray_trial_id', '?')}` (run `{tags.get('trial_run_id', '?')}`), "
                            f"its best epoch {tags.get('epoch', '?')} of at most {f.search_params.get('max_epochs', '?')}"),
             ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial"))]
@@ -103,7 +105,8 @@ def _data(f: CardFacts) -> str:
         names = list(next(iter(counts.values())))
         rows = [(name, *[counts[p].get(name, 0) for p in parts], sum(counts[p].get(name, 0) for p in parts))
                 for name in names]
-        rows.append(("all", *[sum(counts[p].values()) for p in parts], sum(sum(counts[p].values()) for p in parts)))
+        if len(rows) > 1:
+            rows.append(("all", *[sum(counts[p].values()) for p in parts], sum(sum(counts[p].values()) for p in parts)))
         lines.append(_table(("", *parts, "all"), rows))
     lines.append(_groups_sentence(data.get("grouping") or {}, len(data.get("excluded", [])),
                                   params.get("near_duplicates_across_splits")))
@@ -158,14 +161,18 @@ def _metrics(f: CardFacts) -> str:
     for key, value, low, high in metric_rows(f.metrics):
         if key in CALIBRATION:
             continue
-        rows.append((key, _number(value), f"[{_number(low)}, {_number(high)}]" if low is not None else ""))
+        shown = f"{value:.0f}" if "pixels" in key and math.isfinite(value) else _number(value)  # a count
+        rows.append((key, shown, f"[{_number(low)}, {_number(high)}]" if low is not None else ""))
         if key == "test_accuracy" and "test_accuracy_exact_ci_low" in f.metrics:
             rows.append(("test_accuracy (exact binomial CI)", "", f"[{_number(f.metrics['test_accuracy_exact_ci_low'])}, "
                                                                    f"{_number(f.metrics['test_accuracy_exact_ci_high'])}]"))
+    units = f"{e.get('bootstrap_units', '?')} {unit}s"
+    intervals = (f"95% intervals from {e.get('bootstrap_resamples', '?')} bootstrap resamples of the {units}"
+                 f"{' (whole groups: related images together)' if unit == 'group' else ''}"
+                 if any(row[2] for row in rows) else f"no 95% intervals: {units} are too few to resample")
     return (f"## Test metrics\n\nOn the {e.get('test_images', '?')} images of the test part, never used to train or "
-            f"choose the model; 95% intervals from {e.get('bootstrap_resamples', '?')} bootstrap resamples of "
-            f"{e.get('bootstrap_units', '?')} {unit}s{' (whole groups)' if unit == 'group' else ''}. The numbers are "
-            f"the evaluation run's logged metrics.\n\n" + _table(("metric", "value", "95% CI"), rows))
+            f"choose the model; {intervals}. The numbers are the evaluation run's logged metrics.\n\n"
+            + _table(("metric", "value", "95% CI"), rows))
 
 
 def _calibration(f: CardFacts) -> str:
