@@ -12,7 +12,7 @@ from tune_cells.errors import UserInputError
 
 @click.command("card")
 @click.argument("task")
-@click.option("--version", default=None, help="Version of tune-cells-TASK (else tune-cells-TASK-demo) [default: "
+@click.option("--version", default=None, metavar="N", help="Version of tune-cells-TASK (else tune-cells-TASK-demo) [default: "
                                               "the champion].")
 @click.option("--model-uri", default=None, help="Model as models:/NAME/VERSION or models:/NAME@ALIAS.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the card to this file.")
