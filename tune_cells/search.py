@@ -88,6 +88,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         log.warning("%d near-identical image pairs across split parts (e.g. %s in %s ~ %s in %s): held-out "
                     "metrics may be optimistic; edit %s to move them into one part", len(prep.duplicates),
                     first["path_a"], first["part_a"], first["path_b"], first["part_b"], split.path)
+    dataset = dataset_record(prep.index, split)  # the split as an MLflow dataset (search, trial and evaluation runs)
     if opts.resume:
         parent, search_name = prep.resume_run_id, prep.resume_name
         tracker.reopen_run(parent)
@@ -98,7 +99,6 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             "task": task.name, "data_root": str(prep.index.root), "data_source": prep.index.source,
             "split_file": split.path.name, "split_sha256": split.sha256, "ray_experiment": search_name,
         })
-    dataset = dataset_record(prep.index, split)
     try:
         if not opts.resume:
             _log_search_inputs(tracker, parent, opts, prep, split, trial.data, resources)
