@@ -20,6 +20,7 @@ from tune_cells.tasks import TaskSpec
 from tune_cells.tracking import Tracker
 
 SEGMENTATION_HEADLINE = ("test_dice", "test_pooled_dice", "test_jaccard")
+_TEST_LINE = "On the test part"
 CALIBRATION = ("test_ece_before_temperature", "test_ece")
 
 
@@ -49,10 +50,36 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
     experiment_id = tracker.get_run(parent_run_id).info.experiment_id if parent_run_id else tracker.experiment_id(
         f"tune-cells-{task.name}")
     run_name = f"{'external-' if external is not None else ''}evaluation-v{version.version}"
-    return task.kind.evaluate(EvaluationContext(
+    evaluation = task.kind.evaluate(EvaluationContext(
         task=task, tracker=tracker, predictor=predictor, version=version, model_uri=model_uri, reader=reader,
         part=part, source=source, experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id,
         workdir=workdir, n_boot=n_boot))
+    if external is None:  # the version's own test part: its card, and the summary on its search run
+        from tune_cells.analysis.model_card import write_card
+
+        write_card(tracker, version, evaluation.run_id)
+        if parent_run_id and tracker.find_run(parent_run_id) is not None:
+            summarize_on_search_run(tracker, parent_run_id, experiment_id, task, evaluation)
+    return evaluation
+
+
+def summarize_on_search_run(tracker: Tracker, parent_run_id: str, experiment_id: str, task: TaskSpec,
+                            evaluation: Evaluation) -> None:
+    """The test scores of the search's model as the search run's metrics (the UI's runs table shows
+    them on its row) and a line of its description, linking the evaluation run and its model card."""
+    from tune_cells.tracking import NOTE_TAG
+
+    headline = [k for k in HEADLINE + SEGMENTATION_HEADLINE + CALIBRATION if k in evaluation.metrics]
+    tracker.log_metrics(parent_run_id, {k: evaluation.metrics[k] for k in headline})
+    key = "test_" + task.metric.removeprefix("val_")
+    key = key if key in evaluation.metrics else headline[0]
+    low, high = evaluation.intervals.get(key, (np.nan, np.nan))
+    interval = f" (95% CI {low:.4f} to {high:.4f})" if np.isfinite(low) else ""
+    note = tracker.get_run(parent_run_id).data.tags.get(NOTE_TAG, "").split(_TEST_LINE)[0].rstrip()
+    tracker.set_tags(parent_run_id, {NOTE_TAG: (
+        f"{note}\n\n{_TEST_LINE} ({evaluation.n_images} images): {key} {evaluation.metrics[key]:.4f}{interval}. "
+        f"Model card: `model_card.md` in the artifacts of [evaluation-v{evaluation.version}]"
+        f"(#/experiments/{experiment_id}/runs/{evaluation.run_id}).").strip()})
 
 
 def model_split(task: TaskSpec, tracker: Tracker, tags: dict, workdir: Path) -> tuple:

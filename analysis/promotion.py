@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tune_cells.paths import WorkDir
-from tune_cells.tracking import CHALLENGER, CHAMPION
+from tune_cells.tracking import CHALLENGER, CHAMPION, NOTE_TAG
 
 
 @dataclass
@@ -85,7 +85,12 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
         "previous_champion": decision.previous or "", "promotion": decision.reason,
         "ray_experiment_path": result.experiment_path, "best_trial_overall": overall, "latency_protocol":
         latency.protocol(latency.promotion_device()), "latency_budget_ms": f"{max_latency_ms:g}" if max_latency_ms
-        else "none"})
+        else "none",
+        "model_uri": f"models:/{name}/{version}",
+        NOTE_TAG: f"Best trial `{result.best_trial_id}`: {task.metric} {result.best_metric:.4f} at epoch "
+                  f"{result.best_epoch}. Registered as [{name} version {version}](#/models/{name}/versions/{version})"
+                  f" ({decision.reason})."})
+    tracker.link_model(parent, tracker.client.get_model_version(name, version))  # on the search run's page
     best_config_file = export_best_config(prep, parent, result)
     tracker.log_artifact(parent, best_config_file)
     tracker.end_run(parent)

@@ -73,13 +73,21 @@ def test_seeds_report_mean_and_sd_beside_the_champion(searched):
     assert 0 <= runs[0].data.metrics["test_accuracy_seed_mean"] <= 1
 
 
-def test_mlflow_ui_renders_the_search_runs_in_chromium(searched):
+def test_mlflow_ui_renders_the_search_runs_in_chromium(searched, tmp_path):
+    """The link `tune-cells ui` prints opens the search's runs table in MLflow's model-training view
+    (not its GenAI pages), the search run expanded, its row showing the dataset and the task's
+    metric without any configuration, and the champion in the Models column."""
     browser = chromium()
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tune_cells", "ui", "--workdir", searched["workdir"], "--port",
                                str(port)], cwd=searched["root"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
     try:
+        printed = [server.stdout.readline() for _ in range(3)]  # printed before MLflow starts
+        url = printed[2].strip()
+        experiment_id = searched["experiment"].experiment_id
+        assert url == (f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+                       "&viewStateShareKey=tune-cells"), printed
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -90,13 +98,53 @@ def test_mlflow_ui_renders_the_search_runs_in_chromium(searched):
                 pass
             assert server.poll() is None and time.monotonic() < deadline, "MLflow UI did not start"
             time.sleep(0.5)
-        experiment_id = searched["experiment"].experiment_id
-        url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
-        dom = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                              "--virtual-time-budget=30000", "--dump-dom", url],
-                             capture_output=True, text=True, timeout=180).stdout
-        assert "tune-cells-nuclei-demo" in dom or f"Experiment {experiment_id}" in dom
-        assert search_run(searched).info.run_name in dom, dom[-2000:]  # the runs table rendered, not a shell
+        # Wide enough that the grid renders every column it shows (it leaves columns out of view out of the DOM).
+        flags = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--virtual-time-budget=30000", "--window-size=2400,1000"]
+        dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        subprocess.run([*flags, f"--screenshot={tmp_path / 'mlflow-ui-runs.png'}", url], capture_output=True,
+                       timeout=180)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+    search = search_run(searched)
+    rows = row_texts(dom)
+    assert search.info.run_id in rows, dom[-2000:]  # the runs table rendered, not a shell
+    assert "Training runs" not in dom and "Evaluation runs" not in dom  # the GenAI navigation is not shown
+    (dataset,) = searched["client"].get_run(search.info.run_id).inputs.dataset_inputs
+    row = rows[search.info.run_id]
+    assert f"{dataset.dataset.name} ({dataset.dataset.digest})" in row, row
+    assert repr(search.data.metrics["best_val_balanced_accuracy"]) in row, row  # the metric column, unconfigured
+    assert "tune-cells search nuclei" in row  # its source
+    champion = searched["client"].get_model_version("tune-cells-nuclei-demo", "1").tags["trial_run_id"]
+    assert "tune-cells-nuclei-demo" in rows[champion]  # expanded: the best trial's row and its model
+    with Image.open(tmp_path / "mlflow-ui-runs.png") as shot:
+        assert shot.size == (2400, 1000)
+
+
+def row_texts(dom: str) -> dict[str, str]:
+    """The text of each runs-table row (AG Grid's `row-id`: the run id), its cells joined by ' | '."""
+    from html.parser import HTMLParser
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows: dict[str, list[str]] = {}
+            self.stack: list[str | None] = []  # per open div: the row it belongs to
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "div":
+                row = dict(attrs).get("row-id") or (self.stack[-1] if self.stack else None)
+                self.stack.append(row)
+
+        def handle_endtag(self, tag):
+            if tag == "div" and self.stack:
+                self.stack.pop()
+
+        def handle_data(self, data):
+            if self.stack and self.stack[-1] and data.strip():
+                self.rows.setdefault(self.stack[-1], []).append(data.strip())
+
+    parser = Rows()
+    parser.feed(dom)
+    return {row: " | ".join(parts) for row, parts in parser.rows.items()}

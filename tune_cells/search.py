@@ -20,7 +20,7 @@ import pandas as pd
 
 from tune_cells.analysis.promotion import SearchOutcome, promote
 from tune_cells.data.reader import SplitReader
-from tune_cells.data.splits import Split, describe_groups, save_split
+from tune_cells.data.splits import Split, dataset_record, describe_groups, save_split
 from tune_cells.lock import WorkdirLock
 from tune_cells.preflight import PreparedSearch, SearchOptions, check_inputs, check_pixels, prepare_workdir, ray_storage
 from tune_cells.resources import TrialResources, trial_resources
@@ -95,13 +95,14 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         log.info("warm start: the resumed search's study already holds the earlier trials it started from")
     elif opts.warm_start:  # read before this search's own run exists
         warm = earlier_trials(tracker, experiment_id, prep.space, task.name, task.metric, task.mode)
+    dataset = dataset_record(prep.index, split)  # the split as an MLflow dataset (search, trial and evaluation runs)
     if opts.resume:
         parent, search_name = prep.resume_run_id, prep.resume_name
         tracker.reopen_run(parent)
         log.info("resuming search %s (%s)", search_name, parent)
     else:
         search_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        parent = tracker.start_run(experiment_id, search_name, "search", tags={
+        parent = tracker.start_run(experiment_id, search_name, "search", source=f"tune-cells search {task.name}", tags={
             "task": task.name, "data_root": str(prep.index.root), "data_source": prep.index.source,
             "split_file": split.path.name, "split_sha256": split.sha256, "ray_experiment": search_name,
             **({"warm_start_trials": len(warm.trials)} if opts.warm_start else {}),
@@ -109,8 +110,12 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     try:
         if not opts.resume:
             _log_search_inputs(tracker, parent, opts, prep, split, trial.data, resources)
+            tracker.log_dataset(parent, dataset, "training")
+            test_metric = "test_" + task.metric.removeprefix("val_")  # logged on the search run once evaluated
+            tracker.set_runs_view(experiment_id, [f"best_{task.metric}", task.metric, test_metric])
         recorder = TrialRecorder(tracker, experiment_id, parent, opts.max_epochs, trial.metric_keys,
-                                 common_tags={"split_sha256": split.sha256}, summary_keys=trial.summary_keys)
+                                 common_tags={"split_sha256": split.sha256}, summary_keys=trial.summary_keys,
+                                 source=f"tune-cells search {task.name}", dataset=dataset)
         if opts.resume:  # the trial → run map lives in MLflow (each child run is tagged with its trial id)
             recorder.runs.update(tracker.trial_runs(experiment_id, parent))
         journal = StudyJournal(prep.workdir.optuna_journal, search_name, prep.space, task.metric, task.mode,

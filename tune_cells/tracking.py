@@ -6,11 +6,10 @@ avoids sqlite write races between trial processes).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,16 +20,27 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tune_cells.errors import UserInputError
 from tune_cells.paths import WorkDir
 from tune_cells.redact import without_credentials  # noqa: F401  (re-exported: callers import it from here)
+from tune_cells.tracking_registry import (  # noqa: F401  (re-exported: callers import them from here)
+    CHALLENGER,
+    CHAMPION,
+    MODEL_CODE_FILE,
+    PREVIOUS_CHAMPION,
+    RegistryMixin,
+    logged_model_id,
+    model_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | evaluation
-CHAMPION, PREVIOUS_CHAMPION, CHALLENGER = "champion", "previous-champion", "challenger"
-MODEL_CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")  # the pyfunc's models-from-code file
+# MLflow UI: model development (not GenAI) experiments, evaluation runs marked (their search shows expanded),
+# a run's description (Markdown), and the shared view of the runs table that `runs_page` opens.
+EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+EVALUATION_RUN_TAGS = {"mlflow.runType": "evaluation"}
+NOTE_TAG, VIEW_KEY = "mlflow.note.content", "tune-cells"
 _MAX_PARAM_LENGTH = 6000
 
 
@@ -43,7 +53,7 @@ def is_local_store(uri: str) -> bool:
     return urlparse(uri).scheme in ("sqlite", "file", "")
 
 
-class Tracker:
+class Tracker(RegistryMixin):
     def __init__(self, tracking_uri: str, artifact_root: Path):
         self.tracking_uri = tracking_uri
         self.artifact_root = Path(artifact_root).resolve()
@@ -68,16 +78,29 @@ class Tracker:
     def experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # made before tune-cells tagged its experiments
+                self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
             return found.experiment_id
         location = None
         if is_local_store(self.tracking_uri):
             # With sqlite the default artifact root is ./mlruns relative to the cwd: pin it.
             location = (self.artifact_root / name).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
+
+    def set_runs_view(self, experiment_id: str, metrics: list[str]) -> None:
+        """The runs table as `runs_page` opens it (MLflow's shared view state, an experiment tag):
+        these metric columns first, then each run's model, dataset and source."""
+        columns = [f"metrics.`{m}`" for m in metrics] + [f"attributes.`{a}`" for a in ("Models", "Dataset", "Source")]
+        widths = {f"metrics.`{m}`": 20 + 8 * len(m) for m in metrics}
+        self.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(
+            {"selectedColumns": columns, "columnOrder": columns, "columnWidths": widths}))
 
     def start_run(self, experiment_id: str, name: str, run_type: str, parent_run_id: str | None = None,
-                  tags: dict | None = None) -> str:
+                  tags: dict | None = None, source: str | None = None) -> str:
         all_tags = {RUN_TYPE_TAG: run_type, **(tags or {})}
+        if source:  # the command, the UI's Source column
+            all_tags.update({"mlflow.source.name": source, "mlflow.source.type": "LOCAL"})
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
@@ -96,6 +119,25 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_dataset(self, run_id: str, dataset, context: str) -> None:
+        """A DatasetRecord (tune_cells.data.splits) as an MLflow dataset input, used for `context`."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        record = Dataset(dataset.name, dataset.digest, "local", json.dumps({"uri": dataset.uri}),
+                         profile=json.dumps(dataset.profile))
+        self.client.log_inputs(run_id, [DatasetInput(record, [InputTag("mlflow.data.context", context)])])
+
+    def link_model(self, run_id: str, version, as_input: bool = False) -> None:
+        """The logged model behind a registry version, as an output of `run_id` (a search: the run page
+        lists it) or an input (an evaluation). Once: a resumed promotion does not add it twice."""
+        from mlflow.entities import LoggedModelInput, LoggedModelOutput
+
+        model_id = logged_model_id(version)
+        if model_id is not None and as_input:
+            self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])  # (merged: idempotent)
+        elif model_id is not None and all(m.model_id != model_id for m in self.get_run(run_id).outputs.model_outputs):
+            self.client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's contents (under `artifact_path`)."""
@@ -179,121 +221,6 @@ class Tracker:
 
     # --- models -------------------------------------------------------------------------
 
-    def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict, signature) -> str:
-        """Log a checkpoint as a pyfunc model in `run_id` and register it as a new version that
-        carries `tags` from its creation (one registry call: a crash leaves no untagged version).
-        `signature`: the task kind's MLflow signature."""
-        import mlflow.pyfunc
-
-        with self._fluent(run_id), warnings.catch_warnings():
-            # The signature is explicit; an input example would have to be an image file.
-            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(MODEL_CODE_FILE),
-                artifacts={"checkpoint": str(checkpoint_dir)},
-                pip_requirements=_pip_requirements(),
-                signature=signature,
-            )
-        with self._fluent(None):
-            version = mlflow.register_model(info.model_uri, registered_name,
-                                            tags={key: str(value) for key, value in tags.items()})
-        return str(version.version)
-
-    def version_of_search(self, name: str, search_run_id: str):
-        """The version registered by a search (tag `search_run_id`), if it got that far, else None."""
-        try:
-            versions = self.client.search_model_versions(f"name='{name}' and tags.search_run_id='{search_run_id}'")
-        except MlflowException:  # no such registered model yet
-            return None
-        return min(versions, key=lambda v: int(v.version)) if versions else None
-
-    def set_version_tags(self, name: str, version: str, tags: dict) -> None:
-        for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, str(value))
-
-    def move_champion(self, name: str, version: str, previous: str | None) -> None:
-        """`champion` → `version`, and `previous-champion` → the version it left. Idempotent: a
-        promotion that crashed between the two writes repeats both with the same values."""
-        if previous and previous != version:
-            self.client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
-        self.client.set_registered_model_alias(name, CHAMPION, version)
-
-    def champion_uri(self, task: str) -> str:
-        """The real-data champion of a task if there is one, else the demo champion."""
-        if not self.store_exists():
-            raise UserInputError(f"no champion for task {task}: no MLflow store at {self.tracking_uri}")
-        for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
-            if self.version_for_alias(name, CHAMPION) is not None:
-                return f"models:/{name}@{CHAMPION}"
-        raise UserInputError(f"no champion for task {task} in {self.tracking_uri}: run `tune-cells search {task}` first")
-
-    def model_name_with_version(self, task: str, version: str) -> str:
-        """The task's registered model (real data first, then demo) that has `version`."""
-        for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
-            if self.find_version(name, version) is not None:
-                return name
-        raise UserInputError(f"no version {version} of tune-cells-{task} or tune-cells-{task}-demo in "
-                             f"{self.tracking_uri}")
-
-    def find_version(self, name: str, version: str):
-        """The version, or None when the registry has no such model or version."""
-        try:
-            return self.client.get_model_version(name, version)
-        except MlflowException:
-            return None
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(name, alias, version)
-
-    def delete_alias(self, name: str, alias: str) -> None:
-        self.client.delete_registered_model_alias(name, alias)
-
-    def version_for_alias(self, name: str, alias: str):
-        try:
-            return self.client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            return None
-
-    def resolve_model(self, model_uri: str, task: str | None = None):
-        """The registry version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`; with `task`,
-        it must be a model of that task."""
-        parsed = urlparse(model_uri)
-        if parsed.scheme != "models":
-            raise UserInputError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        path = (parsed.netloc + parsed.path).strip("/")
-        try:
-            if "@" in path:
-                name, alias = path.split("@", 1)
-                version = self.client.get_model_version_by_alias(name, alias)
-            else:
-                name, _, number = path.rpartition("/")
-                version = self.client.get_model_version(name, number)
-        except MlflowException as exc:
-            raise UserInputError(f"{model_uri}: not found in {self.tracking_uri} ({exc.error_code})") from None
-        if task is not None and version.tags.get("task") != task:
-            raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {task!r}")
-        return version
-
-    def load_classifier(self, model_uri: str):
-        """A registered model's predictor (an ImageClassifier, or an ImageSegmenter for a
-        segmentation model), rebuilt from its checkpoint (JSON spec and state_dict) by the project's
-        own loader: nothing stored with the model is run."""
-        from tune_cells.kinds import load_predictor
-
-        with tempfile.TemporaryDirectory(prefix="tune-cells-model-") as folder:
-            return load_predictor(model_checkpoint(self.download_model(model_uri, Path(folder)), model_uri))
-
-    def download_model(self, model_uri: str, into: Path) -> Path:
-        """Copy a registered model's folder (MLmodel, code file, checkpoint) into the local folder `into`."""
-        import mlflow.artifacts
-
-        version = self.resolve_model(model_uri)
-        # The storage location itself: a models:/ URI would be resolved through MLflow's global registry URI.
-        location = self.client.get_model_version_download_uri(version.name, version.version)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(into),
-                                                        tracking_uri=self.tracking_uri))
-
     @contextmanager
     def _fluent(self, run_id: str | None) -> Iterator[None]:
         """MLflow's fluent API reads global state: set it for one call, then put it back.
@@ -326,28 +253,12 @@ class Tracker:
                     os.environ[key] = value
 
 
-def model_checkpoint(model_dir: Path, model_uri: str) -> Path:
-    """The checkpoint folder (spec and weights) inside a downloaded model folder, where its MLmodel
-    file says (`artifacts/<name of the folder logged>`), read as data."""
-    import yaml
-
-    try:
-        meta = yaml.safe_load((model_dir / "MLmodel").read_text())
-        folder = (model_dir / meta["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]).resolve()
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        folder = None
-    if folder is None or not folder.is_relative_to(model_dir.resolve()) or not folder.is_dir():
-        raise UserInputError(f"{model_uri}: not a tune-cells model (its MLmodel file names no checkpoint folder)")
-    return folder
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The UI's runs table in its model-training view (MLflow 3.17 opens its GenAI view unless the
+    URL says otherwise, whatever the experiment's kind), as `set_runs_view` stored it."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={VIEW_KEY}")
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
-
-    names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "scikit-learn",
-             "segmentation-models-pytorch"]
-    return [f"{name}=={version(name)}" for name in names] + ["tune-cells"]

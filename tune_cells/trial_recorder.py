@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tune_cells.tracking import Tracker
+
+if TYPE_CHECKING:
+    from tune_cells.data.splits import DatasetRecord
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,8 @@ class TrialRecorder:
 
     common_tags: dict = field(default_factory=dict)  # set on every trial run (e.g. the split's hash)
     summary_keys: tuple[str, ...] = ("val_loss", "val_balanced_accuracy")
+    source: str | None = None  # the command, each trial run's source in the MLflow UI
+    dataset: DatasetRecord | None = None  # the split the trials train and validate on (an MLflow dataset input)
 
     def __post_init__(self):
         self.runs: dict[str, str] = {}  # Ray trial id → MLflow run id
@@ -36,9 +42,11 @@ class TrialRecorder:
             return
         run_id = self.tracker.start_run(
             self.experiment_id, trial_name, "trial", self.parent_run_id,
-            tags={**self.common_tags, "ray_trial_id": trial_id},
+            tags={**self.common_tags, "ray_trial_id": trial_id}, source=self.source,
         )
         self.tracker.log_params(run_id, config)
+        if self.dataset is not None:
+            self.tracker.log_dataset(run_id, self.dataset, "training")
         self.runs[trial_id] = run_id
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

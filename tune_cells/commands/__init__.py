@@ -11,6 +11,7 @@ import click
 
 COMMAND_MODULES = (
     "tune_cells.commands.export",
+    "tune_cells.commands.card",
     "tune_cells.commands.ui",
     "tune_cells.commands.dashboard",
 )

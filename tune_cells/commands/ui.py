@@ -20,13 +20,19 @@ from tune_cells.redact import without_credentials
 def command(workdir, tracking_uri, port, host):
     """Start the MLflow UI on this project's runs."""
     from tune_cells.paths import WorkDir
-    from tune_cells.tracking import Tracker, resolve_tracking_uri
+    from tune_cells.tracking import Tracker, resolve_tracking_uri, runs_page
 
     workdir = WorkDir.at(workdir)
     uri = resolve_tracking_uri(tracking_uri, workdir)
-    if not Tracker(uri, workdir.artifacts).store_exists():  # mlflow ui would create an empty one
+    tracker = Tracker(uri, workdir.artifacts)
+    if not tracker.store_exists():  # mlflow ui would create an empty one
         raise UserInputError(f"no MLflow store at {uri}: run `tune-cells search TASK --workdir {workdir.root}` first")
-    click.echo(f"MLflow UI on http://{host}:{port} for {without_credentials(uri)} (Ctrl-C stops it)")
+    base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+    click.echo(f"MLflow UI on {base} for {without_credentials(uri)} (Ctrl-C stops it)")
+    latest = tracker.latest_search_anywhere()
+    if latest is not None:  # MLflow 3.17 opens on its GenAI pages: this link opens the runs table of the search
+        click.echo(f"Latest search ({latest.info.run_name}), its trials, metrics, dataset and model:\n  "
+                   f"{runs_page(base, latest.info.experiment_id)}")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     os.execvpe(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
                                 "--port", str(port), "--workers", "1"], env)

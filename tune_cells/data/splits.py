@@ -62,6 +62,27 @@ class Split:
         return [group_of.get(path, path) for path in paths]
 
 
+@dataclass(frozen=True)
+class DatasetRecord:
+    """The data a run used, as MLflow records a dataset input: the images under `uri` as one split
+    file divides them (`digest`: the start of the split file's sha256; an external set: of its file list)."""
+
+    name: str
+    digest: str
+    uri: str
+    profile: dict
+
+
+def dataset_record(index: ImageIndex, split: Split | None = None) -> DatasetRecord:
+    """The dataset as `split` divides it, or (None) all of `index` (an external test set)."""
+    profile = {"images": len(index.items), "classes": list(index.classes), "source": index.source}
+    if split is None:
+        return DatasetRecord(index.root.name, index.fingerprint, index.root.resolve().as_uri(), profile)
+    profile.update({"split_file": split.path.name, "split_sha256": split.sha256, **split.sizes()})
+    return DatasetRecord(f"{index.root.name} (split seed {split.seed})", split.sha256[:12],
+                         index.root.resolve().as_uri(), profile)
+
+
 def split_path(workdir: Path, task: str, index: ImageIndex, seed: int) -> Path:
     return WorkDir.at(workdir).split_file(task, index.fingerprint, seed)
 

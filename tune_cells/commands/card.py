@@ -1,0 +1,44 @@
+"""`tune-cells card`: the model card of a registered version, as its evaluation wrote it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tune_cells.commands.options import tracking_option, workdir_option
+from tune_cells.errors import UserInputError
+
+
+@click.command("card")
+@click.argument("task")
+@click.option("--version", default=None, metavar="N", help="Version of tune-cells-TASK (else tune-cells-TASK-demo) [default: "
+                                              "the champion].")
+@click.option("--model-uri", default=None, help="Model as models:/NAME/VERSION or models:/NAME@ALIAS.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the card to this file.")
+@workdir_option
+@tracking_option
+def command(task, version, model_uri, output, workdir, tracking_uri):
+    """Print the model card of TASK's champion (or --version N, or --model-uri): Markdown, written with
+    the version's latest evaluation on its test part."""
+    from tune_cells.analysis.model_card import find_card
+    from tune_cells.paths import WorkDir
+    from tune_cells.tasks import get_task
+    from tune_cells.tracking import Tracker, resolve_tracking_uri
+
+    if version is not None and model_uri is not None:
+        raise UserInputError("--version and --model-uri name the model twice: give one")
+    spec = get_task(task)
+    workdir = WorkDir.at(workdir)
+    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
+    if not tracker.store_exists():
+        raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run `tune-cells search {task}` first")
+    if version is not None:
+        model_uri = f"models:/{tracker.model_name_with_version(spec.name, version)}/{version}"
+    text = find_card(tracker, tracker.resolve_model(model_uri or tracker.champion_uri(spec.name), spec.name))
+    if output is not None:
+        try:
+            Path(output).write_text(text)
+        except OSError as exc:
+            raise UserInputError(f"--output {output}: cannot write ({exc.strerror})") from None
+    click.echo(text, nl=False)

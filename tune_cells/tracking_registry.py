@@ -1,0 +1,166 @@
+"""The model registry half of the MLflow adapter (`tune_cells.tracking.Tracker` mixes it in):
+registering checkpoints as models, versions, aliases, and loading them back."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+from mlflow.exceptions import MlflowException
+
+from tune_cells.errors import UserInputError
+
+MODEL_CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")  # the pyfunc's models-from-code file
+CHAMPION, PREVIOUS_CHAMPION, CHALLENGER = "champion", "previous-champion", "challenger"
+
+
+class RegistryMixin:
+    """Needs `self.client` (an MlflowClient), `self.tracking_uri` and `self._fluent(run_id)`."""
+
+    def log_model(self, run_id: str, checkpoint_dir: Path, registered_name: str, tags: dict, signature) -> str:
+        """Log a checkpoint as a pyfunc model in `run_id` and register it as a new version that
+        carries `tags` from its creation (one registry call: a crash leaves no untagged version).
+        `signature`: the task kind's MLflow signature."""
+        import mlflow.pyfunc
+
+        with self._fluent(run_id), warnings.catch_warnings():
+            # The signature is explicit; an input example would have to be an image file.
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE_FILE),
+                artifacts={"checkpoint": str(checkpoint_dir)},
+                pip_requirements=_pip_requirements(),
+                signature=signature,
+            )
+        with self._fluent(None):
+            version = mlflow.register_model(info.model_uri, registered_name,
+                                            tags={key: str(value) for key, value in tags.items()})
+        return str(version.version)
+
+    def version_of_search(self, name: str, search_run_id: str):
+        """The version registered by a search (tag `search_run_id`), if it got that far, else None."""
+        try:
+            versions = self.client.search_model_versions(f"name='{name}' and tags.search_run_id='{search_run_id}'")
+        except MlflowException:  # no such registered model yet
+            return None
+        return min(versions, key=lambda v: int(v.version)) if versions else None
+
+    def set_version_tags(self, name: str, version: str, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value))
+
+    def move_champion(self, name: str, version: str, previous: str | None) -> None:
+        """`champion` → `version`, and `previous-champion` → the version it left. Idempotent: a
+        promotion that crashed between the two writes repeats both with the same values."""
+        if previous and previous != version:
+            self.client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
+        self.client.set_registered_model_alias(name, CHAMPION, version)
+
+    def champion_uri(self, task: str) -> str:
+        """The real-data champion of a task if there is one, else the demo champion."""
+        if not self.store_exists():
+            raise UserInputError(f"no champion for task {task}: no MLflow store at {self.tracking_uri}")
+        for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
+            if self.version_for_alias(name, CHAMPION) is not None:
+                return f"models:/{name}@{CHAMPION}"
+        raise UserInputError(f"no champion for task {task} in {self.tracking_uri}: run `tune-cells search {task}` first")
+
+    def model_name_with_version(self, task: str, version: str) -> str:
+        """The task's registered model (real data first, then demo) that has `version`."""
+        for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
+            if self.find_version(name, version) is not None:
+                return name
+        raise UserInputError(f"no version {version} of tune-cells-{task} or tune-cells-{task}-demo in "
+                             f"{self.tracking_uri}")
+
+    def find_version(self, name: str, version: str):
+        """The version, or None when the registry has no such model or version."""
+        try:
+            return self.client.get_model_version(name, version)
+        except MlflowException:
+            return None
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self.client.delete_registered_model_alias(name, alias)
+
+    def version_for_alias(self, name: str, alias: str):
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            return None
+
+    def resolve_model(self, model_uri: str, task: str | None = None):
+        """The registry version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`; with `task`,
+        it must be a model of that task."""
+        parsed = urlparse(model_uri)
+        if parsed.scheme != "models":
+            raise UserInputError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        path = (parsed.netloc + parsed.path).strip("/")
+        try:
+            if "@" in path:
+                name, alias = path.split("@", 1)
+                version = self.client.get_model_version_by_alias(name, alias)
+            else:
+                name, _, number = path.rpartition("/")
+                version = self.client.get_model_version(name, number)
+        except MlflowException as exc:
+            raise UserInputError(f"{model_uri}: not found in {self.tracking_uri} ({exc.error_code})") from None
+        if task is not None and version.tags.get("task") != task:
+            raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {task!r}")
+        return version
+
+    def load_classifier(self, model_uri: str):
+        """A registered model's predictor (an ImageClassifier, or an ImageSegmenter for a
+        segmentation model), rebuilt from its checkpoint (JSON spec and state_dict) by the project's
+        own loader: nothing stored with the model is run."""
+        from tune_cells.kinds import load_predictor
+
+        with tempfile.TemporaryDirectory(prefix="tune-cells-model-") as folder:
+            return load_predictor(model_checkpoint(self.download_model(model_uri, Path(folder)), model_uri))
+
+    def download_model(self, model_uri: str, into: Path) -> Path:
+        """Copy a registered model's folder (MLmodel, code file, checkpoint) into the local folder `into`."""
+        import mlflow.artifacts
+
+        version = self.resolve_model(model_uri)
+        # The storage location itself: a models:/ URI would be resolved through MLflow's global registry URI.
+        location = self.client.get_model_version_download_uri(version.name, version.version)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(into),
+                                                        tracking_uri=self.tracking_uri))
+
+
+def model_checkpoint(model_dir: Path, model_uri: str) -> Path:
+    """The checkpoint folder (spec and weights) inside a downloaded model folder, where its MLmodel
+    file says (`artifacts/<name of the folder logged>`), read as data."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((model_dir / "MLmodel").read_text())
+        folder = (model_dir / meta["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]).resolve()
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        folder = None
+    if folder is None or not folder.is_relative_to(model_dir.resolve()) or not folder.is_dir():
+        raise UserInputError(f"{model_uri}: not a tune-cells model (its MLmodel file names no checkpoint folder)")
+    return folder
+
+
+def logged_model_id(version) -> str | None:
+    """The MLflow 3 logged model (m-...) a registry version was made from, if any."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = str(getattr(version, "source", ""))
+    return source[len("models:/"):].split("/")[0] if source.startswith("models:/m-") else None
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "scikit-learn",
+             "segmentation-models-pytorch"]
+    return [f"{name}=={version(name)}" for name in names] + ["tune-cells"]
