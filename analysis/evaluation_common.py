@@ -82,13 +82,12 @@ def interval_metrics(intervals: dict[str, tuple[float, float]]) -> dict[str, flo
 def evaluation_run(context: EvaluationContext) -> Iterator[str]:
     """An evaluation run under the search's run: FINISHED when the block ends, FAILED if it raises."""
     from tune_cells.data.splits import dataset_record
-    from tune_cells.tracking import EVALUATION_RUN_TAGS
 
     tracker, reader = context.tracker, context.reader
     run_id = tracker.start_run(context.experiment_id, context.run_name, "evaluation", context.parent_run_id,
                                tags={"model_uri": context.model_uri, "model_version": context.version.version,
-                                     "task": context.task.name, "evaluation_data": context.part,
-                                     **EVALUATION_RUN_TAGS}, source=f"tune-cells evaluate {context.task.name}")
+                                     "task": context.task.name, "evaluation_data": context.part},
+                               source=f"tune-cells evaluate {context.task.name}")
     try:
         # What it scored (the split's test part, or all of an external set) and which model: the UI's lineage.
         tracker.log_dataset(run_id, dataset_record(reader.index, reader.split if context.part == "test" else None),

@@ -98,7 +98,7 @@ class Tracker(RegistryMixin):
 
     def start_run(self, experiment_id: str, name: str, run_type: str, parent_run_id: str | None = None,
                   tags: dict | None = None, source: str | None = None) -> str:
-        all_tags = {RUN_TYPE_TAG: run_type, **(tags or {})}
+        all_tags = {RUN_TYPE_TAG: run_type, **(EVALUATION_RUN_TAGS if run_type == "evaluation" else {}), **(tags or {})}
         if source:  # the command, the UI's Source column
             all_tags.update({"mlflow.source.name": source, "mlflow.source.type": "LOCAL"})
         if parent_run_id:
