@@ -58,33 +58,55 @@ class SegmentationData(FoldedData):
 
 
 class SegmentationLoss(nn.Module):
-    """BCE, soft Dice (segmentation-models-pytorch's), or their sum, on multi-label logits."""
+    """BCE, soft Dice, or their sum, on multi-label logits.
+
+    The soft Dice is one per target over the whole batch, smoothed by 1: a target absent from every
+    view of a batch still scores 1 / (1 + predicted mass), so false positives on empty views cost
+    (segmentation-models-pytorch's multilabel Dice drops such a target from the loss)."""
 
     def __init__(self, name: str):  # one of SegmentationConfig's `loss` values
         super().__init__()
-        from segmentation_models_pytorch.losses import DiceLoss
-
         self.name = name
-        self.dice = DiceLoss("multilabel", from_logits=True)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = logits.new_zeros(())
         if self.name in ("bce", "bce_dice"):
             loss = loss + F.binary_cross_entropy_with_logits(logits, target)
         if self.name in ("dice", "bce_dice"):
-            loss = loss + self.dice(logits, target)
+            loss = loss + soft_dice_loss(logits, target)
         return loss
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    probabilities = torch.sigmoid(logits)
+    dims = (0, *range(2, logits.dim()))  # batch and pixels: one score per target
+    intersection = (probabilities * target).sum(dims)
+    total = probabilities.sum(dims) + target.sum(dims)
+    return 1 - ((2 * intersection + smooth) / (total + smooth)).mean()
+
+
 def sample_views(images: list[np.ndarray], masks: list[np.ndarray], count: int, tile: int,
-                 rng: np.random.Generator, dihedral: bool) -> tuple[np.ndarray, np.ndarray]:
-    """`count` random square views (uint8 N×t×t×3, and N×T×t×t masks), images padded where small."""
+                 rng: np.random.Generator, dihedral: bool, focus: list[np.ndarray | None] | None = None,
+                 focus_rate: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` random square views (uint8 N×t×t×3, and N×T×t×t masks), images padded where small.
+    With `focus` (per image, pixels of the rare target, or None) a `focus_rate` share of the views
+    is centred on one of those pixels, so a target covering 1-5 % of a field is seen often enough."""
     views, view_masks = [], []
+    focused = [k for k, points in enumerate(focus or []) if points is not None and len(points)]
     for _ in range(count):
-        k = int(rng.integers(len(images)))
+        centre = None
+        if focused and rng.random() < focus_rate:
+            k = focused[int(rng.integers(len(focused)))]
+            centre = focus[k][int(rng.integers(len(focus[k])))]
+        else:
+            k = int(rng.integers(len(images)))
         image, mask = _pad_to(images[k], masks[k], tile)
-        y = int(rng.integers(image.shape[0] - tile + 1))
-        x = int(rng.integers(image.shape[1] - tile + 1))
+        if centre is None:
+            y = int(rng.integers(image.shape[0] - tile + 1))
+            x = int(rng.integers(image.shape[1] - tile + 1))
+        else:  # jittered around the pixel, inside the image
+            y = int(np.clip(centre[0] - tile // 2 + rng.integers(-tile // 4, tile // 4 + 1), 0, image.shape[0] - tile))
+            x = int(np.clip(centre[1] - tile // 2 + rng.integers(-tile // 4, tile // 4 + 1), 0, image.shape[1] - tile))
         view, view_mask = image[y : y + tile, x : x + tile], mask[:, y : y + tile, x : x + tile]
         if dihedral:  # tissue has no "up": flips and right-angle turns, the same for image and masks
             turns, flip = int(rng.integers(4)), bool(rng.integers(2))
@@ -94,6 +116,17 @@ def sample_views(images: list[np.ndarray], masks: list[np.ndarray], count: int, 
         views.append(np.ascontiguousarray(view))
         view_masks.append(np.ascontiguousarray(view_mask))
     return np.stack(views), np.stack(view_masks)
+
+
+def rare_target_pixels(masks: list[np.ndarray], rng: np.random.Generator, keep: int = 4096) -> list[np.ndarray | None]:
+    """Per training image, up to `keep` (y, x) pixels of the target with the fewest pixels overall."""
+    totals = np.sum([m.reshape(m.shape[0], -1).sum(1) for m in masks], axis=0)
+    rare = int(np.argmin(np.where(totals > 0, totals, np.inf)))
+    points = []
+    for mask in masks:
+        where = np.argwhere(mask[rare] > 0)
+        points.append(where[rng.choice(len(where), min(keep, len(where)), replace=False)] if len(where) else None)
+    return points
 
 
 def _pad_to(image: np.ndarray, mask: np.ndarray, tile: int):
@@ -122,6 +155,7 @@ class SegmentationTrainer(TrialTrainer):
         self.train_masks = [rescale_masks(m, config.scale) for m in data.train_masks]
         self.val_images = [rescale_image(i, config.scale) for i in data.val_images]
         self.val_masks = [rescale_masks(m, config.scale) for m in data.val_masks]
+        self.focus = rare_target_pixels(self.train_masks, self.rng) if config.focus_rate > 0 else None
         spec = ModelSpec(task=data.task, architecture=config.model, classes=list(data.targets), channels=3,
                          store_size=0, image_size=self.tile, mean=list(data.mean), std=list(data.std),
                          config=config.to_flat(), kind="segmentation")
@@ -141,7 +175,7 @@ class SegmentationTrainer(TrialTrainer):
         self.model.train()
         batch_size = self.config.batch_size
         views, view_masks = sample_views(self.train_images, self.train_masks, self.config.views_per_epoch, self.tile,
-                                         self.rng, self.config.dihedral)
+                                         self.rng, self.config.dihedral, self.focus, self.config.focus_rate)
         total = torch.zeros((), device=self.device)  # summed on the device, checked once (see train_one_epoch)
         for start in range(0, len(views), batch_size):
             x = self.jitter(torch.from_numpy(views[start : start + batch_size]).to(self.device), self.generator)

@@ -136,6 +136,8 @@ class SegmentationConfig(TrainerConfig):
     threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a pixel is a target's")
     views_per_epoch: int = Field(32, ge=1, le=100000, description="random views drawn per training epoch")
     dihedral: bool = Field(True, description="random flips and right-angle turns of views")
+    focus_rate: float = Field(0.0, ge=0, le=1, description="share of training views centred on a pixel of the "
+                                                            "rarest target (uniform views otherwise)")
 
 
 def parameter_table(config_type: type[TrainerConfig], kind: str) -> str:

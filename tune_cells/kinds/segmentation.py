@@ -92,7 +92,11 @@ class SegmentationKind(TaskKind):
         return SegmenterExport(predictor)
 
     def finalize(self, checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
-        return {}  # the trial's own validation Dice stands; thresholds stay the trial's
+        """A threshold per target chosen on validation (out of fold with --folds): a rare target's
+        best cut is rarely 0.5. Stored in the model's spec; `predict`, `serve` and `evaluate` use it."""
+        from tune_cells.analysis.thresholds import choose_thresholds
+
+        return choose_thresholds(checkpoint, data)
 
     def evaluate(self, context):
         from tune_cells.analysis.segmentation_evaluation import evaluate_segmenter

@@ -1,0 +1,47 @@
+"""Lung's training and promotion details (issue #15): a Dice that penalises false positives on
+views without the target, views centred on the rare target, thresholds chosen on validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from test_trainables import SEGMENTER, segmentation_data
+
+from tune_cells.model_io import load_spec
+from tune_cells.trainables.segmentation import rare_target_pixels, sample_views, soft_dice_loss, train_segmenter
+from tune_cells.trainables.skeleton import LocalSession
+
+
+def test_the_dice_loss_charges_false_positives_on_views_without_the_target():
+    empty = torch.zeros(2, 1, 8, 8)
+    assert soft_dice_loss(torch.full((2, 1, 8, 8), 6.0), empty) > 0.95  # everything predicted, nothing there
+    assert soft_dice_loss(torch.full((2, 1, 8, 8), -10.0), empty) < 0.05  # nothing predicted: right
+    target = torch.zeros(2, 1, 8, 8)
+    target[:, :, :4] = 1
+    assert soft_dice_loss((target * 20 - 10), target) < 0.01
+
+
+def test_focused_views_are_centred_on_the_rare_target():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (128, 128, 3), dtype=np.uint8) for _ in range(3)]
+    masks = [np.zeros((2, 128, 128), np.uint8) for _ in range(3)]
+    for mask in masks:
+        mask[0, :, :64] = 1  # common
+    masks[1][1, 100:108, 100:108] = 1  # rare: 64 pixels of one image
+    focus = rare_target_pixels(masks, rng)
+    assert focus[0] is None and len(focus[1]) == 64
+    _, view_masks = sample_views(images, masks, 20, 32, rng, True, focus, focus_rate=1.0)
+    assert all(m[1].any() for m in view_masks)
+    _, uniform = sample_views(images, masks, 20, 32, rng, True, focus, focus_rate=0.0)
+    assert sum(m[1].any() for m in uniform) < 10
+
+
+def test_promotion_chooses_a_threshold_per_target_on_validation(tmp_path):
+    from tune_cells.kinds import SEGMENTATION
+
+    session = LocalSession(checkpoint_dir=tmp_path / "ckpt")
+    data = segmentation_data(2)
+    train_segmenter({**SEGMENTER, "focus_rate": 0.5, "loss": "dice"}, data, session)
+    chosen = SEGMENTATION.finalize(tmp_path / "ckpt", data)
+    assert set(chosen) == {"threshold_bright"} and 0.1 <= chosen["threshold_bright"] <= 0.9
+    assert load_spec(tmp_path / "ckpt").thresholds == {"bright": chosen["threshold_bright"]}
