@@ -74,17 +74,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_trial(settings: Settings) -> dict:
-    """The project's own trainer, outside Ray: images/s over the timed epochs (validation and
-    checkpoints included), each epoch's split into training, validation and checkpointing, and the
-    MB checkpointed per epoch."""
-    from tune_cells.trainables.classification import ClassificationTrainer
+def timed_session(checkpoint_dir: Path, cpus: int = 1):
+    """A LocalSession on the GPU when there is one, noting when each epoch's report (after its
+    validation and checkpoint) arrives: perf_counter for durations, wall time across processes."""
     from tune_cells.trainables.skeleton import LocalSession
-
-    torch.set_num_threads(settings.threads)
-    stamps: list[float] = []
-    walls: list[float] = []  # wall-clock time of each report, comparable across processes
-    validation: list[float] = []
 
     class TimedSession(LocalSession):
         def trial_info(self) -> dict:
@@ -92,8 +85,22 @@ def timed_trial(settings: Settings) -> dict:
 
         def report(self, metrics, checkpoint_dir=None):
             super().report(metrics, checkpoint_dir)
-            stamps.append(time.perf_counter())  # after validation and the checkpoint's copy
-            walls.append(time.time())
+            self.stamps.append(time.perf_counter())
+            self.walls.append(time.time())
+
+    session = TimedSession(checkpoint_dir=checkpoint_dir, cpus=cpus)
+    session.stamps, session.walls = [], []
+    return session
+
+
+def timed_trial(settings: Settings) -> dict:
+    """The project's own trainer, outside Ray: images/s over the timed epochs (validation and
+    checkpoints included), each epoch's split into training, validation and checkpointing, and the
+    MB checkpointed per epoch."""
+    from tune_cells.trainables.classification import ClassificationTrainer
+
+    torch.set_num_threads(settings.threads)
+    validation: list[float] = []
 
     class TimedTrainer(ClassificationTrainer):
         def validate(self):
@@ -103,7 +110,8 @@ def timed_trial(settings: Settings) -> dict:
             return metrics
 
     with tempfile.TemporaryDirectory(prefix="bench-device-") as tmp:
-        session = TimedSession(checkpoint_dir=Path(tmp) / "checkpoint", cpus=settings.threads)
+        session = timed_session(Path(tmp) / "checkpoint", settings.threads)
+        stamps, walls = session.stamps, session.walls
         trainer = TimedTrainer(settings.config(), trial_data(settings), session)
         started = time.perf_counter()
         trainer.run()
@@ -176,26 +184,16 @@ def timed_segmentation_trial(epochs: int = 3, size: int = 1024, views: int = 64,
     """A U-Net trial (the lung kind's trainer) on generated fields: training views/s over the timed
     epochs, with the stitched validation of whole fields and checkpoints included."""
     from tune_cells.trainables.segmentation import SegmentationData, SegmentationTrainer
-    from tune_cells.trainables.skeleton import LocalSession
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8) for _ in range(6)]
     masks = [(rng.random((2, size, size)) < 0.3).astype(np.uint8) for _ in range(6)]
     data = SegmentationData(images[:4], masks[:4], images[4:], masks[4:], task="bench", targets=["a", "b"],
                             mean=(0.5,) * 3, std=(0.25,) * 3, max_epochs=epochs, seed=0, metric="val_dice")
-    stamps: list[float] = []
-
-    class TimedSession(LocalSession):
-        def trial_info(self) -> dict:
-            return {**super().trial_info(), "gpu_ids": [0] if torch.cuda.is_available() else []}
-
-        def report(self, metrics, checkpoint_dir=None):
-            super().report(metrics, checkpoint_dir)
-            stamps.append(time.perf_counter())
-
     config = {"model": "unet", "lr": 1e-3, "batch_size": batch_size, "views_per_epoch": views, "scale": 0.5, "tile_size": 512}
     with tempfile.TemporaryDirectory(prefix="bench-device-") as tmp:
-        session = TimedSession(checkpoint_dir=Path(tmp) / "checkpoint")
+        session = timed_session(Path(tmp) / "checkpoint")
+        stamps = session.stamps
         trainer = SegmentationTrainer(config, data, session)
         started = time.perf_counter()
         trainer.run()
