@@ -184,7 +184,8 @@ def freeze_frozen_batchnorm(model: nn.Module) -> None:
 def class_balance_weights(labels: np.ndarray, classes: int) -> torch.Tensor:
     """Inverse-frequency class weights, mean 1 over the training images (absent classes: 0)."""
     counts = np.bincount(labels, minlength=classes).astype(np.float64)
-    weights = np.where(counts > 0, len(labels) / (classes * np.maximum(counts, 1)), 0.0)
+    present = max(1, int((counts > 0).sum()))
+    weights = np.where(counts > 0, len(labels) / (present * np.maximum(counts, 1)), 0.0)
     return torch.tensor(weights, dtype=torch.float32)
 
 
