@@ -199,3 +199,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A trainer run in the test process sets torch's thread count (a trial's CPUs); later tests,
+    e.g. latency measured on "cpu (2 threads)", must see the machine's own again."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
