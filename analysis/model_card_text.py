@@ -73,9 +73,12 @@ def _model(f: CardFacts) -> str:
             f"{config.get('overlap', 0)}" if "tile_size" in config else "at its stored size")
     rows = [("Architecture", config.get("model", "?")),
             ("Input", f"{_channels(len(mean) if mean else None)} image, {size}"
-                      + (f"; normalised by the training part's channel mean {_list(mean)} and sd {_list(std)}" if mean else "")),
+                      + ("; normalised by ImageNet's channel mean and sd, as its pretrained filters expect"
+                         if str(config.get("pretrained")).lower() == "true" else
+                         f"; normalised by the training part's channel mean {_list(mean)} and sd {_list(std)}"
+                         if mean else "")),
             ("Output", f"{'one of' if f.label_noun == 'class' else 'a mask for each of'} {len(data.get('classes', []))} "
-                       f"{f.label_noun}s: {', '.join(data.get('classes', []))}" if data.get("classes")
+                       f"{'classes' if f.label_noun == 'class' else f.label_noun + 's'}: {', '.join(data.get('classes', []))}" if data.get("classes")
              else "see the registered model's signature"),
             *[(name, tags[key]) for name, key in (("Test-time augmentation", "tta"), ("Temperature", "temperature"))
               if key in tags],
