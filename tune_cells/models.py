@@ -205,9 +205,14 @@ def pretrained_available(arch: str) -> bool:
     return any((checkpoints / Path(w.url).name).exists() for w in _weights_enum(arch))
 
 
+def weights_url(arch: str) -> str:
+    """Where torchvision downloads `arch`'s default ImageNet weights from."""
+    return _weights_enum(arch).DEFAULT.url
+
+
 def expected_weights_file(arch: str) -> Path:
     """Where torchvision looks for `arch`'s default ImageNet weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_weights_enum(arch).DEFAULT.url).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights_url(arch)).name
 
 
 # --- from scratch -------------------------------------------------------------------------

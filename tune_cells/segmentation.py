@@ -23,6 +23,7 @@ from PIL import Image
 from tune_cells.config import SegmentationConfig
 from tune_cells.data.images import MASK_THRESHOLD, decode_full, scaled_size
 from tune_cells.model_io import ModelSpec, base64_image_file, load_spec
+from tune_cells.training import FLOAT32, Precision
 from tune_cells.transforms import EvalPreset
 
 NETWORK_STRIDE = 32  # a U-Net of depth <= 5 needs sides divisible by 2**5
@@ -87,7 +88,7 @@ def _blend_window(tile: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: EvalPreset, tile: int, overlap: float,
-                         device: torch.device, batch_size: int = 4, precision=None) -> torch.Tensor:
+                         device: torch.device, batch_size: int = 4, precision: Precision = FLOAT32) -> torch.Tensor:
     """Blended logits T×H×W (on the CPU) for one H×W×3 uint8 image (views padded where the image is
     smaller). The image goes to the device once; views are cut, predicted and blended there."""
     model.eval()
@@ -102,12 +103,8 @@ def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: Eval
     total = weight = None
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
-        views = torch.cat([x[..., y : y + tile, x0 : x0 + tile] for y, x0 in chunk])
-        if precision is not None:
-            views = precision.prepare_input(views)
-            with precision.autocast(device):
-                logits = model(views).float()
-        else:
+        views = precision.prepare_input(torch.cat([x[..., y : y + tile, x0 : x0 + tile] for y, x0 in chunk]))
+        with precision.autocast(device):
             logits = model(views).float()
         if total is None:
             total = torch.zeros(logits.shape[1], *x.shape[-2:], device=device)

@@ -56,19 +56,13 @@ def fit_space_to_weights(space: SearchSpace) -> SearchSpace:
 
 def weights_obtainable(arch: str) -> bool:
     """Cached in the torch hub folder, or (online) reachable at torchvision's URL."""
-    from tune_cells.models import expected_weights_file, pretrained_available
+    from tune_cells.models import pretrained_available, weights_url
 
     if pretrained_available(arch):
         return True
     if os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes"):
         return False
-    return _reachable(_weights_url(arch, expected_weights_file(arch).name))
-
-
-def _weights_url(arch: str, file_name: str) -> str:
-    from tune_cells.models import _weights_enum
-
-    return _weights_enum(arch).DEFAULT.url if file_name else ""
+    return _reachable(weights_url(arch))
 
 
 def _reachable(url: str) -> bool:
