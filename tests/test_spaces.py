@@ -128,12 +128,12 @@ def test_a_shipped_space_is_named_without_its_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["nuclei", "nuclei-scratch", "nuclei-pretrained", "hep2", "hep2-scratch",
                                   "hep2-pretrained", "hep2-mobilenet-pretrained", "leukemia", "leukemia-scratch", "lung",
-                                  "lung-pretrained", "folder", "folder-scratch", "folder-pretrained"])
+                                  "lung-scratch", "lung-pretrained", "folder", "folder-scratch", "folder-pretrained"])
 def test_every_shipped_space_loads(name):
     space = load_space(name)
     assert space.params["model"] and "lr" in space.params
     # the task defaults start pretrained and name their from-scratch fallback
-    defaults = ("nuclei", "hep2", "leukemia", "folder")
+    defaults = ("nuclei", "hep2", "leukemia", "folder", "lung")
     assert space.may_use_pretrained == ("pretrained" in name or name in defaults)
     assert space.fallback == (f"{name}-scratch" if name in defaults else None)
 
