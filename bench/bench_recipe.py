@@ -1,0 +1,161 @@
+"""Search against a fixed recipe at equal wall time (issue #15): does the default search earn its cost?
+
+    .venv/bin/python bench/bench_recipe.py nuclei --data ../shared/data/nuclei --samples 6 --max-epochs 10 --grace-period 4
+    .venv/bin/python bench/bench_recipe.py nuclei --data ../shared/data/nuclei --search-workdir DIR   # reuse a search
+
+Two arms on the same data, split and seed, each run as a user runs it (`tune-cells search`, whose
+wall time includes the preflight, promotion and the fresh-process evaluation):
+
+1. the default search of TASK with the given budget (or an earlier one, --search-workdir);
+2. the fixed recipe, the default space's first initial point pinned, trained once with the whole
+   machine (--cpus-per-trial = the CPU count) for as many epochs as fit in the search's wall time:
+   a one-epoch probe of the recipe measures its epoch time and its fixed cost first.
+
+Printed side by side: wall time, epochs, the validation metric that selected each champion, and the
+test metrics with their 95 % CIs from each evaluation run. Run it alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+TEST_METRICS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
+
+
+def recipe_space(task: str) -> dict:
+    """The task's default space (as this machine can load it) with its first initial point pinned."""
+    from tune_cells.search_spaces import _applies, builtin_space_path, load_space
+    from tune_cells.space_weights import fit_space_to_weights
+    from tune_cells.tasks import get_task
+
+    space = fit_space_to_weights(load_space(builtin_space_path(get_task(task).default_space)))
+    if not space.initial_points:
+        sys.exit(f"{space.source}: no initial point to pin as the recipe")
+    point, pinned = space.initial_points[0], {}
+    for name, spec in space.params.items():
+        if not isinstance(spec, dict):
+            pinned[name] = spec
+        elif _applies(spec.get("when"), pinned):
+            if name not in point:
+                sys.exit(f"{space.source}: its first initial point leaves '{name}' to the sampler")
+            pinned[name] = point[name]
+    return {"description": f"{space.name}'s first initial point, pinned (bench_recipe.py)", "params": pinned}
+
+
+def search(args, workdir: Path, *flags) -> float:
+    """`tune-cells search TASK ...` as a user runs it; its wall time in seconds."""
+    command = [str(Path(sys.executable).with_name("tune-cells")), "search", args.task, "--data", str(args.data),
+               "--seed", str(args.seed), "--workdir", str(workdir), *map(str, flags)]
+    print("$", " ".join(command), flush=True)
+    started = time.time()
+    with open(workdir.parent / f"{workdir.name}.log", "w") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+    if code:
+        sys.exit(f"{' '.join(command)}: exit {code} (see {workdir.parent / workdir.name}.log)")
+    return time.time() - started
+
+
+def summary(workdir: Path, metric: str) -> dict:
+    """From a working folder's MLflow store: the latest search's champion validation metric, epochs
+    trained by all its trials, epoch times, and the latest evaluation run's test metrics."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"])
+    parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
+    evaluation = next(r for r in runs if r.info.run_name.startswith("evaluation"))
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    epoch_times = [m.value for t in trials for m in client.get_metric_history(t.info.run_id, "epoch_time_s")]
+    best = max((m.value for t in trials for m in client.get_metric_history(t.info.run_id, metric)), default=float("nan"))
+    test = {k: (evaluation.data.metrics.get(k), evaluation.data.metrics.get(f"{k}_ci_low"),
+                evaluation.data.metrics.get(f"{k}_ci_high")) for k in TEST_METRICS}
+    return {"trials": len(trials), "epochs": len(epoch_times), "epoch_s": epoch_times, "metric": metric,
+            "best_val": best, "test": test, "split": parent.data.tags.get("split_sha256", "")[:12],
+            "stored_wall_s": (evaluation.info.end_time - parent.info.start_time) / 1000.0}
+
+
+def copy_split(source: Path, target: Path) -> None:
+    """The recipe trains and is tested on exactly the search's split (the split files are editable
+    JSON, read when present)."""
+    (target / "splits").mkdir(parents=True, exist_ok=True)
+    for path in (source / "splits").glob("*.json"):
+        shutil.copy2(path, target / "splits" / path.name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--samples", type=int, default=6)
+    parser.add_argument("--max-epochs", type=int, default=10)
+    parser.add_argument("--grace-period", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("bench-recipe-runs"), help="where both arms are kept")
+    parser.add_argument("--search-workdir", type=Path, help="reuse this finished search (same data and seed) as arm 1")
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    root = args.workdir.resolve() / args.task
+    root.mkdir(parents=True, exist_ok=True)
+    cpus = os.cpu_count() or 1
+    from tune_cells.tasks import get_task
+
+    metric = get_task(args.task).metric
+
+    if args.search_workdir:
+        search_dir = args.search_workdir.resolve()
+        searched = summary(search_dir, metric)
+        search_wall = searched["stored_wall_s"]  # the search run's start to its evaluation's end
+    else:
+        search_dir = root / "search"
+        search_wall = search(args, search_dir, "--samples", args.samples, "--max-epochs", args.max_epochs,
+                             "--grace-period", args.grace_period)
+        searched = summary(search_dir, metric)
+
+    space_file = root / "recipe.yaml"
+    space_file.write_text(yaml.safe_dump(recipe_space(args.task), sort_keys=False))
+    probe_dir, recipe_dir = root / "recipe-probe", root / "recipe"
+    for directory in (probe_dir, recipe_dir):
+        shutil.rmtree(directory, ignore_errors=True)
+        copy_split(search_dir, directory)
+    probe_wall = search(args, probe_dir, "--space", space_file, "--samples", 1, "--max-epochs", 1,
+                        "--cpus-per-trial", cpus)
+    epoch_s = summary(probe_dir, metric)["epoch_s"][0]
+    epochs = max(1, int((search_wall - (probe_wall - epoch_s)) // epoch_s))
+    recipe_wall = search(args, recipe_dir, "--space", space_file, "--samples", 1, "--max-epochs", epochs,
+                         "--grace-period", epochs, "--cpus-per-trial", cpus)
+    recipe = summary(recipe_dir, metric)
+    if recipe["split"] != searched["split"]:
+        sys.exit(f"the recipe's split ({recipe['split']}) is not the search's ({searched['split']})")
+
+    print(f"\ntune-cells search against the fixed recipe at equal wall time: {args.task}, {args.data}, seed {args.seed}, "
+          f"split {searched['split']}, {cpus} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"recipe: {space_file} (one epoch with {cpus} CPUs: {epoch_s:.0f} s; fixed cost {probe_wall - epoch_s:.0f} s)")
+    arms = {f"search ({searched['trials']} trials)": (search_wall, searched),
+            f"recipe ({epochs} epochs)": (recipe_wall, recipe)}
+    print(f"{'':<34}" + "".join(f"{name:>28}" for name in arms))
+    print(f"{'wall time (s)':<34}" + "".join(f"{wall:>28.0f}" for wall, _ in arms.values()))
+    print(f"{'epochs trained (all trials)':<34}" + "".join(f"{s['epochs']:>28}" for _, s in arms.values()))
+    print(f"{'best ' + searched['metric']:<34}" + "".join(f"{s['best_val']:>28.4f}" for _, s in arms.values()))
+    for key in TEST_METRICS:
+        cells = []
+        for _, s in arms.values():
+            value, low, high = s["test"][key]
+            cells.append("-" if value is None else f"{value:.4f} [{low:.3f}, {high:.3f}]")
+        print(f"{key:<34}" + "".join(f"{c:>28}" for c in cells))
+    print(f"search / recipe wall time: {search_wall / recipe_wall:.2f}")
+    for key in TEST_METRICS[:2]:
+        if searched["test"][key][0] is not None and recipe["test"][key][0] is not None:
+            print(f"search - recipe, {key}: {100 * (searched['test'][key][0] - recipe['test'][key][0]):+.2f} pp")
+
+
+if __name__ == "__main__":
+    main()
