@@ -30,13 +30,14 @@ import yaml
 TEST_METRICS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
 
 
-def recipe_space(task: str) -> dict:
-    """The task's default space (as this machine can load it) with its first initial point pinned."""
+def recipe_space(task: str, space_name: str | None = None) -> dict:
+    """The task's default space (or `space_name`), as this machine can load it, with its first
+    initial point pinned."""
     from tune_cells.search_spaces import _applies, builtin_space_path, load_space
     from tune_cells.space_weights import fit_space_to_weights
     from tune_cells.tasks import get_task
 
-    space = fit_space_to_weights(load_space(builtin_space_path(get_task(task).default_space)))
+    space = fit_space_to_weights(load_space(builtin_space_path(space_name or get_task(task).default_space)))
     if not space.initial_points:
         sys.exit(f"{space.source}: no initial point to pin as the recipe")
     point, pinned = space.initial_points[0], {}
@@ -52,7 +53,8 @@ def recipe_space(task: str) -> dict:
 
 def search(args, workdir: Path, *flags) -> float:
     """`tune-cells search TASK ...` as a user runs it; its wall time in seconds."""
-    command = [str(Path(sys.executable).with_name("tune-cells")), "search", args.task, "--data", str(args.data),
+    data = ["--data", str(args.data)] if args.data else []
+    command = [str(Path(sys.executable).with_name("tune-cells")), "search", args.task, *data,
                "--seed", str(args.seed), "--workdir", str(workdir), *map(str, flags)]
     print("$", " ".join(command), flush=True)
     started = time.time()
@@ -94,7 +96,7 @@ def copy_split(source: Path, target: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task")
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, help="dataset folder [default: the generated demo data]")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--max-epochs", type=int, default=10)
     parser.add_argument("--grace-period", type=int, default=4)

@@ -43,5 +43,8 @@ def test_promotion_chooses_a_threshold_per_target_on_validation(tmp_path):
     data = segmentation_data(2)
     train_segmenter({**SEGMENTER, "focus_rate": 0.5, "loss": "dice"}, data, session)
     chosen = SEGMENTATION.finalize(tmp_path / "ckpt", data)
-    assert set(chosen) == {"threshold_bright"} and 0.1 <= chosen["threshold_bright"] <= 0.9
+    assert set(chosen) == {"threshold_bright", "val_dice_bright_at_0.5", "val_dice_bright_at_threshold"}
+    assert 0.1 <= chosen["threshold_bright"] <= 0.9
+    # the chosen cut is never worse on validation than the fixed 0.5 it replaces (the version keeps both)
+    assert chosen["val_dice_bright_at_threshold"] >= chosen["val_dice_bright_at_0.5"]
     assert load_spec(tmp_path / "ckpt").thresholds == {"bright": chosen["threshold_bright"]}

@@ -1,0 +1,104 @@
+"""A/B lines: what one change buys on validation, same task, split, seed and budget (issue #15).
+
+    .venv/bin/python bench/bench_ab.py bench/ab/nuclei-training.yaml --data ../shared/data/nuclei
+
+An A/B file names a task, a budget in epochs and arms; each arm overrides some parameters of the
+base (the task's default space, or `space`, with its first initial point pinned: the recipe):
+
+    task: nuclei
+    space: nuclei               # optional: another shipped space's first initial point as the base
+    epochs: 5
+    arms:
+      - {}                          # the base itself, first: every line is read against it
+      - {class_balance: sampler}
+
+All arms run in one `tune-cells search` (one trial each, in order, ASHA never stopping them), so
+they share the split, the seed (every trial of a search is seeded alike) and the machine. Printed:
+each arm's best and last validation metric and its difference from the base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_recipe import recipe_space, search  # noqa: E402  (a sibling script, not a package)
+
+
+def ab_space(task: str, arms: list[dict], space: str | None = None) -> dict:
+    """The recipe with every varied parameter turned into a choice, and one initial point per arm."""
+    base = recipe_space(task, space)["params"]
+    varied = sorted({key for arm in arms for key in arm})
+    params = dict(base)
+    for key in varied:
+        values = []
+        for arm in arms:
+            value = arm.get(key, base.get(key))
+            if value is None:
+                sys.exit(f"'{key}' is not in {task}'s recipe: give it in every arm")
+            if value not in values:
+                values.append(value)
+        params[key] = {"choices": values}
+    points = [{key: arm.get(key, base.get(key)) for key in varied} for arm in arms]
+    return {"description": f"A/B arms on {task}'s recipe (bench_ab.py)", "params": params, "initial_points": points}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ab_file", type=Path)
+    parser.add_argument("--data", type=Path, help="dataset folder [default: the generated demo data]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("bench-ab-runs"))
+    parser.add_argument("--epochs", type=int, help="replace the file's budget (a quick look)")
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    plan = yaml.safe_load(args.ab_file.read_text())
+    task, epochs, arms = plan["task"], args.epochs or int(plan["epochs"]), plan["arms"]
+    if arms[0]:
+        sys.exit(f"{args.ab_file}: the first arm must be the base ({{}})")
+    root = args.workdir.resolve() / args.ab_file.stem
+    root.mkdir(parents=True, exist_ok=True)
+    space_file = root / "ab-space.yaml"
+    space_file.write_text(yaml.safe_dump(ab_space(task, arms, plan.get("space")), sort_keys=False))
+
+    import mlflow
+
+    from tune_cells.tasks import get_task
+
+    args.task = task
+    wall = search(args, root / "search", "--space", space_file, "--samples", len(arms), "--max-epochs", epochs,
+                  "--grace-period", epochs, "--no-evaluate")
+    metric = get_task(task).metric
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'search' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              order_by=["attributes.start_time DESC"])
+    parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    results = {}
+    for trial in trials:
+        history = sorted(client.get_metric_history(trial.info.run_id, metric), key=lambda m: m.step)
+        key = tuple(str(trial.data.params.get(k)) for k in sorted({k for arm in arms for k in arm}))
+        results[key] = (max(m.value for m in history), history[-1].value, len(history))
+    varied = sorted({k for arm in arms for k in arm})
+    base_params = recipe_space(task, plan.get("space"))["params"]
+    print(f"\nA/B on {task} ({args.data or 'demo data'}), seed {args.seed}, {epochs} epochs per arm, {metric}; wall {wall:.0f} s, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'arm':<44}{'best':>9}{'last':>9}{'best - base':>14}")
+    base_best = None
+    for arm in arms:
+        key = tuple(str(arm.get(k, base_params.get(k))) for k in varied)
+        best, last, n = results.get(key, (float("nan"), float("nan"), 0))
+        base_best = best if base_best is None else base_best
+        label = ", ".join(f"{k}={v}" for k, v in arm.items()) or "base (the recipe)"
+        print(f"{label:<44}{best:>9.4f}{last:>9.4f}{100 * (best - base_best):>+11.2f} pp"
+              + ("" if n == epochs else f"  ({n} epochs)"))
+
+
+if __name__ == "__main__":
+    main()
