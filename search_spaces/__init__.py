@@ -124,7 +124,8 @@ class SearchSpace:
         return any(bool(v) for v in values) or any(p.get("pretrained") for p in self.initial_points)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump({"params": self.params, "initial_points": self.initial_points}, sort_keys=True)
+        # In file order: a `when` names earlier parameters, so sorted names would break a replay (the report's).
+        return yaml.safe_dump({"params": self.params, "initial_points": self.initial_points}, sort_keys=False)
 
     @property
     def name(self) -> str:

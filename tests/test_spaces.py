@@ -277,14 +277,20 @@ def test_ray_trial_configurations_carry_the_plain_name_only(tmp_path):
 
 def test_a_finished_trial_replays_as_its_alternatives_optuna_name(tmp_path):
     """--warm-start and the live view: `lr` of an SGD trial becomes `lr(sgd)` with SGD's range."""
+    import yaml
+
+    from tune_cells.search_spaces import SearchSpace
+
     space = per_optimiser_space(tmp_path)
+    # the space as the search logs it (search_space.yaml, which `report` replays): `when` keeps its earlier parameters
+    logged = SearchSpace(yaml.safe_load(space.to_yaml())["params"], "logged space")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
     for _ in range(10):
         trial = study.ask()
         config = space.sample(trial)
         study.tell(trial, 0.0)
         for given in (config, {k: str(v) for k, v in config.items()}):  # as MLflow logs it: text
-            assert space.as_optuna(given) == (trial.params, trial.distributions)
+            assert space.as_optuna(given) == logged.as_optuna(given) == (trial.params, trial.distributions)
     sgd = {"model": "resnet18", "optimizer": "sgd", "lr": "0.05", "momentum": "0.9"}
     assert space.as_optuna(sgd)[0] == {"model": "resnet18", "optimizer": "sgd", "lr(sgd)": 0.05}
     assert space.as_optuna({**sgd, "optimizer": "adamw"}) is None  # 0.05 is outside AdamW's range
