@@ -66,7 +66,7 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
     trials["param_count"] = trials["param_count"].round().astype("Int64")  # NaN: not measured
     curves = pd.DataFrame(curves, columns=["trial", "epoch", "value"])
     space = _logged_space(tracker, parent.info.run_id)
-    searched = [p for p, spec in space.get("params", {}).items() if isinstance(spec, dict)]
+    searched = [p for p, spec in space.get("params", {}).items() if isinstance(spec, (dict, list))]
     importance = param_importance(trials, space, searched, mode)
 
     plotted = trials.rename(columns={f"param_{p}": p for p in searched})
@@ -125,7 +125,8 @@ def param_importance(trials: pd.DataFrame, space: dict, searched: list[str], mod
     if len(done) < 3 or not searched:
         return pd.Series(dtype=float)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    function = SearchSpace(params=space["params"], source="logged space")
+    # One distribution per parameter: a per-case one (`lr` per optimiser) is replayed as one range over its cases.
+    function = SearchSpace(params=space["params"], source="logged space").merged()
     study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
     for _, row in done.iterrows():
         values = {p: row[f"param_{p}"] for p in searched if f"param_{p}" in row and pd.notna(row[f"param_{p}"])}

@@ -33,7 +33,7 @@ TEST_METRICS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "tes
 def recipe_space(task: str, space_name: str | None = None) -> dict:
     """The task's default space (or `space_name`), as this machine can load it, with its first
     initial point pinned."""
-    from tune_cells.search_spaces import _applies, builtin_space_path, load_space
+    from tune_cells.search_spaces import builtin_space_path, load_space
     from tune_cells.space_weights import fit_space_to_weights
     from tune_cells.tasks import get_task
 
@@ -41,10 +41,10 @@ def recipe_space(task: str, space_name: str | None = None) -> dict:
     if not space.initial_points:
         sys.exit(f"{space.source}: no initial point to pin as the recipe")
     point, pinned = space.initial_points[0], {}
-    for name, spec in space.params.items():
-        if not isinstance(spec, dict):
-            pinned[name] = spec
-        elif _applies(spec.get("when"), pinned):
+    for name in space.params:
+        if name in space.fixed:
+            pinned[name] = space.fixed[name]
+        elif space.applies(name, pinned):
             if name not in point:
                 sys.exit(f"{space.source}: its first initial point leaves '{name}' to the sampler")
             pinned[name] = point[name]

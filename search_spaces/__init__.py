@@ -10,12 +10,20 @@ first, e.g. a published recipe) and nothing else. A parameter is one of:
     width: {choices: [16, 32], when: {model: small_convnet}}   # conditional
 
 `when` maps earlier parameters to a value or a list of values; the parameter is sampled only
-when all of them match. A file whose params are all fixed is a pinned configuration.
+when all of them match. A parameter may instead take one range per case, a list of alternatives
+each with its own `when` (exactly one must apply in each case; see `alternatives`):
+
+    lr:
+      - {float: [2.0e-4, 3.0e-3], log: true, when: {optimizer: adamw}}
+      - {float: [5.0e-3, 1.0e-1], log: true, when: {optimizer: sgd}}
+
+Optuna samples these as `lr(adamw)` and `lr(sgd)`; the trial's configuration, initial points and
+MLflow's params say `lr`. A file whose params are all fixed is a pinned configuration.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,7 @@ from typing import Any
 import yaml
 
 from tune_cells.errors import UserInputError
+from tune_cells.search_spaces.alternatives import check_alternatives, covering, optuna_names, possible, resolve
 
 _KINDS = ("float", "int", "choices")
 _KEYS = {"float", "int", "choices", "log", "step", "when"}
@@ -30,7 +39,8 @@ _KEYS = {"float", "int", "choices", "log", "step", "when"}
 
 @dataclass
 class SearchSpace:
-    """A picklable define-by-run function: `space(optuna_trial) -> fixed values`."""
+    """A picklable define-by-run function: `space(optuna_trial)` samples the trial and returns the
+    values its params lack (the fixed ones; per-case parameters under their plain names)."""
 
     params: dict[str, Any]
     source: str
@@ -38,40 +48,84 @@ class SearchSpace:
     fallback: str | None = None  # the from-scratch space searched where no ImageNet weights can be had
 
     def __call__(self, trial) -> dict[str, Any]:
+        """Sample `trial`; return what its params lack: the fixed values, and each per-case
+        parameter's value under its plain name (Optuna knows it as `lr(sgd)`)."""
+        fixed, renamed = self._walk(trial)
+        return {**fixed, **renamed}
+
+    def _walk(self, trial) -> tuple[dict[str, Any], dict[str, Any]]:
         fixed: dict[str, Any] = {}
+        renamed: dict[str, Any] = {}
         chosen: dict[str, Any] = {}
         for name, spec in self.params.items():
-            if not isinstance(spec, dict):
+            if not isinstance(spec, (dict, list)):
                 fixed[name] = chosen[name] = spec
                 continue
-            if not _applies(spec.get("when"), chosen):
+            picked = resolve(name, spec, chosen)
+            if picked is None:
                 continue
-            if "choices" in spec:
-                value = trial.suggest_categorical(name, spec["choices"])
-            elif "int" in spec:
-                low, high = spec["int"]
-                value = trial.suggest_int(name, low, high, step=spec.get("step") or 1,
-                                           log=spec.get("log", False))
-            else:
-                low, high = spec["float"]
-                value = trial.suggest_float(name, low, high, step=spec.get("step"), log=spec.get("log", False))
-            chosen[name] = value
-        return fixed
+            optuna_name, spec = picked
+            chosen[name] = _suggest(trial, optuna_name, spec)
+            if optuna_name != name:
+                renamed[name] = chosen[name]
+        return fixed, renamed
 
     def sample(self, trial) -> dict[str, Any]:
-        """The full configuration of one trial (sampled and fixed values together)."""
-        fixed = self(trial)
-        return {**trial.params, **fixed}
+        """The full configuration of one trial (sampled and fixed values together, plain names)."""
+        returned = self(trial)
+        return {**self.plain(trial.params), **returned}
+
+    @property
+    def fixed(self) -> dict[str, Any]:
+        """The parameters that are not searched."""
+        return {name: spec for name, spec in self.params.items() if not isinstance(spec, (dict, list))}
+
+    @property
+    def alternative_names(self) -> dict[str, str]:
+        """Optuna's name of each per-case alternative (`lr(sgd)`) -> the parameter's name (`lr`)."""
+        return {optuna_name: name for name, spec in self.params.items() if isinstance(spec, list)
+                for optuna_name in optuna_names(name, spec)}
+
+    def plain(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` without the Optuna-only names of per-case alternatives (Ray's OptunaSearch adds
+        every suggested name to a trial's configuration; the plain name comes from `__call__`)."""
+        optuna_only = self.alternative_names
+        return {name: value for name, value in config.items() if name not in optuna_only}
+
+    def optuna_point(self, point: dict[str, Any]) -> dict[str, Any]:
+        """An initial point (plain names) as Optuna enqueues it: a per-case parameter's value under
+        the name of each alternative the point leaves possible; one, when it also sets what their
+        `when`s name. Optuna ignores the names a trial does not suggest."""
+        known = {**self.fixed, **point}
+        enqueued = {name: value for name, value in point.items() if not isinstance(self.params.get(name), list)}
+        for name, spec in self.params.items():
+            if isinstance(spec, list) and name in point:
+                enqueued.update({optuna_name: point[name] for optuna_name, alternative in
+                                 zip(optuna_names(name, spec), spec) if possible(alternative["when"], known)})
+        return enqueued
+
+    def merged(self) -> SearchSpace:
+        """This space with each per-case parameter as one range over its alternatives (see
+        `alternatives.covering`; left out where they cannot merge): one Optuna name per parameter."""
+        params = {name: covering(spec) if isinstance(spec, list) else spec for name, spec in self.params.items()}
+        return replace(self, params={name: spec for name, spec in params.items() if spec is not None})
+
+    def applies(self, name: str, chosen: dict[str, Any]) -> bool:
+        """Whether parameter `name` has a value given the earlier ones in `chosen`."""
+        spec = self.params[name]
+        return not isinstance(spec, (dict, list)) or resolve(name, spec, chosen) is not None
 
     @property
     def may_use_pretrained(self) -> bool:
         """Whether some configuration of this space asks for ImageNet weights."""
         spec = self.params.get("pretrained", False)
-        values = spec.get("choices", [True]) if isinstance(spec, dict) else [spec]
+        values = [v for s in (spec if isinstance(spec, list) else [spec])
+                  for v in (s.get("choices", [True]) if isinstance(s, dict) else [s])]
         return any(bool(v) for v in values) or any(p.get("pretrained") for p in self.initial_points)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump({"params": self.params, "initial_points": self.initial_points}, sort_keys=True)
+        # In file order: a `when` names earlier parameters, so sorted names would break a replay (the report's).
+        return yaml.safe_dump({"params": self.params, "initial_points": self.initial_points}, sort_keys=False)
 
     @property
     def name(self) -> str:
@@ -84,14 +138,24 @@ class SearchSpace:
         point of this space: a sampled value missing or outside its range or choices, or a fixed value
         that differs. Parameters the space does not have are left out. Not `strict`: a number outside
         its range is kept (an initial point may lie outside, as Optuna allows for enqueued trials)."""
-        replay = _Replay(config, strict)
+        replay = _Replay(config, strict, self.alternative_names)
         try:
-            fixed = self(replay)
+            fixed, _ = self._walk(replay)
         except _NotInSpace:
             return None
         if strict and any(name not in config or str(config[name]) != str(value) for name, value in fixed.items()):
             return None
         return replay.params, replay.distributions
+
+
+def _suggest(trial, name: str, spec: dict) -> Any:
+    if "choices" in spec:
+        return trial.suggest_categorical(name, spec["choices"])
+    if "int" in spec:
+        low, high = spec["int"]
+        return trial.suggest_int(name, low, high, step=spec.get("step") or 1, log=spec.get("log", False))
+    low, high = spec["float"]
+    return trial.suggest_float(name, low, high, step=spec.get("step"), log=spec.get("log", False))
 
 
 class _NotInSpace(Exception):
@@ -100,10 +164,11 @@ class _NotInSpace(Exception):
 
 class _Replay:
     """Stands in for an Optuna trial: answers each suggestion with the configuration's own value,
-    checked against the suggestion's range or choices, and keeps the distribution."""
+    checked against the suggestion's range or choices, and keeps the distribution. A per-case
+    alternative's value is read from the parameter's plain name (`keys`: Optuna name -> plain)."""
 
-    def __init__(self, config: dict[str, Any], strict: bool = True):
-        self.config, self.strict = config, strict
+    def __init__(self, config: dict[str, Any], strict: bool = True, keys: dict[str, str] | None = None):
+        self.config, self.strict, self.keys = config, strict, keys or {}
         self.params: dict[str, Any] = {}
         self.distributions: dict[str, Any] = {}
 
@@ -131,9 +196,10 @@ class _Replay:
         return self._keep(name, value, FloatDistribution(low, high, log=log, step=step), low <= value <= high and on_step)
 
     def _raw(self, name):
-        if name not in self.config:
+        key = self.keys.get(name, name)
+        if key not in self.config:
             raise _NotInSpace
-        return self.config[name]
+        return self.config[key]
 
     def _number(self, name, kind):
         try:  # through its text: a boolean is no number, and MLflow's params are text anyway
@@ -146,16 +212,6 @@ class _Replay:
             raise _NotInSpace
         self.params[name], self.distributions[name] = value, distribution
         return value
-
-
-def _applies(when: dict | None, chosen: dict) -> bool:
-    if not when:
-        return True
-    for name, wanted in when.items():
-        allowed = wanted if isinstance(wanted, list) else [wanted]
-        if name not in chosen or chosen[name] not in allowed:
-            return False
-    return True
 
 
 def builtin_space_path(name: str) -> Path:
@@ -192,6 +248,7 @@ def load_space(path: Path | str) -> SearchSpace:
     for name, spec in params.items():
         _check_param(path, name, spec, seen)
         seen.append(name)
+    check_alternatives(path, params)
     points = document.get("initial_points") or []
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
         raise UserInputError(f"{path}: initial_points must be a list of mappings")
@@ -209,10 +266,28 @@ def _check_param(path: Path, name: str, spec: Any, earlier: list[str]) -> None:
     where = f"{path}: parameter {name!r}"
     if not isinstance(name, str) or "/" in name:
         raise UserInputError(f"{where}: names are plain strings without '/'")
-    if not isinstance(spec, dict):
-        if not isinstance(spec, (int, float, str, bool)):
-            raise UserInputError(f"{where}: a fixed value must be a number, string or boolean")
-        return
+    if isinstance(spec, list):
+        _check_alternatives(where, spec, earlier)
+    elif isinstance(spec, dict):
+        _check_spec(where, spec, earlier)
+    elif not isinstance(spec, (int, float, str, bool)):
+        raise UserInputError(f"{where}: a fixed value must be a number, string or boolean")
+
+
+def _check_alternatives(where: str, specs: list, earlier: list[str]) -> None:
+    """A per-case parameter: a list of ranges or choices, each with the `when` that selects it."""
+    if not specs:
+        raise UserInputError(f"{where}: a list gives one range or choices per case; it is empty")
+    for i, spec in enumerate(specs, 1):
+        if not isinstance(spec, dict):
+            raise UserInputError(f"{where}: alternative {i} must be a range or choices with `when`, not {spec!r}")
+        if not spec.get("when"):
+            raise UserInputError(f"{where}: alternative {i} has no `when` (each alternative says which case it is "
+                                 "for)")
+        _check_spec(f"{where}, alternative {i}", spec, earlier)
+
+
+def _check_spec(where: str, spec: dict, earlier: list[str]) -> None:
     bad = set(spec) - _KEYS
     if bad:
         raise UserInputError(f"{where}: unknown key {sorted(bad)[0]!r} (use one of float, int, choices)")
@@ -232,9 +307,19 @@ def _check_param(path: Path, name: str, spec: Any, earlier: list[str]) -> None:
         if low > high:
             raise UserInputError(f"{where}: low {low} is above high {high}")
         _check_scale(where, kind, spec, low)
-    for dep in (spec.get("when") or {}):
+    _check_when(where, spec.get("when"), earlier)
+
+
+def _check_when(where: str, when: Any, earlier: list[str]) -> None:
+    if when is None:
+        return
+    if not isinstance(when, dict):
+        raise UserInputError(f"{where}: `when` maps earlier parameters to a value or a list of values")
+    for dep, wanted in when.items():
         if dep not in earlier:
             raise UserInputError(f"{where}: `when` refers to {dep!r}, which is not an earlier parameter")
+        if not all(isinstance(v, _CHOICE_TYPES) for v in (wanted if isinstance(wanted, list) else [wanted])):
+            raise UserInputError(f"{where}: `when` gives {dep!r} {wanted!r}; give a value or a list of values")
 
 
 # What Optuna stores as a categorical choice; anything else (a mapping, a list) fails every trial.

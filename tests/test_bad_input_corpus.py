@@ -210,6 +210,12 @@ def space_choices_of_mappings(tmp):
     return ["--space", tmp / "space.yaml"], "parameter 'optimizer': choice {'name': 'adamw'} is a dict"
 
 
+def space_lr_per_optimiser_leaves_one_out(tmp):
+    (tmp / "space.yaml").write_text("params:\n  model: small_convnet\n  optimizer: {choices: [adamw, sgd]}\n  lr:\n"
+                                    "    - {float: [2.0e-4, 3.0e-3], log: true, when: {optimizer: adamw}}\n")
+    return ["--space", tmp / "space.yaml"], "parameter 'lr': no alternative applies when optimizer='sgd'"
+
+
 def space_choices_of_lists(tmp):
     (tmp / "space.yaml").write_text("params:\n  model: small_convnet\n  lr: 0.01\n  width: {choices: [[16, 32], 64]}\n")
     return ["--space", tmp / "space.yaml"], "parameter 'width': choice [16, 32] is a list"
@@ -312,7 +318,7 @@ CASES = [corrupt, zero_byte, truncated, text_as_image, csv_row_without_file, unk
          unwritable_workdir, unwritable_sqlite, too_many_gpus, space_syntax_error, space_unknown_model,
          space_unknown_loss, space_misspelt_parameter, space_value_outside_its_set, space_model_of_another_kind,
          resume_without_search, space_step_zero, space_negative_step, space_log_with_step, space_choices_of_mappings,
-         space_choices_of_lists, space_is_a_folder, non_mlflow_server, file_store, postgres_without_driver,
+         space_choices_of_lists, space_lr_per_optimiser_leaves_one_out, space_is_a_folder, non_mlflow_server, file_store, postgres_without_driver,
          mysql_without_driver, password_of_an_unreachable_server, csv_path_leaves_the_data, symlink_leaves_the_data,
          one_file_two_spellings, hep2_id_not_ascii_digits, experiment_absolute, experiment_parent]
 

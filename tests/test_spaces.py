@@ -27,12 +27,13 @@ def test_nuclei_space_is_conditional_and_covers_the_brief():
         # depth and width exist exactly when the ConvNet is chosen (define-by-run conditionals)
         assert ("depth" in config) == (config["model"] == "small_convnet")
         assert ("width" in config) == (config["model"] == "small_convnet")
-        assert 2e-4 <= config["lr"] <= 2e-2
+        low, high = (2e-4, 3e-3) if config["optimizer"] == "adamw" else (5e-3, 1e-1)  # one range per optimiser
+        assert low <= config["lr"] <= high
         assert config["image_size"] == 64 and config["flip"] is True
         for key in ("weight_decay", "batch_size", "affine", "color_jitter", "label_smoothing", "dropout"):
             assert key in config
-    lrs = sorted(c["lr"] for c in configs)
-    assert lrs[len(lrs) // 2] < 3e-3  # log scale: the median is near the geometric mean
+    lrs = sorted(c["lr"] for c in configs if c["optimizer"] == "sgd")
+    assert lrs[len(lrs) // 2] < 4e-2  # log scale: the median is near the geometric mean (2.2e-2)
     check_space(space, seed=0)
 
 
@@ -197,3 +198,163 @@ def test_a_default_space_keeps_the_backbones_whose_weights_are_cached(tmp_path, 
     assert [p["model"] for p in space.initial_points] == ["mobilenet_v2"]  # ResNet-50's recipe left out
     assert caplog.messages == ["no ImageNet weights for resnet18, resnet50 offline: searching mobilenet_v2"]
     check_space(space, seed=0)
+
+
+PER_OPTIMISER = """params:
+  model: {choices: [small_convnet, resnet18]}
+  optimizer: {choices: [adamw, sgd]}
+  lr:
+    - {float: [2.0e-4, 3.0e-3], log: true, when: {optimizer: adamw}}
+    - {float: [5.0e-3, 1.0e-1], log: true, when: {optimizer: sgd}}
+  momentum: 0.9
+initial_points:
+  - {optimizer: sgd, lr: 0.01}
+  - {model: resnet18, lr: 0.02}
+"""
+
+
+def per_optimiser_space(tmp_path):
+    path = tmp_path / "per-optimiser.yaml"
+    path.write_text(PER_OPTIMISER)
+    return load_space(path)
+
+
+def test_each_optimiser_samples_its_own_lr_range_under_the_plain_name(tmp_path):
+    from optuna.distributions import FloatDistribution
+
+    space = per_optimiser_space(tmp_path)
+    ranges = {"adamw": (2e-4, 3e-3), "sgd": (5e-3, 1e-1)}
+    # TPE past its random start: one Optuna name with two distributions would fail here
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=4))
+    for _ in range(16):
+        trial = study.ask()
+        config = space.sample(trial)
+        study.tell(trial, config["lr"])
+        optimizer, name = config["optimizer"], f"lr({config['optimizer']})"
+        assert set(config) == {"model", "optimizer", "lr", "momentum"}  # `lr`, never `lr(sgd)`
+        assert ranges[optimizer][0] <= config["lr"] <= ranges[optimizer][1]
+        assert trial.params[name] == config["lr"] and "lr" not in trial.params
+        assert trial.distributions[name] == FloatDistribution(*ranges[optimizer], log=True)
+    assert {t.params["optimizer"] for t in study.trials} == {"adamw", "sgd"}
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr")  # 0.02 enqueued for AdamW too: outside its range, kept
+def test_initial_points_in_plain_names_reach_the_right_alternative(tmp_path):
+    space = per_optimiser_space(tmp_path)
+    first, second = space.initial_points
+    assert space.optuna_point(first) == {"optimizer": "sgd", "lr(sgd)": 0.01}
+    # the optimiser is left to the sampler: the value waits under both names, Optuna uses the one it suggests
+    assert space.optuna_point(second) == {"model": "resnet18", "lr(adamw)": 0.02, "lr(sgd)": 0.02}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for point in (first, second, second, second):
+        study.enqueue_trial(space.optuna_point(point), skip_if_exists=False)
+    configs = []
+    for _ in range(4):
+        trial = study.ask()
+        configs.append(space.sample(trial))
+        study.tell(trial, 0.0)
+    assert configs[0]["optimizer"] == "sgd" and configs[0]["lr"] == 0.01
+    assert study.trials[0].params["lr(sgd)"] == 0.01
+    assert all(c["lr"] == 0.02 and c["model"] == "resnet18" for c in configs[1:])
+
+
+@pytest.mark.filterwarnings("ignore:Fixed parameter lr")
+def test_ray_trial_configurations_carry_the_plain_name_only(tmp_path):
+    """Ray's OptunaSearch adds every suggested name to a trial's config: the space's `lr(sgd)` is
+    dropped there, so the typed configuration and MLflow's params see `lr` alone."""
+    from tune_cells.ray_searcher import PlainNamesOptunaSearch
+
+    space = per_optimiser_space(tmp_path)
+    searcher = PlainNamesOptunaSearch(space=space, plain=space.plain, metric="val_accuracy", mode="max",
+                                      points_to_evaluate=[space.optuna_point(p) for p in space.initial_points],
+                                      sampler=optuna.samplers.RandomSampler(seed=0))
+    configs = [searcher.suggest(f"t{i}") for i in range(6)]
+    assert configs[0] == {"model": configs[0]["model"], "optimizer": "sgd", "lr": 0.01, "momentum": 0.9}
+    assert configs[1]["lr"] == 0.02 and configs[1]["model"] == "resnet18"
+    for config in configs:
+        assert set(config) == {"model", "optimizer", "lr", "momentum"}, config
+
+
+def test_a_finished_trial_replays_as_its_alternatives_optuna_name(tmp_path):
+    """--warm-start and the live view: `lr` of an SGD trial becomes `lr(sgd)` with SGD's range."""
+    import yaml
+
+    from tune_cells.search_spaces import SearchSpace
+
+    space = per_optimiser_space(tmp_path)
+    # the space as the search logs it (search_space.yaml, which `report` replays): `when` keeps its earlier parameters
+    logged = SearchSpace(yaml.safe_load(space.to_yaml())["params"], "logged space")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    for _ in range(10):
+        trial = study.ask()
+        config = space.sample(trial)
+        study.tell(trial, 0.0)
+        for given in (config, {k: str(v) for k, v in config.items()}):  # as MLflow logs it: text
+            assert space.as_optuna(given) == logged.as_optuna(given) == (trial.params, trial.distributions)
+    sgd = {"model": "resnet18", "optimizer": "sgd", "lr": "0.05", "momentum": "0.9"}
+    assert space.as_optuna(sgd)[0] == {"model": "resnet18", "optimizer": "sgd", "lr(sgd)": 0.05}
+    assert space.as_optuna({**sgd, "optimizer": "adamw"}) is None  # 0.05 is outside AdamW's range
+    assert space.as_optuna({**sgd, "optimizer": "adamw"}, strict=False)[0]["lr(adamw)"] == 0.05  # an initial point
+    assert space.as_optuna({k: v for k, v in sgd.items() if k != "lr"}) is None
+
+
+def test_per_case_checks_follow_conditional_and_integer_parameters(tmp_path):
+    path = tmp_path / "space.yaml"
+    # momentum exists only for SGD; `depth` 3 and 4 are every value of its range: both are fully covered
+    path.write_text("params:\n  optimizer: {choices: [adamw, sgd]}\n"
+                    "  momentum: {float: [0.8, 0.95], when: {optimizer: sgd}}\n"
+                    "  nesterov_lr:\n    - {float: [0.01, 0.1], when: {momentum: 0.9}}\n"
+                    "    - {float: [0.001, 0.01], when: {momentum: [0.8, 0.95]}}\n"
+                    "    - {float: [0.02, 0.2], when: {momentum: {not: 1}}}\n")
+    with pytest.raises(UserInputError, match="'nesterov_lr', alternative 3: `when` gives 'momentum'"):
+        load_space(path)
+    path.write_text("params:\n  model: {choices: [a, b]}\n  optimizer: {choices: [adamw, sgd], when: {model: a}}\n"
+                    "  depth: {int: [3, 4]}\n"
+                    "  lr:\n    - {float: [0.001, 0.01], when: {optimizer: adamw}}\n"
+                    "    - {float: [0.01, 0.1], when: {optimizer: sgd}}\n"
+                    "  width:\n    - {choices: [8, 16], when: {depth: 3}}\n    - {choices: [16, 32], when: {depth: 4}}\n")
+    space = load_space(path)  # model b: no optimizer, so no lr either
+    configs = sample_many(space, n=30)
+    assert all(("lr" in c) == (c["model"] == "a") and "width" in c for c in configs)
+    merged = space.merged().params  # what the report's importance replays: one range per parameter
+    assert merged["lr"] == {"float": [0.001, 0.1], "when": {"optimizer": ["adamw", "sgd"]}}
+    assert merged["width"] == {"choices": [8, 16, 32], "when": {"depth": [3, 4]}}
+
+
+@pytest.mark.parametrize(
+    "lr, message",
+    [
+        ("\n    - {float: [1.0e-4, 1.0e-2], when: {optimizer: adamw}}\n    - {float: [1.0e-3, 0.1]}\n",
+         "'lr': alternative 2 has no `when`"),
+        ("\n    - {float: [1.0e-4, 1.0e-2], when: {optimizer: adamw}}\n    - {float: [1.0e-3, 0.1], when: {optimizer: adamw}}\n",
+         "'lr': alternatives 1 and 2 have the same `when`"),
+        ("\n    - {float: [1.0e-4, 1.0e-2], when: {optimizer: [adamw, sgd]}}\n    - {float: [1.0e-3, 0.1], when: {optimizer: sgd}}\n",
+         "'lr': alternatives 1 and 2 both apply when optimizer='sgd'"),
+        ("\n    - {float: [1.0e-4, 1.0e-2], when: {optimizer: adamw}}\n    - {float: [1.0e-3, 0.1], when: {optimizer: sdg}}\n",
+         "'lr': no alternative applies when optimizer='sgd' (give one for every case)"),
+        ("\n    - {float: [1.0e-4, 1.0e-2], when: {optimizer: adamw}}\n    - 0.01\n",
+         "'lr': alternative 2 must be a range or choices with `when`, not 0.01"),
+        ("\n    - {float: [1.0e-2, 1.0e-4], when: {optimizer: adamw}}\n    - {float: [1.0e-3, 0.1], when: {optimizer: sgd}}\n",
+         "'lr', alternative 1: low 0.01 is above high 0.0001"),
+        ("\n    - {float: [1.0e-4, 1.0e-2], when: {optimiser: adamw}}\n    - {float: [1.0e-3, 0.1], when: {optimizer: sgd}}\n",
+         "'lr', alternative 1: `when` refers to 'optimiser', which is not an earlier parameter"),
+        ("\n    - {float: [1.0e-4, 1.0e-2], when: [optimizer, adamw]}\n    - {float: [1.0e-3, 0.1], when: {optimizer: sgd}}\n",
+         "'lr', alternative 1: `when` maps earlier parameters to a value or a list of values"),
+        (" []\n", "'lr': a list gives one range or choices per case; it is empty"),
+    ],
+)
+def test_a_bad_per_case_parameter_is_one_line_naming_file_and_parameter(tmp_path, lr, message):
+    path = tmp_path / "space.yaml"
+    path.write_text("params:\n  optimizer: {choices: [adamw, sgd]}\n  lr:" + lr)
+    with pytest.raises(UserInputError) as error:
+        load_space(path)
+    text = str(error.value)
+    assert text.startswith(f"{path}: parameter ") and message in text and "\n" not in text, text
+
+
+def test_a_bad_per_case_name_is_refused(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("params:\n  optimizer: {choices: [adamw, a/b]}\n  lr:\n    - {float: [0.001, 0.01], when: "
+                    "{optimizer: adamw}}\n    - {float: [0.01, 0.1], when: {optimizer: a/b}}\n")
+    with pytest.raises(UserInputError, match="'lr': alternative 2's `when` values may not contain '/'"):
+        load_space(path)

@@ -69,7 +69,7 @@ class StudyJournal:
                                     direction="maximize" if self.mode == "max" else "minimize")
         if not study.trials:  # a new search; a resumed one finds its own trials
             for key, value in {**self.attrs, "metric": self.metric, "space": self.space.name,
-                               "fixed": {k: v for k, v in self.space.params.items() if not isinstance(v, dict)}}.items():
+                               "fixed": self.space.fixed}.items():
                 study.set_user_attr(key, value)
             with warnings.catch_warnings():  # (an "experimental" feature since Optuna 3.2)
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

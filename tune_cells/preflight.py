@@ -176,7 +176,7 @@ def check_space(space: SearchSpace, seed: int, kind: TaskKind | None = None) -> 
         trial = study.ask()
         configs.append(space.sample(trial))
         study.tell(trial, 0.0)
-    fixed = {name: value for name, value in space.params.items() if not isinstance(value, dict)}
+    fixed = space.fixed
     # An initial point sets only some parameters; the rest are sampled, so stand-ins fill them here.
     points = [{"model": configs[0].get("model"), "lr": 1e-3, **fixed, **point} for point in space.initial_points]
     for config in configs + points:

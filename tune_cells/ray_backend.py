@@ -19,6 +19,7 @@ from ray import tune
 
 from tune_cells.errors import UserInputError
 from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, stop_on_signals
+from tune_cells.search_spaces import SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class TrialEvents(Protocol):
 class SearchRequest:
     trainable: Callable[..., None]
     trainable_kwargs: dict[str, Any]  # large objects go to the object store once, not per trial
-    space: Callable  # Optuna define-by-run function
+    space: SearchSpace  # sampled define-by-run by Optuna
     metric: str
     mode: str
     samples: int
@@ -45,7 +46,7 @@ class SearchRequest:
     storage_path: str
     name: str
     events: TrialEvents | None = None
-    initial_points: list[dict] = field(default_factory=list)
+    initial_points: list[dict] = field(default_factory=list)  # in the space's plain names (`lr`, not `lr(sgd)`)
     warm_trials: list = field(default_factory=list)  # finished Optuna trials the study holds before its first (--warm-start)
     max_concurrent: int | None = None
     resume: bool = False  # continue the interrupted search at storage_path/name
@@ -139,7 +140,8 @@ def run_search(request: SearchRequest) -> SearchResult:
     import optuna
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from tune_cells.ray_searcher import PlainNamesOptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Earlier trials (--warm-start) go into the study before the searcher opens it: Ray's `evaluated_rewards`
@@ -147,11 +149,12 @@ def run_search(request: SearchRequest) -> SearchResult:
     storage = optuna.storages.InMemoryStorage()
     optuna.create_study(storage=storage, study_name=request.name, direction="maximize" if request.mode == "max"
                         else "minimize").add_trials(request.warm_trials)
-    searcher = OptunaSearch(
+    searcher = PlainNamesOptunaSearch(
         space=request.space,
+        plain=request.space.plain,  # per-case alternatives: `lr`, not also `lr(sgd)`, in the trial's config
         metric=request.metric,
         mode=request.mode,
-        points_to_evaluate=request.initial_points or None,
+        points_to_evaluate=[request.space.optuna_point(p) for p in request.initial_points] or None,
         # Warm-started, the same --seed would draw the earlier searches' first random configurations again.
         sampler=optuna.samplers.TPESampler(seed=hash((request.seed, len(request.warm_trials))) & 0x7FFFFFFF
                                            if request.warm_trials else request.seed),
