@@ -75,7 +75,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--storage", default=None, help="Ray storage path or URI [default: WORKDIR/ray/EXPERIMENT].")
 @click.option("--address", default=None, help="Ray cluster address (auto or HOST:PORT) [default: a local Ray].")
 @click.option("--max-latency-ms", type=float, default=None, help="Promote the best trial whose latency per image "
-              "(measured after the search on the promotion device) is at most this; `report` shows the trade-off.")
+              "is at most this, measured after the search on the CPU (where predict, serve and evaluate run the "
+              "model, also when trials trained on a GPU); `report` shows the trade-off.")
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
 @click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
 @click.option("--resume", is_flag=True,
