@@ -1,6 +1,7 @@
 """Accuracy against cost: each finished trial's parameter count and inference latency per image,
-measured after the search, one model at a time, on the promotion device; and which trial a latency
-budget (`search --max-latency-ms`) promotes.
+measured after the search, one model at a time, on the device where predict and serve run the
+promoted model (`tune_cells.kinds.PREDICTION_DEVICE`: the CPU, with torch's own thread count, even
+where the search trained on CUDA); and which trial a latency budget (`search --max-latency-ms`) promotes.
 
 Latency is the network's forward pass alone (all fold members of an ensemble; preprocessing, decoding
 and the softmax are not timed): a batch of `BATCH` random inputs at the model's own image size and
@@ -29,7 +30,7 @@ LATENCY, PARAMS, DEVICE_TAG = "latency_ms_per_image", "param_count", "latency_de
 class Cost:
     param_count: int
     latency_ms: float  # per image
-    device: str  # e.g. "cpu (2 threads)" or "cuda (NVIDIA H200)"
+    device: str  # where it was measured, e.g. "cpu (2 threads)"
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,13 @@ class TrialCost:
     cost: Cost
 
 
-def promotion_device():
-    """Where promotion measures: CUDA when this process sees it, else the CPU."""
+def prediction_device():
+    """Where a registered model runs when it predicts: a budget is only honest measured there."""
     import torch
 
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    from tune_cells.kinds import PREDICTION_DEVICE
+
+    return torch.device(PREDICTION_DEVICE)
 
 
 def device_label(device) -> str:
@@ -102,7 +105,7 @@ def measure_trials(tracker, result, trial_runs: dict[str, str], mode: str, stagi
     A trial already measured on this device (a resumed promotion) keeps its numbers."""
     from tune_cells import ray_backend
 
-    device = promotion_device()
+    device = prediction_device()
     label = device_label(device)
     done = [t for t in result.trials if t.best_checkpoint is not None and t.trial_id in trial_runs]
     done.sort(key=lambda t: t.best_metric, reverse=mode == "max")
@@ -184,7 +187,7 @@ def allows_tta(cost: Cost | None, budget: float | None) -> bool:
 def champion_over_budget(tracker, champion, budget: float, staging: Path) -> float | None:
     """The current champion's latency per image if it exceeds `budget`, else None: its version's
     tag when measured on this device, else measured now from the registry."""
-    device = promotion_device()
+    device = prediction_device()
     tags = champion.tags
     if tags.get(DEVICE_TAG) == device_label(device) and LATENCY in tags:
         latency = float(tags[LATENCY])

@@ -84,7 +84,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
         result.best_trial_id, ""), "model_name": name, "model_version": version,
         "previous_champion": decision.previous or "", "promotion": decision.reason,
         "ray_experiment_path": result.experiment_path, "best_trial_overall": overall, "latency_protocol":
-        latency.protocol(latency.promotion_device()), "latency_budget_ms": f"{max_latency_ms:g}" if max_latency_ms
+        latency.protocol(latency.prediction_device()), "latency_budget_ms": f"{max_latency_ms:g}" if max_latency_ms
         else "none",
         "model_uri": f"models:/{name}/{version}",
         NOTE_TAG: f"Best trial `{result.best_trial_id}`: {task.metric} {result.best_metric:.4f} at epoch "

@@ -58,6 +58,7 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
             "last_value": values.iloc[-1] if len(values) else float("nan"),
             "failure": run.data.tags.get("failure", ""), "champion": trial == champion,
             "latency_ms_per_image": run.data.metrics.get("latency_ms_per_image", float("nan")),
+            "latency_device": run.data.tags.get("latency_device", ""),  # a number means little without it
             "param_count": run.data.metrics.get("param_count", float("nan")),
             **{f"param_{k}": _number(v) for k, v in run.data.params.items()},
         })
@@ -163,8 +164,8 @@ def _html_page(name: str, parent, metric: str, mode: str, trials: pd.DataFrame, 
                searched: list[str]) -> str:
     tags = parent.data.tags
     columns = ["number", "trial", "status", "epochs", "stopped_early", "best_value", "last_value", "champion",
-               "latency_ms_per_image", "param_count", *[f"param_{p}" for p in searched if f"param_{p}" in trials],
-               "failure"]
+               "latency_ms_per_image", "latency_device", "param_count",
+               *[f"param_{p}" for p in searched if f"param_{p}" in trials], "failure"]
     table = trials[columns].rename(columns={"best_value": f"best {metric}", "last_value": f"last {metric}"})
     summary = (f"{len(trials)} trials, {int(trials['stopped_early'].sum())} stopped early by ASHA, "
                f"{int((trials['status'] == 'FAILED').sum())} failed. Champion: trial {tags.get('best_trial_id', '?')} "

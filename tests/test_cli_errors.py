@@ -1,8 +1,9 @@
 """Bad input: one line on stderr naming the culprit, exit 2, and nothing written."""
 
 import pytest
+from PIL import Image
 
-from conftest import write_kaggle
+from conftest import store_client, write_kaggle
 
 
 def snapshot(folder):
@@ -23,7 +24,7 @@ def snapshot(folder):
         (["search", "nuclei", "--data", "{tmp}/absent"], "absent: no such folder"),
         (["search", "nuclei", "--space", "{tmp}/absent.yaml"], "absent.yaml: no such file"),
         (["search", "nuclei", "--bogus-flag"], "No such option '--bogus-flag'"),
-        (["evaluate", "nuclei"], "no champion for task nuclei"),
+        (["evaluate", "nuclei"], "no MLflow store at sqlite:///"),
         (["evaluate", "nuclei", "--model-uri", "runs:/abc/model"], "expected models:/NAME@ALIAS"),
         (["ui"], "no MLflow store at sqlite:///"),
         (["export", "nuclei"], "no MLflow store at sqlite:///"),
@@ -92,3 +93,61 @@ def test_report_of_an_unknown_run_id_is_one_line_exit_2(run_cli, tmp_path):
     result = run_cli("report", "--run-id", "0123456789abcdef", "--workdir", tmp_path / "w")
     assert result.code == 2 and "--run-id 0123456789abcdef: no such run" in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+# Every command that opens a registered model, with what else it needs ({image}: an image file).
+MODEL_COMMANDS = [["evaluate", "nuclei"], ["predict", "nuclei", "{image}"], ["explain", "nuclei", "{image}"],
+                  ["export", "nuclei"], ["serve", "nuclei"], ["card", "nuclei"]]
+
+
+def refusals(run_cli, commands, workdir, image, *extra) -> set[str]:
+    """The stderr of each command (each must exit 2 with one line), as a set: one element when
+    they all say the same."""
+    lines = set()
+    for args in commands:
+        result = run_cli(*[str(a).format(image=image) for a in args], *extra, "--workdir", workdir)
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, (args, result.err)
+        lines.add(result.err.strip())
+    return lines
+
+
+def an_image(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "cell.png")
+    return tmp_path / "cell.png"
+
+
+def test_a_missing_store_or_workdir_is_the_same_line_from_every_model_command(run_cli, tmp_path):
+    image, workdir = an_image(tmp_path), tmp_path.resolve() / "work"  # absent: said as a missing store
+    said = refusals(run_cli, [*MODEL_COMMANDS, ["promote", "nuclei", "1"]], workdir, image)
+    assert said == {f"tune-cells: error: no MLflow store at sqlite:///{workdir}/mlflow.db: run `tune-cells search "
+                    f"nuclei --workdir {workdir}` first, or give the --workdir that search used"}
+    assert not workdir.exists()  # nothing created, not even by evaluate's and promote's lock
+    store = tmp_path / "elsewhere.db"
+    said = refusals(run_cli, MODEL_COMMANDS[:1], workdir, image, "--tracking-uri", f"sqlite:///{store}")
+    assert said == {f"tune-cells: error: no MLflow store at sqlite:///{store}: run `tune-cells search nuclei "
+                    f"--tracking-uri sqlite:///{store}` first, or give the --tracking-uri that search used"}
+
+
+def test_no_champion_and_a_bad_model_are_the_same_line_from_every_model_command(run_cli, tmp_path):
+    image, workdir = an_image(tmp_path), tmp_path.resolve() / "work"
+    workdir.mkdir()
+    client = store_client(workdir / "mlflow.db")  # a store whose one model is a lung model
+    client.create_registered_model("tune-cells-lung-demo")
+    client.create_model_version("tune-cells-lung-demo", source=str(tmp_path), tags={"task": "lung"})
+    uri = f"sqlite:///{workdir}/mlflow.db"
+
+    assert refusals(run_cli, MODEL_COMMANDS, workdir, image) == {
+        f"tune-cells: error: no champion for task nuclei in {uri}: run `tune-cells search nuclei` (or "
+        "`tune-cells promote nuclei VERSION`) first, or give --model-uri"}
+    for model_uri, message in [
+        ("runs:/abc/model", "--model-uri runs:/abc/model: expected models:/NAME@ALIAS or models:/NAME/VERSION"),
+        ("models:/tune-cells-nuclei", "--model-uri models:/tune-cells-nuclei: expected models:/NAME@ALIAS"),
+        ("models:/tune-cells-nuclei/7", f"models:/tune-cells-nuclei/7: not found in {uri}"),
+        ("models:/tune-cells-lung-demo/1", "models:/tune-cells-lung-demo/1 is a 'lung' model, not 'nuclei'"),
+    ]:
+        (said,) = refusals(run_cli, MODEL_COMMANDS, workdir, image, "--model-uri", model_uri)
+        assert message in said, said
+    assert refusals(run_cli, [["card", "nuclei", "--version", "7"], ["promote", "nuclei", "7"]], workdir, image) == {
+        f"tune-cells: error: no version 7 of tune-cells-nuclei or tune-cells-nuclei-demo in {uri}"}
+    (said,) = refusals(run_cli, [["card", "nuclei", "--version", "1", "--model-uri", "models:/x/1"]], workdir, image)
+    assert "--version and --model-uri name the model twice" in said

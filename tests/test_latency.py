@@ -36,11 +36,10 @@ def test_finished_trials_carry_param_count_and_latency(searched):
                                width=int(run.data.params["width"]), dropout=0.0)
         assert run.data.metrics["param_count"] == sum(p.numel() for p in network.parameters())
         assert 0 < run.data.metrics["latency_ms_per_image"] < 1000
-        assert run.data.tags["latency_device"].startswith(("cpu (", "cuda (")), run.data.tags
-        assert "threads)" in run.data.tags["latency_device"] or run.data.tags["latency_device"].startswith("cuda")
+        assert run.data.tags["latency_device"].startswith("cpu (") and "threads)" in run.data.tags["latency_device"]
         assert run.data.tags["latency_batch_size"] == "8"
     parent = search_run(client, experiment.experiment_id)
-    assert "median of 20 batches" in parent.data.tags["latency_protocol"]
+    assert "median of 20 batches" in parent.data.tags["latency_protocol"] and "on cpu (" in parent.data.tags["latency_protocol"]
     assert parent.data.tags["latency_budget_ms"] == "none"
     version = client.get_model_version(MODEL, parent.data.tags["model_version"])
     champion = next(r for r in finished if r.data.tags["ray_trial_id"] == version.tags["ray_trial_id"])
@@ -62,8 +61,10 @@ def test_report_draws_the_pareto_front_and_lists_latency_and_parameters(searched
         assert image.width >= 600 and image.height >= 300
     page = (folder / "report.html").read_text()
     assert 'src="pareto_front.png"' in page and "<th>latency_ms_per_image</th>" in page and "<th>param_count</th>" in page
+    assert "<th>latency_device</th>" in page
     trials = pd.read_csv(folder / "trials.csv")
     assert trials["latency_ms_per_image"].gt(0).all() and trials["param_count"].gt(0).all()
+    assert trials["latency_device"].str.startswith("cpu (").all()  # where the number was measured
     front = trials.loc[non_dominated(trials["latency_ms_per_image"], trials["best_value"], "max")]
     assert trials["best_value"].idxmax() in front.index  # the best is never dominated ...
     assert trials["latency_ms_per_image"].idxmin() in front.index  # ... nor the fastest
@@ -155,3 +156,16 @@ def test_max_latency_ms_must_be_above_zero(run_cli, tmp_path, value):
     result = run_cli("search", "nuclei", "--max-latency-ms", value, "--workdir", tmp_path / "w")
     assert result.code == 2 and f"--max-latency-ms {value}" in result.err and "above 0" in result.err
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_latency_is_measured_where_predict_and_serve_run_the_model_even_beside_cuda(monkeypatch):
+    import inspect
+
+    import torch
+
+    from tune_cells.analysis.latency import prediction_device
+    from tune_cells.kinds import PREDICTION_DEVICE, load_predictor
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: trials may train there
+    assert prediction_device() == torch.device("cpu")
+    assert inspect.signature(load_predictor).parameters["device"].default == PREDICTION_DEVICE == "cpu"

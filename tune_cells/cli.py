@@ -20,6 +20,7 @@ from tune_cells.redact import CredentialFilter, without_credentials
 log = logging.getLogger("tune_cells")
 _CREDENTIAL_FILTER = CredentialFilter()  # on every log handler: no password of a URI reaches a log
 
+from tune_cells.commands.opening import open_registered_model, require_store  # noqa: E402
 from tune_cells.commands.options import tracking_option, workdir_option  # noqa: E402
 
 
@@ -74,7 +75,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--storage", default=None, help="Ray storage path or URI [default: WORKDIR/ray/EXPERIMENT].")
 @click.option("--address", default=None, help="Ray cluster address (auto or HOST:PORT) [default: a local Ray].")
 @click.option("--max-latency-ms", type=float, default=None, help="Promote the best trial whose latency per image "
-              "(measured after the search on the promotion device) is at most this; `report` shows the trade-off.")
+              "is at most this, measured after the search on the CPU (where predict, serve and evaluate run the "
+              "model, also when trials trained on a GPU); `report` shows the trade-off.")
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
 @click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
 @click.option("--resume", is_flag=True,
@@ -141,7 +143,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 def evaluate(task, model_uri, n_boot, data, seeds, address, cpus_per_trial, gpus_per_trial, workdir, tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
     from tune_cells.lock import WorkdirLock
-    from tune_cells.paths import WorkDir
+    from tune_cells.preflight import check_workdir
 
     if n_boot < 1:
         raise UserInputError(f"--bootstrap {n_boot}: must be at least 1")
@@ -149,9 +151,10 @@ def evaluate(task, model_uri, n_boot, data, seeds, address, cpus_per_trial, gpus
         raise UserInputError(f"--seeds {seeds}: must be at least 2 (a spread needs two retrains)")
     if seeds is not None and data is not None:
         raise UserInputError("--seeds retrains on the model's own split: it does not combine with --data")
-    with WorkdirLock(WorkDir.at(workdir), "evaluate"):
-        spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
-        _evaluate(spec, tracker, model_uri, workdir, n_boot, data, seeds, (address, cpus_per_trial, gpus_per_trial))
+    with WorkdirLock(check_workdir(workdir), "evaluate"):  # the lock first: a second writer is refused at once
+        model = open_registered_model(task, workdir, tracking_uri, model_uri)
+        _evaluate(model.task, model.tracker, model.uri, model.workdir, n_boot, data, seeds,
+                  (address, cpus_per_trial, gpus_per_trial))
 
 
 def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds, placement=(None, None, None)) -> None:
@@ -172,23 +175,6 @@ def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds, 
     click.echo(format_table(result))
 
 
-def _open_model(task: str, workdir: Path, tracking_uri: str | None, model_uri: str | None,
-                needs_champion: bool = True):
-    """(task spec, checked workdir, tracker, model URI): the URI given, else the task's champion."""
-    from tune_cells.preflight import check_workdir
-    from tune_cells.tasks import get_task
-    from tune_cells.tracking import Tracker, resolve_tracking_uri
-
-    spec = get_task(task)
-    workdir = check_workdir(workdir)
-    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
-    if not needs_champion:
-        if not tracker.store_exists():
-            raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run `tune-cells search {task}` first")
-        return spec, workdir, tracker, model_uri
-    return spec, workdir, tracker, model_uri or tracker.champion_uri(spec.name)
-
-
 @cli.command()
 @click.argument("task")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -203,18 +189,19 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
     from tune_cells.predict import collect_images, predict_files
 
     files = collect_images(paths)
-    spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
-    output = output or workdir.predictions(spec.name)
+    model = open_registered_model(task, workdir, tracking_uri, model_uri)
+    spec = model.task
+    output = output or model.workdir.predictions(spec.name)
     if output.exists():
         raise UserInputError(f"--output {output}: already exists (not overwritten)")
     mask_dir = output.with_name(output.stem + "-masks")
     if spec.kind.writes_masks and mask_dir.exists():
         raise UserInputError(f"{mask_dir}: already exists (not overwritten)")
-    table = predict_files(tracker, model_uri, spec, files, mask_dir)
+    table = predict_files(model.tracker, model.uri, spec, files, mask_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)
     click.echo(table.to_string(index=False, max_rows=20, float_format=lambda v: f"{v:.4f}"))
-    click.echo(f"\n{len(table)} predictions of {model_uri} written to {output}")
+    click.echo(f"\n{len(table)} predictions of {model.uri} written to {output}")
     if spec.kind.writes_masks:
         click.echo(f"masks and overlays: {mask_dir}")
 
@@ -237,13 +224,13 @@ def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, 
 
     if allow_path_root is not None and not allow_path_root.is_dir():
         raise UserInputError(f"--allow-path-root {allow_path_root}: not a folder")
-    _, _, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
-    version = tracker.resolve_model(model_uri)  # exit 2 now rather than a server that cannot start
+    # Opened (and resolved) here: exit 2 now rather than a server that cannot start. It writes nothing.
+    opened = open_registered_model(task, workdir, tracking_uri, model_uri, writes=False)
     path_root = allowed_root(allow_path_root) if allow_path_root is not None else None
-    model = load_served_model(tracker, model_uri, path_root)
+    model = load_served_model(opened.tracker, opened.uri, path_root)
     paths = f"`path` rows under {path_root}" if path_root else "no `path` rows"
-    click.echo(f"Serving {model_uri} (version {version.version}) on http://{host}:{port}/invocations, {paths} "
-               "(Ctrl-C stops it)")
+    click.echo(f"Serving {opened.uri} (version {opened.version.version}) on http://{host}:{port}/invocations, "
+               f"{paths} (Ctrl-C stops it)")
     run_server(build_app(model, answered_hosts(host, allowed_hosts)), host, port)
 
 
@@ -263,6 +250,7 @@ def report(experiment, run_id, output, workdir, tracking_uri):
 
     workdir = check_workdir(workdir)
     tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
+    require_store(tracker, workdir)
     result = build_report(tracker, experiment, run_id, output, workdir)
     trials = result.trials
     click.echo(f"Search {result.search_name} ({result.parent_run_id}): {len(trials)} trials, "
@@ -291,20 +279,20 @@ def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     if steps < 2:
         raise UserInputError(f"--steps {steps}: must be at least 2")
     files = collect_images(paths)
-    spec, workdir, tracker, model_uri = _open_model(task, workdir, tracking_uri, model_uri)
+    model = open_registered_model(task, workdir, tracking_uri, model_uri)
+    spec = model.task
     if not spec.kind.explainable:
         raise UserInputError(f"explain supports classification tasks; {task} is {spec.kind.name} "
                              "(its masks and overlays come from `tune-cells predict`)")
-    tracker.resolve_model(model_uri, spec.name)
-    classifier = tracker.load_classifier(model_uri)
-    output = output or workdir.explanations(spec.name)
+    classifier = model.tracker.load_classifier(model.uri)
+    output = output or model.workdir.explanations(spec.name)
     for file in files:
         try:
             shown = explain_file(classifier, file, output, steps)
         except (OSError, ValueError, SyntaxError) as exc:
             raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
         click.echo(f"{file}: {shown['predicted_class']} (p={shown['probability']:.3f}) -> {shown['figure']}")
-    click.echo(f"\n{len(files)} attribution grids of {model_uri} in {output}")
+    click.echo(f"\n{len(files)} attribution grids of {model.uri} in {output}")
 
 
 @cli.command()
@@ -330,13 +318,15 @@ def promote(task, version, model_name, workdir, tracking_uri):
     when a new version is better on the same validation data); logged on the version."""
     from tune_cells.analysis.promotion import promote_by_hand
     from tune_cells.lock import WorkdirLock
-    from tune_cells.paths import WorkDir
+    from tune_cells.preflight import check_workdir
 
-    with WorkdirLock(WorkDir.at(workdir), "promote"):
-        _, workdir, tracker, _ = _open_model(task, workdir, tracking_uri, None, needs_champion=False)
-        name = model_name or tracker.model_name_with_version(task, version)
-        tracker.resolve_model(f"models:/{name}/{version}", task)
-        previous = promote_by_hand(tracker, name, version)
+    with WorkdirLock(check_workdir(workdir), "promote"):
+        if model_name is not None:
+            model = open_registered_model(task, workdir, tracking_uri, f"models:/{model_name}/{version}")
+        else:
+            model = open_registered_model(task, workdir, tracking_uri, version=version)
+        name = model.version.name
+        previous = promote_by_hand(model.tracker, name, version)
     click.echo(f"models:/{name}@champion is version {version}" + (f" (was {previous})" if previous else ""))
 
 

@@ -60,13 +60,13 @@ class RegistryMixin:
         self.client.set_registered_model_alias(name, CHAMPION, version)
 
     def champion_uri(self, task: str) -> str:
-        """The real-data champion of a task if there is one, else the demo champion."""
-        if not self.store_exists():
-            raise UserInputError(f"no champion for task {task}: no MLflow store at {self.tracking_uri}")
+        """The real-data champion of a task if there is one, else the demo champion. The store must
+        exist (`tune_cells.commands.opening` checks it first, with the message for that)."""
         for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
             if self.version_for_alias(name, CHAMPION) is not None:
                 return f"models:/{name}@{CHAMPION}"
-        raise UserInputError(f"no champion for task {task} in {self.tracking_uri}: run `tune-cells search {task}` first")
+        raise UserInputError(f"no champion for task {task} in {self.tracking_uri}: run `tune-cells search {task}` "
+                             f"(or `tune-cells promote {task} VERSION`) first, or give --model-uri")
 
     def model_name_with_version(self, task: str, version: str) -> str:
         """The task's registered model (real data first, then demo) that has `version`."""
@@ -98,16 +98,11 @@ class RegistryMixin:
     def resolve_model(self, model_uri: str, task: str | None = None):
         """The registry version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`; with `task`,
         it must be a model of that task."""
-        parsed = urlparse(model_uri)
-        if parsed.scheme != "models":
-            raise UserInputError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
-        path = (parsed.netloc + parsed.path).strip("/")
+        name, alias, number = parse_model_uri(model_uri)
         try:
-            if "@" in path:
-                name, alias = path.split("@", 1)
+            if alias:
                 version = self.client.get_model_version_by_alias(name, alias)
             else:
-                name, _, number = path.rpartition("/")
                 version = self.client.get_model_version(name, number)
         except MlflowException as exc:
             raise UserInputError(f"{model_uri}: not found in {self.tracking_uri} ({exc.error_code})") from None
@@ -164,3 +159,19 @@ def _pip_requirements() -> list[str]:
     names = ["torch", "torchvision", "mlflow", "numpy", "pandas", "pillow", "scikit-learn",
              "segmentation-models-pytorch"]
     return [f"{name}=={version(name)}" for name in names] + ["tune-cells"]
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str, str]:
+    """(name, alias, "") of models:/NAME@ALIAS, or (name, "", version) of models:/NAME/VERSION;
+    anything else is the user's --model-uri to fix (checked before any store is opened)."""
+    parsed = urlparse(model_uri)
+    path = (parsed.netloc + parsed.path).strip("/")
+    if "@" in path:
+        name, _, alias = path.partition("@")
+        number = ""
+    else:
+        name, _, number = path.rpartition("/")
+        alias = ""
+    if parsed.scheme != "models" or not name or not (alias or number):
+        raise UserInputError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, alias, number

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from tune_cells.commands.opening import open_registered_model
 from tune_cells.commands.options import tracking_option, workdir_option
 from tune_cells.errors import UserInputError
 
@@ -22,20 +23,9 @@ def command(task, version, model_uri, output, workdir, tracking_uri):
     """Print the model card of TASK's champion (or --version N, or --model-uri): Markdown, written with
     the version's latest evaluation on its test part."""
     from tune_cells.analysis.model_card import find_card
-    from tune_cells.paths import WorkDir
-    from tune_cells.tasks import get_task
-    from tune_cells.tracking import Tracker, resolve_tracking_uri
 
-    if version is not None and model_uri is not None:
-        raise UserInputError("--version and --model-uri name the model twice: give one")
-    spec = get_task(task)
-    workdir = WorkDir.at(workdir)
-    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
-    if not tracker.store_exists():
-        raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run `tune-cells search {task}` first")
-    if version is not None:
-        model_uri = f"models:/{tracker.model_name_with_version(spec.name, version)}/{version}"
-    text = find_card(tracker, tracker.resolve_model(model_uri or tracker.champion_uri(spec.name), spec.name))
+    model = open_registered_model(task, workdir, tracking_uri, model_uri, version, writes=False)  # reads only
+    text = find_card(model.tracker, model.version)
     if output is not None:
         try:
             Path(output).write_text(text)

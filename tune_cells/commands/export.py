@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from tune_cells.commands.opening import open_registered_model
 from tune_cells.commands.options import tracking_option, workdir_option
 from tune_cells.errors import UserInputError
 
@@ -27,26 +28,20 @@ def command(task, format_name, output, model_uri, workdir, tracking_uri):
     tiling and thresholds) in a JSON beside it. Nothing is written unless the graph, fed as the
     contract says, matches the registered model on the model's test images (max |difference| <= 1e-4)."""
     from tune_cells.exporting import FORMATS, TORCHSCRIPT, ExportedModel, check_output, export_checked
-    from tune_cells.preflight import check_workdir
-    from tune_cells.tasks import get_task
-    from tune_cells.tracking import Tracker, resolve_tracking_uri
 
-    spec = get_task(task)
-    workdir = check_workdir(workdir)
-    tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
-    if not tracker.store_exists():
-        raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run `tune-cells search {task}` first")
-    model_uri = model_uri or tracker.champion_uri(spec.name)
-    version = tracker.resolve_model(model_uri, spec.name)
+    opened = open_registered_model(task, workdir, tracking_uri, model_uri)  # writes exports/ and the read log
+    spec, version = opened.task, opened.version
     export_format = FORMATS[format_name]
-    output = check_output(output or workdir.root / "exports" / f"{version.name}-v{version.version}{export_format.suffix}")
+    output = check_output(output or opened.workdir.root / "exports"
+                          / f"{version.name}-v{version.version}{export_format.suffix}")
 
-    predictor = tracker.load_classifier(model_uri)
+    predictor = opened.tracker.load_classifier(opened.uri)
     plan = spec.kind.export_plan(predictor)
-    images, source = parity_images(spec, tracker, version, workdir, plan, predictor.spec.channels,
+    images, source = parity_images(spec, opened.tracker, version, opened.workdir, plan, predictor.spec.channels,
                                    predictor.spec.store_size)
-    click.echo(f"Exporting {model_uri} (version {version.version}) as {export_format.name}; checking parity on {source}")
-    model = ExportedModel(model_uri, version.name, str(version.version), spec.name, spec.kind.name,
+    click.echo(f"Exporting {opened.uri} (version {version.version}) as {export_format.name}; checking parity on "
+               f"{source}")
+    model = ExportedModel(opened.uri, version.name, str(version.version), spec.name, spec.kind.name,
                           version.tags.get("search_run_id", ""))
     result = export_checked(plan, export_format, images, output, model, source)
     parity = result.parity

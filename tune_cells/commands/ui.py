@@ -7,8 +7,8 @@ import sys
 
 import click
 
+from tune_cells.commands.opening import require_store
 from tune_cells.commands.options import tracking_option, workdir_option
-from tune_cells.errors import UserInputError
 from tune_cells.redact import without_credentials
 
 
@@ -25,8 +25,7 @@ def command(workdir, tracking_uri, port, host):
     workdir = WorkDir.at(workdir)
     uri = resolve_tracking_uri(tracking_uri, workdir)
     tracker = Tracker(uri, workdir.artifacts)
-    if not tracker.store_exists():  # mlflow ui would create an empty one
-        raise UserInputError(f"no MLflow store at {uri}: run `tune-cells search TASK --workdir {workdir.root}` first")
+    require_store(tracker, workdir)  # mlflow ui would create an empty one
     base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
     click.echo(f"MLflow UI on {base} for {without_credentials(uri)} (Ctrl-C stops it)")
     latest = tracker.latest_search_anywhere()

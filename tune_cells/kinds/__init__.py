@@ -10,8 +10,11 @@ from tune_cells.kinds.classification import CLASSIFICATION
 from tune_cells.kinds.segmentation import SEGMENTATION
 
 KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (CLASSIFICATION, SEGMENTATION)}
+# Where a registered model runs for predict, serve, evaluate, explain and export's parity check (all
+# load it through `load_predictor`): promotion measures latency here too, so a budget means this device.
+PREDICTION_DEVICE = "cpu"
 
-__all__ = ["CLASSIFICATION", "KINDS", "SEGMENTATION", "TaskKind", "TrialInputs", "get_kind", "load_predictor"]
+__all__ = ["CLASSIFICATION", "KINDS", "PREDICTION_DEVICE", "SEGMENTATION", "TaskKind", "TrialInputs", "get_kind", "load_predictor"]
 
 
 def get_kind(name: str) -> TaskKind:
@@ -20,7 +23,7 @@ def get_kind(name: str) -> TaskKind:
     return KINDS[name]
 
 
-def load_predictor(directory: Path, device: str = "cpu"):
+def load_predictor(directory: Path, device: str = PREDICTION_DEVICE):
     """A checkpoint's predictor, by the kind its spec names."""
     from tune_cells.model_io import load_spec
 
