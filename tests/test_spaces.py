@@ -358,3 +358,29 @@ def test_a_bad_per_case_name_is_refused(tmp_path):
                     "{optimizer: adamw}}\n    - {float: [0.01, 0.1], when: {optimizer: a/b}}\n")
     with pytest.raises(UserInputError, match="'lr': alternative 2's `when` values may not contain '/'"):
         load_space(path)
+
+
+def test_lungs_default_keeps_its_encoders_whose_weights_are_cached(tmp_path, monkeypatch, caplog):
+    """A U-Net's pretrained weights are its encoder's: `model: unet` alone must not send lung to its
+    from-scratch fallback (it did, found on the real data: "no ImageNet weights for resnet18")."""
+    import logging
+
+    from tune_cells.models import expected_weights_file
+    from tune_cells.space_weights import fit_space_to_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNE_CELLS_OFFLINE", "1")
+    cached = expected_weights_file("mobilenet_v2")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="tune_cells.space_weights"):
+        space = fit_space_to_weights(load_space("lung"))
+    assert space.params["encoder"] == "mobilenet_v2" and space.params["pretrained"] is True
+    assert [p["encoder"] for p in space.initial_points] == ["mobilenet_v2"]
+    assert caplog.messages == ["no ImageNet weights for resnet18, resnet34 offline: searching mobilenet_v2"]
+    caplog.clear()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with caplog.at_level(logging.INFO, logger="tune_cells.space_weights"):
+        assert Path(fit_space_to_weights(load_space("lung")).source).name == "lung-scratch.yaml"
+    assert caplog.messages == ["no ImageNet weights for mobilenet_v2, resnet18, resnet34 offline: searching "
+                               "from-scratch models (lung-scratch)"]
