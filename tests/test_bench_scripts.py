@@ -1,0 +1,48 @@
+"""The A/B and recipe benchmarks (bench/bench_ab.py, bench/bench_recipe.py) build the spaces they
+search from the shipped defaults: the recipe is the default's first initial point pinned, and each
+A/B arm is an initial point of one space that differs from the recipe only where the arm says."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tune_cells.preflight import check_space
+from tune_cells.search_spaces import SearchSpace, load_space
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import bench_ab  # noqa: E402
+import bench_recipe  # noqa: E402
+
+
+@pytest.fixture
+def mobilenet_cached(tmp_path, monkeypatch):
+    from tune_cells.models import expected_weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TUNE_CELLS_OFFLINE", "1")
+    cached = expected_weights_file("mobilenet_v2")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")  # its presence is what the spaces read; nothing is loaded here
+
+
+def test_the_recipe_is_the_default_spaces_first_initial_point_pinned(mobilenet_cached):
+    pinned = bench_recipe.recipe_space("nuclei")["params"]
+    first = load_space("nuclei").initial_points[0]
+    assert all(pinned[k] == v for k, v in first.items())
+    assert not any(isinstance(v, dict) for v in pinned.values())  # nothing left to the sampler
+    assert pinned["pretrained"] is True and pinned["image_size"] == 96
+
+
+@pytest.mark.parametrize("plan", sorted(p.name for p in (BENCH / "ab").glob("*.yaml")))
+def test_every_shipped_ab_file_makes_a_valid_space_of_its_arms(mobilenet_cached, plan):
+    spec = yaml.safe_load((BENCH / "ab" / plan).read_text())
+    assert spec["arms"][0] == {}  # the base first: every line is read against it
+    space_dict = bench_ab.ab_space(spec["task"], spec["arms"], spec.get("space"))
+    space = SearchSpace(params=space_dict["params"], source=plan, initial_points=space_dict["initial_points"])
+    check_space(space, seed=0)
+    base = bench_recipe.recipe_space(spec["task"], spec.get("space"))["params"]
+    for arm, point in zip(spec["arms"], space.initial_points):
+        assert {k: v for k, v in point.items() if base.get(k) != v} == arm
