@@ -77,7 +77,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
               "(measured after the search on the promotion device) is at most this; `report` shows the trade-off.")
 @click.option("--max-store-size", type=int, default=None, metavar="PX",
               help="Largest side images are decoded to and held in memory at (they are decoded at their native size "
-                   "up to this) [default: the task's, 256].")
+                   "up to this) [default: the task's; 256 for every classification task].")
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
 @click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
 @click.option("--resume", is_flag=True,

@@ -85,7 +85,7 @@ register_task(
                "(tif/jpg/png, any case)",
         importer=_lazy(_IMPORTERS, "import_all_idb"),
         channels=3,
-        min_store_size=128,  # smaller images are enlarged to it, as before native sizes
+        min_store_size=128,  # the size before native decoding: smaller images are still enlarged to it
         max_store_size=256,
         default_space="leukemia",
         demo=_lazy(_DEMO, "generate_all_idb"),
@@ -112,7 +112,7 @@ register_task(
         layout="<class>/<image> (png, jpg, tif, bmp, any size); classes are the folder names, sorted",
         importer=_lazy(_IMPORTERS, "import_image_folder"),
         channels=3,
-        min_store_size=128,  # smaller images are enlarged to it, as before native sizes
+        min_store_size=128,  # the size before native decoding: smaller images are still enlarged to it
         max_store_size=256,
         default_space="folder",
         demo=_lazy(_DEMO, "generate_folder", NUCLEI_CLASSES),
