@@ -48,7 +48,8 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     max_epochs = int(parent.data.params.get("max_epochs", 10))
     metric, mode = parent.data.params.get("metric", task.metric), parent.data.params.get("mode", task.mode)
     index, split = model_split(task, tracker, tags, workdir)
-    reader = SplitReader(index, split, task.channels, task.store_size, workdir)
+    # decoded as the champion was trained (its spec records the size), so retrains and scores match it
+    reader = SplitReader(index, split, task.channels, champion.spec.store_size, workdir)
     config = {key: value for key, value in champion.spec.config.items() if key != "seed"}
     base = task.kind.parse_config(champion.spec.config, strict=False).seed or 0
     seeds = [base + 1000 + i for i in range(k)]  # new seeds, never the champion's own

@@ -140,13 +140,14 @@ def test_a_search_decodes_each_image_once_and_never_keeps_test_pixels(tmp_path, 
 
     index = nuclei.importer(kaggle_dataset)
     scan, split, decoded = decode_once(nuclei, index,
-                                       lambda scan: load_or_create_split(tmp_path / "s.json", index, 0, scan.hashes))
+                                       lambda scan: load_or_create_split(tmp_path / "s.json", index, 0, scan.hashes),
+                                       nuclei.min_store_size)
     assert not scan.kept  # the scan hands on hashes only
     assert scan.hashes.shape == (len(index.items), 4) and scan.hashes.any(axis=1).all()
     assert set(decoded) == set(split.parts["train"]) | set(split.parts["val"])  # no test pixels
-    reader = SplitReader(index, split, nuclei.channels, nuclei.store_size, tmp_path, decoded)
+    reader = SplitReader(index, split, nuclei.channels, nuclei.min_store_size, tmp_path, decoded)
     val, _ = reader.load("val", "selection")
     np.testing.assert_array_equal(val, decode_images(index.root, split.parts["val"], nuclei.channels,
-                                                     nuclei.store_size))
+                                                     nuclei.min_store_size))
     assert set(decoded) == set(split.parts["train"])  # handed over once, then dropped
     assert [e["part"] for e in read_log_entries(tmp_path)] == ["val"]  # the read is still logged

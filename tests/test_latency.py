@@ -88,7 +88,7 @@ def repromotion(searched, tmp_path):
                                       space=tmp_path / "space.yaml", workdir=workdir, seed=3))
     check_pixels(prep)
     task = prep.task
-    reader = SplitReader(prep.index, prep.split, task.channels, task.store_size, prep.workdir, prep.decoded)
+    reader = SplitReader(prep.index, prep.split, task.channels, prep.store_size.size, prep.workdir, prep.decoded)
     data = task.kind.trial_inputs(task, prep.index, reader, 3, 3).data
     tracker = Tracker(prep.tracking_uri, prep.workdir.artifacts)
     first = tracker.latest_search(prep.experiment)

@@ -164,7 +164,7 @@ def test_segmentation_images_and_masks_are_decoded_once(tmp_path):
 
     index = import_lung_masks(generate_lung(tmp_path / "demo", images=10, size=(96, 64)))
     _, split, decoded = decode_once(get_task("lung"), index,
-                                    lambda scan: load_or_create_split(tmp_path / "s.json", index, 0, scan.hashes))
+                                    lambda scan: load_or_create_split(tmp_path / "s.json", index, 0, scan.hashes), 0)
     rows = index.items.set_index("path")
     fitting = split.parts["train"] + split.parts["val"]
     masks = {rows.at[p, f"mask:{t}"] for p in fitting for t in index.classes}

@@ -29,7 +29,9 @@ def test_nuclei_space_is_conditional_and_covers_the_brief():
         assert ("width" in config) == (config["model"] == "small_convnet")
         low, high = (2e-4, 3e-3) if config["optimizer"] == "adamw" else (5e-3, 1e-1)  # one range per optimiser
         assert low <= config["lr"] <= high
-        assert config["image_size"] == 64 and config["flip"] is True
+        assert config["image_size"] in (64, 96) and config["flip"] is True
+        # the small-input stem is a choice of ResNet-18 at 64 px only
+        assert ("stem" in config) == (config["model"] == "resnet18" and config["image_size"] == 64)
         for key in ("weight_decay", "batch_size", "affine", "color_jitter", "label_smoothing", "dropout"):
             assert key in config
     lrs = sorted(c["lr"] for c in configs if c["optimizer"] == "sgd")

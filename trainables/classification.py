@@ -81,7 +81,8 @@ class ClassificationTrainer(TrialTrainer):
         mean, std = input_statistics(config, data)
         spec = ModelSpec(task=data.task, architecture=config.model, classes=list(data.classes), channels=data.channels,
                          store_size=data.store_size, image_size=config.image_size or data.store_size,
-                         mean=list(mean), std=list(std), config=config.to_flat())
+                         mean=list(mean), std=list(std), config=config.to_flat(),
+                         input_stem=str(config.model_kwargs.get("stem", "default")))
         self.precision = Precision.for_device(self.device, config.mixed_precision, config.channels_last)
         model = self.precision.prepare_model(spec.build(load_pretrained=True).to(self.device))
         balance = class_balance_weights(np.asarray(data.train_labels), len(data.classes))

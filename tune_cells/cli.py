@@ -77,6 +77,9 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--max-latency-ms", type=float, default=None, help="Promote the best trial whose latency per image "
               "is at most this, measured after the search on the CPU (where predict, serve and evaluate run the "
               "model, also when trials trained on a GPU); `report` shows the trade-off.")
+@click.option("--max-store-size", type=int, default=None, metavar="PX",
+              help="Largest side images are decoded to and held in memory at (they are decoded at their native size "
+                   "up to this) [default: the task's; 256 for every classification task].")
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
 @click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
 @click.option("--resume", is_flag=True,
@@ -87,7 +90,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.pass_context
 def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor, cpus_per_trial, gpus_per_trial,
            max_concurrent, seed, folds, group_pattern, space, experiment, workdir, tracking_uri, storage, address,
-           no_evaluate, smoke_test, resume, warm_start, max_latency_ms):
+           no_evaluate, smoke_test, resume, warm_start, max_latency_ms, max_store_size):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
     from tune_cells.analysis.promotion import evaluate_in_fresh_process
     from tune_cells.preflight import SearchOptions
@@ -102,6 +105,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
         experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
         address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"], resume=resume, folds=folds,
         group_pattern=group_pattern, warm_start=warm_start, max_latency_ms=max_latency_ms,
+        max_store_size=max_store_size,
     ))
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "
@@ -303,8 +307,10 @@ def tasks():
 
     for name in task_names():
         spec = get_task(name)
+        decode = (f"native size within {spec.min_store_size}-{spec.max_store_size} px" if spec.max_store_size
+                  else "each image's own size")
         click.echo(f"{name}: {spec.description}\n  layout: {spec.layout}\n  metric: {spec.metric} ({spec.mode})"
-                   f"\n  space:  {builtin_space_path(spec.default_space)}")
+                   f"\n  decode: {decode}\n  space:  {builtin_space_path(spec.default_space)}")
 
 
 @cli.command()

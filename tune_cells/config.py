@@ -79,6 +79,9 @@ class TrainerConfig(BaseModel):
             if name in kwargs and kwargs[name] not in allowed:
                 raise UserInputError(f"{source}: parameter {name!r} = {kwargs[name]!r} is not allowed; allowed: "
                                      f"{', '.join(map(str, allowed))}")
+        problem = entry.conflict(kwargs) if entry.conflict else None
+        if problem:
+            raise UserInputError(f"{source}: model {model}: {problem}")
         try:
             return cls.model_validate({**trainer, "model_kwargs": kwargs})
         except ValidationError as exc:

@@ -50,7 +50,9 @@ class ModelSpec:
     temperature: float = 1.0  # logits are divided by it before softmax/sigmoid (calibration)
     tta: str = "none"  # test-time augmentation: none, or dihedral (mean over the 8 flips and turns)
     thresholds: dict[str, float] = field(default_factory=dict)  # per segmentation target; else config threshold
-    input_stem: str = "default"  # first-layer variant the network was built with
+    # First-layer variant the network was built with (a ResNet's `stem`), for readers of the spec; the
+    # network itself is rebuilt from `config`, whose missing `stem` is the ImageNet stem of older models.
+    input_stem: str = "default"
 
     def preset(self) -> EvalPreset:
         return EvalPreset(self.image_size, tuple(self.mean), tuple(self.std))

@@ -41,6 +41,8 @@ class ModelEntry:
     # when needed, so a set filled by later registrations (U-Net encoders) is complete.
     allowed: dict[str, tuple] | Callable[[], dict[str, tuple]] = field(default_factory=dict)
     min_image_size: int = 0  # smaller inputs collapse its feature maps (the preflight refuses them)
+    # Names a conflict between its hyperparameters (None: none); the preflight and the factory refuse it.
+    conflict: Callable[[dict[str, Any]], str | None] | None = None
 
     @property
     def choices(self) -> dict[str, tuple]:
@@ -60,7 +62,7 @@ _ENCODERS: dict[str, str] = {}
 
 def register_model(*, kind: str = "classification", gpu_share: float = _DEFAULT_GPU_SHARE, weights: str | None = None,
                    first_conv: str | None = None, head: HeadBuilder | None = None, choices=None,
-                   min_image_size: int = 0):
+                   min_image_size: int = 0, conflict: Callable[[dict[str, Any]], str | None] | None = None):
     """Register the decorated builder under its function name, with its facts."""
     def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = builder.__name__
@@ -70,14 +72,15 @@ def register_model(*, kind: str = "classification", gpu_share: float = _DEFAULT_
             raise ValueError(f"model {name!r}: gpu_share {gpu_share} is not in (0, 1]")
         description = " ".join((inspect.getdoc(builder) or "").partition("\n\n")[0].split())  # first paragraph
         _REGISTRY[name] = ModelEntry(name, builder, kind, gpu_share, weights, first_conv, head, description,
-                                     choices or {}, min_image_size)
+                                     choices or {}, min_image_size, conflict)
         return builder
 
     return register
 
 
 def register_backbone(*, weights: str, first_conv: str | None = None, head: HeadBuilder | None = None,
-                      gpu_share: float = _DEFAULT_GPU_SHARE, unet_encoder: bool = False, min_image_size: int = 0):
+                      gpu_share: float = _DEFAULT_GPU_SHARE, unet_encoder: bool = False, min_image_size: int = 0,
+                      choices=None, conflict: Callable[[dict[str, Any]], str | None] | None = None):
     """Register a torchvision classifier named as torchvision's constructor. Its head and first
     conv must be declared: a default head would silently give a new backbone the wrong network."""
     def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -87,7 +90,7 @@ def register_backbone(*, weights: str, first_conv: str | None = None, head: Head
         if unet_encoder:
             register_encoder(builder.__name__, weights=weights)
         return register_model(gpu_share=gpu_share, weights=weights, first_conv=first_conv, head=head,
-                              min_image_size=min_image_size)(builder)
+                              min_image_size=min_image_size, choices=choices, conflict=conflict)(builder)
 
     return register
 
@@ -139,6 +142,9 @@ def create_model(name: str, *, num_classes: int, in_channels: int, load_weights:
     for key in sorted(hyperparameters):
         if key not in declared:
             raise UserInputError(f"model {name!r} takes no parameter {key!r}; its parameters: {', '.join(sorted(declared))}")
+    problem = entry.conflict(hyperparameters) if entry.conflict else None
+    if problem:
+        raise UserInputError(f"model {name!r}: {problem}")
     if "load_weights" in inspect.signature(entry.builder).parameters:
         hyperparameters["load_weights"] = load_weights
     return entry.builder(num_classes=num_classes, in_channels=in_channels, **hyperparameters)
@@ -282,18 +288,42 @@ def _resnet_head(model: nn.Module, num_classes: int, dropout: float) -> None:
     model.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(model.fc.in_features, num_classes))
 
 
-@register_backbone(weights="ResNet18_Weights", first_conv="conv1", head=_resnet_head, gpu_share=0.25, unet_encoder=True)
+RESNET_STEMS = ("imagenet", "small")
+
+
+def _stem_conflict(kwargs: dict[str, Any]) -> str | None:
+    if kwargs.get("stem") == "small" and kwargs.get("pretrained"):
+        return "stem 'small' is a new, untrained first layer and cannot take ImageNet weights (pretrained: true)"
+    return None
+
+
+def _resnet(arch: str, stem: str, *args) -> nn.Module:
+    """A torchvision ResNet; stem `small` (CIFAR-style: a 3x3 stride-1 conv, no max-pool) keeps 4x the
+    resolution, so 64 px ends in an 8x8 map at the last stage where the ImageNet stem leaves 2x2."""
+    if stem not in RESNET_STEMS:
+        raise UserInputError(f"{arch}: unknown stem {stem!r}; known: {', '.join(RESNET_STEMS)}")
+    model = _torchvision_classifier(arch, *args)
+    if stem == "small":  # after _adapt, so a grey input keeps its channel count
+        model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+_RESNET_FACTS = dict(first_conv="conv1", head=_resnet_head, choices={"stem": RESNET_STEMS}, conflict=_stem_conflict)
+
+
+@register_backbone(weights="ResNet18_Weights", gpu_share=0.25, unet_encoder=True, **_RESNET_FACTS)
 def resnet18(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.0,
-             load_weights: bool = True):
-    """ResNet-18 (torchvision) with a new dropout + linear head."""
-    return _torchvision_classifier("resnet18", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
+             stem: str = "imagenet", load_weights: bool = True):
+    """ResNet-18 (torchvision) with a new dropout + linear head; from scratch, optionally a small-input stem."""
+    return _resnet("resnet18", stem, num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
-@register_backbone(weights="ResNet50_Weights", first_conv="conv1", head=_resnet_head, gpu_share=0.5)
+@register_backbone(weights="ResNet50_Weights", gpu_share=0.5, **_RESNET_FACTS)
 def resnet50(num_classes: int, in_channels: int, pretrained: bool = False, freeze_features: bool = False, dropout: float = 0.0,
-             load_weights: bool = True):
-    """ResNet-50 (torchvision) with a new dropout + linear head."""
-    return _torchvision_classifier("resnet50", num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
+             stem: str = "imagenet", load_weights: bool = True):
+    """ResNet-50 (torchvision) with a new dropout + linear head; from scratch, optionally a small-input stem."""
+    return _resnet("resnet50", stem, num_classes, in_channels, pretrained, freeze_features, dropout, load_weights)
 
 
 def _mobilenet_v2_head(model: nn.Module, num_classes: int, dropout: float) -> None:

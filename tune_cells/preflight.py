@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 from tune_cells.data.groups import apply_group_pattern
 from tune_cells.data.images import ImageIndex, ImageScan
+from tune_cells.data.resolution import StoreSize, choose_store_size, decoded_bytes
 from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
 from tune_cells.kinds import TaskKind, get_kind
@@ -29,8 +30,9 @@ from tune_cells.tasks import TaskSpec, get_task
 from tune_cells.tracking_checks import check_store
 
 log = logging.getLogger(__name__)
+MIN_STORE_SIZE = 16  # --max-store-size below this leaves nothing to learn from
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
-RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds")
+RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds", "max_store_size")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class SearchOptions:
     group_pattern: str | None = None  # regex on relative paths: images with the same match are related
     warm_start: bool = False  # the study starts with the finished trials of earlier searches of the task and space
     max_latency_ms: float | None = None  # promote the best trial whose latency per image is at most this
+    max_store_size: int | None = None  # cap on the native decode size [default: the task's max_store_size]
 
 
 @dataclass
@@ -71,6 +74,7 @@ class PreparedSearch:
     experiment: str
     model_name: str
     tracking_uri: str
+    store_size: StoreSize  # the square side classification images are decoded to, and why
     # Filled by the slow part of the preflight (`check_pixels`):
     duplicates: list[dict] = field(default_factory=list)  # near-identical images across split parts
     decoded: dict = field(default_factory=dict)  # train/val pixels by file path (never test pixels)
@@ -93,6 +97,10 @@ def check_options(opts: SearchOptions) -> None:
         raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: must not be negative")
     if opts.max_concurrent is not None and opts.max_concurrent < 1:
         raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
+    if opts.max_store_size is not None and get_task(opts.task).max_store_size <= 0:
+        raise UserInputError(f"--max-store-size: task {opts.task} keeps each image's own size; it has no store size")
+    if opts.max_store_size is not None and opts.max_store_size < MIN_STORE_SIZE:
+        raise UserInputError(f"--max-store-size {opts.max_store_size}: must be at least {MIN_STORE_SIZE} px")
     if opts.max_latency_ms is not None and not (math.isfinite(opts.max_latency_ms) and opts.max_latency_ms > 0):
         raise UserInputError(f"--max-latency-ms {opts.max_latency_ms:g}: must be a number of milliseconds above 0")
     if opts.experiment is not None:
@@ -234,10 +242,22 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     check_tracking(tracking_uri, "--tracking-uri" if opts.tracking_uri else "MLFLOW_TRACKING_URI")
     suffix = "-demo" if index.source == "demo" else ""
     prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
-                          f"tune-cells-{task.name}{suffix}", tracking_uri)
+                          f"tune-cells-{task.name}{suffix}", tracking_uri, store_size(task, index, opts.max_store_size))
     if opts.resume:
         prep.resume_run_id, prep.resume_name = find_interrupted_search(opts, prep)
     return prep
+
+
+def store_size(task: TaskSpec, index: ImageIndex, max_store_size: int | None = None) -> StoreSize:
+    """The decode size of this dataset (one log line says which and why); `max_store_size` is the
+    user's cap (--max-store-size), replacing the task's."""
+    largest = task.max_store_size if max_store_size is None else max_store_size
+    chosen = choose_store_size(index.root, list(index.items["path"]), task.min_store_size, largest)
+    if chosen.size:
+        memory = decoded_bytes(len(index.items), chosen.size, task.channels)
+        log.info("decoding %s images at %d px: %s; %.0f MB held in memory", task.name, chosen.size, chosen.reason,
+                 memory / 1e6)
+    return chosen
 
 
 def check_pixels(prep: PreparedSearch) -> None:
@@ -249,16 +269,17 @@ def check_pixels(prep: PreparedSearch) -> None:
             return prep.split
         return plan_split(prep.split.path, prep.index, prep.split.seed, scan.hashes)
 
-    scan, prep.split, prep.decoded = decode_once(prep.task, prep.index, plan)
+    scan, prep.split, prep.decoded = decode_once(prep.task, prep.index, plan, prep.store_size.size)
     prep.duplicates = cross_split_duplicates(prep.split, list(prep.index.items["path"]), scan.hashes)
 
 
-def decode_once(task: TaskSpec, index: ImageIndex, plan: Callable[[ImageScan], Split]) -> tuple[ImageScan, Split, dict]:
+def decode_once(task: TaskSpec, index: ImageIndex, plan: Callable[[ImageScan], Split],
+                store_size: int) -> tuple[ImageScan, Split, dict]:
     """The one decoding pass of a search: check that every image (and mask) decodes and hash it,
     keeping every image's pixels in the form training uses; `plan` the split from the hashes; then
     keep only the train and validation pixels. Test pixels are dropped before anything is handed
     on: the test part is read only after promotion. Returns (hashes, split, pixels by file path)."""
-    scan = task.kind.decode_for_search(task, index)
+    scan = task.kind.decode_for_search(task, index, store_size)
     split = plan(scan)
     fitting = index.files_of(split.parts["train"] + split.parts["val"])
     decoded = {name: pixels for name, pixels in scan.kept.items() if name in fitting}

@@ -62,7 +62,8 @@ def _check_pixels_and_open_store(prep: PreparedSearch):
 
 
 def _object_store_bytes(prep: PreparedSearch) -> int:
-    return max(128 << 20, 3 * prep.task.kind.object_store_bytes(prep.task, prep.index, prep.split))
+    return max(128 << 20, 3 * prep.task.kind.object_store_bytes(prep.task, prep.index, prep.split,
+                                                                   prep.store_size.size))
 
 
 def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialResources, tracker,
@@ -74,7 +75,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
 
     task, kind = prep.task, prep.task.kind
     split = save_split(prep.split)
-    reader = SplitReader(prep.index, split, task.channels, task.store_size, prep.workdir, prep.decoded)
+    reader = SplitReader(prep.index, split, task.channels, prep.store_size.size, prep.workdir, prep.decoded)
     log.info("dataset %s: %d images, %s; split %s", prep.index.root, len(prep.index.items), kind.describe(prep.index),
              split.sizes())
     log.info("split groups: %s", describe_groups(split))
@@ -158,6 +159,7 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
         else resources.gpus or 0,
         "task": task.name, "data": str(prep.index.root), "space": prep.space.source, "workdir": str(prep.workdir.root),
         "metric": task.metric, "mode": task.mode, "split_sha256": split.sha256,
+        "store_size": prep.store_size.size, "store_size_reason": prep.store_size.reason[:500],
         "classes": ",".join(prep.index.classes), "images": len(prep.index.items),
         **{f"split_{part}": n for part, n in split.sizes().items()},
         "near_duplicates_across_splits": len(prep.duplicates),

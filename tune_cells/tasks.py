@@ -22,7 +22,11 @@ class TaskSpec:
     layout: str  # the data layout the importer reads, for `tune-cells tasks` and errors
     importer: Callable[[Path], ImageIndex]
     channels: int  # 3 RGB, 1 greyscale
-    store_size: int  # images are decoded once to this square size
+    # Images are decoded once, square, at the dataset's native size (the median longer side, read
+    # from headers by the preflight) clamped to [min_store_size, max_store_size]; the arrays stay in
+    # memory for the whole search, hence the cap. max_store_size 0: always min_store_size.
+    min_store_size: int
+    max_store_size: int
     default_space: str  # a file name in search_spaces/, without .yaml
     metric: str = "val_balanced_accuracy"
     mode: str = "max"
@@ -67,7 +71,8 @@ register_task(
         layout="train.csv (Filename,Label with labels 0-3) + train/<Filename>, RGB patches",
         importer=_lazy(_IMPORTERS, "import_kaggle_csv", NUCLEI_CLASSES),
         channels=3,
-        store_size=100,
+        min_store_size=100,  # the patches' own size
+        max_store_size=256,
         default_space="nuclei",
         demo=_lazy(_DEMO, "generate"),
     )
@@ -80,7 +85,8 @@ register_task(
                "(tif/jpg/png, any case)",
         importer=_lazy(_IMPORTERS, "import_all_idb"),
         channels=3,
-        store_size=128,
+        min_store_size=128,  # the size before native decoding: smaller images are still enlarged to it
+        max_store_size=256,
         default_space="leukemia",
         demo=_lazy(_DEMO, "generate_all_idb"),
     )
@@ -93,7 +99,8 @@ register_task(
                "(all three: the split; training/ + validation/: validation/ is the test part)",
         importer=_lazy(_IMPORTERS, "import_hep2"),
         channels=1,
-        store_size=78,
+        min_store_size=78,  # the cells' own size
+        max_store_size=256,
         default_space="hep2",
         demo=_lazy(_DEMO, "generate_hep2"),
     )
@@ -105,7 +112,8 @@ register_task(
         layout="<class>/<image> (png, jpg, tif, bmp, any size); classes are the folder names, sorted",
         importer=_lazy(_IMPORTERS, "import_image_folder"),
         channels=3,
-        store_size=128,
+        min_store_size=128,  # the size before native decoding: smaller images are still enlarged to it
+        max_store_size=256,
         default_space="folder",
         demo=_lazy(_DEMO, "generate_folder", NUCLEI_CLASSES),
     )
@@ -118,7 +126,8 @@ register_task(
                "(e.g. Parenchyma/, SevereInflammation/; JPEG masks are thresholded at 127)",
         importer=_lazy(_IMPORTERS, "import_lung_masks"),
         channels=3,
-        store_size=0,  # segmentation keeps each image's own size
+        min_store_size=0,  # segmentation keeps each image's own size
+        max_store_size=0,
         default_space="lung",
         metric="val_dice",
         kind=SEGMENTATION,

@@ -25,7 +25,6 @@ class TaskSpec(Protocol):
 
     name: str
     channels: int
-    store_size: int
 
 
 @dataclass
@@ -49,19 +48,21 @@ class TaskKind(ABC):
     # --- the search ----------------------------------------------------------------------
 
     @abstractmethod
-    def decode_for_search(self, task: TaskSpec, index: ImageIndex) -> ImageScan:
-        """Decode every image (and mask) once: its hash, and its pixels in the form training uses, by
-        file path. All of them: the split, planned from the hashes, decides which are kept."""
+    def decode_for_search(self, task: TaskSpec, index: ImageIndex, store_size: int) -> ImageScan:
+        """Decode every image (and mask) once: its hash, and its pixels in the form training uses
+        (`store_size`: the square side the preflight chose), by file path. All of them: the split,
+        planned from the hashes, decides which are kept."""
 
     @abstractmethod
-    def object_store_bytes(self, task: TaskSpec, index: ImageIndex, split: Split) -> int:
+    def object_store_bytes(self, task: TaskSpec, index: ImageIndex, split: Split, store_size: int) -> int:
         """About how many bytes the decoded train/val data takes in Ray's object store."""
 
     @abstractmethod
     def trial_inputs(self, task: TaskSpec, index: ImageIndex, reader: SplitReader, max_epochs: int,
                      seed: int, folds: int = 1) -> TrialInputs:
-        """Decode the train and validation parts once, for this kind's trainable; with `folds` > 1
-        pooled and cut into that many folds (cross-validation inside each trial)."""
+        """Decode the train and validation parts once (at the reader's size), for this kind's
+        trainable; with `folds` > 1 pooled and cut into that many folds (cross-validation inside
+        each trial)."""
 
     @abstractmethod
     def fold_labels(self, index: ImageIndex, paths: list[str]):

@@ -1,4 +1,4 @@
-"""Image classification: one label per image, decoded to a fixed square size."""
+"""Image classification: one label per image, decoded to one square size per dataset (its native size, capped)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,17 @@ class ClassificationKind(TaskKind):
     explainable = True
     writes_masks = False
 
-    def decode_for_search(self, task, index):
+    def decode_for_search(self, task, index, store_size):
         from tune_cells.data.images import scan_images, store_array
 
         paths = list(index.items["path"])
         return scan_images(index.root, paths, frozenset(paths),
-                           partial(store_array, channels=task.channels, size=task.store_size))
+                           partial(store_array, channels=task.channels, size=store_size))
 
-    def object_store_bytes(self, task, index, split) -> int:
-        images = len(split.parts["train"]) + len(split.parts["val"])
-        return images * task.store_size ** 2 * task.channels
+    def object_store_bytes(self, task, index, split, store_size) -> int:
+        from tune_cells.data.resolution import decoded_bytes
+
+        return decoded_bytes(len(split.parts["train"]) + len(split.parts["val"]), store_size, task.channels)
 
     def trial_inputs(self, task, index, reader, max_epochs, seed, folds: int = 1) -> TrialInputs:
         import numpy as np
@@ -37,7 +38,7 @@ class ClassificationKind(TaskKind):
         train_images, train_labels = reader.load("train", "training")
         val_images, val_labels = reader.load("val", "selection" if folds == 1 else "training (folds)")
         fields = dict(task=task.name, classes=list(index.classes), channels=task.channels,
-                      store_size=task.store_size, max_epochs=max_epochs, seed=seed, metric=task.metric,
+                      store_size=reader.size, max_epochs=max_epochs, seed=seed, metric=task.metric,
                       mode=task.mode)
         if folds > 1:  # pooled, then cut into folds: every image validates exactly one fold model
             images, labels = np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels])

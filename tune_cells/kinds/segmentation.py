@@ -15,7 +15,7 @@ class SegmentationKind(TaskKind):
     explainable = False
     writes_masks = True
 
-    def decode_for_search(self, task, index):
+    def decode_for_search(self, task, index, store_size):  # full size: store_size is 0
         from tune_cells.data.images import full_array, mask_array, scan_images
 
         paths = list(index.items["path"])
@@ -25,7 +25,7 @@ class SegmentationKind(TaskKind):
             scan.kept.update(scan_images(index.root, masks, frozenset(masks), mask_array).kept)
         return scan
 
-    def object_store_bytes(self, task, index, split) -> int:
+    def object_store_bytes(self, task, index, split, store_size) -> int:
         from PIL import Image
 
         images = len(split.parts["train"]) + len(split.parts["val"])
