@@ -79,7 +79,8 @@ def main() -> None:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+              and r.data.tags.get("tune_cells.run_type") == "trial"]
     results = {}
     for trial in trials:
         history = sorted(client.get_metric_history(trial.info.run_id, metric), key=lambda m: m.step)

@@ -75,7 +75,8 @@ def summary(workdir: Path, metric: str) -> dict:
     runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
     evaluation = next(r for r in runs if r.info.run_name.startswith("evaluation"))
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+              and r.data.tags.get("tune_cells.run_type") == "trial"]
     epoch_times = [m.value for t in trials for m in client.get_metric_history(t.info.run_id, "epoch_time_s")]
     best = max((m.value for t in trials for m in client.get_metric_history(t.info.run_id, metric)), default=float("nan"))
     test = {k: (evaluation.data.metrics.get(k), evaluation.data.metrics.get(f"{k}_ci_low"),
