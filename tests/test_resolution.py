@@ -54,20 +54,27 @@ def folder_dataset(root, size: tuple[int, int], per_class: int = 12):
     return root
 
 
-SPACE = "params:\n  model: small_convnet\n  depth: 1\n  width: 4\n  lr: 0.01\n  image_size: 32\n"
+SPACE = "params:\n  model: small_convnet\n  depth: 1\n  width: 4\n  lr: 0.01\n"
 
 
-@pytest.mark.parametrize("cap, expected", [(None, 256), (160, 160)])
-def test_the_preflight_decodes_at_the_size_it_chose_and_says_why(tmp_path, caplog, cap, expected):
+@pytest.mark.parametrize("image_size, cap, expected, why", [
+    ("", None, 256, "capped at 256 px (max store size)"),  # no image_size: the network sees the decoded size
+    ("", 160, 160, "capped at 160 px (--max-store-size)"),
+    # decoding beyond the largest input a trial can ask for keeps nothing it uses (never below the floor)
+    ("  image_size: {choices: [96, 224]}\n", None, 224, "capped at 224 px (the space's largest image_size)"),
+    ("  image_size: 32\n", None, 128, "capped at 128 px (the space's largest image_size)"),
+])
+def test_the_preflight_decodes_at_the_size_it_chose_and_says_why(tmp_path, caplog, image_size, cap, expected, why):
     from tune_cells.preflight import SearchOptions, check_inputs, check_pixels
 
-    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "space.yaml").write_text(SPACE + image_size)
     opts = SearchOptions(task="folder", data=folder_dataset(tmp_path / "data", (300, 280)), workdir=tmp_path / "work",
                          space=tmp_path / "space.yaml", max_store_size=cap)
     with caplog.at_level(logging.INFO, logger="tune_cells.preflight"):
         prep = check_inputs(opts)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoding folder images")]
     assert len(lines) == 1 and f"at {expected} px: native 300 px" in lines[0] and "MB held in memory" in lines[0]
+    assert why in lines[0]
     check_pixels(prep)
     assert {pixels.shape for pixels in prep.decoded.values()} == {(expected, expected, 3)}
     assert not (tmp_path / "work").exists()  # the preflight writes nothing

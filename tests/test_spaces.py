@@ -386,3 +386,14 @@ def test_lungs_default_keeps_its_encoders_whose_weights_are_cached(tmp_path, mon
         assert Path(fit_space_to_weights(load_space("lung")).source).name == "lung-scratch.yaml"
     assert caplog.messages == ["no ImageNet weights for mobilenet_v2, resnet18, resnet34 offline: searching "
                                "from-scratch models (lung-scratch)"]
+
+
+def test_the_largest_value_a_space_can_give_a_parameter(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("params:\n  model: {choices: [small_convnet, resnet18]}\n"
+                    "  image_size:\n    - {choices: [64, 96], when: {model: small_convnet}}\n"
+                    "    - {int: [96, 160], when: {model: resnet18}}\n  lr: 0.01\n"
+                    "initial_points:\n  - {model: small_convnet, image_size: 64}\n")
+    space = load_space(path)
+    assert space.largest("image_size") == 160 and space.largest("lr") == 0.01 and space.largest("depth") is None
+    assert load_space("folder").largest("image_size") == 128  # blood is decoded at 128 px, not its native 363

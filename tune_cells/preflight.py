@@ -242,17 +242,25 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     check_tracking(tracking_uri, "--tracking-uri" if opts.tracking_uri else "MLFLOW_TRACKING_URI")
     suffix = "-demo" if index.source == "demo" else ""
     prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
-                          f"tune-cells-{task.name}{suffix}", tracking_uri, store_size(task, index, opts.max_store_size))
+                          f"tune-cells-{task.name}{suffix}", tracking_uri,
+                          store_size(task, index, opts.max_store_size, space.largest("image_size")))
     if opts.resume:
         prep.resume_run_id, prep.resume_name = find_interrupted_search(opts, prep)
     return prep
 
 
-def store_size(task: TaskSpec, index: ImageIndex, max_store_size: int | None = None) -> StoreSize:
+def store_size(task: TaskSpec, index: ImageIndex, max_store_size: int | None = None,
+               largest_input: float | None = None) -> StoreSize:
     """The decode size of this dataset (one log line says which and why); `max_store_size` is the
-    user's cap (--max-store-size), replacing the task's."""
-    largest = task.max_store_size if max_store_size is None else max_store_size
-    chosen = choose_store_size(index.root, list(index.items["path"]), task.min_store_size, largest)
+    user's cap (--max-store-size), replacing the task's. `largest_input`, the largest `image_size`
+    the space can ask for, caps it too (never below the task's floor): pixels decoded beyond what a
+    trial feeds its network cost memory and a resize per batch and bought nothing (blood, decoded
+    at 256 px for 128-px trials: test accuracy 0.981 against 0.986 at 128 px, same search)."""
+    largest, cap = (task.max_store_size, "max store size") if max_store_size is None else (max_store_size,
+                                                                                          "--max-store-size")
+    if largest > 0 and largest_input and max(int(largest_input), task.min_store_size) < largest:
+        largest, cap = max(int(largest_input), task.min_store_size), "the space's largest image_size"
+    chosen = choose_store_size(index.root, list(index.items["path"]), task.min_store_size, largest, cap=cap)
     if chosen.size:
         memory = decoded_bytes(len(index.items), chosen.size, task.channels)
         log.info("decoding %s images at %d px: %s; %.0f MB held in memory", task.name, chosen.size, chosen.reason,

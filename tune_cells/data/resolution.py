@@ -45,7 +45,7 @@ def clamp_store_size(native: int, smallest: int, largest: int) -> int:
 
 
 def choose_store_size(root: Path, paths: list[str], smallest: int, largest: int,
-                      sample: int = NATIVE_SAMPLE) -> StoreSize:
+                      sample: int = NATIVE_SAMPLE, cap: str = "max store size") -> StoreSize:
     """The decode size of a dataset: its native size clamped to [smallest, largest]; `largest` 0
     (no native sizing): `smallest`, fixed."""
     if largest <= 0:
@@ -56,7 +56,7 @@ def choose_store_size(root: Path, paths: list[str], smallest: int, largest: int,
     size = clamp_store_size(native, smallest, largest)
     found = f"native {native} px (median longer side of {measured} images)"
     if native > size:
-        return StoreSize(size, f"{found}, capped at {largest} px (max store size)")
+        return StoreSize(size, f"{found}, capped at {largest} px ({cap})")
     if native < size:
         capped = f", capped at {largest} px" if size < smallest else ""
         return StoreSize(size, f"{found}, enlarged to the task's smallest store size {smallest} px{capped}")
