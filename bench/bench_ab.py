@@ -28,15 +28,19 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipe import recipe_space, search  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import latest_search, recipe_space, search  # noqa: E402  (a sibling script, not a package)
+
+
+def varied(arms: list[dict]) -> list[str]:
+    """The parameters some arm sets."""
+    return sorted({key for arm in arms for key in arm})
 
 
 def ab_space(task: str, arms: list[dict], space: str | None = None) -> dict:
     """The recipe with every varied parameter turned into a choice, and one initial point per arm."""
     base = recipe_space(task, space)["params"]
-    varied = sorted({key for arm in arms for key in arm})
     params = dict(base)
-    for key in varied:
+    for key in varied(arms):
         values = []
         for arm in arms:
             value = arm.get(key, base.get(key))
@@ -45,7 +49,7 @@ def ab_space(task: str, arms: list[dict], space: str | None = None) -> dict:
             if value not in values:
                 values.append(value)
         params[key] = {"choices": values}
-    points = [{key: arm.get(key, base.get(key)) for key in varied} for arm in arms]
+    points = [{key: arm.get(key, base.get(key)) for key in varied(arms)} for arm in arms]
     return {"description": f"A/B arms on {task}'s recipe (bench_ab.py)", "params": params, "initial_points": points}
 
 
@@ -67,33 +71,25 @@ def main() -> None:
     space_file = root / "ab-space.yaml"
     space_file.write_text(yaml.safe_dump(ab_space(task, arms, plan.get("space")), sort_keys=False))
 
-    import mlflow
-
     from tune_cells.tasks import get_task
 
     args.task = task
     wall = search(args, root / "search", "--space", space_file, "--samples", len(arms), "--max-epochs", epochs,
                   "--grace-period", epochs, "--no-evaluate")
-    metric = get_task(task).metric
-    client = mlflow.MlflowClient(f"sqlite:///{root / 'search' / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              order_by=["attributes.start_time DESC"])
-    parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
-    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-              and r.data.tags.get("tune_cells.run_type") == "trial"]
+    metric, keys = get_task(task).metric, varied(arms)
+    client, _, _, trials = latest_search(root / "search")
     results = {}
-    for trial in trials:
+    for trial in trials:  # each arm's trial, found by the values it varied (MLflow keeps params as text)
         history = sorted(client.get_metric_history(trial.info.run_id, metric), key=lambda m: m.step)
-        key = tuple(str(trial.data.params.get(k)) for k in sorted({k for arm in arms for k in arm}))
-        results[key] = (max(m.value for m in history), history[-1].value, len(history))
-    varied = sorted({k for arm in arms for k in arm})
+        results[tuple(trial.data.params.get(k) for k in keys)] = (max(m.value for m in history), history[-1].value,
+                                                                 len(history))
     base_params = recipe_space(task, plan.get("space"))["params"]
     print(f"\nA/B on {task} ({args.data or 'demo data'}), seed {args.seed}, {epochs} epochs per arm, {metric}; wall {wall:.0f} s, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'arm':<44}{'best':>9}{'last':>9}{'best - base':>14}")
     base_best = None
     for arm in arms:
-        key = tuple(str(arm.get(k, base_params.get(k))) for k in varied)
+        key = tuple(str(arm.get(k, base_params.get(k))) for k in keys)
         best, last, n = results.get(key, (float("nan"), float("nan"), 0))
         base_best = best if base_best is None else base_best
         label = ", ".join(f"{k}={v}" for k, v in arm.items()) or "base (the recipe)"

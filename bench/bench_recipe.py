@@ -65,18 +65,25 @@ def search(args, workdir: Path, *flags) -> float:
     return time.time() - started
 
 
-def summary(workdir: Path, metric: str) -> dict:
-    """From a working folder's MLflow store: the latest search's champion validation metric, epochs
-    trained by all its trials, epoch times, and the latest evaluation run's test metrics."""
+def latest_search(workdir: Path):
+    """(client, all runs newest first, the latest search run, its trial runs) of a working
+    folder's MLflow store."""
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    experiments = client.search_experiments()
-    runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              order_by=["attributes.start_time DESC"])
     parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
-    evaluation = next(r for r in runs if r.info.run_name.startswith("evaluation"))
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
               and r.data.tags.get("tune_cells.run_type") == "trial"]
+    return client, runs, parent, trials
+
+
+def summary(workdir: Path, metric: str) -> dict:
+    """From a working folder's MLflow store: the latest search's champion validation metric, epochs
+    trained by all its trials, epoch times, and the latest evaluation run's test metrics."""
+    client, runs, parent, trials = latest_search(workdir)
+    evaluation = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "evaluation")
     epoch_times = [m.value for t in trials for m in client.get_metric_history(t.info.run_id, "epoch_time_s")]
     best = max((m.value for t in trials for m in client.get_metric_history(t.info.run_id, metric)), default=float("nan"))
     test = {k: (evaluation.data.metrics.get(k), evaluation.data.metrics.get(f"{k}_ci_low"),

@@ -31,11 +31,13 @@ def fit_space_to_weights(space: SearchSpace) -> SearchSpace:
     from tune_cells.models import has_pretrained_weights, pretrained_arch
 
     params = dict(space.params)
+    # A U-Net's weights are its encoder's: the `encoder` values decide, not `model: unet`.
+    arch_params = [name for name in _ARCH_PARAMS if not (name == "model" and "encoder" in params)]
     missing: list[str] = []
-    for name in _ARCH_PARAMS:
+    for name in arch_params:
         values = _values(params.get(name))
-        if not values or (name == "model" and "encoder" in params):
-            continue  # a U-Net's weights are its encoder's: the `encoder` values decide, not `model: unet`
+        if not values:
+            continue
         arch_of = {v: pretrained_arch(v) if name == "model" else pretrained_arch("unet", v) for v in values}
         usable = [v for v in values if has_pretrained_weights(arch_of[v]) and weights_obtainable(arch_of[v])]
         missing += [arch_of[v] for v in values if v not in usable and arch_of[v] not in missing]
@@ -49,9 +51,8 @@ def fit_space_to_weights(space: SearchSpace) -> SearchSpace:
         return space
     kept = [point for point in space.initial_points
             if all(point.get(name) in _values(params.get(name)) or name not in point for name in _ARCH_PARAMS)]
-    searched = [name for name in _ARCH_PARAMS if not (name == "model" and "encoder" in params)]
     log.info("no ImageNet weights for %s offline: searching %s", ", ".join(missing),
-             ", ".join(v for name in searched for v in _values(params.get(name))))
+             ", ".join(v for name in arch_params for v in _values(params.get(name))))
     return replace(space, params=params, initial_points=kept)
 
 
