@@ -3,6 +3,7 @@ and let Ray retry it. MLflow must end with exactly one run per trial under one p
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -55,6 +56,31 @@ def trial_statuses(db: Path) -> list[str]:
     return [status for (status,) in rows]
 
 
+def reported_running_trials(db: Path) -> list[str]:
+    """Ray trial ids of the RUNNING trial runs that have logged a validation loss."""
+    try:
+        with sqlite3.connect(db) as connection:
+            rows = connection.execute(
+                "select t.value from runs r join tags t on r.run_uuid = t.run_uuid "
+                "where t.key = 'ray_trial_id' and r.status = 'RUNNING' and exists "
+                "(select 1 from metrics m where m.run_uuid = r.run_uuid and m.key = 'val_loss')").fetchall()
+    except sqlite3.Error:
+        return []
+    return [trial_id for (trial_id,) in rows]
+
+
+def in_ray_snapshot(ray_storage: Path, trial_id: str) -> bool:
+    """Whether Ray's latest saved experiment state (what --resume restores) holds the trial."""
+    for state in ray_storage.glob("*/*/experiment_state-*.json"):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]  # [trial JSON, its runtime JSON] each
+        except (OSError, ValueError, KeyError):  # being written
+            continue
+        if any(json.loads(trial_json).get("trial_id") == trial_id for trial_json, _runtime in trials):
+            return True
+    return False
+
+
 def wait_for(condition, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -90,7 +116,10 @@ def test_kill_9_and_resume_gives_one_run_per_trial_and_a_champion(tmp_path):
     first = start(tmp_path)
     db = tmp_path / "w" / "mlflow.db"
     wait_for(lambda: "FINISHED" in trial_statuses(db) and "RUNNING" in trial_statuses(db))
-    time.sleep(1.5)  # let the running trial report an epoch, so it has a checkpoint to resume from
+    # Kill once the running trial has reported an epoch (a checkpoint to resume from) and Ray's
+    # state snapshot holds it. A trial killed before any snapshot held it is a different case: Ray
+    # never ran it on, and its run ends KILLED as lost (tests/test_tracking_orphans.py covers that).
+    wait_for(lambda: any(in_ray_snapshot(tmp_path / "w" / "ray", t) for t in reported_running_trials(db)))
     kill_session(first.pid)
     first.wait()
     assert first.returncode == -signal.SIGKILL
