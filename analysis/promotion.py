@@ -3,6 +3,7 @@ configuration, and hand over to evaluation in a fresh process."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from tune_cells.paths import WorkDir
 from tune_cells.tracking import CHALLENGER, CHAMPION, NOTE_TAG
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class SearchOutcome:
     best_config_file: Path
     decision: Decision
     latency_note: str = ""  # with --max-latency-ms: the promoted trial's latency, and the best trial's
+    selection_note: str = ""  # the one-SE rule, where it promoted an initial point over the best trial
 
 
 FAILPOINT_ENV = "TUNE_CELLS_FAIL_AT"  # tests: kill this process (SIGKILL) at the named promotion step
@@ -54,7 +58,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     Every step is idempotent, so a promotion killed at any step is completed by `search --resume`:
     one version per search, the right `champion` and `previous-champion`, no run left RUNNING.
     """
-    from tune_cells.analysis import latency
+    from tune_cells.analysis import latency, selection
 
     task, name = prep.task, prep.model_name
     staging = prep.workdir.promotion_staging(parent)
@@ -62,6 +66,12 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     _failpoint("measured")
     existing = tracker.version_of_search(name, parent)
     overall = result.best_trial_id
+    rule = ""
+    if existing is None and max_latency_ms is None:  # a latency budget picks among its own fitting trials
+        result, rule = selection.prefer_recipe(result, prep.space.initial_points, task.kind.selection_counts(data),
+                                               task.mode)
+        if rule:
+            log.info("%s", rule)
     result, note = latency.within_budget(result, costs, max_latency_ms, task.name,
                                          existing.tags.get("ray_trial_id") if existing is not None else None)
     version = _register(tracker, parent, prep, split, result, trial_runs, staging, data,
@@ -83,7 +93,8 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": trial_runs.get(
         result.best_trial_id, ""), "model_name": name, "model_version": version,
         "previous_champion": decision.previous or "", "promotion": decision.reason,
-        "ray_experiment_path": result.experiment_path, "best_trial_overall": overall, "latency_protocol":
+        "ray_experiment_path": result.experiment_path, "best_trial_overall": overall, "selection": rule or "best trial",
+        "latency_protocol":
         latency.protocol(latency.prediction_device()), "latency_budget_ms": f"{max_latency_ms:g}" if max_latency_ms
         else "none",
         "model_uri": f"models:/{name}/{version}",
@@ -101,6 +112,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
         best_metric=result.best_metric, best_epoch=result.best_epoch, best_config=result.best_config,
         trials=len(result.trials), failed_trials=failed, stopped_early=stopped, wall_time_s=0.0,
         tracking_uri=tracker.tracking_uri, best_config_file=best_config_file, decision=decision, latency_note=note,
+        selection_note=rule if result.best_trial_id != overall else "",
     )
 
 

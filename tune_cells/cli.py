@@ -110,8 +110,10 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "
                f"({outcome.stopped_early} stopped early by ASHA, {outcome.failed_trials} failed) in {outcome.wall_time_s:.0f} s")
-    click.echo(f"Best trial {outcome.best_trial_id}: {outcome.metric} {outcome.best_metric:.4f} at epoch "
+    click.echo(f"{'Promoted' if outcome.selection_note else 'Best'} trial {outcome.best_trial_id}: {outcome.metric} {outcome.best_metric:.4f} at epoch "
                f"{outcome.best_epoch}" + (f", {outcome.latency_note}" if outcome.latency_note else "") + f"\n  {config}")
+    if outcome.selection_note:
+        click.echo(f"  ({outcome.selection_note})")
     why = outcome.decision.reason.partition(": ")[2]
     if outcome.decision.champion:
         click.echo(f"Promoted: models:/{outcome.model_name}@champion (version {outcome.model_version}): {why}")

@@ -97,6 +97,11 @@ class TaskKind(ABC):
 
     # --- after the search ----------------------------------------------------------------
 
+    def selection_counts(self, data) -> list[int] | None:
+        """Validation images per class behind the search metric (`data`: TrialInputs.data), for the
+        standard error of the one-SE rule (analysis.selection); None: the rule does not apply."""
+        return None
+
     @abstractmethod
     def finalize(self, checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
         """Choose on validation (`data`: the trials' TrialInputs.data) what the promoted model

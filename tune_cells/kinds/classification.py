@@ -52,6 +52,13 @@ class ClassificationKind(TaskKind):
                                       **fields)
         return TrialInputs(train_classifier, data, METRICS, ("val_loss", "val_balanced_accuracy"))
 
+    def selection_counts(self, data) -> list[int] | None:
+        import numpy as np
+
+        # With folds every pooled image validates once (train_* hold them all, val_* is empty).
+        labels = data.train_labels if data.fold_of is not None else data.val_labels
+        return np.bincount(labels, minlength=len(data.classes)).tolist()
+
     def fold_labels(self, index, paths):
         import numpy as np
 

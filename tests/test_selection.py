@@ -1,0 +1,87 @@
+"""The one-standard-error rule: a search promotes its recipe (the space's first initial point that
+qualifies) unless a sampled trial beats it by more than the validation score's standard error."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tune_cells.analysis.selection import balanced_accuracy_se, is_recipe, prefer_recipe
+from tune_cells.kinds import CLASSIFICATION, SEGMENTATION
+from tune_cells.ray_backend import SearchResult, TrialSummary
+
+RECIPE = {"model": "mobilenet_v2", "lr": 5.0e-4}
+SEED_NET = {"model": "resnet50", "lr": 1.0e-3}
+COUNTS = [40, 180, 35, 140]  # nuclei's validation part, about
+
+
+def trial(trial_id: str, score: float, **config) -> TrialSummary:
+    return TrialSummary(trial_id, {"image_size": 96, **config}, 10, False, None, best_checkpoint=f"ckpt-{trial_id}",
+                        best_metric=score, best_epoch=7)
+
+
+def search(*trials: TrialSummary) -> SearchResult:
+    best = max(trials, key=lambda t: t.best_metric)
+    return SearchResult(best.trial_id, best.config, best.best_metric, best.best_epoch, best.best_checkpoint,
+                        list(trials), "ray/search", len(trials))
+
+
+def test_the_standard_error_of_a_balanced_accuracy_follows_the_smallest_classes():
+    se = balanced_accuracy_se(0.96, COUNTS)
+    assert se == pytest.approx(math.sqrt(sum(0.96 * 0.04 / n for n in COUNTS)) / 4)
+    assert 0.01 < se < 0.02  # one validation image of a small class moves the score by ~0.6 points
+    assert balanced_accuracy_se(1.0, COUNTS) == 0.0
+    assert balanced_accuracy_se(0.9, [10_000] * 4) < balanced_accuracy_se(0.9, [100] * 4)
+
+
+def test_a_sampled_trial_within_one_standard_error_gives_way_to_the_recipe():
+    result = search(trial("sampled", 0.9663, model="mobilenet_v2", lr=1.04e-3), trial("recipe", 0.9643, **RECIPE))
+    chosen, note = prefer_recipe(result, [RECIPE, SEED_NET], COUNTS, "max")
+    assert chosen.best_trial_id == "recipe" and chosen.best_checkpoint == "ckpt-recipe"
+    assert chosen.best_metric == 0.9643 and chosen.best_config["lr"] == 5.0e-4
+    assert "promoted the space's initial point 1 (mobilenet_v2)" in note and "sampled" in note
+
+
+def test_a_sampled_trial_that_clearly_beats_every_recipe_is_promoted():
+    result = search(trial("sampled", 0.99, model="mobilenet_v2", lr=1.04e-3), trial("recipe", 0.93, **RECIPE),
+                    trial("seed", 0.94, **SEED_NET))
+    chosen, note = prefer_recipe(result, [RECIPE, SEED_NET], COUNTS, "max")
+    assert chosen is result and "beats every initial point" in note
+
+
+def test_the_first_initial_point_is_preferred_and_the_best_recipe_stays():
+    result = search(trial("seed", 0.965, **SEED_NET), trial("recipe", 0.960, **RECIPE))
+    assert prefer_recipe(result, [RECIPE, SEED_NET], COUNTS, "max")[0].best_trial_id == "recipe"
+    best_is_recipe = search(trial("recipe", 0.97, **RECIPE), trial("sampled", 0.969, model="resnet18"))
+    chosen, note = prefer_recipe(best_is_recipe, [RECIPE], COUNTS, "max")
+    assert chosen is best_is_recipe and "the best trial is the space's initial point 1" in note
+
+
+def test_failed_recipes_no_points_and_segmentation_leave_the_best_trial():
+    failed = TrialSummary("recipe", dict(RECIPE), 1, True, "diverged")
+    result = search(trial("sampled", 0.97, model="resnet18"), failed)
+    assert prefer_recipe(result, [RECIPE], COUNTS, "max")[0] is result
+    assert prefer_recipe(result, [], COUNTS, "max") == (result, "")
+    assert prefer_recipe(result, [RECIPE], None, "max") == (result, "")
+
+
+def test_a_point_matches_its_own_parameters_only():
+    assert is_recipe({"lr": 5e-4, "model": "mobilenet_v2"}, {"lr": 0.0005, "model": "mobilenet_v2", "width": 3})
+    assert not is_recipe({"lr": 5e-4}, {"lr": 5.1e-4})
+    assert not is_recipe({"lr": 5e-4, "depth": 2}, {"lr": 5e-4})
+    assert not is_recipe({}, {"lr": 5e-4})
+
+
+def test_classification_counts_validation_images_per_class_and_segmentation_opts_out():
+    from trainables.classification import ClassificationData
+
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    data = ClassificationData(images, np.array([0, 0, 1, 1, 2, 2]), images[:4], np.array([0, 2, 2, 2]), "t",
+                              ["a", "b", "c"], 3, 8, (0.0,) * 3, (1.0,) * 3, 2, 0)
+    assert CLASSIFICATION.selection_counts(data) == [1, 0, 3]
+    folded = ClassificationData(images, np.array([0, 0, 1, 1, 2, 2]), images[:0], np.array([], np.int64), "t",
+                                ["a", "b", "c"], 3, 8, (0.0,) * 3, (1.0,) * 3, 2, 0, fold_of=np.array([0, 1] * 3))
+    assert CLASSIFICATION.selection_counts(folded) == [2, 2, 2]
+    assert SEGMENTATION.selection_counts(object()) is None
