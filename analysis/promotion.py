@@ -90,17 +90,17 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     tracker.log_metrics(parent, {f"best_{task.metric}": result.best_metric, "trials_failed": failed,
                                  "trials_stopped_early": stopped, "trials": len(result.trials),
                                  "searcher_trials": result.searcher_trials})
-    tracker.set_tags(parent, {"best_trial_id": result.best_trial_id, "best_trial_run_id": trial_runs.get(
-        result.best_trial_id, ""), "model_name": name, "model_version": version,
+    promoted = "Best" if result.best_trial_id == overall else "Promoted"
+    note_tag = (f"{promoted} trial `{result.best_trial_id}`: {task.metric} {result.best_metric:.4f} at epoch "
+                f"{result.best_epoch}. Registered as [{name} version {version}](#/models/{name}/versions/{version})"
+                f" ({decision.reason})." + (f" {rule[0].upper()}{rule[1:]}." if promoted == "Promoted" and rule else ""))
+    tracker.set_tags(parent, {
+        "best_trial_id": result.best_trial_id, "best_trial_run_id": trial_runs.get(result.best_trial_id, ""),
+        "best_trial_overall": overall, "selection": rule or "best trial", "model_name": name, "model_version": version,
         "previous_champion": decision.previous or "", "promotion": decision.reason,
-        "ray_experiment_path": result.experiment_path, "best_trial_overall": overall, "selection": rule or "best trial",
-        "latency_protocol":
-        latency.protocol(latency.prediction_device()), "latency_budget_ms": f"{max_latency_ms:g}" if max_latency_ms
-        else "none",
-        "model_uri": f"models:/{name}/{version}",
-        NOTE_TAG: f"Best trial `{result.best_trial_id}`: {task.metric} {result.best_metric:.4f} at epoch "
-                  f"{result.best_epoch}. Registered as [{name} version {version}](#/models/{name}/versions/{version})"
-                  f" ({decision.reason})."})
+        "ray_experiment_path": result.experiment_path, "latency_protocol": latency.protocol(latency.prediction_device()),
+        "latency_budget_ms": f"{max_latency_ms:g}" if max_latency_ms else "none",
+        "model_uri": f"models:/{name}/{version}", NOTE_TAG: note_tag})
     tracker.link_model(parent, tracker.client.get_model_version(name, version))  # on the search run's page
     best_config_file = export_best_config(prep, parent, result)
     tracker.log_artifact(parent, best_config_file)

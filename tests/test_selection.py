@@ -85,3 +85,19 @@ def test_classification_counts_validation_images_per_class_and_segmentation_opts
                                 ["a", "b", "c"], 3, 8, (0.0,) * 3, (1.0,) * 3, 2, 0, fold_of=np.array([0, 1] * 3))
     assert CLASSIFICATION.selection_counts(folded) == [2, 2, 2]
     assert SEGMENTATION.selection_counts(object()) is None
+
+
+@pytest.mark.slow
+def test_a_real_search_records_which_rule_chose_its_champion(searched):
+    """The shared demo search (two initial points): the search run says how its trial was chosen,
+    and the champion is its promoted trial's."""
+    client, experiment = searched["client"], searched["experiment"]
+    parent = client.search_runs([experiment.experiment_id], "tags.`tune_cells.run_type` = 'search'")[0]
+    tags = parent.data.tags
+    assert tags["selection"].startswith("one-SE rule: ")
+    champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
+    assert champion.tags["ray_trial_id"] == tags["best_trial_id"]
+    if tags["best_trial_id"] != tags["best_trial_overall"]:  # a recipe within one standard error was kept
+        assert "promoted the space's initial point 1" in tags["selection"]
+        assert "Promoted trial" in tags["mlflow.note.content"]
+    assert "Promoted trial" in searched["result"].out or tags["best_trial_id"] == tags["best_trial_overall"]
