@@ -7,6 +7,7 @@ base (the task's default space, or `space`, with its first initial point pinned:
 
     task: nuclei
     space: nuclei               # optional: another shipped space's first initial point as the base
+    base: {model: resnet18}     # optional: this point of the space as the base instead (all it samples)
     epochs: 5
     arms:
       - {}                          # the base itself, first: every line is read against it
@@ -36,9 +37,9 @@ def varied(arms: list[dict]) -> list[str]:
     return sorted({key for arm in arms for key in arm})
 
 
-def ab_space(task: str, arms: list[dict], space: str | None = None) -> dict:
+def ab_space(task: str, arms: list[dict], space: str | None = None, point: dict | None = None) -> dict:
     """The recipe with every varied parameter turned into a choice, and one initial point per arm."""
-    base = recipe_space(task, space)["params"]
+    base = recipe_space(task, space, point)["params"]
     params = dict(base)
     for key in varied(arms):
         values = []
@@ -69,7 +70,7 @@ def main() -> None:
     root = args.workdir.resolve() / args.ab_file.stem
     root.mkdir(parents=True, exist_ok=True)
     space_file = root / "ab-space.yaml"
-    space_file.write_text(yaml.safe_dump(ab_space(task, arms, plan.get("space")), sort_keys=False))
+    space_file.write_text(yaml.safe_dump(ab_space(task, arms, plan.get("space"), plan.get("base")), sort_keys=False))
 
     from tune_cells.tasks import get_task
 
@@ -83,7 +84,7 @@ def main() -> None:
         history = sorted(client.get_metric_history(trial.info.run_id, metric), key=lambda m: m.step)
         results[tuple(trial.data.params.get(k) for k in keys)] = (max(m.value for m in history), history[-1].value,
                                                                  len(history))
-    base_params = recipe_space(task, plan.get("space"))["params"]
+    base_params = recipe_space(task, plan.get("space"), plan.get("base"))["params"]
     print(f"\nA/B on {task} ({args.data or 'demo data'}), seed {args.seed}, {epochs} epochs per arm, {metric}; wall {wall:.0f} s, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'arm':<44}{'best':>9}{'last':>9}{'best - base':>14}")

@@ -30,17 +30,17 @@ import yaml
 TEST_METRICS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
 
 
-def recipe_space(task: str, space_name: str | None = None) -> dict:
+def recipe_space(task: str, space_name: str | None = None, point: dict | None = None) -> dict:
     """The task's default space (or `space_name`), as this machine can load it, with its first
-    initial point pinned."""
+    initial point (or `point`: a space without initial points, e.g. a from-scratch one) pinned."""
     from tune_cells.search_spaces import builtin_space_path, load_space
     from tune_cells.space_weights import fit_space_to_weights
     from tune_cells.tasks import get_task
 
     space = fit_space_to_weights(load_space(builtin_space_path(space_name or get_task(task).default_space)))
-    if not space.initial_points:
-        sys.exit(f"{space.source}: no initial point to pin as the recipe")
-    point, pinned = space.initial_points[0], {}
+    if not point and not space.initial_points:
+        sys.exit(f"{space.source}: no initial point to pin as the recipe (an A/B file can give one as `base`)")
+    point, pinned = point or space.initial_points[0], {}
     for name in space.params:
         if name in space.fixed:
             pinned[name] = space.fixed[name]

@@ -40,9 +40,9 @@ def test_the_recipe_is_the_default_spaces_first_initial_point_pinned(mobilenet_c
 def test_every_shipped_ab_file_makes_a_valid_space_of_its_arms(mobilenet_cached, plan):
     spec = yaml.safe_load((BENCH / "ab" / plan).read_text())
     assert spec["arms"][0] == {}  # the base first: every line is read against it
-    space_dict = bench_ab.ab_space(spec["task"], spec["arms"], spec.get("space"))
+    space_dict = bench_ab.ab_space(spec["task"], spec["arms"], spec.get("space"), spec.get("base"))
     space = SearchSpace(params=space_dict["params"], source=plan, initial_points=space_dict["initial_points"])
     check_space(space, seed=0)
-    base = bench_recipe.recipe_space(spec["task"], spec.get("space"))["params"]
+    base = bench_recipe.recipe_space(spec["task"], spec.get("space"), spec.get("base"))["params"]
     for arm, point in zip(spec["arms"], space.initial_points):
         assert {k: v for k, v in point.items() if base.get(k) != v} == arm
