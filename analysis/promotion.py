@@ -67,7 +67,8 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     existing = tracker.version_of_search(name, parent)
     overall = result.best_trial_id
     rule = ""
-    if existing is None and max_latency_ms is None:  # a latency budget picks among its own fitting trials
+    if max_latency_ms is None:  # a latency budget picks among its own fitting trials; deterministic, so a
+        # resumed promotion chooses again the trial its first attempt registered (`existing`, kept below)
         result, rule = selection.prefer_recipe(result, prep.space.initial_points, task.kind.selection_counts(data),
                                                task.mode)
         if rule:
