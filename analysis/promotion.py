@@ -91,10 +91,11 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     tracker.log_metrics(parent, {f"best_{task.metric}": result.best_metric, "trials_failed": failed,
                                  "trials_stopped_early": stopped, "trials": len(result.trials),
                                  "searcher_trials": result.searcher_trials})
-    promoted = "Best" if result.best_trial_id == overall else "Promoted"
-    note_tag = (f"{promoted} trial `{result.best_trial_id}`: {task.metric} {result.best_metric:.4f} at epoch "
-                f"{result.best_epoch}. Registered as [{name} version {version}](#/models/{name}/versions/{version})"
-                f" ({decision.reason})." + (f" {rule[0].upper()}{rule[1:]}." if promoted == "Promoted" and rule else ""))
+    moved_by_rule = rule if result.best_trial_id != overall else ""  # the rule promoted a recipe over the best
+    note_tag = (f"{'Best' if result.best_trial_id == overall else 'Promoted'} trial `{result.best_trial_id}`: "
+                f"{task.metric} {result.best_metric:.4f} at epoch {result.best_epoch}. Registered as [{name} version "
+                f"{version}](#/models/{name}/versions/{version}) ({decision.reason})."
+                + (f" {moved_by_rule[0].upper()}{moved_by_rule[1:]}." if moved_by_rule else ""))
     tracker.set_tags(parent, {
         "best_trial_id": result.best_trial_id, "best_trial_run_id": trial_runs.get(result.best_trial_id, ""),
         "best_trial_overall": overall, "selection": rule or "best trial", "model_name": name, "model_version": version,
@@ -113,7 +114,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
         best_metric=result.best_metric, best_epoch=result.best_epoch, best_config=result.best_config,
         trials=len(result.trials), failed_trials=failed, stopped_early=stopped, wall_time_s=0.0,
         tracking_uri=tracker.tracking_uri, best_config_file=best_config_file, decision=decision, latency_note=note,
-        selection_note=rule if result.best_trial_id != overall else "",
+        selection_note=moved_by_rule,
     )
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from tune_cells.search_spaces import point_matches
+
 
 def balanced_accuracy_se(score: float, class_counts: list[int]) -> float:
     """Standard error of a balanced accuracy near `score`, from the images per class it averages:
@@ -23,18 +25,7 @@ def balanced_accuracy_se(score: float, class_counts: list[int]) -> float:
     counts = [n for n in class_counts if n > 0]
     if not counts or not 0.0 <= score <= 1.0:
         return 0.0
-    p = min(max(score, 0.0), 1.0)
-    return math.sqrt(sum(p * (1 - p) / n for n in counts)) / len(counts)
-
-
-def is_recipe(point: dict, config: dict) -> bool:
-    """Whether a trial's configuration is this initial point (the point may fix only some parameters)."""
-    def same(a, b) -> bool:
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-            return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-        return a == b or str(a) == str(b)
-
-    return bool(point) and all(k in config and same(v, config[k]) for k, v in point.items())
+    return math.sqrt(sum(score * (1 - score) / n for n in counts)) / len(counts)
 
 
 def prefer_recipe(result, initial_points: list[dict], class_counts: list[int] | None, mode: str):
@@ -48,7 +39,7 @@ def prefer_recipe(result, initial_points: list[dict], class_counts: list[int] | 
     scored = [t for t in result.trials if not t.failed and t.best_checkpoint is not None and math.isfinite(t.best_metric)]
     for number, point in enumerate(initial_points, start=1):
         for trial in scored:
-            if not is_recipe(point, trial.config):
+            if not point_matches(point, trial.config):
                 continue
             if trial.trial_id == result.best_trial_id:
                 return result, f"one-SE rule: the best trial is the space's {_name(number, point)}"

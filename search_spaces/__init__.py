@@ -23,6 +23,7 @@ MLflow's params say `lr`. A file whose params are all fixed is a pinned configur
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -227,6 +228,17 @@ class _Replay:
             raise _NotInSpace
         self.params[name], self.distributions[name] = value, distribution
         return value
+
+
+def point_matches(point: dict, config: dict) -> bool:
+    """Whether a trial's configuration is this initial point (the point may fix only some
+    parameters). `config` as Ray hands it (numbers) or as MLflow logs it (text)."""
+    def same(a: Any, b: Any) -> bool:
+        if _is_number(a) and _is_number(b):
+            return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+        return a == b or str(a) == str(b)
+
+    return bool(point) and all(k in config and same(v, config[k]) for k, v in point.items())
 
 
 def builtin_space_path(name: str) -> Path:

@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from tune_cells.analysis.selection import balanced_accuracy_se, is_recipe, prefer_recipe
+from tune_cells.analysis.selection import balanced_accuracy_se, prefer_recipe
 from tune_cells.kinds import CLASSIFICATION, SEGMENTATION
 from tune_cells.ray_backend import SearchResult, TrialSummary
+from tune_cells.search_spaces import point_matches
 
 RECIPE = {"model": "mobilenet_v2", "lr": 5.0e-4}
 SEED_NET = {"model": "resnet50", "lr": 1.0e-3}
@@ -68,10 +69,10 @@ def test_failed_recipes_no_points_and_segmentation_leave_the_best_trial():
 
 
 def test_a_point_matches_its_own_parameters_only():
-    assert is_recipe({"lr": 5e-4, "model": "mobilenet_v2"}, {"lr": 0.0005, "model": "mobilenet_v2", "width": 3})
-    assert not is_recipe({"lr": 5e-4}, {"lr": 5.1e-4})
-    assert not is_recipe({"lr": 5e-4, "depth": 2}, {"lr": 5e-4})
-    assert not is_recipe({}, {"lr": 5e-4})
+    assert point_matches({"lr": 5e-4, "model": "mobilenet_v2"}, {"lr": 0.0005, "model": "mobilenet_v2", "width": 3})
+    assert not point_matches({"lr": 5e-4}, {"lr": 5.1e-4})
+    assert not point_matches({"lr": 5e-4, "depth": 2}, {"lr": 5e-4})
+    assert not point_matches({}, {"lr": 5e-4})
 
 
 def test_classification_counts_validation_images_per_class_and_segmentation_opts_out():

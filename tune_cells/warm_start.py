@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tune_cells.search_spaces import SearchSpace
+from tune_cells.search_spaces import SearchSpace, point_matches
 from tune_cells.tracking import PARENT_TAG, Tracker
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,7 @@ class WarmStart:
     def untried(self, points: list[dict]) -> list[dict]:
         """The space's initial points that no earlier finished trial has tried (the earlier searches
         tried them first: again would spend a trial on a known result)."""
-        def same(point: dict, config: dict) -> bool:
-            return all(config.get(k) == str(v) for k, v in point.items())
-
-        left = [p for p in points if not any(same(p, config) for config in self.tried)]
+        left = [p for p in points if not any(point_matches(p, config) for config in self.tried)]
         if len(left) < len(points):
             log.info("warm start: %d of the space's %d initial points were tried by earlier searches: not again",
                      len(points) - len(left), len(points))
