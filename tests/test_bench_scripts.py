@@ -1,6 +1,8 @@
 """The A/B and recipe benchmarks (bench/bench_ab.py, bench/bench_recipe.py) build the spaces they
 search from the shipped defaults: the recipe is the default's first initial point pinned, and each
-A/B arm is an initial point of one space that differs from the recipe only where the arm says."""
+A/B arm is an initial point of one space that differs from the recipe only where the arm says.
+The outer folds (bench/bench_outer_folds.py) test every image once, groups whole.
+"""
 
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from tune_cells.search_spaces import SearchSpace, load_space
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import bench_ab  # noqa: E402
+import bench_outer_folds  # noqa: E402
 import bench_recipe  # noqa: E402
 
 
@@ -46,3 +49,17 @@ def test_every_shipped_ab_file_makes_a_valid_space_of_its_arms(mobilenet_cached,
     base = bench_recipe.recipe_space(spec["task"], spec.get("space"), spec.get("base"))["params"]
     for arm, point in zip(spec["arms"], space.initial_points):
         assert {k: v for k, v in point.items() if base.get(k) != v} == arm
+
+
+def test_outer_folds_test_every_image_once_keep_groups_whole_and_stratify():
+    units = [([f"a{i}"], 0) for i in range(30)] + [([f"b{i}"], 1) for i in range(18)] + [(["g1", "g2"], 1)]
+    folds = bench_outer_folds.outer_folds(units, 6, seed=0)
+    images = [p for fold in folds for p in fold]
+    assert sorted(images) == sorted(p for members, _ in units for p in members)  # each image in one fold
+    assert any({"g1", "g2"} <= set(fold) for fold in folds)  # a group stays whole
+    assert {sum(p.startswith("a") for p in fold) for fold in folds} == {5}  # classes spread evenly
+    for k in range(6):
+        parts = bench_outer_folds.fold_parts(folds, k)
+        assert parts["test"] == folds[k] and parts["val"] == folds[(k + 1) % 6]
+        assert not set(parts["train"]) & (set(parts["test"]) | set(parts["val"]))
+        assert len(parts["train"]) + len(parts["val"]) + len(parts["test"]) == len(images)
