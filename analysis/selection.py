@@ -21,11 +21,15 @@ from tune_cells.search_spaces import point_matches
 
 def balanced_accuracy_se(score: float, class_counts: list[int]) -> float:
     """Standard error of a balanced accuracy near `score`, from the images per class it averages:
-    sqrt(sum_c p(1-p)/n_c) / K with every class's accuracy p taken as `score`."""
+    sqrt(sum_c p_c(1-p_c)/n_c) / K with class c's accuracy p_c taken as `score`, but at most
+    1 - 1/n_c (one error). A perfect score on a few images is no proof of a perfect model: taken as
+    1, it gave an error of 0, and on leukemia's 30 validation images a sampled trial at 1.000 then
+    beat the recipe at 0.967 (one image) "by more than 0.0000" (measured 2026-11-30)."""
     counts = [n for n in class_counts if n > 0]
     if not counts or not 0.0 <= score <= 1.0:
         return 0.0
-    return math.sqrt(sum(score * (1 - score) / n for n in counts)) / len(counts)
+    accuracies = [min(score, 1 - 1 / n) for n in counts]
+    return math.sqrt(sum(p * (1 - p) / n for p, n in zip(accuracies, counts))) / len(counts)
 
 
 def prefer_recipe(result, initial_points: list[dict], class_counts: list[int] | None, mode: str):

@@ -33,7 +33,10 @@ def test_the_standard_error_of_a_balanced_accuracy_follows_the_smallest_classes(
     se = balanced_accuracy_se(0.96, COUNTS)
     assert se == pytest.approx(math.sqrt(sum(0.96 * 0.04 / n for n in COUNTS)) / 4)
     assert 0.01 < se < 0.02  # one validation image of a small class moves the score by ~0.6 points
-    assert balanced_accuracy_se(1.0, COUNTS) == 0.0
+    # a perfect score counts as one error per class short of it: never a zero error
+    assert balanced_accuracy_se(1.0, COUNTS) == pytest.approx(
+        math.sqrt(sum((1 - 1 / n) / n / n for n in COUNTS)) / 4)
+    assert balanced_accuracy_se(1.0, [15, 15]) > 1 / 30  # leukemia: one validation image is within it
     assert balanced_accuracy_se(0.9, [10_000] * 4) < balanced_accuracy_se(0.9, [100] * 4)
 
 
@@ -43,6 +46,12 @@ def test_a_sampled_trial_within_one_standard_error_gives_way_to_the_recipe():
     assert chosen.best_trial_id == "recipe" and chosen.best_checkpoint == "ckpt-recipe"
     assert chosen.best_metric == 0.9643 and chosen.best_config["lr"] == 5.0e-4
     assert "promoted the space's initial point 1 (mobilenet_v2)" in note and "sampled" in note
+
+
+def test_a_perfect_sampled_trial_one_image_ahead_on_a_small_validation_part_gives_way_to_the_recipe():
+    result = search(trial("sampled", 1.0, model="mobilenet_v2", lr=1.04e-3), trial("recipe", 0.9667, **RECIPE))
+    chosen, note = prefer_recipe(result, [RECIPE], [15, 15], "max")
+    assert chosen.best_trial_id == "recipe" and "within one standard error" in note
 
 
 def test_a_sampled_trial_that_clearly_beats_every_recipe_is_promoted():
