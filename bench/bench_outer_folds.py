@@ -7,8 +7,8 @@ and together cover the dataset (outer cross-validation), their test predictions 
 A test part of 27 images cannot show 97.5 % accuracy (27/27 has an exact lower bound of 0.872);
 pooled over K outer folds every image is predicted once, by a model whose search never saw it.
 The folds are made as a new split is: related images (one group key, near-duplicates by the
-preflight's hashes) stay together, twins of fixed-part images are left out, classes are
-stratified. Fold k is the test part of search k, fold k+1 its validation part, the rest its
+preflight's hashes) stay together and classes are stratified (layouts that fix a test part,
+like hep2's, are refused). Fold k is the test part of search k, fold k+1 its validation part, the rest its
 training part; each search is `tune-cells search` as a user runs it (the given flags), on that
 split file (editable JSON, read when present), in its own working folder. Printed: each fold's
 accuracy, then the pooled accuracy with its exact (Clopper-Pearson) interval, balanced accuracy
