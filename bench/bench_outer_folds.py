@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_recipe import latest_search, search  # noqa: E402  (a sibling script, not a package)
 
 
 def outer_folds(units: list[tuple[list[str], int]], folds: int, seed: int) -> list[list[str]]:
@@ -62,14 +64,18 @@ def base_split(task, index, seed: int):
         return plan_split(Path(nowhere) / "split.json", index, seed, scan.hashes)
 
 
-def pooled_predictions(workdir: Path):
-    """The test predictions its evaluation logged (the newest, if it evaluated more than once)."""
+def fold_predictions(workdir: Path):
+    """The test predictions (`test_predictions.csv`) of the latest evaluation in a fold's MLflow store."""
+    import tempfile
+
     import pandas as pd
 
-    files = sorted(workdir.glob("mlartifacts/**/test_predictions.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        sys.exit(f"{workdir}: no test_predictions.csv (did its evaluation run?)")
-    return pd.read_csv(files[-1])
+    client, runs, _, _ = latest_search(workdir)
+    evaluation = next((r for r in runs if r.data.tags.get("tune_cells.run_type") == "evaluation"), None)
+    if evaluation is None:
+        sys.exit(f"{workdir}: no evaluation run (did the search evaluate its champion?)")
+    with tempfile.TemporaryDirectory() as scratch:
+        return pd.read_csv(client.download_artifacts(evaluation.info.run_id, "test_predictions.csv", scratch))
 
 
 def main() -> None:
@@ -82,7 +88,10 @@ def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, flags = parser.parse_args(argv[:cut]), argv[cut + 1:]  # after --: flags for every search
+    if args.folds < 3:
+        parser.error(f"--folds {args.folds}: at least 3 (each search needs a test, a validation and a training fold)")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     from scipy.stats import binomtest
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
@@ -114,13 +123,8 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**base.header, **fold_parts(folds, k), "groups": base.groups,
                                     "excluded": base.excluded}, indent=1))
-        command = [str(Path(sys.executable).with_name("tune-cells")), "search", task.name, "--data", str(index.root),
-                   "--seed", str(args.seed), "--workdir", str(workdir), *flags]
-        print("$", " ".join(command), flush=True)
-        with open(root / f"fold-{k}.log", "w") as log:
-            if subprocess.call(command, stdout=log, stderr=subprocess.STDOUT):
-                sys.exit(f"fold {k}: the search failed (see {root / f'fold-{k}.log'})")
-        table = pooled_predictions(workdir)
+        search(args, workdir, *flags)  # as a user runs it; exits with the log's path if it fails
+        table = fold_predictions(workdir)
         tables.append(table)
         print(f"fold {k}: {len(table)} test images, accuracy {np.mean(table['label'] == table['predicted']):.4f}",
               flush=True)
