@@ -1,7 +1,8 @@
 """The A/B and recipe benchmarks (bench/bench_ab.py, bench/bench_recipe.py) build the spaces they
 search from the shipped defaults: the recipe is the default's first initial point pinned, and each
 A/B arm is an initial point of one space that differs from the recipe only where the arm says.
-The outer folds (bench/bench_outer_folds.py) test every image once, groups whole.
+The outer folds (bench/bench_outer_folds.py) test every image once, groups whole. The old-code
+A/B (bench/bench_old_code.py) really puts the old code back, and only for its arm.
 """
 
 import sys
@@ -16,6 +17,7 @@ from tune_cells.search_spaces import SearchSpace, load_space
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import bench_ab  # noqa: E402
+import bench_old_code  # noqa: E402
 import bench_outer_folds  # noqa: E402
 import bench_recipe  # noqa: E402
 
@@ -63,3 +65,37 @@ def test_outer_folds_test_every_image_once_keep_groups_whole_and_stratify():
         assert parts["test"] == folds[k] and parts["val"] == folds[(k + 1) % 6]
         assert not set(parts["train"]) & (set(parts["test"]) | set(parts["val"]))
         assert len(parts["train"]) + len(parts["val"]) + len(parts["test"]) == len(images)
+
+
+def test_the_old_dice_lets_false_positives_on_empty_views_cost_nothing_and_is_undone():
+    import torch
+
+    from tune_cells.trainables import segmentation
+
+    shipped = segmentation.soft_dice_loss
+    # two targets; the second is absent from every view, and the network predicts it everywhere
+    target = torch.zeros(4, 2, 8, 8)
+    target[:, 0, :4] = 1
+    logits = torch.where(target[:, :1].bool(), 6.0, -6.0).repeat(1, 2, 1, 1)
+    logits[:, 1] = 6.0
+    now = segmentation.SegmentationLoss("dice")(logits, target)
+    undo = bench_old_code.CHANGES["dice-empty-views"].install()
+    try:
+        before = segmentation.SegmentationLoss("dice")(logits, target)
+    finally:
+        undo()
+    assert segmentation.soft_dice_loss is shipped
+    assert now > 0.45  # the empty target's false positives cost about half the loss
+    assert before < 0.01  # smp's multilabel Dice dropped the empty target: the same mistake is free
+
+
+def test_the_old_batchnorm_loop_is_put_back_and_undone():
+    from tune_cells import training
+
+    shipped = training.freeze_frozen_batchnorm
+    undo = bench_old_code.CHANGES["frozen-bn"].install()
+    try:
+        assert training.freeze_frozen_batchnorm is not shipped
+    finally:
+        undo()
+    assert training.freeze_frozen_batchnorm is shipped

@@ -1,0 +1,128 @@
+"""A/B of a fix whose old code is gone from tune-cells: the fixed code (now) against the old code
+(before), reinstated in this process only.
+
+    .venv/bin/python bench/bench_old_code.py frozen-bn --data ../shared/data/nuclei --epochs 10
+    .venv/bin/python bench/bench_old_code.py dice-empty-views --data ../shared/data/lung --epochs 20
+
+`tune-cells search` cannot run code that no longer exists, so bench_ab.py does not apply: this
+script trains the task's recipe (its default space's first initial point, with the change's
+overrides) twice through the same trainable a search runs, on the same split, seed and decode size
+as a search (the preflight's), once as shipped and once with the old code put back. Printed: each
+arm's best and last validation metric, per epoch.
+
+Changes (issue #15):
+- frozen-bn (item 4): `freeze_features` keeps the frozen layers' BatchNorm statistics; before, they
+  kept updating in train mode.
+- dice-empty-views (item 5): the batch soft Dice charges predicted pixels of a target that no view of
+  the batch contains; before, segmentation-models-pytorch's multilabel Dice dropped such a target
+  from the loss, so those false positives cost nothing (arms use `loss: dice`, where it matters most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_recipe import recipe_space  # noqa: E402  (a sibling script, not a package)
+
+Undo = Callable[[], None]
+
+
+def _old_batchnorm_loop() -> Undo:
+    from tune_cells import training
+
+    shipped = training.freeze_frozen_batchnorm
+    training.freeze_frozen_batchnorm = lambda model: None  # BN layers stay in train mode
+    return lambda: setattr(training, "freeze_frozen_batchnorm", shipped)
+
+
+def _old_multilabel_dice() -> Undo:
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    from tune_cells.trainables import segmentation
+
+    shipped, smp_dice = segmentation.soft_dice_loss, DiceLoss("multilabel", from_logits=True)
+    segmentation.soft_dice_loss = lambda logits, target: smp_dice(logits, target)  # the loss before the fix
+    return lambda: setattr(segmentation, "soft_dice_loss", shipped)
+
+
+@dataclass(frozen=True)
+class OldCode:
+    task: str
+    install: Callable[[], Undo]  # puts the old code back; returns what restores the shipped one
+    now: str
+    before: str
+    overrides: dict = field(default_factory=dict)  # on the recipe, in both arms
+
+
+CHANGES = {
+    "frozen-bn": OldCode("nuclei", _old_batchnorm_loop, "BN statistics frozen (now)",
+                         "BN statistics updating (before)", {"freeze_features": True}),
+    "dice-empty-views": OldCode("lung", _old_multilabel_dice, "batch Dice, empty views charged (now)",
+                                "smp multilabel Dice (before)", {"loss": "dice"}),
+}
+
+
+def arm_results(change: OldCode, task_name: str, data_root: Path | None, workdir: Path, epochs: int, seed: int,
+                old: bool) -> tuple[list[float], str]:
+    """Validation metric per epoch of the recipe, with the old code when `old`."""
+    import torch
+
+    from tune_cells.data.reader import SplitReader
+    from tune_cells.data.splits import load_or_create_split
+    from tune_cells.preflight import store_size
+    from tune_cells.tasks import get_task
+    from tune_cells.trainables.skeleton import LocalSession
+
+    task = get_task(task_name)
+    index = task.importer(data_root)
+    split = load_or_create_split(workdir / "splits" / f"{task.name}-{seed}.json", index, seed)
+    config = {**recipe_space(task_name)["params"], **change.overrides, "seed": seed}
+    size = store_size(task, index, None, config.get("image_size")).size  # as the preflight decodes it
+    reader = SplitReader(index, split, task.channels, size, workdir)
+    inputs = task.kind.trial_inputs(task, index, reader, epochs, seed)
+    undo = change.install() if old else (lambda: None)
+    try:
+        session = LocalSession(cpus=torch.get_num_threads())
+        inputs.trainable(config, inputs.data, session)
+    finally:
+        undo()
+    if session.failure:
+        sys.exit(f"arm failed: {session.failure}")
+    return [r[task.metric] for r in session.results], task.metric
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("change", choices=sorted(CHANGES))
+    parser.add_argument("--task", help="default: the task the change targets")
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder in the task's layout")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("bench-old-code-runs"))
+    args = parser.parse_args()
+    change = CHANGES[args.change]
+    task = args.task or change.task
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    rows = {}
+    for label, old in ((change.now, False), (change.before, True)):
+        rows[label], metric = arm_results(change, task, args.data, args.workdir, args.epochs, args.seed, old)
+    print(f"\n{args.change} on {task} ({args.data}), the recipe {change.overrides or ''}, seed {args.seed}, "
+          f"{args.epochs} epochs per arm, {metric}; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
+    width = max(map(len, rows)) + 2
+    print(f"{'arm':<{width}}{'best':>8}{'last':>8}   per epoch")
+    base = None
+    for label, values in rows.items():
+        base = max(values) if base is None else base
+        print(f"{label:<{width}}{max(values):>8.4f}{values[-1]:>8.4f}   {' '.join(f'{v:.4f}' for v in values)}"
+              f"   best - first arm {100 * (max(values) - base):+.2f} pp")
+
+
+if __name__ == "__main__":
+    main()
