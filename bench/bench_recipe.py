@@ -48,6 +48,8 @@ def recipe_space(task: str, space_name: str | None = None, point: dict | None = 
             if name not in point:
                 sys.exit(f"{space.source}: its first initial point leaves '{name}' to the sampler")
             pinned[name] = point[name]
+    # a given base may also set parameters the space leaves to their defaults (e.g. `stem`)
+    pinned.update({name: value for name, value in point.items() if name not in space.params})
     return {"description": f"{space.name}'s first initial point, pinned (bench_recipe.py)", "params": pinned}
 
 
