@@ -6,9 +6,10 @@
 
 `tune-cells search` cannot run code that no longer exists, so bench_ab.py does not apply: this
 script trains the task's recipe (its default space's first initial point, with the change's
-overrides) twice through the same trainable a search runs, on the same split, seed and decode size
-as a search (the preflight's), once as shipped and once with the old code put back. Printed: each
-arm's best and last validation metric, per epoch.
+overrides) twice through the same trainable a search runs, on one split (the seed's, without a
+search's near-duplicate grouping), seed and decode size (the preflight's for the default space),
+once as shipped and once with the old code put back. Printed: each arm's best and last validation
+metric, per epoch.
 
 Changes (issue #15):
 - frozen-bn (item 4): `freeze_features` keeps the frozen layers' BatchNorm statistics; before, they
@@ -68,7 +69,7 @@ CHANGES = {
 }
 
 
-def arm_results(change: OldCode, task_name: str, data_root: Path | None, workdir: Path, epochs: int, seed: int,
+def arm_results(change: OldCode, data_root: Path | None, workdir: Path, epochs: int, seed: int,
                 old: bool) -> tuple[list[float], str]:
     """Validation metric per epoch of the recipe, with the old code when `old`."""
     import torch
@@ -76,14 +77,17 @@ def arm_results(change: OldCode, task_name: str, data_root: Path | None, workdir
     from tune_cells.data.reader import SplitReader
     from tune_cells.data.splits import load_or_create_split
     from tune_cells.preflight import store_size
+    from tune_cells.search_spaces import builtin_space_path, load_space
+    from tune_cells.space_weights import fit_space_to_weights
     from tune_cells.tasks import get_task
     from tune_cells.trainables.skeleton import LocalSession
 
-    task = get_task(task_name)
+    task = get_task(change.task)
     index = task.importer(data_root)
     split = load_or_create_split(workdir / "splits" / f"{task.name}-{seed}.json", index, seed)
-    config = {**recipe_space(task_name)["params"], **change.overrides, "seed": seed}
-    size = store_size(task, index, None, config.get("image_size")).size  # as the preflight decodes it
+    config = {**recipe_space(task.name)["params"], **change.overrides, "seed": seed}
+    space = fit_space_to_weights(load_space(builtin_space_path(task.default_space)))
+    size = store_size(task, index, None, space.largest("image_size")).size  # as a search's preflight decodes
     reader = SplitReader(index, split, task.channels, size, workdir)
     inputs = task.kind.trial_inputs(task, index, reader, epochs, seed)
     undo = change.install() if old else (lambda: None)
@@ -100,20 +104,18 @@ def arm_results(change: OldCode, task_name: str, data_root: Path | None, workdir
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("change", choices=sorted(CHANGES))
-    parser.add_argument("--task", help="default: the task the change targets")
     parser.add_argument("--data", type=Path, required=True, help="dataset folder in the task's layout")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("bench-old-code-runs"))
     args = parser.parse_args()
     change = CHANGES[args.change]
-    task = args.task or change.task
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = {}
     for label, old in ((change.now, False), (change.before, True)):
-        rows[label], metric = arm_results(change, task, args.data, args.workdir, args.epochs, args.seed, old)
-    print(f"\n{args.change} on {task} ({args.data}), the recipe {change.overrides or ''}, seed {args.seed}, "
+        rows[label], metric = arm_results(change, args.data, args.workdir, args.epochs, args.seed, old)
+    print(f"\n{args.change} on {change.task} ({args.data}), the recipe {change.overrides or ''}, seed {args.seed}, "
           f"{args.epochs} epochs per arm, {metric}; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     width = max(map(len, rows)) + 2
     print(f"{'arm':<{width}}{'best':>8}{'last':>8}   per epoch")

@@ -107,6 +107,21 @@ def test_the_small_stem_keeps_four_times_the_resolution(name, channels):
     assert last_stage_side(name, channels, 48, stem="small") == 6
 
 
+def test_the_small_stem_is_searched_only_where_the_data_is_small_enough():
+    # ~16x the compute per image: leukemia's ~126 training images take ~20 s an epoch with it, while
+    # hep2's offline default drew it for both trials on 7,133 cells and finished no epoch in 10 min
+    import optuna
+
+    from tune_cells.search_spaces import builtin_space_path, load_space
+
+    for name in ("nuclei-scratch", "hep2-scratch", "folder-scratch"):
+        assert "stem" not in load_space(builtin_space_path(name)).params
+    space, study = load_space(builtin_space_path("leukemia-scratch")), optuna.create_study()
+    for _ in range(40):
+        config = space.sample(study.ask())
+        assert ("stem" in config) == (config["model"] == "resnet18" and config["image_size"] == 64)
+
+
 def test_the_small_stem_is_refused_with_imagenet_weights_and_unknown_stems_by_name(run_cli, tmp_path):
     with pytest.raises(UserInputError, match="stem 'small' is a new, untrained first layer"):
         create_model("resnet18", num_classes=2, in_channels=3, pretrained=True, stem="small", load_weights=False)

@@ -18,14 +18,6 @@ def sample_many(space, n=40, seed=0):
     return configs
 
 
-def test_the_small_stem_is_searched_only_where_the_data_is_small_enough():
-    # leukemia's ~126 training images take ~20 s an epoch with it; hep2's 7,133 took >10 min
-    for name in ("nuclei-scratch", "hep2-scratch", "folder-scratch"):
-        assert "stem" not in load_space(builtin_space_path(name)).params
-    for config in sample_many(load_space(builtin_space_path("leukemia-scratch"))):
-        assert ("stem" in config) == (config["model"] == "resnet18" and config["image_size"] == 64)
-
-
 def test_nuclei_space_is_conditional_and_covers_the_brief():
     space = load_space(builtin_space_path("nuclei-scratch"))
     configs = sample_many(space)
@@ -38,8 +30,6 @@ def test_nuclei_space_is_conditional_and_covers_the_brief():
         low, high = (2e-4, 3e-3) if config["optimizer"] == "adamw" else (5e-3, 1e-1)  # one range per optimiser
         assert low <= config["lr"] <= high
         assert config["image_size"] in (64, 96) and config["flip"] is True
-        # no small-input stem: at ~16x the compute it cannot finish a default budget on a CPU
-        assert "stem" not in config
         for key in ("weight_decay", "batch_size", "affine", "color_jitter", "label_smoothing", "dropout"):
             assert key in config
     lrs = sorted(c["lr"] for c in configs if c["optimizer"] == "sgd")
