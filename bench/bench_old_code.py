@@ -70,8 +70,8 @@ CHANGES = {
 
 
 def arm_results(change: OldCode, data_root: Path | None, workdir: Path, epochs: int, seed: int,
-                old: bool) -> tuple[list[float], str]:
-    """Validation metric per epoch of the recipe, with the old code when `old`."""
+                old: bool) -> tuple[list[dict], str]:
+    """The recipe's reports per epoch (validation metrics), with the old code when `old`; the task's metric."""
     import torch
 
     from tune_cells.data.reader import SplitReader
@@ -98,7 +98,7 @@ def arm_results(change: OldCode, data_root: Path | None, workdir: Path, epochs: 
         undo()
     if session.failure:
         sys.exit(f"arm failed: {session.failure}")
-    return [r[task.metric] for r in session.results], task.metric
+    return session.results, task.metric
 
 
 def main() -> None:
@@ -112,9 +112,10 @@ def main() -> None:
     change = CHANGES[args.change]
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows = {}
+    reports = {}
     for label, old in ((change.now, False), (change.before, True)):
-        rows[label], metric = arm_results(change, args.data, args.workdir, args.epochs, args.seed, old)
+        reports[label], metric = arm_results(change, args.data, args.workdir, args.epochs, args.seed, old)
+    rows = {label: [r[metric] for r in epochs] for label, epochs in reports.items()}
     print(f"\n{args.change} on {change.task} ({args.data}), the recipe {change.overrides or ''}, seed {args.seed}, "
           f"{args.epochs} epochs per arm, {metric}; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     width = max(map(len, rows)) + 2
@@ -124,6 +125,14 @@ def main() -> None:
         base = max(values) if base is None else base
         print(f"{label:<{width}}{max(values):>8.4f}{values[-1]:>8.4f}   {' '.join(f'{v:.4f}' for v in values)}"
               f"   best - first arm {100 * (max(values) - base):+.2f} pp")
+    # per target (segmentation: val_dice_<target>), at the epoch the task's metric was best and at its own best
+    parts = sorted({key for epochs in reports.values() for key in epochs[0] if key.startswith(f"{metric}_")})
+    for key in parts:
+        print(key)
+        for label, epochs in reports.items():
+            best = max(range(len(epochs)), key=lambda e: rows[label][e])
+            print(f"  {label:<{width}}at {metric}'s best epoch {epochs[best][key]:.4f}; "
+                  f"its own best {max(e[key] for e in epochs):.4f}")
 
 
 if __name__ == "__main__":
