@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipe import recipe_space  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import recipe_space, run_with_one_line_errors  # noqa: E402  (a sibling script, not a package)
 
 Undo = Callable[[], None]
 
@@ -69,18 +69,22 @@ CHANGES = {
 }
 
 
-def arm_results(change: OldCode, data_root: Path | None, workdir: Path, epochs: int, seed: int,
-                old: bool) -> tuple[list[dict], str]:
-    """The recipe's reports per epoch (validation metrics), with the old code when `old`; the task's metric."""
-    import torch
+@dataclass
+class Prepared:
+    """What both arms share: the task, the recipe's configuration and the trial's inputs (split,
+    decoded pixels), made once."""
+    task: object
+    config: dict
+    inputs: object
 
+
+def prepare(change: OldCode, data_root: Path, workdir: Path, epochs: int, seed: int) -> Prepared:
     from tune_cells.data.reader import SplitReader
     from tune_cells.data.splits import load_or_create_split
     from tune_cells.preflight import store_size
     from tune_cells.search_spaces import builtin_space_path, load_space
     from tune_cells.space_weights import fit_space_to_weights
     from tune_cells.tasks import get_task
-    from tune_cells.trainables.skeleton import LocalSession
 
     task = get_task(change.task)
     index = task.importer(data_root)
@@ -89,16 +93,24 @@ def arm_results(change: OldCode, data_root: Path | None, workdir: Path, epochs: 
     space = fit_space_to_weights(load_space(builtin_space_path(task.default_space)))
     size = store_size(task, index, None, space.largest("image_size")).size  # as a search's preflight decodes
     reader = SplitReader(index, split, task.channels, size, workdir)
-    inputs = task.kind.trial_inputs(task, index, reader, epochs, seed)
-    undo = change.install() if old else (lambda: None)
+    return Prepared(task, config, task.kind.trial_inputs(task, index, reader, epochs, seed))
+
+
+def arm_results(prepared: Prepared, install: Callable[[], Undo] | None) -> list[dict]:
+    """The recipe's reports per epoch (validation metrics), with the old code put back by `install`."""
+    import torch
+
+    from tune_cells.trainables.skeleton import LocalSession
+
+    undo = install() if install else (lambda: None)
     try:
         session = LocalSession(cpus=torch.get_num_threads())
-        inputs.trainable(config, inputs.data, session)
+        prepared.inputs.trainable(prepared.config, prepared.inputs.data, session)
     finally:
         undo()
     if session.failure:
         sys.exit(f"arm failed: {session.failure}")
-    return session.results, task.metric
+    return session.results
 
 
 def main() -> None:
@@ -112,9 +124,9 @@ def main() -> None:
     change = CHANGES[args.change]
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    reports = {}
-    for label, old in ((change.now, False), (change.before, True)):
-        reports[label], metric = arm_results(change, args.data, args.workdir, args.epochs, args.seed, old)
+    prepared = prepare(change, args.data, args.workdir, args.epochs, args.seed)
+    metric = prepared.task.metric
+    reports = {change.now: arm_results(prepared, None), change.before: arm_results(prepared, change.install)}
     rows = {label: [r[metric] for r in epochs] for label, epochs in reports.items()}
     print(f"\n{args.change} on {change.task} ({args.data}), the recipe {change.overrides or ''}, seed {args.seed}, "
           f"{args.epochs} epochs per arm, {metric}; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
@@ -136,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_with_one_line_errors(main)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipe import latest_search, search  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import latest_search, run_with_one_line_errors, search  # noqa: E402  (a sibling script, not a package)
 
 
 def outer_folds(units: list[tuple[list[str], int]], folds: int, seed: int) -> list[list[str]]:
@@ -149,4 +149,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_with_one_line_errors(main)

@@ -30,6 +30,18 @@ import yaml
 TEST_METRICS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
 
 
+def run_with_one_line_errors(main) -> None:
+    """`main()`, with a user's mistake (a missing folder, a bad layout) as one line and exit 2, as the
+    CLI reports it, not a traceback: for the benches that read a dataset in their own process."""
+    from tune_cells.errors import UserInputError
+
+    try:
+        main()
+    except UserInputError as error:
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def recipe_space(task: str, space_name: str | None = None, point: dict | None = None) -> dict:
     """The task's default space (or `space_name`), as this machine can load it, with its first
     initial point (or `point`: a space without initial points, e.g. a from-scratch one) pinned."""

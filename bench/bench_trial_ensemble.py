@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_recipe import run_with_one_line_errors  # noqa: E402  (a sibling script, not a package)
 
 
 def main() -> None:
@@ -35,7 +39,9 @@ def main() -> None:
     from tune_cells.tasks import get_task
 
     task = get_task(args.task)
-    split_file = next((args.workdir / "splits").glob("*.json"))
+    split_file = next((args.workdir / "splits").glob("*.json"), None)
+    if split_file is None:
+        raise SystemExit(f"{args.workdir}: no split file under splits/ (not a search's --workdir?)")
     document = json.loads(split_file.read_text())
     index = task.importer(Path(document["data_root"]))
     split = load_or_create_split(split_file, index, int(document["seed"]))
@@ -69,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_with_one_line_errors(main)
