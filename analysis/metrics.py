@@ -128,3 +128,16 @@ def exact_accuracy_interval(y_true: np.ndarray, probs: np.ndarray, level: float 
     correct = int((probs.argmax(1) == y_true).sum())
     interval = binomtest(correct, len(y_true)).proportion_ci(confidence_level=level, method="exact")
     return float(interval.low), float(interval.high)
+
+
+def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """Two classifiers on the same test images: how many each gets right where the other is wrong,
+    and McNemar's exact two-sided p-value (a binomial test on those discordant images only).
+    Two accuracies' separate CIs overlap long before a paired test is unsure; the images both get
+    right or both get wrong say nothing about which is better."""
+    from scipy.stats import binomtest
+
+    correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    only_a, only_b = int((correct_a & ~correct_b).sum()), int((~correct_a & correct_b).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"images": len(correct_a), "only_a": only_a, "only_b": only_b, "p": float(p)}

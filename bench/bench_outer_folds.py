@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipe import latest_search, run_with_one_line_errors, search  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import run_with_one_line_errors, search, test_predictions  # noqa: E402  (a sibling script, not a package)
 
 
 def outer_folds(units: list[tuple[list[str], int]], folds: int, seed: int) -> list[list[str]]:
@@ -62,20 +62,6 @@ def base_split(task, index, seed: int):
     scan = task.kind.decode_for_search(task, index, store_size(task, index).size)
     with tempfile.TemporaryDirectory() as nowhere:  # planned, never written: each fold writes its own
         return plan_split(Path(nowhere) / "split.json", index, seed, scan.hashes)
-
-
-def fold_predictions(workdir: Path):
-    """The test predictions (`test_predictions.csv`) of the latest evaluation in a fold's MLflow store."""
-    import tempfile
-
-    import pandas as pd
-
-    client, runs, _, _ = latest_search(workdir)
-    evaluation = next((r for r in runs if r.data.tags.get("tune_cells.run_type") == "evaluation"), None)
-    if evaluation is None:
-        sys.exit(f"{workdir}: no evaluation run (did the search evaluate its champion?)")
-    with tempfile.TemporaryDirectory() as scratch:
-        return pd.read_csv(client.download_artifacts(evaluation.info.run_id, "test_predictions.csv", scratch))
 
 
 def main() -> None:
@@ -124,7 +110,7 @@ def main() -> None:
         path.write_text(json.dumps({**base.header, **fold_parts(folds, k), "groups": base.groups,
                                     "excluded": base.excluded}, indent=1))
         search(args, workdir, *flags)  # as a user runs it; exits with the log's path if it fails
-        table = fold_predictions(workdir)
+        table = test_predictions(workdir)
         tables.append(table)
         print(f"fold {k}: {len(table)} test images, accuracy {np.mean(table['label'] == table['predicted']):.4f}",
               flush=True)

@@ -12,7 +12,9 @@ wall time includes the preflight, promotion and the fresh-process evaluation):
    a two-epoch probe of the recipe measures its epoch time (the second epoch's) and its fixed cost first.
 
 Printed side by side: wall time, epochs, the validation metric that selected each champion, and the
-test metrics with their 95 % CIs from each evaluation run. Run it alone on the machine.
+test metrics with their 95 % CIs from each evaluation run; then the two champions image by image on
+the same test images (McNemar's exact test): "beats" is a paired p < 0.05, not a higher point
+estimate. Run it alone on the machine. --recipe-workdir reuses an earlier recipe arm.
 """
 
 from __future__ import annotations
@@ -93,6 +95,36 @@ def latest_search(workdir: Path):
     return client, runs, parent, trials
 
 
+def test_predictions(workdir: Path):
+    """The test predictions (`test_predictions.csv`) of the latest evaluation in a working folder's MLflow store."""
+    import tempfile
+
+    import pandas as pd
+
+    client, runs, _, _ = latest_search(workdir)
+    evaluation = next((r for r in runs if r.data.tags.get("tune_cells.run_type") == "evaluation"), None)
+    if evaluation is None:
+        sys.exit(f"{workdir}: no evaluation run (did the search evaluate its champion?)")
+    with tempfile.TemporaryDirectory() as scratch:
+        return pd.read_csv(client.download_artifacts(evaluation.info.run_id, "test_predictions.csv", scratch))
+
+
+def paired_line(search_dir: Path, recipe_dir: Path) -> str:
+    """The two champions image by image on the same test part: what one gets right that the other
+    misses, and McNemar's exact p. "beats" needs p < 0.05, not a higher point estimate."""
+    from tune_cells.analysis.metrics import paired_comparison
+
+    searched, recipe = (test_predictions(d).set_index("path") for d in (search_dir, recipe_dir))
+    if set(searched.index) != set(recipe.index):
+        sys.exit(f"the two arms were tested on different images ({len(searched)} and {len(recipe)})")
+    searched = searched.loc[recipe.index]
+    paired = paired_comparison(searched.label == searched.predicted, recipe.label == recipe.predicted)
+    verdict = ("no difference this test part can show" if paired["p"] >= 0.05
+               else "the search beats the recipe" if paired["only_a"] > paired["only_b"] else "the recipe beats the search")
+    return (f"paired on {paired['images']} test images: right only by the search {paired['only_a']}, "
+            f"only by the recipe {paired['only_b']}; McNemar exact p = {paired['p']:.3f}: {verdict}")
+
+
 def summary(workdir: Path, metric: str) -> dict:
     """From a working folder's MLflow store: the latest search's champion validation metric, epochs
     trained by all its trials, epoch times, and the latest evaluation run's test metrics."""
@@ -125,8 +157,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("bench-recipe-runs"), help="where both arms are kept")
     parser.add_argument("--search-workdir", type=Path, help="reuse this finished search (same data and seed) as arm 1")
+    parser.add_argument("--recipe-workdir", type=Path,
+                        help="reuse this finished recipe arm (an earlier run's WORKDIR/TASK/recipe) as arm 2")
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = args.workdir.resolve() / args.task
     root.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
@@ -145,27 +180,19 @@ def main() -> None:
         searched = summary(search_dir, metric)
 
     space_file = root / "recipe.yaml"
-    space_file.write_text(yaml.safe_dump(recipe_space(args.task), sort_keys=False))
-    probe_dir, recipe_dir = root / "recipe-probe", root / "recipe"
-    for directory in (probe_dir, recipe_dir):
-        shutil.rmtree(directory, ignore_errors=True)
-        copy_split(search_dir, directory)
-    # Two epochs: the first carries one-time costs (weights, first batches); the second is the rate.
-    probe_wall = search(args, probe_dir, "--space", space_file, "--samples", 1, "--max-epochs", 2,
-                        "--grace-period", 2, "--cpus-per-trial", cpus)
-    probe_epochs = summary(probe_dir, metric)["epoch_s"]
-    epoch_s = probe_epochs[-1]
-    fixed_s = probe_wall - epoch_s * len(probe_epochs)  # the first epoch's one-time costs count here
-    epochs = max(1, int((search_wall - fixed_s) // epoch_s))
-    recipe_wall = search(args, recipe_dir, "--space", space_file, "--samples", 1, "--max-epochs", epochs,
-                         "--grace-period", epochs, "--cpus-per-trial", cpus)
+    if args.recipe_workdir:
+        recipe_dir = args.recipe_workdir.resolve()
+        recipe_wall = summary(recipe_dir, metric)["stored_wall_s"]
+        epochs, probe = len(summary(recipe_dir, metric)["epoch_s"]), "reused"
+    else:
+        epochs, recipe_wall, recipe_dir, probe = train_recipe(args, root, space_file, search_dir, search_wall, metric)
     recipe = summary(recipe_dir, metric)
     if recipe["split"] != searched["split"]:
         sys.exit(f"the recipe's split ({recipe['split']}) is not the search's ({searched['split']})")
 
     print(f"\ntune-cells search against the fixed recipe at equal wall time: {args.task}, {args.data}, seed {args.seed}, "
           f"split {searched['split']}, {cpus} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"recipe: {space_file} (an epoch with {cpus} CPUs: {epoch_s:.0f} s after the first; fixed cost {fixed_s:.0f} s)")
+    print(f"recipe: {recipe_dir} ({probe})")
     arms = {f"search ({searched['trials']} trials)": (search_wall, searched),
             f"recipe ({epochs} epochs)": (recipe_wall, recipe)}
     print(f"{'':<34}" + "".join(f"{name:>28}" for name in arms))
@@ -182,6 +209,29 @@ def main() -> None:
     for key in TEST_METRICS[:2]:
         if searched["test"][key][0] is not None and recipe["test"][key][0] is not None:
             print(f"search - recipe, {key}: {100 * (searched['test'][key][0] - recipe['test'][key][0]):+.2f} pp")
+    print(paired_line(search_dir, recipe_dir))
+
+
+def train_recipe(args, root: Path, space_file: Path, search_dir: Path, search_wall: float, metric: str):
+    """The recipe trained once with the whole machine for as many epochs as fit in the search's
+    wall time: (epochs, wall time, its working folder, how its epoch time was measured)."""
+    cpus = os.cpu_count() or 1
+    space_file.write_text(yaml.safe_dump(recipe_space(args.task), sort_keys=False))
+    probe_dir, recipe_dir = root / "recipe-probe", root / "recipe"
+    for directory in (probe_dir, recipe_dir):
+        shutil.rmtree(directory, ignore_errors=True)
+        copy_split(search_dir, directory)
+    # Two epochs: the first carries one-time costs (weights, first batches); the second is the rate.
+    probe_wall = search(args, probe_dir, "--space", space_file, "--samples", 1, "--max-epochs", 2,
+                        "--grace-period", 2, "--cpus-per-trial", cpus)
+    probe_epochs = summary(probe_dir, metric)["epoch_s"]
+    epoch_s = probe_epochs[-1]
+    fixed_s = probe_wall - epoch_s * len(probe_epochs)  # the first epoch's one-time costs count here
+    epochs = max(1, int((search_wall - fixed_s) // epoch_s))
+    recipe_wall = search(args, recipe_dir, "--space", space_file, "--samples", 1, "--max-epochs", epochs,
+                         "--grace-period", epochs, "--cpus-per-trial", cpus)
+    return epochs, recipe_wall, recipe_dir, (f"{space_file}; an epoch with {cpus} CPUs: {epoch_s:.0f} s after "
+                                             f"the first, fixed cost {fixed_s:.0f} s")
 
 
 if __name__ == "__main__":

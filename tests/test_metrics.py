@@ -105,3 +105,22 @@ def test_too_few_groups_give_no_interval_but_a_note():
 
     table = format_table(Evaluation("run", "models:/m@champion", "1", {"test_dice": 0.8}, {}, None, 3, ci_note=note))
     assert "none: too few groups" in table and "Too few groups for a bootstrap CI: the test part holds 4" in table
+
+
+def test_paired_comparison_counts_only_discordant_images_and_is_mcnemars_exact_test():
+    from scipy.stats import binomtest
+
+    from tune_cells.analysis.metrics import paired_comparison
+
+    # hep2's stored arms (session 10): 2,175 cells, 5 right only by the search, 16 only by the recipe
+    both_right, both_wrong = 2175 - 5 - 16 - 28, 28
+    search = np.array([True] * both_right + [False] * both_wrong + [True] * 5 + [False] * 16)
+    recipe = np.array([True] * both_right + [False] * both_wrong + [False] * 5 + [True] * 16)
+    paired = paired_comparison(search, recipe)
+    assert (paired["images"], paired["only_a"], paired["only_b"]) == (2175, 5, 16)
+    assert paired["p"] == binomtest(5, 21, 0.5).pvalue and 0.02 < paired["p"] < 0.03
+    # the images both get right or wrong change nothing; no discordant image is no evidence at all
+    assert paired_comparison(search[-21:], recipe[-21:])["p"] == paired["p"]
+    assert paired_comparison(search, search)["p"] == 1.0
+    # 2 errors in 397 (nuclei's recipe): even a perfect rival cannot be shown better on this test part
+    assert paired_comparison(np.ones(397, bool), np.r_[np.ones(395, bool), np.zeros(2, bool)])["p"] == 0.5
