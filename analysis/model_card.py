@@ -123,7 +123,8 @@ def metadata(facts: CardFacts) -> dict:
                  "left_out": len(facts.data.get("excluded", [])),
                  "near_duplicates_across_parts": _int(params.get("near_duplicates_across_splits"))},
         "search": {key: params.get(key) for key in ("space", "samples", "max_epochs", "grace_period",
-                                                    "reduction_factor", "seed", "folds", "metric", "mode")}
+                                                    "reduction_factor", "time_budget", "seed", "folds", "metric",
+                                                    "mode")}
         | {"trials": facts.search_metrics.get("trials"), "seconds": facts.search_seconds},
         "configuration": facts.config,
         "test_metrics": {key: {"value": value, "ci95": [low, high] if low is not None else None}

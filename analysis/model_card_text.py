@@ -137,10 +137,12 @@ def _search(f: CardFacts) -> str:
     p, m = f.search_params, f.search_metrics
     seconds = f"{f.search_seconds:.0f} s" if f.search_seconds is not None else "unknown"
     trials = int(m.get("trials", 0))
+    budget = (f", a time budget of {p['time_budget']} min ({int(m.get('trials_stopped_by_time_budget', 0))} trials "
+              "stopped by it)" if p.get("time_budget") not in (None, "None") else "")
     lines = [f"## Search\n\nSearch `{f.search_name}` (run `{f.search_run_id}`): space `{p.get('space', '?')}`; budget "
              f"{p.get('samples', '?')} trials of at most {p.get('max_epochs', '?')} epochs, ASHA grace period "
              f"{p.get('grace_period', '?')} and reduction factor {p.get('reduction_factor', '?')}, "
-             f"{p.get('folds', '1')} fold(s), seed {p.get('seed', '?')}. {trials} trials ran "
+             f"{p.get('folds', '1')} fold(s), seed {p.get('seed', '?')}{budget}. {trials} trials ran "
              f"({int(m.get('trials_stopped_early', 0))} stopped early by ASHA, {int(m.get('trials_failed', 0))} failed) "
              f"in {seconds} (the search run, from its first trial to the promotion). "
              f"Best {p.get('metric', 'validation score')}: {_number(m.get('best_' + p.get('metric', '')))}; as the model "
@@ -195,7 +197,7 @@ def _reproduce(f: CardFacts) -> str:
     flags = [f"--data {tags.get('data_root', p.get('data'))}" if f.data.get("source") != "demo" else None,
              f"--space {p['space']}" if p.get("space") else None,
              *(f"--{name.replace('_', '-')} {p[name]}" for name in ("samples", "max_epochs", "grace_period",
-                                                                    "reduction_factor", "folds", "seed")
+                                                                    "reduction_factor", "time_budget", "folds", "seed")
                if p.get(name) not in (None, "None")),
              f"--group-pattern '{p['group_pattern']}'" if p.get("group_pattern") not in (None, "None") else None,
              f"--workdir {p['workdir']}" if p.get("workdir") else None]

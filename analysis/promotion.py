@@ -40,6 +40,7 @@ class SearchOutcome:
     decision: Decision
     latency_note: str = ""  # with --max-latency-ms: the promoted trial's latency, and the best trial's
     selection_note: str = ""  # the one-SE rule, where it promoted an initial point over the best trial
+    stopped_by_budget: int = 0  # trials --time-budget stopped before their last epoch
 
 
 FAILPOINT_ENV = "TUNE_CELLS_FAIL_AT"  # tests: kill this process (SIGKILL) at the named promotion step
@@ -87,9 +88,12 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     _failpoint("moved")
 
     failed = sum(t.failed for t in result.trials)
-    stopped = sum(1 for t in result.trials if not t.failed and t.iterations < max_epochs)
+    by_budget = sum(1 for t in result.trials if not t.failed and t.iterations < max_epochs
+                    and t.trial_id in result.stopped_by_time_budget)
+    stopped = sum(1 for t in result.trials if not t.failed and t.iterations < max_epochs) - by_budget
     tracker.log_metrics(parent, {f"best_{task.metric}": result.best_metric, "trials_failed": failed,
-                                 "trials_stopped_early": stopped, "trials": len(result.trials),
+                                 "trials_stopped_early": stopped, "trials_stopped_by_time_budget": by_budget,
+                                 "trials": len(result.trials),
                                  "searcher_trials": result.searcher_trials})
     moved_by_rule = rule if result.best_trial_id != overall else ""  # the rule promoted a recipe over the best
     note_tag = (f"{'Best' if result.best_trial_id == overall else 'Promoted'} trial `{result.best_trial_id}`: "
@@ -112,7 +116,8 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
         task=task.name, workdir=prep.workdir, metric=task.metric, experiment=prep.experiment, parent_run_id=parent,
         model_name=name, model_version=version, best_trial_id=result.best_trial_id,
         best_metric=result.best_metric, best_epoch=result.best_epoch, best_config=result.best_config,
-        trials=len(result.trials), failed_trials=failed, stopped_early=stopped, wall_time_s=0.0,
+        trials=len(result.trials), failed_trials=failed, stopped_early=stopped, stopped_by_budget=by_budget,
+        wall_time_s=0.0,
         tracking_uri=tracker.tracking_uri, best_config_file=best_config_file, decision=decision, latency_note=note,
         selection_note=moved_by_rule,
     )

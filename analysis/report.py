@@ -54,6 +54,7 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
             "trial": trial, "run_id": run.info.run_id, "status": run.info.status,
             "start_time": run.info.start_time, "epochs": len(history),
             "stopped_early": run.data.tags.get("stopped_early") == "true",
+            "stopped_by_time_budget": run.data.tags.get("stopped_by_time_budget") == "true",
             "best_value": (values.max() if mode == "max" else values.min()) if len(values) else float("nan"),
             "last_value": values.iloc[-1] if len(values) else float("nan"),
             "failure": run.data.tags.get("failure", ""), "champion": trial == champion,
@@ -163,11 +164,13 @@ def _number(value: str):
 def _html_page(name: str, parent, metric: str, mode: str, trials: pd.DataFrame, importance: pd.Series,
                searched: list[str]) -> str:
     tags = parent.data.tags
-    columns = ["number", "trial", "status", "epochs", "stopped_early", "best_value", "last_value", "champion",
-               "latency_ms_per_image", "latency_device", "param_count",
+    columns = ["number", "trial", "status", "epochs", "stopped_early", "stopped_by_time_budget", "best_value",
+               "last_value", "champion", "latency_ms_per_image", "latency_device", "param_count",
                *[f"param_{p}" for p in searched if f"param_{p}" in trials], "failure"]
     table = trials[columns].rename(columns={"best_value": f"best {metric}", "last_value": f"last {metric}"})
+    by_budget = int(trials["stopped_by_time_budget"].sum())
     summary = (f"{len(trials)} trials, {int(trials['stopped_early'].sum())} stopped early by ASHA, "
+               + (f"{by_budget} by the time budget, " if by_budget else "") +
                f"{int((trials['status'] == 'FAILED').sum())} failed. Champion: trial {tags.get('best_trial_id', '?')} "
                f"(model version {tags.get('model_version', '?')}), {mode} {metric}.")
     figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{f}</figcaption></figure>' for f in

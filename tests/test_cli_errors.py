@@ -20,6 +20,8 @@ def snapshot(folder):
         (["search", "nuclei", "--reduction-factor", "1"], "--reduction-factor 1"),
         (["search", "nuclei", "--cpus-per-trial", "0"], "--cpus-per-trial 0"),
         (["search", "nuclei", "--gpus-per-trial", "-1"], "--gpus-per-trial -1"),
+        (["search", "nuclei", "--time-budget", "0"], "--time-budget 0: must be a number of minutes above 0"),
+        (["search", "nuclei", "--time-budget", "nan"], "--time-budget nan: must be a number of minutes above 0"),
         (["search", "nuclei", "--samples", "many"], "'many' is not a valid integer"),
         (["search", "nuclei", "--data", "{tmp}/absent"], "absent: no such folder"),
         (["search", "nuclei", "--space", "{tmp}/absent.yaml"], "absent.yaml: no such file"),

@@ -80,6 +80,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--max-store-size", type=int, default=None, metavar="PX",
               help="Largest side images are decoded to and held in memory at (they are decoded at their native size "
                    "up to this) [default: the task's; 256 for every classification task].")
+@click.option("--time-budget", type=float, default=None, metavar="MIN",
+              help="Minutes of trials: then every running trial stops at its last reported epoch and none starts; "
+                   "the champion is promoted from what was reported. The preflight before and the evaluation after "
+                   "are not counted. A trial it stops has not finished its learning-rate schedule.")
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
 @click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
 @click.option("--resume", is_flag=True,
@@ -90,7 +94,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.pass_context
 def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor, cpus_per_trial, gpus_per_trial,
            max_concurrent, seed, folds, group_pattern, space, experiment, workdir, tracking_uri, storage, address,
-           no_evaluate, smoke_test, resume, warm_start, max_latency_ms, max_store_size):
+           no_evaluate, smoke_test, resume, warm_start, max_latency_ms, max_store_size, time_budget):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
     from tune_cells.analysis.promotion import evaluate_in_fresh_process
     from tune_cells.preflight import SearchOptions
@@ -105,11 +109,13 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
         experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
         address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"], resume=resume, folds=folds,
         group_pattern=group_pattern, warm_start=warm_start, max_latency_ms=max_latency_ms,
-        max_store_size=max_store_size,
+        max_store_size=max_store_size, time_budget=time_budget,
     ))
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "
-               f"({outcome.stopped_early} stopped early by ASHA, {outcome.failed_trials} failed) in {outcome.wall_time_s:.0f} s")
+               f"({outcome.stopped_early} stopped early by ASHA, "
+               + (f"{outcome.stopped_by_budget} by the time budget, " if time_budget else "")
+               + f"{outcome.failed_trials} failed) in {outcome.wall_time_s:.0f} s")
     click.echo(f"{'Promoted' if outcome.selection_note else 'Best'} trial {outcome.best_trial_id}: {outcome.metric} {outcome.best_metric:.4f} at epoch "
                f"{outcome.best_epoch}" + (f", {outcome.latency_note}" if outcome.latency_note else "") + f"\n  {config}")
     if outcome.selection_note:

@@ -32,7 +32,8 @@ from tune_cells.tracking_checks import check_store
 log = logging.getLogger(__name__)
 MIN_STORE_SIZE = 16  # --max-store-size below this leaves nothing to learn from
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
-RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds", "max_store_size")
+RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds", "max_store_size",
+                     "time_budget")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class SearchOptions:
     warm_start: bool = False  # the study starts with the finished trials of earlier searches of the task and space
     max_latency_ms: float | None = None  # promote the best trial whose latency per image is at most this
     max_store_size: int | None = None  # cap on the native decode size [default: the task's max_store_size]
+    time_budget: float | None = None  # minutes of trials; then every running trial is stopped (Ray's time budget)
 
 
 @dataclass
@@ -103,6 +105,8 @@ def check_options(opts: SearchOptions) -> None:
         raise UserInputError(f"--max-store-size {opts.max_store_size}: must be at least {MIN_STORE_SIZE} px")
     if opts.max_latency_ms is not None and not (math.isfinite(opts.max_latency_ms) and opts.max_latency_ms > 0):
         raise UserInputError(f"--max-latency-ms {opts.max_latency_ms:g}: must be a number of milliseconds above 0")
+    if opts.time_budget is not None and not (math.isfinite(opts.time_budget) and opts.time_budget > 0):
+        raise UserInputError(f"--time-budget {opts.time_budget:g}: must be a number of minutes above 0")
     if opts.experiment is not None:
         check_experiment_name(opts.experiment)
     if opts.grace_period > opts.max_epochs:

@@ -18,7 +18,7 @@ import ray
 from ray import tune
 
 from tune_cells.errors import UserInputError
-from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, stop_on_signals
+from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, TimeBudget, stop_on_signals
 from tune_cells.search_spaces import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class SearchRequest:
     max_concurrent: int | None = None
     resume: bool = False  # continue the interrupted search at storage_path/name
     max_failures: int = 2  # retries of a trial whose worker died (from its last checkpoint)
+    time_budget_s: float | None = None  # stop every trial after this long (--time-budget)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrialSummary:
     best_checkpoint: tune.Checkpoint | None = None  # its best-epoch checkpoint (None: failed, or none kept)
     best_metric: float = float("nan")  # the metric at that epoch
     best_epoch: int = 0
+    last_result: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +77,8 @@ class SearchResult:
     trials: list[TrialSummary]
     experiment_path: str
     searcher_trials: int  # trials the Optuna study holds (one per Ray trial, also across a resume; warm-start ones not counted)
+    time_budget_reached: bool = False
+    stopped_by_time_budget: list[str] = field(default_factory=list)  # trials the budget stopped (their end unreported)
 
 
 def init(address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None,
@@ -182,12 +186,13 @@ def run_search(request: SearchRequest) -> SearchResult:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         with _pending_trials(request), stop_on_signals():
             try:
-                return _summarise(tuner.fit(), request.metric, request.mode)
+                return _summarise(tuner.fit(), request)
             except FileNotFoundError as exc:  # trial checkpoints deleted since the interruption
                 raise UserInputError(f"--resume: Ray's state under {experiment_path} is incomplete "
                                      f"({Path(exc.filename or str(exc)).name} is missing): start a new search") from None
     callbacks = [_EventsCallback(request.name), PendingTrialsExplainer(),
-                 ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode),
+                 ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode,
+                                  time_budget_s=request.time_budget_s),
                  *_result_records()]
     tuner = tune.Tuner(
         trainable,
@@ -205,6 +210,7 @@ def run_search(request: SearchRequest) -> SearchResult:
             storage_path=request.storage_path,
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=request.max_failures),
+            stop=TimeBudget(request.time_budget_s, request.name) if request.time_budget_s else None,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2,
                 checkpoint_score_attribute=request.metric,
@@ -215,7 +221,7 @@ def run_search(request: SearchRequest) -> SearchResult:
     )
     with _pending_trials(request), stop_on_signals():
         results = tuner.fit()
-    return _summarise(results, request.metric, request.mode)
+    return _summarise(results, request)
 
 
 def finished_search(experiment_path: str, metric: str, mode: str) -> SearchResult:
@@ -224,7 +230,7 @@ def finished_search(experiment_path: str, metric: str, mode: str) -> SearchResul
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     return _summarise(ResultGrid(ExperimentAnalysis(experiment_path, default_metric=metric, default_mode=mode)),
-                      metric, mode)
+                      metric=metric, mode=mode)
 
 
 def copy_checkpoint(checkpoint: tune.Checkpoint, destination: Path) -> Path:
@@ -284,7 +290,10 @@ def _searcher_trials(experiment_path: str) -> int:
     return -1 if study is None else sum(WARM_ATTR not in t.user_attrs for t in study.trials)
 
 
-def _summarise(results, metric: str, mode: str) -> SearchResult:
+def _summarise(results, request: SearchRequest | None = None, metric: str = "", mode: str = "") -> SearchResult:
+    metric, mode = (request.metric, request.mode) if request else (metric, mode)
+    reached = request is not None and request.name in TimeBudget.reached
+    live = _LIVE.pop(request.name, set()) if request else set()
     trials = []
     for result in results:
         metrics = result.metrics or {}
@@ -296,12 +305,16 @@ def _summarise(results, metric: str, mode: str) -> SearchResult:
                 iterations=int(metrics.get("training_iteration", 0)),
                 failed=failed,
                 error=_first_line(result.error) or metrics.get("failure"),
+                last_result=metrics,
                 **({} if failed else _best_of(result.best_checkpoints or [], metric, mode)),
             )
         )
     scored = [r for r in results if r.error is None and r.best_checkpoints]
     if not scored:
         errors = "; ".join(t.error for t in trials if t.error)[:500]
+        if reached:
+            raise UserInputError(f"--time-budget {request.time_budget_s / 60:g}: no trial finished an epoch within "
+                                 "it; nothing promoted (give it more minutes)")
         raise RuntimeError(f"no trial produced a checkpoint ({len(trials)} trials; {errors or 'no errors'})")
     best_result = results.get_best_result(metric, mode, scope="all", filter_nan_and_inf=True)
     checkpoint = best_result.get_best_checkpoint(metric, mode)
@@ -315,6 +328,10 @@ def _summarise(results, metric: str, mode: str) -> SearchResult:
         trials=trials,
         experiment_path=results.experiment_path,
         searcher_trials=_searcher_trials(results.experiment_path),
+        time_budget_reached=reached,
+        # Ray reports no end for the trials a stopper stops: those the budget cut off are still live
+        stopped_by_time_budget=[t.trial_id for t in trials if reached and t.iterations and not t.failed
+                                and t.trial_id in live],
     )
 
 
@@ -338,6 +355,7 @@ def _first_line(error) -> str | None:
 
 
 _EVENT_SINKS: dict[str, TrialEvents | None] = {}
+_LIVE: dict[str, set[str]] = {}  # by search: trials started in this process whose end Ray has not reported
 
 
 class _EventsCallback(tune.Callback):
@@ -351,6 +369,7 @@ class _EventsCallback(tune.Callback):
         return _EVENT_SINKS.get(self.key)
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        _LIVE.setdefault(self.key, set()).add(trial.trial_id)
         if self.events:
             self.events.on_trial_start(trial.trial_id, str(trial), dict(trial.config))
 
@@ -359,6 +378,7 @@ class _EventsCallback(tune.Callback):
             self.events.on_trial_result(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        _LIVE.setdefault(self.key, set()).discard(trial.trial_id)
         if self.events:
             self.events.on_trial_end(trial.trial_id, False, trial.last_result or {}, None)
 
@@ -366,6 +386,7 @@ class _EventsCallback(tune.Callback):
         log.warning("trial %s lost its worker; retrying it from its last checkpoint", trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        _LIVE.setdefault(self.key, set()).discard(trial.trial_id)
         error = None
         if trial.error_file and os.path.exists(trial.error_file):
             error = _first_line(Path(trial.error_file).read_text())

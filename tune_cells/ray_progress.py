@@ -16,14 +16,35 @@ from ray import tune
 from tune_cells.errors import Interrupted
 
 log = logging.getLogger(__name__)
+STOPPED_BY_TIME_BUDGET = "stopped_by_time_budget"  # marks a trial's last result when the budget ended it
+
+
+class TimeBudget(tune.stopper.TimeoutStopper):
+    """`--time-budget`: Ray's TimeoutStopper (counted from the first step of the trial loop, not
+    while a search is interrupted, so a resumed search gets what was left), which also notes when
+    it stopped a search, so that the trials it ends are not counted as stopped by ASHA."""
+
+    reached: set[str] = set()  # names of the searches whose budget ran out in this process
+
+    def __init__(self, seconds: float, key: str):
+        super().__init__(seconds)
+        self.key = key
+
+    def stop_all(self) -> bool:
+        if super().stop_all():
+            TimeBudget.reached.add(self.key)
+            return True
+        return False
 
 
 class ProgressReporter(tune.Callback):
     """One live line for the whole search, every `every_s` and after each trial: trials done,
     running, pending and stopped early, the best metric so far, and an estimate of time left."""
 
-    def __init__(self, samples: int, max_epochs: int, metric: str, mode: str, every_s: float = 30.0):
+    def __init__(self, samples: int, max_epochs: int, metric: str, mode: str, every_s: float = 30.0,
+                 time_budget_s: float | None = None):
         self.samples, self.max_epochs, self.metric, self.mode, self.every_s = samples, max_epochs, metric, mode, every_s
+        self.time_budget_s = time_budget_s  # the estimate never exceeds what is left of it
         self._started = None
         self._last = 0.0
 
@@ -56,6 +77,8 @@ class ProgressReporter(tune.Callback):
         done_work = len(ended) + sum(min(1.0, int((t.last_result or {}).get("training_iteration", 0)) / self.max_epochs)
                                      for t in trials if t.status == "RUNNING" and t is not ending)
         left = (now - started) / done_work * (self.samples - done_work) if done_work > 0 else None
+        if self.time_budget_s:
+            left = max(0.0, min(left if left is not None else float("inf"), self.time_budget_s - (now - started)))
         log.info("progress: %d/%d trials done (%d stopped early, %d failed), %d running, %d pending; best %s %s; %s",
                  len(ended), self.samples, stopped, failed, running, max(0, self.samples - len(ended) - running),
                  self.metric, f"{best:.4f}" if best is not None else "-",

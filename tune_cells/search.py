@@ -123,15 +123,26 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
                                opts.max_epochs, {"task": task.name, "experiment": prep.experiment, "mlflow_run_id": parent},
                                warm.trials, recorder.runs.get)
         journal.open()
+        events = EventSinks([recorder, journal])
         result = ray_backend.run_search(ray_backend.SearchRequest(
             trainable=trial.trainable, trainable_kwargs={"data": trial.data}, space=prep.space,
             metric=task.metric, mode=task.mode, samples=opts.samples, seed=opts.seed,
             max_epochs=opts.max_epochs, grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
-            trial_resources=resources, name=search_name, events=EventSinks([recorder, journal]),
+            trial_resources=resources, name=search_name, events=events,
             storage_path=ray_storage(opts, prep), initial_points=warm.untried(prep.space.initial_points),
             warm_trials=warm.trials,
             max_concurrent=opts.max_concurrent, resume=opts.resume,
+            time_budget_s=opts.time_budget * 60 if opts.time_budget else None,
         ))
+        if result.time_budget_reached:
+            from tune_cells.ray_progress import STOPPED_BY_TIME_BUDGET
+
+            for cut in (t for t in result.trials if t.trial_id in result.stopped_by_time_budget):
+                events.on_trial_end(cut.trial_id, False, {**cut.last_result, STOPPED_BY_TIME_BUDGET: True}, None)
+            started = sum(1 for t in result.trials if t.iterations or t.failed)
+            log.warning("time budget of %g min reached: running trials stopped at their last epoch (%d), trials "
+                        "never started (%d of %d); promoting from what the trials reported", opts.time_budget,
+                        len(result.stopped_by_time_budget), opts.samples - started, opts.samples)
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
         journal.close()
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data,

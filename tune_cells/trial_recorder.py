@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tune_cells.ray_progress import STOPPED_BY_TIME_BUDGET
 from tune_cells.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class TrialRecorder:
         tags = {"epochs_run": epochs}
         if failed:
             tags["failure"] = error or "trial failed"
+        elif epochs < self.max_epochs and last_result.get(STOPPED_BY_TIME_BUDGET):
+            tags[STOPPED_BY_TIME_BUDGET] = "true"
         elif epochs < self.max_epochs:
             tags["stopped_early"] = "true"  # the trainable always runs to max_epochs unless ASHA stops it
         self.tracker.set_tags(run_id, tags)
@@ -79,7 +82,8 @@ class TrialRecorder:
             log.warning("trial %s failed after %d epochs: %s", trial_id, epochs, tags["failure"])
         else:
             log.info("trial %s done (%d finished): %d epochs%s, last %s", trial_id, self.ended, epochs,
-                     " (stopped early by ASHA)" if "stopped_early" in tags else "",
+                     " (stopped early by ASHA)" if "stopped_early" in tags else
+                     " (stopped by the time budget)" if STOPPED_BY_TIME_BUDGET in tags else "",
                      ", ".join(f"{k} {last_result[k]:.4f}" for k in self.summary_keys if k in last_result))
 
 

@@ -1,0 +1,50 @@
+"""`--time-budget`: after that many minutes of trials every running trial stops at its last reported
+epoch and none starts; the champion is promoted from what was reported, and the trials the budget
+ended are told apart from those ASHA stopped (their runs, the search run, the command's summary)."""
+
+from __future__ import annotations
+
+import pytest
+from test_search_end_to_end import SPACE
+
+from conftest import cli_subprocess, store_client
+
+pytestmark = pytest.mark.slow
+
+# The end-to-end test's space (its first trial learns); only the budget can end a trial of 500 epochs.
+MAX_EPOCHS = 500
+
+
+def search(root, budget_min: float):
+    (root / "space.yaml").write_text(SPACE)
+    return cli_subprocess(["search", "nuclei", "--samples", 3, "--max-epochs", MAX_EPOCHS, "--grace-period", MAX_EPOCHS,
+                           "--max-concurrent", 1, "--space", "space.yaml", "--workdir", "w", "--no-evaluate",
+                           "--time-budget", budget_min], cwd=root)
+
+
+def test_the_budget_stops_running_trials_and_the_champion_is_promoted_from_what_they_reported(tmp_path):
+    result = search(tmp_path, 0.25)
+    assert result.code == 0, result.err[-3000:]
+    assert "time budget of 0.25 min reached" in result.err
+    assert "by the time budget" in result.out and "Promoted: models:/tune-cells-nuclei-demo@champion" in result.out
+
+    client = store_client(tmp_path / "w" / "mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tune-cells-nuclei-demo").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
+    trials = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "trial"]
+    assert parent.data.params["time_budget"] == "0.25"
+    ended = [t for t in trials if t.data.tags.get("stopped_by_time_budget") == "true"]
+    assert ended and parent.data.metrics["trials_stopped_by_time_budget"] == len(ended)
+    for trial in ended:  # not ASHA's: its grace period is the whole budget of epochs
+        assert "stopped_early" not in trial.data.tags and 1 <= int(trial.data.tags["epochs_run"]) < MAX_EPOCHS
+    assert parent.data.metrics["trials_stopped_early"] == 0
+    assert client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion").run_id
+
+
+def test_a_budget_no_trial_can_report_in_is_one_line_and_promotes_nothing(tmp_path):
+    result = search(tmp_path, 0.001)
+    assert result.code == 2, result.err[-3000:]
+    assert result.err.strip().splitlines()[-1] == ("tune-cells: error: --time-budget 0.001: no trial finished an "
+                                                   "epoch within it; nothing promoted (give it more minutes)")
+    client = store_client(tmp_path / "w" / "mlflow.db")
+    assert not client.search_registered_models()
