@@ -138,6 +138,8 @@ def paired_comparison(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     from scipy.stats import binomtest
 
     correct_a, correct_b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if correct_a.shape != correct_b.shape or correct_a.ndim != 1:
+        raise ValueError(f"one flag per test image for both classifiers, not {correct_a.shape} and {correct_b.shape}")
     only_a, only_b = int((correct_a & ~correct_b).sum()), int((~correct_a & correct_b).sum())
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     return {"images": len(correct_a), "only_a": only_a, "only_b": only_b, "p": float(p)}

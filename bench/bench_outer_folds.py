@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipe import run_with_one_line_errors, search, test_predictions  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import champion_test_predictions, run_with_one_line_errors, search  # noqa: E402  (a sibling script, not a package)
 
 
 def outer_folds(units: list[tuple[list[str], int]], folds: int, seed: int) -> list[list[str]]:
@@ -110,7 +110,9 @@ def main() -> None:
         path.write_text(json.dumps({**base.header, **fold_parts(folds, k), "groups": base.groups,
                                     "excluded": base.excluded}, indent=1))
         search(args, workdir, *flags)  # as a user runs it; exits with the log's path if it fails
-        table = test_predictions(workdir)
+        table = champion_test_predictions(workdir)
+        if table is None:
+            sys.exit(f"{workdir}: no per-image test predictions to pool (outer folds are for classification tasks)")
         tables.append(table)
         print(f"fold {k}: {len(table)} test images, accuracy {np.mean(table['label'] == table['predicted']):.4f}",
               flush=True)

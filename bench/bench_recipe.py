@@ -78,7 +78,19 @@ def search(args, workdir: Path, *flags) -> float:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     if code:
         sys.exit(f"{' '.join(command)}: exit {code} (see {workdir.parent / workdir.name}.log)")
-    return time.time() - started
+    wall = time.time() - started
+    (workdir.parent / f"{workdir.name}.wall_s").write_text(f"{wall:.1f}\n")  # read back when the arm is reused
+    return wall
+
+
+def arm_wall_s(workdir: Path, stored: dict) -> tuple[float, str]:
+    """An arm's wall time and what it covers: around its whole command when this bench ran it (the
+    file `search` leaves beside it), else from its MLflow store (`stored`: its `summary`), which
+    lacks the preflight and Ray's start."""
+    measured = workdir.parent / f"{workdir.name}.wall_s"
+    if measured.is_file():
+        return float(measured.read_text()), "the whole command"
+    return stored["stored_wall_s"], "search run to evaluation end"
 
 
 def latest_search(workdir: Path):
@@ -95,18 +107,31 @@ def latest_search(workdir: Path):
     return client, runs, parent, trials
 
 
-def test_predictions(workdir: Path):
-    """The test predictions (`test_predictions.csv`) of the latest evaluation in a working folder's MLflow store."""
+def champion_evaluation(workdir: Path, runs, parent):
+    """The newest evaluation of the latest search's model (under its run; not a `--seeds` one)."""
+    evaluation = next((r for r in runs if r.data.tags.get("tune_cells.run_type") == "evaluation"
+                       and r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                       and r.data.tags.get("evaluation_kind") != "seeds"), None)
+    if evaluation is None:
+        sys.exit(f"{workdir}: no evaluation of its latest search's model (did the search evaluate its champion?)")
+    return evaluation
+
+
+def champion_test_predictions(workdir: Path):
+    """The per-image test predictions (`test_predictions.csv`) of the latest search's model, or None
+    where its task keeps none (segmentation)."""
     import tempfile
 
     import pandas as pd
+    from mlflow.exceptions import MlflowException
 
-    client, runs, _, _ = latest_search(workdir)
-    evaluation = next((r for r in runs if r.data.tags.get("tune_cells.run_type") == "evaluation"), None)
-    if evaluation is None:
-        sys.exit(f"{workdir}: no evaluation run (did the search evaluate its champion?)")
+    client, runs, parent, _ = latest_search(workdir)
+    evaluation = champion_evaluation(workdir, runs, parent)
     with tempfile.TemporaryDirectory() as scratch:
-        return pd.read_csv(client.download_artifacts(evaluation.info.run_id, "test_predictions.csv", scratch))
+        try:
+            return pd.read_csv(client.download_artifacts(evaluation.info.run_id, "test_predictions.csv", scratch))
+        except (MlflowException, OSError):
+            return None
 
 
 def paired_line(search_dir: Path, recipe_dir: Path) -> str:
@@ -114,7 +139,10 @@ def paired_line(search_dir: Path, recipe_dir: Path) -> str:
     misses, and McNemar's exact p. "beats" needs p < 0.05, not a higher point estimate."""
     from tune_cells.analysis.metrics import paired_comparison
 
-    searched, recipe = (test_predictions(d).set_index("path") for d in (search_dir, recipe_dir))
+    searched, recipe = (champion_test_predictions(d) for d in (search_dir, recipe_dir))
+    if searched is None or recipe is None:
+        return "paired: no per-image test predictions in these stores (a segmentation task)"
+    searched, recipe = searched.set_index("path"), recipe.set_index("path")
     if set(searched.index) != set(recipe.index):
         sys.exit(f"the two arms were tested on different images ({len(searched)} and {len(recipe)})")
     searched = searched.loc[recipe.index]
@@ -129,13 +157,14 @@ def summary(workdir: Path, metric: str) -> dict:
     """From a working folder's MLflow store: the latest search's champion validation metric, epochs
     trained by all its trials, epoch times, and the latest evaluation run's test metrics."""
     client, runs, parent, trials = latest_search(workdir)
-    evaluation = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "evaluation")
+    evaluation = champion_evaluation(workdir, runs, parent)
     epoch_times = [m.value for t in trials for m in client.get_metric_history(t.info.run_id, "epoch_time_s")]
     best = max((m.value for t in trials for m in client.get_metric_history(t.info.run_id, metric)), default=float("nan"))
     test = {k: (evaluation.data.metrics.get(k), evaluation.data.metrics.get(f"{k}_ci_low"),
                 evaluation.data.metrics.get(f"{k}_ci_high")) for k in TEST_METRICS}
     return {"trials": len(trials), "epochs": len(epoch_times), "epoch_s": epoch_times, "metric": metric,
             "best_val": best, "test": test, "split": parent.data.tags.get("split_sha256", "")[:12],
+            "seed": parent.data.params.get("seed"),
             "stored_wall_s": (evaluation.info.end_time - parent.info.start_time) / 1000.0}
 
 
@@ -171,28 +200,29 @@ def main() -> None:
 
     if args.search_workdir:
         search_dir = args.search_workdir.resolve()
-        searched = summary(search_dir, metric)
-        search_wall = searched["stored_wall_s"]  # the search run's start to its evaluation's end
     else:
         search_dir = root / "search"
-        search_wall = search(args, search_dir, "--samples", args.samples, "--max-epochs", args.max_epochs,
-                             "--grace-period", args.grace_period)
-        searched = summary(search_dir, metric)
+        search(args, search_dir, "--samples", args.samples, "--max-epochs", args.max_epochs,
+               "--grace-period", args.grace_period)
+    searched = summary(search_dir, metric)
+    search_wall, search_clock = arm_wall_s(search_dir, searched)
 
-    space_file = root / "recipe.yaml"
     if args.recipe_workdir:
         recipe_dir = args.recipe_workdir.resolve()
-        recipe_wall = summary(recipe_dir, metric)["stored_wall_s"]
-        epochs, probe = len(summary(recipe_dir, metric)["epoch_s"]), "reused"
+        recipe_note = "reused: trained for the wall time of the search it was first run against"
     else:
-        epochs, recipe_wall, recipe_dir, probe = train_recipe(args, root, space_file, search_dir, search_wall, metric)
+        recipe_dir, recipe_note = train_recipe(args, root, search_dir, search_wall, metric)
     recipe = summary(recipe_dir, metric)
-    if recipe["split"] != searched["split"]:
-        sys.exit(f"the recipe's split ({recipe['split']}) is not the search's ({searched['split']})")
+    recipe_wall, recipe_clock = arm_wall_s(recipe_dir, recipe)
+    epochs = len(recipe["epoch_s"])
+    for key in ("split", "seed"):
+        if recipe[key] != searched[key]:
+            sys.exit(f"the recipe's {key} ({recipe[key]}) is not the search's ({searched[key]})")
 
     print(f"\ntune-cells search against the fixed recipe at equal wall time: {args.task}, {args.data}, seed {args.seed}, "
           f"split {searched['split']}, {cpus} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"recipe: {recipe_dir} ({probe})")
+    print(f"recipe: {recipe_dir} ({recipe_note})")
+    print(f"wall times cover: search {search_clock}; recipe {recipe_clock}")
     arms = {f"search ({searched['trials']} trials)": (search_wall, searched),
             f"recipe ({epochs} epochs)": (recipe_wall, recipe)}
     print(f"{'':<34}" + "".join(f"{name:>28}" for name in arms))
@@ -212,10 +242,11 @@ def main() -> None:
     print(paired_line(search_dir, recipe_dir))
 
 
-def train_recipe(args, root: Path, space_file: Path, search_dir: Path, search_wall: float, metric: str):
+def train_recipe(args, root: Path, search_dir: Path, search_wall: float, metric: str) -> tuple[Path, str]:
     """The recipe trained once with the whole machine for as many epochs as fit in the search's
-    wall time: (epochs, wall time, its working folder, how its epoch time was measured)."""
+    wall time: (its working folder, how its epoch time was measured)."""
     cpus = os.cpu_count() or 1
+    space_file = root / "recipe.yaml"
     space_file.write_text(yaml.safe_dump(recipe_space(args.task), sort_keys=False))
     probe_dir, recipe_dir = root / "recipe-probe", root / "recipe"
     for directory in (probe_dir, recipe_dir):
@@ -228,10 +259,9 @@ def train_recipe(args, root: Path, space_file: Path, search_dir: Path, search_wa
     epoch_s = probe_epochs[-1]
     fixed_s = probe_wall - epoch_s * len(probe_epochs)  # the first epoch's one-time costs count here
     epochs = max(1, int((search_wall - fixed_s) // epoch_s))
-    recipe_wall = search(args, recipe_dir, "--space", space_file, "--samples", 1, "--max-epochs", epochs,
-                         "--grace-period", epochs, "--cpus-per-trial", cpus)
-    return epochs, recipe_wall, recipe_dir, (f"{space_file}; an epoch with {cpus} CPUs: {epoch_s:.0f} s after "
-                                             f"the first, fixed cost {fixed_s:.0f} s")
+    search(args, recipe_dir, "--space", space_file, "--samples", 1, "--max-epochs", epochs,
+           "--grace-period", epochs, "--cpus-per-trial", cpus)
+    return recipe_dir, f"{space_file}; an epoch with {cpus} CPUs: {epoch_s:.0f} s after the first, fixed cost {fixed_s:.0f} s"
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def test_the_old_batchnorm_loop_is_put_back_and_undone():
 @pytest.mark.slow
 def test_the_recipe_bench_reads_both_arms_test_predictions_and_pairs_them(searched):
     workdir = searched["workdir"]  # a stored search compared with itself: every image agrees
-    images = len(bench_recipe.test_predictions(workdir))
+    images = len(bench_recipe.champion_test_predictions(workdir))
     assert images > 0
     assert bench_recipe.paired_line(workdir, workdir) == (
         f"paired on {images} test images: right only by the search 0, only by the recipe 0; McNemar exact "

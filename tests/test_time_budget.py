@@ -4,6 +4,8 @@ ended are told apart from those ASHA stopped (their runs, the search run, the co
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from test_search_end_to_end import SPACE
 
@@ -16,25 +18,30 @@ MAX_EPOCHS = 500
 
 
 def search(root, budget_min: float):
+    """Trials one at a time with every CPU (as the defaults on 2 cores run), so one trial is still
+    pending when the budget runs out: it never started, and is not counted as a trial."""
     (root / "space.yaml").write_text(SPACE)
     return cli_subprocess(["search", "nuclei", "--samples", 3, "--max-epochs", MAX_EPOCHS, "--grace-period", MAX_EPOCHS,
-                           "--max-concurrent", 1, "--space", "space.yaml", "--workdir", "w", "--no-evaluate",
-                           "--time-budget", budget_min], cwd=root)
+                           "--cpus-per-trial", os.cpu_count(), "--space", "space.yaml", "--workdir", "w",
+                           "--no-evaluate", "--time-budget", budget_min], cwd=root)
 
 
 def test_the_budget_stops_running_trials_and_the_champion_is_promoted_from_what_they_reported(tmp_path):
-    result = search(tmp_path, 0.25)
+    result = search(tmp_path, 0.5)
     assert result.code == 0, result.err[-3000:]
-    assert "time budget of 0.25 min reached" in result.err
-    assert "by the time budget" in result.out and "Promoted: models:/tune-cells-nuclei-demo@champion" in result.out
+    assert "time budget of 0.5 min reached: running trials stopped at their last epoch (1), trials never started " \
+           "(2 of 3)" in result.err
+    assert "1 trials (0 stopped early by ASHA, 1 by the time budget, 0 failed)" in result.out
+    assert "Promoted: models:/tune-cells-nuclei-demo@champion" in result.out
 
     client = store_client(tmp_path / "w" / "mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("tune-cells-nuclei-demo").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
     trials = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "trial"]
-    assert parent.data.params["time_budget"] == "0.25"
+    assert parent.data.params["time_budget"] == "0.5"
     ended = [t for t in trials if t.data.tags.get("stopped_by_time_budget") == "true"]
-    assert ended and parent.data.metrics["trials_stopped_by_time_budget"] == len(ended)
+    assert len(ended) == len(trials) == parent.data.metrics["trials"] == 1
+    assert parent.data.metrics["trials_stopped_by_time_budget"] == 1 and ended[0].info.status == "FINISHED"
     for trial in ended:  # not ASHA's: its grace period is the whole budget of epochs
         assert "stopped_early" not in trial.data.tags and 1 <= int(trial.data.tags["epochs_run"]) < MAX_EPOCHS
     assert parent.data.metrics["trials_stopped_early"] == 0

@@ -73,12 +73,12 @@ def test_the_log_says_what_was_given(warm):
 
 
 def test_the_new_study_holds_the_earlier_trials_before_its_first(warm):
-    from tune_cells import ray_backend
+    from tune_cells import ray_searcher
     from tune_cells.warm_start import WARM_ATTR
 
     given = expected_given(warm)
     name = warm["second"].data.tags["ray_experiment"]
-    study = ray_backend.searcher_study(str(warm["workdir"] / "ray" / EXPERIMENT / name))  # the searcher's own study
+    study = ray_searcher.searcher_study(str(warm["workdir"] / "ray" / EXPERIMENT / name))  # the searcher's own study
     assert study is not None and len(study.trials) == len(given) + 2
     head, tail = study.trials[:len(given)], study.trials[len(given):]
     for trial, run in zip(head, given):

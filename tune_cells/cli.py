@@ -265,8 +265,11 @@ def report(experiment, run_id, output, workdir, tracking_uri):
     require_store(tracker, workdir)
     result = build_report(tracker, experiment, run_id, output, workdir)
     trials = result.trials
+    by_budget = int(trials["stopped_by_time_budget"].sum())
     click.echo(f"Search {result.search_name} ({result.parent_run_id}): {len(trials)} trials, "
-               f"{int(trials['stopped_early'].sum())} stopped early, {int((trials['status'] == 'FAILED').sum())} failed")
+               f"{int(trials['stopped_early'].sum())} stopped early, "
+               + (f"{by_budget} stopped by the time budget, " if by_budget else "")
+               + f"{int((trials['status'] == 'FAILED').sum())} failed")
     if not result.importance.empty:
         top = ", ".join(f"{k} {v:.2f}" for k, v in result.importance.sort_values(ascending=False).head(5).items())
         click.echo(f"Parameter importance: {top}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tune_cells.redact import without_credentials
 from tune_cells.search_spaces import SearchSpace
+from tune_cells.trial_recorder import STOPPED_BY_TIME_BUDGET
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +122,20 @@ class StudyJournal:
             reason = last_result.get("failure") or error or f"no finite {self.metric}"
             self._storage.set_trial_user_attr(optuna_id, "failure", without_credentials(str(reason))[:500])
             self._storage.set_trial_state_values(optuna_id, TrialState.FAIL)
-        elif int(last_result.get("training_iteration", 0)) < self.max_epochs:  # ASHA stopped it
+        elif int(last_result.get("training_iteration", 0)) < self.max_epochs:  # ASHA or --time-budget stopped it
+            if last_result.get(STOPPED_BY_TIME_BUDGET):
+                self._storage.set_trial_user_attr(optuna_id, STOPPED_BY_TIME_BUDGET, True)
             self._storage.set_trial_state_values(optuna_id, TrialState.PRUNED, [float(value)])
         else:
             self._storage.set_trial_state_values(optuna_id, TrialState.COMPLETE, [float(value)])
         self._running.discard(trial_id)
 
-    def close(self) -> None:
+    def close(self, reason: str = "lost when the search was interrupted") -> None:
         """After the search: a trial still running here was lost in an interruption (started after
-        Ray's last state snapshot, so the resumed search never ran it on): it ends FAIL, as in MLflow."""
+        Ray's last state snapshot, so the resumed search never ran it on), or in the search's failure:
+        it ends FAIL, as in MLflow."""
         for trial_id in sorted(self._running):
-            self.on_trial_end(trial_id, True, {}, "lost when the search was interrupted")
+            self.on_trial_end(trial_id, True, {}, reason)
 
     def _safely(self, action: Callable[[], None], opening: bool = False) -> None:
         if self._storage is None and not opening:

@@ -34,6 +34,7 @@ MIN_STORE_SIZE = 16  # --max-store-size below this leaves nothing to learn from
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
 RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds", "max_store_size",
                      "time_budget")
+RESUME_ABSENT_MEANS = {"time_budget": "None"}  # what a search from before the option had (Ray keeps its stopper)
 
 
 @dataclass
@@ -330,8 +331,10 @@ def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[
     if latest.data.tags.get("split_sha256") != prep.split.sha256:
         raise UserInputError(f"--resume: search {name} used another split or dataset than --data gives now")
     for key in RESUME_MUST_MATCH:
-        given, started = str(getattr(opts, key)), latest.data.params.get(key)
+        given, started = str(getattr(opts, key)), latest.data.params.get(key, RESUME_ABSENT_MEANS.get(key))
         if started is not None and given != started:
-            raise UserInputError(f"--resume: search {name} was started with --{key.replace('_', '-')} {started}, "
-                                 f"not {given}")
+            flag = f"--{key.replace('_', '-')}"
+            was = f"without {flag}" if started == "None" else f"with {flag} {started}"
+            now = f"not {flag} {given}" if given != "None" else f"give {flag} {started} again"
+            raise UserInputError(f"--resume: search {name} was started {was}: {now}")
     return latest.info.run_id, name

@@ -19,6 +19,7 @@ from ray import tune
 
 from tune_cells.errors import UserInputError
 from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, TimeBudget, stop_on_signals
+from tune_cells.ray_searcher import searcher_trials
 from tune_cells.search_spaces import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,14 @@ def shutdown() -> None:
 
 
 def run_search(request: SearchRequest) -> SearchResult:
+    try:
+        return _tune(request)
+    finally:  # the per-search registries forget it, however it ended
+        _LIVE.pop(request.name, None), TimeBudget.reached.discard(request.name)
+        TimeBudget.seconds_left.pop(request.name, None)
+
+
+def _tune(request: SearchRequest) -> SearchResult:
     import optuna
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -192,7 +201,7 @@ def run_search(request: SearchRequest) -> SearchResult:
                                      f"({Path(exc.filename or str(exc)).name} is missing): start a new search") from None
     callbacks = [_EventsCallback(request.name), PendingTrialsExplainer(),
                  ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode,
-                                  time_budget_s=request.time_budget_s),
+                                  search=request.name),
                  *_result_records()]
     tuner = tune.Tuner(
         trainable,
@@ -270,37 +279,20 @@ def can_resume(storage_path: str, name: str) -> bool:
     return tune.Tuner.can_restore(f"{storage_path.rstrip('/')}/{name}")
 
 
-def searcher_study(experiment_path: str):
-    """The Optuna study Ray saved with the experiment (its searcher state file), or None."""
-    from ray.tune.search.optuna import OptunaSearch
-
-    searcher = OptunaSearch()
-    try:
-        searcher.restore_from_dir(experiment_path)
-    except (FileNotFoundError, RuntimeError):
-        return None
-    return searcher._ot_study  # no public accessor in Ray 2.60
-
-
-def _searcher_trials(experiment_path: str) -> int:
-    """Trials the saved study holds for Ray's trials (not those given to it by --warm-start)."""
-    from tune_cells.warm_start import WARM_ATTR
-
-    study = searcher_study(experiment_path)
-    return -1 if study is None else sum(WARM_ATTR not in t.user_attrs for t in study.trials)
-
-
 def _summarise(results, request: SearchRequest | None = None, metric: str = "", mode: str = "") -> SearchResult:
     metric, mode = (request.metric, request.mode) if request else (metric, mode)
     reached = request is not None and request.name in TimeBudget.reached
-    live = _LIVE.pop(request.name, set()) if request else set()
+    live = _LIVE.get(request.name, set()) if request else set()
     trials = []
     for result in results:
         metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        if reached and result.error is None and not metrics.get("training_iteration") and trial_id not in live:
+            continue  # still pending when the budget ran out: it never started
         failed = result.error is not None or bool(metrics.get("failure"))
         trials.append(
             TrialSummary(
-                trial_id=metrics.get("trial_id") or Path(result.path).name,
+                trial_id=trial_id,
                 config=result.config or {},
                 iterations=int(metrics.get("training_iteration", 0)),
                 failed=failed,
@@ -312,7 +304,7 @@ def _summarise(results, request: SearchRequest | None = None, metric: str = "", 
     scored = [r for r in results if r.error is None and r.best_checkpoints]
     if not scored:
         errors = "; ".join(t.error for t in trials if t.error)[:500]
-        if reached:
+        if reached and not any(t.iterations or t.failed for t in trials):
             raise UserInputError(f"--time-budget {request.time_budget_s / 60:g}: no trial finished an epoch within "
                                  "it; nothing promoted (give it more minutes)")
         raise RuntimeError(f"no trial produced a checkpoint ({len(trials)} trials; {errors or 'no errors'})")
@@ -327,11 +319,10 @@ def _summarise(results, request: SearchRequest | None = None, metric: str = "", 
         best_checkpoint=checkpoint,
         trials=trials,
         experiment_path=results.experiment_path,
-        searcher_trials=_searcher_trials(results.experiment_path),
+        searcher_trials=searcher_trials(results.experiment_path),
         time_budget_reached=reached,
         # Ray reports no end for the trials a stopper stops: those the budget cut off are still live
-        stopped_by_time_budget=[t.trial_id for t in trials if reached and t.iterations and not t.failed
-                                and t.trial_id in live],
+        stopped_by_time_budget=[t.trial_id for t in trials if reached and not t.failed and t.trial_id in live],
     )
 
 

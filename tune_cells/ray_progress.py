@@ -16,7 +16,6 @@ from ray import tune
 from tune_cells.errors import Interrupted
 
 log = logging.getLogger(__name__)
-STOPPED_BY_TIME_BUDGET = "stopped_by_time_budget"  # marks a trial's last result when the budget ended it
 
 
 class TimeBudget(tune.stopper.TimeoutStopper):
@@ -25,16 +24,18 @@ class TimeBudget(tune.stopper.TimeoutStopper):
     it stopped a search, so that the trials it ends are not counted as stopped by ASHA."""
 
     reached: set[str] = set()  # names of the searches whose budget ran out in this process
+    seconds_left: dict[str, float] = {}  # by search: what is left of its budget (a resumed one restores it)
 
     def __init__(self, seconds: float, key: str):
         super().__init__(seconds)
         self.key = key
 
     def stop_all(self) -> bool:
-        if super().stop_all():
+        stop = super().stop_all()
+        TimeBudget.seconds_left[self.key] = max(0.0, self._budget)
+        if stop:
             TimeBudget.reached.add(self.key)
-            return True
-        return False
+        return stop
 
 
 class ProgressReporter(tune.Callback):
@@ -42,9 +43,9 @@ class ProgressReporter(tune.Callback):
     running, pending and stopped early, the best metric so far, and an estimate of time left."""
 
     def __init__(self, samples: int, max_epochs: int, metric: str, mode: str, every_s: float = 30.0,
-                 time_budget_s: float | None = None):
+                 search: str = ""):
         self.samples, self.max_epochs, self.metric, self.mode, self.every_s = samples, max_epochs, metric, mode, every_s
-        self.time_budget_s = time_budget_s  # the estimate never exceeds what is left of it
+        self.search = search  # its --time-budget (if any): the estimate never exceeds what is left of it
         self._started = None
         self._last = 0.0
 
@@ -77,8 +78,9 @@ class ProgressReporter(tune.Callback):
         done_work = len(ended) + sum(min(1.0, int((t.last_result or {}).get("training_iteration", 0)) / self.max_epochs)
                                      for t in trials if t.status == "RUNNING" and t is not ending)
         left = (now - started) / done_work * (self.samples - done_work) if done_work > 0 else None
-        if self.time_budget_s:
-            left = max(0.0, min(left if left is not None else float("inf"), self.time_budget_s - (now - started)))
+        budget_left = TimeBudget.seconds_left.get(getattr(self, "search", ""))
+        if budget_left is not None:
+            left = min(left if left is not None else budget_left, budget_left)
         log.info("progress: %d/%d trials done (%d stopped early, %d failed), %d running, %d pending; best %s %s; %s",
                  len(ended), self.samples, stopped, failed, running, max(0, self.samples - len(ended) - running),
                  self.metric, f"{best:.4f}" if best is not None else "-",

@@ -26,3 +26,21 @@ class PlainNamesOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         return self._plain(config) if isinstance(config, dict) else config
+
+
+def searcher_study(experiment_path: str):
+    """The Optuna study Ray saved with the experiment (its searcher state file), or None."""
+    searcher = OptunaSearch()
+    try:
+        searcher.restore_from_dir(experiment_path)
+    except (FileNotFoundError, RuntimeError):
+        return None
+    return searcher._ot_study  # no public accessor in Ray 2.60
+
+
+def searcher_trials(experiment_path: str) -> int:
+    """Trials the saved study holds for Ray's trials (not those given to it by --warm-start)."""
+    from tune_cells.warm_start import WARM_ATTR
+
+    study = searcher_study(experiment_path)
+    return -1 if study is None else sum(WARM_ATTR not in t.user_attrs for t in study.trials)

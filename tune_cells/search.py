@@ -108,6 +108,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             "split_file": split.path.name, "split_sha256": split.sha256, "ray_experiment": search_name,
             **({"warm_start_trials": len(warm.trials)} if opts.warm_start else {}),
         })
+    journal = None  # the live view, once opened
     try:
         if not opts.resume:
             _log_search_inputs(tracker, parent, opts, prep, split, trial.data, resources)
@@ -135,14 +136,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             time_budget_s=opts.time_budget * 60 if opts.time_budget else None,
         ))
         if result.time_budget_reached:
-            from tune_cells.ray_progress import STOPPED_BY_TIME_BUDGET
-
-            for cut in (t for t in result.trials if t.trial_id in result.stopped_by_time_budget):
-                events.on_trial_end(cut.trial_id, False, {**cut.last_result, STOPPED_BY_TIME_BUDGET: True}, None)
-            started = sum(1 for t in result.trials if t.iterations or t.failed)
-            log.warning("time budget of %g min reached: running trials stopped at their last epoch (%d), trials "
-                        "never started (%d of %d); promoting from what the trials reported", opts.time_budget,
-                        len(result.stopped_by_time_budget), opts.samples - started, opts.samples)
+            _end_trials_the_budget_stopped(result, events, opts)
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
         journal.close()
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data,
@@ -150,12 +144,25 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         tracker.set_tags(parent, {"failure": without_credentials(f"{type(exc).__name__}: {exc}")[:500]})
-        if interrupted:  # resumable: its unfinished trials too
-            tracker.kill_running_trial_runs(experiment_id, parent)
+        tracker.kill_running_trial_runs(experiment_id, parent)  # interrupted: resumable, its unfinished trials too
+        if journal is not None and not interrupted:
+            journal.close("the search failed")
+        if interrupted:
             log.warning("search %s interrupted; nothing promoted. Continue it: tune-cells search %s --resume "
                         "(with the same flags)", search_name, task.name)
         tracker.end_run(parent, "KILLED" if interrupted else "FAILED")
         raise
+
+
+def _end_trials_the_budget_stopped(result, events, opts: SearchOptions) -> None:
+    """Ray reports no end for the trials its time budget stops: the search records them itself."""
+    from tune_cells.trial_recorder import STOPPED_BY_TIME_BUDGET
+
+    for cut in (t for t in result.trials if t.trial_id in result.stopped_by_time_budget):
+        events.on_trial_end(cut.trial_id, False, {**cut.last_result, STOPPED_BY_TIME_BUDGET: True}, None)
+    log.warning("time budget of %g min reached: running trials stopped at their last epoch (%d), trials never "
+                "started (%d of %d); promoting from what the trials reported", opts.time_budget,
+                len(result.stopped_by_time_budget), max(0, opts.samples - len(result.trials)), opts.samples)
 
 
 def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, split: Split, data,

@@ -7,13 +7,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tune_cells.ray_progress import STOPPED_BY_TIME_BUDGET
-from tune_cells.tracking import Tracker
-
 if TYPE_CHECKING:
     from tune_cells.data.splits import DatasetRecord
+    from tune_cells.tracking import Tracker
 
 log = logging.getLogger(__name__)
+STOPPED_BY_TIME_BUDGET = "stopped_by_time_budget"  # a trial's tag, and a mark on the last result the search forwards
 
 
 @dataclass
