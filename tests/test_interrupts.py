@@ -55,6 +55,8 @@ def interrupted(tmp_path_factory):
         codes.append(search.wait(timeout=300))
         client, parents, trials = runs_of(root)
         codes.append((parents[0].info.status, sorted({t.info.status for t in trials}), len(versions(client))))
+    refused = start(root, "--resume", "--time-budget", "5")  # a budget the interrupted search was not started with
+    codes.append((refused.wait(timeout=120), last_log(root).strip().splitlines()[-1]))
     final = start(root, "--resume")
     assert final.wait(timeout=600) == 0, last_log(root)[-3000:]
     return root, codes
@@ -66,6 +68,12 @@ def test_ctrl_c_and_sigterm_stop_without_promoting_and_exit_130_and_143(interrup
     for status, trial_statuses_after, registered in (codes[1], codes[3]):
         assert status == "KILLED" and "RUNNING" not in trial_statuses_after and registered == 0
     assert "nothing promoted" in (root / "run0.log").read_text()
+
+
+def test_a_resume_may_not_change_the_time_budget_the_search_started_with(interrupted):
+    root, codes = interrupted
+    code, line = codes[4]
+    assert code == 2 and line.endswith("was started without --time-budget: not --time-budget 5.0"), line
 
 
 def test_a_resumed_interrupted_search_ends_as_one_search(interrupted):
