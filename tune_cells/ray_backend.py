@@ -19,6 +19,7 @@ from ray import tune
 
 from tune_cells.errors import UserInputError
 from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, TimeBudget, stop_on_signals
+from tune_cells.ray_scheduler import ASHAKeepingRecipe
 from tune_cells.ray_searcher import searcher_trials
 from tune_cells.search_spaces import SearchSpace
 
@@ -53,6 +54,7 @@ class SearchRequest:
     resume: bool = False  # continue the interrupted search at storage_path/name
     max_failures: int = 2  # retries of a trial whose worker died (from its last checkpoint)
     time_budget_s: float | None = None  # stop every trial after this long (--time-budget)
+    recipe: dict | None = None  # an initial point ASHA never stops (the one-SE rule compares against its full run)
 
 
 @dataclass
@@ -151,7 +153,6 @@ def run_search(request: SearchRequest) -> SearchResult:
 
 def _tune(request: SearchRequest) -> SearchResult:
     import optuna
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from tune_cells.ray_searcher import PlainNamesOptunaSearch
@@ -176,7 +177,8 @@ def _tune(request: SearchRequest) -> SearchResult:
     )
     if request.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=request.max_concurrent)
-    scheduler = ASHAScheduler(
+    scheduler = ASHAKeepingRecipe(
+        recipe=request.recipe,
         time_attr="training_iteration",
         max_t=request.max_epochs,
         grace_period=request.grace_period,  # at most max_epochs: the preflight clamps it

@@ -134,6 +134,8 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             warm_trials=warm.trials,
             max_concurrent=opts.max_concurrent, resume=opts.resume,
             time_budget_s=opts.time_budget * 60 if opts.time_budget else None,
+            recipe=prep.space.initial_points[0] if prep.space.initial_points and kind.selection_counts(trial.data)
+            else None,  # where the one-SE rule prefers it (classification), it runs its whole budget
         ))
         if result.time_budget_reached:
             _end_trials_the_budget_stopped(result, events, opts)
