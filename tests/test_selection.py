@@ -97,7 +97,6 @@ def test_classification_counts_validation_images_per_class_and_segmentation_opts
     assert SEGMENTATION.selection_counts(object()) is None
 
 
-@pytest.mark.slow
 def test_asha_ranks_the_recipe_but_never_stops_it_before_its_last_epoch():
     """The rule compares sampled trials with the recipe's whole run: ASHA stopped leukemia's recipe at
     epoch 4 of 20 in two outer folds, and the sampled trials promoted there missed 4 of 60 test images."""
@@ -107,17 +106,26 @@ def test_asha_ranks_the_recipe_but_never_stops_it_before_its_last_epoch():
     from tune_cells.ray_scheduler import ASHAKeepingRecipe
 
     def decisions(scheduler) -> list[str]:
-        sampled, recipe = (Trial("__fake", config={"lr": lr}, stub=True) for lr in (4e-3, 5e-4))
-        scheduler.on_trial_add(None, sampled), scheduler.on_trial_add(None, recipe)
+        sampled, recipe, behind = (Trial("__fake", config={"lr": lr}, stub=True) for lr in (4e-3, 5e-4, 1e-2))
+        for trial in (sampled, recipe, behind):
+            scheduler.on_trial_add(None, trial)
         return [scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "acc": acc})
-                for trial, epoch, acc in ((sampled, 1, 0.9), (recipe, 1, 0.1), (recipe, 10, 0.1))]
+                for trial, epoch, acc in ((sampled, 1, 0.9), (recipe, 1, 0.1), (behind, 1, 0.05), (recipe, 10, 0.1))]
 
     settings = {"time_attr": "training_iteration", "metric": "acc", "mode": "max", "max_t": 10, "grace_period": 1,
                 "reduction_factor": 2}
-    assert decisions(ASHAScheduler(**settings)) == ["CONTINUE", "STOP", "STOP"]  # behind at the rung: stopped
-    assert decisions(ASHAKeepingRecipe(recipe={"lr": 5e-4}, **settings)) == ["CONTINUE", "CONTINUE", "STOP"]
+    # behind at the rung: plain ASHA stops the recipe; both stop the sampled trial behind it (its score counted)
+    assert decisions(ASHAScheduler(**settings)) == ["CONTINUE", "STOP", "STOP", "STOP"]
+    keeping = ASHAKeepingRecipe(recipe={"lr": 5e-4}, **settings)
+    assert decisions(keeping) == ["CONTINUE", "CONTINUE", "STOP", "STOP"]
+    assert keeping._num_stopped == 2  # the behind trial and the recipe at its last epoch
+
+    import ray.cloudpickle
+
+    assert ray.cloudpickle.loads(ray.cloudpickle.dumps(keeping)).recipe == {"lr": 5e-4}  # restored on --resume
 
 
+@pytest.mark.slow
 def test_a_real_search_records_which_rule_chose_its_champion(searched):
     """The shared demo search (two initial points): the search run says how its trial was chosen,
     and the champion is its promoted trial's."""

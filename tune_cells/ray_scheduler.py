@@ -28,5 +28,6 @@ class ASHAKeepingRecipe(ASHAScheduler):
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t \
                 and point_matches(self.recipe, trial.config):
+            self._num_stopped -= 1  # counted by the parent before this veto
             return TrialScheduler.CONTINUE
         return action

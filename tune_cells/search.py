@@ -125,17 +125,19 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
                                warm.trials, recorder.runs.get)
         journal.open()
         events = EventSinks([recorder, journal])
+        untried = warm.untried(prep.space.initial_points)  # --warm-start: points earlier searches ran are not rerun
         result = ray_backend.run_search(ray_backend.SearchRequest(
             trainable=trial.trainable, trainable_kwargs={"data": trial.data}, space=prep.space,
             metric=task.metric, mode=task.mode, samples=opts.samples, seed=opts.seed,
             max_epochs=opts.max_epochs, grace_period=opts.grace_period, reduction_factor=opts.reduction_factor,
             trial_resources=resources, name=search_name, events=events,
-            storage_path=ray_storage(opts, prep), initial_points=warm.untried(prep.space.initial_points),
+            storage_path=ray_storage(opts, prep), initial_points=untried,
             warm_trials=warm.trials,
             max_concurrent=opts.max_concurrent, resume=opts.resume,
             time_budget_s=opts.time_budget * 60 if opts.time_budget else None,
-            recipe=prep.space.initial_points[0] if prep.space.initial_points and kind.selection_counts(trial.data)
-            else None,  # where the one-SE rule prefers it (classification), it runs its whole budget
+            # classification: the one-SE rule prefers the first initial point this search runs, so it runs its whole
+            # budget; later points (nuclei's ResNet-50) are ranked as sampled trials are, to bound the cost on CPUs
+            recipe=untried[0] if untried and kind.selection_counts(trial.data) else None,
         ))
         if result.time_budget_reached:
             _end_trials_the_budget_stopped(result, events, opts)
