@@ -87,8 +87,9 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
 @click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
 @click.option("--resume", is_flag=True,
-              help="Continue the experiment's latest interrupted search (same flags): its Optuna and ASHA state, "
-                   "trials from their last checkpoints, the same MLflow parent and trial runs.")
+              help="Continue the experiment's latest interrupted search (same flags): its Optuna state, trials from "
+                   "their last checkpoints, the same MLflow parent and trial runs (ASHA's rungs start afresh: Ray "
+                   "does not keep them).")
 @click.option("--warm-start", is_flag=True, help="Start from the finished trials (and scores) of the experiment's earlier "
               "searches of the same space: the sampler gets them before the first new trial.")
 @click.pass_context

@@ -91,7 +91,7 @@ def init(address: str | None = None, num_cpus: int | None = None, num_gpus: floa
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's console tables are replaced by tune-cells' own per-trial log lines.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Snapshot the experiment (trials, Optuna and ASHA state) every few seconds rather than Ray's
+    # Snapshot the experiment (trials, Optuna state; Ray keeps no ASHA rungs) every few seconds rather than Ray's
     # adaptive default: the state is small, and a crash then loses at most seconds of bookkeeping.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     # Tune adds a TensorBoard logger by default, whose import alone delays the first trial by
