@@ -88,9 +88,9 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     _failpoint("moved")
 
     failed = sum(t.failed for t in result.trials)
-    by_budget = sum(1 for t in result.trials if not t.failed and t.iterations < max_epochs
-                    and t.trial_id in result.stopped_by_time_budget)
-    stopped = sum(1 for t in result.trials if not t.failed and t.iterations < max_epochs) - by_budget
+    ended_early = [t for t in result.trials if not t.failed and t.iterations < max_epochs]
+    by_budget = sum(t.trial_id in result.stopped_by_time_budget for t in ended_early)
+    stopped = len(ended_early) - by_budget  # by ASHA
     tracker.log_metrics(parent, {f"best_{task.metric}": result.best_metric, "trials_failed": failed,
                                  "trials_stopped_early": stopped, "trials_stopped_by_time_budget": by_budget,
                                  "trials": len(result.trials),

@@ -155,7 +155,7 @@ def paired_line(search_dir: Path, recipe_dir: Path) -> str:
 
 def summary(workdir: Path, metric: str) -> dict:
     """From a working folder's MLflow store: the latest search's champion validation metric, epochs
-    trained by all its trials, epoch times, and the latest evaluation run's test metrics."""
+    trained by all its trials, epoch times, and its model's evaluation (`champion_evaluation`)."""
     client, runs, parent, trials = latest_search(workdir)
     evaluation = champion_evaluation(workdir, runs, parent)
     epoch_times = [m.value for t in trials for m in client.get_metric_history(t.info.run_id, "epoch_time_s")]

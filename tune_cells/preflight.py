@@ -34,7 +34,8 @@ MIN_STORE_SIZE = 16  # --max-store-size below this leaves nothing to learn from
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
 RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds", "max_store_size",
                      "time_budget")
-RESUME_ABSENT_MEANS = {"time_budget": "None"}  # what a search from before the option had (Ray keeps its stopper)
+# A search started before an option existed had this value (Ray restores the stopper a search began with)
+RESUME_ABSENT_MEANS = {"time_budget": "None"}
 
 
 @dataclass

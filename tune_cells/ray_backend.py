@@ -147,7 +147,8 @@ def run_search(request: SearchRequest) -> SearchResult:
     try:
         return _tune(request)
     finally:  # the per-search registries forget it, however it ended
-        _LIVE.pop(request.name, None), TimeBudget.reached.discard(request.name)
+        _LIVE.pop(request.name, None)
+        TimeBudget.reached.discard(request.name)
         TimeBudget.seconds_left.pop(request.name, None)
 
 
@@ -197,7 +198,7 @@ def _tune(request: SearchRequest) -> SearchResult:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         with _pending_trials(request), stop_on_signals():
             try:
-                return _summarise(tuner.fit(), request)
+                return _summarise(tuner.fit(), request.metric, request.mode, request)
             except FileNotFoundError as exc:  # trial checkpoints deleted since the interruption
                 raise UserInputError(f"--resume: Ray's state under {experiment_path} is incomplete "
                                      f"({Path(exc.filename or str(exc)).name} is missing): start a new search") from None
@@ -232,7 +233,7 @@ def _tune(request: SearchRequest) -> SearchResult:
     )
     with _pending_trials(request), stop_on_signals():
         results = tuner.fit()
-    return _summarise(results, request)
+    return _summarise(results, request.metric, request.mode, request)
 
 
 def finished_search(experiment_path: str, metric: str, mode: str) -> SearchResult:
@@ -241,7 +242,7 @@ def finished_search(experiment_path: str, metric: str, mode: str) -> SearchResul
     from ray.tune import ExperimentAnalysis, ResultGrid
 
     return _summarise(ResultGrid(ExperimentAnalysis(experiment_path, default_metric=metric, default_mode=mode)),
-                      metric=metric, mode=mode)
+                      metric, mode)
 
 
 def copy_checkpoint(checkpoint: tune.Checkpoint, destination: Path) -> Path:
@@ -281,8 +282,9 @@ def can_resume(storage_path: str, name: str) -> bool:
     return tune.Tuner.can_restore(f"{storage_path.rstrip('/')}/{name}")
 
 
-def _summarise(results, request: SearchRequest | None = None, metric: str = "", mode: str = "") -> SearchResult:
-    metric, mode = (request.metric, request.mode) if request else (metric, mode)
+def _summarise(results, metric: str, mode: str, request: SearchRequest | None = None) -> SearchResult:
+    """Ray's results as a SearchResult; `request`: the search that just ran (its time budget's
+    bookkeeping), None for a finished search read back from disk."""
     reached = request is not None and request.name in TimeBudget.reached
     live = _LIVE.get(request.name, set()) if request else set()
     trials = []

@@ -78,6 +78,7 @@ class ProgressReporter(tune.Callback):
         done_work = len(ended) + sum(min(1.0, int((t.last_result or {}).get("training_iteration", 0)) / self.max_epochs)
                                      for t in trials if t.status == "RUNNING" and t is not ending)
         left = (now - started) / done_work * (self.samples - done_work) if done_work > 0 else None
+        # (getattr: a reporter restored from a search started before `search` existed has none)
         budget_left = TimeBudget.seconds_left.get(getattr(self, "search", ""))
         if budget_left is not None:
             left = min(left if left is not None else budget_left, budget_left)
