@@ -2,7 +2,8 @@
 search from the shipped defaults: the recipe is the default's first initial point pinned, and each
 A/B arm is an initial point of one space that differs from the recipe only where the arm says.
 The outer folds (bench/bench_outer_folds.py) test every image once, groups whole. The old-code
-A/B (bench/bench_old_code.py) really puts the old code back, and only for its arm.
+A/B (bench/bench_old_code.py) really puts the old code back, and only for its arm. The refit bench
+(bench/bench_refit.py) trains on what it says and never on the test part it scores.
 """
 
 import sys
@@ -20,6 +21,7 @@ import bench_ab  # noqa: E402
 import bench_old_code  # noqa: E402
 import bench_outer_folds  # noqa: E402
 import bench_recipe  # noqa: E402
+import bench_refit  # noqa: E402
 
 
 @pytest.fixture
@@ -99,6 +101,22 @@ def test_the_old_batchnorm_loop_is_put_back_and_undone():
     finally:
         undo()
     assert training.freeze_frozen_batchnorm is shipped
+
+
+def test_the_refit_arm_trains_on_training_and_validation_parts_and_scores_only_the_test_part(tmp_path):
+    from tune_cells.data.demo import generate_lung
+    from tune_cells.data.splits import load_or_create_split
+    from tune_cells.tasks import get_task
+
+    task = get_task("lung")
+    index = task.importer(generate_lung(tmp_path / "lung", images=10, size=(232, 174)))
+    split = load_or_create_split(tmp_path / "split.json", index, 0)
+    arms = {parts: bench_refit.prepared_arm(task, index, split, parts, {"seed": 0}, 128, 1, 0, tmp_path)
+            for parts in (("train",), ("train", "val"))}
+    sizes = {parts: (len(arm.inputs.data.train_images), len(arm.inputs.data.val_images)) for parts, arm in arms.items()}
+    test = len(split.parts["test"])
+    assert sizes == {("train",): (len(split.parts["train"]), test),
+                     ("train", "val"): (len(split.parts["train"]) + len(split.parts["val"]), test)}
 
 
 @pytest.mark.slow
