@@ -5,11 +5,17 @@ ended are told apart from those ASHA stopped (their runs, the search run, the co
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from test_search_end_to_end import SPACE
 
-from conftest import cli_subprocess, store_client
+from conftest import cli_subprocess, short_tmpdir, store_client
+from test_resume import trial_statuses, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -17,13 +23,25 @@ pytestmark = pytest.mark.slow
 MAX_EPOCHS = 500
 
 
-def search(root, budget_min: float):
+def arguments(budget_min: float | None) -> list[str]:
     """Trials one at a time with every CPU (as the defaults on 2 cores run), so one trial is still
     pending when the budget runs out: it never started, and is not counted as a trial."""
+    budget = ["--time-budget", str(budget_min)] if budget_min is not None else []
+    return ["search", "nuclei", "--samples", "3", "--max-epochs", str(MAX_EPOCHS), "--grace-period", str(MAX_EPOCHS),
+            "--cpus-per-trial", str(os.cpu_count()), "--space", "space.yaml", "--workdir", "w", "--no-evaluate", *budget]
+
+
+def search(root, budget_min: float):
     (root / "space.yaml").write_text(SPACE)
-    return cli_subprocess(["search", "nuclei", "--samples", 3, "--max-epochs", MAX_EPOCHS, "--grace-period", MAX_EPOCHS,
-                           "--cpus-per-trial", os.cpu_count(), "--space", "space.yaml", "--workdir", "w",
-                           "--no-evaluate", "--time-budget", budget_min], cwd=root)
+    return cli_subprocess(arguments(budget_min), cwd=root)
+
+
+def epochs_reported(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as connection:
+            return connection.execute("select count(*) from metrics where key = 'val_balanced_accuracy'").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or locked by the writer
+        return 0
 
 
 def test_the_budget_stops_running_trials_and_the_champion_is_promoted_from_what_they_reported(tmp_path):
@@ -55,3 +73,32 @@ def test_a_budget_no_trial_can_report_in_is_one_line_and_promotes_nothing(tmp_pa
                                                    "epoch within it; nothing promoted (give it more minutes)")
     client = store_client(tmp_path / "w" / "mlflow.db")
     assert not client.search_registered_models()
+
+
+def test_a_budgeted_search_interrupted_and_resumed_ends_on_its_budget_as_one_search(tmp_path):
+    """Ctrl-C after the first trial has reported epochs, then `--resume` with the same budget (a resume
+    must repeat it): the resumed search ends on the budget, as one search with one champion."""
+    (tmp_path / "space.yaml").write_text(SPACE)
+    env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "tune_cells", *arguments(0.75)]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        db = tmp_path / "w" / "mlflow.db"
+        wait_for(lambda: "RUNNING" in trial_statuses(db) and epochs_reported(db) >= 2)
+        os.kill(first.pid, signal.SIGINT)
+        assert first.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    resumed = cli_subprocess([*arguments(0.75), "--resume"], cwd=tmp_path)
+    assert resumed.code == 0, resumed.err[-3000:]
+    assert "time budget of 0.75 min reached: running trials stopped at their last epoch (1)" in resumed.err
+    assert "Promoted: models:/tune-cells-nuclei-demo@champion" in resumed.out
+
+    client = store_client(db)
+    runs = client.search_runs([client.get_experiment_by_name("tune-cells-nuclei-demo").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "search"]
+    trials = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.params["time_budget"] == "0.75"
+    assert not [t for t in trials if t.info.status == "RUNNING"]
+    assert [t.data.tags.get("stopped_by_time_budget") for t in trials].count("true") == 1
