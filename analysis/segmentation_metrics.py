@@ -65,3 +65,12 @@ def segmentation_scores(truths: list[np.ndarray], predictions: list[np.ndarray],
     for name in ("dice", "jaccard", "pooled_dice"):
         summary[f"{prefix}{name}"] = float(np.mean([summary[f"{prefix}{name}_{t}"] for t in targets]))
     return summary, rows
+
+
+def per_image_dice_se(rows: list[dict], images: int) -> float:
+    """Standard error of the mean Dice over images (each image's mean over targets): the one-SE
+    rule's yardstick for segmentation (analysis.selection). NaN below two images."""
+    if images < 2:
+        return float("nan")
+    per_image = [np.mean([r["dice"] for r in rows if r["image"] == image]) for image in range(images)]
+    return float(np.std(per_image, ddof=1) / np.sqrt(images))

@@ -29,6 +29,11 @@ def search(*trials: TrialSummary) -> SearchResult:
                         list(trials), "ray/search", len(trials))
 
 
+def rule(result: SearchResult, points: list[dict], counts=COUNTS):
+    """The one-SE rule as a classification search applies it (its margin from the validation counts)."""
+    return prefer_recipe(result, points, balanced_accuracy_se(result.best_metric, counts), "max")
+
+
 def test_the_standard_error_of_a_balanced_accuracy_follows_the_smallest_classes():
     se = balanced_accuracy_se(0.96, COUNTS)
     assert se == pytest.approx(math.sqrt(sum(0.96 * 0.04 / n for n in COUNTS)) / 4)
@@ -42,7 +47,7 @@ def test_the_standard_error_of_a_balanced_accuracy_follows_the_smallest_classes(
 
 def test_a_sampled_trial_within_one_standard_error_gives_way_to_the_recipe():
     result = search(trial("sampled", 0.9663, model="mobilenet_v2", lr=1.04e-3), trial("recipe", 0.9643, **RECIPE))
-    chosen, note = prefer_recipe(result, [RECIPE, SEED_NET], COUNTS, "max")
+    chosen, note = rule(result, [RECIPE, SEED_NET])
     assert chosen.best_trial_id == "recipe" and chosen.best_checkpoint == "ckpt-recipe"
     assert chosen.best_metric == 0.9643 and chosen.best_config["lr"] == 5.0e-4
     assert "promoted the space's initial point 1 (mobilenet_v2)" in note and "sampled" in note
@@ -50,30 +55,30 @@ def test_a_sampled_trial_within_one_standard_error_gives_way_to_the_recipe():
 
 def test_a_perfect_sampled_trial_one_image_ahead_on_a_small_validation_part_gives_way_to_the_recipe():
     result = search(trial("sampled", 1.0, model="mobilenet_v2", lr=1.04e-3), trial("recipe", 0.9667, **RECIPE))
-    chosen, note = prefer_recipe(result, [RECIPE], [15, 15], "max")
+    chosen, note = rule(result, [RECIPE], [15, 15])
     assert chosen.best_trial_id == "recipe" and "within one standard error" in note
 
 
 def test_a_sampled_trial_that_clearly_beats_every_recipe_is_promoted():
     result = search(trial("sampled", 0.99, model="mobilenet_v2", lr=1.04e-3), trial("recipe", 0.93, **RECIPE),
                     trial("seed", 0.94, **SEED_NET))
-    chosen, note = prefer_recipe(result, [RECIPE, SEED_NET], COUNTS, "max")
+    chosen, note = rule(result, [RECIPE, SEED_NET])
     assert chosen is result and "beats every initial point" in note
 
 
 def test_the_first_initial_point_is_preferred_and_the_best_recipe_stays():
     result = search(trial("seed", 0.965, **SEED_NET), trial("recipe", 0.960, **RECIPE))
-    assert prefer_recipe(result, [RECIPE, SEED_NET], COUNTS, "max")[0].best_trial_id == "recipe"
+    assert rule(result, [RECIPE, SEED_NET])[0].best_trial_id == "recipe"
     best_is_recipe = search(trial("recipe", 0.97, **RECIPE), trial("sampled", 0.969, model="resnet18"))
-    chosen, note = prefer_recipe(best_is_recipe, [RECIPE], COUNTS, "max")
+    chosen, note = rule(best_is_recipe, [RECIPE])
     assert chosen is best_is_recipe and "the best trial is the space's initial point 1" in note
 
 
-def test_failed_recipes_no_points_and_segmentation_leave_the_best_trial():
+def test_failed_recipes_no_points_and_no_margin_leave_the_best_trial():
     failed = TrialSummary("recipe", dict(RECIPE), 1, True, "diverged")
     result = search(trial("sampled", 0.97, model="resnet18"), failed)
-    assert prefer_recipe(result, [RECIPE], COUNTS, "max")[0] is result
-    assert prefer_recipe(result, [], COUNTS, "max") == (result, "")
+    assert rule(result, [RECIPE])[0] is result
+    assert rule(result, []) == (result, "")
     assert prefer_recipe(result, [RECIPE], None, "max") == (result, "")
 
 
@@ -84,7 +89,7 @@ def test_a_point_matches_its_own_parameters_only():
     assert not point_matches({}, {"lr": 5e-4})
 
 
-def test_classification_counts_validation_images_per_class_and_segmentation_opts_out():
+def test_classification_counts_validation_images_per_class():
     from trainables.classification import ClassificationData
 
     images = np.zeros((6, 8, 8, 3), np.uint8)
@@ -94,7 +99,43 @@ def test_classification_counts_validation_images_per_class_and_segmentation_opts
     folded = ClassificationData(images, np.array([0, 0, 1, 1, 2, 2]), images[:0], np.array([], np.int64), "t",
                                 ["a", "b", "c"], 3, 8, (0.0,) * 3, (1.0,) * 3, 2, 0, fold_of=np.array([0, 1] * 3))
     assert CLASSIFICATION.selection_counts(folded) == [2, 2, 2]
-    assert SEGMENTATION.selection_counts(object()) is None
+    result = search(trial("recipe", 0.9, **RECIPE))
+    assert CLASSIFICATION.compares_with_recipe(data)
+    assert CLASSIFICATION.selection_error(data, result) == balanced_accuracy_se(0.9, [1, 0, 3])
+
+
+def test_the_dice_standard_error_is_the_spread_of_the_per_image_scores():
+    from tune_cells.analysis.segmentation_metrics import per_image_dice_se, segmentation_scores
+
+    truth = np.zeros((2, 8, 8), np.uint8)
+    truth[:, :4] = 1
+    half = truth.copy()
+    half[:, :2] = 0  # Dice 2/3 on both targets
+    _, rows = segmentation_scores([truth, truth, truth], [truth, half, truth], ["a", "b"], "val_")
+    per_image = [1.0, 2 / 3, 1.0]
+    assert per_image_dice_se(rows, 3) == pytest.approx(np.std(per_image, ddof=1) / math.sqrt(3))
+    assert math.isnan(per_image_dice_se(segmentation_scores([truth], [half], ["a", "b"], "val_")[1], 1))
+
+
+def test_segmentation_gives_way_to_the_recipe_within_the_dice_spread_of_its_validation_fields():
+    """Lung (2026-11-30): the best trial led the recipe by 0.010 mean Dice on 2 validation fields."""
+    from trainables.segmentation import SegmentationData
+
+    field = np.zeros((8, 8, 3), np.uint8)
+    mask = np.zeros((2, 8, 8), np.uint8)
+    data = SegmentationData([field] * 6, [mask] * 6, [field] * 2, [mask] * 2, "lung", ["a", "b"], (0.5,) * 3,
+                            (0.2,) * 3, 20, 0)
+    assert SEGMENTATION.compares_with_recipe(data)
+    assert not SEGMENTATION.compares_with_recipe(SegmentationData([field] * 6, [mask] * 6, [field], [mask], "lung",
+                                                                  ["a", "b"], (0.5,) * 3, (0.2,) * 3, 20, 0))
+    best = trial("sampled", 0.867, lr=8.2e-4)
+    best.best_metrics = {"val_dice": 0.867, "val_dice_se": 0.021}
+    result = search(best, trial("recipe", 0.857, **RECIPE))
+    result.best_metrics = best.best_metrics
+    chosen, note = prefer_recipe(result, [RECIPE], SEGMENTATION.selection_error(data, result), "max")
+    assert chosen.best_trial_id == "recipe" and "within one standard error (0.0210)" in note
+    result.best_metrics = {"val_dice": 0.867}  # a trial from before the error was reported: the best trial
+    assert SEGMENTATION.selection_error(data, result) is None
 
 
 def test_asha_ranks_the_recipe_but_never_stops_it_before_its_last_epoch():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_cells.analysis.segmentation_metrics import segmentation_scores
+from tune_cells.analysis.segmentation_metrics import per_image_dice_se, segmentation_scores
 from tune_cells.config import SegmentationConfig
 from tune_cells.model_io import ModelSpec
 from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
@@ -28,7 +28,8 @@ from tune_cells.transforms import EvalPreset, TrainPreset
 
 def metric_keys(targets: list[str]) -> tuple[str, ...]:
     per_target = [f"val_{m}_{t}" for t in targets for m in ("dice", "jaccard", "pooled_dice")]
-    return ("train_loss", "val_loss", "val_dice", "val_jaccard", "val_pooled_dice", *per_target, "lr", "epoch_time_s")
+    return ("train_loss", "val_loss", "val_dice", "val_jaccard", "val_pooled_dice", *per_target, "val_dice_se", "lr",
+            "epoch_time_s")
 
 
 @dataclass(frozen=True)
@@ -200,8 +201,9 @@ class SegmentationTrainer(TrialTrainer):
                                           self.device, precision=self.precision)
             val_loss += float(self.loss_fn(logits[None], torch.from_numpy(mask)[None].float()))
             predicted.append((torch.sigmoid(logits) > self.config.threshold).numpy())
-        scores, _ = segmentation_scores(self.val_masks, predicted, list(self.data.targets), "val_")
-        return {"val_loss": val_loss / len(self.val_images), **scores}
+        scores, rows = segmentation_scores(self.val_masks, predicted, list(self.data.targets), "val_")
+        return {"val_loss": val_loss / len(self.val_images), **scores,
+                "val_dice_se": per_image_dice_se(rows, len(self.val_images))}
 
 
 def train_segmenter(config: dict, data: SegmentationData, session: TrialSession | None = None) -> None:

@@ -68,6 +68,7 @@ class TrialSummary:
     best_metric: float = float("nan")  # the metric at that epoch
     best_epoch: int = 0
     last_result: dict = field(default_factory=dict)
+    best_metrics: dict = field(default_factory=dict)  # what it reported at its best epoch
 
 
 @dataclass
@@ -82,6 +83,7 @@ class SearchResult:
     searcher_trials: int  # trials the Optuna study holds (one per Ray trial, also across a resume; warm-start ones not counted)
     time_budget_reached: bool = False
     stopped_by_time_budget: list[str] = field(default_factory=list)  # trials the budget stopped (their end unreported)
+    best_metrics: dict = field(default_factory=dict)  # what the best trial reported at its best epoch
 
 
 def init(address: str | None = None, num_cpus: int | None = None, num_gpus: float | None = None,
@@ -327,6 +329,7 @@ def _summarise(results, metric: str, mode: str, request: SearchRequest | None = 
         time_budget_reached=reached,
         # Ray reports no end for the trials a stopper stops: those the budget cut off are still live
         stopped_by_time_budget=[t.trial_id for t in trials if reached and not t.failed and t.trial_id in live],
+        best_metrics=dict(checkpoint_metrics),
     )
 
 
@@ -339,7 +342,7 @@ def _best_of(checkpoints: list, metric: str, mode: str) -> dict:
         return {}
     checkpoint, metrics = (max if mode == "max" else min)(scored, key=lambda pair: pair[1][metric])
     return {"best_checkpoint": checkpoint, "best_metric": float(metrics[metric]),
-            "best_epoch": int(metrics.get("training_iteration", 0))}
+            "best_epoch": int(metrics.get("training_iteration", 0)), "best_metrics": dict(metrics)}
 
 
 def _first_line(error) -> str | None:

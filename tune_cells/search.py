@@ -135,9 +135,9 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             warm_trials=warm.trials,
             max_concurrent=opts.max_concurrent, resume=opts.resume,
             time_budget_s=opts.time_budget * 60 if opts.time_budget else None,
-            # classification: the one-SE rule prefers the first initial point this search runs, so it runs its whole
-            # budget; later points (nuclei's ResNet-50) are ranked as sampled trials are, to bound the cost on CPUs
-            recipe=untried[0] if untried and kind.selection_counts(trial.data) else None,
+            # the one-SE rule prefers the first initial point this search runs, so it runs its whole budget;
+            # later points (nuclei's ResNet-50) are ranked as sampled trials are, to bound the cost on CPUs
+            recipe=untried[0] if untried and kind.compares_with_recipe(trial.data) else None,
         ))
         if result.time_budget_reached:
             _end_trials_the_budget_stopped(result, events, opts)

@@ -97,9 +97,14 @@ class TaskKind(ABC):
 
     # --- after the search ----------------------------------------------------------------
 
-    def selection_counts(self, data) -> list[int] | None:
-        """Validation images per class behind the search metric (`data`: TrialInputs.data), for the
-        standard error of the one-SE rule (analysis.selection); None: the rule does not apply."""
+    def compares_with_recipe(self, data) -> bool:
+        """Whether the one-SE rule (analysis.selection) chooses this kind's champion on `data`
+        (TrialInputs.data); then ASHA lets the recipe run its whole budget (tune_cells.ray_scheduler)."""
+        return False
+
+    def selection_error(self, data, result) -> float | None:
+        """The standard error of the best trial's validation score (`result`: Ray's SearchResult), the
+        one-SE rule's margin; None: the rule does not apply."""
         return None
 
     @abstractmethod

@@ -52,7 +52,16 @@ class ClassificationKind(TaskKind):
                                       **fields)
         return TrialInputs(train_classifier, data, METRICS, ("val_loss", "val_balanced_accuracy"))
 
-    def selection_counts(self, data) -> list[int] | None:
+    def compares_with_recipe(self, data) -> bool:
+        return True
+
+    def selection_error(self, data, result) -> float | None:
+        from tune_cells.analysis.selection import balanced_accuracy_se
+
+        return balanced_accuracy_se(result.best_metric, self.selection_counts(data))
+
+    def selection_counts(self, data) -> list[int]:
+        """Validation images per class behind the balanced accuracy."""
         import numpy as np
 
         # With folds every pooled image validates once (train_* hold them all, val_* is empty).

@@ -52,6 +52,19 @@ class SegmentationKind(TaskKind):
                                     max_epochs, seed, metric=task.metric, mode=task.mode)
         return TrialInputs(train_segmenter, data, metric_keys(classes), ("val_loss", "val_dice"))
 
+    def compares_with_recipe(self, data) -> bool:
+        # Validation fields per score: the pooled images with folds (each validates once), else the validation part
+        return len(data.train_images if data.fold_of is not None else data.val_images) >= 2
+
+    def selection_error(self, data, result) -> float | None:
+        """The best trial's `val_dice_se` at its best epoch: the per-image spread of Dice over the
+        validation fields (with folds, the mean of the folds' errors, which overstates it: the rule
+        then leans towards the recipe). None for trials from before it was reported."""
+        import math
+
+        se = result.best_metrics.get("val_dice_se")
+        return float(se) if isinstance(se, (int, float)) and math.isfinite(se) else None
+
     def fold_labels(self, index, paths):
         return None  # no class per image: folds are cut plainly
 
