@@ -152,7 +152,8 @@ def within_budget(result, costs: list[TrialCost], budget: float | None, task: st
     note = _note(costs, chosen, budget) + f"; the best trial overall, {result.best_trial_id}, " + (
         f"takes {_latency(costs, result.best_trial_id)}" if budget is not None else "was not promoted")
     return replace(result, best_trial_id=trial.trial_id, best_config=trial.config, best_metric=trial.best_metric,
-                   best_epoch=trial.best_epoch, best_checkpoint=trial.best_checkpoint), note
+                   best_epoch=trial.best_epoch, best_checkpoint=trial.best_checkpoint,
+                   best_metrics=trial.best_metrics), note
 
 
 def _note(costs: list[TrialCost], trial_id: str, budget: float | None) -> str:

@@ -98,6 +98,7 @@ def gather(tracker, version, evaluation) -> CardFacts:
         search_seconds=(info.end_time - info.start_time) / 1000 if info and info.end_time else None,
         data=data, space_yaml=space, config=dict(trial.data.params) if trial is not None else {},
         experiment_id=evaluation.info.experiment_id, label_noun=noun,
+        selection=search.data.tags.get("selection", "") if search else "",
     )
 
 

@@ -36,6 +36,7 @@ class CardFacts:
     config: dict[str, str]  # the champion's configuration (its trial run's parameters)
     experiment_id: str
     label_noun: str = "class"  # what the classes are: "class", or "target" (segmentation)
+    selection: str = ""  # what the promotion chose, and why (the search run's `selection` tag)
 
     @property
     def model_uri(self) -> str:
@@ -84,7 +85,8 @@ def _model(f: CardFacts) -> str:
               if key in tags],
             ("Trained in", f"trial `{tags.get('ray_trial_id', '?')}` (run `{tags.get('trial_run_id', '?')}`), "
                            f"its best epoch {tags.get('epoch', '?')} of at most {f.search_params.get('max_epochs', '?')}"),
-            ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial"))]
+            ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial")
+             + (f" ({f.selection})" if f.selection.startswith("one-SE rule") else ""))]
     return "## Model\n\n" + _table(("", ""), rows)
 
 

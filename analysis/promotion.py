@@ -70,8 +70,11 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     rule = ""
     if max_latency_ms is None:  # a latency budget picks among its own fitting trials; deterministic, so a
         # resumed promotion chooses again the trial its first attempt registered (`existing`, kept below)
-        result, rule = selection.prefer_recipe(result, prep.space.initial_points,
-                                               task.kind.selection_error(data, result), task.mode)
+        se = task.kind.selection_error(data, result)
+        if se is None and task.kind.compares_with_recipe(data) and prep.space.initial_points:
+            log.info("one-SE rule skipped: the best trial reported no standard error of %s (a trial from before it "
+                     "was reported); the best trial is promoted", task.metric)
+        result, rule = selection.prefer_recipe(result, prep.space.initial_points, se, task.mode)
         if rule:
             log.info("%s", rule)
     result, note = latency.within_budget(result, costs, max_latency_ms, task.name,

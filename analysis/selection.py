@@ -60,4 +60,5 @@ def prefer_recipe(result, initial_points: list[dict], se: float | None, mode: st
 
 
 def _name(number: int, point: dict) -> str:
-    return f"initial point {number}" + (f" ({point['model']})" if "model" in point else "")
+    name = point.get("model", point.get("encoder"))  # lung's points name their encoder
+    return f"initial point {number}" + (f" ({name})" if name else "")

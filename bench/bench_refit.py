@@ -72,7 +72,8 @@ def main() -> None:
     print(f"\nrefit on {task.name} ({args.data}), the recipe, seed {args.seed}, {args.epochs} epochs per arm, "
           f"scored on the {len(split.parts['test'])} test images each epoch; wall {time.time() - started:.0f} s, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
-    keys = [metric] + sorted({k for e in next(iter(reports.values())) for k in e if k.startswith(f"{metric}_")})
+    keys = [metric] + sorted({k for e in next(iter(reports.values())) for k in e
+                              if k.startswith(f"{metric}_") and not k.endswith("_se")})
     width = max(map(len, reports)) + 2
     for key in keys:
         print(f"test {key.removeprefix('val_')} at the last epoch (declared), then per epoch")

@@ -28,6 +28,8 @@ params:
   scale: 0.5
   tile_size: 128
   overlap: 0.25
+initial_points:
+  - {base_width: 8, loss: bce_dice, lr: 2.0e-3}
 """
 
 
@@ -60,6 +62,14 @@ def test_trials_report_dice_per_target(lung_search):
     for run in trials:
         for key in ("val_dice", "val_dice_Parenchyma", "val_dice_SevereInflammation", "val_jaccard", "val_pooled_dice"):
             assert 0.0 <= run.data.metrics[key] <= 1.0
+        assert 0.0 <= run.data.metrics["val_dice_se"] <= 0.5  # over the 2 validation fields
+
+
+def test_the_one_se_rule_chooses_between_the_recipe_and_the_sampled_trial(lung_search):
+    """Its margin is the best trial's val_dice_se, read back from what Ray kept with the checkpoint."""
+    search = next(r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "search")
+    assert search.data.tags["selection"].startswith("one-SE rule: "), search.data.tags["selection"]
+    assert search.data.params["promotion_policy"].startswith("the one-SE rule")
 
 
 def test_evaluation_writes_masks_overlays_and_pixel_table(lung_search):

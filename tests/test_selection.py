@@ -119,7 +119,7 @@ def test_the_dice_standard_error_is_the_spread_of_the_per_image_scores():
 
 def test_segmentation_gives_way_to_the_recipe_within_the_dice_spread_of_its_validation_fields():
     """Lung (2026-11-30): the best trial led the recipe by 0.010 mean Dice on 2 validation fields."""
-    from trainables.segmentation import SegmentationData
+    from tune_cells.trainables.segmentation import SegmentationData
 
     field = np.zeros((8, 8, 3), np.uint8)
     mask = np.zeros((2, 8, 8), np.uint8)
@@ -136,6 +136,21 @@ def test_segmentation_gives_way_to_the_recipe_within_the_dice_spread_of_its_vali
     assert chosen.best_trial_id == "recipe" and "within one standard error (0.0210)" in note
     result.best_metrics = {"val_dice": 0.867}  # a trial from before the error was reported: the best trial
     assert SEGMENTATION.selection_error(data, result) is None
+
+
+def test_with_folds_each_fold_needs_two_fields_and_the_errors_combine_as_a_means():
+    from tune_cells.trainables.segmentation import SegmentationData
+    from tune_cells.trainables.skeleton import FoldEnsembleTrainer
+
+    field, mask = np.zeros((8, 8, 3), np.uint8), np.zeros((2, 8, 8), np.uint8)
+    pooled = dict(train_images=[field] * 8, train_masks=[mask] * 8, val_images=[], val_masks=[], task="lung",
+                  targets=["a", "b"], mean=(0.5,) * 3, std=(0.2,) * 3, max_epochs=20, seed=0)
+    assert SEGMENTATION.compares_with_recipe(SegmentationData(**pooled, fold_of=np.array([0, 0, 1, 1, 2, 2, 2, 2])))
+    assert not SEGMENTATION.compares_with_recipe(SegmentationData(**pooled, fold_of=np.array([0, 1, 1, 1, 2, 2, 2, 2])))
+    folds = [{"val_dice": 0.8, "val_dice_se": 0.03, "epoch_time_s": 1.0}, {"val_dice": 0.9, "val_dice_se": 0.04,
+                                                                         "epoch_time_s": 2.0}]
+    mean = FoldEnsembleTrainer.mean(folds)
+    assert mean["val_dice"] == pytest.approx(0.85) and mean["val_dice_se"] == pytest.approx(0.025)  # sqrt(.03²+.04²)/2
 
 
 def test_asha_ranks_the_recipe_but_never_stops_it_before_its_last_epoch():

@@ -269,6 +269,8 @@ class FoldEnsembleTrainer:
     def mean(per_fold: list[dict]) -> dict:
         numbers = [k for k, v in per_fold[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         mean = {**per_fold[0], **{k: sum(m[k] for m in per_fold) / len(per_fold) for k in numbers}}
+        for key in (k for k in numbers if k.endswith("_se")):  # a standard error: of the mean of K fold means
+            mean[key] = math.sqrt(sum(m[key] ** 2 for m in per_fold)) / len(per_fold)
         mean["epoch_time_s"] = sum(m["epoch_time_s"] for m in per_fold)  # folds train one after another
         return mean
 

@@ -169,6 +169,16 @@ def _end_trials_the_budget_stopped(result, events, opts: SearchOptions) -> None:
                 len(result.stopped_by_time_budget), max(0, opts.samples - len(result.trials)), opts.samples)
 
 
+def _promotion_policy(opts: SearchOptions, prep: PreparedSearch, data) -> str:
+    """How the champion will be chosen, in words (the model card's "Chosen by")."""
+    task = prep.task
+    if opts.max_latency_ms is None and prep.space.initial_points and task.kind.compares_with_recipe(data):
+        return (f"the one-SE rule: the space's first initial point that ran, unless the best trial by {task.metric} "
+                "leads it on validation by more than the standard error; its best-epoch checkpoint")
+    fits = " whose latency fits --max-latency-ms" if opts.max_latency_ms is not None else ""
+    return f"best trial{fits} by {task.mode} {task.metric} over all its epochs; its best-epoch checkpoint"
+
+
 def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: PreparedSearch, split: Split, data,
                        resources: TrialResources) -> None:
     from tune_cells.models import cached_pretrained_architectures
@@ -191,7 +201,7 @@ def _log_search_inputs(tracker, parent: str, opts: SearchOptions, prep: Prepared
         # (Listing the cache imports torchvision: seconds a space without pretrained models need not wait.)
         "pretrained_weights_cached": (",".join(cached_pretrained_architectures()) or "none")
         if prep.space.may_use_pretrained else "not used by the space",
-        "promotion_policy": f"best trial by {task.mode} {task.metric} over all its epochs; its best-epoch checkpoint",
+        "promotion_policy": _promotion_policy(opts, prep, data),
     })
     summary = {
         "root": str(prep.index.root), "source": prep.index.source, "kind": task.kind.name,

@@ -53,13 +53,17 @@ class SegmentationKind(TaskKind):
         return TrialInputs(train_segmenter, data, metric_keys(classes), ("val_loss", "val_dice"))
 
     def compares_with_recipe(self, data) -> bool:
-        # Validation fields per score: the pooled images with folds (each validates once), else the validation part
-        return len(data.train_images if data.fold_of is not None else data.val_images) >= 2
+        """Each score behind `val_dice` has an error: two or more validation fields (with folds: per fold)."""
+        import numpy as np
+
+        if data.fold_of is not None:
+            return int(np.bincount(data.fold_of).min()) >= 2
+        return len(data.val_images) >= 2
 
     def selection_error(self, data, result) -> float | None:
         """The best trial's `val_dice_se` at its best epoch: the per-image spread of Dice over the
-        validation fields (with folds, the mean of the folds' errors, which overstates it: the rule
-        then leans towards the recipe). None for trials from before it was reported."""
+        validation fields (with folds, the error of the mean over folds). None for trials from before
+        it was reported."""
         import math
 
         se = result.best_metrics.get("val_dice_se")
