@@ -78,20 +78,38 @@ class Prepared:
     inputs: object
 
 
-def prepare(change: OldCode, data_root: Path, workdir: Path, epochs: int, seed: int) -> Prepared:
-    from tune_cells.data.reader import SplitReader
+@dataclass
+class RecipeSetup:
+    """The recipe of a task on one dataset: its index, the seed's split (without a search's
+    near-duplicate grouping), the recipe's configuration and the decode size a search would use."""
+    task: object
+    index: object
+    split: object
+    config: dict
+    size: int
+
+
+def recipe_setup(task_name: str, data_root: Path, workdir: Path, seed: int, overrides: dict | None = None) -> RecipeSetup:
     from tune_cells.data.splits import load_or_create_split
     from tune_cells.preflight import store_size
     from tune_cells.search_spaces import builtin_space_path, load_space
     from tune_cells.space_weights import fit_space_to_weights
     from tune_cells.tasks import get_task
 
-    task = get_task(change.task)
+    task = get_task(task_name)
     index = task.importer(data_root)
     split = load_or_create_split(workdir / "splits" / f"{task.name}-{seed}.json", index, seed)
-    config = {**recipe_space(task.name)["params"], **change.overrides, "seed": seed}
+    config = {**recipe_space(task.name)["params"], **(overrides or {}), "seed": seed}
     space = fit_space_to_weights(load_space(builtin_space_path(task.default_space)))
     size = store_size(task, index, None, space.largest("image_size")).size  # as a search's preflight decodes
+    return RecipeSetup(task, index, split, config, size)
+
+
+def prepare(change: OldCode, data_root: Path, workdir: Path, epochs: int, seed: int) -> Prepared:
+    from tune_cells.data.reader import SplitReader
+
+    setup = recipe_setup(change.task, data_root, workdir, seed, change.overrides)
+    task, index, split, config, size = setup.task, setup.index, setup.split, setup.config, setup.size
     reader = SplitReader(index, split, task.channels, size, workdir)
     return Prepared(task, config, task.kind.trial_inputs(task, index, reader, epochs, seed))
 
@@ -138,7 +156,8 @@ def main() -> None:
         print(f"{label:<{width}}{max(values):>8.4f}{values[-1]:>8.4f}   {' '.join(f'{v:.4f}' for v in values)}"
               f"   best - first arm {100 * (max(values) - base):+.2f} pp")
     # per target (segmentation: val_dice_<target>), at the epoch the task's metric was best and at its own best
-    parts = sorted({key for epochs in reports.values() for key in epochs[0] if key.startswith(f"{metric}_")})
+    parts = sorted({key for epochs in reports.values() for key in epochs[0]
+                    if key.startswith(f"{metric}_") and not key.endswith("_se")})  # scores, not their errors
     for key in parts:
         print(key)
         for label, epochs in reports.items():

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_old_code import Prepared, arm_results  # noqa: E402  (a sibling script, not a package)
-from bench_recipe import recipe_space, run_with_one_line_errors  # noqa: E402
+from bench_old_code import Prepared, arm_results, recipe_setup  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import run_with_one_line_errors  # noqa: E402
 
 
 def prepared_arm(task, index, split, train_parts: tuple[str, ...], config: dict, size: int,
@@ -47,20 +47,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("bench-refit-runs"))
     args = parser.parse_args()
 
-    from tune_cells.data.splits import load_or_create_split
-    from tune_cells.preflight import store_size
-    from tune_cells.search_spaces import builtin_space_path, load_space
-    from tune_cells.space_weights import fit_space_to_weights
-    from tune_cells.tasks import get_task
-
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    task = get_task(args.task)
-    index = task.importer(args.data)
-    split = load_or_create_split(args.workdir / "splits" / f"{task.name}-{args.seed}.json", index, args.seed)
-    config = {**recipe_space(task.name)["params"], "seed": args.seed}
-    space = fit_space_to_weights(load_space(builtin_space_path(task.default_space)))
-    size = store_size(task, index, None, space.largest("image_size")).size
+    setup = recipe_setup(args.task, args.data, args.workdir, args.seed)
+    task, index, split, config, size = setup.task, setup.index, setup.split, setup.config, setup.size
     arms = {"training part (as a search trains)": ("train",), "training + validation parts (refit)": ("train", "val")}
     reports = {}
     for label, parts in arms.items():
