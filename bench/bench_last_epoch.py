@@ -1,0 +1,135 @@
+"""Which epoch of a segmentation trial to promote: the one that scored best on the validation fields
+(what a search promotes today) or the last one (what nnU-Net promotes), scored on fields of animals
+that neither training nor validation saw, over outer folds that together test every field once.
+
+    .venv/bin/python bench/bench_last_epoch.py lung --data ../shared/data/lung --epochs 20 --folds 5
+
+With two validation fields, the validation-best epoch is picked by the noise of two images (session
+11's one draw: the recipe's epoch 5 scored 0.724 mean test Dice, its last epoch 0.757). Here the
+fields are dealt into `--folds` folds by animal (group), balanced by field count; fold k tests,
+fold k+1 validates, the others train, as bench_outer_folds.py deals them. The recipe (the default
+space's first initial point) trains once per fold through the trainable a search runs; after
+every epoch it is also scored on the test fields (read only, never selected on). Printed: per fold
+the epoch each rule picks and its test Dice per target, then per-image test Dice pooled over all
+folds for both rules with the paired difference. Thresholds stay at the recipe's (0.5). Run it
+alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_old_code import Prepared, arm_results, recipe_setup  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import run_with_one_line_errors  # noqa: E402
+
+
+def balanced_group_folds(groups: dict[str, list[str]], folds: int, seed: int) -> list[list[str]]:
+    """Groups (name -> paths) dealt into `folds` folds: the largest group first (ties in a seeded
+    order) to the fold with the fewest paths so far."""
+    rng = np.random.default_rng(seed)
+    names = sorted(groups)
+    order = sorted(rng.permutation(len(names)), key=lambda i: -len(groups[names[i]]))
+    dealt: list[list[str]] = [[] for _ in range(folds)]
+    for i in order:
+        min(dealt, key=len).extend(groups[names[i]])
+    return [sorted(fold) for fold in dealt]
+
+
+def test_scoring_trainer(test_images, test_masks):
+    """The task's segmentation trainer, also scoring the test fields after each epoch (`test_` keys)."""
+    from tune_cells.analysis.segmentation_metrics import segmentation_scores
+    from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks
+    from tune_cells.trainables.segmentation import SegmentationTrainer
+
+    class TestScoringTrainer(SegmentationTrainer):
+        def validate(self) -> dict[str, float]:
+            scores = super().validate()
+            images = [rescale_image(i, self.config.scale) for i in test_images]
+            masks = [rescale_masks(m, self.config.scale) for m in test_masks]
+            predicted = [(predict_logits_tiled(self.model, image, self.eval_preset, self.tile, self.config.overlap,
+                                               self.device, precision=self.precision).sigmoid()
+                          > self.config.threshold).numpy() for image in images]
+            test, rows = segmentation_scores(masks, predicted, list(self.data.targets), "test_")
+            per_image = {f"test_image_dice_{t}": [r["dice"] for r in rows if r["target"] == t] for t in self.data.targets}
+            return {**scores, **test, **per_image}
+
+    return TestScoringTrainer
+
+
+def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir: Path) -> list[dict]:
+    from tune_cells.data.reader import SplitReader
+    from tune_cells.trainables.segmentation import SegmentationData
+    from tune_cells.trainables.skeleton import run_trial
+
+    task, index = setup.task, setup.index
+    reader = SplitReader(index, dataclasses.replace(setup.split, parts=parts), task.channels, setup.size, workdir)
+    inputs = task.kind.trial_inputs(task, index, reader, epochs, seed)
+    if not isinstance(inputs.data, SegmentationData):
+        sys.exit(f"{task.name}: not a segmentation task; this bench compares epochs of segmentation trials")
+    test_images, test_masks = reader.load_segmentation("test", "bench: scored each epoch, never selected on")
+    trainer = test_scoring_trainer(test_images, test_masks)
+    trainable = lambda config, data, session: run_trial(trainer, config, data, session)  # noqa: E731
+    return arm_results(Prepared(task, setup.config, dataclasses.replace(inputs, trainable=trainable)), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task")
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder in the task's layout")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("bench-last-epoch-runs"))
+    args = parser.parse_args()
+    if args.folds < 3:
+        parser.error(f"--folds {args.folds}: at least 3 (a test, a validation and a training fold)")
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    setup = recipe_setup(args.task, args.data, args.workdir, args.seed)
+    items = setup.index.items
+    group_of = items["group"] if "group" in items.columns else items["path"]
+    groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
+    folds = balanced_group_folds(groups, args.folds, args.seed)
+    metric, targets = setup.task.metric, list(setup.index.classes)
+    picked: dict[str, dict[str, list[float]]] = {"validation-best epoch": {t: [] for t in targets},
+                                                 "last epoch": {t: [] for t in targets}}
+    lines = []
+    for k in range(args.folds):
+        held = {k, (k + 1) % args.folds}
+        parts = {"train": sorted(p for j, fold in enumerate(folds) if j not in held for p in fold),
+                 "val": folds[(k + 1) % args.folds], "test": folds[k]}
+        reports = fold_run(setup, parts, args.epochs, args.seed, args.workdir / f"fold-{k}")
+        values = [r[metric] for r in reports]
+        best = int(np.argmax(values))  # the first best, as the checkpoint policy keeps it
+        for label, epoch in (("validation-best epoch", best), ("last epoch", len(reports) - 1)):
+            for t in targets:
+                picked[label][t].extend(reports[epoch][f"test_image_dice_{t}"])
+        lines.append(f"fold {k} (test {', '.join(Path(p).stem for p in parts['test'])}): {metric} best at epoch "
+                     f"{best + 1} ({values[best]:.3f}), last {values[-1]:.3f}; test Dice "
+                     + "; ".join(f"{t} {reports[best][f'test_dice_{t}']:.3f} -> {reports[-1][f'test_dice_{t}']:.3f}"
+                                 for t in targets))
+        print(lines[-1], flush=True)
+        print("  test mean Dice per epoch: " + " ".join(
+            f"{np.mean([r[f'test_dice_{t}'] for t in targets]):.3f}" for r in reports), flush=True)
+
+    print(f"\n{setup.task.name} ({args.data}), the recipe, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
+          f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
+    print("\n".join(lines))
+    for t in targets:
+        best, last = np.array(picked["validation-best epoch"][t]), np.array(picked["last epoch"][t])
+        diff = last - best
+        print(f"{t}: per-image test Dice over {len(best)} fields: validation-best epoch {best.mean():.4f}, "
+              f"last epoch {last.mean():.4f}; last - best {diff.mean():+.4f} "
+              f"(higher on {int((diff > 0).sum())}, lower on {int((diff < 0).sum())} fields)")
+
+
+if __name__ == "__main__":
+    run_with_one_line_errors(main)
