@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tune_cells.analysis.selection import is_rule_note
+
 HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "test_dice",
             "test_pooled_dice", "test_jaccard")
 CALIBRATION = ("test_ece_before_temperature", "test_ece")
@@ -86,7 +88,7 @@ def _model(f: CardFacts) -> str:
             ("Trained in", f"trial `{tags.get('ray_trial_id', '?')}` (run `{tags.get('trial_run_id', '?')}`), "
                            f"its best epoch {tags.get('epoch', '?')} of at most {f.search_params.get('max_epochs', '?')}"),
             ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial")
-             + (f" ({f.selection})" if f.selection.startswith("one-SE rule") else ""))]
+             + (f" ({f.selection})" if is_rule_note(f.selection) else ""))]
     return "## Model\n\n" + _table(("", ""), rows)
 
 

@@ -71,7 +71,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     if max_latency_ms is None:  # a latency budget picks among its own fitting trials; deterministic, so a
         # resumed promotion chooses again the trial its first attempt registered (`existing`, kept below)
         se = task.kind.selection_error(data, result)
-        if se is None and task.kind.compares_with_recipe(data) and prep.space.initial_points:
+        if se is None and selection.rule_applies(task.kind, data, prep.space.initial_points, max_latency_ms):
             log.info("one-SE rule skipped: the best trial reported no standard error of %s (a trial from before it "
                      "was reported); the best trial is promoted", task.metric)
         result, rule = selection.prefer_recipe(result, prep.space.initial_points, se, task.mode)

@@ -20,6 +20,21 @@ from dataclasses import replace
 
 from tune_cells.search_spaces import point_matches
 
+RULE = "one-SE rule"  # how each of the rule's log lines, and the promotion's `selection` tag, begins
+
+
+def rule_applies(kind, data, initial_points: list[dict], max_latency_ms: float | None) -> bool:
+    """Whether the one-SE rule chooses a search's champion: the space has a fixed recipe (an initial
+    point), the kind can give the validation score an error on `data`, and no latency budget chooses
+    instead. Asked by the promotion, by ASHA (which then lets the recipe run its whole budget) and by
+    the model card's "Chosen by"."""
+    return max_latency_ms is None and bool(initial_points) and kind.compares_with_recipe(data)
+
+
+def is_rule_note(selection_tag: str) -> bool:
+    """Whether a promotion's `selection` tag is one of `prefer_recipe`'s lines."""
+    return selection_tag.startswith(RULE)
+
 
 def balanced_accuracy_se(score: float, class_counts: list[int]) -> float:
     """Standard error of a balanced accuracy near `score`, from the images per class it averages:
@@ -48,15 +63,15 @@ def prefer_recipe(result, initial_points: list[dict], se: float | None, mode: st
             if not point_matches(point, trial.config):
                 continue
             if trial.trial_id == result.best_trial_id:
-                return result, f"one-SE rule: the best trial is the space's {_name(number, point)}"
+                return result, f"{RULE}: the best trial is the space's {_name(number, point)}"
             if best - trial.best_metric <= se:
-                note = (f"one-SE rule: promoted the space's {_name(number, point)} (trial {trial.trial_id}, "
+                note = (f"{RULE}: promoted the space's {_name(number, point)} (trial {trial.trial_id}, "
                         f"{trial.best_metric:.4f}), within one standard error ({se:.4f}) of the best trial "
                         f"{result.best_trial_id} ({best:.4f})")
                 return replace(result, best_trial_id=trial.trial_id, best_config=trial.config,
                                best_metric=trial.best_metric, best_epoch=trial.best_epoch,
                                best_checkpoint=trial.best_checkpoint, best_metrics=trial.best_metrics), note
-    return result, f"one-SE rule: the best trial {result.best_trial_id} beats every initial point by more than {se:.4f}"
+    return result, f"{RULE}: the best trial {result.best_trial_id} beats every initial point by more than {se:.4f}"
 
 
 def _name(number: int, point: dict) -> str:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tune_cells.analysis.selection import balanced_accuracy_se, prefer_recipe
+from tune_cells.analysis.selection import balanced_accuracy_se, is_rule_note, prefer_recipe, rule_applies
 from tune_cells.kinds import CLASSIFICATION, SEGMENTATION
 from tune_cells.ray_backend import SearchResult, TrialSummary
 from tune_cells.search_spaces import point_matches
@@ -136,6 +136,24 @@ def test_segmentation_gives_way_to_the_recipe_within_the_dice_spread_of_its_vali
     assert chosen.best_trial_id == "recipe" and "within one standard error (0.0210)" in note
     result.best_metrics = {"val_dice": 0.867}  # a trial from before the error was reported: the best trial
     assert SEGMENTATION.selection_error(data, result) is None
+
+
+def test_the_rule_applies_with_a_recipe_an_error_and_no_latency_budget_and_its_notes_say_so():
+    """One predicate for the promotion, ASHA and the card, so the three cannot drift apart."""
+    from tune_cells.trainables.segmentation import SegmentationData
+
+    field, mask = np.zeros((8, 8, 3), np.uint8), np.zeros((2, 8, 8), np.uint8)
+    two, one = ([field] * 2, [mask] * 2), ([field], [mask])
+    data = {n: SegmentationData([field] * 6, [mask] * 6, *v, "lung", ["a", "b"], (0.5,) * 3, (0.2,) * 3, 20, 0)
+            for n, v in (("two", two), ("one", one))}
+    assert rule_applies(SEGMENTATION, data["two"], [RECIPE], None)
+    assert not rule_applies(SEGMENTATION, data["one"], [RECIPE], None)  # one field: no error to compare within
+    assert not rule_applies(SEGMENTATION, data["two"], [], None)  # no recipe
+    assert not rule_applies(SEGMENTATION, data["two"], [RECIPE], 5.0)  # a latency budget chooses
+    assert rule_applies(CLASSIFICATION, None, [RECIPE], None)
+    result = search(trial("sampled", 0.867, lr=8.2e-4), trial("recipe", 0.857, **RECIPE))
+    notes = [prefer_recipe(result, [RECIPE], se, "max")[1] for se in (0.02, 0.001)]
+    assert all(is_rule_note(n) for n in notes) and not is_rule_note("")
 
 
 def test_with_folds_each_fold_needs_two_fields_and_the_errors_combine_as_a_means():

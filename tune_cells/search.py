@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tune_cells.analysis import selection
 from tune_cells.analysis.promotion import SearchOutcome, promote
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, dataset_record, describe_groups, save_split
@@ -137,7 +138,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             time_budget_s=opts.time_budget * 60 if opts.time_budget else None,
             # the one-SE rule prefers the first initial point this search runs, so it runs its whole budget;
             # later points (nuclei's ResNet-50) are ranked as sampled trials are, to bound the cost on CPUs
-            recipe=untried[0] if untried and kind.compares_with_recipe(trial.data) else None,
+            recipe=untried[0] if selection.rule_applies(kind, trial.data, untried, opts.max_latency_ms) else None,
         ))
         if result.time_budget_reached:
             _end_trials_the_budget_stopped(result, events, opts)
@@ -172,7 +173,7 @@ def _end_trials_the_budget_stopped(result, events, opts: SearchOptions) -> None:
 def _promotion_policy(opts: SearchOptions, prep: PreparedSearch, data) -> str:
     """How the champion will be chosen, in words (the model card's "Chosen by")."""
     task = prep.task
-    if opts.max_latency_ms is None and prep.space.initial_points and task.kind.compares_with_recipe(data):
+    if selection.rule_applies(task.kind, data, prep.space.initial_points, opts.max_latency_ms):
         return (f"the one-SE rule: the space's first initial point that ran, unless the best trial by {task.metric} "
                 "leads it on validation by more than the standard error; its best-epoch checkpoint")
     fits = " whose latency fits --max-latency-ms" if opts.max_latency_ms is not None else ""
