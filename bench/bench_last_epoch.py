@@ -1,6 +1,8 @@
-"""Which epoch of a segmentation trial to promote: the one that scored best on the validation fields
-(what a search promotes today) or the last one (what nnU-Net promotes), scored on fields of animals
-that neither training nor validation saw, over outer folds that together test every field once.
+"""Which weights of a segmentation trial to promote: its epoch that scored best on the validation fields
+(what a search promotes today), its last epoch (what nnU-Net promotes), that epoch with its
+BatchNorm statistics recomputed over training views (precise BN), or its weights averaged over the
+second half of training with the same recomputation (SWA), scored on fields of animals that neither training nor validation
+saw, over outer folds that together test every field once.
 
     .venv/bin/python bench/bench_last_epoch.py lung --data ../shared/data/lung --epochs 20 --folds 5
 
@@ -11,13 +13,14 @@ fold k+1 validates, the others train, as bench_outer_folds.py deals them. The re
 space's first initial point) trains once per fold through the trainable a search runs; after
 every epoch it is also scored on the test fields (read only, never selected on). Printed: per fold
 the epoch each rule picks and its test Dice per target, then per-image test Dice pooled over all
-folds for both rules with the paired difference. Thresholds stay at the recipe's (0.5). Run it
+folds for each rule, with the paired difference from today's rule. Thresholds stay at the recipe's (0.5). Run it
 alone on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 import time
@@ -43,22 +46,60 @@ def balanced_group_folds(groups: dict[str, list[str]], folds: int, seed: int) ->
 
 
 def test_scoring_trainer(test_images, test_masks):
-    """The task's segmentation trainer, also scoring the test fields after each epoch (`test_` keys)."""
+    """The task's segmentation trainer, also scoring the test fields after each epoch (`test_` keys),
+    and keeping an equal average of its weights after each epoch of the second half (stochastic
+    weight averaging, Izmailov et al. 2018, as torch.optim.swa_utils does it), scored at the end
+    (`swa_` keys) once its BatchNorm statistics are recomputed on training views."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
     from tune_cells.analysis.segmentation_metrics import segmentation_scores
     from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks
-    from tune_cells.trainables.segmentation import SegmentationTrainer
+    from tune_cells.trainables.segmentation import SegmentationTrainer, sample_views
 
     class TestScoringTrainer(SegmentationTrainer):
+        epoch = 0
+        average = None
+
+        def score(self, model, images, masks, prefix):
+            predicted = [(predict_logits_tiled(model, image, self.eval_preset, self.tile, self.config.overlap,
+                                               self.device, precision=self.precision).sigmoid()
+                          > self.config.threshold).numpy() for image in images]
+            scores, rows = segmentation_scores(masks, predicted, list(self.data.targets), prefix)
+            return {**scores, **{f"{prefix}image_dice_{t}": [r["dice"] for r in rows if r["target"] == t]
+                                 for t in self.data.targets}}
+
         def validate(self) -> dict[str, float]:
+            self.epoch += 1
             scores = super().validate()
             images = [rescale_image(i, self.config.scale) for i in test_images]
             masks = [rescale_masks(m, self.config.scale) for m in test_masks]
-            predicted = [(predict_logits_tiled(self.model, image, self.eval_preset, self.tile, self.config.overlap,
-                                               self.device, precision=self.precision).sigmoid()
-                          > self.config.threshold).numpy() for image in images]
-            test, rows = segmentation_scores(masks, predicted, list(self.data.targets), "test_")
-            per_image = {f"test_image_dice_{t}": [r["dice"] for r in rows if r["target"] == t] for t in self.data.targets}
-            return {**scores, **test, **per_image}
+            scores.update(self.score(self.model, images, masks, "test_"))
+            if self.epoch > self.data.max_epochs // 2:
+                self.average = self.average or AveragedModel(self.model)
+                self.average.update_parameters(self.model)
+            if self.epoch == self.data.max_epochs:
+                for prefix, weights in (("swa_", self.average.module), ("bn_", copy.deepcopy(self.model))):
+                    model = self.with_fresh_batchnorm(weights)
+                    scores.update(self.score(model, self.val_images, self.val_masks, f"{prefix}val_"))
+                    scores.update(self.score(model, images, masks, f"{prefix}test_"))
+            return scores
+
+        def with_fresh_batchnorm(self, model):
+            """`model` with BatchNorm statistics recomputed over 96 training views (a separate
+            generator: the trial's own draws are not disturbed), as swa_utils.update_bn does."""
+            norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None  # a cumulative average over the views
+            views, _ = sample_views(self.train_images, self.train_masks, 96, self.tile, np.random.default_rng(0),
+                                    self.config.dihedral)
+            model.train()
+            with torch.no_grad():
+                for start in range(0, len(views), self.config.batch_size):
+                    model(self.eval_preset(torch.from_numpy(views[start : start + self.config.batch_size])))
+            model.eval()
+            return model
 
     return TestScoringTrainer
 
@@ -99,8 +140,9 @@ def main() -> None:
     groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
     folds = balanced_group_folds(groups, args.folds, args.seed)
     metric, targets = setup.task.metric, list(setup.index.classes)
-    picked: dict[str, dict[str, list[float]]] = {"validation-best epoch": {t: [] for t in targets},
-                                                 "last epoch": {t: [] for t in targets}}
+    rules = ("validation-best epoch", "last epoch", "last epoch, BatchNorm statistics recomputed",
+             "weights averaged over the second half, BatchNorm statistics recomputed")
+    picked: dict[str, dict[str, list[float]]] = {rule: {t: [] for t in targets} for rule in rules}
     lines = []
     for k in range(args.folds):
         held = {k, (k + 1) % args.folds}
@@ -112,10 +154,16 @@ def main() -> None:
         for label, epoch in (("validation-best epoch", best), ("last epoch", len(reports) - 1)):
             for t in targets:
                 picked[label][t].extend(reports[epoch][f"test_image_dice_{t}"])
+        for t in targets:
+            picked[rules[2]][t].extend(reports[-1][f"bn_test_image_dice_{t}"])
+            picked[rules[3]][t].extend(reports[-1][f"swa_test_image_dice_{t}"])
         lines.append(f"fold {k} (test {', '.join(Path(p).stem for p in parts['test'])}): {metric} best at epoch "
                      f"{best + 1} ({values[best]:.3f}), last {values[-1]:.3f}; test Dice "
                      + "; ".join(f"{t} {reports[best][f'test_dice_{t}']:.3f} -> {reports[-1][f'test_dice_{t}']:.3f}"
-                                 for t in targets))
+                                 for t in targets)
+                     + "".join(f"; {name}: {metric} {reports[-1][f'{p}{metric}']:.3f}, test Dice "
+                               + "; ".join(f"{t} {reports[-1][f'{p}test_dice_{t}']:.3f}" for t in targets)
+                               for name, p in (("last, fresh BatchNorm", "bn_"), ("averaged", "swa_"))))
         print(lines[-1], flush=True)
         print("  test mean Dice per epoch: " + " ".join(
             f"{np.mean([r[f'test_dice_{t}'] for t in targets]):.3f}" for r in reports), flush=True)
@@ -124,11 +172,13 @@ def main() -> None:
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n".join(lines))
     for t in targets:
-        best, last = np.array(picked["validation-best epoch"][t]), np.array(picked["last epoch"][t])
-        diff = last - best
-        print(f"{t}: per-image test Dice over {len(best)} fields: validation-best epoch {best.mean():.4f}, "
-              f"last epoch {last.mean():.4f}; last - best {diff.mean():+.4f} "
-              f"(higher on {int((diff > 0).sum())}, lower on {int((diff < 0).sum())} fields)")
+        best = np.array(picked[rules[0]][t])
+        print(f"{t}: per-image test Dice over {len(best)} fields: "
+              + ", ".join(f"{rule} {np.mean(picked[rule][t]):.4f}" for rule in rules))
+        for rule in rules[1:]:
+            diff = np.array(picked[rule][t]) - best
+            print(f"  {rule} - validation-best epoch: {diff.mean():+.4f} (higher on {int((diff > 0).sum())}, "
+                  f"lower on {int((diff < 0).sum())} fields)")
 
 
 if __name__ == "__main__":
