@@ -1,6 +1,6 @@
 """Which weights of a segmentation trial to promote: its epoch that scored best on the validation fields
-(what a search promotes today), its last epoch (what nnU-Net promotes), that epoch with its
-BatchNorm statistics recomputed over training views (precise BN), or its weights averaged over the
+(what a search promotes today), its last epoch (what nnU-Net promotes), either with its
+BatchNorm statistics recomputed over training views after every epoch (precise BN), or its weights averaged over the
 second half of training with the same recomputation (SWA), scored on fields of animals that neither training nor validation
 saw, over outer folds that together test every field once.
 
@@ -78,11 +78,13 @@ def test_scoring_trainer(test_images, test_masks):
             if self.epoch > self.data.max_epochs // 2:
                 self.average = self.average or AveragedModel(self.model)
                 self.average.update_parameters(self.model)
+            weights = {"bn_": copy.deepcopy(self.model)}  # precise BN, every epoch: it can change the best epoch
             if self.epoch == self.data.max_epochs:
-                for prefix, weights in (("swa_", self.average.module), ("bn_", copy.deepcopy(self.model))):
-                    model = self.with_fresh_batchnorm(weights)
-                    scores.update(self.score(model, self.val_images, self.val_masks, f"{prefix}val_"))
-                    scores.update(self.score(model, images, masks, f"{prefix}test_"))
+                weights["swa_"] = self.average.module
+            for prefix, model in weights.items():
+                model = self.with_fresh_batchnorm(model)
+                scores.update(self.score(model, self.val_images, self.val_masks, f"{prefix}val_"))
+                scores.update(self.score(model, images, masks, f"{prefix}test_"))
             return scores
 
         def with_fresh_batchnorm(self, model):
@@ -140,7 +142,8 @@ def main() -> None:
     groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
     folds = balanced_group_folds(groups, args.folds, args.seed)
     metric, targets = setup.task.metric, list(setup.index.classes)
-    rules = ("validation-best epoch", "last epoch", "last epoch, BatchNorm statistics recomputed",
+    rules = ("validation-best epoch", "last epoch", "validation-best epoch, BatchNorm statistics recomputed",
+             "last epoch, BatchNorm statistics recomputed",
              "weights averaged over the second half, BatchNorm statistics recomputed")
     picked: dict[str, dict[str, list[float]]] = {rule: {t: [] for t in targets} for rule in rules}
     lines = []
@@ -154,19 +157,24 @@ def main() -> None:
         for label, epoch in (("validation-best epoch", best), ("last epoch", len(reports) - 1)):
             for t in targets:
                 picked[label][t].extend(reports[epoch][f"test_image_dice_{t}"])
+        best_bn = int(np.argmax([r[f"bn_{metric}"] for r in reports]))
         for t in targets:
-            picked[rules[2]][t].extend(reports[-1][f"bn_test_image_dice_{t}"])
-            picked[rules[3]][t].extend(reports[-1][f"swa_test_image_dice_{t}"])
+            picked[rules[2]][t].extend(reports[best_bn][f"bn_test_image_dice_{t}"])
+            picked[rules[3]][t].extend(reports[-1][f"bn_test_image_dice_{t}"])
+            picked[rules[4]][t].extend(reports[-1][f"swa_test_image_dice_{t}"])
         lines.append(f"fold {k} (test {', '.join(Path(p).stem for p in parts['test'])}): {metric} best at epoch "
                      f"{best + 1} ({values[best]:.3f}), last {values[-1]:.3f}; test Dice "
                      + "; ".join(f"{t} {reports[best][f'test_dice_{t}']:.3f} -> {reports[-1][f'test_dice_{t}']:.3f}"
                                  for t in targets)
                      + "".join(f"; {name}: {metric} {reports[-1][f'{p}{metric}']:.3f}, test Dice "
                                + "; ".join(f"{t} {reports[-1][f'{p}test_dice_{t}']:.3f}" for t in targets)
-                               for name, p in (("last, fresh BatchNorm", "bn_"), ("averaged", "swa_"))))
+                               for name, p in (("last, fresh BatchNorm", "bn_"), ("averaged", "swa_")))
+                     + f"; with fresh BatchNorm, {metric} best at epoch {best_bn + 1}, test Dice "
+                     + "; ".join(f"{t} {reports[best_bn][f'bn_test_dice_{t}']:.3f}" for t in targets))
         print(lines[-1], flush=True)
-        print("  test mean Dice per epoch: " + " ".join(
-            f"{np.mean([r[f'test_dice_{t}'] for t in targets]):.3f}" for r in reports), flush=True)
+        for p, name in (("", "test"), ("bn_", "test, fresh BatchNorm,")):
+            print(f"  {name} mean Dice per epoch: " + " ".join(
+                f"{np.mean([r[f'{p}test_dice_{t}'] for t in targets]):.3f}" for r in reports), flush=True)
 
     print(f"\n{setup.task.name} ({args.data}), the recipe, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
