@@ -48,3 +48,39 @@ def test_promotion_chooses_a_threshold_per_target_on_validation(tmp_path):
     # the chosen cut is never worse on validation than the fixed 0.5 it replaces (the version keeps both)
     assert chosen["val_dice_bright_at_threshold"] >= chosen["val_dice_bright_at_0.5"]
     assert load_spec(tmp_path / "ckpt").thresholds == {"bright": chosen["threshold_bright"]}
+
+
+def test_precise_batchnorm_averages_the_batches_and_leaves_frozen_layers_and_modes_alone():
+    from torch import nn
+
+    from tune_cells.training import recompute_batchnorm
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.BatchNorm2d(4))
+    model[3].requires_grad_(False)  # frozen (freeze_features): keeps its statistics
+    model[3].eval()
+    model.train()
+    model[3].eval()
+    frozen_mean = model[3].running_mean.clone()
+    batches = [torch.randn(8, 3, 5, 5) * s + s for s in (1.0, 3.0)]
+    recompute_batchnorm(model, batches)
+    with torch.no_grad():
+        features = [model[0](x) for x in batches]
+    expected = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)  # the plain average of batch means
+    assert torch.allclose(model[1].running_mean, expected, atol=1e-5)
+    assert torch.equal(model[3].running_mean, frozen_mean)
+    assert model.training and model[1].training and not model[3].training and model[1].momentum == 0.1
+
+
+def test_with_batchnorm_views_the_checkpoint_keeps_statistics_recomputed_on_training_views(tmp_path):
+    from tune_cells.model_io import WEIGHTS_FILE
+
+    runs = {}
+    for views in (0, 4):
+        session = LocalSession(checkpoint_dir=tmp_path / f"ckpt-{views}")
+        train_segmenter({**SEGMENTER, "batchnorm_views": views}, segmentation_data(1), session)
+        assert session.failure is None
+        runs[views] = torch.load(tmp_path / f"ckpt-{views}" / WEIGHTS_FILE, weights_only=True)
+    key = next(k for k in runs[0] if k.endswith("running_mean"))
+    assert not torch.allclose(runs[0][key], runs[4][key])  # recomputed, not training's running average
+    learned = [k for k in runs[0] if "running_" not in k and "num_batches_tracked" not in k]
+    assert all(torch.equal(runs[0][k], runs[4][k]) for k in learned)  # training itself is the same

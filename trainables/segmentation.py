@@ -22,7 +22,7 @@ from tune_cells.config import SegmentationConfig
 from tune_cells.model_io import ModelSpec
 from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
 from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
-from tune_cells.training import NonFiniteLossError, Precision
+from tune_cells.training import NonFiniteLossError, Precision, recompute_batchnorm
 from tune_cells.transforms import EvalPreset, TrainPreset
 
 
@@ -194,7 +194,20 @@ class SegmentationTrainer(TrialTrainer):
             raise NonFiniteLossError(f"training loss became {mean} (try a lower learning rate)")
         return {"train_loss": mean}
 
+    def batchnorm_batches(self):
+        """`batchnorm_views` uniform training views, the same before every validation (drawn once from
+        their own generator: the trial's draws, and a resumed trial's, stay as they were)."""
+        if not hasattr(self, "_batchnorm_views"):
+            self._batchnorm_views, _ = sample_views(self.train_images, self.train_masks, self.config.batchnorm_views,
+                                                    self.tile, np.random.default_rng(self.seed), dihedral=False)
+        for start in range(0, len(self._batchnorm_views), self.config.batch_size):
+            views = torch.from_numpy(self._batchnorm_views[start : start + self.config.batch_size]).to(self.device)
+            yield self.precision.prepare_input(self.eval_preset(views))
+
     def validate(self) -> dict[str, float]:
+        if self.config.batchnorm_views:  # precise BN: what the checkpoint keeps and promotion promotes
+            with self.precision.autocast(self.device):
+                recompute_batchnorm(self.model, self.batchnorm_batches())
         val_loss, predicted = 0.0, []
         for image, mask in zip(self.val_images, self.val_masks):
             logits = predict_logits_tiled(self.model, image, self.eval_preset, self.tile, self.config.overlap,

@@ -141,6 +141,9 @@ class SegmentationConfig(TrainerConfig):
     dihedral: bool = Field(True, description="random flips and right-angle turns of views")
     focus_rate: float = Field(0.0, ge=0, le=1, description="share of training views centred on a pixel of the "
                                                             "rarest target (uniform views otherwise)")
+    batchnorm_views: int = Field(0, ge=0, le=100000, description="training views over which BatchNorm statistics are "
+                                                                  "recomputed before each validation (precise BN; 0: "
+                                                                  "the running averages of training)")
 
 
 def parameter_table(config_type: type[TrainerConfig], kind: str) -> str:
