@@ -129,10 +129,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", type=int, nargs="+", metavar="K",
+                        help="run these outer folds only (the deal is the same; each fold prints its per-field scores)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-last-epoch-runs"))
     args = parser.parse_args()
     if args.folds < 3:
         parser.error(f"--folds {args.folds}: at least 3 (a test, a validation and a training fold)")
+    if any(not 0 <= k < args.folds for k in args.only or []):
+        parser.error(f"--only {' '.join(map(str, args.only))}: folds are numbered 0 to {args.folds - 1}")
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -147,7 +151,7 @@ def main() -> None:
              "weights averaged over the second half, BatchNorm statistics recomputed")
     picked: dict[str, dict[str, list[float]]] = {rule: {t: [] for t in targets} for rule in rules}
     lines = []
-    for k in range(args.folds):
+    for k in args.only if args.only is not None else range(args.folds):
         held = {k, (k + 1) % args.folds}
         parts = {"train": sorted(p for j, fold in enumerate(folds) if j not in held for p in fold),
                  "val": folds[(k + 1) % args.folds], "test": folds[k]}
@@ -172,6 +176,9 @@ def main() -> None:
                      + f"; with fresh BatchNorm, {metric} best at epoch {best_bn + 1}, test Dice "
                      + "; ".join(f"{t} {reports[best_bn][f'bn_test_dice_{t}']:.3f}" for t in targets))
         print(lines[-1], flush=True)
+        for rule in rules:
+            print(f"  {rule}, per test field: " + "; ".join(
+                f"{t} {' '.join(f'{v:.3f}' for v in picked[rule][t][-len(parts['test']):])}" for t in targets))
         for p, name in (("", "test"), ("bn_", "test, fresh BatchNorm,")):
             print(f"  {name} mean Dice per epoch: " + " ".join(
                 f"{np.mean([r[f'{p}test_dice_{t}'] for t in targets]):.3f}" for r in reports), flush=True)
