@@ -50,14 +50,17 @@ def test_scoring_trainer(test_images, test_masks):
     and keeping an equal average of its weights after each epoch of the second half (stochastic
     weight averaging, Izmailov et al. 2018, as torch.optim.swa_utils does it), scored at the end
     (`swa_` keys) once its BatchNorm statistics are recomputed on training views."""
-    import torch
     from torch.optim.swa_utils import AveragedModel
 
     from tune_cells.analysis.segmentation_metrics import segmentation_scores
     from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks
-    from tune_cells.trainables.segmentation import SegmentationTrainer, sample_views
+    from tune_cells.trainables.segmentation import SegmentationTrainer
+    from tune_cells.training import recompute_batchnorm
 
     class TestScoringTrainer(SegmentationTrainer):
+        """Validates with training's running statistics (the recipe's `batchnorm_views` set to 0);
+        the `bn_` and `swa_` arms recompute them over the views a trial with 96 would use."""
+
         epoch = 0
         average = None
 
@@ -88,18 +91,9 @@ def test_scoring_trainer(test_images, test_masks):
             return scores
 
         def with_fresh_batchnorm(self, model):
-            """`model` with BatchNorm statistics recomputed over 96 training views (a separate
-            generator: the trial's own draws are not disturbed), as swa_utils.update_bn does."""
-            norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-            for norm in norms:
-                norm.reset_running_stats()
-                norm.momentum = None  # a cumulative average over the views
-            views, _ = sample_views(self.train_images, self.train_masks, 96, self.tile, np.random.default_rng(0),
-                                    self.config.dihedral)
-            model.train()
-            with torch.no_grad():
-                for start in range(0, len(views), self.config.batch_size):
-                    model(self.eval_preset(torch.from_numpy(views[start : start + self.config.batch_size])))
+            """`model` with BatchNorm statistics recomputed as a trial with `batchnorm_views: 96` does."""
+            with self.precision.autocast(self.device):
+                recompute_batchnorm(model, self.batchnorm_batches(96))
             model.eval()
             return model
 
@@ -140,10 +134,13 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    setup = recipe_setup(args.task, args.data, args.workdir, args.seed)
+    # batchnorm_views 0: the running statistics of training are one of the arms (the lung spaces set 96)
+    setup = recipe_setup(args.task, args.data, args.workdir, args.seed, {"batchnorm_views": 0})
     items = setup.index.items
-    group_of = items["group"] if "group" in items.columns else items["path"]
+    group_of = items["group"].fillna(items["path"]) if "group" in items.columns else items["path"]
     groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
+    if len(groups) < args.folds:
+        sys.exit(f"--folds {args.folds}: {args.data} has {len(groups)} groups (animals); at most that many folds")
     folds = balanced_group_folds(groups, args.folds, args.seed)
     metric, targets = setup.task.metric, list(setup.index.classes)
     rules = ("validation-best epoch", "last epoch", "validation-best epoch, BatchNorm statistics recomputed",

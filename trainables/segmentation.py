@@ -194,15 +194,16 @@ class SegmentationTrainer(TrialTrainer):
             raise NonFiniteLossError(f"training loss became {mean} (try a lower learning rate)")
         return {"train_loss": mean}
 
-    def batchnorm_batches(self):
-        """`batchnorm_views` uniform training views, the same before every validation (drawn once from
-        their own generator: the trial's draws, and a resumed trial's, stay as they were)."""
-        if not hasattr(self, "_batchnorm_views"):
-            self._batchnorm_views, _ = sample_views(self.train_images, self.train_masks, self.config.batchnorm_views,
-                                                    self.tile, np.random.default_rng(self.seed), dihedral=False)
+    def batchnorm_batches(self, views: int | None = None):
+        """`views` (default `batchnorm_views`) uniform training views, the same before every validation
+        (drawn once from their own generator: the trial's draws, and a resumed trial's, stay as they were)."""
+        views = views or self.config.batchnorm_views
+        if getattr(self, "_batchnorm_views", None) is None or len(self._batchnorm_views) != views:
+            self._batchnorm_views, _ = sample_views(self.train_images, self.train_masks, views, self.tile,
+                                                    np.random.default_rng(self.seed), dihedral=False)
         for start in range(0, len(self._batchnorm_views), self.config.batch_size):
-            views = torch.from_numpy(self._batchnorm_views[start : start + self.config.batch_size]).to(self.device)
-            yield self.precision.prepare_input(self.eval_preset(views))
+            batch = torch.from_numpy(self._batchnorm_views[start : start + self.config.batch_size]).to(self.device)
+            yield self.precision.prepare_input(self.eval_preset(batch))
 
     def validate(self) -> dict[str, float]:
         if self.config.batchnorm_views:  # precise BN: what the checkpoint keeps and promotion promotes

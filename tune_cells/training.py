@@ -177,7 +177,7 @@ def freeze_frozen_batchnorm(model: nn.Module) -> None:
     """BatchNorm layers whose parameters are frozen (`freeze_features`) keep their running
     statistics too: in train mode they would drift to the new data while the weights stay put."""
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _frozen(module):
             module.eval()
 
 
@@ -189,23 +189,29 @@ def recompute_batchnorm(model: nn.Module, batches) -> None:
     2026-11-30) recomputing them over 96 training views raised a 20-epoch model's validation Dice
     from 0.686 to 0.793. Training itself never reads them (it normalises by each batch)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-             and all(p.requires_grad for p in m.parameters())]  # frozen layers keep theirs (freeze_features)
+             and not _frozen(m)]  # frozen layers keep theirs (freeze_features)
     if not norms:
         return
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
-    model.eval()  # dropout off; only the BatchNorm layers gather statistics
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average
-        norm.train()
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    for norm, momentum in momenta.items():
-        norm.momentum = momentum
-    for module, training in modes.items():
-        module.training = training
+    try:
+        model.eval()  # dropout off; only the BatchNorm layers gather statistics
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average
+            norm.train()
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for norm, momentum in momenta.items():
+            norm.momentum = momentum
+        for module, training in modes.items():
+            module.training = training
+
+
+def _frozen(norm: nn.Module) -> bool:
+    return not any(p.requires_grad for p in norm.parameters())
 
 
 def class_balance_weights(labels: np.ndarray, classes: int) -> torch.Tensor:

@@ -29,7 +29,8 @@ class WarmStart:
     trials: list = field(default_factory=list)  # optuna FrozenTrials, oldest first
     searches: int = 0  # earlier searches they came from
     skipped: int = 0  # finished trials of those searches that are no point of the current space
-    tried: list[dict] = field(default_factory=list)  # every finished earlier trial's configuration, as MLflow logs it
+    tried: list[dict] = field(default_factory=list)  # finished earlier trials' configurations (as MLflow logs them)
+    # that ran with the space's fixed values as they are now
 
     def untried(self, points: list[dict]) -> list[dict]:
         """The space's initial points that no earlier finished trial has tried (the earlier searches
@@ -53,7 +54,8 @@ def earlier_trials(tracker: Tracker, experiment_id: str, space: SearchSpace, tas
         value = run.data.metrics.get(metric)
         if search is None:
             continue
-        warm.tried.append(run.data.params)
+        if not space.fixed or point_matches(space.fixed, run.data.params):  # a recipe run under other fixed
+            warm.tried.append(run.data.params)  # settings (lung before batchnorm_views) was another recipe
         if value is None or not math.isfinite(value):
             continue
         point = space.as_optuna(run.data.params)
