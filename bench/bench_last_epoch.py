@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_old_code import Prepared, arm_results, recipe_setup  # noqa: E402  (a sibling script, not a package)
+from bench_outer_folds import fold_parts  # noqa: E402
 from bench_recipe import run_with_one_line_errors  # noqa: E402
 
 
@@ -75,8 +76,10 @@ def test_scoring_trainer(test_images, test_masks):
         def validate(self) -> dict[str, float]:
             self.epoch += 1
             scores = super().validate()
-            images = [rescale_image(i, self.config.scale) for i in test_images]
-            masks = [rescale_masks(m, self.config.scale) for m in test_masks]
+            if self.epoch == 1:  # at the trial's working scale, once
+                self.test_images = [rescale_image(i, self.config.scale) for i in test_images]
+                self.test_masks = [rescale_masks(m, self.config.scale) for m in test_masks]
+            images, masks = self.test_images, self.test_masks
             scores.update(self.score(self.model, images, masks, "test_"))
             if self.epoch > self.data.max_epochs // 2:
                 self.average = self.average or AveragedModel(self.model)
@@ -149,13 +152,11 @@ def main() -> None:
     picked: dict[str, dict[str, list[float]]] = {rule: {t: [] for t in targets} for rule in rules}
     lines = []
     for k in args.only if args.only is not None else range(args.folds):
-        held = {k, (k + 1) % args.folds}
-        parts = {"train": sorted(p for j, fold in enumerate(folds) if j not in held for p in fold),
-                 "val": folds[(k + 1) % args.folds], "test": folds[k]}
+        parts = fold_parts(folds, k)
         reports = fold_run(setup, parts, args.epochs, args.seed, args.workdir / f"fold-{k}")
         values = [r[metric] for r in reports]
         best = int(np.argmax(values))  # the first best, as the checkpoint policy keeps it
-        for label, epoch in (("validation-best epoch", best), ("last epoch", len(reports) - 1)):
+        for label, epoch in ((rules[0], best), (rules[1], len(reports) - 1)):
             for t in targets:
                 picked[label][t].extend(reports[epoch][f"test_image_dice_{t}"])
         best_bn = int(np.argmax([r[f"bn_{metric}"] for r in reports]))
