@@ -1,6 +1,7 @@
 """`tune-cells evaluate TASK --seeds K`: how much of the champion's score is its configuration, and
 how much its luck. The champion's configuration is retrained K times under new seeds (same split,
-same epochs, same best-epoch rule), each retrained model is scored on the test part, and mean ± sd
+same epochs, same best-epoch rule, the same choices on validation at promotion: thresholds,
+temperature, test-time augmentation), each retrained model is scored on the test part, and mean ± sd
 is reported beside the champion's own score and bootstrap CI.
 """
 
@@ -68,6 +69,11 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
 
     scorer = task.kind.test_scorer(reader, n_boot)
     champion_scores, intervals = scorer.score(champion, with_intervals=True)
+    # Each retrained model gets the champion's promotion steps, chosen on validation as its were (thresholds,
+    # temperature, test-time augmentation; none under a latency budget that kept the champion from them).
+    allow_tta = "latency_budget_ms" not in tags or champion.spec.tta != "none"
+    for run in runs:
+        task.kind.finalize(run.checkpoint, inputs.data, allow_tta=allow_tta)
     per_seed = [scorer.score(task.kind.load_predictor(run.checkpoint))[0] for run in runs]
     keys = [key for key in scorer.keys if key in champion_scores]
     table = pd.DataFrame({

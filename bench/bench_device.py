@@ -182,7 +182,8 @@ def timed_bare_loop(settings: Settings) -> dict:
 
 def timed_segmentation_trial(epochs: int = 3, size: int = 1024, views: int = 64, batch_size: int = 8) -> dict:
     """A U-Net trial (the lung kind's trainer) on generated fields: training views/s over the timed
-    epochs, with the stitched validation of whole fields and checkpoints included."""
+    epochs, with the stitched validation of whole fields, checkpoints and (as lung.yaml sets
+    `batchnorm_views` to its views per epoch) the BatchNorm recomputation before it included."""
     from tune_cells.trainables.segmentation import SegmentationData, SegmentationTrainer
 
     rng = np.random.default_rng(0)
@@ -190,7 +191,8 @@ def timed_segmentation_trial(epochs: int = 3, size: int = 1024, views: int = 64,
     masks = [(rng.random((2, size, size)) < 0.3).astype(np.uint8) for _ in range(6)]
     data = SegmentationData(images[:4], masks[:4], images[4:], masks[4:], task="bench", targets=["a", "b"],
                             mean=(0.5,) * 3, std=(0.25,) * 3, max_epochs=epochs, seed=0, metric="val_dice")
-    config = {"model": "unet", "lr": 1e-3, "batch_size": batch_size, "views_per_epoch": views, "scale": 0.5, "tile_size": 512}
+    config = {"model": "unet", "lr": 1e-3, "batch_size": batch_size, "views_per_epoch": views,
+              "batchnorm_views": views, "scale": 0.5, "tile_size": 512}
     with tempfile.TemporaryDirectory(prefix="bench-device-") as tmp:
         session = timed_session(Path(tmp) / "checkpoint")
         stamps = session.stamps

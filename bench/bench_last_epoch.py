@@ -1,7 +1,8 @@
 """Which weights of a segmentation trial to promote: its epoch that scored best on the validation fields
 (what a search promotes today), its last epoch (what nnU-Net promotes), either with its
 BatchNorm statistics recomputed over training views after every epoch (precise BN), or its weights averaged over the
-second half of training with the same recomputation (SWA), scored on fields of animals that neither training nor validation
+second half of training with the same recomputation (SWA); and the precise-BN choice with test-time augmentation
+(the mean over 8 flips and turns: always, or where validation gains), scored on fields of animals that neither training nor validation
 saw, over outer folds that together test every field once.
 
     .venv/bin/python bench/bench_last_epoch.py lung --data ../shared/data/lung --epochs 20 --folds 5
@@ -64,10 +65,11 @@ def test_scoring_trainer(test_images, test_masks):
 
         epoch = 0
         average = None
+        best_bn, best_bn_score = None, -np.inf  # the precise-BN weights of the validation-best epoch so far
 
-        def score(self, model, images, masks, prefix):
+        def score(self, model, images, masks, prefix, dihedral=False):
             predicted = [(predict_logits_tiled(model, image, self.eval_preset, self.tile, self.config.overlap,
-                                               self.device, precision=self.precision).sigmoid()
+                                               self.device, precision=self.precision, dihedral=dihedral).sigmoid()
                           > self.config.threshold).numpy() for image in images]
             scores, rows = segmentation_scores(masks, predicted, list(self.data.targets), prefix)
             return {**scores, **{f"{prefix}image_dice_{t}": [r["dice"] for r in rows if r["target"] == t]
@@ -91,6 +93,11 @@ def test_scoring_trainer(test_images, test_masks):
                 model = self.with_fresh_batchnorm(model)
                 scores.update(self.score(model, self.val_images, self.val_masks, f"{prefix}val_"))
                 scores.update(self.score(model, images, masks, f"{prefix}test_"))
+                if prefix == "bn_" and scores[f"bn_{self.data.metric}"] > self.best_bn_score:
+                    self.best_bn, self.best_bn_score = model, scores[f"bn_{self.data.metric}"]
+            if self.epoch == self.data.max_epochs:  # test-time augmentation of what precise BN promotes (`tta_`)
+                for part, fields in (("val_", (self.val_images, self.val_masks)), ("test_", (images, masks))):
+                    scores.update(self.score(self.best_bn, *fields, f"tta_{part}", dihedral=True))
             return scores
 
         def with_fresh_batchnorm(self, model):
@@ -148,7 +155,9 @@ def main() -> None:
     metric, targets = setup.task.metric, list(setup.index.classes)
     rules = ("validation-best epoch", "last epoch", "validation-best epoch, BatchNorm statistics recomputed",
              "last epoch, BatchNorm statistics recomputed",
-             "weights averaged over the second half, BatchNorm statistics recomputed")
+             "weights averaged over the second half, BatchNorm statistics recomputed",
+             "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation",
+             "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation where validation gains")
     picked: dict[str, dict[str, list[float]]] = {rule: {t: [] for t in targets} for rule in rules}
     lines = []
     for k in args.only if args.only is not None else range(args.folds):
@@ -164,6 +173,10 @@ def main() -> None:
             picked[rules[2]][t].extend(reports[best_bn][f"bn_test_image_dice_{t}"])
             picked[rules[3]][t].extend(reports[-1][f"bn_test_image_dice_{t}"])
             picked[rules[4]][t].extend(reports[-1][f"swa_test_image_dice_{t}"])
+            picked[rules[5]][t].extend(reports[-1][f"tta_test_image_dice_{t}"])
+            # as promotion chooses it (there at each target's chosen threshold; here at 0.5)
+            gains = reports[-1][f"tta_{metric}"] > reports[best_bn][f"bn_{metric}"]
+            picked[rules[6]][t].extend(reports[-1 if gains else best_bn][f"{'tta' if gains else 'bn'}_test_image_dice_{t}"])
         lines.append(f"fold {k} (test {', '.join(Path(p).stem for p in parts['test'])}): {metric} best at epoch "
                      f"{best + 1} ({values[best]:.3f}), last {values[-1]:.3f}; test Dice "
                      + "; ".join(f"{t} {reports[best][f'test_dice_{t}']:.3f} -> {reports[-1][f'test_dice_{t}']:.3f}"
@@ -172,7 +185,9 @@ def main() -> None:
                                + "; ".join(f"{t} {reports[-1][f'{p}test_dice_{t}']:.3f}" for t in targets)
                                for name, p in (("last, fresh BatchNorm", "bn_"), ("averaged", "swa_")))
                      + f"; with fresh BatchNorm, {metric} best at epoch {best_bn + 1}, test Dice "
-                     + "; ".join(f"{t} {reports[best_bn][f'bn_test_dice_{t}']:.3f}" for t in targets))
+                     + "; ".join(f"{t} {reports[best_bn][f'bn_test_dice_{t}']:.3f}" for t in targets)
+                     + f"; with test-time augmentation, {metric} {reports[-1][f'tta_{metric}']:.3f}, test Dice "
+                     + "; ".join(f"{t} {reports[-1][f'tta_test_dice_{t}']:.3f}" for t in targets))
         print(lines[-1], flush=True)
         for rule in rules:
             print(f"  {rule}, per test field: " + "; ".join(

@@ -154,7 +154,7 @@ def test_a_lung_segmentation_ensemble_is_exported_with_its_tiling_and_thresholds
     torch.manual_seed(2)
     for k in range(2):
         save_checkpoint(folder / f"fold{k}", member.build(), member)
-    save_spec(folder, replace(member, members=["fold0", "fold1"], temperature=1.3,
+    save_spec(folder, replace(member, members=["fold0", "fold1"], temperature=1.3, tta="dihedral",
                               thresholds={index.classes[0]: 0.4}))
     version = store["tracker"].log_model(store["run"], folder, "tune-cells-lung", tags={
         "task": "lung", "data_root": str(index.root), "split_file": str(split.path), "split_seed": 0,
@@ -164,7 +164,7 @@ def test_a_lung_segmentation_ensemble_is_exported_with_its_tiling_and_thresholds
     result = run_cli("export", "lung", "--workdir", store["workdir"])  # the champion, by default
     assert result.code == 0, result.err
     assert parity_line(result.out) <= 1e-4
-    assert "tiling the field" in result.out and "thresholds" in result.out
+    assert "tiling the field" in result.out and "thresholds" in result.out and "tile's 8 flips" in result.out
     written = store["workdir"] / "exports" / f"tune-cells-lung-v{version}.onnx"
     contract = json.loads(written.with_name(written.name + ".json").read_text())
     assert CONTRACT_KEYS | {"targets", "thresholds", "tiling", "activation"} <= set(contract)
@@ -173,7 +173,8 @@ def test_a_lung_segmentation_ensemble_is_exported_with_its_tiling_and_thresholds
     tiling = contract["tiling"]
     assert (tiling["scale"], tiling["tile_size"], tiling["tile"], tiling["overlap"], tiling["stride"]) == (
         0.5, 128, 64, 0.25, 48)
-    assert contract["input"]["shape"] == ["batch", 3, 64, 64] and contract["members"] == 2
+    assert contract["input"]["shape"] == ["batch", 3, 64, 64] and (contract["members"], contract["tta"]) == (
+        2, "dihedral")
     assert [o["name"] for o in contract["outputs"]] == ["probabilities", "logits"]
     assert set(contract["parity"]["details"]) == {"stitched_fields", "tile_probabilities"}
     assert contract["parity"]["images"] == len(split.parts["test"])

@@ -1,5 +1,5 @@
 """Lung's training and promotion details (issue #15): a Dice that penalises false positives on
-views without the target, views centred on the rare target, thresholds chosen on validation."""
+views without the target, views centred on the rare target, thresholds and test-time augmentation chosen on validation."""
 
 from __future__ import annotations
 
@@ -43,11 +43,20 @@ def test_promotion_chooses_a_threshold_per_target_on_validation(tmp_path):
     data = segmentation_data(2)
     train_segmenter({**SEGMENTER, "focus_rate": 0.5, "loss": "dice"}, data, session)
     chosen = SEGMENTATION.finalize(tmp_path / "ckpt", data)
-    assert set(chosen) == {"threshold_bright", "val_dice_bright_at_0.5", "val_dice_bright_at_threshold"}
+    assert set(chosen) == {"validation_score", "threshold_bright", "val_dice_bright_at_0.5",
+                           "val_dice_bright_at_threshold", "tta", "val_dice_tta_none", "val_dice_tta_dihedral"}
     assert 0.1 <= chosen["threshold_bright"] <= 0.9
     # the chosen cut is never worse on validation than the fixed 0.5 it replaces (the version keeps both)
     assert chosen["val_dice_bright_at_threshold"] >= chosen["val_dice_bright_at_0.5"]
-    assert load_spec(tmp_path / "ckpt").thresholds == {"bright": chosen["threshold_bright"]}
+    # test-time augmentation only where it gains on validation; its score is the one the threshold was chosen at
+    other = {"none": "dihedral", "dihedral": "none"}[chosen["tta"]]
+    assert chosen[f"val_dice_tta_{chosen['tta']}"] >= chosen[f"val_dice_tta_{other}"]
+    assert chosen[f"val_dice_tta_{chosen['tta']}"] == chosen["val_dice_bright_at_threshold"] == chosen["validation_score"]
+    spec = load_spec(tmp_path / "ckpt")
+    assert spec.thresholds == {"bright": chosen["threshold_bright"]} and spec.tta == chosen["tta"]
+    # under a latency budget (allow_tta False) there is no augmentation to choose
+    assert SEGMENTATION.finalize(tmp_path / "ckpt", data, allow_tta=False)["tta"] == "none"
+    assert load_spec(tmp_path / "ckpt").tta == "none"
 
 
 def test_precise_batchnorm_averages_the_batches_and_leaves_frozen_layers_and_modes_alone():

@@ -14,6 +14,7 @@ from tune_cells.data.importers import import_lung_masks
 from tune_cells.errors import UserInputError
 from tune_cells.models import create_model
 from tune_cells.segmentation import (
+    dihedral_logits,
     overlay,
     pixel_table,
     predict_logits_tiled,
@@ -90,6 +91,24 @@ def test_stitching_a_pixelwise_network_reproduces_it_exactly():
     torch.testing.assert_close(stitched, whole.detach(), atol=1e-5, rtol=1e-5)
     small = predict_logits_tiled(net, image[:40, :50], preset, 64, 0.25, torch.device("cpu"))  # padded view
     assert small.shape == (2, 40, 50)
+
+
+def test_test_time_augmentation_turns_each_view_back_and_averages_the_eight():
+    """The mean over flips and turns is itself turn- and flip-equivariant, and a pixelwise network
+    (equivariant already) is unchanged by it: each view's logits are turned back before the mean."""
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 2, 3, padding=1)  # a 3×3 kernel: not equivariant
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        averaged = dihedral_logits(net, x)
+        assert not torch.allclose(averaged, net(x), atol=1e-3)
+        torch.testing.assert_close(dihedral_logits(net, torch.rot90(x, 1, (-2, -1))), torch.rot90(averaged, 1, (-2, -1)))
+        torch.testing.assert_close(dihedral_logits(net, x.flip(-2)), averaged.flip(-2))
+        pixelwise = torch.nn.Conv2d(3, 2, 1)
+        torch.testing.assert_close(dihedral_logits(pixelwise, x), pixelwise(x))
+        stitched = predict_logits_tiled(pixelwise, np.full((40, 50, 3), 90, np.uint8), EvalPreset(0, (0.5,) * 3, (0.25,) * 3),
+                                        64, 0.25, torch.device("cpu"), dihedral=True)
+    assert stitched.shape == (2, 40, 50)
 
 
 def test_empty_mask_convention_and_pooled_vs_per_image_dice():

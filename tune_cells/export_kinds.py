@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tune_cells.classifier import ImageClassifier
 from tune_cells.config import SegmentationConfig
 from tune_cells.exporting import BATCH, INPUT_NAME, Runner, TensorSpec
-from tune_cells.segmentation import ImageSegmenter, LogitEnsemble, predict_logits_tiled, rescale_image
+from tune_cells.segmentation import ImageSegmenter, LogitEnsemble, dihedral_logits, predict_logits_tiled, rescale_image
 from tune_cells.transforms import EvalPreset
 
 LAYOUT = "decoded images are uint8 H×W×C (0-255); the graph takes float32 N×C×H×W, normalised"
@@ -156,16 +156,21 @@ def _batches(count: int) -> list[tuple[int, int]]:
 
 
 class SegmenterGraph(torch.nn.Module):
-    """One tile through ImageSegmenter's network: the mean of the members' logits divided by the
-    temperature, and their per-target sigmoid."""
+    """One tile through ImageSegmenter's network: the mean of the members' logits (each the mean over
+    the tile's 8 flips and turns when the spec asks for them) divided by the temperature, and their
+    per-target sigmoid."""
 
-    def __init__(self, members: list[torch.nn.Module], temperature: float):
+    def __init__(self, members: list[torch.nn.Module], temperature: float, dihedral: bool = False):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
         self.temperature = float(temperature)
+        self.dihedral = dihedral
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = torch.stack([member(x) for member in self.members]).mean(0) / self.temperature
+        def network(tiles: torch.Tensor) -> torch.Tensor:
+            return torch.stack([member(tiles) for member in self.members]).mean(0)
+
+        logits = (dihedral_logits(network, x) if self.dihedral else network(x)) / self.temperature
         return torch.sigmoid(logits), logits
 
 
@@ -194,6 +199,7 @@ class SegmenterContract:
     value_range: str
     layout: str
     temperature: float
+    tta: str  # none, or dihedral: the graph averages each tile's 8 flips and turns
     members: int
     tiling: TilingContract
 
@@ -206,7 +212,7 @@ class SegmenterExport:
         model = predictor.model
         members = list(model.members) if isinstance(model, LogitEnsemble) else [model]
         self.predictor = predictor
-        self.graph = SegmenterGraph(members, spec.temperature).eval()
+        self.graph = SegmenterGraph(members, spec.temperature, predictor.dihedral).eval()
         tile = predictor.tile
         config = SegmentationConfig.from_flat(spec.config, strict=False, source=f"model {spec.task}")
         tiling = TilingContract(
@@ -223,7 +229,7 @@ class SegmenterExport:
             thresholds={target: float(spec.thresholds.get(target, config.threshold)) for target in spec.classes},
             activation="sigmoid per target (multi-label: a pixel may belong to several targets)",
             channels=spec.channels, colour=_colour(spec.channels), mean=list(spec.mean), std=list(spec.std),
-            value_range=VALUE_RANGE, layout=LAYOUT, temperature=spec.temperature, members=len(members),
+            value_range=VALUE_RANGE, layout=LAYOUT, temperature=spec.temperature, tta=spec.tta, members=len(members),
             tiling=tiling)
         shape = [BATCH, len(spec.classes), tile, tile]
         self.outputs = [
@@ -259,7 +265,11 @@ class SegmenterExport:
     def in_graph(self) -> list[str]:
         c = self.contract
         members = f"the mean of the logits of {c.members} fold members" if c.members > 1 else "the network"
-        return [f"{members}, on one tile", f"temperature: logits / {c.temperature:g}", f"{c.activation}"]
+        done = [f"{members}, on one tile"]
+        if c.tta == "dihedral":
+            done.append("test-time augmentation: the logits are the mean over the tile's 8 flips and right-angle "
+                        "turns, each turned back")
+        return [*done, f"temperature: logits / {c.temperature:g}", f"{c.activation}"]
 
     def not_in_graph(self) -> list[str]:
         return ["decoding and scaling the image, normalising (see `preprocessing`)",
@@ -270,7 +280,7 @@ class SegmenterExport:
         """Whole fields stitched from the graph's tiles as the contract says, against the registered
         model's probabilities; and each tile's `probabilities` against the registered network's."""
         c, t = self.contract, self.contract.tiling
-        graph = _CheckedTiles(run, self.predictor.model, self.predictor.spec.temperature)
+        graph = _CheckedTiles(run, self.predictor.model, self.predictor.spec.temperature, self.predictor.dihedral)
         preset = EvalPreset(0, tuple(c.mean), tuple(c.std))
         worst_field = 0.0
         for image in images:
@@ -287,16 +297,18 @@ class _CheckedTiles(torch.nn.Module):
     """The exported graph as the network predict_logits_tiled stitches: returns its `logits`, and
     keeps the largest difference of its `probabilities` to the registered network's on the same tiles."""
 
-    def __init__(self, run: Runner, reference: torch.nn.Module, temperature: float):
+    def __init__(self, run: Runner, reference: torch.nn.Module, temperature: float, dihedral: bool):
         super().__init__()
         self.run = run
         self.reference = reference
         self.temperature = temperature
+        self.dihedral = dihedral
         self.worst = 0.0
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         out = self.run(tiles.numpy())
         with torch.no_grad():
-            expected = torch.sigmoid(self.reference(tiles) / self.temperature).numpy()
+            logits = dihedral_logits(self.reference, tiles) if self.dihedral else self.reference(tiles)
+            expected = torch.sigmoid(logits / self.temperature).numpy()
         self.worst = max(self.worst, float(np.abs(out["probabilities"] - expected).max()))
         return torch.from_numpy(out["logits"])

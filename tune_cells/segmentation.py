@@ -10,6 +10,7 @@ Dice and pixel counts always refer to the original pixels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
@@ -86,11 +87,27 @@ def _blend_window(tile: int) -> torch.Tensor:
     return ramp[:, None] * ramp[None, :]
 
 
+def dihedral_logits(model: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation of square views (N×C×S×S): the mean of the network's logits over the 8
+    flips and right-angle turns, each turned back first (nnU-Net's mirroring, with turns: tissue has
+    no up or down). The same arithmetic in the exported graph."""
+    total = None
+    for turns in range(4):
+        turned = torch.rot90(views, turns, (-2, -1))
+        for flipped in (False, True):
+            out = model(turned.flip(-1) if flipped else turned).float()  # summed in float32 under autocast
+            out = torch.rot90(out.flip(-1) if flipped else out, -turns, (-2, -1))
+            total = out if total is None else total + out
+    return total / 8
+
+
 @torch.no_grad()
 def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: EvalPreset, tile: int, overlap: float,
-                         device: torch.device, batch_size: int = 4, precision: Precision = FLOAT32) -> torch.Tensor:
+                         device: torch.device, batch_size: int = 4, precision: Precision = FLOAT32,
+                         dihedral: bool = False) -> torch.Tensor:
     """Blended logits T×H×W (on the CPU) for one H×W×3 uint8 image (views padded where the image is
-    smaller). The image goes to the device once; views are cut, predicted and blended there."""
+    smaller). The image goes to the device once; views are cut, predicted and blended there.
+    `dihedral`: each view's logits are the mean over its 8 flips and turns (`dihedral_logits`)."""
     model.eval()
     height, width = image.shape[:2]
     x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float().div_(255.0)  # a copy
@@ -105,7 +122,7 @@ def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: Eval
         chunk = boxes[start : start + batch_size]
         views = precision.prepare_input(torch.cat([x[..., y : y + tile, x0 : x0 + tile] for y, x0 in chunk]))
         with precision.autocast(device):
-            logits = model(views).float()
+            logits = (dihedral_logits(model, views) if dihedral else model(views)).float()
         if total is None:
             total = torch.zeros(logits.shape[1], *x.shape[-2:], device=device)
             weight = torch.zeros(x.shape[-2:], device=device)
@@ -151,6 +168,11 @@ class ImageSegmenter:
     def targets(self) -> list[str]:
         return self.spec.classes
 
+    @property
+    def dihedral(self) -> bool:
+        """Test-time augmentation, as chosen on validation at promotion (analysis/thresholds.py)."""
+        return self.spec.tta == "dihedral"
+
     def decode_path(self, path: str | Path) -> np.ndarray:
         return decode_full(Path(path))
 
@@ -164,7 +186,7 @@ class ImageSegmenter:
     def predict_proba(self, image: np.ndarray) -> np.ndarray:
         """T×H×W float32 probabilities at the image's own size."""
         logits = predict_logits_tiled(self.model, rescale_image(image, self.scale), self.preset, self.tile,
-                                      self.overlap, self.device)
+                                      self.overlap, self.device, dihedral=self.dihedral)
         if logits.shape[-2:] != image.shape[:2]:
             logits = F.interpolate(logits[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
         return torch.sigmoid(logits / self.spec.temperature).numpy()
