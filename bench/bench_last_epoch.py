@@ -165,18 +165,14 @@ def main() -> None:
         reports = fold_run(setup, parts, args.epochs, args.seed, args.workdir / f"fold-{k}")
         values = [r[metric] for r in reports]
         best = int(np.argmax(values))  # the first best, as the checkpoint policy keeps it
-        for label, epoch in ((rules[0], best), (rules[1], len(reports) - 1)):
-            for t in targets:
-                picked[label][t].extend(reports[epoch][f"test_image_dice_{t}"])
         best_bn = int(np.argmax([r[f"bn_{metric}"] for r in reports]))
-        for t in targets:
-            picked[rules[2]][t].extend(reports[best_bn][f"bn_test_image_dice_{t}"])
-            picked[rules[3]][t].extend(reports[-1][f"bn_test_image_dice_{t}"])
-            picked[rules[4]][t].extend(reports[-1][f"swa_test_image_dice_{t}"])
-            picked[rules[5]][t].extend(reports[-1][f"tta_test_image_dice_{t}"])
-            # as promotion chooses it (there at each target's chosen threshold; here at 0.5)
-            gains = reports[-1][f"tta_{metric}"] > reports[best_bn][f"bn_{metric}"]
-            picked[rules[6]][t].extend(reports[-1 if gains else best_bn][f"{'tta' if gains else 'bn'}_test_image_dice_{t}"])
+        # test-time augmentation as promotion chooses it (there at each target's chosen threshold; here at 0.5)
+        gains = reports[-1][f"tta_{metric}"] > reports[best_bn][f"bn_{metric}"]
+        read = ((best, ""), (-1, ""), (best_bn, "bn_"), (-1, "bn_"), (-1, "swa_"), (-1, "tta_"),
+                (-1, "tta_") if gains else (best_bn, "bn_"))  # each rule's (epoch, arm), in `rules` order
+        for rule, (epoch, arm) in zip(rules, read, strict=True):
+            for t in targets:
+                picked[rule][t].extend(reports[epoch][f"{arm}test_image_dice_{t}"])
         lines.append(f"fold {k} (test {', '.join(Path(p).stem for p in parts['test'])}): {metric} best at epoch "
                      f"{best + 1} ({values[best]:.3f}), last {values[-1]:.3f}; test Dice "
                      + "; ".join(f"{t} {reports[best][f'test_dice_{t}']:.3f} -> {reports[-1][f'test_dice_{t}']:.3f}"
