@@ -1,8 +1,9 @@
 """Which weights of a segmentation trial to promote: its epoch that scored best on the validation fields
 (what a search promotes today), its last epoch (what nnU-Net promotes), either with its
 BatchNorm statistics recomputed over training views after every epoch (precise BN), or its weights averaged over the
-second half of training with the same recomputation (SWA); and the precise-BN choice with test-time augmentation
-(the mean over 8 flips and turns: always, or where validation gains), scored on fields of animals that neither training nor validation
+second half of training with the same recomputation (SWA: at the last epoch, and as a trial with `swa_start: 0.5`
+reports it, which the lung space ships since session 14); the precise-BN and SWA choices with test-time
+augmentation (the mean over 8 flips and turns: always, or where validation gains), scored on fields of animals that neither training nor validation
 saw, over outer folds that together test every field once.
 
     .venv/bin/python bench/bench_last_epoch.py lung --data ../shared/data/lung --epochs 20 --folds 5
@@ -50,22 +51,21 @@ def balanced_group_folds(groups: dict[str, list[str]], folds: int, seed: int) ->
 def test_scoring_trainer(test_images, test_masks):
     """The task's segmentation trainer, also scoring the test fields after each epoch (`test_` keys),
     and keeping an equal average of its weights after each epoch of the second half (stochastic
-    weight averaging, Izmailov et al. 2018, as torch.optim.swa_utils does it), scored at the end
+    weight averaging through the trainer's own `WeightAverage`), scored after each of those epochs
     (`swa_` keys) once its BatchNorm statistics are recomputed on training views."""
-    from torch.optim.swa_utils import AveragedModel
-
     from tune_cells.analysis.segmentation_metrics import segmentation_scores
     from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks
     from tune_cells.trainables.segmentation import SegmentationTrainer
-    from tune_cells.training import recompute_batchnorm
+    from tune_cells.training import WeightAverage, recompute_batchnorm
 
     class TestScoringTrainer(SegmentationTrainer):
-        """Validates with training's running statistics (the recipe's `batchnorm_views` set to 0);
-        the `bn_` and `swa_` arms recompute them over the views a trial with 96 would use."""
+        """Validates with training's running statistics (the recipe's `batchnorm_views` set to 0 and
+        `swa_start` to None); the `bn_` and `swa_` arms recompute them over the views a trial with 96 would
+        use. `self.epoch` is set by the trainer skeleton."""
 
-        epoch = 0
-        average = None
-        best_bn, best_bn_score = None, -np.inf  # the precise-BN weights of the validation-best epoch so far
+        bench_average = None
+        # the weights of the validation-best epoch so far: with precise BN, and as a trial with swa_start 0.5 reports
+        best_bn, best_bn_score, best_swa, best_swa_score = None, -np.inf, None, -np.inf
 
         def score(self, model, images, masks, prefix, dihedral=False):
             predicted = [(predict_logits_tiled(model, image, self.eval_preset, self.tile, self.config.overlap,
@@ -76,28 +76,31 @@ def test_scoring_trainer(test_images, test_masks):
                                  for t in self.data.targets}}
 
         def validate(self) -> dict[str, float]:
-            self.epoch += 1
             scores = super().validate()
             if self.epoch == 1:  # at the trial's working scale, once
                 self.test_images = [rescale_image(i, self.config.scale) for i in test_images]
                 self.test_masks = [rescale_masks(m, self.config.scale) for m in test_masks]
             images, masks = self.test_images, self.test_masks
             scores.update(self.score(self.model, images, masks, "test_"))
-            if self.epoch > self.data.max_epochs // 2:
-                self.average = self.average or AveragedModel(self.model)
-                self.average.update_parameters(self.model)
             weights = {"bn_": copy.deepcopy(self.model)}  # precise BN, every epoch: it can change the best epoch
-            if self.epoch == self.data.max_epochs:
-                weights["swa_"] = self.average.module
+            if self.epoch > self.data.max_epochs // 2:  # swa_start 0.5
+                self.bench_average = self.bench_average or WeightAverage(self.model)
+                self.bench_average.add(self.model)
+                weights["swa_"] = copy.deepcopy(self.bench_average.model)
             for prefix, model in weights.items():
                 model = self.with_fresh_batchnorm(model)
                 scores.update(self.score(model, self.val_images, self.val_masks, f"{prefix}val_"))
                 scores.update(self.score(model, images, masks, f"{prefix}test_"))
-                if prefix == "bn_" and scores[f"bn_{self.data.metric}"] > self.best_bn_score:
-                    self.best_bn, self.best_bn_score = model, scores[f"bn_{self.data.metric}"]
-            if self.epoch == self.data.max_epochs:  # test-time augmentation of what precise BN promotes (`tta_`)
-                for part, fields in (("val_", (self.val_images, self.val_masks)), ("test_", (images, masks))):
-                    scores.update(self.score(self.best_bn, *fields, f"tta_{part}", dihedral=True))
+            metric = self.data.metric
+            if scores[f"bn_{metric}"] > self.best_bn_score:
+                self.best_bn, self.best_bn_score = weights["bn_"], scores[f"bn_{metric}"]
+            reported = "swa_" if "swa_" in weights else "bn_"  # what a trial with swa_start 0.5 validates
+            if scores[f"{reported}{metric}"] > self.best_swa_score:
+                self.best_swa, self.best_swa_score = weights[reported], scores[f"{reported}{metric}"]
+            if self.epoch == self.data.max_epochs:  # test-time augmentation of what each rule promotes
+                for arm, model in (("tta_", self.best_bn), ("swatta_", self.best_swa)):
+                    for part, fields in (("val_", (self.val_images, self.val_masks)), ("test_", (images, masks))):
+                        scores.update(self.score(model, *fields, f"{arm}{part}", dihedral=True))
             return scores
 
         def with_fresh_batchnorm(self, model):
@@ -144,8 +147,9 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    # batchnorm_views 0: the running statistics of training are one of the arms (the lung spaces set 96)
-    setup = recipe_setup(args.task, args.data, args.workdir, args.seed, {"batchnorm_views": 0})
+    # batchnorm_views 0: the running statistics of training are one of the arms (the lung spaces set 96); the
+    # bench averages weights itself (swa_start None: the trainer validates and checkpoints the trained weights)
+    setup = recipe_setup(args.task, args.data, args.workdir, args.seed, {"batchnorm_views": 0, "swa_start": None})
     items = setup.index.items
     group_of = items["group"].fillna(items["path"]) if "group" in items.columns else items["path"]
     groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
@@ -157,7 +161,9 @@ def main() -> None:
              "last epoch, BatchNorm statistics recomputed",
              "weights averaged over the second half, BatchNorm statistics recomputed",
              "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation",
-             "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation where validation gains")
+             "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation where validation gains",
+             "validation-best epoch as a trial with swa_start 0.5 reports it (precise BN, then the average)",
+             "the same, test-time augmentation where validation gains (what the lung space promotes since session 14)")
     picked: dict[str, dict[str, list[float]]] = {rule: {t: [] for t in targets} for rule in rules}
     lines = []
     for k in args.only if args.only is not None else range(args.folds):
@@ -166,10 +172,16 @@ def main() -> None:
         values = [r[metric] for r in reports]
         best = int(np.argmax(values))  # the first best, as the checkpoint policy keeps it
         best_bn = int(np.argmax([r[f"bn_{metric}"] for r in reports]))
+        half = args.epochs // 2  # epochs past it report the average (swa_start 0.5)
+        reported = [r[f"swa_{metric}"] if e >= half else r[f"bn_{metric}"] for e, r in enumerate(reports)]
+        best_swa = int(np.argmax(reported))
+        best_swa_arm = "swa_" if best_swa >= half else "bn_"
         # test-time augmentation as promotion chooses it (there at each target's chosen threshold; here at 0.5)
         gains = reports[-1][f"tta_{metric}"] > reports[best_bn][f"bn_{metric}"]
+        swa_gains = reports[-1][f"swatta_{metric}"] > reported[best_swa]
         read = ((best, ""), (-1, ""), (best_bn, "bn_"), (-1, "bn_"), (-1, "swa_"), (-1, "tta_"),
-                (-1, "tta_") if gains else (best_bn, "bn_"))  # each rule's (epoch, arm), in `rules` order
+                (-1, "tta_") if gains else (best_bn, "bn_"), (best_swa, best_swa_arm),
+                (-1, "swatta_") if swa_gains else (best_swa, best_swa_arm))  # each rule's (epoch, arm), in order
         for rule, (epoch, arm) in zip(rules, read, strict=True):
             for t in targets:
                 picked[rule][t].extend(reports[epoch][f"{arm}test_image_dice_{t}"])
@@ -183,14 +195,19 @@ def main() -> None:
                      + f"; with fresh BatchNorm, {metric} best at epoch {best_bn + 1}, test Dice "
                      + "; ".join(f"{t} {reports[best_bn][f'bn_test_dice_{t}']:.3f}" for t in targets)
                      + f"; with test-time augmentation, {metric} {reports[-1][f'tta_{metric}']:.3f}, test Dice "
-                     + "; ".join(f"{t} {reports[-1][f'tta_test_dice_{t}']:.3f}" for t in targets))
+                     + "; ".join(f"{t} {reports[-1][f'tta_test_dice_{t}']:.3f}" for t in targets)
+                     + f"; as a trial with swa_start 0.5 reports it, {metric} best at epoch {best_swa + 1} "
+                     + f"({reported[best_swa]:.3f}), test Dice "
+                     + "; ".join(f"{t} {reports[best_swa][f'{best_swa_arm}test_dice_{t}']:.3f}" for t in targets)
+                     + f", with test-time augmentation {metric} {reports[-1][f'swatta_{metric}']:.3f}")
         print(lines[-1], flush=True)
         for rule in rules:
             print(f"  {rule}, per test field: " + "; ".join(
                 f"{t} {' '.join(f'{v:.3f}' for v in picked[rule][t][-len(parts['test']):])}" for t in targets))
-        for p, name in (("", "test"), ("bn_", "test, fresh BatchNorm,")):
+        for p, name in (("", "test"), ("bn_", "test, fresh BatchNorm,"), ("swa_", "test, averaged from the half,")):
             print(f"  {name} mean Dice per epoch: " + " ".join(
-                f"{np.mean([r[f'{p}test_dice_{t}'] for t in targets]):.3f}" for r in reports), flush=True)
+                f"{np.mean([r[f'{p}test_dice_{t}'] for t in targets]):.3f}" for r in reports if f"{p}{metric}" in r),
+                flush=True)
 
     print(f"\n{setup.task.name} ({args.data}), the recipe, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")

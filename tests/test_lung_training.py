@@ -1,9 +1,13 @@
 """Lung's training and promotion details (issue #15): a Dice that penalises false positives on
-views without the target, views centred on the rare target, thresholds and test-time augmentation chosen on validation."""
+views without the target, views centred on the rare target, thresholds and test-time augmentation chosen on validation,
+and the average of the weights over the second half (stochastic weight averaging)."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
 import torch
 from test_trainables import SEGMENTER, segmentation_data
 
@@ -93,3 +97,54 @@ def test_with_batchnorm_views_the_checkpoint_keeps_statistics_recomputed_on_trai
     assert not torch.allclose(runs[0][key], runs[4][key])  # recomputed, not training's running average
     learned = [k for k in runs[0] if "running_" not in k and "num_batches_tracked" not in k]
     assert all(torch.equal(runs[0][k], runs[4][k]) for k in learned)  # 3 epochs: training itself is the same
+
+
+class EveryCheckpoint(LocalSession):
+    """A LocalSession that keeps each epoch's checkpoint (Ray keeps the latest)."""
+
+    def report(self, metrics: dict, checkpoint_dir=None) -> None:
+        super().report(metrics, checkpoint_dir)
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.checkpoint_dir.parent / f"epoch-{len(self.results)}")
+
+
+AVERAGED = {**SEGMENTER, "batchnorm_views": 4, "swa_start": 0.5, "checkpoint_every": 1}
+
+
+def test_from_swa_start_the_checkpoint_is_the_average_of_the_trained_weights(tmp_path):
+    from tune_cells.model_io import WEIGHTS_FILE, load_trainer_state
+
+    session = EveryCheckpoint(checkpoint_dir=tmp_path / "ckpt")
+    train_segmenter(AVERAGED, segmentation_data(4), session)
+    assert session.failure is None and len(session.results) == 4
+    weights = {e: torch.load(tmp_path / f"epoch-{e}" / WEIGHTS_FILE, weights_only=True) for e in (2, 3, 4)}
+    trained = {e: load_trainer_state(tmp_path / f"epoch-{e}").get("trained_weights") for e in (2, 3, 4)}
+    assert trained[2] is None  # epochs 1-2 (not past half of 4): the trained weights themselves
+    assert load_trainer_state(tmp_path / "epoch-4")["averaged_epochs"] == 2
+    learned = [k for k in weights[4] if "running_" not in k and "num_batches_tracked" not in k]
+    for key in learned:  # epochs 3 and 4 averaged equally
+        assert torch.allclose(trained[3][key], weights[3][key])  # one epoch: the average is the epoch
+        assert torch.allclose(weights[4][key], (trained[3][key] + trained[4][key]) / 2, atol=1e-6)
+    assert not torch.equal(weights[4][learned[0]], trained[4][learned[0]])
+
+
+def test_an_averaging_trial_resumes_exactly(tmp_path):
+    from tune_cells.model_io import WEIGHTS_FILE
+
+    whole = EveryCheckpoint(checkpoint_dir=tmp_path / "whole" / "ckpt")
+    train_segmenter(AVERAGED, segmentation_data(4), whole)
+    resumed = LocalSession(checkpoint_dir=tmp_path / "again", resume_from=tmp_path / "whole" / "epoch-3")
+    train_segmenter(AVERAGED, segmentation_data(4), resumed)  # epoch 4 only: the average and training restored
+    assert len(resumed.results) == 1
+    assert resumed.results[0]["val_dice"] == whole.results[-1]["val_dice"]
+    ended = torch.load(tmp_path / "again" / WEIGHTS_FILE, weights_only=True)
+    expected = torch.load(tmp_path / "whole" / "epoch-4" / WEIGHTS_FILE, weights_only=True)
+    assert all(torch.allclose(ended[k].float(), expected[k].float(), atol=1e-6) for k in expected)
+
+
+def test_weight_averaging_without_fresh_batchnorm_is_refused_in_one_line():
+    from tune_cells.config import SegmentationConfig
+    from tune_cells.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="swa_start needs batchnorm_views > 0"):
+        SegmentationConfig.from_flat({**SEGMENTER, "swa_start": 0.5})

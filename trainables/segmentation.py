@@ -22,7 +22,7 @@ from tune_cells.config import SegmentationConfig
 from tune_cells.model_io import ModelSpec
 from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
 from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
-from tune_cells.training import NonFiniteLossError, Precision, recompute_batchnorm
+from tune_cells.training import NonFiniteLossError, Precision, WeightAverage, recompute_batchnorm
 from tune_cells.transforms import EvalPreset, TrainPreset
 
 
@@ -164,13 +164,29 @@ class SegmentationTrainer(TrialTrainer):
         self.eval_preset = EvalPreset(self.tile, tuple(data.mean), tuple(data.std))
         self.jitter = TrainPreset(self.eval_preset, flip=False, rotate90=False, color_jitter=config.color_jitter)
         self.precision = Precision.for_device(self.device, config.mixed_precision, config.channels_last)
+        self.average: WeightAverage | None = None  # from `swa_start` on: what validates and is checkpointed
         return spec, self.precision.prepare_model(spec.build(load_pretrained=True).to(self.device))
 
+    def promoted_weights(self) -> nn.Module:
+        return self.average.model if self.average is not None else self.model
+
     def extra_state(self) -> dict:
-        return {"numpy_rng": self.rng.bit_generator.state}
+        state = {"numpy_rng": self.rng.bit_generator.state}
+        if self.average is not None:  # the checkpoint's weights are the average: training's own travel here
+            state.update(trained_weights={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                         averaged_epochs=self.average.count)
+        return state
 
     def restore_extra(self, state: dict) -> None:
         self.rng.bit_generator.state = state["numpy_rng"]
+        if "trained_weights" in state:  # the model holds the checkpoint's weights, the average
+            self.average = WeightAverage(self.model, count=int(state["averaged_epochs"]))
+            self.model.load_state_dict(state["trained_weights"])
+
+    def averages_this_epoch(self) -> bool:
+        """Stochastic weight averaging: every epoch past `swa_start` of the search's max epochs."""
+        start = self.config.swa_start
+        return start is not None and self.epoch > start * self.data.max_epochs
 
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
@@ -192,6 +208,9 @@ class SegmentationTrainer(TrialTrainer):
         mean = float(total) / len(views)
         if not math.isfinite(mean):
             raise NonFiniteLossError(f"training loss became {mean} (try a lower learning rate)")
+        if self.averages_this_epoch():
+            self.average = self.average or WeightAverage(self.model)
+            self.average.add(self.model)
         return {"train_loss": mean}
 
     def batchnorm_batches(self, views: int | None = None):
@@ -206,12 +225,13 @@ class SegmentationTrainer(TrialTrainer):
             yield self.precision.prepare_input(self.eval_preset(batch))
 
     def validate(self) -> dict[str, float]:
+        model = self.promoted_weights()
         if self.config.batchnorm_views:  # precise BN: what the checkpoint keeps and promotion promotes
             with self.precision.autocast(self.device):
-                recompute_batchnorm(self.model, self.batchnorm_batches())
+                recompute_batchnorm(model, self.batchnorm_batches())
         val_loss, predicted = 0.0, []
         for image, mask in zip(self.val_images, self.val_masks):
-            logits = predict_logits_tiled(self.model, image, self.eval_preset, self.tile, self.config.overlap,
+            logits = predict_logits_tiled(model, image, self.eval_preset, self.tile, self.config.overlap,
                                           self.device, precision=self.precision)
             val_loss += float(self.loss_fn(logits[None], torch.from_numpy(mask)[None].float()))
             predicted.append((torch.sigmoid(logits) > self.config.threshold).numpy())

@@ -177,6 +177,11 @@ class TrialTrainer(ABC):
     def restore_extra(self, state: dict[str, Any]) -> None:  # noqa: B027 (an optional hook)
         """Restore what `extra_state` saved."""
 
+    def promoted_weights(self) -> torch.nn.Module:
+        """The network whose weights this epoch validated and its checkpoint keeps (what promotion
+        registers): the trained one, unless a kind validates another (an average of its weights)."""
+        return self.model
+
     # --- the skeleton ------------------------------------------------------------------
 
     def run(self) -> None:
@@ -188,6 +193,8 @@ class TrialTrainer(ABC):
                 return
             report_epoch(self.session, self.policy, epoch, metrics,
                          lambda directory, full, epoch=epoch: self.save(directory, epoch, full))
+
+    epoch = 0  # the epoch being trained and validated (1-based)
 
     def start(self, checkpoint: Path | None) -> int:
         """Build the network and its optimiser; restore them from `checkpoint` (a resumed or retried
@@ -207,6 +214,7 @@ class TrialTrainer(ABC):
         """Train and validate one epoch: its metrics, or None when the trial diverged (then it is
         reported as failed, never retried: the divergence would repeat)."""
         started = time.perf_counter()
+        self.epoch = epoch
         lr = self.optimizer.param_groups[0]["lr"]
         try:
             trained = self.train_epoch()
@@ -234,7 +242,7 @@ class TrialTrainer(ABC):
             "best_metric": self.policy.best,
             **self.extra_state(),
         }
-        save_checkpoint(directory, self.model, self.spec, trainer_state,
+        save_checkpoint(directory, self.promoted_weights(), self.spec, trainer_state,
                         self.optimizer.state_dict() if full else None)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tune_cells.errors import UserInputError
 
@@ -108,6 +108,8 @@ class TrainerConfig(BaseModel):
 def _first_problem(exc: ValidationError, config_type: type[TrainerConfig]) -> str:
     error = exc.errors()[0]
     name = ".".join(str(part) for part in error["loc"]) or "configuration"
+    if error["type"] == "value_error" and not error["loc"]:  # a check across fields: its own words
+        return str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"the space sets no `{name}`"
     allowed = config_type.allowed_values(name)
@@ -144,6 +146,17 @@ class SegmentationConfig(TrainerConfig):
     batchnorm_views: int = Field(0, ge=0, le=100000, description="training views over which BatchNorm statistics are "
                                                                   "recomputed before each validation (precise BN; 0: "
                                                                   "the running averages of training)")
+    swa_start: float | None = Field(None, ge=0, lt=1, description="stochastic weight averaging: the weights after each "
+                                    "epoch past this fraction of the search's max epochs join an equal average, "
+                                    "which validates, is checkpointed and promoted (None: off; needs "
+                                    "batchnorm_views)")
+
+    @model_validator(mode="after")
+    def _average_needs_fresh_batchnorm(self):
+        if self.swa_start is not None and not self.batchnorm_views:
+            raise ValueError("swa_start needs batchnorm_views > 0: an average of weights needs its BatchNorm "
+                             "statistics recomputed")
+        return self
 
 
 def parameter_table(config_type: type[TrainerConfig], kind: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 from dataclasses import dataclass
@@ -208,6 +209,26 @@ def recompute_batchnorm(model: nn.Module, batches) -> None:
             norm.momentum = momentum
         for module, training in modes.items():
             module.training = training
+
+
+class WeightAverage:
+    """An equal average of a network's weights after each epoch added: stochastic weight averaging
+    (Izmailov et al. 2018), as torch.optim.swa_utils.AveragedModel keeps it, but a plain copy of the
+    network (its checkpoint loads as the network does). Parameters are averaged; BatchNorm statistics
+    are not, so recompute them (`recompute_batchnorm`) before the average predicts. On lung (bench
+    `bench_last_epoch`, all 10 fields by 5 outer folds, session 13) the average over epochs 11-20 with
+    recomputed statistics scored 0.622 severe-inflammation Dice per image against 0.602 for the
+    validation-best epoch."""
+
+    def __init__(self, model: nn.Module, count: int = 0):
+        self.model = copy.deepcopy(model)  # requires_grad as trained: frozen layers stay frozen for recompute
+        self.count = count
+
+    def add(self, model: nn.Module) -> None:
+        self.count += 1
+        with torch.no_grad():
+            for mine, theirs in zip(self.model.parameters(), model.parameters(), strict=True):
+                mine.lerp_(theirs.detach(), 1.0 / self.count)  # mine + (theirs - mine) / count
 
 
 def _frozen(norm: nn.Module) -> bool:
