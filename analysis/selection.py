@@ -31,6 +31,13 @@ def rule_applies(kind, data, initial_points: list[dict], max_latency_ms: float |
     return max_latency_ms is None and bool(initial_points) and kind.compares_with_recipe(data)
 
 
+def recipe_for_asha(kind, data, untried_points: list[dict], max_latency_ms: float | None) -> dict | None:
+    """The initial point ASHA lets run its whole budget (the first this search runs), where the rule
+    will compare sampled trials with it; None under a latency budget or without one (ranked as any trial).
+    Later points (nuclei's ResNet-50) are ranked as sampled trials are, to bound the cost on CPUs."""
+    return untried_points[0] if rule_applies(kind, data, untried_points, max_latency_ms) else None
+
+
 def is_rule_note(selection_tag: str) -> bool:
     """Whether a promotion's `selection` tag is one of `prefer_recipe`'s lines."""
     return selection_tag.startswith(RULE)

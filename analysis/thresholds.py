@@ -23,6 +23,9 @@ def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[st
     if data.folds > 1:
         fields = [(data.train_images[i], data.train_masks[i], int(data.fold_of[i])) for i in range(len(data.train_images))]
         members = list(getattr(segmenter.model, "members", [segmenter.model]))
+        if len(members) != data.folds:  # out of fold needs one member per fold, in fold order, as trials save them
+            raise ValueError(f"{checkpoint}: {len(members)} networks for {data.folds} folds; thresholds are chosen "
+                             "out of fold on a fold ensemble of the search's folds")
     else:
         fields = [(image, mask, None) for image, mask in zip(data.val_images, data.val_masks)]
         members = None

@@ -1,8 +1,9 @@
 """`tune-cells export` on the shared demo search's champion and on models registered beside it (a
-classification fold ensemble with test-time augmentation, a lung segmentation fold ensemble): the
-graph and its contract are written only after the parity check against the registered model, a
-user who reads only the contract reproduces the registered model's probabilities, and a real
-mismatch (a wrong normalisation in the contract) fails the check and writes nothing."""
+classification fold ensemble with test-time augmentation, a lung segmentation fold ensemble with it,
+a single lung network without it): the graph and its contract are written only after the parity
+check against the registered model, a user who reads only the contract reproduces the registered
+model's probabilities, and a real mismatch (a wrong normalisation in the contract) fails the check
+and writes nothing."""
 
 from __future__ import annotations
 
@@ -136,7 +137,10 @@ def test_a_fold_ensemble_with_test_time_augmentation_is_exported_whole(store, tm
     assert contract["model"]["model_uri"] == uri
 
 
-def test_a_lung_segmentation_ensemble_is_exported_with_its_tiling_and_thresholds(store, tmp_path, run_cli):
+def register_lung_segmenter(store, tmp_path, members: int, **spec_fields):
+    """A lung U-Net registered in `store` beside a split of 10 generated fields: `members` fold members
+    (0: one network), its spec changed by `spec_fields`. Random weights: the export is checked against
+    the registered model, whatever its skill. Returns its version, the data's index and the split."""
     from tune_cells.data.demo import generate_lung
     from tune_cells.data.splits import load_or_create_split
     from tune_cells.model_io import ModelSpec, save_checkpoint, save_spec
@@ -152,13 +156,21 @@ def test_a_lung_segmentation_ensemble_is_exported_with_its_tiling_and_thresholds
                        kind="segmentation")
     folder = tmp_path / "segmenter"
     torch.manual_seed(2)
-    for k in range(2):
-        save_checkpoint(folder / f"fold{k}", member.build(), member)
-    save_spec(folder, replace(member, members=["fold0", "fold1"], temperature=1.3, tta="dihedral",
-                              thresholds={index.classes[0]: 0.4}))
+    if members:
+        for k in range(members):
+            save_checkpoint(folder / f"fold{k}", member.build(), member)
+        save_spec(folder, replace(member, members=[f"fold{k}" for k in range(members)], **spec_fields))
+    else:
+        save_checkpoint(folder, member.build(), replace(member, **spec_fields))
     version = store["tracker"].log_model(store["run"], folder, "tune-cells-lung", tags={
         "task": "lung", "data_root": str(index.root), "split_file": str(split.path), "split_seed": 0,
         "search_run_id": store["run"]}, signature=task.kind.signature(list(index.classes)))
+    return version, index, split
+
+
+def test_a_lung_segmentation_ensemble_is_exported_with_its_tiling_and_thresholds(store, tmp_path, run_cli):
+    version, index, split = register_lung_segmenter(store, tmp_path, 2, temperature=1.3, tta="dihedral",
+                                                    thresholds={"Parenchyma": 0.4})
     store["tracker"].set_alias("tune-cells-lung", "champion", version)
 
     result = run_cli("export", "lung", "--workdir", store["workdir"])  # the champion, by default
@@ -178,6 +190,34 @@ def test_a_lung_segmentation_ensemble_is_exported_with_its_tiling_and_thresholds
     assert [o["name"] for o in contract["outputs"]] == ["probabilities", "logits"]
     assert set(contract["parity"]["details"]) == {"stitched_fields", "tile_probabilities"}
     assert contract["parity"]["images"] == len(split.parts["test"])
+
+
+def test_a_segmenter_without_test_time_augmentation_is_exported_without_it(store, tmp_path, run_cli):
+    """Promotion keeps no augmentation where it does not gain on validation, and none under a latency
+    budget: the graph is then the plain network on a tile, and the contract says so."""
+    import onnxruntime
+
+    from tune_cells.segmentation import dihedral_logits
+
+    version, _, split = register_lung_segmenter(store, tmp_path, 0, tta="none")
+    uri = f"models:/tune-cells-lung/{version}"
+    output = tmp_path / "out" / "lung.onnx"
+    result = run_cli("export", "lung", "--model-uri", uri, "--workdir", store["workdir"], "--output", output)
+    assert result.code == 0, result.err
+    assert parity_line(result.out) <= 1e-4
+    assert "tiling the field" in result.out and "flips" not in result.out and "test-time" not in result.out
+    contract = json.loads((tmp_path / "out" / "lung.onnx.json").read_text())
+    assert (contract["tta"], contract["members"], contract["model"]["model_uri"]) == ("none", 1, uri)
+    assert contract["in_graph"] == ["the network, on one tile", "temperature: logits / 1", contract["activation"]]
+    assert contract["parity"]["max_abs_diff"] <= 1e-4 and contract["parity"]["images"] == len(split.parts["test"])
+    # What a consumer runs: one tile in, the network's own logits out, not the mean over the tile's 8 views.
+    network = store["tracker"].load_classifier(uri).model
+    tile = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"input": tile.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, network(tile).numpy(), atol=1e-4)
+        assert np.abs(logits - dihedral_logits(network, tile).numpy()).max() > 1e-3
 
 
 def test_a_wrong_contract_fails_the_parity_check_and_nothing_is_written(searched, tmp_path):

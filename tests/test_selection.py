@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from tune_cells.analysis.selection import balanced_accuracy_se, is_rule_note, prefer_recipe, rule_applies
+from tune_cells.analysis.selection import (
+    balanced_accuracy_se,
+    is_rule_note,
+    prefer_recipe,
+    recipe_for_asha,
+    rule_applies,
+)
 from tune_cells.kinds import CLASSIFICATION, SEGMENTATION
 from tune_cells.ray_backend import SearchResult, TrialSummary
 from tune_cells.search_spaces import point_matches
@@ -171,32 +177,58 @@ def test_with_folds_each_fold_needs_two_fields_and_the_errors_combine_as_a_means
     assert mean["val_dice"] == pytest.approx(0.85) and mean["val_dice_se"] == pytest.approx(0.025)  # sqrt(.03²+.04²)/2
 
 
+ASHA = {"time_attr": "training_iteration", "metric": "acc", "mode": "max", "max_t": 10, "grace_period": 1,
+        "reduction_factor": 2}
+
+
+def asha_decisions(scheduler) -> list[str]:
+    """A sampled trial ahead at the first rung, the recipe (lr 5e-4) behind it, a third trial further
+    behind, then the recipe at its last epoch: what `scheduler` says to each result."""
+    from ray.tune.experiment import Trial
+
+    sampled, recipe, behind = (Trial("__fake", config={"lr": lr}, stub=True) for lr in (4e-3, 5e-4, 1e-2))
+    for trial in (sampled, recipe, behind):
+        scheduler.on_trial_add(None, trial)
+    return [scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "acc": acc})
+            for trial, epoch, acc in ((sampled, 1, 0.9), (recipe, 1, 0.1), (behind, 1, 0.05), (recipe, 10, 0.1))]
+
+
 def test_asha_ranks_the_recipe_but_never_stops_it_before_its_last_epoch():
     """The rule compares sampled trials with the recipe's whole run: ASHA stopped leukemia's recipe at
     epoch 4 of 20 in two outer folds, and the sampled trials promoted there missed 4 of 60 test images."""
-    from ray.tune.experiment import Trial
     from ray.tune.schedulers import ASHAScheduler
 
     from tune_cells.ray_scheduler import ASHAKeepingRecipe
 
-    def decisions(scheduler) -> list[str]:
-        sampled, recipe, behind = (Trial("__fake", config={"lr": lr}, stub=True) for lr in (4e-3, 5e-4, 1e-2))
-        for trial in (sampled, recipe, behind):
-            scheduler.on_trial_add(None, trial)
-        return [scheduler.on_trial_result(None, trial, {"training_iteration": epoch, "acc": acc})
-                for trial, epoch, acc in ((sampled, 1, 0.9), (recipe, 1, 0.1), (behind, 1, 0.05), (recipe, 10, 0.1))]
-
-    settings = {"time_attr": "training_iteration", "metric": "acc", "mode": "max", "max_t": 10, "grace_period": 1,
-                "reduction_factor": 2}
     # behind at the rung: plain ASHA stops the recipe; both stop the sampled trial behind it (its score counted)
-    assert decisions(ASHAScheduler(**settings)) == ["CONTINUE", "STOP", "STOP", "STOP"]
-    keeping = ASHAKeepingRecipe(recipe={"lr": 5e-4}, **settings)
-    assert decisions(keeping) == ["CONTINUE", "CONTINUE", "STOP", "STOP"]
+    assert asha_decisions(ASHAScheduler(**ASHA)) == ["CONTINUE", "STOP", "STOP", "STOP"]
+    keeping = ASHAKeepingRecipe(recipe={"lr": 5e-4}, **ASHA)
+    assert asha_decisions(keeping) == ["CONTINUE", "CONTINUE", "STOP", "STOP"]
     assert keeping._num_stopped == 2  # the behind trial and the recipe at its last epoch
 
     import ray.cloudpickle
 
     assert ray.cloudpickle.loads(ray.cloudpickle.dumps(keeping)).recipe == {"lr": 5e-4}  # restored on --resume
+
+
+def test_under_a_latency_budget_asha_gets_no_recipe_and_stops_the_recipe_trial_like_any_other():
+    """--max-latency-ms: the budget, not the one-SE rule, picks the champion, so the recipe needs no
+    whole run to be compared against; the search hands ASHA `recipe_for_asha`'s answer."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tune_cells.ray_scheduler import ASHAKeepingRecipe
+    from tune_cells.trainables.segmentation import SegmentationData
+
+    field, mask = np.zeros((8, 8, 3), np.uint8), np.zeros((2, 8, 8), np.uint8)
+    data = SegmentationData([field] * 6, [mask] * 6, [field] * 2, [mask] * 2, "lung", ["a", "b"], (0.5,) * 3,
+                            (0.2,) * 3, 20, 0)  # two validation fields: without a budget the rule applies
+    untried = [{"lr": 5e-4}, {"lr": 1e-2}]
+    recipes = {budget: recipe_for_asha(SEGMENTATION, data, untried, budget) for budget in (None, 5.0)}
+    assert recipes == {None: {"lr": 5e-4}, 5.0: None}
+    plain = asha_decisions(ASHAScheduler(**ASHA))
+    assert asha_decisions(ASHAKeepingRecipe(recipe=recipes[5.0], **ASHA)) == plain == [
+        "CONTINUE", "STOP", "STOP", "STOP"]  # the recipe stopped at the first rung, as a sampled trial is
+    assert asha_decisions(ASHAKeepingRecipe(recipe=recipes[None], **ASHA)) != plain  # without: kept to max_t
 
 
 @pytest.mark.slow

@@ -136,9 +136,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
             warm_trials=warm.trials,
             max_concurrent=opts.max_concurrent, resume=opts.resume,
             time_budget_s=opts.time_budget * 60 if opts.time_budget else None,
-            # the one-SE rule prefers the first initial point this search runs, so it runs its whole budget;
-            # later points (nuclei's ResNet-50) are ranked as sampled trials are, to bound the cost on CPUs
-            recipe=untried[0] if selection.rule_applies(kind, trial.data, untried, opts.max_latency_ms) else None,
+            recipe=selection.recipe_for_asha(kind, trial.data, untried, opts.max_latency_ms),
         ))
         if result.time_budget_reached:
             _end_trials_the_budget_stopped(result, events, opts)
