@@ -87,9 +87,22 @@ def _model(f: CardFacts) -> str:
               if key in tags],
             ("Trained in", f"trial `{tags.get('ray_trial_id', '?')}` (run `{tags.get('trial_run_id', '?')}`), "
                            f"its best epoch {tags.get('epoch', '?')} of at most {f.search_params.get('max_epochs', '?')}"),
+            *_averaged_weights(config, tags.get("epoch"), f.search_params.get("max_epochs")),
             ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial")
              + (f" ({f.selection})" if is_rule_note(f.selection) else ""))]
     return "## Model\n\n" + _table(("", ""), rows)
+
+
+def _averaged_weights(config: dict, epoch, max_epochs) -> list[tuple[str, str]]:
+    """The "Weights" row of a champion whose trial averaged its weights (`swa_start`) by its best epoch."""
+    try:
+        first, last = math.floor(float(config["swa_start"]) * int(max_epochs)) + 1, int(epoch)
+    except (KeyError, TypeError, ValueError):  # no averaging, or facts MLflow does not hold
+        return []
+    if last < first:
+        return []
+    return [("Weights", f"the equal average of the weights after epochs {first}-{last} (stochastic weight averaging, "
+                        f"`swa_start` {config['swa_start']}), BatchNorm statistics recomputed on training views")]
 
 
 def _intended_use(f: CardFacts) -> str:

@@ -132,3 +132,14 @@ def test_an_experiment_made_before_the_kind_tag_gets_it_from_the_next_search(sea
     client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "genai_development")  # a user's own choice stays
     tracker.experiment_id("tune-cells-nuclei-demo")
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_a_champion_with_averaged_weights_says_which_epochs_it_averages():
+    from tune_cells.analysis.model_card_text import _averaged_weights
+
+    config = {"swa_start": "0.5"}  # as MLflow holds a trial's parameters: strings
+    assert _averaged_weights(config, "17", "20") == [("Weights", "the equal average of the weights after epochs 11-17 "
+                                                     "(stochastic weight averaging, `swa_start` 0.5), BatchNorm "
+                                                     "statistics recomputed on training views")]
+    assert _averaged_weights(config, "9", "20") == []  # its best epoch came before the averaging
+    assert _averaged_weights({}, "17", "20") == [] and _averaged_weights(config, "?", None) == []
