@@ -1,8 +1,8 @@
 """Which weights of a segmentation trial to promote: its epoch that scored best on the validation fields
 (what a search promotes today), its last epoch (what nnU-Net promotes), either with its
 BatchNorm statistics recomputed over training views after every epoch (precise BN), or its weights averaged over the
-second half of training with the same recomputation (SWA: at the last epoch, and as a trial with `swa_start: 0.5`
-reports it, which the lung space ships since session 14); the precise-BN and SWA choices with test-time
+second half of training with the same recomputation (SWA: at the last epoch, and at the validation-best of the
+averaged epochs, as a trial with `swa_start: 0.5` promotes it, which the lung space ships since session 14); the precise-BN and SWA choices with test-time
 augmentation (the mean over 8 flips and turns: always, or where validation gains), scored on fields of animals that neither training nor validation
 saw, over outer folds that together test every field once.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_scoring_trainer(test_images, test_masks):
         use. `self.epoch` is set by the trainer skeleton."""
 
         bench_average = None
-        # the weights of the validation-best epoch so far: with precise BN, and as a trial with swa_start 0.5 reports
+        # the weights of the validation-best epoch so far: with precise BN, and of the averaged epochs (swa_start 0.5)
         best_bn, best_bn_score, best_swa, best_swa_score = None, -np.inf, None, -np.inf
 
         def score(self, model, images, masks, prefix, dihedral=False):
@@ -94,9 +95,8 @@ def test_scoring_trainer(test_images, test_masks):
             metric = self.data.metric
             if scores[f"bn_{metric}"] > self.best_bn_score:
                 self.best_bn, self.best_bn_score = weights["bn_"], scores[f"bn_{metric}"]
-            reported = "swa_" if "swa_" in weights else "bn_"  # what a trial with swa_start 0.5 validates
-            if scores[f"{reported}{metric}"] > self.best_swa_score:
-                self.best_swa, self.best_swa_score = weights[reported], scores[f"{reported}{metric}"]
+            if "swa_" in weights and scores[f"swa_{metric}"] > self.best_swa_score:
+                self.best_swa, self.best_swa_score = weights["swa_"], scores[f"swa_{metric}"]
             if self.epoch == self.data.max_epochs:  # test-time augmentation of what each rule promotes
                 for arm, model in (("tta_", self.best_bn), ("swatta_", self.best_swa)):
                     for part, fields in (("val_", (self.val_images, self.val_masks)), ("test_", (images, masks))):
@@ -162,23 +162,24 @@ def main() -> None:
              "weights averaged over the second half, BatchNorm statistics recomputed",
              "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation",
              "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation where validation gains",
-             "validation-best epoch as a trial with swa_start 0.5 reports it (precise BN, then the average)",
+             "validation-best of the averaged epochs, as a trial with swa_start 0.5 promotes it",
              "the same, test-time augmentation where validation gains (what the lung space promotes since session 14)")
     picked: dict[str, dict[str, list[float]]] = {rule: {t: [] for t in targets} for rule in rules}
     lines = []
     for k in args.only if args.only is not None else range(args.folds):
         parts = fold_parts(folds, k)
         reports = fold_run(setup, parts, args.epochs, args.seed, args.workdir / f"fold-{k}")
+        # every epoch's scores, for rules read later without training again
+        (args.workdir / f"fold-{k}" / "reports.json").write_text(json.dumps(reports, default=float))
         values = [r[metric] for r in reports]
         best = int(np.argmax(values))  # the first best, as the checkpoint policy keeps it
         best_bn = int(np.argmax([r[f"bn_{metric}"] for r in reports]))
-        half = args.epochs // 2  # epochs past it report the average (swa_start 0.5)
-        reported = [r[f"swa_{metric}"] if e >= half else r[f"bn_{metric}"] for e, r in enumerate(reports)]
-        best_swa = int(np.argmax(reported))
-        best_swa_arm = "swa_" if best_swa >= half else "bn_"
+        half = args.epochs // 2  # epochs past it are averages (swa_start 0.5): the first best of them is promoted
+        averaged = [r[f"swa_{metric}"] for r in reports[half:]]
+        best_swa, best_swa_arm = half + int(np.argmax(averaged)), "swa_"
         # test-time augmentation as promotion chooses it (there at each target's chosen threshold; here at 0.5)
         gains = reports[-1][f"tta_{metric}"] > reports[best_bn][f"bn_{metric}"]
-        swa_gains = reports[-1][f"swatta_{metric}"] > reported[best_swa]
+        swa_gains = reports[-1][f"swatta_{metric}"] > reports[best_swa][f"swa_{metric}"]
         read = ((best, ""), (-1, ""), (best_bn, "bn_"), (-1, "bn_"), (-1, "swa_"), (-1, "tta_"),
                 (-1, "tta_") if gains else (best_bn, "bn_"), (best_swa, best_swa_arm),
                 (-1, "swatta_") if swa_gains else (best_swa, best_swa_arm))  # each rule's (epoch, arm), in order
@@ -196,8 +197,8 @@ def main() -> None:
                      + "; ".join(f"{t} {reports[best_bn][f'bn_test_dice_{t}']:.3f}" for t in targets)
                      + f"; with test-time augmentation, {metric} {reports[-1][f'tta_{metric}']:.3f}, test Dice "
                      + "; ".join(f"{t} {reports[-1][f'tta_test_dice_{t}']:.3f}" for t in targets)
-                     + f"; as a trial with swa_start 0.5 reports it, {metric} best at epoch {best_swa + 1} "
-                     + f"({reported[best_swa]:.3f}), test Dice "
+                     + f"; averaged epochs, {metric} best at epoch {best_swa + 1} "
+                     + f"({reports[best_swa][f'swa_{metric}']:.3f}), test Dice "
                      + "; ".join(f"{t} {reports[best_swa][f'{best_swa_arm}test_dice_{t}']:.3f}" for t in targets)
                      + f", with test-time augmentation {metric} {reports[-1][f'swatta_{metric}']:.3f}")
         print(lines[-1], flush=True)
