@@ -101,7 +101,8 @@ def _averaged_weights(config: dict, epoch, max_epochs) -> list[tuple[str, str]]:
         return []
     if last < first:
         return []
-    return [("Weights", f"the equal average of the weights after epochs {first}-{last} (stochastic weight averaging, "
+    epochs = f"epoch {last}" if first == last else f"epochs {first}-{last}"
+    return [("Weights", f"the equal average of the weights after {epochs} (stochastic weight averaging, "
                         f"`swa_start` {config['swa_start']}), BatchNorm statistics recomputed on training views")]
 
 

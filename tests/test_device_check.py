@@ -40,6 +40,25 @@ def test_the_policy_writes_weights_on_improvement_and_everything_every_n_epochs(
     assert CheckpointPolicy("val_loss", "min", 5, 9).decide(1, {"val_loss": float("nan")}) is None
 
 
+def test_epochs_not_offered_for_promotion_rank_below_every_offered_one():
+    """A weight-averaging trial offers only its averages: Ray keeps and the search promotes by
+    PROMOTION_SCORE, so a first-half epoch scoring 0.81 on two fields loses to an average at 0.79."""
+    from tune_cells.ray_backend import _best_of
+    from tune_cells.trainables.skeleton import PROMOTION_SCORE, promotion_score
+
+    policy = CheckpointPolicy("val_dice", "max", every=10, last_epoch=10)
+    reports = [(0.81, False), (0.75, True), (0.79, True), (0.78, True)]
+    scored = [{"val_dice": v, "training_iteration": e, PROMOTION_SCORE: promotion_score(v, "max", offered)}
+              for e, (v, offered) in enumerate(reports, start=1)]
+    assert [policy.decide(m["training_iteration"], m) for m in scored] == ["weights", "weights", "weights", None]
+    best = _best_of([(f"ckpt-{m['training_iteration']}", m) for m in scored], "val_dice", "max")
+    assert (best["best_checkpoint"], best["best_metric"], best["best_epoch"]) == ("ckpt-3", 0.79, 3)
+    # a trial stopped before its first average is ranked by its metric; checkpoints of older trials have no score
+    assert _best_of([("a", scored[0]), ("b", {"val_dice": 0.7, PROMOTION_SCORE: promotion_score(0.7, "max", False)})],
+                    "val_dice", "max")["best_checkpoint"] == "a"
+    assert _best_of([("a", {"val_loss": 0.3}), ("b", {"val_loss": 0.2})], "val_loss", "min")["best_checkpoint"] == "b"
+
+
 def test_a_trial_checkpoints_by_the_policy_and_reports_the_bytes(tmp_path):
     session = RecordingSession(checkpoint_dir=tmp_path / "ckpt")
     data = replace(classification_data(4), metric="val_accuracy")
@@ -60,7 +79,7 @@ def test_resume_from_a_weights_only_checkpoint_restarts_the_moments_and_says_so(
         train_classifier(CLASSIFIER, classification_data(3), resumed)
     assert len(resumed.results) == 2 and resumed.failure is None
     assert "optimiser's moments restart" in caplog.text
-    assert load_trainer_state(tmp_path / "again")["best_metric"] is not None
+    assert load_trainer_state(tmp_path / "again")["best_promotion_score"] is not None
 
 
 def test_a_registered_model_keeps_weights_and_spec_only(tmp_path):

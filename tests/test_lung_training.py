@@ -148,3 +148,13 @@ def test_weight_averaging_without_fresh_batchnorm_is_refused_in_one_line():
 
     with pytest.raises(UserInputError, match="swa_start needs batchnorm_views > 0"):
         SegmentationConfig.from_flat({**SEGMENTER, "swa_start": 0.5})
+
+
+def test_an_averaging_trial_offers_only_its_averages_for_promotion(tmp_path):
+    from tune_cells.trainables.skeleton import PROMOTION_PENALTY, PROMOTION_SCORE
+
+    session = LocalSession(checkpoint_dir=tmp_path / "ckpt")
+    train_segmenter(AVERAGED, segmentation_data(4), session)
+    scores = [r[PROMOTION_SCORE] - r["val_dice"] for r in session.results]
+    assert scores == pytest.approx([-PROMOTION_PENALTY, -PROMOTION_PENALTY, 0, 0])  # epochs 1-2 trained; 3-4 averages
+    assert session.results[2]["checkpoint_mb"] > 0  # the first average is kept, whatever epochs 1-2 scored

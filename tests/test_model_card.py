@@ -142,4 +142,5 @@ def test_a_champion_with_averaged_weights_says_which_epochs_it_averages():
                                                      "(stochastic weight averaging, `swa_start` 0.5), BatchNorm "
                                                      "statistics recomputed on training views")]
     assert _averaged_weights(config, "9", "20") == []  # its best epoch came before the averaging
+    assert _averaged_weights(config, "11", "20")[0][1].startswith("the equal average of the weights after epoch 11 (")
     assert _averaged_weights({}, "17", "20") == [] and _averaged_weights(config, "?", None) == []

@@ -183,6 +183,9 @@ class SegmentationTrainer(TrialTrainer):
             self.average = WeightAverage(self.model, count=int(state["averaged_epochs"]))
             self.model.load_state_dict(state["trained_weights"])
 
+    def offered_for_promotion(self) -> bool:  # with swa_start, only the averages
+        return self.config.swa_start is None or self.average is not None
+
     def averages_this_epoch(self) -> bool:
         """Stochastic weight averaging: every epoch past `swa_start` of the search's max epochs."""
         start = self.config.swa_start

@@ -89,13 +89,28 @@ class FoldedData:
         return 1 if self.fold_of is None else int(self.fold_of.max()) + 1
 
 
+# What Ray keeps and ranks a trial's checkpoints by, and the search promotes: the metric, oriented
+# so that higher is better, lowered by PROMOTION_PENALTY on epochs a trainer does not offer for promotion
+# (a weight-averaging trial's epochs before its average: smoother weights, not a higher score on two
+# validation fields, should win). So any offered epoch ranks above every other, and the metric decides
+# within each group; a trial stopped before its first offered epoch is still ranked by its metric.
+PROMOTION_SCORE = "promotion_score"
+PROMOTION_PENALTY = 1e6
+
+
+def promotion_score(value, mode: str, offered: bool = True) -> float:
+    """`value` (the search's metric) as PROMOTION_SCORE: higher is better in either mode; NaN stays NaN."""
+    score = float(value) if mode == "max" else -float(value)
+    return score if offered else score - PROMOTION_PENALTY
+
+
 @dataclass
 class CheckpointPolicy:
     """What a trial writes each epoch: everything `--resume` needs (weights, trainer and optimiser
     state) every `every` epochs and at the last; the weights (and the small trainer state) alone
-    whenever the metric improves, so the best epoch, which promotion registers, always has its
+    whenever the promotion score improves, so the best epoch, which promotion registers, always has its
     weights; nothing otherwise. A resume from a weights-only checkpoint restarts the optimiser's
-    moments (`tune_cells.model_io.restore_training`)."""
+    moments (`tune_cells.model_io.restore_training`). `best` is the best PROMOTION_SCORE so far."""
 
     metric: str
     mode: str
@@ -104,10 +119,12 @@ class CheckpointPolicy:
     best: float | None = None
 
     def decide(self, epoch: int, metrics: dict) -> str | None:
-        """"full", "weights" or None (no checkpoint this epoch)."""
-        value = metrics.get(self.metric)
-        improved = isinstance(value, (int, float)) and math.isfinite(value) and (
-            self.best is None or (value > self.best if self.mode == "max" else value < self.best))
+        """"full", "weights" or None (no checkpoint this epoch). `metrics` carry PROMOTION_SCORE, or
+        the metric alone (then every epoch is offered)."""
+        value = metrics.get(PROMOTION_SCORE)
+        if value is None and isinstance(metrics.get(self.metric), (int, float)):
+            value = promotion_score(metrics[self.metric], self.mode)
+        improved = isinstance(value, (int, float)) and math.isfinite(value) and (self.best is None or value > self.best)
         if improved:
             self.best = float(value)
         if epoch % self.every == 0 or epoch == self.last_epoch:
@@ -119,9 +136,13 @@ def checkpoint_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in Path(directory).rglob("*") if path.is_file())
 
 
-def report_epoch(session: TrialSession, policy: CheckpointPolicy, epoch: int, metrics: dict, save) -> None:
-    """Report one epoch, with the checkpoint the policy asks for (`save(directory, full)` writes it);
+def report_epoch(session: TrialSession, policy: CheckpointPolicy, epoch: int, metrics: dict, save,
+                 offered: bool = True) -> None:
+    """Report one epoch, with its PROMOTION_SCORE (`offered`: whether these weights are offered for
+    promotion) and the checkpoint the policy asks for (`save(directory, full)` writes it);
     `checkpoint_mb` says how much was written."""
+    if isinstance(metrics.get(policy.metric), (int, float)):
+        metrics = {**metrics, PROMOTION_SCORE: promotion_score(metrics[policy.metric], policy.mode, offered)}
     what = policy.decide(epoch, metrics)
     if what is None:
         session.report({**metrics, "checkpoint_mb": 0.0})
@@ -182,6 +203,11 @@ class TrialTrainer(ABC):
         registers): the trained one, unless a kind validates another (an average of its weights)."""
         return self.model
 
+    def offered_for_promotion(self) -> bool:
+        """Whether this epoch's weights compete for promotion with the trial's others (PROMOTION_SCORE);
+        a trial that averages its weights offers only its averages."""
+        return True
+
     # --- the skeleton ------------------------------------------------------------------
 
     def run(self) -> None:
@@ -192,7 +218,8 @@ class TrialTrainer(ABC):
             if metrics is None:
                 return
             report_epoch(self.session, self.policy, epoch, metrics,
-                         lambda directory, full, epoch=epoch: self.save(directory, epoch, full))
+                         lambda directory, full, epoch=epoch: self.save(directory, epoch, full),
+                         offered=self.offered_for_promotion())
 
     epoch = 0  # the epoch being trained and validated (1-based)
 
@@ -207,7 +234,7 @@ class TrialTrainer(ABC):
             return 1
         state = restore_training(checkpoint, self.model, self.optimizer, self.schedule, self.generator, self.device)
         self.restore_extra(state)
-        self.policy.best = state.get("best_metric")
+        self.policy.best = state.get("best_promotion_score")  # older checkpoints kept the metric: start afresh
         return int(state["epoch"]) + 1
 
     def run_epoch(self, epoch: int) -> dict | None:
@@ -239,7 +266,7 @@ class TrialTrainer(ABC):
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "generator": self.generator.get_state(),
             "epoch": epoch,
-            "best_metric": self.policy.best,
+            "best_promotion_score": self.policy.best,
             **self.extra_state(),
         }
         save_checkpoint(directory, self.promoted_weights(), self.spec, trainer_state,
@@ -271,7 +298,8 @@ class FoldEnsembleTrainer:
                     return
                 per_fold.append(metrics)
             report_epoch(self.session, self.policy, epoch, self.mean(per_fold),
-                         lambda directory, full, epoch=epoch: self.save(directory, epoch, full))
+                         lambda directory, full, epoch=epoch: self.save(directory, epoch, full),
+                         offered=all(member.offered_for_promotion() for member in self.members))
 
     @staticmethod
     def mean(per_fold: list[dict]) -> dict:

@@ -22,6 +22,7 @@ from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, Ti
 from tune_cells.ray_scheduler import ASHAKeepingRecipe
 from tune_cells.ray_searcher import searcher_trials
 from tune_cells.search_spaces import SearchSpace
+from tune_cells.trainables.skeleton import PROMOTION_SCORE, promotion_score
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +226,10 @@ def _tune(request: SearchRequest) -> SearchResult:
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=request.max_failures),
             stop=TimeBudget(request.time_budget_s, request.name) if request.time_budget_s else None,
-            checkpoint_config=tune.CheckpointConfig(
+            checkpoint_config=tune.CheckpointConfig(  # the metric, or below it what is not offered for promotion
                 num_to_keep=2,
-                checkpoint_score_attribute=request.metric,
-                checkpoint_score_order=request.mode,
+                checkpoint_score_attribute=PROMOTION_SCORE,
+                checkpoint_score_order="max",
             ),
             verbose=0,
         ),
@@ -314,33 +315,40 @@ def _summarise(results, metric: str, mode: str, request: SearchRequest | None = 
             raise UserInputError(f"--time-budget {request.time_budget_s / 60:g}: no trial finished an epoch within "
                                  "it; nothing promoted (give it more minutes)")
         raise RuntimeError(f"no trial produced a checkpoint ({len(trials)} trials; {errors or 'no errors'})")
-    best_result = results.get_best_result(metric, mode, scope="all", filter_nan_and_inf=True)
-    checkpoint = best_result.get_best_checkpoint(metric, mode)
-    checkpoint_metrics = next(m for c, m in best_result.best_checkpoints if c.path == checkpoint.path)
+    ranked = [t for t in trials if t.best_checkpoint is not None]
+    if not ranked:  # checkpoints, but every one with a NaN metric
+        raise RuntimeError(f"no trial kept a checkpoint with a finite {metric} ({len(trials)} trials)")
+    best = max(ranked, key=lambda t: _rank(t.best_metrics, metric, mode))  # the first best: Ray's trial order
     return SearchResult(
-        best_trial_id=best_result.metrics["trial_id"],
-        best_config=best_result.config,
-        best_metric=float(checkpoint_metrics[metric]),
-        best_epoch=int(checkpoint_metrics["training_iteration"]),
-        best_checkpoint=checkpoint,
+        best_trial_id=best.trial_id,
+        best_config=best.config,
+        best_metric=best.best_metric,
+        best_epoch=best.best_epoch,
+        best_checkpoint=best.best_checkpoint,
         trials=trials,
         experiment_path=results.experiment_path,
         searcher_trials=searcher_trials(results.experiment_path),
         time_budget_reached=reached,
         # Ray reports no end for the trials a stopper stops: those the budget cut off are still live
         stopped_by_time_budget=[t.trial_id for t in trials if reached and not t.failed and t.trial_id in live],
-        best_metrics=dict(checkpoint_metrics),
+        best_metrics=dict(best.best_metrics),
     )
 
 
+def _rank(metrics: dict, metric: str, mode: str) -> float:
+    """A checkpoint's PROMOTION_SCORE (checkpoints of older trials: from the metric alone)."""
+    score = metrics.get(PROMOTION_SCORE)
+    return float(score) if isinstance(score, (int, float)) else promotion_score(metrics[metric], mode)
+
+
 def _best_of(checkpoints: list, metric: str, mode: str) -> dict:
-    """A trial's best kept checkpoint by `metric` (NaN never best), as TrialSummary fields."""
+    """A trial's best kept checkpoint by PROMOTION_SCORE (NaN never best), as TrialSummary fields."""
     import math
 
     scored = [(c, m) for c, m in checkpoints if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
     if not scored:
         return {}
-    checkpoint, metrics = (max if mode == "max" else min)(scored, key=lambda pair: pair[1][metric])
+    checkpoint, metrics = max(scored, key=lambda pair: _rank(pair[1], metric, mode))
     return {"best_checkpoint": checkpoint, "best_metric": float(metrics[metric]),
             "best_epoch": int(metrics.get("training_iteration", 0)), "best_metrics": dict(metrics)}
 

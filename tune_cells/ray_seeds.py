@@ -11,6 +11,7 @@ from typing import Any
 from ray import tune
 
 from tune_cells.ray_backend import _first_line, _result_records
+from tune_cells.trainables.skeleton import PROMOTION_SCORE
 
 
 @dataclass
@@ -25,7 +26,7 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
               metric: str, mode: str, trial_resources: Callable[[dict], dict[str, float]], storage_path: str,
               name: str) -> list[SeedRun]:
     """Train one fixed configuration once per seed (a grid over `seed`, no searcher, no early stop)
-    and return each run's best epoch by `metric`, as the search's promotion rule picks it."""
+    and return each run's best epoch by PROMOTION_SCORE (its metric), as the search's promotion picks it."""
     runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
                                    lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
     tuner = tune.Tuner(
@@ -34,8 +35,9 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
         tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=_result_records(),
                                   failure_config=tune.FailureConfig(max_failures=2),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
-                                                                          checkpoint_score_order=mode)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
+                                                                          checkpoint_score_attribute=PROMOTION_SCORE,
+                                                                          checkpoint_score_order="max")),
     )
     runs = []
     for result in tuner.fit():
