@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tune_cells.errors import UserInputError
+from tune_cells.promotion_rank import trial_rank
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def measure_trials(tracker, result, trial_runs: dict[str, str], mode: str, stagi
     device = prediction_device()
     label = device_label(device)
     done = [t for t in result.trials if t.best_checkpoint is not None and t.trial_id in trial_runs]
-    done.sort(key=lambda t: t.best_metric, reverse=mode == "max")
+    done.sort(key=lambda t: trial_rank(t, mode), reverse=True)  # as promotion ranks them
     if len(done) > MAX_MEASURED:
         log.info("latency: measuring the best %d of %d finished trials", MAX_MEASURED, len(done))
     costs = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from tune_cells.promotion_rank import offered
 from tune_cells.search_spaces import point_matches
 
 RULE = "one-SE rule"  # how each of the rule's log lines, and the promotion's `selection` tag, begins
@@ -65,9 +66,11 @@ def prefer_recipe(result, initial_points: list[dict], se: float | None, mode: st
         return result, ""
     best = result.best_metric
     scored = [t for t in result.trials if not t.failed and t.best_checkpoint is not None and math.isfinite(t.best_metric)]
+    # an initial point whose best epoch was not offered (stopped before its weight average) never beats an offered best
+    best_offered = offered(result.best_metrics)
     for number, point in enumerate(initial_points, start=1):
         for trial in scored:
-            if not point_matches(point, trial.config):
+            if not point_matches(point, trial.config) or (best_offered and not offered(trial.best_metrics)):
                 continue
             if trial.trial_id == result.best_trial_id:
                 return result, f"{RULE}: the best trial is the space's {_name(number, point)}"

@@ -43,8 +43,8 @@ def test_the_policy_writes_weights_on_improvement_and_everything_every_n_epochs(
 def test_epochs_not_offered_for_promotion_rank_below_every_offered_one():
     """A weight-averaging trial offers only its averages: Ray keeps and the search promotes by
     PROMOTION_SCORE, so a first-half epoch scoring 0.81 on two fields loses to an average at 0.79."""
+    from tune_cells.promotion_rank import PROMOTION_SCORE, promotion_score
     from tune_cells.ray_backend import _best_of
-    from tune_cells.trainables.skeleton import PROMOTION_SCORE, promotion_score
 
     policy = CheckpointPolicy("val_dice", "max", every=10, last_epoch=10)
     reports = [(0.81, False), (0.75, True), (0.79, True), (0.78, True)]

@@ -115,30 +115,31 @@ def test_from_swa_start_the_checkpoint_is_the_average_of_the_trained_weights(tmp
     from tune_cells.model_io import WEIGHTS_FILE, load_trainer_state
 
     session = EveryCheckpoint(checkpoint_dir=tmp_path / "ckpt")
-    train_segmenter(AVERAGED, segmentation_data(4), session)
-    assert session.failure is None and len(session.results) == 4
-    weights = {e: torch.load(tmp_path / f"epoch-{e}" / WEIGHTS_FILE, weights_only=True) for e in (2, 3, 4)}
-    trained = {e: load_trainer_state(tmp_path / f"epoch-{e}").get("trained_weights") for e in (2, 3, 4)}
-    assert trained[2] is None  # epochs 1-2 (not past half of 4): the trained weights themselves
-    assert load_trainer_state(tmp_path / "epoch-4")["averaged_epochs"] == 2
-    learned = [k for k in weights[4] if "running_" not in k and "num_batches_tracked" not in k]
-    for key in learned:  # epochs 3 and 4 averaged equally
-        assert torch.allclose(trained[3][key], weights[3][key])  # one epoch: the average is the epoch
-        assert torch.allclose(weights[4][key], (trained[3][key] + trained[4][key]) / 2, atol=1e-6)
-    assert not torch.equal(weights[4][learned[0]], trained[4][learned[0]])
+    train_segmenter(AVERAGED, segmentation_data(6), session)
+    assert session.failure is None and len(session.results) == 6
+    weights = {e: torch.load(tmp_path / f"epoch-{e}" / WEIGHTS_FILE, weights_only=True) for e in (3, 4, 5, 6)}
+    trained = {e: load_trainer_state(tmp_path / f"epoch-{e}").get("trained_weights") for e in (3, 4, 5, 6)}
+    assert trained[3] is None  # epochs 1-3 (not past half of 6): the trained weights themselves
+    assert load_trainer_state(tmp_path / "epoch-6")["averaged_epochs"] == 3
+    learned = [k for k in weights[6] if "running_" not in k and "num_batches_tracked" not in k]
+    for key in learned:  # epochs 4, 5 and 6 averaged equally (not a moving average)
+        assert torch.allclose(trained[4][key], weights[4][key])  # one epoch: the average is the epoch
+        assert torch.allclose(weights[6][key], (trained[4][key] + trained[5][key] + trained[6][key]) / 3, atol=1e-6)
+    assert not torch.equal(weights[6][learned[0]], trained[6][learned[0]])
 
 
 def test_an_averaging_trial_resumes_exactly(tmp_path):
     from tune_cells.model_io import WEIGHTS_FILE
 
     whole = EveryCheckpoint(checkpoint_dir=tmp_path / "whole" / "ckpt")
-    train_segmenter(AVERAGED, segmentation_data(4), whole)
-    resumed = LocalSession(checkpoint_dir=tmp_path / "again", resume_from=tmp_path / "whole" / "epoch-3")
-    train_segmenter(AVERAGED, segmentation_data(4), resumed)  # epoch 4 only: the average and training restored
+    train_segmenter(AVERAGED, segmentation_data(6), whole)
+    # from epoch 5, two epochs averaged: the average and the trained weights differ, and both must come back
+    resumed = LocalSession(checkpoint_dir=tmp_path / "again", resume_from=tmp_path / "whole" / "epoch-5")
+    train_segmenter(AVERAGED, segmentation_data(6), resumed)
     assert len(resumed.results) == 1
     assert resumed.results[0]["val_dice"] == whole.results[-1]["val_dice"]
     ended = torch.load(tmp_path / "again" / WEIGHTS_FILE, weights_only=True)
-    expected = torch.load(tmp_path / "whole" / "epoch-4" / WEIGHTS_FILE, weights_only=True)
+    expected = torch.load(tmp_path / "whole" / "epoch-6" / WEIGHTS_FILE, weights_only=True)
     assert all(torch.allclose(ended[k].float(), expected[k].float(), atol=1e-6) for k in expected)
 
 
@@ -151,10 +152,10 @@ def test_weight_averaging_without_fresh_batchnorm_is_refused_in_one_line():
 
 
 def test_an_averaging_trial_offers_only_its_averages_for_promotion(tmp_path):
-    from tune_cells.trainables.skeleton import PROMOTION_PENALTY, PROMOTION_SCORE
+    from tune_cells.promotion_rank import PROMOTION_PENALTY, PROMOTION_SCORE
 
     session = LocalSession(checkpoint_dir=tmp_path / "ckpt")
-    train_segmenter(AVERAGED, segmentation_data(4), session)
+    train_segmenter({**AVERAGED, "checkpoint_every": 100}, segmentation_data(4), session)
     scores = [r[PROMOTION_SCORE] - r["val_dice"] for r in session.results]
     assert scores == pytest.approx([-PROMOTION_PENALTY, -PROMOTION_PENALTY, 0, 0])  # epochs 1-2 trained; 3-4 averages
     assert session.results[2]["checkpoint_mb"] > 0  # the first average is kept, whatever epochs 1-2 scored

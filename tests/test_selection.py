@@ -80,6 +80,27 @@ def test_the_first_initial_point_is_preferred_and_the_best_recipe_stays():
     assert chosen is best_is_recipe and "the best trial is the space's initial point 1" in note
 
 
+def test_a_recipe_stopped_before_its_weight_average_never_beats_an_averaged_best():
+    """Lung's trials offer only their averaged epochs (promotion_rank): an initial point that ASHA or
+    the time budget stopped before its average scored its trained weights, which rank below."""
+    from dataclasses import replace
+
+    from tune_cells.promotion_rank import PROMOTION_SCORE, promotion_score
+
+    def scored(summary: TrialSummary, offered: bool) -> TrialSummary:
+        return replace(summary, best_metrics={"val_dice": summary.best_metric,
+                                              PROMOTION_SCORE: promotion_score(summary.best_metric, "max", offered)})
+
+    averaged, early = scored(trial("sampled", 0.80, lr=3e-3), True), scored(trial("recipe", 0.81, **RECIPE), False)
+    result = replace(search(averaged, early), best_trial_id="sampled", best_config=averaged.config, best_metric=0.80,
+                     best_metrics=averaged.best_metrics)  # as ray_backend ranks them
+    chosen, note = prefer_recipe(result, [RECIPE], 0.05, "max")
+    assert chosen.best_trial_id == "sampled" and "beats every initial point" in note
+    late = scored(trial("recipe", 0.78, **RECIPE), True)  # the same recipe with its average, within the margin
+    chosen, note = prefer_recipe(replace(result, trials=[averaged, late]), [RECIPE], 0.05, "max")
+    assert chosen.best_trial_id == "recipe" and "promoted the space's initial point 1" in note
+
+
 def test_failed_recipes_no_points_and_no_margin_leave_the_best_trial():
     failed = TrialSummary("recipe", dict(RECIPE), 1, True, "diverged")
     result = search(trial("sampled", 0.97, model="resnet18"), failed)

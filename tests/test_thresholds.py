@@ -97,3 +97,9 @@ def test_a_tie_between_with_and_without_augmentation_keeps_none(ensemble, tmp_pa
     chosen = choose_thresholds(folder, ensemble[1], allow_tta=True)
     assert chosen["val_dice_tta_dihedral"] == chosen["val_dice_tta_none"]
     assert chosen["tta"] == "none" and load_spec(folder).tta == "none"
+
+
+def test_a_fold_ensemble_of_other_folds_is_refused(ensemble):
+    folder, _ = ensemble
+    with pytest.raises(ValueError, match="2 networks for 4 folds"):
+        choose_thresholds(folder, pooled_fields(2, count=8, folds=4))

@@ -24,6 +24,7 @@ import torch
 from tune_cells.config import TrainerConfig
 from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint, save_spec
 from tune_cells.paths import checkpoint_staging_dir
+from tune_cells.promotion_rank import PROMOTION_SCORE, promotion_score
 from tune_cells.training import (
     NonFiniteLossError,
     build_lr_schedule,
@@ -87,21 +88,6 @@ class FoldedData:
     @property
     def folds(self) -> int:
         return 1 if self.fold_of is None else int(self.fold_of.max()) + 1
-
-
-# What Ray keeps and ranks a trial's checkpoints by, and the search promotes: the metric, oriented
-# so that higher is better, lowered by PROMOTION_PENALTY on epochs a trainer does not offer for promotion
-# (a weight-averaging trial's epochs before its average: smoother weights, not a higher score on two
-# validation fields, should win). So any offered epoch ranks above every other, and the metric decides
-# within each group; a trial stopped before its first offered epoch is still ranked by its metric.
-PROMOTION_SCORE = "promotion_score"
-PROMOTION_PENALTY = 1e6
-
-
-def promotion_score(value, mode: str, offered: bool = True) -> float:
-    """`value` (the search's metric) as PROMOTION_SCORE: higher is better in either mode; NaN stays NaN."""
-    score = float(value) if mode == "max" else -float(value)
-    return score if offered else score - PROMOTION_PENALTY
 
 
 @dataclass

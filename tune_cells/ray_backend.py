@@ -18,11 +18,11 @@ import ray
 from ray import tune
 
 from tune_cells.errors import UserInputError
+from tune_cells.promotion_rank import PROMOTION_SCORE, checkpoint_rank, trial_rank
 from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, TimeBudget, stop_on_signals
 from tune_cells.ray_scheduler import ASHAKeepingRecipe
 from tune_cells.ray_searcher import searcher_trials
 from tune_cells.search_spaces import SearchSpace
-from tune_cells.trainables.skeleton import PROMOTION_SCORE, promotion_score
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def _summarise(results, metric: str, mode: str, request: SearchRequest | None = 
     ranked = [t for t in trials if t.best_checkpoint is not None]
     if not ranked:  # checkpoints, but every one with a NaN metric
         raise RuntimeError(f"no trial kept a checkpoint with a finite {metric} ({len(trials)} trials)")
-    best = max(ranked, key=lambda t: _rank(t.best_metrics, metric, mode))  # the first best: Ray's trial order
+    best = max(ranked, key=lambda t: trial_rank(t, mode))  # the first best: Ray's trial order
     return SearchResult(
         best_trial_id=best.trial_id,
         best_config=best.config,
@@ -335,12 +335,6 @@ def _summarise(results, metric: str, mode: str, request: SearchRequest | None = 
     )
 
 
-def _rank(metrics: dict, metric: str, mode: str) -> float:
-    """A checkpoint's PROMOTION_SCORE (checkpoints of older trials: from the metric alone)."""
-    score = metrics.get(PROMOTION_SCORE)
-    return float(score) if isinstance(score, (int, float)) else promotion_score(metrics[metric], mode)
-
-
 def _best_of(checkpoints: list, metric: str, mode: str) -> dict:
     """A trial's best kept checkpoint by PROMOTION_SCORE (NaN never best), as TrialSummary fields."""
     import math
@@ -348,7 +342,7 @@ def _best_of(checkpoints: list, metric: str, mode: str) -> dict:
     scored = [(c, m) for c, m in checkpoints if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
     if not scored:
         return {}
-    checkpoint, metrics = max(scored, key=lambda pair: _rank(pair[1], metric, mode))
+    checkpoint, metrics = max(scored, key=lambda pair: checkpoint_rank(pair[1], metric, mode))
     return {"best_checkpoint": checkpoint, "best_metric": float(metrics[metric]),
             "best_epoch": int(metrics.get("training_iteration", 0)), "best_metrics": dict(metrics)}
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from ray import tune
 
+from tune_cells.promotion_rank import PROMOTION_SCORE
 from tune_cells.ray_backend import _first_line, _result_records
-from tune_cells.trainables.skeleton import PROMOTION_SCORE
 
 
 @dataclass
