@@ -10,7 +10,7 @@ from typing import Any
 
 from ray import tune
 
-from tune_cells.promotion_rank import PROMOTION_SCORE
+from tune_cells.promotion_rank import PROMOTION_SCORE, checkpoint_rank
 from tune_cells.ray_backend import _first_line, _result_records
 
 
@@ -43,7 +43,8 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
     for result in tuner.fit():
         if result.error is not None or not result.best_checkpoints:
             raise RuntimeError(f"seed {result.config.get('seed')} failed: {_first_line(result.error)}")
-        checkpoint, metrics = result.best_checkpoints[0]
+        # the best kept by PROMOTION_SCORE (Ray may also hold on to the latest, to resume from)
+        checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: checkpoint_rank(pair[1], metric, mode))
         runs.append(SeedRun(int(result.config["seed"]), float(metrics[metric]), int(metrics["training_iteration"]),
                             Path(checkpoint.to_directory())))
     return sorted(runs, key=lambda r: r.seed)
