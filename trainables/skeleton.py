@@ -143,6 +143,7 @@ class TrialTrainer(ABC):
 
     config_type: ClassVar[type[TrainerConfig]]
     oom_hint: ClassVar[str] = "try a smaller batch_size"
+    epoch = 0  # the epoch being trained and validated (1-based; set by run_epoch)
 
     def __init__(self, config: dict, data, session: TrialSession):
         self.session = session
@@ -206,8 +207,6 @@ class TrialTrainer(ABC):
             report_epoch(self.session, self.policy, epoch, metrics,
                          lambda directory, full, epoch=epoch: self.save(directory, epoch, full),
                          offered=self.offered_for_promotion())
-
-    epoch = 0  # the epoch being trained and validated (1-based)
 
     def start(self, checkpoint: Path | None) -> int:
         """Build the network and its optimiser; restore them from `checkpoint` (a resumed or retried
