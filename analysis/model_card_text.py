@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from tune_cells.analysis.selection import is_rule_note
+from tune_cells.config import first_averaged_epoch
 
 HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "test_dice",
             "test_pooled_dice", "test_jaccard")
@@ -96,7 +97,7 @@ def _model(f: CardFacts) -> str:
 def _averaged_weights(config: dict, epoch, max_epochs) -> list[tuple[str, str]]:
     """The "Weights" row of a champion whose trial averaged its weights (`swa_start`) by its best epoch."""
     try:
-        first, last = math.floor(float(config["swa_start"]) * int(max_epochs)) + 1, int(epoch)
+        first, last = first_averaged_epoch(float(config["swa_start"]), int(max_epochs)), int(epoch)
     except (KeyError, TypeError, ValueError):  # no averaging, or facts MLflow does not hold
         return []
     if last < first:

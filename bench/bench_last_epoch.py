@@ -55,6 +55,7 @@ def test_scoring_trainer(test_images, test_masks):
     weight averaging through the trainer's own `WeightAverage`), scored after each of those epochs
     (`swa_` keys) once its BatchNorm statistics are recomputed on training views."""
     from tune_cells.analysis.segmentation_metrics import segmentation_scores
+    from tune_cells.config import first_averaged_epoch
     from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks
     from tune_cells.trainables.segmentation import SegmentationTrainer
     from tune_cells.training import WeightAverage, recompute_batchnorm
@@ -84,7 +85,7 @@ def test_scoring_trainer(test_images, test_masks):
             images, masks = self.test_images, self.test_masks
             scores.update(self.score(self.model, images, masks, "test_"))
             weights = {"bn_": copy.deepcopy(self.model)}  # precise BN, every epoch: it can change the best epoch
-            if self.epoch > self.data.max_epochs // 2:  # swa_start 0.5
+            if self.epoch >= first_averaged_epoch(0.5, self.data.max_epochs):  # as a trial with swa_start 0.5
                 self.bench_average = self.bench_average or WeightAverage(self.model)
                 self.bench_average.add(self.model)
                 weights["swa_"] = copy.deepcopy(self.bench_average.model)
@@ -130,6 +131,8 @@ def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir
 
 
 def main() -> None:
+    from tune_cells.config import first_averaged_epoch
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task")
     parser.add_argument("--data", type=Path, required=True, help="dataset folder in the task's layout")
@@ -174,15 +177,14 @@ def main() -> None:
         values = [r[metric] for r in reports]
         best = int(np.argmax(values))  # the first best, as the checkpoint policy keeps it
         best_bn = int(np.argmax([r[f"bn_{metric}"] for r in reports]))
-        half = args.epochs // 2  # epochs past it are averages (swa_start 0.5): the first best of them is promoted
-        averaged = [r[f"swa_{metric}"] for r in reports[half:]]
-        best_swa, best_swa_arm = half + int(np.argmax(averaged)), "swa_"
+        half = first_averaged_epoch(0.5, args.epochs) - 1  # index of the first average: the first best of them is promoted
+        best_swa = half + int(np.argmax([r[f"swa_{metric}"] for r in reports[half:]]))
         # test-time augmentation as promotion chooses it (there at each target's chosen threshold; here at 0.5)
         gains = reports[-1][f"tta_{metric}"] > reports[best_bn][f"bn_{metric}"]
         swa_gains = reports[-1][f"swatta_{metric}"] > reports[best_swa][f"swa_{metric}"]
         read = ((best, ""), (-1, ""), (best_bn, "bn_"), (-1, "bn_"), (-1, "swa_"), (-1, "tta_"),
-                (-1, "tta_") if gains else (best_bn, "bn_"), (best_swa, best_swa_arm),
-                (-1, "swatta_") if swa_gains else (best_swa, best_swa_arm))  # each rule's (epoch, arm), in order
+                (-1, "tta_") if gains else (best_bn, "bn_"), (best_swa, "swa_"),
+                (-1, "swatta_") if swa_gains else (best_swa, "swa_"))  # each rule's (epoch, arm), in order
         for rule, (epoch, arm) in zip(rules, read, strict=True):
             for t in targets:
                 picked[rule][t].extend(reports[epoch][f"{arm}test_image_dice_{t}"])
@@ -199,7 +201,7 @@ def main() -> None:
                      + "; ".join(f"{t} {reports[-1][f'tta_test_dice_{t}']:.3f}" for t in targets)
                      + f"; averaged epochs, {metric} best at epoch {best_swa + 1} "
                      + f"({reports[best_swa][f'swa_{metric}']:.3f}), test Dice "
-                     + "; ".join(f"{t} {reports[best_swa][f'{best_swa_arm}test_dice_{t}']:.3f}" for t in targets)
+                     + "; ".join(f"{t} {reports[best_swa][f'swa_test_dice_{t}']:.3f}" for t in targets)
                      + f", with test-time augmentation {metric} {reports[-1][f'swatta_{metric}']:.3f}")
         print(lines[-1], flush=True)
         for rule in rules:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tune_cells.analysis.segmentation_metrics import per_image_dice_se, segmentation_scores
-from tune_cells.config import SegmentationConfig
+from tune_cells.config import SegmentationConfig, first_averaged_epoch
 from tune_cells.model_io import ModelSpec
 from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
 from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
@@ -189,7 +189,7 @@ class SegmentationTrainer(TrialTrainer):
     def averages_this_epoch(self) -> bool:
         """Stochastic weight averaging: every epoch past `swa_start` of the search's max epochs."""
         start = self.config.swa_start
-        return start is not None and self.epoch > start * self.data.max_epochs
+        return start is not None and self.epoch >= first_averaged_epoch(start, self.data.max_epochs)
 
     def train_epoch(self) -> dict[str, float]:
         self.model.train()

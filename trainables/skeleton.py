@@ -24,7 +24,7 @@ import torch
 from tune_cells.config import TrainerConfig
 from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint, save_spec
 from tune_cells.paths import checkpoint_staging_dir
-from tune_cells.promotion_rank import PROMOTION_SCORE, promotion_score
+from tune_cells.promotion_rank import PROMOTION_SCORE, checkpoint_rank, promotion_score
 from tune_cells.training import (
     NonFiniteLossError,
     build_lr_schedule,
@@ -107,9 +107,8 @@ class CheckpointPolicy:
     def decide(self, epoch: int, metrics: dict) -> str | None:
         """"full", "weights" or None (no checkpoint this epoch). `metrics` carry PROMOTION_SCORE, or
         the metric alone (then every epoch is offered)."""
-        value = metrics.get(PROMOTION_SCORE)
-        if value is None and isinstance(metrics.get(self.metric), (int, float)):
-            value = promotion_score(metrics[self.metric], self.mode)
+        value = checkpoint_rank(metrics, self.metric, self.mode) if isinstance(metrics.get(self.metric), (int, float)) \
+            else None
         improved = isinstance(value, (int, float)) and math.isfinite(value) and (self.best is None or value > self.best)
         if improved:
             self.best = float(value)

@@ -11,6 +11,7 @@ versions) parse leniently, so a model registered before a field was renamed stil
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -157,6 +158,11 @@ class SegmentationConfig(TrainerConfig):
             raise ValueError("swa_start needs batchnorm_views > 0: an average of weights needs its BatchNorm "
                              "statistics recomputed")
         return self
+
+
+def first_averaged_epoch(swa_start: float, max_epochs: int) -> int:
+    """The first epoch whose weights join the average: the first past `swa_start` of `max_epochs`."""
+    return math.floor(swa_start * max_epochs) + 1
 
 
 def parameter_table(config_type: type[TrainerConfig], kind: str) -> str:

@@ -23,8 +23,7 @@ def promotion_score(value, mode: str, offered: bool = True) -> float:
 
 def checkpoint_rank(metrics: dict, metric: str, mode: str) -> float:
     """What an epoch reported, as its PROMOTION_SCORE (epochs of older trials: from the metric alone)."""
-    score = metrics.get(PROMOTION_SCORE)
-    return float(score) if isinstance(score, (int, float)) else promotion_score(metrics[metric], mode)
+    return _rank(metrics, metrics[metric], mode)
 
 
 def offered(metrics: dict) -> bool:
@@ -35,5 +34,9 @@ def offered(metrics: dict) -> bool:
 
 def trial_rank(trial, mode: str) -> float:
     """A trial's (ray_backend.TrialSummary) best epoch as its PROMOTION_SCORE."""
-    score = trial.best_metrics.get(PROMOTION_SCORE)
-    return float(score) if isinstance(score, (int, float)) else promotion_score(trial.best_metric, mode)
+    return _rank(trial.best_metrics, trial.best_metric, mode)
+
+
+def _rank(metrics: dict, value, mode: str) -> float:
+    score = metrics.get(PROMOTION_SCORE)
+    return float(score) if isinstance(score, (int, float)) else promotion_score(value, mode)

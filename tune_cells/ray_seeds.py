@@ -10,8 +10,8 @@ from typing import Any
 
 from ray import tune
 
-from tune_cells.promotion_rank import PROMOTION_SCORE, checkpoint_rank
-from tune_cells.ray_backend import _first_line, _result_records
+from tune_cells.promotion_rank import PROMOTION_SCORE
+from tune_cells.ray_backend import _best_of, _first_line, _result_records
 
 
 @dataclass
@@ -43,8 +43,9 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
     for result in tuner.fit():
         if result.error is not None or not result.best_checkpoints:
             raise RuntimeError(f"seed {result.config.get('seed')} failed: {_first_line(result.error)}")
-        # the best kept by PROMOTION_SCORE (Ray may also hold on to the latest, to resume from)
-        checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: checkpoint_rank(pair[1], metric, mode))
-        runs.append(SeedRun(int(result.config["seed"]), float(metrics[metric]), int(metrics["training_iteration"]),
-                            Path(checkpoint.to_directory())))
+        best = _best_of(result.best_checkpoints, metric, mode)  # as a search's trial (Ray may also keep the latest)
+        if not best:
+            raise RuntimeError(f"seed {result.config.get('seed')}: no checkpoint with a finite {metric}")
+        runs.append(SeedRun(int(result.config["seed"]), best["best_metric"], best["best_epoch"],
+                            Path(best["best_checkpoint"].to_directory())))
     return sorted(runs, key=lambda r: r.seed)
