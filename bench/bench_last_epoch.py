@@ -49,7 +49,7 @@ def balanced_group_folds(groups: dict[str, list[str]], folds: int, seed: int) ->
     return [sorted(fold) for fold in dealt]
 
 
-def test_scoring_trainer(test_images, test_masks):
+def test_scoring_trainer(test_images, test_masks, swa_lr: float | None = None):
     """The task's segmentation trainer, also scoring the test fields after each epoch (`test_` keys),
     and keeping an equal average of its weights after each epoch of the second half (stochastic
     weight averaging through the trainer's own `WeightAverage`), scored after each of those epochs
@@ -76,6 +76,9 @@ def test_scoring_trainer(test_images, test_masks):
             scores, rows = segmentation_scores(masks, predicted, list(self.data.targets), prefix)
             return {**scores, **{f"{prefix}image_dice_{t}": [r["dice"] for r in rows if r["target"] == t]
                                  for t in self.data.targets}}
+
+        def held_lr(self):  # the averaging is the bench's own (swa_start None), from the same epoch
+            return None if swa_lr is None else (first_averaged_epoch(0.5, self.data.max_epochs), swa_lr)
 
         def validate(self) -> dict[str, float]:
             scores = super().validate()
@@ -114,7 +117,8 @@ def test_scoring_trainer(test_images, test_masks):
     return TestScoringTrainer
 
 
-def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir: Path) -> list[dict]:
+def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir: Path,
+             swa_lr: float | None = None) -> list[dict]:
     from tune_cells.data.reader import SplitReader
     from tune_cells.trainables.segmentation import SegmentationData
     from tune_cells.trainables.skeleton import run_trial
@@ -125,7 +129,7 @@ def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir
     if not isinstance(inputs.data, SegmentationData):
         sys.exit(f"{task.name}: not a segmentation task; this bench compares epochs of segmentation trials")
     test_images, test_masks = reader.load_segmentation("test", "bench: scored each epoch, never selected on")
-    trainer = test_scoring_trainer(test_images, test_masks)
+    trainer = test_scoring_trainer(test_images, test_masks, swa_lr)
     trainable = lambda config, data, session: run_trial(trainer, config, data, session)  # noqa: E731
     return arm_results(Prepared(task, setup.config, dataclasses.replace(inputs, trainable=trainable)), None)
 
@@ -142,6 +146,9 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="+", metavar="K",
                         help="run these outer folds only (the deal is the same; each fold prints its per-field scores)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-last-epoch-runs"))
+    parser.add_argument("--swa-lr", type=float, metavar="F",
+                        help="from the first averaged epoch the learning rate holds at lr x F (as `swa_lr`), "
+                             "so every arm's epochs past the half train at it")
     args = parser.parse_args()
     if args.folds < 3:
         parser.error(f"--folds {args.folds}: at least 3 (a test, a validation and a training fold)")
@@ -171,7 +178,7 @@ def main() -> None:
     lines = []
     for k in args.only if args.only is not None else range(args.folds):
         parts = fold_parts(folds, k)
-        reports = fold_run(setup, parts, args.epochs, args.seed, args.workdir / f"fold-{k}")
+        reports = fold_run(setup, parts, args.epochs, args.seed, args.workdir / f"fold-{k}", args.swa_lr)
         # every epoch's scores, for rules read later without training again
         (args.workdir / f"fold-{k}" / "reports.json").write_text(json.dumps(reports, default=float))
         values = [r[metric] for r in reports]
@@ -212,7 +219,8 @@ def main() -> None:
                 f"{np.mean([r[f'{p}test_dice_{t}'] for t in targets]):.3f}" for r in reports if f"{p}{metric}" in r),
                 flush=True)
 
-    print(f"\n{setup.task.name} ({args.data}), the recipe, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
+    held = "" if args.swa_lr is None else f", the rate held at lr x {args.swa_lr} over the averaged epochs"
+    print(f"\n{setup.task.name} ({args.data}), the recipe{held}, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n".join(lines))
     for t in targets:

@@ -191,6 +191,21 @@ class SegmentationTrainer(TrialTrainer):
         start = self.config.swa_start
         return start is not None and self.epoch >= first_averaged_epoch(start, self.data.max_epochs)
 
+    def held_lr(self) -> tuple[int, float] | None:
+        """(first epoch, factor of each group's initial rate) from which the rate holds: SWA's constant
+        rate (Izmailov et al. 2018) over the averaged epochs, so the averaged weights differ more than a
+        schedule decaying to 1 % lets them."""
+        if self.config.swa_lr is None:
+            return None
+        return first_averaged_epoch(self.config.swa_start, self.data.max_epochs), self.config.swa_lr
+
+    def step_schedule(self, val_loss: float) -> None:
+        super().step_schedule(val_loss)
+        held = self.held_lr()
+        if held is not None and self.epoch + 1 >= held[0]:
+            for group in self.optimizer.param_groups:  # a schedule sets `initial_lr`; without one, lr is it
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * held[1]
+
     def train_epoch(self) -> dict[str, float]:
         self.model.train()
         batch_size = self.config.batch_size

@@ -189,6 +189,10 @@ class TrialTrainer(ABC):
         registers): the trained one, unless a kind validates another (an average of its weights)."""
         return self.model
 
+    def step_schedule(self, val_loss: float) -> None:
+        """After each epoch's validation: the learning-rate schedule's step (a kind may hold the rate)."""
+        step_lr_schedule(self.schedule, val_loss)
+
     def offered_for_promotion(self) -> bool:
         """Whether this epoch's weights compete for promotion with the trial's others (PROMOTION_SCORE);
         a trial that averages its weights offers only its averages."""
@@ -239,7 +243,7 @@ class TrialTrainer(ABC):
             raise MemoryError(f"out of memory at batch_size {self.config.batch_size} on {self.device}: "
                               f"{self.oom_hint}") from exc
         validated = self.validate()
-        step_lr_schedule(self.schedule, validated["val_loss"])
+        self.step_schedule(validated["val_loss"])
         return {**trained, **validated, "lr": lr, "epoch_time_s": time.perf_counter() - started,
                 "node_id": self.node_id}
 

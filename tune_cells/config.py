@@ -151,12 +151,17 @@ class SegmentationConfig(TrainerConfig):
                                     "epoch past this fraction of the search's max epochs join an equal average, "
                                     "which validates, is checkpointed and promoted (None: off; needs "
                                     "batchnorm_views)")
+    swa_lr: float | None = Field(None, gt=0, le=1, description="with swa_start: from the first averaged epoch the "
+                                 "learning rate holds at lr x this (SWA's constant rate) instead of following "
+                                 "its schedule (None: the schedule runs on)")
 
     @model_validator(mode="after")
     def _average_needs_fresh_batchnorm(self):
         if self.swa_start is not None and not self.batchnorm_views:
             raise ValueError("swa_start needs batchnorm_views > 0: an average of weights needs its BatchNorm "
                              "statistics recomputed")
+        if self.swa_lr is not None and self.swa_start is None:
+            raise ValueError("swa_lr needs swa_start: the rate holds from the first averaged epoch")
         return self
 
 
