@@ -18,6 +18,7 @@ import yaml
 from tune_cells.analysis import search_plots
 from tune_cells.errors import UserInputError
 from tune_cells.paths import WorkDir
+from tune_cells.promotion_rank import OFFERED_FOR_PROMOTION, promoted_value
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,15 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
         trial = run.data.tags.get("ray_trial_id", run.info.run_id[:8])
         history = tracker.metric_history(run.info.run_id, metric)
         values = pd.Series([m.value for m in history], dtype=float)
+        # the epochs that competed for promotion (a weight-averaging trial's averages); none logged: all did
+        flags = {m.step: m.value > 0 for m in tracker.metric_history(run.info.run_id, OFFERED_FOR_PROMOTION)}
         curves += [{"trial": trial, "epoch": m.step, "value": m.value} for m in history]
         rows.append({
             "trial": trial, "run_id": run.info.run_id, "status": run.info.status,
             "start_time": run.info.start_time, "epochs": len(history),
             "stopped_early": run.data.tags.get("stopped_early") == "true",
             "stopped_by_time_budget": run.data.tags.get("stopped_by_time_budget") == "true",
-            "best_value": (values.max() if mode == "max" else values.min()) if len(values) else float("nan"),
+            "best_value": promoted_value(list(values), [flags.get(m.step, True) for m in history], mode),
             "last_value": values.iloc[-1] if len(values) else float("nan"),
             "failure": run.data.tags.get("failure", ""), "champion": trial == champion,
             "latency_ms_per_image": run.data.metrics.get("latency_ms_per_image", float("nan")),
@@ -189,6 +192,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px}} tr:nth-child(even){{background:#f
 budget: {html.escape(tags.get('latency_budget_ms', 'none'))} ms.</p>
 {figures}
 <h2>Trials</h2>
+<p>best {html.escape(metric)}: over the epochs each trial offered for promotion (a weight-averaging trial offers
+only its averages; the learning curves show every epoch).</p>
 {table.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)}
 </body></html>
 """

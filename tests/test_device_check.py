@@ -59,6 +59,16 @@ def test_epochs_not_offered_for_promotion_rank_below_every_offered_one():
     assert _best_of([("a", {"val_loss": 0.3}), ("b", {"val_loss": 0.2})], "val_loss", "min")["best_checkpoint"] == "b"
 
 
+def test_the_report_reads_a_trial_best_as_promotion_ranks_it():
+    from tune_cells.promotion_rank import promoted_value
+
+    values, flags = [0.81, 0.75, 0.79, float("nan")], [False, True, True, True]
+    assert promoted_value(values, flags, "max") == 0.79  # the best average, not epoch 1's 0.81
+    assert promoted_value(values[:1], flags[:1], "max") == 0.81  # stopped before its first average
+    assert promoted_value([0.3, 0.2], None, "min") == 0.2  # older trials logged no flags: every epoch competed
+    assert promoted_value([float("nan")], None, "max") != promoted_value([float("nan")], None, "max")  # NaN
+
+
 def test_a_trial_checkpoints_by_the_policy_and_reports_the_bytes(tmp_path):
     session = RecordingSession(checkpoint_dir=tmp_path / "ckpt")
     data = replace(classification_data(4), metric="val_accuracy")

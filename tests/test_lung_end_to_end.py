@@ -28,6 +28,8 @@ params:
   scale: 0.5
   tile_size: 128
   overlap: 0.25
+  batchnorm_views: 4
+  swa_start: 0.5  # of 2 epochs: epoch 2 is the first average, the only epoch offered for promotion
 initial_points:
   - {base_width: 8, loss: bce_dice, lr: 2.0e-3}
 """
@@ -63,6 +65,21 @@ def test_trials_report_dice_per_target(lung_search):
         for key in ("val_dice", "val_dice_Parenchyma", "val_dice_SevereInflammation", "val_jaccard", "val_pooled_dice"):
             assert 0.0 <= run.data.metrics[key] <= 1.0
         assert 0.0 <= run.data.metrics["val_dice_se"] <= 0.5  # over the 2 validation fields
+
+
+def test_the_report_ranks_each_trial_by_the_epochs_it_offered_for_promotion(lung_search):
+    root, workdir, client = lung_search["root"], lung_search["workdir"], lung_search["client"]
+    result = cli_subprocess(["report", "--experiment", "tune-cells-lung", "--workdir", workdir], cwd=root)
+    assert result.code == 0, result.err[-2000:]
+    search = next(r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "search")
+    table = pd.read_csv(workdir / "reports" / search.info.run_name / "trials.csv").set_index("run_id")
+    for run in (r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "trial"):
+        dice = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_dice"), key=lambda m: m.step)]
+        offered = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "offered_for_promotion"),
+                                           key=lambda m: m.step)]
+        assert offered == [0.0, 1.0][: len(dice)]  # epoch 1 trained weights, epoch 2 their average
+        # the average's score, even where the trained weights of epoch 1 scored higher; stopped at 1: that epoch's
+        assert table.loc[run.info.run_id, "best_value"] == pytest.approx(dice[-1])
 
 
 def test_the_one_se_rule_chooses_between_the_recipe_and_the_sampled_trial(lung_search):

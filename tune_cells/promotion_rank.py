@@ -13,6 +13,7 @@ from __future__ import annotations
 
 PROMOTION_SCORE = "promotion_score"
 PROMOTION_PENALTY = 1e6
+OFFERED_FOR_PROMOTION = "offered_for_promotion"  # 1/0 per epoch in each trial's MLflow run (the score's mark, readable)
 
 
 def promotion_score(value, mode: str, offered: bool = True) -> float:
@@ -30,6 +31,16 @@ def offered(metrics: dict) -> bool:
     """Whether an epoch's weights were offered for promotion (epochs of older trials all were)."""
     score = metrics.get(PROMOTION_SCORE)
     return not isinstance(score, (int, float)) or score > -PROMOTION_PENALTY / 2
+
+
+def promoted_value(values: list[float], offered_flags: list[bool] | None, mode: str) -> float:
+    """A trial's best metric as promotion ranks its epochs: the best of its offered epochs where it has
+    any (`offered_flags` beside `values`; None for older trials: all were), else the best of all."""
+    pool = [v for v, o in zip(values, offered_flags or [], strict=False) if o] or values
+    pool = [v for v in pool if v == v]  # NaN never best
+    if not pool:
+        return float("nan")
+    return max(pool) if mode == "max" else min(pool)
 
 
 def trial_rank(trial, mode: str) -> float:

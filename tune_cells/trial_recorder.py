@@ -7,6 +7,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tune_cells.promotion_rank import OFFERED_FOR_PROMOTION, PROMOTION_SCORE, offered
+
 if TYPE_CHECKING:
     from tune_cells.data.splits import DatasetRecord
     from tune_cells.tracking import Tracker
@@ -54,6 +56,8 @@ class TrialRecorder:
         if run_id is None:
             return
         metrics = {k: result[k] for k in self.metric_keys if k in result}
+        if PROMOTION_SCORE in result:  # the report reads which epochs competed for promotion
+            metrics[OFFERED_FOR_PROMOTION] = float(offered(result))
         self.tracker.log_metrics(run_id, metrics, step=int(result.get("training_iteration", 0)))
         node = result.get("node_id")
         if node and self._nodes.get(trial_id) != node:  # once per node, not a store write every epoch
