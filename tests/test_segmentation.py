@@ -111,6 +111,30 @@ def test_test_time_augmentation_turns_each_view_back_and_averages_the_eight():
     assert stitched.shape == (2, 40, 50)
 
 
+def test_every_turned_view_reaches_the_network_in_the_trial_memory_layout():
+    """Turning a channels-last batch returns a plain-layout one; the network (channels-last on a GPU)
+    gets each of the 8 views laid out again, with the same logits."""
+    from tune_cells.training import Precision
+
+    layouts = []
+
+    class Recording(torch.nn.Conv2d):
+        def forward(self, x):
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    net, image = Recording(3, 2, 3, padding=1), np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    preset = EvalPreset(0, (0.5,) * 3, (0.25,) * 3)
+    with torch.no_grad():
+        plain = predict_logits_tiled(net, image, preset, 32, 0.25, torch.device("cpu"), dihedral=True)
+        layouts.clear()
+        laid_out = predict_logits_tiled(net, image, preset, 32, 0.25, torch.device("cpu"), dihedral=True,
+                                        precision=Precision(channels_last=True))
+    assert len(layouts) == 8 and all(layouts)  # the 8 views of one batch of 4 tiles
+    torch.testing.assert_close(laid_out, plain)
+
+
 def test_empty_mask_convention_and_pooled_vs_per_image_dice():
     empty = np.zeros((4, 4), np.uint8)
     some = np.zeros((4, 4), np.uint8)

@@ -87,15 +87,18 @@ def _blend_window(tile: int) -> torch.Tensor:
     return ramp[:, None] * ramp[None, :]
 
 
-def dihedral_logits(model: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor) -> torch.Tensor:
+def dihedral_logits(model: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor,
+                    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Test-time augmentation of square views (N×C×S×S): the mean of the network's logits over the 8
     flips and right-angle turns, each turned back first (nnU-Net's mirroring, with turns: tissue has
-    no up or down). The same arithmetic in the exported graph."""
+    no up or down). The same arithmetic in the exported graph. `prepare` lays out each turned view
+    as the network runs fastest (`Precision.prepare_input`: turning loses channels-last)."""
     total = None
     for turns in range(4):
         turned = torch.rot90(views, turns, (-2, -1))
         for flipped in (False, True):
-            out = model(turned.flip(-1) if flipped else turned).float()  # summed in float32 under autocast
+            view = turned.flip(-1) if flipped else turned
+            out = model(prepare(view) if prepare else view).float()  # summed in float32 under autocast
             out = torch.rot90(out.flip(-1) if flipped else out, -turns, (-2, -1))
             total = out if total is None else total + out
     return total / 8
@@ -122,7 +125,7 @@ def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: Eval
         chunk = boxes[start : start + batch_size]
         views = precision.prepare_input(torch.cat([x[..., y : y + tile, x0 : x0 + tile] for y, x0 in chunk]))
         with precision.autocast(device):
-            logits = (dihedral_logits(model, views) if dihedral else model(views)).float()
+            logits = (dihedral_logits(model, views, precision.prepare_input) if dihedral else model(views)).float()
         if total is None:
             total = torch.zeros(logits.shape[1], *x.shape[-2:], device=device)
             weight = torch.zeros(x.shape[-2:], device=device)
