@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="+", metavar="K",
                         help="run these outer folds only (the deal is the same; each fold prints its per-field scores)")
     parser.add_argument("--workdir", type=Path, default=Path("bench-last-epoch-runs"))
+    parser.add_argument("--space", metavar="NAME", help="the recipe of this space (its first initial point) "
+                        "[default: the task's default space]")
     parser.add_argument("--swa-lr", type=float, metavar="F",
                         help="from the first averaged epoch the learning rate holds at lr x F (as `swa_lr`), "
                              "so every arm's epochs past the half train at it")
@@ -159,7 +161,8 @@ def main() -> None:
     started = time.time()
     # batchnorm_views 0: the running statistics of training are one of the arms (the lung spaces set 96); the
     # bench averages weights itself (swa_start None: the trainer validates and checkpoints the trained weights)
-    setup = recipe_setup(args.task, args.data, args.workdir, args.seed, {"batchnorm_views": 0, "swa_start": None})
+    setup = recipe_setup(args.task, args.data, args.workdir, args.seed, {"batchnorm_views": 0, "swa_start": None},
+                         args.space)
     items = setup.index.items
     group_of = items["group"].fillna(items["path"]) if "group" in items.columns else items["path"]
     groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
@@ -220,7 +223,7 @@ def main() -> None:
                 flush=True)
 
     held = "" if args.swa_lr is None else f", the rate held at lr x {args.swa_lr} over the averaged epochs"
-    print(f"\n{setup.task.name} ({args.data}), the recipe{held}, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
+    print(f"\n{setup.task.name} ({args.data}), the recipe of {args.space or 'the default space'}{held}, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n".join(lines))
     for t in targets:

@@ -89,7 +89,9 @@ class RecipeSetup:
     size: int
 
 
-def recipe_setup(task_name: str, data_root: Path, workdir: Path, seed: int, overrides: dict | None = None) -> RecipeSetup:
+def recipe_setup(task_name: str, data_root: Path, workdir: Path, seed: int, overrides: dict | None = None,
+                 space_name: str | None = None) -> RecipeSetup:
+    """The recipe (the first initial point of the task's default space, or of `space_name`) on its split."""
     from tune_cells.data.splits import load_or_create_split
     from tune_cells.preflight import store_size
     from tune_cells.search_spaces import builtin_space_path, load_space
@@ -99,8 +101,8 @@ def recipe_setup(task_name: str, data_root: Path, workdir: Path, seed: int, over
     task = get_task(task_name)
     index = task.importer(data_root)
     split = load_or_create_split(workdir / "splits" / f"{task.name}-{seed}.json", index, seed)
-    config = {**recipe_space(task.name)["params"], **(overrides or {}), "seed": seed}
-    space = fit_space_to_weights(load_space(builtin_space_path(task.default_space)))
+    config = {**recipe_space(task.name, space_name)["params"], **(overrides or {}), "seed": seed}
+    space = fit_space_to_weights(load_space(builtin_space_path(space_name or task.default_space)))
     size = store_size(task, index, None, space.largest("image_size")).size  # as a search's preflight decodes
     return RecipeSetup(task, index, split, config, size)
 
