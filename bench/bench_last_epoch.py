@@ -49,11 +49,13 @@ def balanced_group_folds(groups: dict[str, list[str]], folds: int, seed: int) ->
     return [sorted(fold) for fold in dealt]
 
 
-def test_scoring_trainer(test_images, test_masks, swa_lr: float | None = None):
+def test_scoring_trainer(test_images, test_masks, swa_lr: float | None = None, keep_probabilities: Path | None = None):
     """The task's segmentation trainer, also scoring the test fields after each epoch (`test_` keys),
     and keeping an equal average of its weights after each epoch of the second half (stochastic
     weight averaging through the trainer's own `WeightAverage`), scored after each of those epochs
-    (`swa_` keys) once its BatchNorm statistics are recomputed on training views."""
+    (`swa_` keys) once its BatchNorm statistics are recomputed on training views. `keep_probabilities`: an
+    .npz of the promoted average's probability maps on the validation and test fields, with and without
+    test-time augmentation (`bench_thresholds.py` reads threshold rules from them)."""
     from tune_cells.analysis.segmentation_metrics import segmentation_scores
     from tune_cells.config import first_averaged_epoch
     from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks
@@ -70,9 +72,13 @@ def test_scoring_trainer(test_images, test_masks, swa_lr: float | None = None):
         best_bn, best_bn_score, best_swa, best_swa_score = None, -np.inf, None, -np.inf
 
         def score(self, model, images, masks, prefix, dihedral=False):
-            predicted = [(predict_logits_tiled(model, image, self.eval_preset, self.tile, self.config.overlap,
-                                               self.device, precision=self.precision, dihedral=dihedral).sigmoid()
-                          > self.config.threshold).numpy() for image in images]
+            probabilities = [predict_logits_tiled(model, image, self.eval_preset, self.tile, self.config.overlap,
+                                                  self.device, precision=self.precision, dihedral=dihedral).sigmoid()
+                             .numpy() for image in images]
+            if keep_probabilities is not None and prefix in ("swa_best_val_", "swa_best_test_", "swatta_val_",
+                                                             "swatta_test_"):
+                self.kept.update({f"{prefix}{i}": p.astype(np.float16) for i, p in enumerate(probabilities)})
+            predicted = [p > self.config.threshold for p in probabilities]
             scores, rows = segmentation_scores(masks, predicted, list(self.data.targets), prefix)
             return {**scores, **{f"{prefix}image_dice_{t}": [r["dice"] for r in rows if r["target"] == t]
                                  for t in self.data.targets}}
@@ -102,9 +108,15 @@ def test_scoring_trainer(test_images, test_masks, swa_lr: float | None = None):
             if "swa_" in weights and scores[f"swa_{metric}"] > self.best_swa_score:
                 self.best_swa, self.best_swa_score = weights["swa_"], scores[f"swa_{metric}"]
             if self.epoch == self.data.max_epochs:  # test-time augmentation of what each rule promotes
+                self.kept = {}
                 for arm, model in (("tta_", self.best_bn), ("swatta_", self.best_swa)):
                     for part, fields in (("val_", (self.val_images, self.val_masks)), ("test_", (images, masks))):
                         scores.update(self.score(model, *fields, f"{arm}{part}", dihedral=True))
+                if keep_probabilities is not None:  # the promoted average's maps, for threshold rules read later
+                    for part, fields in (("val_", (self.val_images, self.val_masks)), ("test_", (images, masks))):
+                        self.score(self.best_swa, *fields, f"swa_best_{part}")
+                        self.kept.update({f"{part}mask_{i}": m for i, m in enumerate(fields[1])})
+                    np.savez_compressed(keep_probabilities, **self.kept)
             return scores
 
         def with_fresh_batchnorm(self, model):
@@ -129,7 +141,7 @@ def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir
     if not isinstance(inputs.data, SegmentationData):
         sys.exit(f"{task.name}: not a segmentation task; this bench compares epochs of segmentation trials")
     test_images, test_masks = reader.load_segmentation("test", "bench: scored each epoch, never selected on")
-    trainer = test_scoring_trainer(test_images, test_masks, swa_lr)
+    trainer = test_scoring_trainer(test_images, test_masks, swa_lr, workdir / "probabilities.npz")
     trainable = lambda config, data, session: run_trial(trainer, config, data, session)  # noqa: E731
     return arm_results(Prepared(task, setup.config, dataclasses.replace(inputs, trainable=trainable)), None)
 

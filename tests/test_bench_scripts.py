@@ -3,7 +3,8 @@ search from the shipped defaults: the recipe is the default's first initial poin
 A/B arm is an initial point of one space that differs from the recipe only where the arm says.
 The outer folds (bench/bench_outer_folds.py) test every image once, groups whole. The old-code
 A/B (bench/bench_old_code.py) really puts the old code back, and only for its arm. The refit bench
-(bench/bench_refit.py) trains on what it says and never on the test part it scores.
+(bench/bench_refit.py) trains on what it says and never on the test part it scores. The threshold
+rules (bench/bench_thresholds.py) choose on validation maps only, as promotion does.
 """
 
 import sys
@@ -22,6 +23,7 @@ import bench_old_code  # noqa: E402
 import bench_outer_folds  # noqa: E402
 import bench_recipe  # noqa: E402
 import bench_refit  # noqa: E402
+import bench_thresholds  # noqa: E402
 
 
 @pytest.fixture
@@ -127,3 +129,29 @@ def test_the_recipe_bench_reads_both_arms_test_predictions_and_pairs_them(search
     assert bench_recipe.paired_line(workdir, workdir) == (
         f"paired on {images} test images: right only by the search 0, only by the recipe 0; McNemar exact "
         "p = 1.000: no difference this test part can show")
+
+
+def test_threshold_rules_choose_on_validation_and_score_the_test_fields(tmp_path, capsys, monkeypatch):
+    """Validation maps are separated above 0.7 for the one target; the test maps are then scored at the
+    threshold chosen there, in field order (field 10 after field 9), and the augmented maps only where
+    validation gains."""
+    import numpy as np
+
+    truth = np.zeros((1, 8, 8), np.uint8)
+    truth[0, :4] = 1
+    soft = np.where(truth == 1, 0.9, 0.7).astype(np.float16)  # 0.5 calls every pixel; 0.8 only the target
+    kept = {f"{part}mask_{i}": truth for part in ("val_", "test_") for i in range(11)}
+    kept.update({f"{arm}{part}{i}": soft for arm in ("swa_best_", "swatta_") for part in ("val_", "test_")
+                 for i in range(11)})
+    kept["swa_best_test_10"] = np.full_like(soft, 0.95)  # the last field: every pixel above any threshold
+    (tmp_path / "fold-0").mkdir()
+    np.savez_compressed(tmp_path / "fold-0" / "probabilities.npz", **kept)
+    assert [m.max() for m in bench_thresholds.fold_maps(tmp_path / "fold-0" / "probabilities.npz")["swa_best_test_"]][-1] \
+        == pytest.approx(0.95, abs=1e-3)
+    monkeypatch.setattr(sys, "argv", ["bench_thresholds.py", str(tmp_path), "--targets", "t"])
+    bench_thresholds.main()
+    out = capsys.readouterr().out
+    # 0.75-0.85 all separate them: the one nearest 0.5; a tie of the two maps keeps no augmentation
+    assert "thresholds without augmentation [0.75]" in out and "promoted: none" in out
+    assert "0.5, no augmentation: t 0.6667" in out  # 2/3 on every field
+    assert "thresholds chosen on validation, no augmentation: t 0.9697" in out  # (10 x 1 + 2/3) / 11
