@@ -15,11 +15,17 @@ def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[st
     train on it); ties keep the one nearest 0.5. Then test-time augmentation (the mean over the 8
     flips and turns, `tune_cells.segmentation.dihedral_logits`) where it raises the targets' mean of
     that best Dice; a tie keeps none, 8 times cheaper. `allow_tta` False (a latency budget): none.
-    Both written into the checkpoint's spec."""
+    The trial's `threshold_choice: fixed` keeps its `threshold` for every target, and `tta_choice`
+    `always` or `never` skips that choice (validation is then scored, not chosen on). Both written
+    into the checkpoint's spec."""
+    from tune_cells.config import SegmentationConfig
     from tune_cells.model_io import save_spec
     from tune_cells.segmentation import ImageSegmenter
 
     segmenter = ImageSegmenter.from_checkpoint(checkpoint)
+    config = SegmentationConfig.from_flat(segmenter.spec.config, strict=False, source=f"{checkpoint}")
+    grid = THRESHOLD_GRID if config.threshold_choice == "validation" else (config.threshold,)
+    offered = {"validation": ("none", "dihedral"), "always": ("dihedral",), "never": ("none",)}[config.tta_choice]
     if data.folds > 1:
         fields = [(data.train_images[i], data.train_masks[i], int(data.fold_of[i])) for i in range(len(data.train_images))]
         members = list(getattr(segmenter.model, "members", [segmenter.model]))
@@ -32,7 +38,7 @@ def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[st
     if not fields:
         return {}
     choices = {}
-    for tta in ("none", "dihedral") if allow_tta else ("none",):
+    for tta in offered if allow_tta else ("none",):
         segmenter.spec.tta = tta
         probabilities = []
         for image, _, fold in fields:
@@ -40,7 +46,7 @@ def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[st
                 probabilities.append(ImageSegmenter(members[fold], segmenter.spec).predict_proba(image))
             else:
                 probabilities.append(segmenter.predict_proba(image))
-        choices[tta] = _best_thresholds([mask for _, mask, _ in fields], probabilities, segmenter.spec.classes)
+        choices[tta] = _best_thresholds([mask for _, mask, _ in fields], probabilities, segmenter.spec.classes, grid)
     tta = max(choices, key=lambda name: choices[name][0])  # the first best: none on a tie
     score, chosen, gains = choices[tta]
     segmenter.spec.thresholds, segmenter.spec.tta = chosen, tta
@@ -51,10 +57,10 @@ def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[st
             "tta": tta, **{f"val_dice_tta_{name}": value[0] for name, value in choices.items()}}
 
 
-def _best_thresholds(masks: list[np.ndarray], probabilities: list[np.ndarray],
-                     targets: list[str]) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Each target's threshold with the best mean per-image Dice (ties: nearest 0.5); the targets'
-    mean of those Dice; and each target's Dice at 0.5 and at its threshold."""
+def _best_thresholds(masks: list[np.ndarray], probabilities: list[np.ndarray], targets: list[str],
+                     grid: tuple[float, ...] = THRESHOLD_GRID) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Each target's threshold in `grid` with the best mean per-image Dice (ties: nearest 0.5); the
+    targets' mean of those Dice; and each target's Dice at 0.5 and at its threshold."""
     from tune_cells.analysis.segmentation_metrics import dice_from_counts, overlap_counts
 
     chosen: dict[str, float] = {}
@@ -62,9 +68,9 @@ def _best_thresholds(masks: list[np.ndarray], probabilities: list[np.ndarray],
     for k, target in enumerate(targets):
         scores = {t: float(np.mean([dice_from_counts(overlap_counts(mask[k], (p[k] > t).astype(np.uint8)))
                                     for mask, p in zip(masks, probabilities)]))
-                  for t in THRESHOLD_GRID}
-        best = max(scores.values())
-        chosen[target] = min((t for t, v in scores.items() if v >= best - 1e-9), key=lambda t: abs(t - 0.5))
+                  for t in sorted({*grid, 0.5})}
+        best = max(scores[t] for t in grid)
+        chosen[target] = min((t for t in grid if scores[t] >= best - 1e-9), key=lambda t: abs(t - 0.5))
         gains[f"val_dice_{target}_at_0.5"] = scores[0.5]
         gains[f"val_dice_{target}_at_threshold"] = scores[chosen[target]]
     return float(np.mean([gains[f"val_dice_{t}_at_threshold"] for t in targets])), chosen, gains

@@ -7,8 +7,9 @@ same maps.
 
 Rules: 0.5 for every target without augmentation (the bench's own rule); each target's threshold
 chosen on the fold's validation fields, as promotion chooses it (`analysis.thresholds`), without
-augmentation; and promotion's whole choice, thresholds and augmentation where validation gains (what
-a lung champion is registered with). Printed: per-image test Dice per target over every fold's test
+augmentation; promotion's whole choice, thresholds and augmentation where validation gains (what a
+lung champion was registered with until session 15); and 0.5 or the chosen thresholds with the
+augmentation always (`threshold_choice`, `tta_choice`). Printed: per-image test Dice per target over every fold's test
 fields, and each rule's paired difference from 0.5.
 """
 
@@ -50,7 +51,8 @@ def main() -> None:
     if not paths:
         sys.exit(f"{args.workdir}: no fold-*/probabilities.npz (run bench_last_epoch.py there first)")
     rules = ("0.5, no augmentation", "thresholds chosen on validation, no augmentation",
-             "thresholds and augmentation chosen on validation (as promoted)")
+             "thresholds and augmentation chosen on validation (as promoted)", "0.5, augmentation always",
+             "thresholds chosen on validation, augmentation always")
     per_rule: dict[str, list[np.ndarray]] = {rule: [] for rule in rules}
     for path in paths:
         maps = fold_maps(path)
@@ -64,6 +66,9 @@ def main() -> None:
         per_rule[rules[1]].append(test_dice(test_masks, maps["swa_best_test_"], plain))
         per_rule[rules[2]].append(test_dice(test_masks, maps[f"{'swatta' if tta == 'dihedral' else 'swa_best'}_test_"],
                                             promoted))
+        per_rule[rules[3]].append(test_dice(test_masks, maps["swatta_test_"], [0.5] * len(args.targets)))
+        per_rule[rules[4]].append(test_dice(test_masks, maps["swatta_test_"],
+                                            [float(chosen["dihedral"][1][t]) for t in args.targets]))
         print(f"{path.parent.name}: thresholds without augmentation {plain} (validation {chosen['none'][0]:.3f}); "
               f"with {[float(chosen['dihedral'][1][t]) for t in args.targets]} ({chosen['dihedral'][0]:.3f}); promoted: "
               f"{tta}; test " + "; ".join(f"{rule}: " + " ".join(f"{v:.3f}" for v in per_rule[rule][-1][:, -1])

@@ -140,6 +140,12 @@ class SegmentationConfig(TrainerConfig):
                                                             "in original pixels")
     overlap: float = Field(0.25, ge=0, lt=1, description="overlap of neighbouring tiles when stitching")
     threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a pixel is a target's")
+    threshold_choice: Literal["validation", "fixed"] = Field(
+        "validation", description="at promotion: each target's threshold chosen on the validation fields, or "
+                                  "`threshold` for every target")
+    tta_choice: Literal["validation", "always", "never"] = Field(
+        "validation", description="at promotion: test-time augmentation (the mean over 8 flips and turns) where it "
+                                  "gains on validation, always, or never (a latency budget: never)")
     views_per_epoch: int = Field(32, ge=1, le=100000, description="random views drawn per training epoch")
     dihedral: bool = Field(True, description="random flips and right-angle turns of views")
     focus_rate: float = Field(0.0, ge=0, le=1, description="share of training views centred on a pixel of the "
