@@ -165,7 +165,7 @@ def _search(f: CardFacts) -> str:
              f"({int(m.get('trials_stopped_early', 0))} stopped early by ASHA, {int(m.get('trials_failed', 0))} failed) "
              f"in {seconds} (the search run, from its first trial to the promotion). "
              f"Best {p.get('metric', 'validation score')}: {_number(m.get('best_' + p.get('metric', '')))}; as the model "
-             f"predicts (with what promotion chose on validation: thresholds, test-time augmentation, temperature) "
+             f"predicts (with what promotion set: thresholds, test-time augmentation, temperature) "
              f"on validation: "
              f"{_number(_float(f.version_tags.get('validation_score')))}."]
     if f.space_yaml:

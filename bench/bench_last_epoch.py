@@ -3,7 +3,8 @@
 BatchNorm statistics recomputed over training views after every epoch (precise BN), or its weights averaged over the
 second half of training with the same recomputation (SWA: at the last epoch, and at the validation-best of the
 averaged epochs, as a trial with `swa_start: 0.5` promotes it, which the lung space ships since session 14); the precise-BN and SWA choices with test-time
-augmentation (the mean over 8 flips and turns: always, or where validation gains), scored on fields of animals that neither training nor validation
+augmentation (the mean over 8 flips and turns: always, or where validation gains; bench_thresholds.py reads
+the rules at promotion's thresholds, and the augmentation always, which the lung spaces ship since session 15), scored on fields of animals that neither training nor validation
 saw, over outer folds that together test every field once.
 
     .venv/bin/python bench/bench_last_epoch.py lung --data ../shared/data/lung --epochs 20 --folds 5
@@ -173,7 +174,7 @@ def main() -> None:
     started = time.time()
     # batchnorm_views 0: the running statistics of training are one of the arms (the lung spaces set 96); the
     # bench averages weights itself (swa_start None: the trainer validates and checkpoints the trained weights)
-    setup = recipe_setup(args.task, args.data, args.workdir, args.seed, {"batchnorm_views": 0, "swa_start": None},
+    setup = recipe_setup(args.task, args.data, args.workdir, args.seed, {"batchnorm_views": 0, "swa_start": None, "swa_lr": None},
                          args.space)
     items = setup.index.items
     group_of = items["group"].fillna(items["path"]) if "group" in items.columns else items["path"]
@@ -188,7 +189,7 @@ def main() -> None:
              "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation",
              "validation-best epoch, BatchNorm statistics recomputed, test-time augmentation where validation gains",
              "validation-best of the averaged epochs, as a trial with swa_start 0.5 promotes it",
-             "the same, test-time augmentation where validation gains (what the lung space promotes since session 14)")
+             "the same, test-time augmentation where validation gains (what the lung space promoted in session 14)")
     picked: dict[str, dict[str, list[float]]] = {rule: {t: [] for t in targets} for rule in rules}
     lines = []
     for k in args.only if args.only is not None else range(args.folds):

@@ -78,7 +78,8 @@ def test_the_report_ranks_each_trial_by_the_epochs_it_offered_for_promotion(lung
         offered = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "offered_for_promotion"),
                                            key=lambda m: m.step)]
         assert offered == [0.0, 1.0][: len(dice)]  # epoch 1 trained weights, epoch 2 their average
-        # the average's score, even where the trained weights of epoch 1 scored higher; stopped at 1: that epoch's
+        # the average's score (whatever epoch 1 scored: promotion_rank.promoted_value's unit test has it higher);
+        # a trial stopped at epoch 1 has no average: that epoch's
         assert table.loc[run.info.run_id, "best_value"] == pytest.approx(dice[-1])
 
 

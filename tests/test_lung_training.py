@@ -143,6 +143,34 @@ def test_an_averaging_trial_resumes_exactly(tmp_path):
     assert all(torch.allclose(ended[k].float(), expected[k].float(), atol=1e-6) for k in expected)
 
 
+def test_a_held_rate_trains_each_averaged_epoch_at_lr_times_swa_lr_also_after_a_weights_only_resume(tmp_path):
+    from tune_cells.model_io import OPTIMIZER_FILE
+
+    held = {**AVERAGED, "lr_schedule": "cosine", "swa_lr": 0.5}
+    whole = EveryCheckpoint(checkpoint_dir=tmp_path / "whole" / "ckpt")
+    train_segmenter(held, segmentation_data(6), whole)
+    rates = [r["lr"] for r in whole.results]
+    assert rates[0] == pytest.approx(1e-3) and 5e-4 < rates[2] < rates[1] < 1e-3  # the cosine over epochs 1-3
+    assert rates[3:] == pytest.approx([5e-4] * 3)  # epochs 4-6 are averaged: the rate holds
+    # a checkpoint without the optimiser's state (weights when the metric improved) still resumes at the held rate
+    (tmp_path / "whole" / "epoch-4" / OPTIMIZER_FILE).unlink()
+    resumed = LocalSession(checkpoint_dir=tmp_path / "again", resume_from=tmp_path / "whole" / "epoch-4")
+    train_segmenter(held, segmentation_data(6), resumed)
+    assert [r["lr"] for r in resumed.results] == pytest.approx([5e-4] * 2)
+    # from the first epoch (swa_start 0), the first epoch is held too
+    first = LocalSession(checkpoint_dir=tmp_path / "first")
+    train_segmenter({**held, "swa_start": 0.0}, segmentation_data(2), first)
+    assert [r["lr"] for r in first.results] == pytest.approx([5e-4] * 2)
+
+
+def test_a_held_rate_needs_weight_averaging():
+    from tune_cells.config import SegmentationConfig
+    from tune_cells.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="swa_lr needs swa_start"):
+        SegmentationConfig.from_flat({**SEGMENTER, "swa_lr": 0.5})
+
+
 def test_weight_averaging_without_fresh_batchnorm_is_refused_in_one_line():
     from tune_cells.config import SegmentationConfig
     from tune_cells.errors import UserInputError

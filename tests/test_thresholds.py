@@ -111,11 +111,11 @@ def test_a_space_can_fix_the_threshold_and_always_augment(ensemble, tmp_path):
     unseen fields); validation is still scored, at what the model will predict with."""
     folder = shutil.copytree(ensemble[0], tmp_path / "ckpt")
     spec = load_spec(folder)
-    save_spec(folder, replace(spec, config={**spec.config, "threshold": 0.4, "threshold_choice": "fixed",
+    save_spec(folder, replace(spec, config={**spec.config, "threshold": 0.42, "threshold_choice": "fixed",
                                             "tta_choice": "always"}))
     chosen = choose_thresholds(folder, ensemble[1], allow_tta=True)
     assert set(chosen) == KEYS - {"val_dice_tta_none"} | {"val_dice_tta_dihedral"}
-    assert (chosen["threshold_bright"], chosen["tta"]) == (0.4, "dihedral")
-    assert chosen["validation_score"] == pytest.approx(out_of_fold_dice(folder, ensemble[1], 0.4, "dihedral"), abs=1e-12)
-    assert load_spec(folder).thresholds == {"bright": 0.4} and load_spec(folder).tta == "dihedral"
+    assert (chosen["threshold_bright"], chosen["tta"]) == (0.42, "dihedral")  # off the grid: kept, not chosen
+    assert chosen["validation_score"] == pytest.approx(out_of_fold_dice(folder, ensemble[1], 0.42, "dihedral"), abs=1e-12)
+    assert load_spec(folder).thresholds == {"bright": 0.42} and load_spec(folder).tta == "dihedral"
     assert choose_thresholds(folder, ensemble[1], allow_tta=False)["tta"] == "none"  # a latency budget still wins

@@ -199,12 +199,11 @@ class SegmentationTrainer(TrialTrainer):
             return None
         return first_averaged_epoch(self.config.swa_start, self.data.max_epochs), self.config.swa_lr
 
-    def step_schedule(self, val_loss: float) -> None:
-        super().step_schedule(val_loss)
+    def prepare_epoch(self) -> None:
         held = self.held_lr()
-        if held is not None and self.epoch + 1 >= held[0]:
-            for group in self.optimizer.param_groups:  # a schedule sets `initial_lr`; without one, lr is it
-                group["lr"] = group.setdefault("initial_lr", group["lr"]) * held[1]
+        if held is not None and self.epoch >= held[0]:  # over the schedule's own value, every epoch (and on resume)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * held[1]
 
     def train_epoch(self) -> dict[str, float]:
         self.model.train()

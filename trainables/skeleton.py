@@ -189,9 +189,8 @@ class TrialTrainer(ABC):
         registers): the trained one, unless a kind validates another (an average of its weights)."""
         return self.model
 
-    def step_schedule(self, val_loss: float) -> None:
-        """After each epoch's validation: the learning-rate schedule's step (a kind may hold the rate)."""
-        step_lr_schedule(self.schedule, val_loss)
+    def prepare_epoch(self) -> None:  # noqa: B027 (an optional hook)
+        """Before each epoch trains (after any resume), with `self.epoch` set: e.g. a held learning rate."""
 
     def offered_for_promotion(self) -> bool:
         """Whether this epoch's weights compete for promotion with the trial's others (PROMOTION_SCORE);
@@ -217,6 +216,8 @@ class TrialTrainer(ABC):
         self.spec, self.model = self.setup()
         self.spec.config = {**self.config.to_flat(), "seed": self.seed}
         self.optimizer = build_optimizer(self.config, self.model)
+        for group in self.optimizer.param_groups:  # each group's configured rate (a plateau schedule never sets it)
+            group.setdefault("initial_lr", group["lr"])
         self.schedule = build_lr_schedule(self.config, self.optimizer, self.data.max_epochs)
         if checkpoint is None:
             return 1
@@ -230,6 +231,7 @@ class TrialTrainer(ABC):
         reported as failed, never retried: the divergence would repeat)."""
         started = time.perf_counter()
         self.epoch = epoch
+        self.prepare_epoch()
         lr = self.optimizer.param_groups[0]["lr"]
         try:
             trained = self.train_epoch()
@@ -243,7 +245,7 @@ class TrialTrainer(ABC):
             raise MemoryError(f"out of memory at batch_size {self.config.batch_size} on {self.device}: "
                               f"{self.oom_hint}") from exc
         validated = self.validate()
-        self.step_schedule(validated["val_loss"])
+        step_lr_schedule(self.schedule, validated["val_loss"])
         return {**trained, **validated, "lr": lr, "epoch_time_s": time.perf_counter() - started,
                 "node_id": self.node_id}
 

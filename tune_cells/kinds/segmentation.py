@@ -110,8 +110,9 @@ class SegmentationKind(TaskKind):
 
     def finalize(self, checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
         """A threshold per target chosen on validation (out of fold with --folds): a rare target's
-        best cut is rarely 0.5; and test-time augmentation where it helps there. Stored in the model's
-        spec; `predict`, `serve`, `evaluate` and `export` use them."""
+        best cut is rarely 0.5; and test-time augmentation where it helps there, or as the trial's
+        `threshold_choice` and `tta_choice` say. Stored in the model's spec; `predict`, `serve`,
+        `evaluate` and `export` use them."""
         from tune_cells.analysis.thresholds import choose_thresholds
 
         return choose_thresholds(checkpoint, data, allow_tta)
