@@ -32,7 +32,7 @@ def fold_maps(path: Path) -> dict[str, list[np.ndarray]]:
     return {kind: [m for _, m in sorted(maps, key=lambda pair: pair[0])] for kind, maps in kinds.items()}
 
 
-def test_dice(masks: list[np.ndarray], probabilities: list[np.ndarray], thresholds: list[float]) -> np.ndarray:
+def dice_at(masks: list[np.ndarray], probabilities: list[np.ndarray], thresholds: list[float]) -> np.ndarray:
     """Per test field (rows) and target (columns), Dice at each target's threshold."""
     from tune_cells.analysis.segmentation_metrics import dice_from_counts, overlap_counts
 
@@ -51,8 +51,8 @@ def main() -> None:
     if not paths:
         sys.exit(f"{args.workdir}: no fold-*/probabilities.npz (run bench_last_epoch.py there first)")
     rules = ("0.5, no augmentation", "thresholds chosen on validation, no augmentation",
-             "thresholds and augmentation chosen on validation (as promoted)", "0.5, augmentation always",
-             "thresholds chosen on validation, augmentation always")
+             "thresholds and augmentation chosen on validation (registered until session 15)", "0.5, augmentation always",
+             "thresholds chosen on validation, augmentation always (registered since session 15)")
     per_rule: dict[str, list[np.ndarray]] = {rule: [] for rule in rules}
     for path in paths:
         maps = fold_maps(path)
@@ -62,12 +62,12 @@ def main() -> None:
         tta = max(chosen, key=lambda name: chosen[name][0])  # none on a tie, as promotion
         plain = [float(chosen["none"][1][t]) for t in args.targets]
         promoted = [float(chosen[tta][1][t]) for t in args.targets]
-        per_rule[rules[0]].append(test_dice(test_masks, maps["swa_best_test_"], [0.5] * len(args.targets)))
-        per_rule[rules[1]].append(test_dice(test_masks, maps["swa_best_test_"], plain))
-        per_rule[rules[2]].append(test_dice(test_masks, maps[f"{'swatta' if tta == 'dihedral' else 'swa_best'}_test_"],
+        per_rule[rules[0]].append(dice_at(test_masks, maps["swa_best_test_"], [0.5] * len(args.targets)))
+        per_rule[rules[1]].append(dice_at(test_masks, maps["swa_best_test_"], plain))
+        per_rule[rules[2]].append(dice_at(test_masks, maps[f"{'swatta' if tta == 'dihedral' else 'swa_best'}_test_"],
                                             promoted))
-        per_rule[rules[3]].append(test_dice(test_masks, maps["swatta_test_"], [0.5] * len(args.targets)))
-        per_rule[rules[4]].append(test_dice(test_masks, maps["swatta_test_"],
+        per_rule[rules[3]].append(dice_at(test_masks, maps["swatta_test_"], [0.5] * len(args.targets)))
+        per_rule[rules[4]].append(dice_at(test_masks, maps["swatta_test_"],
                                             [float(chosen["dihedral"][1][t]) for t in args.targets]))
         print(f"{path.parent.name}: thresholds without augmentation {plain} (validation {chosen['none'][0]:.3f}); "
               f"with {[float(chosen['dihedral'][1][t]) for t in args.targets]} ({chosen['dihedral'][0]:.3f}); promoted: "

@@ -145,7 +145,8 @@ class SegmentationConfig(TrainerConfig):
                                   "`threshold` for every target")
     tta_choice: Literal["validation", "always", "never"] = Field(
         "validation", description="at promotion: test-time augmentation (the mean over 8 flips and turns) where it "
-                                  "gains on validation, always, or never (under --max-latency-ms, only where 8 passes fit)")
+                                  "gains on validation, always, or never; under --max-latency-ms only where 8 "
+                                  "passes fit the budget")
     views_per_epoch: int = Field(32, ge=1, le=100000, description="random views drawn per training epoch")
     dihedral: bool = Field(True, description="random flips and right-angle turns of views")
     focus_rate: float = Field(0.0, ge=0, le=1, description="share of training views centred on a pixel of the "
