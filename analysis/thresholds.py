@@ -18,12 +18,11 @@ def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[st
     The trial's `threshold_choice: fixed` keeps its `threshold` for every target, and `tta_choice`
     `always` or `never` skips that choice (validation is then scored, not chosen on). Both written
     into the checkpoint's spec."""
-    from tune_cells.config import SegmentationConfig
     from tune_cells.model_io import save_spec
     from tune_cells.segmentation import ImageSegmenter
 
     segmenter = ImageSegmenter.from_checkpoint(checkpoint)
-    config = SegmentationConfig.from_flat(segmenter.spec.config, strict=False, source=f"{checkpoint}")
+    config = segmenter.config  # the trial's: its threshold_choice and tta_choice
     grid = THRESHOLD_GRID if config.threshold_choice == "validation" else (config.threshold,)
     offered = {"validation": ("none", "dihedral"), "always": ("dihedral",), "never": ("none",)}[config.tta_choice]
     if data.folds > 1:

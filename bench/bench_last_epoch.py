@@ -37,6 +37,8 @@ from bench_old_code import Prepared, arm_results, recipe_setup  # noqa: E402  (a
 from bench_outer_folds import fold_parts  # noqa: E402
 from bench_recipe import run_with_one_line_errors  # noqa: E402
 
+AVERAGED_FROM = 0.5  # the bench averages weights as a trial with `swa_start: 0.5` does (the lung space's)
+
 
 def balanced_group_folds(groups: dict[str, list[str]], folds: int, seed: int) -> list[list[str]]:
     """Groups (name -> paths) dealt into `folds` folds: the largest group first (ties in a seeded
@@ -85,7 +87,7 @@ def test_scoring_trainer(test_images, test_masks, swa_lr: float | None = None, k
                                  for t in self.data.targets}}
 
         def held_lr(self):  # the averaging is the bench's own (swa_start None), from the same epoch
-            return None if swa_lr is None else (first_averaged_epoch(0.5, self.data.max_epochs), swa_lr)
+            return None if swa_lr is None else (first_averaged_epoch(AVERAGED_FROM, self.data.max_epochs), swa_lr)
 
         def validate(self) -> dict[str, float]:
             scores = super().validate()
@@ -95,7 +97,7 @@ def test_scoring_trainer(test_images, test_masks, swa_lr: float | None = None, k
             images, masks = self.test_images, self.test_masks
             scores.update(self.score(self.model, images, masks, "test_"))
             weights = {"bn_": copy.deepcopy(self.model)}  # precise BN, every epoch: it can change the best epoch
-            if self.epoch >= first_averaged_epoch(0.5, self.data.max_epochs):  # as a trial with swa_start 0.5
+            if self.epoch >= first_averaged_epoch(AVERAGED_FROM, self.data.max_epochs):  # as a trial with swa_start 0.5
                 self.bench_average = self.bench_average or WeightAverage(self.model)
                 self.bench_average.add(self.model)
                 weights["swa_"] = copy.deepcopy(self.bench_average.model)
@@ -200,7 +202,7 @@ def main() -> None:
         values = [r[metric] for r in reports]
         best = int(np.argmax(values))  # the first best, as the checkpoint policy keeps it
         best_bn = int(np.argmax([r[f"bn_{metric}"] for r in reports]))
-        half = first_averaged_epoch(0.5, args.epochs) - 1  # index of the first average: the first best of them is promoted
+        half = first_averaged_epoch(AVERAGED_FROM, args.epochs) - 1  # index of the first average: the first best of them is promoted
         best_swa = half + int(np.argmax([r[f"swa_{metric}"] for r in reports[half:]]))
         # test-time augmentation as promotion chooses it (there at each target's chosen threshold; here at 0.5)
         gains = reports[-1][f"tta_{metric}"] > reports[best_bn][f"bn_{metric}"]

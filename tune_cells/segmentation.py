@@ -154,7 +154,7 @@ class ImageSegmenter:
         self.model = model.to(self.device).eval()
         self.spec = spec
         self.preset = EvalPreset(0, tuple(spec.mean), tuple(spec.std))
-        config = SegmentationConfig.from_flat(spec.config, strict=False, source=f"model {spec.task}")
+        self.config = config = SegmentationConfig.from_flat(spec.config, strict=False, source=f"model {spec.task}")
         self.scale = config.scale
         self.tile = working_tile(config.tile_size, self.scale)
         self.overlap = config.overlap
