@@ -8,8 +8,9 @@ same maps.
 Rules: 0.5 for every target without augmentation (the bench's own rule); each target's threshold
 chosen on the fold's validation fields, as promotion chooses it (`analysis.thresholds`), without
 augmentation; promotion's whole choice, thresholds and augmentation where validation gains (what a
-lung champion was registered with until session 15); and 0.5 or the chosen thresholds with the
-augmentation always (`threshold_choice`, `tta_choice`). Printed: per-image test Dice per target over every fold's test
+lung champion was registered with until session 15); and 0.5, the chosen thresholds or the one-SE
+thresholds (0.5 unless another beats it on validation by more than one standard error, registered
+since session 16) with the augmentation always (`threshold_choice`, `tta_choice`). Printed: per-image test Dice per target over every fold's test
 fields, and each rule's paired difference from 0.5.
 """
 
@@ -52,13 +53,15 @@ def main() -> None:
         sys.exit(f"{args.workdir}: no fold-*/probabilities.npz (run bench_last_epoch.py there first)")
     rules = ("0.5, no augmentation", "thresholds chosen on validation, no augmentation",
              "thresholds and augmentation chosen on validation (registered until session 15)", "0.5, augmentation always",
-             "thresholds chosen on validation, augmentation always (registered since session 15)")
+             "thresholds chosen on validation, augmentation always (registered in session 15)",
+             "one-SE thresholds, augmentation always (registered since session 16)")
     per_rule: dict[str, list[np.ndarray]] = {rule: [] for rule in rules}
     for path in paths:
         maps = fold_maps(path)
         val_masks, test_masks = maps["val_mask_"], maps["test_mask_"]
         chosen = {tta: _best_thresholds(val_masks, maps[f"{arm}val_"], args.targets)
                   for tta, arm in (("none", "swa_best_"), ("dihedral", "swatta_"))}
+        one_se = _best_thresholds(val_masks, maps["swatta_val_"], args.targets, one_se=True)[1]
         tta = max(chosen, key=lambda name: chosen[name][0])  # none on a tie, as promotion
         plain = [float(chosen["none"][1][t]) for t in args.targets]
         promoted = [float(chosen[tta][1][t]) for t in args.targets]
@@ -69,8 +72,10 @@ def main() -> None:
         per_rule[rules[3]].append(dice_at(test_masks, maps["swatta_test_"], [0.5] * len(args.targets)))
         per_rule[rules[4]].append(dice_at(test_masks, maps["swatta_test_"],
                                             [float(chosen["dihedral"][1][t]) for t in args.targets]))
+        per_rule[rules[5]].append(dice_at(test_masks, maps["swatta_test_"], [float(one_se[t]) for t in args.targets]))
         print(f"{path.parent.name}: thresholds without augmentation {plain} (validation {chosen['none'][0]:.3f}); "
-              f"with {[float(chosen['dihedral'][1][t]) for t in args.targets]} ({chosen['dihedral'][0]:.3f}); promoted: "
+              f"with {[float(chosen['dihedral'][1][t]) for t in args.targets]} ({chosen['dihedral'][0]:.3f}); one-SE "
+              f"{[float(one_se[t]) for t in args.targets]}; promoted: "
               f"{tta}; test " + "; ".join(f"{rule}: " + " ".join(f"{v:.3f}" for v in per_rule[rule][-1][:, -1])
                                        for rule in rules))
     base = np.concatenate(per_rule[rules[0]])

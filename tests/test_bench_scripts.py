@@ -153,5 +153,6 @@ def test_threshold_rules_choose_on_validation_and_score_the_test_fields(tmp_path
     out = capsys.readouterr().out
     # 0.75-0.85 all separate them: the one nearest 0.5; a tie of the two maps keeps no augmentation
     assert "thresholds without augmentation [0.75]" in out and "promoted: none" in out
+    assert "one-SE [0.75]" in out  # every validation field gains alike: no spread, so the rule moves too
     assert "0.5, no augmentation: t 0.6667" in out  # 2/3 on every field
     assert "thresholds chosen on validation, no augmentation: t 0.9697" in out  # (10 x 1 + 2/3) / 11

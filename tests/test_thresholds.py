@@ -13,7 +13,7 @@ import torch
 from test_trainables import SEGMENTER
 
 from tune_cells.analysis.segmentation_metrics import dice_from_counts, overlap_counts
-from tune_cells.analysis.thresholds import choose_thresholds
+from tune_cells.analysis.thresholds import _best_thresholds, choose_thresholds
 from tune_cells.data.folds import fold_of
 from tune_cells.model_io import load_spec, save_checkpoint, save_spec
 from tune_cells.segmentation import ImageSegmenter
@@ -119,3 +119,47 @@ def test_a_space_can_fix_the_threshold_and_always_augment(ensemble, tmp_path):
     assert chosen["validation_score"] == pytest.approx(out_of_fold_dice(folder, ensemble[1], 0.42, "dihedral"), abs=1e-12)
     assert load_spec(folder).thresholds == {"bright": 0.42} and load_spec(folder).tta == "dihedral"
     assert choose_thresholds(folder, ensemble[1], allow_tta=False)["tta"] == "none"  # a latency budget still wins
+
+
+def two_fields_split_on_0_7(share_above: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Two 8x8 fields, the target on rows 0-3. Field one: target 0.9, background 0.7, so any cut from
+    0.7 to 0.85 is perfect and 0.5 marks everything (Dice 2/3). Field two: background 0.1 and the
+    target at 0.95 on `share_above` of its pixels, 0.6 on the rest, so 0.5 is perfect and 0.7 misses some."""
+    truth = np.zeros((1, 8, 8), np.uint8)
+    truth[0, :4] = 1
+    one = np.where(truth == 1, 0.9, 0.7)
+    two = np.where(truth == 1, 0.6, 0.1)
+    two.reshape(-1)[: round(32 * share_above)] = 0.95
+    return [truth, truth], [one, two]
+
+
+def test_one_se_keeps_0_5_unless_another_threshold_beats_it_by_more_than_a_standard_error():
+    """The best threshold (0.7 to 0.85) beats 0.5 on the mean of two fields, but one field gains and the
+    other loses: within one standard error the rule keeps 0.5 (`threshold_choice: one_se`, the
+    lung spaces). Where both fields gain alike (no spread), it moves as the plain choice does."""
+    masks, probabilities = two_fields_split_on_0_7(20 / 32)  # field two at 0.7: Dice 40/52
+    best = _best_thresholds(masks, probabilities, ["t"])
+    assert best[1] == {"t": 0.7} and best[0] == pytest.approx((1 + 40 / 52) / 2)
+    score, chosen, gains = _best_thresholds(masks, probabilities, ["t"], one_se=True)
+    assert chosen == {"t": 0.5} and score == pytest.approx(gains["val_dice_t_at_0.5"]) == pytest.approx(5 / 6)
+    masks, probabilities = two_fields_split_on_0_7(1.0)  # both perfect from 0.7: no spread, no margin
+    assert _best_thresholds(masks, probabilities, ["t"], one_se=True)[1] == {"t": 0.7}
+    masks, probabilities = two_fields_split_on_0_7(20 / 32)
+    assert _best_thresholds(masks[:1], probabilities[:1], ["t"], one_se=True)[1] == {"t": 0.7}  # one field: no SE
+    # an anchor off the grid is itself a candidate (a trial's `threshold: 0.52`)
+    assert _best_thresholds(masks, probabilities, ["t"], anchor=0.52, one_se=True)[1] == {"t": 0.52}
+
+
+def test_a_space_can_choose_thresholds_by_one_standard_error(ensemble, tmp_path):
+    """`threshold_choice: one_se` through promotion's own path: the threshold it keeps is scored as the
+    model will predict, and never beats the plain choice's best on validation."""
+    folder = shutil.copytree(ensemble[0], tmp_path / "ckpt")
+    spec = load_spec(folder)
+    save_spec(folder, replace(spec, config={**spec.config, "threshold_choice": "one_se", "tta_choice": "never"}))
+    chosen = choose_thresholds(folder, ensemble[1], allow_tta=True)
+    threshold = chosen["threshold_bright"]
+    assert chosen["validation_score"] == pytest.approx(out_of_fold_dice(folder, ensemble[1], threshold, "none"), abs=1e-12)
+    assert chosen["val_dice_bright_at_threshold"] >= chosen["val_dice_bright_at_0.5"] - 1e-12
+    plain = shutil.copytree(ensemble[0], tmp_path / "plain")
+    save_spec(plain, replace(spec, config={**spec.config, "tta_choice": "never"}))
+    assert choose_thresholds(plain, ensemble[1])["validation_score"] >= chosen["validation_score"] - 1e-12

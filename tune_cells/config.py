@@ -140,9 +140,10 @@ class SegmentationConfig(TrainerConfig):
                                                             "in original pixels")
     overlap: float = Field(0.25, ge=0, lt=1, description="overlap of neighbouring tiles when stitching")
     threshold: float = Field(0.5, gt=0, lt=1, description="probability above which a pixel is a target's")
-    threshold_choice: Literal["validation", "fixed"] = Field(
-        "validation", description="at promotion: each target's threshold chosen on the validation fields, or "
-                                  "`threshold` for every target")
+    threshold_choice: Literal["validation", "one_se", "fixed"] = Field(
+        "validation", description="at promotion: each target's threshold chosen on the validation fields (the "
+                                  "best; or one_se: the nearest `threshold` within one standard error of the best), "
+                                  "or `threshold` for every target")
     tta_choice: Literal["validation", "always", "never"] = Field(
         "validation", description="at promotion: test-time augmentation (the mean over 8 flips and turns) where it "
                                   "gains on validation, always, or never; under --max-latency-ms only where 8 "
