@@ -202,8 +202,8 @@ def _metrics(f: CardFacts) -> str:
 
 def _calibration(f: CardFacts) -> str:
     if "test_ece" not in f.metrics:
-        return ("## Calibration\n\nNot measured: the outputs are masks (each target's threshold is the trial's), "
-                "not class probabilities.")
+        return ("## Calibration\n\nNot measured: the outputs are masks (each target cut at the threshold promotion "
+                "kept: the version's threshold_<target> tags), not class probabilities.")
     tags = f.version_tags
     return (f"## Calibration\n\nExpected calibration error on the test part: "
             f"{_number(f.metrics.get('test_ece_before_temperature'))} before temperature scaling, "

@@ -12,7 +12,7 @@ THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
 def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
     """For each target, the threshold with the best mean per-image Dice on the validation fields
     (out of fold when the model is a fold ensemble: each field judged by the member that did not
-    train on it); ties keep the one nearest the trial's `threshold` (0.5). Then test-time
+    train on it); ties keep the one nearest 0.5. Then test-time
     augmentation (the mean over the 8 flips and turns, `tune_cells.segmentation.dihedral_logits`)
     where it raises the targets' mean of that Dice; a tie keeps none, 8 times cheaper.
     `allow_tta` False (a latency budget): none.
@@ -27,7 +27,8 @@ def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[st
     segmenter = ImageSegmenter.from_checkpoint(checkpoint)
     config = segmenter.config  # the trial's: its threshold_choice and tta_choice
     grid = (config.threshold,) if config.threshold_choice == "fixed" else THRESHOLD_GRID
-    rule = {"grid": grid, "anchor": config.threshold, "one_se": config.threshold_choice == "one_se"}
+    one_se = config.threshold_choice == "one_se"
+    rule = {"grid": grid, "anchor": config.threshold if one_se else 0.5, "one_se": one_se}
     offered = {"validation": ("none", "dihedral"), "always": ("dihedral",), "never": ("none",)}[config.tta_choice]
     if data.folds > 1:
         fields = [(data.train_images[i], data.train_masks[i], int(data.fold_of[i])) for i in range(len(data.train_images))]
@@ -63,9 +64,10 @@ def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[st
 def _best_thresholds(masks: list[np.ndarray], probabilities: list[np.ndarray], targets: list[str],
                      grid: tuple[float, ...] = THRESHOLD_GRID, anchor: float = 0.5,
                      one_se: bool = False) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Each target's threshold in `grid` (and `anchor`) with the best mean per-image Dice, the one
-    nearest `anchor` among ties, or with `one_se` among those within one standard error of the best
-    (the best threshold's per-image Dice over the fields; none below two fields). Why one SE: on 2
+    """Each target's threshold in `grid` with the best mean per-image Dice, the one nearest `anchor`
+    among ties; or with `one_se`, the one nearest `anchor` (itself a candidate) among those within
+    one standard error of the best (of the best threshold's per-image Dice over the fields; none
+    below two fields). Why one SE: on 2
     validation fields the best threshold is mostly noise (measured over 10 lung fields: README, Lung
     segmentation). Returned: the targets' mean of the chosen thresholds' Dice; the thresholds; and
     each target's Dice at 0.5 and at its threshold."""

@@ -20,8 +20,6 @@ each arm's best and last validation metric and its difference from the base.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipe import latest_search, recipe_space, search  # noqa: E402  (a sibling script, not a package)
+from bench_args import bench_parser, quiet_mlflow  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import latest_search, recipe_space, search  # noqa: E402
 
 
 def varied(arms: list[dict]) -> list[str]:
@@ -55,14 +54,11 @@ def ab_space(task: str, arms: list[dict], space: str | None = None, point: dict 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "bench-ab-runs", demo_data=True)
     parser.add_argument("ab_file", type=Path)
-    parser.add_argument("--data", type=Path, help="dataset folder [default: the generated demo data]")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path("bench-ab-runs"))
     parser.add_argument("--epochs", type=int, help="replace the file's budget (a quick look)")
     args = parser.parse_args()
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    quiet_mlflow()
     plan = yaml.safe_load(args.ab_file.read_text())
     task, epochs, arms = plan["task"], args.epochs or int(plan["epochs"]), plan["arms"]
     if arms[0]:

@@ -22,7 +22,6 @@ alone on the machine.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -33,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_old_code import Prepared, arm_results, recipe_setup  # noqa: E402  (a sibling script, not a package)
+from bench_args import bench_parser  # noqa: E402  (a sibling script, not a package)
+from bench_old_code import Prepared, arm_results, recipe_setup  # noqa: E402
 from bench_outer_folds import fold_parts  # noqa: E402
 from bench_recipe import run_with_one_line_errors  # noqa: E402
 
@@ -152,15 +152,12 @@ def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir
 def main() -> None:
     from tune_cells.config import first_averaged_epoch
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "bench-last-epoch-runs")
     parser.add_argument("task")
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder in the task's layout")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", type=int, nargs="+", metavar="K",
                         help="run these outer folds only (the deal is the same; each fold prints its per-field scores)")
-    parser.add_argument("--workdir", type=Path, default=Path("bench-last-epoch-runs"))
     parser.add_argument("--space", metavar="NAME", help="the recipe of this space (its first initial point) "
                         "[default: the task's default space]")
     parser.add_argument("--swa-lr", type=float, metavar="F",

@@ -21,7 +21,6 @@ Changes (issue #15):
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipe import recipe_space, run_with_one_line_errors  # noqa: E402  (a sibling script, not a package)
+from bench_args import bench_parser  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import recipe_space, run_with_one_line_errors  # noqa: E402
 
 Undo = Callable[[], None]
 
@@ -134,12 +134,9 @@ def arm_results(prepared: Prepared, install: Callable[[], Undo] | None) -> list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "bench-old-code-runs")
     parser.add_argument("change", choices=sorted(CHANGES))
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder in the task's layout")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path("bench-old-code-runs"))
     args = parser.parse_args()
     change = CHANGES[args.change]
     args.workdir.mkdir(parents=True, exist_ok=True)

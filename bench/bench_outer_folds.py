@@ -17,9 +17,7 @@ and ROC AUC. Each fold's own search, promotion and evaluation stay in its MLflow
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_recipe import champion_test_predictions, run_with_one_line_errors, search  # noqa: E402  (a sibling script, not a package)
+from bench_args import bench_parser, quiet_mlflow  # noqa: E402  (a sibling script, not a package)
+from bench_recipe import champion_test_predictions, run_with_one_line_errors, search  # noqa: E402
 
 
 def outer_folds(units: list[tuple[list[str], int]], folds: int, seed: int) -> list[list[str]]:
@@ -65,19 +64,15 @@ def base_split(task, index, seed: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "bench-outer-folds-runs")
     parser.add_argument("task")
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder in the task's layout")
     parser.add_argument("--folds", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path("bench-outer-folds-runs"))
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, flags = parser.parse_args(argv[:cut]), argv[cut + 1:]  # after --: flags for every search
     if args.folds < 3:
         parser.error(f"--folds {args.folds}: at least 3 (each search needs a test, a validation and a training fold)")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_mlflow()
 
     from scipy.stats import binomtest
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score

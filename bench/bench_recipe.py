@@ -19,7 +19,6 @@ estimate. Run it alone on the machine. --recipe-workdir reuses an earlier recipe
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_args import bench_parser, quiet_mlflow  # a sibling script, not a package: its folder is on sys.path
 
 TEST_METRICS = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
 
@@ -177,20 +177,16 @@ def copy_split(source: Path, target: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "bench-recipe-runs", demo_data=True, workdir_help="where both arms are kept")
     parser.add_argument("task")
-    parser.add_argument("--data", type=Path, help="dataset folder [default: the generated demo data]")
     parser.add_argument("--samples", type=int, default=6)
     parser.add_argument("--max-epochs", type=int, default=10)
     parser.add_argument("--grace-period", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path("bench-recipe-runs"), help="where both arms are kept")
     parser.add_argument("--search-workdir", type=Path, help="reuse this finished search (same data and seed) as arm 1")
     parser.add_argument("--recipe-workdir", type=Path,
                         help="reuse this finished recipe arm (an earlier run's WORKDIR/TASK/recipe) as arm 2")
     args = parser.parse_args()
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_mlflow()
     root = args.workdir.resolve() / args.task
     root.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1

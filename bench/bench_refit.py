@@ -15,14 +15,14 @@ ones better. Run it alone on the machine.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_old_code import Prepared, arm_results, recipe_setup  # noqa: E402  (a sibling script, not a package)
+from bench_args import bench_parser  # noqa: E402  (a sibling script, not a package)
+from bench_old_code import Prepared, arm_results, recipe_setup  # noqa: E402
 from bench_recipe import run_with_one_line_errors  # noqa: E402
 
 
@@ -39,12 +39,9 @@ def prepared_arm(task, index, split, train_parts: tuple[str, ...], config: dict,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "bench-refit-runs")
     parser.add_argument("task")
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder in the task's layout")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path("bench-refit-runs"))
     args = parser.parse_args()
 
     args.workdir.mkdir(parents=True, exist_ok=True)

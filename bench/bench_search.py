@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_args import quiet_mlflow  # a sibling script, not a package: its folder is on sys.path
 
 SPACE = {
     "model": "small_convnet",
@@ -137,8 +138,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="--warm-start: seeds compared (SEED, SEED+1, ...)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_mlflow()
 
     from tune_cells.data.demo import generate
 

@@ -150,16 +150,25 @@ def test_one_se_keeps_0_5_unless_another_threshold_beats_it_by_more_than_a_stand
     assert _best_thresholds(masks, probabilities, ["t"], anchor=0.52, one_se=True)[1] == {"t": 0.52}
 
 
-def test_a_space_can_choose_thresholds_by_one_standard_error(ensemble, tmp_path):
-    """`threshold_choice: one_se` through promotion's own path: the threshold it keeps is scored as the
-    model will predict, and never beats the plain choice's best on validation."""
+def test_a_space_can_choose_thresholds_by_one_standard_error(ensemble, tmp_path, monkeypatch):
+    """`threshold_choice: one_se` through promotion's own path: the rule is applied around the trial's
+    `threshold`, the threshold it keeps is scored as the model will predict, and never beats the
+    plain choice's best on validation."""
+    from tune_cells.analysis import thresholds
+
+    rules = []
+    real = thresholds._best_thresholds
+    monkeypatch.setattr(thresholds, "_best_thresholds",
+                        lambda *args, **rule: rules.append(rule) or real(*args, **rule))
     folder = shutil.copytree(ensemble[0], tmp_path / "ckpt")
     spec = load_spec(folder)
     save_spec(folder, replace(spec, config={**spec.config, "threshold_choice": "one_se", "tta_choice": "never"}))
     chosen = choose_thresholds(folder, ensemble[1], allow_tta=True)
+    assert [(r["one_se"], r["anchor"]) for r in rules] == [(True, 0.5)]
     threshold = chosen["threshold_bright"]
     assert chosen["validation_score"] == pytest.approx(out_of_fold_dice(folder, ensemble[1], threshold, "none"), abs=1e-12)
     assert chosen["val_dice_bright_at_threshold"] >= chosen["val_dice_bright_at_0.5"] - 1e-12
     plain = shutil.copytree(ensemble[0], tmp_path / "plain")
-    save_spec(plain, replace(spec, config={**spec.config, "tta_choice": "never"}))
+    save_spec(plain, replace(spec, config={**spec.config, "threshold": 0.3, "tta_choice": "never"}))
     assert choose_thresholds(plain, ensemble[1])["validation_score"] >= chosen["validation_score"] - 1e-12
+    assert [(r["one_se"], r["anchor"]) for r in rules[1:]] == [(False, 0.5)]  # `validation`: ties nearest 0.5 as before
