@@ -12,10 +12,9 @@ THRESHOLD_GRID = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
 def choose_thresholds(checkpoint: Path, data, allow_tta: bool = True) -> dict[str, float | str]:
     """For each target, the threshold with the best mean per-image Dice on the validation fields
     (out of fold when the model is a fold ensemble: each field judged by the member that did not
-    train on it); ties keep the one nearest 0.5. Then test-time
-    augmentation (the mean over the 8 flips and turns, `tune_cells.segmentation.dihedral_logits`)
-    where it raises the targets' mean of that Dice; a tie keeps none, 8 times cheaper.
-    `allow_tta` False (a latency budget): none.
+    train on it); ties keep the one nearest 0.5. Then test-time augmentation (the mean over the 8
+    flips and turns, `tune_cells.segmentation.dihedral_logits`) where it raises the targets' mean of
+    that Dice; a tie keeps none, 8 times cheaper. `allow_tta` False (a latency budget): none.
     The trial's `threshold_choice: one_se` keeps, per target, the threshold nearest its `threshold`
     whose Dice is within one standard error (over the fields) of the best, as the champion rule does
     with trials; `fixed` keeps its `threshold` for every target; `tta_choice` `always` or `never`
@@ -67,9 +66,8 @@ def _best_thresholds(masks: list[np.ndarray], probabilities: list[np.ndarray], t
     """Each target's threshold in `grid` with the best mean per-image Dice, the one nearest `anchor`
     among ties; or with `one_se`, the one nearest `anchor` (itself a candidate) among those within
     one standard error of the best (of the best threshold's per-image Dice over the fields; none
-    below two fields). Why one SE: on 2
-    validation fields the best threshold is mostly noise (measured over 10 lung fields: README, Lung
-    segmentation). Returned: the targets' mean of the chosen thresholds' Dice; the thresholds; and
+    below two fields). Why one SE: on 2 validation fields the best threshold is mostly noise
+    (measured over 10 lung fields: README, Lung segmentation). Returned: the targets' mean of the chosen thresholds' Dice; the thresholds; and
     each target's Dice at 0.5 and at its threshold."""
     from tune_cells.analysis.segmentation_metrics import dice_from_counts, overlap_counts
 

@@ -10,8 +10,9 @@ chosen on the fold's validation fields, as promotion chooses it (`analysis.thres
 augmentation; promotion's whole choice, thresholds and augmentation where validation gains (what a
 lung champion was registered with until session 15); and 0.5, the chosen thresholds or the one-SE
 thresholds (0.5 unless another beats it on validation by more than one standard error, registered
-since session 16) with the augmentation always (`threshold_choice`, `tta_choice`). Printed: per-image test Dice per target over every fold's test
-fields, and each rule's paired difference from 0.5.
+since session 16) with the augmentation always (`threshold_choice`, `tta_choice`). Printed:
+per-image test Dice per target over every fold's test fields, and each rule's paired difference
+from 0.5.
 """
 
 from __future__ import annotations
