@@ -105,3 +105,4 @@ def test_params_lists_every_searchable_parameter_with_its_default(run_cli):
     assert "unet" not in result.out  # a segmentation model is no choice for a classification task
     lung = run_cli("params", "lung")
     assert "scale             0.5" in lung.out and "[mobilenet_v2, resnet18, resnet34]" in lung.out
+    assert "'validation'  at promotion" in lung.out and "[validation, one_se, fixed]" in lung.out  # columns apart

@@ -183,10 +183,12 @@ def parameter_table(config_type: type[TrainerConfig], kind: str) -> str:
     from tune_cells.models import get_model, model_names
 
     rows = ["trainer:"]
-    for name, default, description in describe_fields(config_type):
+    fields = describe_fields(config_type)
+    width = max(len(default) for _, default, _ in fields) + 2  # 'validation' and longer defaults stay apart
+    for name, default, description in fields:
         allowed = config_type.allowed_values(name)
         values = f" [{', '.join(map(str, allowed))}]" if len(allowed) > 1 else ""
-        rows.append(f"  {name:<18}{default:<12}{description}{values}")
+        rows.append(f"  {name:<18}{default:<{width}}{description}{values}")
     for model in model_names(kind):
         entry = get_model(model)
         rows.append(f"\nmodel {model}: {entry.description}")
