@@ -57,6 +57,10 @@ def main() -> None:
              "thresholds chosen on validation, augmentation always (registered in session 15)",
              "one-SE thresholds, augmentation always (registered since session 16)")
     per_rule: dict[str, list[np.ndarray]] = {rule: [] for rule in rules}
+
+    def listed(thresholds: dict[str, float]) -> list[float]:
+        return [float(thresholds[t]) for t in args.targets]
+
     for path in paths:
         maps = fold_maps(path)
         val_masks, test_masks = maps["val_mask_"], maps["test_mask_"]
@@ -64,19 +68,16 @@ def main() -> None:
                   for tta, arm in (("none", "swa_best_"), ("dihedral", "swatta_"))}
         one_se = _best_thresholds(val_masks, maps["swatta_val_"], args.targets, one_se=True)[1]
         tta = max(chosen, key=lambda name: chosen[name][0])  # none on a tie, as promotion
-        plain = [float(chosen["none"][1][t]) for t in args.targets]
-        promoted = [float(chosen[tta][1][t]) for t in args.targets]
-        per_rule[rules[0]].append(dice_at(test_masks, maps["swa_best_test_"], [0.5] * len(args.targets)))
-        per_rule[rules[1]].append(dice_at(test_masks, maps["swa_best_test_"], plain))
-        per_rule[rules[2]].append(dice_at(test_masks, maps[f"{'swatta' if tta == 'dihedral' else 'swa_best'}_test_"],
-                                            promoted))
-        per_rule[rules[3]].append(dice_at(test_masks, maps["swatta_test_"], [0.5] * len(args.targets)))
-        per_rule[rules[4]].append(dice_at(test_masks, maps["swatta_test_"],
-                                            [float(chosen["dihedral"][1][t]) for t in args.targets]))
-        per_rule[rules[5]].append(dice_at(test_masks, maps["swatta_test_"], [float(one_se[t]) for t in args.targets]))
-        print(f"{path.parent.name}: thresholds without augmentation {plain} (validation {chosen['none'][0]:.3f}); "
-              f"with {[float(chosen['dihedral'][1][t]) for t in args.targets]} ({chosen['dihedral'][0]:.3f}); one-SE "
-              f"{[float(one_se[t]) for t in args.targets]}; promoted: "
+        plain_maps, augmented_maps, at_half = maps["swa_best_test_"], maps["swatta_test_"], [0.5] * len(args.targets)
+        applied = dict(zip(rules, ((plain_maps, at_half), (plain_maps, listed(chosen["none"][1])),
+                                   (augmented_maps if tta == "dihedral" else plain_maps, listed(chosen[tta][1])),
+                                   (augmented_maps, at_half), (augmented_maps, listed(chosen["dihedral"][1])),
+                                   (augmented_maps, listed(one_se)))))
+        for rule, (test_maps, thresholds) in applied.items():
+            per_rule[rule].append(dice_at(test_masks, test_maps, thresholds))
+        print(f"{path.parent.name}: thresholds without augmentation {listed(chosen['none'][1])} (validation "
+              f"{chosen['none'][0]:.3f}); with {listed(chosen['dihedral'][1])} ({chosen['dihedral'][0]:.3f}); one-SE "
+              f"{listed(one_se)}; promoted: "
               f"{tta}; test " + "; ".join(f"{rule}: " + " ".join(f"{v:.3f}" for v in per_rule[rule][-1][:, -1])
                                        for rule in rules))
     base = np.concatenate(per_rule[rules[0]])
