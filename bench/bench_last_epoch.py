@@ -149,6 +149,22 @@ def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir
     return arm_results(Prepared(task, setup.config, dataclasses.replace(inputs, trainable=trainable)), None)
 
 
+def recipe_changes(parser, pairs: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs as recipe parameters (values read as YAML), refused by name when the
+    bench sets the key itself."""
+    import yaml
+
+    changes = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--set {pair}: expected KEY=VALUE")
+        if key in ("batchnorm_views", "swa_start", "swa_lr", "seed"):
+            parser.error(f"--set {key}: the bench sets it itself (each arm is read from the same run)")
+        changes[key] = yaml.safe_load(value)
+    return changes
+
+
 def main() -> None:
     from tune_cells.config import first_averaged_epoch
 
@@ -163,6 +179,9 @@ def main() -> None:
     parser.add_argument("--swa-lr", type=float, metavar="F",
                         help="from the first averaged epoch the learning rate holds at lr x F (as `swa_lr`), "
                              "so every arm's epochs past the half train at it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="changes",
+                        help="change one of the recipe's parameters for every arm (a YAML value), e.g. "
+                             "--set scale=1.0 --set tile_size=256: full resolution with the same working view")
     args = parser.parse_args()
     if args.folds < 3:
         parser.error(f"--folds {args.folds}: at least 3 (a test, a validation and a training fold)")
@@ -173,8 +192,9 @@ def main() -> None:
     started = time.time()
     # batchnorm_views 0: the running statistics of training are one of the arms (the lung spaces set 96); the
     # bench averages weights itself (swa_start None: the trainer validates and checkpoints the trained weights)
-    setup = recipe_setup(args.task, args.data, args.workdir, args.seed, {"batchnorm_views": 0, "swa_start": None, "swa_lr": None},
-                         args.space)
+    changes = recipe_changes(parser, args.changes)
+    setup = recipe_setup(args.task, args.data, args.workdir, args.seed,
+                         {**changes, "batchnorm_views": 0, "swa_start": None, "swa_lr": None}, args.space)
     items = setup.index.items
     group_of = items["group"].fillna(items["path"]) if "group" in items.columns else items["path"]
     groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
@@ -235,6 +255,7 @@ def main() -> None:
                 flush=True)
 
     held = "" if args.swa_lr is None else f", the rate held at lr x {args.swa_lr} over the averaged epochs"
+    held += "".join(f", {key} {value}" for key, value in changes.items())
     print(f"\n{setup.task.name} ({args.data}), the recipe of {args.space or 'the default space'}{held}, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n".join(lines))
