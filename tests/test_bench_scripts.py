@@ -4,7 +4,8 @@ A/B arm is an initial point of one space that differs from the recipe only where
 The outer folds (bench/bench_outer_folds.py) test every image once, groups whole. The old-code
 A/B (bench/bench_old_code.py) really puts the old code back, and only for its arm. The refit bench
 (bench/bench_refit.py) trains on what it says and never on the test part it scores. The threshold
-rules (bench/bench_thresholds.py) choose on validation maps only, as promotion does.
+rules (bench/bench_thresholds.py) choose on validation maps only, as promotion does. The epoch bench
+(bench/bench_last_epoch.py) changes recipe parameters by `--set`, never the ones it sets itself.
 """
 
 import sys
@@ -19,6 +20,7 @@ from tune_cells.search_spaces import SearchSpace, load_space
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import bench_ab  # noqa: E402
+import bench_last_epoch  # noqa: E402
 import bench_old_code  # noqa: E402
 import bench_outer_folds  # noqa: E402
 import bench_recipe  # noqa: E402
@@ -156,3 +158,15 @@ def test_threshold_rules_choose_on_validation_and_score_the_test_fields(tmp_path
     assert "one-SE [0.75]" in out  # every validation field gains alike: no spread, so the rule moves too
     assert "0.5, no augmentation: t 0.6667" in out  # 2/3 on every field
     assert "thresholds chosen on validation, no augmentation: t 0.9697" in out  # (10 x 1 + 2/3) / 11
+
+
+def test_the_epoch_bench_reads_set_values_as_yaml_and_refuses_what_it_sets_itself(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench_last_epoch.py")
+    assert bench_last_epoch.recipe_changes(parser, ["scale=1.0", "tile_size=256", "loss=dice"]) \
+        == {"scale": 1.0, "tile_size": 256, "loss": "dice"}
+    for pair, culprit in (("swa_start=0.5", "--set swa_start"), ("seed=3", "--set seed"), ("scale", "--set scale")):
+        with pytest.raises(SystemExit) as exited:
+            bench_last_epoch.recipe_changes(parser, [pair])
+        assert exited.value.code == 2 and culprit in capsys.readouterr().err
