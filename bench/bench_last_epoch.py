@@ -159,8 +159,13 @@ def recipe_changes(parser, pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             parser.error(f"--set {pair}: expected KEY=VALUE")
-        if key in ("batchnorm_views", "swa_start", "swa_lr", "seed"):
+        if key == "swa_lr":
+            parser.error("--set swa_lr: use --swa-lr (the bench averages weights itself)")
+        if key in ("batchnorm_views", "swa_start", "seed"):
             parser.error(f"--set {key}: the bench sets it itself (each arm is read from the same run)")
+        if key in ("threshold", "threshold_choice", "tta_choice"):
+            parser.error(f"--set {key}: the bench scores every arm at 0.5 and reads promotion's rules itself "
+                         "(bench_thresholds.py)")
         changes[key] = yaml.safe_load(value)
     return changes
 
@@ -195,6 +200,8 @@ def main() -> None:
     changes = recipe_changes(parser, args.changes)
     setup = recipe_setup(args.task, args.data, args.workdir, args.seed,
                          {**changes, "batchnorm_views": 0, "swa_start": None, "swa_lr": None}, args.space)
+    # a misspelt --set key would otherwise be dropped by the trial's lenient parse and the run look valid
+    setup.task.kind.parse_config(setup.config, strict=True, source="--set")
     items = setup.index.items
     group_of = items["group"].fillna(items["path"]) if "group" in items.columns else items["path"]
     groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
