@@ -67,8 +67,8 @@ def _best_thresholds(masks: list[np.ndarray], probabilities: list[np.ndarray], t
     among ties; or with `one_se`, the one nearest `anchor` (itself a candidate) among those within
     one standard error of the best (of the best threshold's per-image Dice over the fields; none
     below two fields). Why one SE: on 2 validation fields the best threshold is mostly noise
-    (measured over 10 lung fields: README, Lung segmentation). Returned: the targets' mean of the chosen thresholds' Dice; the thresholds; and
-    each target's Dice at 0.5 and at its threshold."""
+    (measured over 10 lung fields: README, Lung segmentation). Returned: the targets' mean of the
+    chosen thresholds' Dice; the thresholds; and each target's Dice at 0.5 and at its threshold."""
     from tune_cells.analysis.segmentation_metrics import dice_from_counts, overlap_counts
 
     candidates = sorted({*grid, anchor}) if one_se else sorted(grid)

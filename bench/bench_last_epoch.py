@@ -150,8 +150,8 @@ def fold_run(setup, parts: dict[str, list[str]], epochs: int, seed: int, workdir
 
 
 def recipe_changes(parser, pairs: list[str]) -> dict:
-    """`--set KEY=VALUE` pairs as recipe parameters (values read as YAML), refused by name when the
-    bench sets the key itself."""
+    """`--set KEY=VALUE` pairs as recipe parameters (values read as YAML), refused by name where the
+    bench sets the key itself or reads the rule itself (thresholds, test-time augmentation)."""
     import yaml
 
     changes = {}
@@ -261,9 +261,9 @@ def main() -> None:
                 f"{np.mean([r[f'{p}test_dice_{t}'] for t in targets]):.3f}" for r in reports if f"{p}{metric}" in r),
                 flush=True)
 
-    held = "" if args.swa_lr is None else f", the rate held at lr x {args.swa_lr} over the averaged epochs"
-    held += "".join(f", {key} {value}" for key, value in changes.items())
-    print(f"\n{setup.task.name} ({args.data}), the recipe of {args.space or 'the default space'}{held}, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
+    variant = "" if args.swa_lr is None else f", the rate held at lr x {args.swa_lr} over the averaged epochs"
+    variant += "".join(f", {key} {value}" for key, value in changes.items())
+    print(f"\n{setup.task.name} ({args.data}), the recipe of {args.space or 'the default space'}{variant}, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n".join(lines))
     for t in targets:
