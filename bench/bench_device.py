@@ -191,8 +191,13 @@ def timed_segmentation_trial(epochs: int = 3, size: int = 1024, views: int = 64,
     masks = [(rng.random((2, size, size)) < 0.3).astype(np.uint8) for _ in range(6)]
     data = SegmentationData(images[:4], masks[:4], images[4:], masks[4:], task="bench", targets=["a", "b"],
                             mean=(0.5,) * 3, std=(0.25,) * 3, max_epochs=epochs, seed=0, metric="val_dice")
+    # the shipped lung space's resolution and view (full resolution since session 17), so the
+    # stitched validation is timed at the size a lung trial stitches
+    from search_spaces import load_space
+
+    shipped = load_space("lung").fixed
     config = {"model": "unet", "lr": 1e-3, "batch_size": batch_size, "views_per_epoch": views,
-              "batchnorm_views": views, "scale": 0.5, "tile_size": 512}
+              "batchnorm_views": views, "scale": shipped["scale"], "tile_size": shipped["tile_size"]}
     with tempfile.TemporaryDirectory(prefix="bench-device-") as tmp:
         session = timed_session(Path(tmp) / "checkpoint")
         stamps = session.stamps
