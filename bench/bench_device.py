@@ -193,7 +193,7 @@ def timed_segmentation_trial(epochs: int = 3, size: int = 1024, views: int = 64,
                             mean=(0.5,) * 3, std=(0.25,) * 3, max_epochs=epochs, seed=0, metric="val_dice")
     # the shipped lung space's resolution and view (full resolution since session 17), so the
     # stitched validation is timed at the size a lung trial stitches
-    from search_spaces import load_space
+    from tune_cells.search_spaces import load_space
 
     shipped = load_space("lung").fixed
     config = {"model": "unet", "lr": 1e-3, "batch_size": batch_size, "views_per_epoch": views,

@@ -115,3 +115,18 @@ def test_the_device_check_short_form_prints_every_figure(bench_device, capsys):
     assert numbers["trial"]["images_per_s"] > 0 and numbers["bare"]["images_per_s"] > 0
     # two epochs: weights after the first, everything after the last
     assert 0 < numbers["trial"]["checkpoint_mb_per_epoch"] < numbers["trial"]["full_checkpoint_mb"]
+
+
+def test_the_device_check_runs_as_a_script_with_the_segmentation_step(tmp_path):
+    """As a lent GPU machine runs it: the script by path, from outside the checkout, every step;
+    step 4 builds the shipped lung space's trial, so a broken import there costs a device run."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_device.py"), "--quick", "--segmentation",
+                           "--model", "small_convnet", "--train-images", "64", "--epochs", "2", "--processes", "1",
+                           "--json", "numbers.json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4. a U-Net trial" in done.stdout
+    assert json.loads((tmp_path / "numbers.json").read_text())["segmentation"]["views_per_s"] > 0
