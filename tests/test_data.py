@@ -73,6 +73,19 @@ def test_decode_handles_grey_and_16_bit(tmp_path):
     assert decode_image(deep, 1, 8).max() == 255  # rescaled, not clipped to white or black
 
 
+def test_whole_fields_rescale_16_bit_as_tiles_do(tmp_path):
+    """Segmentation decodes whole fields (`decode_full`): a 16-bit ramp keeps its shading there too,
+    where Pillow's own conversion turns every value above 255 white."""
+    from tune_cells.data.images import decode_full
+
+    ramp = tmp_path / "ramp.tif"
+    Image.fromarray(np.tile(np.linspace(0, 4000, 64).astype(np.uint16), (8, 1))).save(ramp)
+    field = decode_full(ramp)
+    assert field.shape == (8, 64, 3)
+    assert field[0, -1].tolist() == [255, 255, 255] and 120 < field[0, 32, 0] < 136  # mid-ramp stays mid-grey
+    assert (field == 255).mean() < 0.05
+
+
 def test_split_is_stratified_deterministic_written_once_and_reused(tmp_path):
     root = write_kaggle(tmp_path / "d", [0] * 20 + [1] * 40 + [2] * 20 + [3] * 20)
     index = nuclei.importer(root)

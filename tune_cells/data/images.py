@@ -130,14 +130,19 @@ def decode_image(path: Path | BinaryIO, channels: int, size: int) -> np.ndarray:
 
 def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
     """A loaded image as the classification store keeps it: `size`x`size`x`channels` uint8."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit microscopy: rescale to 8 bit rather than clipping to white.
-        image = Image.fromarray(_rescaled_to_uint8(np.asarray(image)))
-    image = image.convert("RGB" if channels == 3 else "L")
+    image = eight_bit(image).convert("RGB" if channels == 3 else "L")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if channels == 1 else array
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit microscopy (Pillow modes I;16 and I) rescaled to 8 bit by its maximum; Pillow's own
+    conversion would clip every value above 255 to white. Other modes as they are."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return Image.fromarray(_rescaled_to_uint8(np.asarray(image)))
+    return image
 
 
 def _rescaled_to_uint8(array: np.ndarray, rows: int = 512) -> np.ndarray:
@@ -156,7 +161,7 @@ def decode_full(path: Path | BinaryIO, scale: float = 1.0) -> np.ndarray:
 
 
 def full_array(image: Image.Image, scale: float = 1.0) -> np.ndarray:
-    image = image.convert("RGB")
+    image = eight_bit(image).convert("RGB")
     if scale != 1.0:
         image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(image, dtype=np.uint8)
