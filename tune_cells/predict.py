@@ -38,6 +38,6 @@ def predict_files(tracker, model_uri: str, task: TaskSpec, files: list[Path], ma
             images.append(predictor.decode_path(file))
         except (OSError, ValueError, SyntaxError) as exc:
             raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
-    table = task.kind.predict_files(predictor, [f.stem for f in files], images, mask_dir)
+    table = task.kind.predict_files(predictor, [f.name for f in files], images, mask_dir)
     table.insert(0, "path", [str(f) for f in files])
     return table

@@ -98,8 +98,6 @@ class SegmentationKind(TaskKind):
     def predict_files(self, predictor, names, images, mask_dir):
         from tune_cells.segmentation import write_predictions
 
-        if len(set(names)) < len(names):  # masks are named by stem: same-named files would overwrite
-            names = [f"{i:04d}_{name}" for i, name in enumerate(names)]
         masks = [predictor.predict_masks(image) for image in images]
         return write_predictions(predictor, names, images, masks, mask_dir)
 
