@@ -33,6 +33,9 @@ class Report:
     files: list[Path]
 
 
+REPORT_PAGE = "report.html"
+
+
 def build_report(tracker, experiment: str | None, run_id: str | None, output: Path | None, workdir: Path) -> Report:
     parent = _search_run(tracker, experiment, run_id)
     params = parent.data.params
@@ -88,10 +91,21 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
     importance.rename("importance").to_csv(folder / "param_importance.csv", index_label="param")
     files += [folder / "trials.csv", folder / "param_importance.csv"]
     page = _html_page(name, parent, metric, mode, trials, importance, searched)
-    (folder / "report.html").write_text(page)
-    files.append(folder / "report.html")
-    tracker.log_artifact(parent.info.run_id, folder, "report")
+    (folder / REPORT_PAGE).write_text(page)
+    files.append(folder / REPORT_PAGE)
+    for file in files:  # the report's own files: never whatever else the folder holds
+        tracker.log_artifact(parent.info.run_id, file, "report")
     return Report(parent.info.run_id, name, folder, trials, importance, files)
+
+
+def check_output(folder: Path) -> None:
+    """A report writes fixed names (trials.csv, report.html, figures): into a new or empty folder, or
+    over an earlier report, never among a user's other files."""
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"--output {folder}: a file; give a folder for the report")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / REPORT_PAGE).exists():
+        raise UserInputError(f"--output {folder}: holds other files and no report; give a new or empty folder "
+                             "(the report writes trials.csv, report.html and its figures there)")
 
 
 def _search_run(tracker, experiment: str | None, run_id: str | None):

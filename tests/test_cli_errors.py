@@ -97,6 +97,17 @@ def test_report_of_an_unknown_run_id_is_one_line_exit_2(run_cli, tmp_path):
     assert len(result.err.strip().splitlines()) == 1
 
 
+def test_report_refuses_a_folder_of_other_files_and_leaves_it_alone(run_cli, tmp_path):
+    """A report writes trials.csv and figures by fixed names: never among a user's files."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "trials.csv").write_text("mine\n")
+    result = run_cli("report", "--output", folder, "--workdir", tmp_path / "w")
+    assert result.code == 2 and f"--output {folder}: holds other files and no report" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert (folder / "trials.csv").read_text() == "mine\n" and not (tmp_path / "w").exists()
+
+
 # Every command that opens a registered model, with what else it needs ({image}: an image file).
 MODEL_COMMANDS = [["evaluate", "nuclei"], ["predict", "nuclei", "{image}"], ["explain", "nuclei", "{image}"],
                   ["export", "nuclei"], ["serve", "nuclei"], ["card", "nuclei"]]

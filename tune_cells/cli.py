@@ -257,10 +257,12 @@ def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, 
 def report(experiment, run_id, output, workdir, tracking_uri):
     """Trials table, learning curves, best-so-far, parameter importance and parallel coordinates of
     a search, as PNGs, a CSV and one HTML page (also logged to the search's run)."""
-    from tune_cells.analysis.report import build_report
+    from tune_cells.analysis.report import build_report, check_output
     from tune_cells.preflight import check_workdir
     from tune_cells.tracking import Tracker, resolve_tracking_uri
 
+    if output is not None:
+        check_output(output)
     workdir = check_workdir(workdir)
     tracker = Tracker(resolve_tracking_uri(tracking_uri, workdir), workdir.artifacts)
     require_store(tracker, workdir)
