@@ -120,6 +120,11 @@ def test_predict_rejects_missing_files_and_overwrites_nothing(served, tmp_path):
     result = cli_subprocess(["predict", "nuclei", image, "--workdir", served["workdir"], "--output", existing],
                             cwd=served["root"])
     assert result.code == 2 and "already exists" in result.err and existing.read_text() == "mine"
+    # a place that cannot be written is refused before any image is predicted, not after
+    result = cli_subprocess(["predict", "nuclei", image, "--workdir", served["workdir"], "--output",
+                             existing / "out.csv"], cwd=served["root"])
+    assert result.code == 2 and f"{existing} is not a folder" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1
     result = cli_subprocess(["predict", "nuclei", tmp_path / "absent.png", "--workdir", served["workdir"]],
                             cwd=served["root"])
     assert result.code == 2 and "absent.png: no such file or folder" in result.err

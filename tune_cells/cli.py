@@ -199,14 +199,13 @@ def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds, 
 def predict(task, paths, model_uri, output, workdir, tracking_uri):
     """Predict images (files or folders) with TASK's champion: a CSV of classes and probabilities, or
     for segmentation of pixel counts per target, with masks and overlays in a folder beside it."""
+    from tune_cells.output_files import check_new_file
     from tune_cells.predict import collect_images, predict_files
 
     files = collect_images(paths)
     model = open_registered_model(task, workdir, tracking_uri, model_uri)
     spec = model.task
-    output = output or model.workdir.predictions(spec.name)
-    if output.exists():
-        raise UserInputError(f"--output {output}: already exists (not overwritten)")
+    output = check_new_file(output or model.workdir.predictions(spec.name))  # before any image is predicted
     mask_dir = output.with_name(output.stem + "-masks")
     if spec.kind.writes_masks and mask_dir.exists():
         raise UserInputError(f"{mask_dir}: already exists (not overwritten)")

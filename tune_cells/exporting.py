@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from tune_cells.errors import UserInputError
+from tune_cells.output_files import check_new_file, missing_folders, remove_folders
 
 log = logging.getLogger(__name__)
 
@@ -152,27 +152,14 @@ def contract_path(output: Path) -> Path:
 
 
 def check_output(output: Path) -> Path:
-    """The output file, if it can be written there without replacing anything (exit 2 if not).
-    Checked by writing: folders it needs and a probe file are made, then removed again."""
-    output = Path(output).expanduser().absolute()
-    for path in (output, contract_path(output)):
-        if path.is_dir():
-            raise UserInputError(f"--output {path}: is a folder; name a file")
-        if path.exists() or path.is_symlink():
-            raise UserInputError(f"--output {path}: already exists (not overwritten)")
-    made = _missing_folders(output.parent)
-    existing = made[-1].parent if made else output.parent
-    if not existing.is_dir():
-        raise UserInputError(f"--output {output}: {existing} is not a folder")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".probe")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserInputError(f"--output {output}: cannot write there ({exc.strerror or type(exc).__name__})") from None
-    finally:
-        _remove_folders(made)
+    """The output file, if it and its contract can be written there without replacing anything
+    (exit 2 if not)."""
+    output = check_new_file(output)
+    contract = contract_path(output)
+    if contract.is_dir():
+        raise UserInputError(f"--output {contract}: is a folder; name a file")
+    if contract.exists() or contract.is_symlink():
+        raise UserInputError(f"--output {contract}: already exists (not overwritten)")
     return output
 
 
@@ -182,7 +169,7 @@ def export_checked(plan: ExportPlan, fmt: ExportFormat, images: list, output: Pa
     on `images`, and only then move it and its contract into place. A failed check (ParityFailed)
     leaves nothing behind, not even the folders made for it."""
     output = check_output(output)
-    made = _missing_folders(output.parent)
+    made = missing_folders(output.parent)
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = [output.with_name(f".{output.name}.{os.getpid()}.{suffix}.tmp") for suffix in ("graph", "json")]
     try:
@@ -203,25 +190,8 @@ def export_checked(plan: ExportPlan, fmt: ExportFormat, images: list, output: Pa
     except BaseException:
         for path in temporary:
             path.unlink(missing_ok=True)
-        _remove_folders(made)
+        remove_folders(made)
         raise
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _remove_folders(folders: list[Path]) -> None:
-    """Folders this export made, deepest first, each only while empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def contract_document(plan: ExportPlan, fmt: ExportFormat, output: Path, model: ExportedModel,

@@ -1,0 +1,52 @@
+"""Files a command is asked to write (`--output`): checked before any work, by writing there, so a
+folder that cannot be written is one line and exit 2 up front, not a failure after the work."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from tune_cells.errors import UserInputError
+
+
+def check_new_file(output: Path) -> Path:
+    """`output` as an absolute path, if a new file can be written there without replacing anything.
+    Folders it needs and a probe file are made, then removed again."""
+    output = Path(output).expanduser().absolute()
+    if output.is_dir():
+        raise UserInputError(f"--output {output}: is a folder; name a file")
+    if output.exists() or output.is_symlink():
+        raise UserInputError(f"--output {output}: already exists (not overwritten)")
+    made = missing_folders(output.parent)
+    existing = made[-1].parent if made else output.parent
+    if not existing.is_dir():
+        raise UserInputError(f"--output {output}: {existing} is not a folder")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".probe")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserInputError(f"--output {output}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+    finally:
+        remove_folders(made)
+    return output
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders above a path that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_folders(folders: list[Path]) -> None:
+    """Folders a command made, deepest first, each only while empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
