@@ -40,8 +40,8 @@ def attributions(model: torch.nn.Module, x: torch.Tensor, target: int, steps: in
             METHODS[2]: occluded.detach()[0].sum(0).numpy()}
 
 
-def explain_file(classifier, path: Path, output: Path, steps: int = 32) -> dict:
-    """Write `<output>/<stem>_attributions.png`; return the prediction shown in it."""
+def explain_file(classifier, path: Path, output: Path, steps: int = 32, stem: str | None = None) -> dict:
+    """Write `<output>/<stem>_attributions.png` (the file's stem by default); return the prediction shown."""
     image = classifier.decode_path(path)
     x = classifier.preset(image[None]).to(classifier.device)
     with torch.no_grad():
@@ -66,7 +66,7 @@ def explain_file(classifier, path: Path, output: Path, steps: int = 32) -> dict:
     fig.suptitle(f"{Path(path).name}: attributions for {classifier.spec.classes[target]}", fontsize=10)
     fig.tight_layout()
     output.mkdir(parents=True, exist_ok=True)
-    target_file = output / f"{Path(path).stem}_attributions.png"
+    target_file = output / f"{stem or Path(path).stem}_attributions.png"
     fig.savefig(target_file)
     plt.close(fig)
     return {"path": str(path), "predicted_class": classifier.spec.classes[target], "probability": float(probs[target]),

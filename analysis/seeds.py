@@ -32,9 +32,10 @@ class SeedsEvaluation:
 
 def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot: int = 1000,
                    address: str | None = None, cpus_per_trial: float | None = None,
-                   gpus_per_trial: float | None = None) -> SeedsEvaluation:
+                   gpus_per_trial: float | None = None, storage: str | None = None) -> SeedsEvaluation:
     """Retrain the champion's configuration under `k` new seeds where the champion trained: on a
-    cluster (`address`) and on GPUs when there are any, with the search's per-trial resources."""
+    cluster (`address`, with a shared `storage` there) and on GPUs when there are any, with the
+    search's per-trial resources."""
     from tune_cells import ray_backend, ray_seeds
     from tune_cells.analysis.evaluation import model_split
     from tune_cells.resources import check_local_resources, trial_resources
@@ -62,7 +63,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed, folds)
         runs = ray_seeds.run_seeds(
             inputs.trainable, {"data": inputs.data}, config, seeds, metric, mode,
-            trial_resources(cpus_per_trial, gpus_per_trial, address, cluster), str(WorkDir.at(workdir).seeds_storage),
+            trial_resources(cpus_per_trial, gpus_per_trial, address, cluster), storage or str(WorkDir.at(workdir).seeds_storage),
             f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}")
     finally:
         ray_backend.shutdown()

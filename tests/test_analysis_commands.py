@@ -62,9 +62,11 @@ def test_explain_writes_an_attribution_grid_per_image(searched):
 
 
 def test_seeds_report_mean_and_sd_beside_the_champion(searched):
-    result = cli_subprocess(["evaluate", "nuclei", "--seeds", 2, "--bootstrap", 100, "--workdir", searched["workdir"]],
-                            cwd=searched["root"])
+    storage = searched["root"] / "seeds-storage"  # where a cluster's shared storage would be
+    result = cli_subprocess(["evaluate", "nuclei", "--seeds", 2, "--bootstrap", 100, "--workdir", searched["workdir"],
+                             "--storage", storage], cwd=searched["root"])
     assert result.code == 0, result.err[-2000:]
+    assert [p.name for p in storage.iterdir()][0].startswith("seeds-")  # the retrains' Ray experiment
     row = next(line for line in result.out.splitlines() if line.startswith("test_accuracy"))
     assert "±" in row and "[" in row
     runs = searched["client"].search_runs([searched["experiment"].experiment_id],

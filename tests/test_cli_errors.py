@@ -97,6 +97,20 @@ def test_report_of_an_unknown_run_id_is_one_line_exit_2(run_cli, tmp_path):
     assert len(result.err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag", ["--storage", "--address"])
+def test_evaluate_placement_without_seeds_is_refused(run_cli, tmp_path, flag):
+    result = run_cli("evaluate", "nuclei", flag, "somewhere", "--workdir", tmp_path / "w")
+    assert result.code == 2 and f"{flag} is where --seeds retrains: give --seeds K too" in result.err
+
+
+def test_card_never_replaces_a_file(run_cli, tmp_path):
+    mine = tmp_path / "card.md"
+    mine.write_text("mine\n")
+    result = run_cli("card", "nuclei", "--output", mine, "--workdir", tmp_path / "w")
+    assert result.code == 2 and f"--output {mine}: already exists (not overwritten)" in result.err
+    assert mine.read_text() == "mine\n"
+
+
 def test_report_refuses_a_folder_of_other_files_and_leaves_it_alone(run_cli, tmp_path):
     """A report writes trials.csv and figures by fixed names: never among a user's files."""
     folder = tmp_path / "mine"

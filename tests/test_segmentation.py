@@ -218,10 +218,10 @@ def test_segmentation_images_and_masks_are_decoded_once(tmp_path):
     np.testing.assert_array_equal(kept_masks[0][0], decode_mask(index.root / rows.at[first, f"mask:{index.classes[0]}"]))
 
 
-def test_every_image_gets_its_own_mask_files():
-    """`predict` names masks by stem: names that share one (dots in the name, two folders) are numbered."""
-    from tune_cells.segmentation import mask_stems
+def test_every_image_gets_its_own_output_files():
+    """`predict` and `explain` name their files by stem: names that share one (dots in the name, two folders) are numbered."""
+    from tune_cells.output_files import unique_stems
 
-    assert mask_stems(["slide.001.png", "slide.002.png"]) == ["slide.001", "slide.002"]
-    assert mask_stems(["a/x.png", "b/x.png", "y.png"]) == ["0000_x", "0001_x", "0002_y"]
-    assert mask_stems(["slide.001", "slide.002"]) == ["0000_slide", "0001_slide"]
+    assert unique_stems(["slide.001.png", "slide.002.png"]) == ["slide.001", "slide.002"]
+    assert unique_stems(["a/x.png", "b/x.png", "y.png"]) == ["0000_x", "0001_x", "0002_y"]
+    assert unique_stems(["slide.001", "slide.002"]) == ["0000_slide", "0001_slide"]

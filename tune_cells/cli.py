@@ -151,9 +151,13 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 @click.option("--address", default=None, help="--seeds: Ray cluster address, to retrain where the search ran.")
 @click.option("--cpus-per-trial", type=float, default=None, help="--seeds: CPUs per retrain [1].")
 @click.option("--gpus-per-trial", type=float, default=None, help="--seeds: GPUs per retrain [the model's share].")
+@click.option("--storage", default=None,
+              help="--seeds: Ray storage path or URI for the retrains [WORKDIR/ray/seeds]; shared (s3://, NFS) on a "
+                   "multi-node cluster, as a search's --storage.")
 @workdir_option
 @tracking_option
-def evaluate(task, model_uri, n_boot, data, seeds, address, cpus_per_trial, gpus_per_trial, workdir, tracking_uri):
+def evaluate(task, model_uri, n_boot, data, seeds, address, cpus_per_trial, gpus_per_trial, storage, workdir,
+             tracking_uri):
     """Evaluate a registered TASK model on its held-out test part and log an evaluation run."""
     from tune_cells.lock import WorkdirLock
     from tune_cells.preflight import check_workdir
@@ -164,13 +168,15 @@ def evaluate(task, model_uri, n_boot, data, seeds, address, cpus_per_trial, gpus
         raise UserInputError(f"--seeds {seeds}: must be at least 2 (a spread needs two retrains)")
     if seeds is not None and data is not None:
         raise UserInputError("--seeds retrains on the model's own split: it does not combine with --data")
+    if seeds is None and (storage or address):
+        raise UserInputError(f"{'--storage' if storage else '--address'} is where --seeds retrains: give --seeds K too")
     with WorkdirLock(check_workdir(workdir), "evaluate"):  # the lock first: a second writer is refused at once
         model = open_registered_model(task, workdir, tracking_uri, model_uri)
         _evaluate(model.task, model.tracker, model.uri, model.workdir, n_boot, data, seeds,
-                  (address, cpus_per_trial, gpus_per_trial))
+                  (address, cpus_per_trial, gpus_per_trial, storage))
 
 
-def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds, placement=(None, None, None)) -> None:
+def _evaluate(spec, tracker, model_uri: str, workdir, n_boot: int, data, seeds, placement=(None, None, None, None)) -> None:
     from tune_cells.analysis.evaluation import evaluate_registered, format_table
 
     if seeds is not None:
@@ -291,6 +297,7 @@ def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     """Captum attribution maps (integrated gradients, noise tunnel, occlusion) of TASK's champion for
     images (files or folders): one PNG grid per image."""
     from tune_cells.analysis.explain import explain_file
+    from tune_cells.output_files import unique_stems
     from tune_cells.predict import collect_images
 
     if steps < 2:
@@ -303,9 +310,9 @@ def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
                              "(its masks and overlays come from `tune-cells predict`)")
     classifier = model.tracker.load_classifier(model.uri)
     output = output or model.workdir.explanations(spec.name)
-    for file in files:
+    for file, stem in zip(files, unique_stems([f.name for f in files])):
         try:
-            shown = explain_file(classifier, file, output, steps)
+            shown = explain_file(classifier, file, output, steps, stem)
         except (OSError, ValueError, SyntaxError) as exc:
             raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
         click.echo(f"{file}: {shown['predicted_class']} (p={shown['probability']:.3f}) -> {shown['figure']}")

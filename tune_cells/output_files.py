@@ -50,3 +50,10 @@ def remove_folders(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def unique_stems(names: list[str]) -> list[str]:
+    """Each input's file stem for the files written from it; numbered (`0003_<stem>`) where two share
+    one (`a/x.png` and `b/x.png`, `slide.001` and `slide.002`), so no input's files overwrite another's."""
+    stems = [Path(name).stem for name in names]
+    return stems if len(set(stems)) == len(stems) else [f"{i:04d}_{stem}" for i, stem in enumerate(stems)]

@@ -24,6 +24,7 @@ from PIL import Image
 from tune_cells.config import SegmentationConfig
 from tune_cells.data.images import MASK_THRESHOLD, decode_full, scaled_size
 from tune_cells.model_io import ModelSpec, base64_image_file, load_spec
+from tune_cells.output_files import unique_stems
 from tune_cells.training import FLOAT32, Precision
 from tune_cells.transforms import EvalPreset
 
@@ -245,18 +246,11 @@ def save_mask_png(mask: np.ndarray, path: Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255).save(path)
 
 
-def mask_stems(names: list[str]) -> list[str]:
-    """Each image's stem for its mask files; numbered (`0003_<stem>`) where two images share one
-    (`a/x.png` and `b/x.png`, `slide.001` and `slide.002`), so no image's masks overwrite another's."""
-    stems = [Path(name).stem for name in names]
-    return stems if len(set(stems)) == len(stems) else [f"{i:04d}_{stem}" for i, stem in enumerate(stems)]
-
-
 def write_predictions(segmenter: ImageSegmenter, names: list[str], images: list[np.ndarray], masks: list[np.ndarray],
                       folder: Path) -> pd.DataFrame:
     """Per image: `<stem>_<target>.png` masks and `<stem>_overlay.png`; returns the pixel-count table."""
     folder.mkdir(parents=True, exist_ok=True)
-    for stem, image, mask in zip(mask_stems(names), images, masks):
+    for stem, image, mask in zip(unique_stems(names), images, masks):
         for k, target in enumerate(segmenter.targets):
             save_mask_png(mask[k], folder / f"{stem}_{target}.png")
         Image.fromarray(overlay(image, mask)).save(folder / f"{stem}_overlay.png")
