@@ -10,6 +10,7 @@ import importlib
 import click
 
 COMMAND_MODULES = (
+    "tune_cells.commands.evaluate",
     "tune_cells.commands.export",
     "tune_cells.commands.card",
     "tune_cells.commands.ui",
