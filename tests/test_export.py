@@ -263,3 +263,16 @@ def test_the_shared_store_is_untouched_by_the_registrations(searched, store):
     assert "tune-cells-lung" not in [m.name for m in client.search_registered_models()]
     versions = client.search_model_versions("name='tune-cells-nuclei-demo'")
     assert versions and all(v.tags.get("search_run_id") != store["run"] for v in versions)
+
+
+def test_a_graph_that_outputs_nan_fails_parity():
+    """Python's max(0.0, nan) is 0.0: a NaN difference must count as the worst, not be skipped."""
+    import math
+
+    import numpy as np
+
+    from tune_cells.export_kinds import worse
+
+    assert worse(0.0, np.array([0.0, 1e-6])) == 1e-6
+    assert worse(0.2, np.array([0.0, 1e-6])) == 0.2
+    assert worse(0.0, np.array([0.0, np.nan])) == math.inf

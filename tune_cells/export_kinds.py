@@ -8,6 +8,7 @@ what a user reads in the contract is what was checked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -289,8 +290,15 @@ class SegmenterExport:
                                           torch.device("cpu"))
             if logits.shape[-2:] != image.shape[:2]:
                 logits = F.interpolate(logits[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-            worst_field = max(worst_field, float(np.abs(torch.sigmoid(logits).numpy() - reference).max()))
+            worst_field = worse(worst_field, torch.sigmoid(logits).numpy() - reference)
         return max(worst_field, graph.worst), {"stitched_fields": worst_field, "tile_probabilities": graph.worst}
+
+
+def worse(worst: float, difference: np.ndarray) -> float:
+    """The larger of `worst` and the largest |difference|; infinite where a difference is NaN (a graph
+    that outputs NaN fails parity: Python's max(0.0, nan) would keep 0.0)."""
+    largest = float(np.abs(difference).max())
+    return math.inf if math.isnan(largest) else max(worst, largest)
 
 
 class _CheckedTiles(torch.nn.Module):
@@ -310,5 +318,5 @@ class _CheckedTiles(torch.nn.Module):
         with torch.no_grad():
             logits = dihedral_logits(self.reference, tiles) if self.dihedral else self.reference(tiles)
             expected = torch.sigmoid(logits / self.temperature).numpy()
-        self.worst = max(self.worst, float(np.abs(out["probabilities"] - expected).max()))
+        self.worst = worse(self.worst, out["probabilities"] - expected)
         return torch.from_numpy(out["logits"])
