@@ -103,6 +103,22 @@ def test_evaluate_placement_without_seeds_is_refused(run_cli, tmp_path, flag):
     assert result.code == 2 and f"{flag} is where --seeds retrains: give --seeds K too" in result.err
 
 
+def test_serve_on_a_port_it_cannot_have_is_one_line_before_the_model_loads(run_cli, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "nuclei", "--port", port, "--workdir", tmp_path / "w")
+    assert result.code == 2 and f"--host 127.0.0.1 --port {port}: cannot listen there" in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1
+    for command in ("serve", "dashboard", "ui"):
+        result = run_cli(command, *(["nuclei"] if command == "serve" else []), "--port", 70000,
+                         "--workdir", tmp_path / "w")
+        assert result.code == 2 and "70000 is not in the range" in result.err, (command, result.err)
+
+
 def test_card_never_replaces_a_file(run_cli, tmp_path):
     mine = tmp_path / "card.md"
     mine.write_text("mine\n")

@@ -172,7 +172,7 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
 @cli.command()
 @click.argument("task")
 @click.option("--model-uri", default=None, help="Model to serve [default: models:/tune-cells-TASK@champion].")
-@click.option("--port", type=int, default=5001, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
 @click.option("--allow-path-root", type=click.Path(path_type=Path), default=None,
               help="Let requests name image files (the `path` column) inside this folder [default: no `path`].")
@@ -183,8 +183,9 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
 def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, tracking_uri):
     """Serve TASK's champion over REST with MLflow's scoring app (POST /invocations)."""
     from tune_cells.path_access import allowed_root
-    from tune_cells.serving import answered_hosts, build_app, load_served_model, run_server
+    from tune_cells.serving import answered_hosts, build_app, check_listen, load_served_model, run_server
 
+    check_listen(host, port)  # before the model loads: a port in use is one line, not a late exit 1
     if allow_path_root is not None and not allow_path_root.is_dir():
         raise UserInputError(f"--allow-path-root {allow_path_root}: not a folder")
     # Opened (and resolved) here: exit 2 now rather than a server that cannot start. It writes nothing.

@@ -81,6 +81,25 @@ def build_app(model, hosts: list[str]):
     return TrustedHostMiddleware(RequestSizeLimit(OneLineErrors(app), MAX_REQUEST_BYTES), allowed_hosts=hosts)
 
 
+def check_listen(host: str, port: int) -> None:
+    """Exit 2 with one line where the server could not listen (a port in use, a privileged port, an
+    address not on this machine); uvicorn would log it and exit 1."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except socket.gaierror:
+        raise UserInputError(f"--host {host}: not an address of this machine") from None
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise UserInputError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
+        raise
+
+
 def run_server(app, host: str, port: int) -> None:
     import uvicorn
 

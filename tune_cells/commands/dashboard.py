@@ -12,7 +12,7 @@ from tune_cells.errors import UserInputError
 
 @click.command("dashboard")
 @workdir_option
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
 def command(workdir, port, host):
     """Open optuna-dashboard on the searches of --workdir, live: one study per search, its trials'

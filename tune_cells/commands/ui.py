@@ -15,7 +15,7 @@ from tune_cells.redact import without_credentials
 @click.command("ui")
 @workdir_option
 @tracking_option
-@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
 def command(workdir, tracking_uri, port, host):
     """Start the MLflow UI on this project's runs."""
