@@ -99,6 +99,7 @@ def gather(tracker, version, evaluation) -> CardFacts:
         data=data, space_yaml=space, config=dict(trial.data.params) if trial is not None else {},
         experiment_id=evaluation.info.experiment_id, label_noun=noun,
         selection=search.data.tags.get("selection", "") if search else "",
+        search_resumes=int(search.data.tags.get("resumes", 0)) if search else 0,
     )
 
 

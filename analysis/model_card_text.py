@@ -40,6 +40,7 @@ class CardFacts:
     experiment_id: str
     label_noun: str = "class"  # what the classes are: "class", or "target" (segmentation)
     selection: str = ""  # what the promotion chose, and why (the search run's `selection` tag)
+    search_resumes: int = 0  # how often the search was resumed (`--resume`): its span includes the interruptions
 
     @property
     def model_uri(self) -> str:
@@ -163,7 +164,9 @@ def _search(f: CardFacts) -> str:
              f"{p.get('grace_period', '?')} and reduction factor {p.get('reduction_factor', '?')}, "
              f"{p.get('folds', '1')} fold(s), seed {p.get('seed', '?')}{budget}. {trials} trials ran "
              f"({int(m.get('trials_stopped_early', 0))} stopped early by ASHA, {int(m.get('trials_failed', 0))} failed) "
-             f"in {seconds} (the search run, from its first trial to the promotion). "
+             f"in {seconds} (the search run, from its first trial to the promotion"
+             + (f"; resumed {f.search_resumes} time(s), so this includes the time it stood interrupted"
+                if f.search_resumes else "") + "). "
              f"Best {p.get('metric', 'validation score')}: {_number(m.get('best_' + p.get('metric', '')))}; as the model "
              f"predicts (with what promotion set: thresholds, test-time augmentation, temperature) "
              f"on validation: "

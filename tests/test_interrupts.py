@@ -57,6 +57,9 @@ def interrupted(tmp_path_factory):
         codes.append((parents[0].info.status, sorted({t.info.status for t in trials}), len(versions(client))))
     refused = start(root, "--resume", "--time-budget", "5")  # a budget the interrupted search was not started with
     codes.append((refused.wait(timeout=120), last_log(root).strip().splitlines()[-1]))
+    (root / "other-space.yaml").write_text(SPACE)  # the same parameters, another file: another search
+    refused = start(root, "--resume", "--space", "other-space.yaml")
+    codes.append((refused.wait(timeout=120), last_log(root).strip().splitlines()[-1]))
     final = start(root, "--resume")
     assert final.wait(timeout=600) == 0, last_log(root)[-3000:]
     return root, codes
@@ -76,6 +79,12 @@ def test_a_resume_may_not_change_the_time_budget_the_search_started_with(interru
     assert code == 2 and line.endswith("was started without --time-budget: not --time-budget 5.0"), line
 
 
+def test_a_resume_may_not_change_the_space(interrupted):
+    root, codes = interrupted
+    code, line = codes[5]
+    assert code == 2 and "other-space.yaml: give --space" in line and line.endswith("space.yaml"), line
+
+
 def test_a_resumed_interrupted_search_ends_as_one_search(interrupted):
     root, _ = interrupted
     client, parents, trials = runs_of(root)
@@ -83,6 +92,7 @@ def test_a_resumed_interrupted_search_ends_as_one_search(interrupted):
     assert len(trials) == SAMPLES and not [t for t in trials if t.info.status == "RUNNING"]
     assert all(t.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for t in trials)
     assert parents[0].data.metrics["searcher_trials"] == SAMPLES
+    assert parents[0].data.tags["resumes"] == "2"  # the refused resumes never reopened it
     assert [v.tags["search_run_id"] for v in versions(client)] == [parents[0].info.run_id]
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
 

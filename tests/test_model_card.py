@@ -144,3 +144,17 @@ def test_a_champion_with_averaged_weights_says_which_epochs_it_averages():
     assert _averaged_weights(config, "9", "20") == []  # its best epoch came before the averaging
     assert _averaged_weights(config, "11", "20")[0][1].startswith("the equal average of the weights after epoch 11 (")
     assert _averaged_weights({}, "17", "20") == [] and _averaged_weights(config, "?", None) == []
+
+
+def test_a_resumed_search_says_its_time_includes_the_interruption():
+    import dataclasses
+
+    from tune_cells.analysis.model_card_text import CardFacts, _search
+
+    facts = CardFacts(task="nuclei", task_description="", model_name="m", version="1", version_tags={},
+                      evaluation_run_id="e", evaluation_time="t", metrics={}, evaluation_params={}, search_run_id="s",
+                      search_name="n", search_params={}, search_metrics={}, search_seconds=100.0, data={},
+                      space_yaml="", config={}, experiment_id="1")
+    assert "in 100 s (the search run, from its first trial to the promotion). " in _search(facts)
+    resumed = _search(dataclasses.replace(facts, search_resumes=2))
+    assert "promotion; resumed 2 time(s), so this includes the time it stood interrupted). " in resumed

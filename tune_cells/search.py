@@ -101,6 +101,8 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     if opts.resume:
         parent, search_name = prep.resume_run_id, prep.resume_name
         tracker.reopen_run(parent)
+        resumes = int(tracker.get_run(parent).data.tags.get("resumes", 0)) + 1  # the card's time spans them
+        tracker.set_tags(parent, {"resumes": str(resumes)})
         log.info("resuming search %s (%s)", search_name, parent)
     else:
         search_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
