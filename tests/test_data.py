@@ -164,3 +164,19 @@ def test_a_search_decodes_each_image_once_and_never_keeps_test_pixels(tmp_path, 
                                                      nuclei.min_store_size))
     assert set(decoded) == set(split.parts["train"])  # handed over once, then dropped
     assert [e["part"] for e in read_log_entries(tmp_path)] == ["val"]  # the read is still logged
+
+
+def test_a_cancelled_decoding_pass_stops_and_the_next_one_decodes(tmp_path, kaggle_dataset):
+    """An interrupted search cancels its preflight's decoding thread (the images left are skipped);
+    once allowed again, a pass decodes every image."""
+    from tune_cells.data.images import DecodingCancelled, allow_decoding, cancel_decoding, scan_images
+
+    index = nuclei.importer(kaggle_dataset)
+    paths = list(index.items["path"])
+    cancel_decoding()
+    try:
+        with pytest.raises(DecodingCancelled):
+            scan_images(index.root, paths)
+    finally:
+        allow_decoding()
+    assert len(scan_images(index.root, paths).hashes) == len(paths)

@@ -31,9 +31,9 @@ def arguments(budget_min: float | None) -> list[str]:
             "--cpus-per-trial", str(os.cpu_count()), "--space", "space.yaml", "--workdir", "w", "--no-evaluate", *budget]
 
 
-def search(root, budget_min: float):
+def search(root, budget_min: float, *extra: str):
     (root / "space.yaml").write_text(SPACE)
-    return cli_subprocess(arguments(budget_min), cwd=root)
+    return cli_subprocess([*arguments(budget_min), *extra], cwd=root)
 
 
 def epochs_reported(db: Path) -> int:
@@ -45,10 +45,16 @@ def epochs_reported(db: Path) -> int:
 
 
 def test_the_budget_stops_running_trials_and_the_champion_is_promoted_from_what_they_reported(tmp_path):
-    result = search(tmp_path, 0.5)
-    assert result.code == 0, result.err[-3000:]
+    """Also across a resume: promotion first refuses every trial (--max-latency-ms), and `--resume`
+    under another latency budget promotes without training; the budget's bookkeeping, which lived in
+    the first process, is read back from the trial runs (the trial it stopped is not ASHA's, the two
+    it never started are no trials)."""
+    refused = search(tmp_path, 0.5, "--max-latency-ms", "0.000001")
+    assert refused.code == 2, refused.err[-3000:]
     assert "time budget of 0.5 min reached: running trials stopped at their last epoch (1), trials never started " \
-           "(2 of 3)" in result.err
+           "(2 of 3)" in refused.err
+    result = cli_subprocess([*arguments(0.5), "--max-latency-ms", "100000", "--resume"], cwd=tmp_path)
+    assert result.code == 0, result.err[-3000:]
     assert "1 trials (0 stopped early by ASHA, 1 by the time budget, 0 failed)" in result.out
     assert "Promoted: models:/tune-cells-nuclei-demo@champion" in result.out
 
@@ -102,3 +108,4 @@ def test_a_budgeted_search_interrupted_and_resumed_ends_on_its_budget_as_one_sea
     assert parents[0].data.params["time_budget"] == "0.75"
     assert not [t for t in trials if t.info.status == "RUNNING"]
     assert [t.data.tags.get("stopped_by_time_budget") for t in trials].count("true") == 1
+

@@ -20,6 +20,7 @@ import pandas as pd
 
 from tune_cells.analysis import selection
 from tune_cells.analysis.promotion import SearchOutcome, promote
+from tune_cells.data.images import allow_decoding, cancel_decoding
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, dataset_record, describe_groups, save_split
 from tune_cells.lock import WorkdirLock
@@ -31,10 +32,19 @@ log = logging.getLogger(__name__)
 
 
 def run_search(opts: SearchOptions) -> SearchOutcome:
-    from tune_cells import ray_backend
-
     started = time.time()
     prep = check_inputs(opts)
+    try:
+        outcome = _search_with_decoding_beside_ray(opts, prep)
+    finally:
+        allow_decoding()  # the decoding thread has ended: later passes in this process decode again
+    outcome.wall_time_s = time.time() - started
+    return outcome
+
+
+def _search_with_decoding_beside_ray(opts: SearchOptions, prep: PreparedSearch) -> SearchOutcome:
+    from tune_cells import ray_backend
+
     with WorkdirLock(prep.workdir, "search"), ThreadPoolExecutor(max_workers=1) as pool:
         # Ray's start mostly waits for its processes. Meanwhile: decode every image (Pillow works
         # without the GIL) and then open the MLflow store (a fresh one spends seconds on its
@@ -46,9 +56,11 @@ def run_search(opts: SearchOptions) -> SearchOutcome:
             tracker, experiment_id = store.result()
             wanted = trial_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.address, resources)
             outcome = _tracked_search(opts, prep, wanted, tracker, experiment_id)
+        except BaseException:
+            cancel_decoding()  # interrupted while the images decode: the pool's wait is moments, no store opens
+            raise
         finally:
             ray_backend.shutdown()
-    outcome.wall_time_s = time.time() - started
     return outcome
 
 
@@ -142,6 +154,8 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         ))
         if result.time_budget_reached:
             _end_trials_the_budget_stopped(result, events, opts)
+        elif opts.resume and opts.time_budget:
+            result = _budget_reached_before(result, tracker, experiment_id, parent)
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
         journal.close()
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data,
@@ -168,6 +182,24 @@ def _end_trials_the_budget_stopped(result, events, opts: SearchOptions) -> None:
     log.warning("time budget of %g min reached: running trials stopped at their last epoch (%d), trials never "
                 "started (%d of %d); promoting from what the trials reported", opts.time_budget,
                 len(result.stopped_by_time_budget), max(0, opts.samples - len(result.trials)), opts.samples)
+
+
+def _budget_reached_before(result, tracker, experiment_id: str, parent: str):
+    """A search resumed after its budget ran out (interrupted in promotion, or refused by
+    --max-latency-ms): Ray's saved state ends every trial, so the budget's bookkeeping, which lived
+    in the interrupted process, is read back from the trial runs' tags: the trials it stopped, and
+    no trial for those it never started (0 epochs, no run)."""
+    from dataclasses import replace
+
+    from tune_cells.trial_recorder import STOPPED_BY_TIME_BUDGET
+
+    runs = {r.data.tags.get("ray_trial_id"): r for r in tracker.trial_children(experiment_id, parent)}
+    stopped = [t.trial_id for t in result.trials if t.trial_id in runs
+               and runs[t.trial_id].data.tags.get(STOPPED_BY_TIME_BUDGET) == "true"]
+    if not stopped:
+        return result
+    started = [t for t in result.trials if t.failed or t.iterations or t.trial_id in runs]
+    return replace(result, trials=started, stopped_by_time_budget=stopped)
 
 
 def _promotion_policy(opts: SearchOptions, prep: PreparedSearch, data) -> str:

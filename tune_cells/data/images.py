@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -200,10 +201,30 @@ def decode_images(root: Path, paths: list[str], channels: int, size: int) -> np.
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
+_DECODING_CANCELLED = threading.Event()
+
+
+class DecodingCancelled(Exception):
+    """A decoding pass stopped by `cancel_decoding` (the search it served was interrupted)."""
+
+
+def cancel_decoding() -> None:
+    """Make decoding passes running in other threads skip every image they have not started and
+    raise DecodingCancelled: a search interrupted during its preflight (Ctrl-C while Ray starts)
+    stops in moments, not after the whole dataset, and opens no store. `allow_decoding` undoes it."""
+    _DECODING_CANCELLED.set()
+
+
+def allow_decoding() -> None:
+    _DECODING_CANCELLED.clear()
+
+
 def _for_each_image(root: Path, paths: list[str], work: Callable[[Image.Image, str], object], what: str) -> list:
     """`work(loaded image, path)` for every path, in order, a thread per core (Pillow decodes and
     resizes without the GIL). Files that do not decode are exit 2, the first three named."""
     def one(rel: str):
+        if _DECODING_CANCELLED.is_set():
+            raise DecodingCancelled(rel)
         try:
             with open_image(root / rel) as image:
                 image.load()
