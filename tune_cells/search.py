@@ -83,7 +83,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
                     experiment_id: str) -> SearchOutcome:
     from tune_cells import ray_backend
     from tune_cells.live_study import StudyJournal
-    from tune_cells.trial_recorder import EventSinks, TrialRecorder
+    from tune_cells.trial_recorder import EventSinks, TrialRecorder, budget_reached_before
     from tune_cells.warm_start import WarmStart, earlier_trials
 
     task, kind = prep.task, prep.task.kind
@@ -155,7 +155,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         if result.time_budget_reached:
             _end_trials_the_budget_stopped(result, events, opts)
         elif opts.resume and opts.time_budget:
-            result = _budget_reached_before(result, tracker, experiment_id, parent)
+            result = budget_reached_before(result, tracker, experiment_id, parent)
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
         journal.close()
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data,
@@ -182,24 +182,6 @@ def _end_trials_the_budget_stopped(result, events, opts: SearchOptions) -> None:
     log.warning("time budget of %g min reached: running trials stopped at their last epoch (%d), trials never "
                 "started (%d of %d); promoting from what the trials reported", opts.time_budget,
                 len(result.stopped_by_time_budget), max(0, opts.samples - len(result.trials)), opts.samples)
-
-
-def _budget_reached_before(result, tracker, experiment_id: str, parent: str):
-    """A search resumed after its budget ran out (interrupted in promotion, or refused by
-    --max-latency-ms): Ray's saved state ends every trial, so the budget's bookkeeping, which lived
-    in the interrupted process, is read back from the trial runs' tags: the trials it stopped, and
-    no trial for those it never started (0 epochs, no run)."""
-    from dataclasses import replace
-
-    from tune_cells.trial_recorder import STOPPED_BY_TIME_BUDGET
-
-    runs = {r.data.tags.get("ray_trial_id"): r for r in tracker.trial_children(experiment_id, parent)}
-    stopped = [t.trial_id for t in result.trials if t.trial_id in runs
-               and runs[t.trial_id].data.tags.get(STOPPED_BY_TIME_BUDGET) == "true"]
-    if not stopped:
-        return result
-    started = [t for t in result.trials if t.failed or t.iterations or t.trial_id in runs]
-    return replace(result, trials=started, stopped_by_time_budget=stopped)
 
 
 def _promotion_policy(opts: SearchOptions, prep: PreparedSearch, data) -> str:

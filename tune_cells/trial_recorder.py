@@ -108,3 +108,19 @@ class EventSinks:
     def on_trial_end(self, trial_id: str, failed: bool, last_result: dict, error: str | None) -> None:
         for sink in self.sinks:
             sink.on_trial_end(trial_id, failed, last_result, error)
+
+
+def budget_reached_before(result, tracker, experiment_id: str, parent: str):
+    """A search resumed after its budget ran out (interrupted in promotion, or refused by
+    --max-latency-ms): Ray's saved state ends every trial, so the budget's bookkeeping, which lived
+    in the interrupted process, is read back from the trial runs' tags: the trials it stopped, and
+    no trial for those it never started (0 epochs, no run)."""
+    from dataclasses import replace
+
+    runs = {r.data.tags.get("ray_trial_id"): r for r in tracker.trial_children(experiment_id, parent)}
+    stopped = [t.trial_id for t in result.trials if t.trial_id in runs
+               and runs[t.trial_id].data.tags.get(STOPPED_BY_TIME_BUDGET) == "true"]
+    if not stopped:
+        return result
+    started = [t for t in result.trials if t.failed or t.iterations or t.trial_id in runs]
+    return replace(result, trials=started, stopped_by_time_budget=stopped)
