@@ -4,7 +4,7 @@ calls it from the driver; it writes through `tracking.Tracker`)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from tune_cells.promotion_rank import OFFERED_FOR_PROMOTION, PROMOTION_SCORE, offered
@@ -115,8 +115,6 @@ def budget_reached_before(result, tracker, experiment_id: str, parent: str):
     --max-latency-ms): Ray's saved state ends every trial, so the budget's bookkeeping, which lived
     in the interrupted process, is read back from the trial runs' tags: the trials it stopped, and
     no trial for those it never started (0 epochs, no run)."""
-    from dataclasses import replace
-
     runs = {r.data.tags.get("ray_trial_id"): r for r in tracker.trial_children(experiment_id, parent)}
     stopped = [t.trial_id for t in result.trials if t.trial_id in runs
                and runs[t.trial_id].data.tags.get(STOPPED_BY_TIME_BUDGET) == "true"]
