@@ -4,7 +4,8 @@ A/B arm is an initial point of one space that differs from the recipe only where
 The outer folds (bench/bench_outer_folds.py) test every image once, groups whole. The old-code
 A/B (bench/bench_old_code.py) really puts the old code back, and only for its arm. The refit bench
 (bench/bench_refit.py) trains on what it says and never on the test part it scores. The threshold
-rules (bench/bench_thresholds.py) choose on validation maps only, as promotion does. The epoch bench
+rules (bench/bench_thresholds.py) choose on validation maps only, as promotion does; averaged
+runs (bench/bench_map_ensemble.py) pair fields by their masks. The epoch bench
 (bench/bench_last_epoch.py) changes recipe parameters by `--set`, never the ones it sets itself.
 """
 
@@ -21,6 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import bench_ab  # noqa: E402
 import bench_last_epoch  # noqa: E402
+import bench_map_ensemble  # noqa: E402
 import bench_old_code  # noqa: E402
 import bench_outer_folds  # noqa: E402
 import bench_recipe  # noqa: E402
@@ -185,3 +187,27 @@ def test_the_epoch_bench_refuses_a_misspelt_set_key_before_training(tmp_path, mo
         bench_recipe.run_with_one_line_errors(bench_last_epoch.main)
     assert exited.value.code == 2 and "unknown parameter 'scal'" in capsys.readouterr().err
     assert not (tmp_path / "w" / "fold-0").exists()
+
+
+def test_averaged_runs_pair_fields_by_their_masks_across_fold_deals(tmp_path, capsys):
+    """Two runs that test the same two fields in other folds and order: averaging their maps pairs
+    each field with itself (one run calls field A's target, the other misses it: the mean at 0.5 is
+    the first run's call, where their thresholds agree)."""
+    import numpy as np
+
+    field_a, field_b = np.zeros((1, 8, 8), np.uint8), np.zeros((1, 8, 8), np.uint8)
+    field_a[0, :4], field_b[0, :, :2] = 1, 1
+    sure = {id(field_a): np.where(field_a == 1, 0.9, 0.0), id(field_b): np.where(field_b == 1, 0.9, 0.0)}
+    for run, (first, second), scale in (("a", (field_a, field_b), 1.0), ("b", (field_b, field_a), 0.2)):
+        for fold, field in enumerate((first, second)):
+            folder = tmp_path / run / f"fold-{fold}"
+            folder.mkdir(parents=True)
+            maps = (sure[id(field)] * (scale if field is field_a else 1.0)).astype(np.float16)
+            np.savez_compressed(folder / "probabilities.npz", val_mask_0=field, swatta_val_0=sure[id(field)].astype(
+                np.float16), test_mask_0=field, swatta_test_0=maps)
+    bench_map_ensemble.main([str(tmp_path / "a"), str(tmp_path / "b"), "--targets", "t"])
+    out = capsys.readouterr().out.splitlines()
+    scores = {line.split()[0] if "/" in line else line.rsplit(None, 1)[0].strip(): float(line.split()[-1])
+              for line in out[1:]}
+    assert scores[str(tmp_path / "a")] == 1.0 and scores[str(tmp_path / "b")] == 0.5  # b misses field A
+    assert scores["maps averaged, 0.5"] == 1.0  # field A: (0.9 + 0.18) / 2 > 0.5; a mispairing would miss it
