@@ -136,11 +136,7 @@ def metadata(facts: CardFacts) -> dict:
 
 
 def _artifact_text(tracker, run_id: str, path: str) -> str | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            return Path(tracker.client.download_artifacts(run_id, path, tmp)).read_text()
-        except Exception:  # noqa: BLE001 (absent in searches from older versions)
-            return None
+    return tracker.artifact_text(run_id, path)
 
 
 def _iso(ms: int | None) -> str:

@@ -57,7 +57,7 @@ def interrupted(tmp_path_factory):
         codes.append((parents[0].info.status, sorted({t.info.status for t in trials}), len(versions(client))))
     refused = start(root, "--resume", "--time-budget", "5")  # a budget the interrupted search was not started with
     codes.append((refused.wait(timeout=120), last_log(root).strip().splitlines()[-1]))
-    (root / "other-space.yaml").write_text(SPACE)  # the same parameters, another file: another search
+    (root / "other-space.yaml").write_text(SPACE.replace("batch_size: 32", "batch_size: 16"))  # one value differs
     refused = start(root, "--resume", "--space", "other-space.yaml")
     codes.append((refused.wait(timeout=120), last_log(root).strip().splitlines()[-1]))
     final = start(root, "--resume")
@@ -82,7 +82,8 @@ def test_a_resume_may_not_change_the_time_budget_the_search_started_with(interru
 def test_a_resume_may_not_change_the_space(interrupted):
     root, codes = interrupted
     code, line = codes[5]
-    assert code == 2 and "other-space.yaml: give --space" in line and line.endswith("space.yaml"), line
+    assert code == 2 and "searched another space than" in line and "other-space.yaml gives now" in line, line
+    assert "space.yaml; its space is logged" in line and line.endswith("give that space again"), line
 
 
 def test_a_resumed_interrupted_search_ends_as_one_search(interrupted):

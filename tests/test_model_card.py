@@ -76,6 +76,9 @@ def test_the_card_is_logged_with_the_evaluation_and_its_numbers_are_the_runs(sea
     assert result.code == 0, result.err
     assert result.out == text
     assert run_cli("card", "nuclei", "--version", "1", "--workdir", searched["workdir"]).out == text
+    written = searched["root"] / "cards" / "new-folder" / "card.md"  # --output into a folder not made yet
+    assert run_cli("card", "nuclei", "--output", written, "--workdir", searched["workdir"]).code == 0
+    assert written.read_text() == text
 
 
 def test_card_of_an_unknown_version_is_one_line_and_exit_2(searched, run_cli):

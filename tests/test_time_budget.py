@@ -99,6 +99,8 @@ def test_a_budgeted_search_interrupted_and_resumed_ends_on_its_budget_as_one_sea
     assert resumed.code == 0, resumed.err[-3000:]
     assert "time budget of 0.75 min reached: running trials stopped at their last epoch (1)" in resumed.err
     assert "Promoted: models:/tune-cells-nuclei-demo@champion" in resumed.out
+    # the budget ran out in this process: its own bookkeeping, not the trial runs', counts
+    assert "(0 stopped early by ASHA, 1 by the time budget, 0 failed)" in resumed.out, resumed.out
 
     client = store_client(db)
     runs = client.search_runs([client.get_experiment_by_name("tune-cells-nuclei-demo").experiment_id])

@@ -331,11 +331,12 @@ def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[
                              "put it back there to resume")
     if latest.data.tags.get("split_sha256") != prep.split.sha256:
         raise UserInputError(f"--resume: search {name} used another split or dataset than --data gives now")
-    searched = latest.data.params.get("space")
-    if searched is not None and searched != prep.space.source:  # Ray restores the old searcher; decoding,
+    searched = tracker.artifact_text(latest.info.run_id, "search_space.yaml")
+    if searched is not None and searched != prep.space.to_yaml():  # Ray restores the old searcher; decoding,
         # the initial points and promotion would follow the new space
-        raise UserInputError(f"--resume: search {name} searched {searched}, not {prep.space.source}: "
-                             f"give --space {searched}")
+        raise UserInputError(f"--resume: search {name} searched another space than {prep.space.source} gives now "
+                             f"(started with --space {latest.data.params.get('space', '?')}; its space is logged "
+                             "with the search run as search_space.yaml): give that space again")
     for key in RESUME_MUST_MATCH:
         given, started = str(getattr(opts, key)), latest.data.params.get(key, RESUME_ABSENT_MEANS.get(key))
         if started is not None and given != started:

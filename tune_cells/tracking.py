@@ -139,6 +139,16 @@ class Tracker(RegistryMixin):
         elif model_id is not None and all(m.model_id != model_id for m in self.get_run(run_id).outputs.model_outputs):
             self.client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
+    def artifact_text(self, run_id: str, path: str) -> str | None:
+        """A text artifact of a run; None where the run has none there (older versions logged less)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                return Path(self.client.download_artifacts(run_id, path, tmp)).read_text()
+            except (MlflowException, OSError):
+                return None
+
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's contents (under `artifact_path`)."""
         if Path(path).is_dir():

@@ -118,7 +118,6 @@ def budget_reached_before(result, tracker, experiment_id: str, parent: str):
     runs = {r.data.tags.get("ray_trial_id"): r for r in tracker.trial_children(experiment_id, parent)}
     stopped = [t.trial_id for t in result.trials if t.trial_id in runs
                and runs[t.trial_id].data.tags.get(STOPPED_BY_TIME_BUDGET) == "true"]
-    if not stopped:
-        return result
+    # (also where the budget ran out between trials and stopped none: the ones it never started)
     started = [t for t in result.trials if t.failed or t.iterations or t.trial_id in runs]
     return replace(result, trials=started, stopped_by_time_budget=stopped)

@@ -31,7 +31,11 @@ def command(task, version, model_uri, output, workdir, tracking_uri):
     text = find_card(model.tracker, model.version)
     if output is not None:
         try:
-            Path(output).write_text(text)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "x") as file:  # never replaces a file, also one made since the check
+                file.write(text)
+        except FileExistsError:
+            raise UserInputError(f"--output {output}: already exists (not overwritten)") from None
         except OSError as exc:
             raise UserInputError(f"--output {output}: cannot write ({exc.strerror})") from None
     click.echo(text, nl=False)
