@@ -80,8 +80,8 @@ def gather(tracker, version, evaluation) -> CardFacts:
     trial = tracker.find_run(tags.get("trial_run_id", "")) if tags.get("trial_run_id") else None
     data, space = {}, ""
     if search is not None:
-        data = json.loads(_artifact_text(tracker, search.info.run_id, "data_summary.json") or "{}")
-        space = _artifact_text(tracker, search.info.run_id, "search_space.yaml") or ""
+        data = json.loads(tracker.artifact_text(search.info.run_id, "data_summary.json") or "{}")
+        space = tracker.artifact_text(search.info.run_id, "search_space.yaml") or ""
     try:
         spec = get_task(task)
         description, noun = spec.description, spec.kind.label_noun
@@ -133,10 +133,6 @@ def metadata(facts: CardFacts) -> dict:
                          for key, value, low, high in metric_rows(facts.metrics)},
         "references": REFERENCES,
     }
-
-
-def _artifact_text(tracker, run_id: str, path: str) -> str | None:
-    return tracker.artifact_text(run_id, path)
 
 
 def _iso(ms: int | None) -> str:

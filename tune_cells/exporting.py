@@ -22,8 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from tune_cells.errors import UserInputError
-from tune_cells.output_files import check_new_file, missing_folders, remove_folders
+from tune_cells.output_files import check_new_file, missing_folders, refuse_existing, remove_folders
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +154,7 @@ def check_output(output: Path) -> Path:
     """The output file, if it and its contract can be written there without replacing anything
     (exit 2 if not)."""
     output = check_new_file(output)
-    contract = contract_path(output)
-    if contract.is_dir():
-        raise UserInputError(f"--output {contract}: is a folder; name a file")
-    if contract.exists() or contract.is_symlink():
-        raise UserInputError(f"--output {contract}: already exists (not overwritten)")
+    refuse_existing(contract_path(output))
     return output
 
 

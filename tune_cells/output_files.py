@@ -14,10 +14,7 @@ def check_new_file(output: Path) -> Path:
     """`output` as an absolute path, if a new file can be written there without replacing anything.
     Folders it needs and a probe file are made, then removed again."""
     output = Path(output).expanduser().absolute()
-    if output.is_dir():
-        raise UserInputError(f"--output {output}: is a folder; name a file")
-    if output.exists() or output.is_symlink():
-        raise UserInputError(f"--output {output}: already exists (not overwritten)")
+    refuse_existing(output)
     made = missing_folders(output.parent)
     existing = made[-1].parent if made else output.parent
     if not existing.is_dir():
@@ -32,6 +29,14 @@ def check_new_file(output: Path) -> Path:
     finally:
         remove_folders(made)
     return output
+
+
+def refuse_existing(path: Path) -> None:
+    """Exit 2 where `path` is a folder or anything already there (a file, a link): never replaced."""
+    if path.is_dir():
+        raise UserInputError(f"--output {path}: is a folder; name a file")
+    if path.exists() or path.is_symlink():
+        raise UserInputError(f"--output {path}: already exists (not overwritten)")
 
 
 def missing_folders(folder: Path) -> list[Path]:
