@@ -182,8 +182,9 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
 @tracking_option
 def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, tracking_uri):
     """Serve TASK's champion over REST with MLflow's scoring app (POST /invocations)."""
+    from tune_cells.listening import check_listen
     from tune_cells.path_access import allowed_root
-    from tune_cells.serving import answered_hosts, build_app, check_listen, load_served_model, run_server
+    from tune_cells.serving import answered_hosts, build_app, load_served_model, run_server
 
     check_listen(host, port)  # before the model loads: a port in use is one line, not a late exit 1
     if allow_path_root is not None and not allow_path_root.is_dir():

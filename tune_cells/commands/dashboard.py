@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import errno
-
 import click
 
 from tune_cells.commands.options import workdir_option
@@ -17,8 +15,10 @@ from tune_cells.errors import UserInputError
 def command(workdir, port, host):
     """Open optuna-dashboard on the searches of --workdir, live: one study per search, its trials'
     learning curves as they train (read from the Optuna journal each search writes)."""
+    from tune_cells.listening import check_listen
     from tune_cells.paths import WorkDir
 
+    check_listen(host, port)
     journal = WorkDir.at(workdir).optuna_journal
     if not journal.is_file():
         raise UserInputError(f"no Optuna journal at {journal}: run `tune-cells search TASK --workdir "
@@ -34,9 +34,5 @@ def command(workdir, port, host):
     if not storage.get_all_studies():  # (Optuna skips lines that are no journal entries)
         raise UserInputError(f"{journal}: holds no Optuna study (not a journal that a search wrote?)")
     click.echo(f"Optuna dashboard on http://{host}:{port} for {journal} (Ctrl-C stops it)")
-    try:  # optuna-dashboard's own server (bottle + wsgiref), without a banner or a line per request
-        bottle.run(wsgi(storage), host=host, port=port, quiet=True)
-    except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-            raise UserInputError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
-        raise
+    # optuna-dashboard's own server (bottle + wsgiref), without a banner or a line per request
+    bottle.run(wsgi(storage), host=host, port=port, quiet=True)

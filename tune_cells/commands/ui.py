@@ -19,9 +19,11 @@ from tune_cells.redact import without_credentials
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address; keep loopback unless you mean it.")
 def command(workdir, tracking_uri, port, host):
     """Start the MLflow UI on this project's runs."""
+    from tune_cells.listening import check_listen
     from tune_cells.paths import WorkDir
     from tune_cells.tracking import Tracker, resolve_tracking_uri, runs_page
 
+    check_listen(host, port)  # MLflow's server would log a bind failure over several lines and exit 0
     workdir = WorkDir.at(workdir)
     uri = resolve_tracking_uri(tracking_uri, workdir)
     tracker = Tracker(uri, workdir.artifacts)
