@@ -1,6 +1,6 @@
 """Search benchmark: ASHA's savings, per-trial overhead, input-pipeline share, time to first result.
 
-    .venv/bin/python bench/bench_search.py                 # N=50 configurations x 16 epochs, ~15 min on 2 cores
+    .venv/bin/python bench/bench_search.py                 # N=50 configurations x 16 epochs, ~14 min on 2 cores
     .venv/bin/python bench/bench_search.py --samples 12 --max-epochs 4   # a quicker look
     .venv/bin/python bench/bench_search.py --warm-start --samples 12 --max-epochs 4   # --warm-start against cold, 3 seeds
 
