@@ -123,3 +123,43 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     assert str(client.get_model_version_by_alias(MODEL, "previous-champion").version) == "1"
     assert second.data.tags["previous_champion"] == "1"
     assert not (root / "w" / "promotion" / second.info.run_id).exists()  # the staged checkpoint is gone
+
+
+def test_ctrl_c_while_the_preflight_decodes_stops_in_moments_and_opens_no_store(tmp_path):
+    """Ctrl-C while Ray starts and the images decode beside it: the decoding pass skips what it has
+    not started (it would take a minute here), exit 130, and no MLflow store or Ray run is made."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 256, (1400, 1400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(data / "train" / "0.png")  # one slow decode (noise), linked many times
+    rows = ["Filename,Label", "0.png,0"]
+    for number in range(1, 2400):
+        os.link(data / "train" / "0.png", data / "train" / f"{number}.png")
+        rows.append(f"{number}.png,{number % 4}")
+    (data / "train.csv").write_text("\n".join(rows) + "\n")
+    env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    search = subprocess.Popen([sys.executable, "-m", "tune_cells", "search", "nuclei", "--data", str(data),
+                               "--workdir", "w", "--samples", "1", "--max-epochs", "1"], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def decoding() -> bool:  # an image of the dataset is open in the driver: the pass has begun
+        try:
+            return any(os.readlink(fd).startswith(str(data / "train"))
+                       for fd in Path(f"/proc/{search.pid}/fd").iterdir())
+        except OSError:
+            return False
+
+    wait_for(decoding, timeout=120)
+    signalled = time.monotonic()
+    os.kill(search.pid, signal.SIGINT)
+    output = search.communicate(timeout=120)[0]
+    assert search.returncode == 130, output[-2000:]
+    assert time.monotonic() - signalled < 20, output[-2000:]  # not after the whole pass (about a minute)
+    assert output.strip().splitlines()[-1] == "tune-cells: interrupted", output[-2000:]
+    assert not (tmp_path / "w" / "mlflow.db").exists()
