@@ -139,19 +139,22 @@ def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit microscopy (Pillow modes I;16 and I) rescaled to 8 bit by its maximum; Pillow's own
-    conversion would clip every value above 255 to white. Other modes as they are."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    """16-bit and 32-bit microscopy (Pillow modes I;16, I and F, e.g. 0-1 floats) rescaled to 8 bit
+    by its maximum, negatives as 0; Pillow's own conversion would clip every value above 255 to
+    white (and floats below 1 to black). Other modes as they are."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return Image.fromarray(_rescaled_to_uint8(np.asarray(image)))
     return image
 
 
 def _rescaled_to_uint8(array: np.ndarray, rows: int = 512) -> np.ndarray:
-    """`array / max * 255` as uint8, in float32 a band of rows at a time (never the whole image)."""
-    top = float(array.max()) or 1.0
+    """`array / max * 255` as uint8 (negatives 0), in float32 a band of rows at a time (never the whole image)."""
+    top = float(np.nanmax(array)) if array.size else 0.0
+    top = top if top > 0 and np.isfinite(top) else 1.0
     out = np.empty(array.shape, dtype=np.uint8)
     for start in range(0, len(array), rows):
-        out[start : start + rows] = (array[start : start + rows].astype(np.float32) / top * 255).astype(np.uint8)
+        band = np.nan_to_num(array[start : start + rows].astype(np.float32) / top * 255, nan=0.0, posinf=255.0)
+        out[start : start + rows] = np.clip(band, 0, 255).astype(np.uint8)
     return out
 
 
@@ -178,7 +181,16 @@ def decode_mask(path: Path, scale: float = 1.0) -> np.ndarray:
 
 
 def mask_array(image: Image.Image, scale: float = 1.0) -> np.ndarray:
-    image = image.convert("L")
+    """A binary mask: white (> 127) is the target; a lossless mask of exactly two levels {0, v}
+    (0/1 values, a palette's indices, a dark colour) marks the target with v. A lossy (JPEG) mask
+    is only thresholded: its compression noise would otherwise pass for a second level."""
+    lossless = image.format != "JPEG"
+    image = eight_bit(image).convert("L")
+    if lossless:
+        grey = np.asarray(image)
+        top = int(grey.max())
+        if 0 < top <= MASK_THRESHOLD and not np.any((grey != 0) & (grey != top)):
+            image = Image.fromarray(np.where(grey == top, 255, 0).astype(np.uint8))
     if scale != 1.0:
         image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
     return (np.asarray(image) > MASK_THRESHOLD).astype(np.uint8)

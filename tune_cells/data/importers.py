@@ -78,11 +78,15 @@ _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 
 
 def _listed(root: Path, folder: Path) -> tuple[list[str], list[str]]:
-    """(image files, other files) below `folder`, as sorted POSIX paths relative to `root`."""
+    """(image files, other files) below `folder`, as sorted POSIX paths relative to `root`. Hidden
+    files and everything in hidden folders (.thumbs/, .ipynb_checkpoints/) are not the dataset's."""
     images, others = [], []
     for path in sorted(folder.rglob("*")):
-        if path.is_dir() or path.name.startswith(".") or path.name.lower() in _IGNORED_FILES:
+        if any(part.startswith(".") for part in path.relative_to(folder).parts) or path.is_dir() \
+                or path.name.lower() in _IGNORED_FILES:
             continue
+        if not path.is_file():  # a broken link, a pipe (reading it would wait forever), a device
+            raise UserInputError(f"{path}: not a regular file (a broken link, a pipe or a device)")
         (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path.relative_to(root).as_posix())
     return images, others
 
@@ -151,12 +155,16 @@ def import_hep2(root: Path) -> ImageIndex:
     and `NNNNN.png` images, flat or in training/ validation/ test/ folders.
 
     All three folders: they are the split. training/ and validation/ only: validation/ is the test
-    part and validation is carved from training/. Flat: split as usual.
+    part (the contest's use of it) and validation is carved from training/. training/ and test/:
+    test/ is the test part, validation is carved from training/. Flat: split as usual.
     """
     root = require_dir(root)
     csv_path = root / "gt_training.csv"
     ids, names = _read_label_csv(csv_path, ("Image ID", "Image class"), "gt_training.csv with 'Image ID,Image class'")
     folders = [name for name in _HEP2_FOLDERS if (root / name).is_dir()]
+    if folders and "training" not in folders:
+        raise UserInputError(f"{root}: {'/, '.join(folders)}/ without training/ (expected training/, and "
+                             "validation/ and test/ if the split is yours, or every image in one folder)")
     files: dict[int, tuple[str, str | None]] = {}  # image id -> (relative path, folder)
     for folder in folders or [None]:
         base = root / folder if folder else root
@@ -177,8 +185,13 @@ def import_hep2(root: Path) -> ImageIndex:
     if missing:
         raise UserInputError(f"{csv_path}: rows without their image (NNNNN.png): {_name_some(missing)}")
     own_split = {"training": "train", "validation": "val", "test": "test"} if len(folders) == 3 else \
-        {"validation": "test"} if set(folders) == {"training", "validation"} else {}
+        {"validation": "test"} if set(folders) == {"training", "validation"} else \
+        {"test": "test"} if set(folders) == {"training", "test"} else {}
     rows = [files[int(v)] for v in ids]
+    listed = {folder for _, folder in rows}
+    unlisted = [folder for folder in folders if folder not in listed]
+    if unlisted:  # a part of the user's own split would be empty
+        raise UserInputError(f"{root / unlisted[0]}: none of its images is in {csv_path.name} (an empty part of the split)")
     items = pd.DataFrame({
         "path": [path for path, _ in rows],
         "label": [classes[n.lower()] for n in names],
@@ -203,7 +216,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
     Every image needs a mask in every target folder, of the image's size (read from the headers).
     Names are `<animal>_<genotype>_FLU_<field>`: the fields of one animal share a split part.
     """
-    from PIL import Image
+    from tune_cells.data.images import ImageTooLarge, open_image
 
     root = require_dir(root)
     originals = sorted({p for p in root.rglob("*") if p.is_dir() and p.name.lower() == "original"})
@@ -218,19 +231,25 @@ def import_lung_masks(root: Path) -> ImageIndex:
                      and not d.name.startswith("."))
     if not targets:
         raise UserInputError(f"{original.parent}: no mask folders beside Original/ (one folder per target)")
-    images = sorted(p for p in original.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in original.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
         raise UserInputError(f"{original}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    masks_by_stem = {
-        target: {p.stem: p for p in (original.parent / target).iterdir()
-                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
-        for target in targets
-    }
+    masks_by_stem: dict[str, dict[str, Path]] = {}
+    for target in targets:
+        masks_by_stem[target] = {}
+        for path in sorted((original.parent / target).iterdir()):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                other = masks_by_stem[target].setdefault(path.stem, path)
+                if other != path:  # which one would be read is the file system's order
+                    raise UserInputError(f"{target}/: two masks for {path.stem}: {other.name} and {path.name}")
 
     def size_of(path: Path) -> tuple[int, int]:
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:
                 return image.size
+        except ImageTooLarge as exc:
+            raise UserInputError(f"{path}: {exc}") from None
         except DECODE_ERRORS as exc:
             raise UserInputError(f"{path}: not a readable image ({type(exc).__name__})") from None
 

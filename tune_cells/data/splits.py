@@ -107,6 +107,9 @@ def make_parts(index: ImageIndex, seed: int, groups: list[str | None] | None = N
     open_parts = [part for part in PARTS if not parts[part]]
     free = items[fixed.isna()]
     if free.empty or not open_parts:
+        empty = [part for part in PARTS if not parts[part]]
+        if empty:  # the layout fixed every image's part and left this one without any
+            raise UserInputError(f"{index.root}: the dataset's own split leaves the {empty[0]} part empty")
         return parts
     too_small = [f"{index.classes[label]} ({n})" for label, n in free["label"].value_counts().items() if n < len(open_parts)]
     if too_small:

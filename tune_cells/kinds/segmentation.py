@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tune_cells.config import SegmentationConfig
+from tune_cells.errors import UserInputError
 from tune_cells.kinds.base import TaskKind, TrialInputs
 
 
@@ -22,7 +23,11 @@ class SegmentationKind(TaskKind):
         scan = scan_images(index.root, paths, frozenset(paths), full_array)
         for target in index.classes:
             masks = list(index.items[f"mask:{target}"])
-            scan.kept.update(scan_images(index.root, masks, frozenset(masks), mask_array).kept)
+            kept = scan_images(index.root, masks, frozenset(masks), mask_array).kept
+            if not any(mask.any() for mask in kept.values()):  # a mask format read wrongly, or the wrong folder
+                raise UserInputError(f"{index.root / Path(masks[0]).parent}: every {target} mask is empty "
+                                     "(the target is white, > 127, or the one non-zero level of a lossless mask)")
+            scan.kept.update(kept)
         return scan
 
     def object_store_bytes(self, task, index, split, store_size) -> int:

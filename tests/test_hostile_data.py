@@ -1,0 +1,124 @@
+"""Data folders as users' machines leave them: hidden folders, pipes and broken links, split folders
+of their own, masks saved in other encodings. Each is read right or refused in one line naming it."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_importers_more import hep2, image, write_hep2
+from test_segmentation import write_lung
+
+from tune_cells.data.images import decode_image, mask_array
+from tune_cells.data.importers import import_image_folder, import_lung_masks
+from tune_cells.errors import UserInputError
+
+
+def folder_dataset(root):
+    for name in ("a", "b"):
+        for k in range(3):
+            image(root / name / f"{k}.png")
+    return root
+
+
+def test_images_in_hidden_folders_are_not_the_dataset(tmp_path):
+    root = folder_dataset(tmp_path / "d")
+    image(root / "a" / ".thumbs" / "b-cell.png")  # a viewer's cache: another class's thumbnail
+    image(root / "a" / ".ipynb_checkpoints" / "x.png")
+    assert sorted(import_image_folder(root).items["path"]) == [f"{c}/{k}.png" for c in "ab" for k in range(3)]
+
+
+@pytest.mark.parametrize("make", ["fifo", "broken link"])
+def test_a_pipe_or_a_broken_link_named_like_an_image_is_refused_not_read(tmp_path, make):
+    root = folder_dataset(tmp_path / "d")
+    odd = root / "a" / "odd.png"
+    os.mkfifo(odd) if make == "fifo" else os.symlink(tmp_path / "gone.png", odd)  # a pipe's read would block forever
+    with pytest.raises(UserInputError, match=r"odd\.png: not a regular file"):
+        import_image_folder(root)
+
+
+def test_hep2_training_and_test_folders_keep_test_as_the_test_part(tmp_path):
+    from tune_cells.data.splits import make_parts
+
+    index = hep2.importer(write_hep2(tmp_path, ["training", "test"], per_class=8))
+    parts = make_parts(index, seed=0)
+    assert parts["test"] and all(p.startswith("test/") for p in parts["test"])
+    assert parts["val"] and all(p.startswith("training/") for p in parts["train"] + parts["val"])
+
+
+@pytest.mark.parametrize("folders, edit, message", [
+    (["validation", "test"], None, "validation/, test/ without training/"),
+    (["training", "validation", "test"], "empty test", "test: none of its images is in gt_training.csv"),
+])
+def test_hep2_split_folders_that_cannot_make_a_split_are_refused(tmp_path, folders, edit, message):
+    write_hep2(tmp_path, folders)
+    if edit == "empty test":
+        for path in (tmp_path / "test").iterdir():
+            path.rename(tmp_path / "training" / path.name)
+    with pytest.raises(UserInputError, match=message):
+        hep2.importer(tmp_path)
+
+
+def test_a_split_the_layout_fixes_may_not_leave_a_part_empty(tmp_path):
+    from tune_cells.data.splits import make_parts
+
+    index = hep2.importer(write_hep2(tmp_path, ["training", "validation", "test"], per_class=3))
+    index.items.loc[index.items["split"] == "val", "split"] = "train"  # every image fixed, none in val
+    with pytest.raises(UserInputError, match="own split leaves the val part empty"):
+        make_parts(index, seed=0)
+
+
+@pytest.mark.parametrize("encoding", ["0/1 grey", "palette", "bilevel", "0/255 grey"])
+def test_lossless_masks_of_two_levels_mark_their_target(tmp_path, encoding):
+    truth = np.zeros((8, 10), bool)
+    truth[2:5, 3:7] = True
+    if encoding == "palette":
+        mask = Image.fromarray(truth.astype(np.uint8), "P")
+        mask.putpalette([0, 0, 0, 200, 0, 0])  # index 1 is dark red: 60 in grey
+    elif encoding == "bilevel":
+        mask = Image.fromarray(truth)
+    else:
+        mask = Image.fromarray(truth.astype(np.uint8) * (1 if encoding == "0/1 grey" else 255))
+    mask.save(tmp_path / "mask.png")
+    with Image.open(tmp_path / "mask.png") as opened:
+        assert (mask_array(opened) == truth).all()
+
+
+def test_a_jpeg_mask_is_thresholded_so_its_noise_is_no_target(tmp_path):
+    noise = np.zeros((16, 16), np.uint8)
+    noise[::3, ::5] = 2  # what compression leaves on a black mask
+    Image.fromarray(noise).save(tmp_path / "mask.jpg", quality=100)
+    with Image.open(tmp_path / "mask.jpg") as opened:
+        assert not mask_array(opened).any()
+
+
+def test_a_target_whose_every_mask_is_empty_is_refused_before_training(tmp_path):
+    from tune_cells.tasks import get_task
+
+    root = write_lung(tmp_path / "lung")
+    for mask in (root / "train" / "SevereInflammation").iterdir():
+        Image.new("L", (60, 40), 0).save(mask)
+    index = import_lung_masks(root)
+    with pytest.raises(UserInputError, match="every SevereInflammation mask is empty"):
+        get_task("lung").kind.decode_for_search(get_task("lung"), index, 0)
+
+
+def test_lung_refuses_two_masks_of_one_field_and_names_a_bomb(tmp_path):
+    root = write_lung(tmp_path / "lung")
+    Image.new("L", (60, 40), 255).save(root / "train" / "Parenchyma" / "im0.png")
+    with pytest.raises(UserInputError, match="Parenchyma/: two masks for im0: im0.jpg and im0.png"):
+        import_lung_masks(root)
+    (root / "train" / "Parenchyma" / "im0.png").unlink()
+    Image.new("1", (9000, 9000)).save(root / "train" / "Original" / "im1.png")  # 81 MP, a few kB
+    (root / "train" / "Original" / "im1.jpg").unlink()
+    with pytest.raises(UserInputError, match=r"im1\.png: 9000x9000 pixels, over the limit"):
+        import_lung_masks(root)
+
+
+def test_float_images_decode_by_their_range_not_to_black(tmp_path):
+    ramp = np.tile(np.linspace(-0.1, 1.0, 32, dtype=np.float32), (8, 1))  # 0-1 floats, a little negative
+    Image.fromarray(ramp, "F").save(tmp_path / "float.tif")
+    pixels = decode_image(tmp_path / "float.tif", 1, 32)
+    assert pixels[..., 0].max() >= 250 and pixels[0, 0, 0] == 0 and 100 < pixels[0, 16, 0] < 150
