@@ -96,7 +96,7 @@ register_task(
         name="hep2",
         description="HEp-2 immunofluorescence staining patterns (ICPR 2014), 6 classes, greyscale",
         layout="gt_training.csv ('Image ID,Image class') + NNNNN.png, flat or in training/ validation/ test/ "
-               "(all three: the split; training/ + validation/: validation/ is the test part)",
+               "(all three: the split; training/ + validation/: validation/ is the test part; training/ + test/: test/ is)",
         importer=_lazy(_IMPORTERS, "import_hep2"),
         channels=1,
         min_store_size=78,  # the cells' own size
@@ -123,7 +123,8 @@ register_task(
         name="lung",
         description="U-Net segmentation of lung parenchyma and severe inflammation in H&E fields (LungNeuralNet)",
         layout=".../Original/<name>.jpg + one folder of same-name masks per target beside it "
-               "(e.g. Parenchyma/, SevereInflammation/; JPEG masks are thresholded at 127)",
+               "(e.g. Parenchyma/, SevereInflammation/; JPEG masks are thresholded at 127, two-level lossless ones "
+               "mark the target with their non-zero level)",
         importer=_lazy(_IMPORTERS, "import_lung_masks"),
         channels=3,
         min_store_size=0,  # segmentation keeps each image's own size
