@@ -122,3 +122,11 @@ def test_float_images_decode_by_their_range_not_to_black(tmp_path):
     Image.fromarray(ramp, "F").save(tmp_path / "float.tif")
     pixels = decode_image(tmp_path / "float.tif", 1, 32)
     assert pixels[..., 0].max() >= 250 and pixels[0, 0, 0] == 0 and 100 < pixels[0, 16, 0] < 150
+
+
+def test_a_hep2_id_listed_twice_is_named_with_its_file(tmp_path):
+    write_hep2(tmp_path, ["training", "validation"])
+    csv = tmp_path / "gt_training.csv"
+    csv.write_text(csv.read_text() + "1,Golgi\n")
+    with pytest.raises(UserInputError, match=r"gt_training.csv: Image ID listed twice: 1$"):
+        hep2.importer(tmp_path)

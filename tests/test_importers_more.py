@@ -59,7 +59,7 @@ def test_all_idb_names_any_extension_and_case(tmp_path):
     "names, message",
     [
         (["Im001_1.jpg", "cell.jpg"], "not named ImNNN_L"),
-        (["Im001_1.jpg", "Im001_1.tif", "Im002_0.jpg"], "same image under two extensions"),
+        (["Im001_1.jpg", "Im001_1.tif", "Im002_0.jpg"], "image Im001_1 is there twice: Im001_1.jpg and Im001_1.tif"),
         (["Im001_1.jpg", "Im002_1.jpg"], "no images of class normal"),
         (["Im001_2.jpg"], "not named ImNNN_L"),
     ],

@@ -136,8 +136,9 @@ def import_all_idb(root: Path) -> ImageIndex:
         raise UserInputError(f"{root}: not named ImNNN_L (L=0 normal, 1 blast): {_name_some(unnamed)}")
     stems = pd.Series([Path(p).stem.lower() for p in images])
     twice = sorted(set(stems[stems.duplicated()]))
-    if twice:
-        raise UserInputError(f"{root}: the same image under two extensions: {_name_some(twice)}")
+    if twice:  # two files of one name: two extensions, or a copy in another folder
+        both = [p for p in images if Path(p).stem.lower() == twice[0]]
+        raise UserInputError(f"{root}: image {Path(both[0]).stem} is there twice: {both[0]} and {both[1]}")
     items = pd.DataFrame({"path": images, "label": [int(match.group(2)) for _, match in named]})
     index = ImageIndex(root=root, items=items, classes=["normal", "blast"])
     empty = [name for name, n in index.class_counts().items() if n == 0]
@@ -178,6 +179,9 @@ def import_hep2(root: Path) -> ImageIndex:
     bad_ids = [v for v in ids if not _is_ascii_number(v)]
     if bad_ids:
         raise UserInputError(f"{csv_path}: Image ID must be a number (digits 0-9): {_name_some(bad_ids)}")
+    numbers = ids.map(int)
+    if numbers.duplicated().any():
+        raise UserInputError(f"{csv_path}: Image ID listed twice: {_name_some(sorted(set(numbers[numbers.duplicated()])))}")
     unknown = sorted({n for n in names if n.lower() not in classes})
     if unknown:
         raise UserInputError(f"{csv_path}: unknown class {_name_some(unknown)} (expected {', '.join(HEP2_CLASSES)})")
