@@ -182,11 +182,14 @@ def _validation_score(tags: dict, metric: str) -> float:
 
 def promote_by_hand(tracker, name: str, version: str) -> str | None:
     """`tune-cells promote`: `champion` → `version` whatever the rule says, logged on the version;
-    returns the champion it replaced."""
+    returns the champion it replaced (`version` itself where it already was the champion: nothing
+    is written, so the champion it had replaced stays recorded)."""
     import time
 
     champion = tracker.version_for_alias(name, CHAMPION)
-    previous = str(champion.version) if champion is not None and str(champion.version) != version else None
+    if champion is not None and str(champion.version) == version:
+        return version
+    previous = str(champion.version) if champion is not None else None
     tracker.set_version_tags(name, version, {
         "promotion": CHAMPION, "promotion_reason": f"champion: promoted by hand ({time.strftime('%Y-%m-%d %H:%M')})",
         "previous_champion": previous or "", "promoted_by_hand": time.strftime("%Y-%m-%dT%H:%M:%S")})

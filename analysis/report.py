@@ -17,6 +17,7 @@ import yaml
 
 from tune_cells.analysis import search_plots
 from tune_cells.errors import UserInputError
+from tune_cells.output_files import check_writable_folder
 from tune_cells.paths import WorkDir
 from tune_cells.promotion_rank import OFFERED_FOR_PROMOTION, promoted_value
 
@@ -42,11 +43,10 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
     metric, mode = params.get("metric", "val_balanced_accuracy"), params.get("mode", "max")
     name = parent.info.run_name
     folder = Path(output) if output else WorkDir.at(workdir).report(name)
-    folder.mkdir(parents=True, exist_ok=True)
-
     runs = tracker.trial_children(parent.info.experiment_id, parent.info.run_id)
     if not runs:
         raise UserInputError(f"search {name} has no trial runs to report")
+    folder.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     champion = parent.data.tags.get("best_trial_id", "")
     rows, curves = [], []
     for run in runs:
@@ -106,6 +106,7 @@ def check_output(folder: Path) -> None:
     if folder.is_dir() and any(folder.iterdir()) and not (folder / REPORT_PAGE).exists():
         raise UserInputError(f"--output {folder}: holds other files and no report; give a new or empty folder "
                              "(the report writes trials.csv, report.html and its figures there)")
+    check_writable_folder(folder)
 
 
 def _search_run(tracker, experiment: str | None, run_id: str | None):
@@ -161,6 +162,11 @@ def param_importance(trials: pd.DataFrame, space: dict, searched: list[str], mod
     return pd.Series(importance, dtype=float)
 
 
+def _budget_text(tags: dict) -> str:
+    budget = _budget(tags)
+    return f"{budget:g} ms" if budget is not None else "none"
+
+
 def _budget(tags: dict) -> float | None:
     """The search's --max-latency-ms, if it had one."""
     value = _number(tags.get("latency_budget_ms", "none"))
@@ -203,7 +209,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}} tr:nth-child(even){{background:#f
 <p>Experiment run {html.escape(parent.info.run_id)}; task {html.escape(tags.get('task', '?'))}. {html.escape(summary)}</p>
 <p>Parameter importance: {ranked or 'not computed (too few finished trials)'}</p>
 <p>Latency: {html.escape(tags.get('latency_protocol', 'not measured (a search before latency was measured)'))};
-budget: {html.escape(tags.get('latency_budget_ms', 'none'))} ms.</p>
+budget: {html.escape(_budget_text(tags))}.</p>
 {figures}
 <h2>Trials</h2>
 <p>best {html.escape(metric)}: over the epochs each trial offered for promotion (a weight-averaging trial offers

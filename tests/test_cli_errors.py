@@ -98,10 +98,11 @@ def test_report_of_an_unknown_run_id_is_one_line_exit_2(run_cli, tmp_path, capsy
     assert len(result.err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("flag", ["--storage", "--address"])
-def test_evaluate_placement_without_seeds_is_refused(run_cli, tmp_path, flag):
-    result = run_cli("evaluate", "nuclei", flag, "somewhere", "--workdir", tmp_path / "w")
-    assert result.code == 2 and f"{flag} is where --seeds retrains: give --seeds K too" in result.err
+@pytest.mark.parametrize("flag, value", [("--storage", "somewhere"), ("--address", "auto"), ("--cpus-per-trial", "3"),
+                                         ("--gpus-per-trial", "0.5")])
+def test_evaluate_placement_without_seeds_is_refused(run_cli, tmp_path, flag, value):
+    result = run_cli("evaluate", "nuclei", flag, value, "--workdir", tmp_path / "w")
+    assert result.code == 2 and f"{flag} is for the retrains of --seeds: give --seeds K too" in result.err
 
 
 def test_serve_on_a_port_it_cannot_have_is_one_line_before_the_model_loads(run_cli, tmp_path):
@@ -138,6 +139,9 @@ def test_report_refuses_a_folder_of_other_files_and_leaves_it_alone(run_cli, tmp
     assert result.code == 2 and f"--output {folder}: holds other files and no report" in result.err
     assert len(result.err.strip().splitlines()) == 1
     assert (folder / "trials.csv").read_text() == "mine\n" and not (tmp_path / "w").exists()
+    result = run_cli("report", "--output", folder / "trials.csv" / "sub", "--workdir", tmp_path / "w")
+    assert result.code == 2 and f"{folder / 'trials.csv'} is not a folder" in result.err, result.err
+    assert not (tmp_path / "w").exists()
 
 
 # Every command that opens a registered model, with what else it needs ({image}: an image file).

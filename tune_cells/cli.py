@@ -298,9 +298,10 @@ def promote(task, version, model_name, workdir, tracking_uri):
             model = open_registered_model(task, workdir, tracking_uri, f"models:/{model_name}/{version}")
         else:
             model = open_registered_model(task, workdir, tracking_uri, version=version)
-        name = model.version.name
+        name, version = model.version.name, str(model.version.version)  # as registered: "01" is version 1
         previous = promote_by_hand(model.tracker, name, version)
-    click.echo(f"models:/{name}@champion is version {version}" + (f" (was {previous})" if previous else ""))
+    was = " already" if previous == version else f" (was {previous})" if previous else ""
+    click.echo(f"models:/{name}@champion is version {version}{was}")
 
 
 @cli.command()

@@ -4,6 +4,7 @@ registering checkpoints as models, versions, aliases, and loading them back."""
 from __future__ import annotations
 
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,6 +58,9 @@ class RegistryMixin:
         promotion that crashed between the two writes repeats both with the same values."""
         if previous and previous != version:
             self.client.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
+            # Its card and the UI read this tag as its status: "champion: ..." no longer holds.
+            self.client.set_model_version_tag(name, previous, "promotion_reason", f"champion until version {version} "
+                                              f"replaced it ({time.strftime('%Y-%m-%d %H:%M')})")
         self.client.set_registered_model_alias(name, CHAMPION, version)
 
     def champion_uri(self, task: str) -> str:

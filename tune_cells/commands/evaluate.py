@@ -41,8 +41,11 @@ def command(task, model_uri, n_boot, data, seeds, address, cpus_per_trial, gpus_
         raise UserInputError(f"--seeds {seeds}: must be at least 2 (a spread needs two retrains)")
     if seeds is not None and data is not None:
         raise UserInputError("--seeds retrains on the model's own split: it does not combine with --data")
-    if seeds is None and (storage or address):
-        raise UserInputError(f"{'--storage' if storage else '--address'} is where --seeds retrains: give --seeds K too")
+    retraining = {"--storage": storage, "--address": address, "--cpus-per-trial": cpus_per_trial,
+                  "--gpus-per-trial": gpus_per_trial}
+    given = [flag for flag, value in retraining.items() if value is not None]
+    if seeds is None and given:
+        raise UserInputError(f"{given[0]} is for the retrains of --seeds: give --seeds K too")
     with WorkdirLock(check_workdir(workdir), "evaluate"):  # the lock first: a second writer is refused at once
         model = open_registered_model(task, workdir, tracking_uri, model_uri)
         _evaluate(model.task, model.tracker, model.uri, model.workdir, n_boot, data, seeds,
