@@ -130,3 +130,12 @@ def test_a_hep2_id_listed_twice_is_named_with_its_file(tmp_path):
     csv.write_text(csv.read_text() + "1,Golgi\n")
     with pytest.raises(UserInputError, match=r"gt_training.csv: Image ID listed twice: 1$"):
         hep2.importer(tmp_path)
+
+
+def test_images_beside_the_class_folders_and_a_file_as_data_are_refused(tmp_path):
+    root = folder_dataset(tmp_path / "d")
+    image(root / "stray.png")
+    with pytest.raises(UserInputError, match=r"images outside the class folders: stray\.png"):
+        import_image_folder(root)
+    with pytest.raises(UserInputError, match=r"stray\.png: a file; give the dataset's folder"):
+        import_image_folder(root / "stray.png")

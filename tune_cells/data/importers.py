@@ -23,6 +23,8 @@ def _name_some(values: list, limit: int = 3) -> str:
 
 def require_dir(root: Path) -> Path:
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserInputError(f"--data {root}: a file; give the dataset's folder")
     if not root.is_dir():
         raise UserInputError(f"--data {root}: no such folder")
     return root.resolve()
@@ -96,6 +98,10 @@ def import_image_folder(root: Path) -> ImageIndex:
     optional `<root>/groups.csv` (path,group) names related images, which share a split part."""
     root = require_dir(root)
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith("."))
+    if loose:  # they would silently be no class's images
+        raise UserInputError(f"{root}: images outside the class folders: {_name_some(loose)} (expected <class>/<image>)")
     if len(class_dirs) < 2:
         raise UserInputError(f"{root}: expected one folder per class (<class>/<image>), found {len(class_dirs)}")
     paths, labels, strays = [], [], []
