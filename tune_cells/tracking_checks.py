@@ -4,6 +4,9 @@ A server must answer `/health` and be MLflow (a REST call returns MLflow's JSON)
 have its driver installed; a file store is refused (the model registry needs a database). (A
 sqlite file is the preflight's own check: it is a path in a folder.) Credentials in the URI are sent as HTTP basic auth, as MLflow's
 client sends them, and never shown: every message names the URI without its password.
+
+The commands that open an existing store also check an existing sqlite file (`check_sqlite_store`)
+before MLflow opens it: MLflow would add its tables to any other database, and an empty file.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sqlite3
 import ssl
 import urllib.error
 import urllib.request
-from urllib.parse import unquote, urlparse
+from contextlib import closing
+from pathlib import Path
+from urllib.parse import quote, unquote, urlparse
 
 from tune_cells.errors import UserInputError
 from tune_cells.redact import without_credentials
@@ -40,6 +46,41 @@ def check_store(uri: str, given_as: str = "--tracking-uri") -> None:
     elif scheme == "file" or (scheme == "" and not uri.startswith("databricks")):
         raise UserInputError(f"{given_as} {shown}: a file store has no model registry, which promotion needs; "
                              "use a database (sqlite:////abs/path/mlflow.db) or a tracking server")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a sqlite:/// URI (None for another scheme)."""
+    return Path(uri[len("sqlite:///"):]) if urlparse(uri).scheme == "sqlite" else None
+
+
+# Tables every MLflow sqlite store has (alembic_version: MLflow's schema migrations).
+MLFLOW_TABLES = ("experiments", "alembic_version")
+
+
+def check_sqlite_store(path: Path) -> None:
+    """An existing file is an MLflow sqlite store, read without writing: MLflow would otherwise create
+    its tables in a user's other database or an empty file, and a damaged file or a folder fails
+    deep inside SQLAlchemy (a folder after minutes of retries)."""
+    def refuse(why: str) -> None:
+        raise UserInputError(f"{path} is not an MLflow store ({why}): give the store a search wrote "
+                             "(--workdir or --tracking-uri)")
+
+    if path.is_dir():
+        refuse("a folder")
+    if not os.access(path, os.R_OK):
+        raise UserInputError(f"{path}: MLflow store cannot be read (permission denied)")
+    if path.stat().st_size == 0:
+        refuse("an empty file")
+    try:
+        with closing(sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)) as connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError:  # locked or mid-rollback: no proof of a wrong file (MLflow waits or says)
+        return
+    except sqlite3.DatabaseError:  # "file is not a database"
+        refuse("not an SQLite file: damaged, or another kind of file")
+    missing = [name for name in MLFLOW_TABLES if name not in tables]
+    if missing:
+        refuse(f"an SQLite database without MLflow's {' and '.join(missing)} table{'s' if len(missing) > 1 else ''}")
 
 
 def check_server(uri: str) -> None:

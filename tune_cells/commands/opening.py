@@ -8,6 +8,7 @@ nothing is created on the way (a store that is absent is reported, not made).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,15 +64,25 @@ def open_store(task: str, workdir: Path, tracking_uri: str | None, *,
 
 def require_store(tracker: Tracker, workdir: WorkDir, task: str = "TASK") -> None:
     """Refuse a store that is not there (an absent sqlite file, also when its folder is absent)
-    rather than let MLflow create an empty one; the hint names the flag that points at it."""
-    if tracker.store_exists():
-        return
+    rather than let MLflow create an empty one; the hint names the flag that points at it. An
+    existing sqlite file must be an MLflow store (MLflow would add its tables to any database); a
+    server must answer and a database needs its driver (MLflow would retry for minutes, or fail
+    over many lines)."""
+    from tune_cells.tracking_checks import check_sqlite_store, check_store, sqlite_path
+
     if tracker.tracking_uri == f"sqlite:///{workdir.mlflow_db}":  # the workdir's own store (the default)
         name, value = "--workdir", workdir.root
     else:
         name, value = "--tracking-uri", tracker.tracking_uri
-    raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run `tune-cells search {task} {name} {value}` "
-                         f"first, or give the {name} that search used")
+    if not tracker.store_exists():
+        raise UserInputError(f"no MLflow store at {tracker.tracking_uri}: run `tune-cells search {task} {name} "
+                             f"{value}` first, or give the {name} that search used")
+    path = sqlite_path(tracker.tracking_uri)
+    if path is not None:
+        check_sqlite_store(path)
+    else:
+        from_variable = os.environ.get("MLFLOW_TRACKING_URI") == tracker.tracking_uri
+        check_store(tracker.tracking_uri, "MLFLOW_TRACKING_URI" if from_variable else "--tracking-uri")
 
 
 def model_uri_of(tracker: Tracker, task: str, model_uri: str | None, version: str | None) -> str:
