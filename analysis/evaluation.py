@@ -6,9 +6,12 @@ this module finds what to score: the version, its split, or an external set.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 from tune_cells.analysis.classification_evaluation import HEADLINE
 from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext
@@ -90,13 +93,23 @@ def model_split(task: TaskSpec, tracker: Tracker, tags: dict, workdir: Path) -> 
 
 
 def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir: WorkDir) -> Path:
-    """The split file the model was trained under: on disk, else the copy logged with the search."""
+    """The split file the model was trained under: on disk, else the copy logged with the search,
+    put in the working folder's splits/ once it is fetched (a failure leaves nothing behind)."""
     path = Path(tags.get("split_file", ""))
     if path.is_file():
         return path
+    logged = f"split/{path.name}"
     if parent_run_id:
-        workdir.splits.mkdir(parents=True, exist_ok=True)
-        return Path(tracker.client.download_artifacts(parent_run_id, f"split/{path.name}", str(workdir.splits)))
+        with tempfile.TemporaryDirectory(prefix="tune-cells-split-") as folder:
+            try:
+                fetched = Path(tracker.client.download_artifacts(parent_run_id, logged, folder))
+            except (MlflowException, OSError):  # no such artifact, or no such run
+                fetched = None
+            if fetched is not None and fetched.is_file():
+                workdir.splits.mkdir(parents=True, exist_ok=True)
+                return Path(shutil.copyfile(fetched, workdir.splits / path.name))
+        raise UserInputError(f"split file {path} of this model is missing, and its search run {parent_run_id} holds no "
+                             f"copy ({logged}): put the file back to score the model on the part it was tested on")
     raise UserInputError(f"split file {path} of this model is missing")
 
 

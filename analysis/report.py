@@ -38,7 +38,11 @@ REPORT_PAGE = "report.html"
 
 
 def build_report(tracker, experiment: str | None, run_id: str | None, output: Path | None, workdir: Path) -> Report:
+    from tune_cells.tracking_registry import require_local_artifacts
+
     parent = _search_run(tracker, experiment, run_id)
+    # The report is logged with the search: not into the old place of a working folder that moved.
+    require_local_artifacts(parent.info.artifact_uri, f"search {parent.info.run_name}")
     params = parent.data.params
     metric, mode = params.get("metric", "val_balanced_accuracy"), params.get("mode", "max")
     name = parent.info.run_name

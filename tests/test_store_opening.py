@@ -5,15 +5,21 @@ minutes, and fail over several lines on a damaged file or a moved working folder
 
 from __future__ import annotations
 
+import json
+import shutil
 import sqlite3
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import store_client, write_kaggle
 from test_cluster_search import free_port
 
+MODEL = Path(__file__).resolve().parent / "fixtures" / "model-format1"  # a real model folder, classes a and b
 # Each command that opens an existing store, with what else it needs ({image}: an image file).
 STORE_COMMANDS = [["card", "nuclei"], ["report"], ["promote", "nuclei", "1"], ["evaluate", "nuclei"],
                   ["export", "nuclei"], ["predict", "nuclei", "{image}"], ["explain", "nuclei", "{image}"],
@@ -100,3 +106,91 @@ def test_a_database_without_its_driver_is_named(run_cli, tmp_path):
                                 "--workdir", tmp_path / "work")
     assert said == ("tune-cells: error: --tracking-uri postgresql://me:***@127.0.0.1:1/mlflow: its database driver is "
                     "not installed (no module 'psycopg'; pip install 'psycopg[binary]')")
+
+
+class RegistryRefusingServer(BaseHTTPRequestHandler):
+    """An MLflow server (it answers /health and the experiments search) whose registry refuses this
+    user: the registry failing is no answer that the task has no champion."""
+
+    def do_GET(self):
+        if "registered-models" in self.path or "model-versions" in self.path:
+            self.answer(403, {"error_code": "PERMISSION_DENIED", "message": "no READ on tune-cells-nuclei"})
+        else:
+            self.answer(200, {"experiments": []} if "experiments" in self.path else "OK")
+
+    def answer(self, status: int, body) -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_registry_that_fails_is_not_said_to_have_no_champion(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # (a 403 is not retried anyway)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RegistryRefusingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        said = one_line_refusals(run_cli, [["card", "nuclei"], ["card", "nuclei", "--version", "1"]],
+                                 "--tracking-uri", f"http://127.0.0.1:{server.server_port}",
+                                 "--workdir", tmp_path / "work", code=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert all("PERMISSION_DENIED" in line or "no READ on tune-cells-nuclei" in line for line in said), said
+    assert not any("no champion" in line or "no version" in line for line in said), said
+
+
+def registered_store(workdir: Path, tags: dict | None = None) -> tuple[str, str]:
+    """A store in `workdir` whose champion of nuclei is the fixture model, logged with a search run
+    (which logs nothing else): (search run id, model version)."""
+    workdir.mkdir(parents=True)
+    client = store_client(workdir / "mlflow.db")
+    experiment = client.create_experiment("tune-cells-nuclei",
+                                          artifact_location=(workdir / "artifacts" / "tune-cells-nuclei").as_uri())
+    run = client.create_run(experiment, run_name="search", tags={"tune_cells.run_type": "search"})
+    client.log_artifacts(run.info.run_id, str(MODEL), "model")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("tune-cells-nuclei")
+    version = client.create_model_version("tune-cells-nuclei", source=f"{run.info.artifact_uri}/model",
+                                          run_id=run.info.run_id,
+                                          tags={"task": "nuclei", "search_run_id": run.info.run_id, **(tags or {})})
+    client.set_registered_model_alias("tune-cells-nuclei", "champion", version.version)
+    return run.info.run_id, version.version
+
+
+def test_a_moved_working_folder_names_where_its_artifacts_were(run_cli, tmp_path, capsys):
+    old, new = tmp_path / "store", tmp_path / "store3"
+    registered_store(old)
+    capsys.readouterr()  # (MLflow's lines as it created the store)
+    image = an_image(tmp_path)
+    made_there = run_cli("predict", "nuclei", image, "--workdir", old, "--output", tmp_path / "predicted.csv")
+    assert made_there.code == 0, made_there.err  # where it was made, the store opens
+    shutil.move(old, new)
+    said = one_line_refusals(run_cli, [["predict", "nuclei", "{image}"], ["export", "nuclei"],
+                                       ["evaluate", "nuclei"]], "--workdir", new, image=image)
+    (line,) = said
+    assert line.startswith("tune-cells: error: models:/tune-cells-nuclei@champion: the store's artifacts are at "
+                           f"{old}/artifacts/"), line
+    assert line.endswith(f"and {old} no longer exists (the working folder moved? the store keeps absolute paths: "
+                         "move it back)"), line
+    assert not old.exists()  # nothing written at the old place either
+
+
+def test_a_split_file_that_is_gone_everywhere_is_named_and_nothing_is_created(run_cli, tmp_path, capsys):
+    data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 3)
+    workdir = tmp_path / "work"
+    split_file = workdir / "splits" / "nuclei-0123abcd-0.json"  # neither on disk nor logged with the search
+    run_id, _ = registered_store(workdir, {"data_root": str(data), "split_file": str(split_file)})
+    capsys.readouterr()
+    before = sorted(str(p) for p in workdir.rglob("*"))
+    (said,) = one_line_refusals(run_cli, [["evaluate", "nuclei"]], "--workdir", workdir)
+    assert said == (f"tune-cells: error: split file {split_file} of this model is missing, and its search run {run_id} "
+                    "holds no copy (split/nuclei-0123abcd-0.json): put the file back to score the model on the part it "
+                    "was tested on")
+    assert not (workdir / "splits").exists()
+    assert sorted(str(p) for p in workdir.rglob("*")) == before

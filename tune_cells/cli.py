@@ -332,19 +332,31 @@ def main() -> None:
         click.echo(f"tune-cells: {'interrupted' if cause else 'aborted'}", err=True)
         sys.exit(cause.exit_code if isinstance(cause, Interrupted) else 130)
     except click.ClickException as exc:  # usage errors: one line, not click's usage block
-        click.echo(f"tune-cells: error: {without_credentials(exc.format_message())}", err=True)
+        click.echo(f"tune-cells: error: {_joined(without_credentials(exc.format_message()))}", err=True)
         sys.exit(2)
     except UserInputError as exc:  # (a library's message may quote a URI with its password)
-        click.echo(f"tune-cells: error: {without_credentials(str(exc))}", err=True)
+        click.echo(f"tune-cells: error: {_joined(without_credentials(str(exc)))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         click.echo("tune-cells: interrupted", err=True)
         sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except Exception as exc:
         log.debug("traceback", exc_info=True)
-        click.echo(f"tune-cells: failed: {type(exc).__name__}: {without_credentials(str(exc))} (run with -v for the "
-                   "traceback)", err=True)
+        click.echo(f"tune-cells: failed: {type(exc).__name__}: {_first_line(without_credentials(str(exc)))} (run with "
+                   "-v for the traceback)", err=True)
         sys.exit(1)
+
+
+def _first_line(message: str) -> str:
+    """The contract is one line: a library's message (SQLAlchemy's adds the SQL and a link, MLflow's
+    a traceback) is cut to its first line; -v logs the whole of it."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[0] + (" (...)" if len(lines) > 1 else "") if lines else ""
+
+
+def _joined(message: str) -> str:
+    """Our own message on one line, whole, should a quoted name or a library's reason hold a line break."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 register_commands(cli)  # the commands that live in tune_cells.commands

@@ -7,7 +7,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from mlflow.exceptions import MlflowException
 
@@ -81,11 +81,14 @@ class RegistryMixin:
                              f"{self.tracking_uri}")
 
     def find_version(self, name: str, version: str):
-        """The version, or None when the registry has no such model or version."""
+        """The version, or None when the registry has no such model or version (any other failure of
+        the store is raised: it is no answer)."""
         try:
             return self.client.get_model_version(name, version)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if is_absent(exc):
+                return None
+            raise
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
@@ -94,10 +97,13 @@ class RegistryMixin:
         self.client.delete_registered_model_alias(name, alias)
 
     def version_for_alias(self, name: str, alias: str):
+        """The version `alias` points at, or None when there is no such model or alias."""
         try:
             return self.client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if is_absent(exc):
+                return None
+            raise
 
     def resolve_model(self, model_uri: str, task: str | None = None):
         """The registry version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`; with `task`,
@@ -109,6 +115,8 @@ class RegistryMixin:
             else:
                 version = self.client.get_model_version(name, number)
         except MlflowException as exc:
+            if not is_absent(exc):
+                raise
             raise UserInputError(f"{model_uri}: not found in {self.tracking_uri} ({exc.error_code})") from None
         if task is not None and version.tags.get("task") != task:
             raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {task!r}")
@@ -130,8 +138,30 @@ class RegistryMixin:
         version = self.resolve_model(model_uri)
         # The storage location itself: a models:/ URI would be resolved through MLflow's global registry URI.
         location = self.client.get_model_version_download_uri(version.name, version.version)
+        require_local_artifacts(location, model_uri)
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(into),
                                                         tracking_uri=self.tracking_uri))
+
+
+def require_local_artifacts(artifact_uri: str, what: str) -> None:
+    """Artifacts in a local folder must still be there: the store keeps their absolute path, so a
+    working folder that was moved or copied points at the old place (MLflow fails over several lines)."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("file", "") or Path(unquote(parsed.path)).exists():
+        return
+    missing = Path(unquote(parsed.path))
+    while not missing.parent.exists():  # the highest folder that is gone: the old working folder, if it moved
+        missing = missing.parent
+    raise UserInputError(f"{what}: the store's artifacts are at {unquote(parsed.path)}, and {missing} no longer exists "
+                         "(the working folder moved? the store keeps absolute paths: move it back)")
+
+
+def is_absent(exc: MlflowException) -> bool:
+    """The registry answered that the model, version or alias does not exist. MLflow says so with
+    RESOURCE_DOES_NOT_EXIST, except for an absent alias or a version that is no number (also a
+    version that does not exist): INVALID_PARAMETER_VALUE. Anything else (a server that fails, a
+    refused permission) is not an answer and must not read as "no champion"."""
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 
 
 def model_checkpoint(model_dir: Path, model_uri: str) -> Path:
