@@ -87,7 +87,11 @@ def summarize_on_search_run(tracker: Tracker, parent_run_id: str, experiment_id:
 
 def model_split(task: TaskSpec, tracker: Tracker, tags: dict, workdir: Path) -> tuple:
     """(dataset index, split) a registered model was trained under, from its version tags."""
-    index = task.importer(Path(tags["data_root"]))
+    data_root = Path(tags["data_root"])
+    if not data_root.is_dir():  # the importer's message would name a --data flag this command may not have
+        raise UserInputError(f"{data_root}: the data this model was trained on is not there (moved or deleted?); "
+                             "`tune-cells evaluate` scores other labelled data with --data DIR")
+    index = task.importer(data_root)
     split_file = _split_file(tracker, tags, tags.get("search_run_id"), WorkDir.at(workdir))
     return index, load_or_create_split(split_file, index, int(tags.get("split_seed", 0)))
 

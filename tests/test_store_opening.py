@@ -194,3 +194,12 @@ def test_a_split_file_that_is_gone_everywhere_is_named_and_nothing_is_created(ru
                     "was tested on")
     assert not (workdir / "splits").exists()
     assert sorted(str(p) for p in workdir.rglob("*")) == before
+
+
+def test_training_data_that_is_gone_is_named_without_a_flag_the_command_lacks(run_cli, tmp_path, capsys):
+    gone = tmp_path / "data-moved-away"
+    registered_store(tmp_path / "work", {"data_root": str(gone), "split_file": str(tmp_path / "split.json")})
+    capsys.readouterr()
+    said = one_line_refusals(run_cli, [["evaluate", "nuclei"], ["export", "nuclei"]], "--workdir", tmp_path / "work")
+    assert said == {f"tune-cells: error: {gone}: the data this model was trained on is not there (moved or deleted?); "
+                    "`tune-cells evaluate` scores other labelled data with --data DIR"}, said
