@@ -210,3 +210,46 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+FORMAT1_MODEL = Path(__file__).resolve().parent / "fixtures" / "model-format1"  # a logged model folder, 2 classes
+
+
+def register_model_folder(workdir: Path, folder: Path, name: str = "tune-cells-nuclei", alias: str | None = None) -> str:
+    """Register a logged model folder as is (uploaded, not re-logged: no training, no search) as the
+    next version of `name`, a nuclei model, in `workdir`'s store; returns its models:/NAME/N."""
+    from mlflow.exceptions import MlflowException
+
+    client = store_client(workdir / "mlflow.db")
+    experiment = client.get_experiment_by_name("registered-by-test")
+    experiment_id = (experiment.experiment_id if experiment else client.create_experiment(
+        "registered-by-test", artifact_location=(workdir / "mlartifacts").as_uri()))
+    run = client.create_run(experiment_id, run_name=folder.name)
+    client.log_artifacts(run.info.run_id, str(folder), "model")
+    client.set_terminated(run.info.run_id)
+    try:
+        client.create_registered_model(name)
+    except MlflowException:  # registered by an earlier call
+        pass
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
+                                          tags={"task": "nuclei"}).version
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return f"models:/{name}/{version}"
+
+
+def model_copy(root: Path, label: str, **spec_changes) -> Path:
+    """A copy of the format-1 fixture model folder with its model.json's fields changed (None: removed)."""
+    import json
+
+    folder = root / label
+    shutil.copytree(FORMAT1_MODEL, folder)
+    spec_file = folder / "artifacts" / "checkpoint" / "model.json"
+    document = json.loads(spec_file.read_text())
+    for key, value in spec_changes.items():
+        if value is None:
+            document.pop(key, None)
+        else:
+            document[key] = value
+    spec_file.write_text(json.dumps(document))
+    return folder

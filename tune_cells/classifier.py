@@ -10,7 +10,8 @@ import pandas as pd
 import torch
 
 from tune_cells.data.images import decode_image
-from tune_cells.model_io import ModelSpec, base64_image_file, load_spec
+from tune_cells.errors import UserInputError
+from tune_cells.model_io import SPEC_FILE, ModelSpec, base64_image_file, load_spec
 from tune_cells.training import predict_logits
 
 
@@ -48,6 +49,9 @@ class ImageClassifier:
     @classmethod
     def from_checkpoint(cls, directory: Path, device: str = "cpu") -> ImageClassifier:
         spec = load_spec(directory)
+        if spec.store_size < 1:  # (0 is a segmenter's: it decodes each image at its own size)
+            raise UserInputError(f"{Path(directory) / SPEC_FILE}: store_size {spec.store_size}: a classifier "
+                                 "decodes images to a square of at least 1 px")
         return cls(spec.load_members(directory), spec, device)
 
     @property

@@ -13,7 +13,8 @@ import base64
 import io
 import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ TRAINER_FILE = "trainer.pt"  # epoch, RNG states, LR schedule, best metric so fa
 OPTIMIZER_FILE = "optimizer.pt"  # only in full checkpoints
 MODEL_FORMAT = 2
 TTA_MODES = ("none", "dihedral")
+MAX_SIDE = 8192  # px: no model decodes or runs on larger squares; a bigger size in a spec is damage
 
 
 @dataclass
@@ -66,23 +68,75 @@ class ModelSpec:
 
     def load_network(self, directory: Path, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The network with the checkpoint's weights, in eval mode (one model: see `load_members`)."""
+        directory = Path(directory)
         if self.members:
             raise UserInputError(f"{directory}: a fold ensemble has one network per member (load_members)")
-        model = self.build()
-        model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True))
+        try:
+            model = self.build()
+        except (UserInputError, TypeError, ValueError) as exc:  # an architecture or config no model takes
+            raise UserInputError(f"{directory / SPEC_FILE}: cannot build its network ({first_line(exc)})") from None
+        weights = directory / WEIGHTS_FILE
+        state = read_weights(weights)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, ValueError) as exc:  # e.g. a class count the weights were not trained for
+            raise UserInputError(f"{weights}: does not fit the network {SPEC_FILE} describes "
+                                 f"({mismatch(exc)})") from None
         return model.to(device).eval()
 
     def load_members(self, directory: Path, device: str | torch.device = "cpu") -> list[torch.nn.Module]:
         """Every network of the model: its fold members' (each a checkpoint folder of its own), or its one."""
         if not self.members:
             return [self.load_network(directory, device)]
-        return [load_spec(Path(directory) / member).load_network(Path(directory) / member, device)
-                for member in self.members]
+        directory = Path(directory)
+        networks = []
+        for member in self.members:
+            folder = directory / member
+            # A member is a folder inside the model's own (a link out of it is refused like '..').
+            if not folder.resolve().is_relative_to(directory.resolve()) or not folder.is_dir():
+                raise UserInputError(f"{directory / SPEC_FILE}: member {member!r} is no folder inside the model folder")
+            spec = load_spec(folder)
+            if (spec.classes, spec.channels, spec.kind) != (self.classes, self.channels, self.kind):
+                raise UserInputError(f"{folder / SPEC_FILE}: classes, channels or kind differ from the "
+                                     f"ensemble's {directory / SPEC_FILE}")
+            networks.append(spec.load_network(folder, device))
+        return networks
 
 
-def spec_from_json(document: dict, source: str = SPEC_FILE) -> ModelSpec:
-    """A spec of any format this version reads; newer formats and unknown fields are refused."""
-    version = int(document.get("format", 1))
+def read_weights(path: Path) -> dict:
+    """A checkpoint's state_dict, or one line naming the file that is missing or damaged."""
+    if not path.is_file():
+        raise UserInputError(f"{path}: missing (the model's weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways (KeyError, EOFError, RuntimeError, UnpicklingError)
+        raise UserInputError(f"{path}: not a weights file ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserInputError(f"{path}: not a weights file (a {type(state).__name__}, not a state_dict)")
+    return state
+
+
+def first_line(exc: Exception, limit: int = 200) -> str:
+    """An exception's message as one short line (a library's may run over many)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def mismatch(exc: Exception) -> str:
+    """The first problem of torch's multi-line 'Error(s) in loading state_dict for X:' (the header says none)."""
+    lines = str(exc).splitlines()
+    return first_line(Exception("\n".join(lines[1:])) if len(lines) > 1 else exc)
+
+
+def spec_from_json(document, source: str = SPEC_FILE) -> ModelSpec:
+    """A spec of any format this version reads, every field checked (type, range) before anything is
+    built from it; newer formats, unknown or missing fields and damaged values are refused by name."""
+    if not isinstance(document, dict):
+        raise UserInputError(f"{source}: not a model spec (a JSON {json_type(document)}, not an object)")
+    version = document.get("format", 1)
+    if not is_int(version) or version < 1:
+        raise UserInputError(f"{source}: format {shown(version)}: must be a model format number (1, 2, ...)")
     if version > MODEL_FORMAT:
         raise UserInputError(f"{source}: model format {version} is newer than this tune-cells reads "
                              f"({MODEL_FORMAT}); upgrade tune-cells")
@@ -90,10 +144,109 @@ def spec_from_json(document: dict, source: str = SPEC_FILE) -> ModelSpec:
     unknown = sorted(set(document) - known)
     if unknown:
         raise UserInputError(f"{source}: unknown model field {unknown[0]!r} for format {version}")
+    required = [f.name for f in fields(ModelSpec) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in document]
+    if missing:
+        raise UserInputError(f"{source}: no {missing[0]!r} field (required)")
+    for name, value in document.items():
+        problem = FIELD_CHECKS[name](value)
+        if problem:
+            raise UserInputError(f"{source}: {name} {shown(value)}: {problem}")
     spec = ModelSpec(**document)
     if spec.tta not in TTA_MODES:
         raise UserInputError(f"{source}: tta {spec.tta!r}; known: {', '.join(TTA_MODES)}")
+    for name in ("mean", "std"):
+        if len(getattr(spec, name)) != spec.channels:
+            raise UserInputError(f"{source}: {name} has {len(getattr(spec, name))} values for {spec.channels} "
+                                 "channel(s)")
+    stray = sorted(set(spec.thresholds) - set(spec.classes))
+    if stray:
+        raise UserInputError(f"{source}: thresholds name {stray[0]!r}, which is not one of its classes")
     return spec
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no size
+
+
+def is_number(value) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)  # JSON's NaN and Infinity are read as floats
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def shown(value, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_text(value) -> str | None:
+    return None if isinstance(value, str) and value.strip() else "must be a non-empty string"
+
+
+def check_size(minimum: int):
+    def check(value) -> str | None:
+        return None if is_int(value) and minimum <= value <= MAX_SIDE else f"must be a whole number of px, {minimum} to {MAX_SIDE}"
+    return check
+
+
+def check_channels(value) -> str | None:
+    return None if is_int(value) and value in (1, 3) else "must be 1 (grey) or 3 (RGB)"
+
+
+def check_names(value) -> str | None:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        return "must be a list of one or more names"
+    return None if len(set(value)) == len(value) else "names a class twice"
+
+
+def check_numbers(positive: bool):
+    def check(value) -> str | None:
+        if not isinstance(value, list) or not value or not all(is_number(v) for v in value):
+            return "must be a list of finite numbers"
+        return "must be above 0 (inputs are divided by it)" if positive and min(value) <= 0 else None
+    return check
+
+
+def check_temperature(value) -> str | None:
+    return None if is_number(value) and value > 0 else "must be a finite number above 0 (logits are divided by it)"
+
+
+def check_members(value) -> str | None:
+    """Fold members are folders directly inside the model folder: no path that could lead out of it."""
+    if not isinstance(value, list):
+        return "must be a list of member folder names"
+    for member in value:
+        if not isinstance(member, str) or member in ("", ".", "..") or any(c in member for c in "/\\\0"):
+            return f"member {shown(member)} is not a folder name inside the model folder"
+    return None if len(set(value)) == len(value) else "names a member twice"
+
+
+def check_thresholds(value) -> str | None:
+    if not isinstance(value, dict) or not all(is_number(v) and 0 <= v <= 1 for v in value.values()):
+        return "must map targets to thresholds from 0 to 1"
+    return None
+
+
+def check_object(value) -> str | None:
+    return None if isinstance(value, dict) else "must be a JSON object"
+
+
+FIELD_CHECKS = {
+    "task": check_text, "architecture": check_text, "classes": check_names, "channels": check_channels,
+    "store_size": check_size(0),  # 0: a segmenter decodes at each image's own size (a classifier needs >= 1)
+    "image_size": check_size(1), "mean": check_numbers(False), "std": check_numbers(True), "config": check_object,
+    "format": lambda value: None, "kind": check_text, "members": check_members, "temperature": check_temperature,
+    "tta": check_text, "thresholds": check_thresholds, "input_stem": check_text,
+}
 
 
 def save_checkpoint(directory: Path, model: torch.nn.Module, spec: ModelSpec, trainer_state: dict | None = None,
@@ -118,8 +271,19 @@ def save_spec(directory: Path, spec: ModelSpec) -> None:
 
 
 def load_spec(directory: Path) -> ModelSpec:
+    """A checkpoint folder's spec, or one line naming its model.json (missing, unreadable, not JSON, damaged)."""
     path = Path(directory) / SPEC_FILE
-    return spec_from_json(json.loads(path.read_text()), str(path))
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserInputError(f"{path}: missing (the model's spec)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserInputError(f"{path}: cannot read ({type(exc).__name__})") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    return spec_from_json(document, str(path))
 
 
 def strip_training_state(directory: Path) -> None:

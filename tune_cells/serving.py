@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from tune_cells.errors import UserInputError
-from tune_cells.tracking import MODEL_CODE_FILE, Tracker, model_checkpoint
+from tune_cells.tracking import MODEL_CODE_FILE, Tracker
+from tune_cells.tracking_registry import load_registered_predictor
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,13 @@ def load_served_model(tracker: Tracker, model_uri: str, path_root: Path | None):
     from mlflow.models import Model
     from mlflow.pyfunc import PyFuncModel
 
-    from tune_cells.kinds import get_kind, load_predictor
+    from tune_cells.kinds import get_kind
     from tune_cells.pyfunc import TuneCellsModel
 
     with tempfile.TemporaryDirectory(prefix="tune-cells-serve-") as folder:
         model_dir = tracker.download_model(model_uri, Path(folder))
         check_model_code(model_dir, model_uri)
-        predictor = load_predictor(model_checkpoint(model_dir, model_uri))
+        predictor = load_registered_predictor(model_dir, model_uri)
     spec = predictor.spec
     python_model = TuneCellsModel(predictor, serving=True, path_root=path_root)
     # The signature MLflow enforces on requests, as log_model stored it: the kind's, from the spec.

@@ -3,6 +3,7 @@ registering checkpoints as models, versions, aliases, and loading them back."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import warnings
@@ -126,10 +127,8 @@ class RegistryMixin:
         """A registered model's predictor (an ImageClassifier, or an ImageSegmenter for a
         segmentation model), rebuilt from its checkpoint (JSON spec and state_dict) by the project's
         own loader: nothing stored with the model is run."""
-        from tune_cells.kinds import load_predictor
-
         with tempfile.TemporaryDirectory(prefix="tune-cells-model-") as folder:
-            return load_predictor(model_checkpoint(self.download_model(model_uri, Path(folder)), model_uri))
+            return load_registered_predictor(self.download_model(model_uri, Path(folder)), model_uri)
 
     def download_model(self, model_uri: str, into: Path) -> Path:
         """Copy a registered model's folder (MLmodel, code file, checkpoint) into the local folder `into`."""
@@ -177,6 +176,21 @@ def model_checkpoint(model_dir: Path, model_uri: str) -> Path:
     if folder is None or not folder.is_relative_to(model_dir.resolve()) or not folder.is_dir():
         raise UserInputError(f"{model_uri}: not a tune-cells model (its MLmodel file names no checkpoint folder)")
     return folder
+
+
+def load_registered_predictor(model_dir: Path, model_uri: str):
+    """The predictor of a downloaded model folder. A damaged checkpoint is named by the model's URI
+    and the file's path inside the checkpoint: the download folder is gone when the user reads it."""
+    from tune_cells.kinds import load_predictor
+
+    checkpoint = model_checkpoint(model_dir, model_uri)
+    try:
+        return load_predictor(checkpoint)
+    except UserInputError as exc:
+        message = str(exc)
+        for folder in (checkpoint, model_dir.resolve(), model_dir):  # the checkpoint first: it lies inside
+            message = message.replace(f"{folder}{os.sep}", "")
+        raise UserInputError(f"{model_uri}: {message}") from None
 
 
 def logged_model_id(version) -> str | None:

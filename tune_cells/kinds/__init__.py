@@ -25,6 +25,9 @@ def get_kind(name: str) -> TaskKind:
 
 def load_predictor(directory: Path, device: str = PREDICTION_DEVICE):
     """A checkpoint's predictor, by the kind its spec names."""
-    from tune_cells.model_io import load_spec
+    from tune_cells.model_io import SPEC_FILE, load_spec
 
-    return get_kind(load_spec(directory).kind).load_predictor(directory, device)
+    kind = load_spec(directory).kind
+    if kind not in KINDS:
+        raise UserInputError(f"{Path(directory) / SPEC_FILE}: kind {kind!r}; known: {', '.join(KINDS)}")
+    return KINDS[kind].load_predictor(directory, device)
