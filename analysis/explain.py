@@ -42,35 +42,44 @@ def attributions(model: torch.nn.Module, x: torch.Tensor, target: int, steps: in
 
 def explain_file(classifier, path: Path, output: Path, steps: int = 32, stem: str | None = None) -> dict:
     """Write `<output>/<stem>_attributions.png` (the file's stem by default); return the prediction shown."""
-    image = classifier.decode_path(path)
-    x = classifier.preset(image[None]).to(classifier.device)
-    with torch.no_grad():
-        probs = torch.softmax(classifier.model(x), 1)[0].cpu().numpy()
+    output.mkdir(parents=True, exist_ok=True)
+    return explain_image(classifier, classifier.decode_path(path), Path(path).name,
+                         output / f"{stem or Path(path).stem}_attributions.png", steps)
+
+
+def explain_image(classifier, image: np.ndarray, name: str, figure: Path, steps: int = 32) -> dict:
+    """Write the attribution grid of one decoded image to the new file `figure` (never replacing
+    one); return the prediction shown, the model's own as `predict` gives it."""
+    # The class and probability shown are `predict_proba`'s: with the model's temperature and test-time
+    # augmentation. The maps are computed on the plain network (a fold ensemble: its members' mean
+    # probability) for the one view the model sees without augmentation: attribution follows one
+    # differentiable forward pass, and the eight TTA views would each need their own maps.
+    probs = classifier.predict_proba(image[None])[0]
     target = int(probs.argmax())
+    x = classifier.preset(image[None]).to(classifier.device)
     maps = attributions(classifier.model, x, target, steps)
     shown = _display_image(x[0].cpu(), classifier.preset)
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), dpi=110)
     axes[0].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
-    axes[0].set_title(f"input: {classifier.spec.classes[target]} (p={probs[target]:.2f})", fontsize=9)
+    axes[0].set_title(f"input: {classifier.spec.classes[target]} (p={probs[target]:.3f})", fontsize=9)
     grey = shown if shown.ndim == 2 else shown.mean(-1)
-    for ax, (name, values) in zip(axes[1:], maps.items()):
+    for ax, (method, values) in zip(axes[1:], maps.items()):
         ax.imshow(grey, cmap="gray")
-        signed = name == METHODS[2]  # occlusion: drop in the class score, positive = evidence
+        signed = method == METHODS[2]  # occlusion: drop in the class score, positive = evidence
         # Clip at the 99th percentile: a few extreme pixels (squared in SmoothGrad²) would hide the rest.
         limit = float(np.percentile(np.abs(values), 99)) or float(np.abs(values).max()) or 1.0
         ax.imshow(values, cmap="bwr" if signed else "inferno", alpha=0.6,
                   vmin=-limit if signed else 0, vmax=limit)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(method, fontsize=9)
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle(f"{Path(path).name}: attributions for {classifier.spec.classes[target]}", fontsize=10)
+    fig.suptitle(f"{name}: attributions for {classifier.spec.classes[target]}", fontsize=10)
     fig.tight_layout()
-    output.mkdir(parents=True, exist_ok=True)
-    target_file = output / f"{stem or Path(path).stem}_attributions.png"
-    fig.savefig(target_file)
+    with open(figure, "xb") as file:  # "x": a file that appeared since the command's check is not replaced
+        fig.savefig(file, format="png")
     plt.close(fig)
-    return {"path": str(path), "predicted_class": classifier.spec.classes[target], "probability": float(probs[target]),
-            "figure": str(target_file)}
+    return {"predicted_class": classifier.spec.classes[target], "probability": float(probs[target]),
+            "figure": str(figure)}
 
 
 def _display_image(x: torch.Tensor, preset) -> np.ndarray:

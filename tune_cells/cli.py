@@ -236,16 +236,17 @@ def report(experiment, run_id, output, workdir, tracking_uri):
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model-uri", default=None, help="Model to explain [default: models:/tune-cells-TASK@champion].")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="Folder for the image grids [default: WORKDIR/explanations/TASK-<time>].")
+              help="Folder for the image grids [default: WORKDIR/explanations/TASK-<time>]; an existing file "
+                   "is not overwritten.")
 @click.option("--steps", type=int, default=32, show_default=True, help="Integration steps of integrated gradients.")
 @workdir_option
 @tracking_option
 def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     """Captum attribution maps (integrated gradients, noise tunnel, occlusion) of TASK's champion for
     images (files or folders): one PNG grid per image."""
-    from tune_cells.analysis.explain import explain_file
-    from tune_cells.output_files import unique_stems
-    from tune_cells.predict import collect_images
+    from tune_cells.analysis.explain import explain_image
+    from tune_cells.output_files import check_output_folder, refuse_existing, unique_stems
+    from tune_cells.predict import collect_images, decode_files
 
     if steps < 2:
         raise UserInputError(f"--steps {steps}: must be at least 2")
@@ -255,14 +256,17 @@ def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     if not spec.kind.explainable:
         raise UserInputError(f"explain supports classification tasks; {task} is {spec.kind.name} "
                              "(its masks and overlays come from `tune-cells predict`)")
+    # Before any work: the folder can take files, and none of the grids would replace one.
+    output = check_output_folder(output or model.workdir.explanations(spec.name))
+    figures = [output / f"{stem}_attributions.png" for stem in unique_stems([f.name for f in files])]
+    for figure in figures:
+        refuse_existing(figure)
     classifier = model.tracker.load_classifier(model.uri)
-    output = output or model.workdir.explanations(spec.name)
-    for file, stem in zip(files, unique_stems([f.name for f in files])):
-        try:
-            shown = explain_file(classifier, file, output, steps, stem)
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
-        click.echo(f"{file}: {shown['predicted_class']} (p={shown['probability']:.3f}) -> {shown['figure']}")
+    images = decode_files(classifier, files)  # every input, before the first grid is written
+    output.mkdir(parents=True, exist_ok=True)
+    for file, image, figure in zip(files, images, figures):
+        shown = explain_image(classifier, image, file.name, figure, steps)
+        click.echo(f"{file}: {shown['predicted_class']} (p={shown['probability']:.4f}) -> {shown['figure']}")
     click.echo(f"\n{len(files)} attribution grids of {model.uri} in {output}")
 
 

@@ -15,20 +15,36 @@ def check_new_file(output: Path) -> Path:
     Folders it needs and a probe file are made, then removed again."""
     output = Path(output).expanduser().absolute()
     refuse_existing(output)
-    made = missing_folders(output.parent)
-    existing = made[-1].parent if made else output.parent
+    probe_folder(output.parent, output)
+    return output
+
+
+def check_output_folder(folder: Path) -> Path:
+    """`folder` as an absolute path, if files can be written in it: a folder that exists, or one that
+    can be made (it is made to probe, then removed again). Not a file, not read-only."""
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"--output {folder}: is a file, not a folder")
+    probe_folder(folder, folder)
+    return folder
+
+
+def probe_folder(folder: Path, output: Path) -> None:
+    """Exit 2 naming `--output OUTPUT` unless a file can be written in `folder`: the folders it
+    needs and a probe file are made, then removed again."""
+    made = missing_folders(folder)
+    existing = made[-1].parent if made else folder
     if not existing.is_dir():
         raise UserInputError(f"--output {output}: {existing} is not a folder")
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".probe")
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{output.name}.", suffix=".probe")
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
         raise UserInputError(f"--output {output}: cannot write there ({exc.strerror or type(exc).__name__})") from None
     finally:
         remove_folders(made)
-    return output
 
 
 def check_writable_folder(folder: Path) -> None:

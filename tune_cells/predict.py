@@ -32,12 +32,19 @@ def predict_files(tracker, model_uri: str, task: TaskSpec, files: list[Path], ma
     and overlays written to `mask_dir`."""
     tracker.resolve_model(model_uri, task.name)
     predictor = tracker.load_classifier(model_uri)
+    images = decode_files(predictor, files)
+    table = task.kind.predict_files(predictor, [f.name for f in files], images, mask_dir)
+    table.insert(0, "path", [str(f) for f in files])
+    return table
+
+
+def decode_files(predictor, files: list[Path]) -> list:
+    """Every file decoded as the model's training data was, before anything is written: one that
+    is no image is exit 2 naming it, and no output is left half-written."""
     images = []
     for file in files:
         try:
             images.append(predictor.decode_path(file))
         except (OSError, ValueError, SyntaxError) as exc:
             raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
-    table = task.kind.predict_files(predictor, [f.name for f in files], images, mask_dir)
-    table.insert(0, "path", [str(f) for f in files])
-    return table
+    return images

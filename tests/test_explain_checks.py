@@ -1,0 +1,108 @@
+"""`tune-cells explain` checks before it works and shows what `predict` says: it never replaces a
+file, refuses an --output it cannot write in one line, decodes every input before the first grid is
+written, and labels a map with the model's own class and probability (temperature and test-time
+augmentation included).
+
+The model is a copy of the format-1 fixture (tests/fixtures/model-format1) with a temperature and
+dihedral test-time augmentation, registered as the nuclei champion in a fresh store: no search.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import FORMAT1_MODEL, model_copy, register_model_folder
+
+IMAGES = FORMAT1_MODEL.parent / "model-format1-images"
+
+
+@pytest.fixture
+def champion(tmp_path, capsys):
+    """A workdir whose nuclei champion has temperature 2.5 and dihedral TTA, and two of its images."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    register_model_folder(workdir, model_copy(tmp_path, "calibrated", format=2, temperature=2.5, tta="dihedral"),
+                          alias="champion")
+    for name in ("0.png", "1.png"):
+        shutil.copy(IMAGES / name, tmp_path / name)
+    capsys.readouterr()  # MLflow's log of creating the store is not the command's
+    return {"workdir": workdir, "images": [tmp_path / "0.png", tmp_path / "1.png"]}
+
+
+def explain(run_cli, champion, *args):
+    return run_cli("explain", "nuclei", *args, "--steps", 2, "--workdir", champion["workdir"])
+
+
+def test_explain_never_replaces_a_file(run_cli, champion, tmp_path):
+    output = tmp_path / "final" / "ex"
+    output.mkdir(parents=True)
+    mine = output / "1_attributions.png"
+    mine.write_text("mine\n")
+    result = explain(run_cli, champion, *champion["images"], "--output", output)
+    assert result.code == 2 and result.err.strip() == f"tune-cells: error: --output {mine}: already exists (not overwritten)"
+    assert mine.read_text() == "mine\n" and [p.name for p in output.iterdir()] == [mine.name]  # 0.png's not written
+
+
+def test_an_output_that_is_no_folder_is_refused_before_any_work(run_cli, champion, tmp_path):
+    card = tmp_path / "out" / "card.md"
+    card.parent.mkdir()
+    card.write_text("mine\n")
+    for output, line in [(card, f"--output {card}: is a file, not a folder"),
+                         (card / "sub", f"--output {card / 'sub'}: {card} is not a folder")]:
+        result = explain(run_cli, champion, champion["images"][0], "--output", output)
+        assert result.code == 2 and result.err.strip() == f"tune-cells: error: {line}", result.err
+    assert card.read_text() == "mine\n"
+
+
+def writable(folder) -> bool:
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return False
+    os.close(handle)
+    os.unlink(probe)
+    return True
+
+
+def test_a_read_only_output_is_refused_before_any_work(run_cli, champion, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    # root writes in a 0o555 folder anyway; sysfs refuses even root
+    read_only = next((f for f in (read_only, Path("/sys")) if f.is_dir() and not writable(f)), None)
+    if read_only is None:
+        pytest.skip("no folder here that this user cannot write in")
+    result = explain(run_cli, champion, champion["images"][0], "--output", read_only)
+    assert result.code == 2 and re.fullmatch(rf"tune-cells: error: --output {re.escape(str(read_only))}: cannot write there "
+                                             r"\((Permission denied|Read-only file system)\)\n", result.err), result.err
+
+
+def test_an_input_that_is_no_image_stops_explain_before_anything_is_written(run_cli, champion, tmp_path):
+    text = tmp_path / "text.png"
+    text.write_text("not an image\n")
+    output = tmp_path / "explained"
+    result = explain(run_cli, champion, champion["images"][0], text, "--output", output)
+    assert result.code == 2 and result.err.strip() == f"tune-cells: error: {text}: cannot decode (UnidentifiedImageError)"
+    assert not output.exists()  # not even the first image's grid
+
+
+def test_explain_labels_its_maps_with_the_class_and_probability_predict_gives(run_cli, champion, tmp_path):
+    predicted = run_cli("predict", "nuclei", *champion["images"], "--workdir", champion["workdir"],
+                        "--output", tmp_path / "predicted.csv")
+    assert predicted.code == 0, predicted.err
+    table = pd.read_csv(tmp_path / "predicted.csv")
+    output = tmp_path / "explained"
+    result = explain(run_cli, champion, *champion["images"], "--output", output)
+    assert result.code == 0, result.err
+    for image, row in zip(champion["images"], table.itertuples()):
+        shown = re.search(rf"^{re.escape(str(image))}: (\w+) \(p=([0-9.]+)\) -> (.+)$", result.out, re.M)
+        assert shown, result.out
+        assert shown[1] == row.predicted_class
+        assert float(shown[2]) == pytest.approx(getattr(row, f"prob_{row.predicted_class}"), abs=5e-5)
+        assert shown[3] == str(output / f"{image.stem}_attributions.png") and os.path.isfile(shown[3])
