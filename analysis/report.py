@@ -17,7 +17,7 @@ import yaml
 
 from tune_cells.analysis import search_plots
 from tune_cells.errors import UserInputError
-from tune_cells.output_files import check_writable_folder
+from tune_cells.output_files import check_output_folder
 from tune_cells.paths import WorkDir
 from tune_cells.promotion_rank import OFFERED_FOR_PROMOTION, promoted_value
 
@@ -110,7 +110,7 @@ def check_output(folder: Path) -> None:
     if folder.is_dir() and any(folder.iterdir()) and not (folder / REPORT_PAGE).exists():
         raise UserInputError(f"--output {folder}: holds other files and no report; give a new or empty folder "
                              "(the report writes trials.csv, report.html and its figures there)")
-    check_writable_folder(folder)
+    check_output_folder(folder)
 
 
 def _search_run(tracker, experiment: str | None, run_id: str | None):

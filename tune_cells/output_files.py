@@ -47,25 +47,6 @@ def probe_folder(folder: Path, output: Path) -> None:
         remove_folders(made)
 
 
-def check_writable_folder(folder: Path) -> None:
-    """Exit 2 up front where files cannot be written into `folder` (a file on its path, no
-    permission); folders it needs and a probe file are made, then removed again."""
-    folder = Path(folder).expanduser().absolute()
-    made = missing_folders(folder)
-    existing = made[-1].parent if made else folder
-    if not existing.is_dir():
-        raise UserInputError(f"--output {folder}: {existing} is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=".tune-cells.", suffix=".probe")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UserInputError(f"--output {folder}: cannot write there ({exc.strerror or type(exc).__name__})") from None
-    finally:
-        remove_folders(made)
-
-
 def refuse_existing(path: Path) -> None:
     """Exit 2 where `path` is a folder or anything already there (a file, a link): never replaced."""
     if path.is_dir():
