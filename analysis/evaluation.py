@@ -21,6 +21,7 @@ from tune_cells.errors import UserInputError
 from tune_cells.paths import WorkDir
 from tune_cells.tasks import TaskSpec
 from tune_cells.tracking import Tracker
+from tune_cells.tracking_registry import is_absent
 
 SEGMENTATION_HEADLINE = ("test_dice", "test_pooled_dice", "test_jaccard")
 _TEST_LINE = "On the test part"
@@ -107,7 +108,11 @@ def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir
         with tempfile.TemporaryDirectory(prefix="tune-cells-split-") as folder:
             try:
                 fetched = Path(tracker.client.download_artifacts(parent_run_id, logged, folder))
-            except (MlflowException, OSError):  # no such artifact, or no such run
+            except MlflowException as exc:  # no such artifact or run; a failing store is raised as it is
+                if not is_absent(exc):
+                    raise
+                fetched = None
+            except OSError:  # a local artifact folder without the file
                 fetched = None
             if fetched is not None and fetched.is_file():
                 workdir.splits.mkdir(parents=True, exist_ok=True)

@@ -48,17 +48,24 @@ def test_hep2_training_and_test_folders_keep_test_as_the_test_part(tmp_path):
     assert parts["val"] and all(p.startswith("training/") for p in parts["train"] + parts["val"])
 
 
-@pytest.mark.parametrize("folders, edit, message", [
-    (["validation", "test"], None, "validation/, test/ without training/"),
-    (["training", "validation", "test"], "empty test", "test: none of its images is in gt_training.csv"),
-])
-def test_hep2_split_folders_that_cannot_make_a_split_are_refused(tmp_path, folders, edit, message):
-    write_hep2(tmp_path, folders)
-    if edit == "empty test":
-        for path in (tmp_path / "test").iterdir():
-            path.rename(tmp_path / "training" / path.name)
-    with pytest.raises(UserInputError, match=message):
+def test_hep2_split_folders_without_training_are_refused(tmp_path):
+    write_hep2(tmp_path, ["validation", "test"])
+    with pytest.raises(UserInputError, match="validation/, test/ without training/"):
         hep2.importer(tmp_path)
+
+
+def test_a_hep2_folder_without_labels_is_not_used_and_said_so(tmp_path, caplog):
+    """The contest ships an unlabelled test/: with training/ and validation/ labelled, validation/
+    stays the test part (an empty test part before), and test/'s images are no part at all."""
+    write_hep2(tmp_path, ["training", "validation", "test"], per_class=6)
+    csv = tmp_path / "gt_training.csv"
+    unlabelled = {path.stem.lstrip("0") for path in (tmp_path / "test").iterdir()}
+    csv.write_text("".join(line + "\n" for line in csv.read_text().splitlines() if line.split(",")[0] not in unlabelled))
+    with caplog.at_level("INFO", logger="tune_cells.data.importers"):
+        index = hep2.importer(tmp_path)
+    assert "test/: none of its images is in gt_training.csv: unlabelled, not used" in caplog.text
+    assert not any(path.startswith("test/") for path in index.items["path"])
+    assert set(index.items.loc[index.items["path"].str.startswith("validation/"), "split"]) == {"test"}
 
 
 def test_a_split_the_layout_fixes_may_not_leave_a_part_empty(tmp_path):
@@ -87,10 +94,11 @@ def test_lossless_masks_of_two_levels_mark_their_target(tmp_path, encoding):
 
 
 def test_a_jpeg_mask_is_thresholded_so_its_noise_is_no_target(tmp_path):
-    noise = np.zeros((16, 16), np.uint8)
-    noise[::3, ::5] = 2  # what compression leaves on a black mask
-    Image.fromarray(noise).save(tmp_path / "mask.jpg", quality=100)
+    faint = np.zeros((16, 16), np.uint8)
+    faint[4:12, 4:12] = 1  # what compression can leave on a black mask: two levels, 0 and 1, once decoded
+    Image.fromarray(faint).save(tmp_path / "mask.jpg", quality=100)
     with Image.open(tmp_path / "mask.jpg") as opened:
+        assert set(np.unique(np.asarray(opened)).tolist()) == {0, 1}
         assert not mask_array(opened).any()
 
 

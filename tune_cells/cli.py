@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from tune_cells.commands import register_commands
-from tune_cells.errors import Interrupted, UserInputError
+from tune_cells.errors import Interrupted, UserInputError, first_line
 from tune_cells.redact import CredentialFilter, without_credentials
 
 log = logging.getLogger("tune_cells")
@@ -346,16 +346,9 @@ def main() -> None:
         sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except Exception as exc:
         log.debug("traceback", exc_info=True)
-        click.echo(f"tune-cells: failed: {type(exc).__name__}: {_first_line(without_credentials(str(exc)))} (run with "
+        click.echo(f"tune-cells: failed: {type(exc).__name__}: {first_line(without_credentials(str(exc)))} (run with "
                    "-v for the traceback)", err=True)
         sys.exit(1)
-
-
-def _first_line(message: str) -> str:
-    """The contract is one line: a library's message (SQLAlchemy's adds the SQL and a link, MLflow's
-    a traceback) is cut to its first line; -v logs the whole of it."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    return lines[0] + (" (...)" if len(lines) > 1 else "") if lines else ""
 
 
 def _joined(message: str) -> str:

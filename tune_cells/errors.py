@@ -5,6 +5,13 @@ from __future__ import annotations
 import signal
 
 
+def first_line(message: str) -> str:
+    """A message cut to its first non-blank line, " (...)" marking the cut: the contract is one
+    line, and a library's message may add SQL, a link or a traceback (-v logs the whole of it)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[0] + (" (...)" if len(lines) > 1 else "") if lines else ""
+
+
 class UserInputError(Exception):
     """Bad input from the user: printed as one line on stderr, exit code 2, no traceback."""
 

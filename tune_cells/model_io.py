@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tune_cells.errors import UserInputError
+from tune_cells.config import MAX_SIDE
+from tune_cells.errors import UserInputError, first_line
 from tune_cells.models import create_model, select_hyperparameters
 from tune_cells.transforms import EvalPreset
 
@@ -31,7 +32,6 @@ TRAINER_FILE = "trainer.pt"  # epoch, RNG states, LR schedule, best metric so fa
 OPTIMIZER_FILE = "optimizer.pt"  # only in full checkpoints
 MODEL_FORMAT = 2
 TTA_MODES = ("none", "dihedral")
-MAX_SIDE = 8192  # px: no model decodes or runs on larger squares; a bigger size in a spec is damage
 
 
 @dataclass
@@ -74,7 +74,7 @@ class ModelSpec:
         try:
             model = self.build()
         except (UserInputError, TypeError, ValueError) as exc:  # an architecture or config no model takes
-            raise UserInputError(f"{directory / SPEC_FILE}: cannot build its network ({first_line(exc)})") from None
+            raise UserInputError(f"{directory / SPEC_FILE}: cannot build its network ({first_line(str(exc)) or type(exc).__name__})") from None
         weights = directory / WEIGHTS_FILE
         state = read_weights(weights)
         try:
@@ -116,17 +116,10 @@ def read_weights(path: Path) -> dict:
     return state
 
 
-def first_line(exc: Exception, limit: int = 200) -> str:
-    """An exception's message as one short line (a library's may run over many)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def mismatch(exc: Exception) -> str:
     """The first problem of torch's multi-line 'Error(s) in loading state_dict for X:' (the header says none)."""
     lines = str(exc).splitlines()
-    return first_line(Exception("\n".join(lines[1:])) if len(lines) > 1 else exc)
+    return first_line("\n".join(lines[1:]) if len(lines) > 1 else str(exc)) or type(exc).__name__
 
 
 def spec_from_json(document, source: str = SPEC_FILE) -> ModelSpec:

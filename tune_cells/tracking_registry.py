@@ -46,8 +46,10 @@ class RegistryMixin:
         """The version registered by a search (tag `search_run_id`), if it got that far, else None."""
         try:
             versions = self.client.search_model_versions(f"name='{name}' and tags.search_run_id='{search_run_id}'")
-        except MlflowException:  # no such registered model yet
-            return None
+        except MlflowException as exc:  # (an absent model gives no versions, not this)
+            if is_absent(exc):
+                return None
+            raise  # a failing registry is no answer: registering again would make a second version
         return min(versions, key=lambda v: int(v.version)) if versions else None
 
     def set_version_tags(self, name: str, version: str, tags: dict) -> None:
@@ -159,8 +161,12 @@ def is_absent(exc: MlflowException) -> bool:
     """The registry answered that the model, version or alias does not exist. MLflow says so with
     RESOURCE_DOES_NOT_EXIST, except for an absent alias or a version that is no number (also a
     version that does not exist): INVALID_PARAMETER_VALUE. Anything else (a server that fails, a
-    refused permission) is not an answer and must not read as "no champion"."""
-    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+    refused permission) is not an answer and must not read as "no champion"; nor is MLflow's own
+    INVALID_PARAMETER_VALUE for a client setting (two TLS options, a retry count out of range)."""
+    if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    message = str(exc)
+    return exc.error_code == "INVALID_PARAMETER_VALUE" and ("not found" in message or "must be an integer" in message)
 
 
 def model_checkpoint(model_dir: Path, model_uri: str) -> Path:

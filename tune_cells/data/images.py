@@ -175,7 +175,7 @@ MASK_THRESHOLD = 127  # masks may be lossy JPEG: grey values above this are fore
 
 
 def decode_mask(path: Path, scale: float = 1.0) -> np.ndarray:
-    """A binary mask (H×W uint8 0/1) at its own size times `scale`, thresholded at 127."""
+    """A binary mask (H×W uint8 0/1) at its own size times `scale` (read as `mask_array` says)."""
     with open_image(path) as image:
         return mask_array(image, scale)
 

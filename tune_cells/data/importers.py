@@ -6,6 +6,7 @@ classes non-empty) and raises UserInputError naming the culprit.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pandas as pd
 from tune_cells.data.groups import GROUP_COLUMN, GROUPS_CSV, read_groups_csv
 from tune_cells.data.images import DECODE_ERRORS, IMAGE_SUFFIXES, ImageIndex
 from tune_cells.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 
 def _name_some(values: list, limit: int = 3) -> str:
@@ -163,15 +166,13 @@ def import_hep2(root: Path) -> ImageIndex:
 
     All three folders: they are the split. training/ and validation/ only: validation/ is the test
     part (the contest's use of it) and validation is carved from training/. training/ and test/:
-    test/ is the test part, validation is carved from training/. Flat: split as usual.
+    test/ is the test part, validation is carved from training/. Flat: split as usual. A folder
+    none of whose images is in the CSV (the contest's unlabelled test/) is not used, and said so.
     """
     root = require_dir(root)
     csv_path = root / "gt_training.csv"
     ids, names = _read_label_csv(csv_path, ("Image ID", "Image class"), "gt_training.csv with 'Image ID,Image class'")
     folders = [name for name in _HEP2_FOLDERS if (root / name).is_dir()]
-    if folders and "training" not in folders:
-        raise UserInputError(f"{root}: {'/, '.join(folders)}/ without training/ (expected training/, and "
-                             "validation/ and test/ if the split is yours, or every image in one folder)")
     files: dict[int, tuple[str, str | None]] = {}  # image id -> (relative path, folder)
     for folder in folders or [None]:
         base = root / folder if folder else root
@@ -194,14 +195,16 @@ def import_hep2(root: Path) -> ImageIndex:
     missing = [v for v in ids if int(v) not in files]
     if missing:
         raise UserInputError(f"{csv_path}: rows without their image (NNNNN.png): {_name_some(missing)}")
-    own_split = {"training": "train", "validation": "val", "test": "test"} if len(folders) == 3 else \
-        {"validation": "test"} if set(folders) == {"training", "validation"} else \
-        {"test": "test"} if set(folders) == {"training", "test"} else {}
     rows = [files[int(v)] for v in ids]
-    listed = {folder for _, folder in rows}
-    unlisted = [folder for folder in folders if folder not in listed]
-    if unlisted:  # a part of the user's own split would be empty
-        raise UserInputError(f"{root / unlisted[0]}: none of its images is in {csv_path.name} (an empty part of the split)")
+    labelled = [folder for folder in folders if folder in {f for _, f in rows}]
+    for folder in sorted(set(folders) - set(labelled)):  # its images could be neither trained on nor scored
+        log.info("%s/: none of its images is in %s: unlabelled, not used", folder, csv_path.name)
+    if labelled and "training" not in labelled:
+        raise UserInputError(f"{root}: {'/, '.join(labelled)}/ without training/ (expected training/, and "
+                             "validation/ and test/ if the split is yours, or every image in one folder)")
+    own_split = {"training": "train", "validation": "val", "test": "test"} if len(labelled) == 3 else \
+        {"validation": "test"} if set(labelled) == {"training", "validation"} else \
+        {"test": "test"} if set(labelled) == {"training", "test"} else {}
     items = pd.DataFrame({
         "path": [path for path, _ in rows],
         "label": [classes[n.lower()] for n in names],
