@@ -192,8 +192,8 @@ def test_a_second_search_keeps_the_first_and_the_champion_moves_only_when_better
     again = cli_subprocess(["promote", "nuclei", f"0{challenger.version}", "--workdir", workdir], cwd=root)
     assert again.code == 0 and f"is version {challenger.version} already" in again.out, again.out + again.err
     champion = client.get_model_version_by_alias(model, "champion")
-    assert champion.tags["previous_champion"] == first_version  # not cleared by promoting it again
-    assert client.get_model_version_by_alias(model, "previous-champion").version == first_version
+    assert champion.tags["previous_champion"] == str(first_version)  # not cleared by promoting it again
+    assert str(client.get_model_version_by_alias(model, "previous-champion").version) == str(first_version)
 
 
 def test_registered_pyfunc_predicts_paths_and_base64_like_evaluation(search):

@@ -18,8 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tune_cells.errors import UserInputError
 
-MAX_SIDE = 8192  # px: no network input or decoded square is larger (a bigger size in a model spec is damage)
-
 log = logging.getLogger(__name__)
 
 
@@ -126,7 +124,7 @@ class ClassificationConfig(TrainerConfig):
     flip: bool = Field(True, description="random horizontal and vertical flips")
     rotate90: bool = Field(True, description="random right-angle turns (cells have no 'up')")
     affine: float = Field(0.0, ge=0, le=1, description="strength of random rotation, scale and shear")
-    image_size: int | None = Field(None, ge=8, le=MAX_SIDE, description="network input side [default: the task's "
+    image_size: int | None = Field(None, ge=8, description="network input side [default: the task's "
                                                                     "decoded size]")
     class_balance: Literal["none", "loss", "sampler"] = Field(
         "none", description="unequal classes: inverse-frequency weights in the training loss, or balanced "

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from tune_cells.config import MAX_SIDE
 from tune_cells.errors import UserInputError, first_line
 from tune_cells.models import create_model, select_hyperparameters
 from tune_cells.transforms import EvalPreset
@@ -32,6 +31,8 @@ TRAINER_FILE = "trainer.pt"  # epoch, RNG states, LR schedule, best metric so fa
 OPTIMIZER_FILE = "optimizer.pt"  # only in full checkpoints
 MODEL_FORMAT = 2
 TTA_MODES = ("none", "dihedral")
+# px: a spec with a larger square is damage. (A space may ask for more: that trial fails out of memory.)
+MAX_SIDE = 8192
 
 
 @dataclass
