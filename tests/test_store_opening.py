@@ -203,3 +203,20 @@ def test_training_data_that_is_gone_is_named_without_a_flag_the_command_lacks(ru
     said = one_line_refusals(run_cli, [["evaluate", "nuclei"], ["export", "nuclei"]], "--workdir", tmp_path / "work")
     assert said == {f"tune-cells: error: {gone}: the data this model was trained on is not there (moved or deleted?); "
                     "`tune-cells evaluate` scores other labelled data with --data DIR"}, said
+
+
+def test_a_copied_working_folder_is_told_where_its_artifacts_go(run_cli, tmp_path, caplog):
+    """MLflow keeps absolute artifact paths: a copy still logs into the folder it was copied from."""
+    original, copy = tmp_path / "store", tmp_path / "copy"
+    registered_store(original)
+    shutil.copytree(original, copy)
+    image = an_image(tmp_path)
+    with caplog.at_level("WARNING", logger="tune_cells.commands.opening"):
+        result = run_cli("predict", "nuclei", image, "--workdir", copy, "--output", tmp_path / "from-copy.csv")
+    assert result.code == 0, result.err
+    assert (f"{copy / 'mlflow.db'} keeps its artifacts in {original / 'artifacts' / 'tune-cells-nuclei'}, outside "
+            f"{copy} (a working folder copied from there?)") in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tune_cells.commands.opening"):
+        assert run_cli("predict", "nuclei", image, "--workdir", original, "--output", tmp_path / "there.csv").code == 0
+    assert "keeps its artifacts" not in caplog.text

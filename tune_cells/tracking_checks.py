@@ -83,6 +83,22 @@ def check_sqlite_store(path: Path) -> None:
         refuse(f"an SQLite database without MLflow's {' and '.join(missing)} table{'s' if len(missing) > 1 else ''}")
 
 
+def artifact_folders_elsewhere(path: Path, root: Path) -> list[Path]:
+    """The local artifact folders of the store's tune-cells experiments that exist outside `root`: a
+    working folder copied from elsewhere keeps the original's absolute paths (read-only). (A moved
+    one's are gone: `tracking_registry.require_local_artifacts` refuses it where artifacts are read.)"""
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as connection:
+            locations = [row[0] for row in connection.execute(
+                "SELECT artifact_location FROM experiments WHERE name LIKE 'tune-cells-%'")]
+    except sqlite3.Error:  # (checked as a store just before; a locked file is no answer)
+        return []
+    folders = [Path(unquote(urlparse(location).path)) for location in locations
+               if urlparse(location).scheme in ("file", "")]
+    return [folder for folder in folders if folder.exists() and not folder.resolve().is_relative_to(root.resolve())]
+
+
 def check_server(uri: str) -> None:
     """`/health` answers, and an MLflow REST call returns MLflow's JSON (a proxy or another web
     server on that port answers /health too, and the search would fail only after Ray started)."""

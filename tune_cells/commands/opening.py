@@ -8,12 +8,15 @@ nothing is created on the way (a store that is absent is reported, not made).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune_cells.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # (imported when a command runs: `tune-cells --help` stays fast)
     from tune_cells.paths import WorkDir
@@ -68,7 +71,7 @@ def require_store(tracker: Tracker, workdir: WorkDir, task: str = "TASK") -> Non
     existing sqlite file must be an MLflow store (MLflow would add its tables to any database); a
     server must answer and a database needs its driver (MLflow would retry for minutes, or fail
     over many lines)."""
-    from tune_cells.tracking_checks import check_sqlite_store, check_store, sqlite_path
+    from tune_cells.tracking_checks import artifact_folders_elsewhere, check_sqlite_store, check_store, sqlite_path
 
     if tracker.tracking_uri == f"sqlite:///{workdir.mlflow_db}":  # the workdir's own store (the default)
         name, value = "--workdir", workdir.root
@@ -80,6 +83,10 @@ def require_store(tracker: Tracker, workdir: WorkDir, task: str = "TASK") -> Non
     path = sqlite_path(tracker.tracking_uri)
     if path is not None:
         check_sqlite_store(path)
+        elsewhere = artifact_folders_elsewhere(path, workdir.root) if name == "--workdir" else []
+        if elsewhere:  # the artifacts a command logs land there, not in this folder
+            log.warning("%s keeps its artifacts in %s, outside %s (a working folder copied from there?): what this "
+                        "command logs is written there", path, elsewhere[0], workdir.root)
     else:
         from_variable = os.environ.get("MLFLOW_TRACKING_URI") == tracker.tracking_uri
         check_store(tracker.tracking_uri, "MLFLOW_TRACKING_URI" if from_variable else "--tracking-uri")
