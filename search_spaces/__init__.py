@@ -24,6 +24,7 @@ MLflow's params say `lr`. A file whose params are all fixed is a pinned configur
 from __future__ import annotations
 
 import math
+import reprlib  # values quoted in errors stay short (a YAML alias can expand to gigabytes)
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -307,7 +308,7 @@ def _check_alternatives(where: str, specs: list, earlier: list[str]) -> None:
         raise UserInputError(f"{where}: a list gives one range or choices per case; it is empty")
     for i, spec in enumerate(specs, 1):
         if not isinstance(spec, dict):
-            raise UserInputError(f"{where}: alternative {i} must be a range or choices with `when`, not {spec!r}")
+            raise UserInputError(f"{where}: alternative {i} must be a range or choices with `when`, not {reprlib.repr(spec)}")
         if not spec.get("when"):
             raise UserInputError(f"{where}: alternative {i} has no `when` (each alternative says which case it is "
                                  "for)")
@@ -346,7 +347,7 @@ def _check_when(where: str, when: Any, earlier: list[str]) -> None:
         if dep not in earlier:
             raise UserInputError(f"{where}: `when` refers to {dep!r}, which is not an earlier parameter")
         if not all(isinstance(v, _CHOICE_TYPES) for v in (wanted if isinstance(wanted, list) else [wanted])):
-            raise UserInputError(f"{where}: `when` gives {dep!r} {wanted!r}; give a value or a list of values")
+            raise UserInputError(f"{where}: `when` gives {dep!r} {reprlib.repr(wanted)}; give a value or a list of values")
 
 
 # What Optuna stores as a categorical choice; anything else (a mapping, a list) fails every trial.
@@ -354,7 +355,8 @@ _CHOICE_TYPES = (type(None), bool, int, float, str)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number (YAML's .nan and .inf are floats, and no range or step)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_choices(where: str, spec: dict) -> None:
@@ -363,7 +365,7 @@ def _check_choices(where: str, spec: dict) -> None:
         raise UserInputError(f"{where}: choices must be a non-empty list")
     for choice in choices:
         if not isinstance(choice, _CHOICE_TYPES):
-            raise UserInputError(f"{where}: choice {choice!r} is a {type(choice).__name__}; choices must be "
+            raise UserInputError(f"{where}: choice {reprlib.repr(choice)} is a {type(choice).__name__}; choices must be "
                                  "numbers, strings, booleans or null")
     for key in ("log", "step"):
         if key in spec:
@@ -374,7 +376,7 @@ def _check_scale(where: str, kind: str, spec: dict, low: float) -> None:
     """`log` and `step` as Optuna takes them: a boolean log, a positive step, never both."""
     log, step = spec.get("log", False), spec.get("step")
     if not isinstance(log, bool):
-        raise UserInputError(f"{where}: log must be true or false, not {log!r}")
+        raise UserInputError(f"{where}: log must be true or false, not {reprlib.repr(log)}")
     if log and low <= 0:
         raise UserInputError(f"{where}: a log scale needs low > 0")
     if step is None:
@@ -382,6 +384,6 @@ def _check_scale(where: str, kind: str, spec: dict, low: float) -> None:
     if log:
         raise UserInputError(f"{where}: give log or step, not both (Optuna samples a log scale without steps)")
     if not _is_number(step) or step <= 0:
-        raise UserInputError(f"{where}: step must be a number above 0, not {step!r}")
+        raise UserInputError(f"{where}: step must be a number above 0, not {reprlib.repr(step)}")
     if kind == "int" and not isinstance(step, int):
         raise UserInputError(f"{where}: an int step must be a whole number, not {step!r}")

@@ -200,3 +200,21 @@ def test_no_champion_and_a_bad_model_are_the_same_line_from_every_model_command(
         f"tune-cells: error: no version 7 of tune-cells-nuclei or tune-cells-nuclei-demo in {uri}"}
     (said,) = refusals(run_cli, [["card", "nuclei", "--version", "1", "--model-uri", "models:/x/1"]], workdir, image)
     assert "--version and --model-uri name the model twice" in said
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--seed", "-1"], "--seed -1: must be 0 to 4294967295"),
+    (["--seed", "4294967296"], "--seed 4294967296: must be 0 to 4294967295"),
+    (["--cpus-per-trial", "nan"], "--cpus-per-trial nan: must be above 0"),
+    (["--gpus-per-trial", "nan"], "--gpus-per-trial nan: must not be negative"),
+    (["--space", "{tmp}/nan.yaml"], "parameter 'lr': float needs [low, high]"),
+    (["--space", "{tmp}/long.yaml"], "choice [[1, 1, 1, 1, 1, 1, ...]] is a list"),
+])
+def test_search_values_that_would_fail_late_are_refused_in_one_short_line(run_cli, tmp_path, flags, said):
+    (tmp_path / "nan.yaml").write_text("params:\n  model: small_convnet\n  lr: {float: [.nan, 1.0e-2]}\n")
+    (tmp_path / "long.yaml").write_text("params:\n  model: small_convnet\n  width: {choices: [[[" + "1, " * 100000
+                                        + "1]]]}\n")  # a YAML alias can expand to far more
+    args = [flag.format(tmp=tmp_path) for flag in flags]
+    result = run_cli("search", "nuclei", *args, "--workdir", tmp_path / "w")
+    assert result.code == 2 and said in result.err and len(result.err) < 500, result.err[:500]
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()

@@ -351,9 +351,13 @@ def main() -> None:
         sys.exit(1)
 
 
+MAX_ERROR_CHARS = 2000  # a message quoting a value (a YAML alias can expand to gigabytes) is cut there
+
+
 def _joined(message: str) -> str:
-    """Our own message on one line, whole, should a quoted name or a library's reason hold a line break."""
-    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+    """Our own message on one line, should a quoted name or a library's reason hold a line break."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    return line if len(line) <= MAX_ERROR_CHARS else line[:MAX_ERROR_CHARS] + " (...)"
 
 
 register_commands(cli)  # the commands that live in tune_cells.commands

@@ -95,10 +95,12 @@ def check_options(opts: SearchOptions) -> None:
         raise UserInputError(f"--folds {opts.folds}: must be 1 (one validation part) to 20")
     if opts.reduction_factor < 2:
         raise UserInputError(f"--reduction-factor {opts.reduction_factor}: must be at least 2")
-    if opts.cpus_per_trial is not None and opts.cpus_per_trial <= 0:
+    if opts.cpus_per_trial is not None and not opts.cpus_per_trial > 0:  # (NaN is not above 0 either)
         raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: must be above 0")
-    if opts.gpus_per_trial is not None and opts.gpus_per_trial < 0:
+    if opts.gpus_per_trial is not None and not opts.gpus_per_trial >= 0:
         raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: must not be negative")
+    if not 0 <= opts.seed < 2**32:  # Optuna's and NumPy's seeds
+        raise UserInputError(f"--seed {opts.seed}: must be 0 to {2**32 - 1}")
     if opts.max_concurrent is not None and opts.max_concurrent < 1:
         raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
     if opts.max_store_size is not None and get_task(opts.task).max_store_size <= 0:
