@@ -13,7 +13,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from tune_cells.data.groups import apply_group_pattern
 from tune_cells.data.images import ImageIndex, ImageScan
@@ -27,7 +26,7 @@ from tune_cells.resources import check_local_resources
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
 from tune_cells.space_weights import fit_space_to_weights
 from tune_cells.tasks import TaskSpec, get_task
-from tune_cells.tracking_checks import check_store
+from tune_cells.tracking_checks import check_store, sqlite_path
 
 log = logging.getLogger(__name__)
 MIN_STORE_SIZE = 16  # --max-store-size below this leaves nothing to learn from
@@ -155,8 +154,9 @@ def prepare_workdir(workdir: Path) -> WorkDir:
 def check_tracking(uri: str, given_as: str = "--tracking-uri") -> None:
     """A sqlite file must be creatable; a server must be MLflow and answer; a database needs its
     driver; a file store is refused (see `tracking_checks`). Nothing is created here."""
-    if urlparse(uri).scheme == "sqlite":
-        check_workdir(Path(uri[len("sqlite:///"):]).parent)
+    path = sqlite_path(uri)
+    if path is not None:
+        check_workdir(path.parent)
     else:
         check_store(uri, given_as)
 

@@ -70,8 +70,10 @@ class Tracker(RegistryMixin):
 
     def store_exists(self) -> bool:
         """False for a sqlite store whose file is absent (so read-only commands do not create it)."""
-        parsed = urlparse(self.tracking_uri)
-        return parsed.scheme != "sqlite" or Path(self.tracking_uri[len("sqlite:///"):]).exists()
+        from tune_cells.tracking_checks import sqlite_path
+
+        path = sqlite_path(self.tracking_uri)
+        return path is None or path.exists()
 
     # --- runs ---------------------------------------------------------------------------
 

@@ -53,14 +53,21 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if urlparse(uri).scheme == "sqlite" else None
 
 
+def local_artifact_path(uri: str) -> Path | None:
+    """The folder of a local (file: or plain path) artifact location (None for a remote one)."""
+    parsed = urlparse(uri)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("file", "") else None
+
+
 # Tables every MLflow sqlite store has (alembic_version: MLflow's schema migrations).
 MLFLOW_TABLES = ("experiments", "alembic_version")
 
 
-def check_sqlite_store(path: Path) -> None:
+def check_sqlite_store(path: Path) -> list[str]:
     """An existing file is an MLflow sqlite store, read without writing: MLflow would otherwise create
     its tables in a user's other database or an empty file, and a damaged file or a folder fails
-    deep inside SQLAlchemy (a folder after minutes of retries)."""
+    deep inside SQLAlchemy (a folder after minutes of retries). Returns the artifact locations of its
+    tune-cells experiments, read in the same pass (none where the file is locked)."""
     def refuse(why: str) -> None:
         raise UserInputError(f"{path} is not an MLflow store ({why}): give the store a search wrote "
                              "(--workdir or --tracking-uri)")
@@ -74,28 +81,23 @@ def check_sqlite_store(path: Path) -> None:
     try:
         with closing(sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)) as connection:
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = [name for name in MLFLOW_TABLES if name not in tables]
+            locations = [] if missing else [row[0] for row in connection.execute(
+                "SELECT artifact_location FROM experiments WHERE name LIKE 'tune-cells-%'")]
     except sqlite3.OperationalError:  # locked or mid-rollback: no proof of a wrong file (MLflow waits or says)
-        return
+        return []
     except sqlite3.DatabaseError:  # "file is not a database"
         refuse("not an SQLite file: damaged, or another kind of file")
-    missing = [name for name in MLFLOW_TABLES if name not in tables]
     if missing:
         refuse(f"an SQLite database without MLflow's {' and '.join(missing)} table{'s' if len(missing) > 1 else ''}")
+    return locations
 
 
-def artifact_folders_elsewhere(path: Path, root: Path) -> list[Path]:
-    """The local artifact folders of the store's tune-cells experiments that exist outside `root`: a
-    working folder copied from elsewhere keeps the original's absolute paths (read-only). (A moved
-    one's are gone: `tracking_registry.require_local_artifacts` refuses it where artifacts are read.)"""
-    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
-    try:
-        with closing(sqlite3.connect(uri, uri=True)) as connection:
-            locations = [row[0] for row in connection.execute(
-                "SELECT artifact_location FROM experiments WHERE name LIKE 'tune-cells-%'")]
-    except sqlite3.Error:  # (checked as a store just before; a locked file is no answer)
-        return []
-    folders = [Path(unquote(urlparse(location).path)) for location in locations
-               if urlparse(location).scheme in ("file", "")]
+def artifact_folders_elsewhere(locations: list[str], root: Path) -> list[Path]:
+    """Those of the artifact `locations` that are local folders existing outside `root`: a working
+    folder copied from elsewhere keeps the original's absolute paths. (A moved one's are gone:
+    `tracking_registry.require_local_artifacts` refuses it where artifacts are read.)"""
+    folders = [folder for folder in map(local_artifact_path, locations) if folder is not None]
     return [folder for folder in folders if folder.exists() and not folder.resolve().is_relative_to(root.resolve())]
 
 

@@ -8,11 +8,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from mlflow.exceptions import MlflowException
 
 from tune_cells.errors import UserInputError
+from tune_cells.tracking_checks import local_artifact_path
 
 MODEL_CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")  # the pyfunc's models-from-code file
 CHAMPION, PREVIOUS_CHAMPION, CHALLENGER = "champion", "previous-champion", "challenger"
@@ -147,13 +148,13 @@ class RegistryMixin:
 def require_local_artifacts(artifact_uri: str, what: str) -> None:
     """Artifacts in a local folder must still be there: the store keeps their absolute path, so a
     working folder that was moved or copied points at the old place (MLflow fails over several lines)."""
-    parsed = urlparse(artifact_uri)
-    if parsed.scheme not in ("file", "") or Path(unquote(parsed.path)).exists():
+    folder = local_artifact_path(artifact_uri)
+    if folder is None or folder.exists():
         return
-    missing = Path(unquote(parsed.path))
+    missing = folder
     while not missing.parent.exists():  # the highest folder that is gone: the old working folder, if it moved
         missing = missing.parent
-    raise UserInputError(f"{what}: the store's artifacts are at {unquote(parsed.path)}, and {missing} no longer exists "
+    raise UserInputError(f"{what}: the store's artifacts are at {folder}, and {missing} no longer exists "
                          "(the working folder moved? the store keeps absolute paths: move it back)")
 
 

@@ -82,8 +82,8 @@ def require_store(tracker: Tracker, workdir: WorkDir, task: str = "TASK") -> Non
                              f"{value}` first, or give the {name} that search used")
     path = sqlite_path(tracker.tracking_uri)
     if path is not None:
-        check_sqlite_store(path)
-        elsewhere = artifact_folders_elsewhere(path, workdir.root) if name == "--workdir" else []
+        locations = check_sqlite_store(path)
+        elsewhere = artifact_folders_elsewhere(locations, workdir.root) if name == "--workdir" else []
         if elsewhere:  # the artifacts a command logs land there, not in this folder
             log.warning("%s keeps its artifacts in %s, outside %s (a working folder copied from there?): what this "
                         "command logs is written there", path, elsewhere[0], workdir.root)

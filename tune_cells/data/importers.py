@@ -196,7 +196,8 @@ def import_hep2(root: Path) -> ImageIndex:
     if missing:
         raise UserInputError(f"{csv_path}: rows without their image (NNNNN.png): {_name_some(missing)}")
     rows = [files[int(v)] for v in ids]
-    labelled = [folder for folder in folders if folder in {f for _, f in rows}]
+    with_rows = {folder for _, folder in rows}
+    labelled = [folder for folder in folders if folder in with_rows]
     for folder in sorted(set(folders) - set(labelled)):  # its images could be neither trained on nor scored
         log.info("%s/: none of its images is in %s: unlabelled, not used", folder, csv_path.name)
     if labelled and "training" not in labelled:
