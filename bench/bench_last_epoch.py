@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--swa-lr", type=float, metavar="F",
                         help="from the first averaged epoch the learning rate holds at lr x F (as `swa_lr`), "
                              "so every arm's epochs past the half train at it")
+    parser.add_argument("--deal-seed", type=int, metavar="S",
+                        help="deal the fields into folds with this seed [default: --seed], so runs of two training "
+                             "seeds share their folds and their maps average as one split's ensemble would")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="changes",
                         help="change one of the recipe's parameters for every arm (a YAML value), e.g. "
                              "--set scale=1.0 --set tile_size=256: full resolution with the same working view")
@@ -207,7 +210,8 @@ def main() -> None:
     groups = {str(g): sorted(items.loc[group_of == g, "path"]) for g in group_of.unique()}
     if len(groups) < args.folds:
         sys.exit(f"--folds {args.folds}: {args.data} has {len(groups)} groups (animals); at most that many folds")
-    folds = balanced_group_folds(groups, args.folds, args.seed)
+    deal_seed = args.seed if args.deal_seed is None else args.deal_seed
+    folds = balanced_group_folds(groups, args.folds, deal_seed)
     metric, targets = setup.task.metric, list(setup.index.classes)
     rules = ("validation-best epoch", "last epoch", "validation-best epoch, BatchNorm statistics recomputed",
              "last epoch, BatchNorm statistics recomputed",
@@ -263,7 +267,7 @@ def main() -> None:
 
     variant = "" if args.swa_lr is None else f", the rate held at lr x {args.swa_lr} over the averaged epochs"
     variant += "".join(f", {key} {value}" for key, value in changes.items())
-    print(f"\n{setup.task.name} ({args.data}), the recipe of {args.space or 'the default space'}{variant}, seed {args.seed}, {args.epochs} epochs, {args.folds} outer "
+    print(f"\n{setup.task.name} ({args.data}), the recipe of {args.space or 'the default space'}{variant}, seed {args.seed}{'' if deal_seed == args.seed else f' (folds dealt with seed {deal_seed})'}, {args.epochs} epochs, {args.folds} outer "
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n".join(lines))
     for t in targets:
