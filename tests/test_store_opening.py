@@ -6,8 +6,11 @@ minutes, and fail over several lines on a damaged file or a moved working folder
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -220,3 +223,44 @@ def test_a_copied_working_folder_is_told_where_its_artifacts_go(run_cli, tmp_pat
     with caplog.at_level("WARNING", logger="tune_cells.commands.opening"):
         assert run_cli("predict", "nuclei", image, "--workdir", original, "--output", tmp_path / "there.csv").code == 0
     assert "keeps its artifacts" not in caplog.text
+
+
+def as_a_reader(args: list, cwd: Path):
+    """`tune-cells ARGS` in a process that cannot write where the permission bits say no: root
+    writes anywhere, so it runs without CAP_DAC_OVERRIDE (setpriv), as a user who only reads would."""
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("runs as root, and setpriv (to drop root's right to write anywhere) is not installed")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([*prefix, sys.executable, "-m", "tune_cells", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # (two CLI processes, ~8 s each)
+def test_predict_reads_a_store_shared_read_only_and_writes_only_its_output(tmp_path, capsys):
+    workdir = tmp_path / "shared"
+    registered_store(workdir)
+    capsys.readouterr()
+    image = an_image(tmp_path)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    folders = [workdir, *(p for p in workdir.rglob("*") if p.is_dir())]
+    before = sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob("*"))
+    for path in [*workdir.rglob("*"), workdir]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        read = as_a_reader(["predict", "nuclei", image, "--workdir", workdir, "--output", mine / "p.csv"], mine)
+        assert read.returncode == 0, read.stderr
+        assert (mine / "p.csv").read_text().splitlines()[0] == "path,predicted_class,prob_a,prob_b"
+        # Without --output the CSV would go in the store's folder: one line says so, and how to avoid it.
+        default = as_a_reader(["predict", "nuclei", image, "--workdir", workdir], mine)
+        assert default.returncode == 2 and default.stderr == (
+            f"tune-cells: error: --workdir {workdir} (predictions go in it unless --output names another place): "
+            "cannot write there (Permission denied)\n"), default.stderr
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    assert sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
+    assert sorted(p.name for p in mine.iterdir()) == ["p.csv"]

@@ -150,13 +150,18 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 def predict(task, paths, model_uri, output, workdir, tracking_uri):
     """Predict images (files or folders) with TASK's champion: a CSV of classes and probabilities, or
     for segmentation of pixel counts per target, with masks and overlays in a folder beside it."""
-    from tune_cells.output_files import check_new_file
+    from tune_cells.output_files import check_new_file, default_output_name
     from tune_cells.predict import collect_images, predict_files
 
     files = collect_images(paths)
-    model = open_registered_model(task, workdir, tracking_uri, model_uri)
+    # Reads only (a store shared read-only works); it writes just the CSV, checked next.
+    model = open_registered_model(task, workdir, tracking_uri, model_uri, writes=False)
     spec = model.task
-    output = check_new_file(output or model.workdir.predictions(spec.name))  # before any image is predicted
+    if output is None:  # before any image is predicted
+        output = check_new_file(model.workdir.predictions(spec.name), default_output_name(model.workdir.root,
+                                                                                          "predictions"))
+    else:
+        output = check_new_file(output)
     mask_dir = output.with_name(output.stem + "-masks")
     if spec.kind.writes_masks and mask_dir.exists():
         raise UserInputError(f"{mask_dir}: already exists (not overwritten)")
@@ -245,19 +250,20 @@ def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     """Captum attribution maps (integrated gradients, noise tunnel, occlusion) of TASK's champion for
     images (files or folders): one PNG grid per image."""
     from tune_cells.analysis.explain import explain_image
-    from tune_cells.output_files import check_output_folder, refuse_existing, unique_stems
+    from tune_cells.output_files import check_output_folder, default_output_name, refuse_existing, unique_stems
     from tune_cells.predict import collect_images, decode_files
 
     if steps < 2:
         raise UserInputError(f"--steps {steps}: must be at least 2")
     files = collect_images(paths)
-    model = open_registered_model(task, workdir, tracking_uri, model_uri)
+    model = open_registered_model(task, workdir, tracking_uri, model_uri, writes=False)  # reads (as predict)
     spec = model.task
     if not spec.kind.explainable:
         raise UserInputError(f"explain supports classification tasks; {task} is {spec.kind.name} "
                              "(its masks and overlays come from `tune-cells predict`)")
     # Before any work: the folder can take files, and none of the grids would replace one.
-    output = check_output_folder(output or model.workdir.explanations(spec.name))
+    output = (check_output_folder(output) if output is not None else check_output_folder(
+        model.workdir.explanations(spec.name), default_output_name(model.workdir.root, "explanations")))
     figures = [output / f"{stem}_attributions.png" for stem in unique_stems([f.name for f in files])]
     for figure in figures:
         refuse_existing(figure)

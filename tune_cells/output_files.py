@@ -10,39 +10,48 @@ from pathlib import Path
 from tune_cells.errors import UserInputError
 
 
-def check_new_file(output: Path) -> Path:
+def check_new_file(output: Path, named: str | None = None) -> Path:
     """`output` as an absolute path, if a new file can be written there without replacing anything.
-    Folders it needs and a probe file are made, then removed again."""
+    Folders it needs and a probe file are made, then removed again. `named`: how an error names
+    the place (default `--output OUTPUT`; see `default_output_name`)."""
     output = Path(output).expanduser().absolute()
     refuse_existing(output)
-    probe_folder(output.parent, output)
+    probe_folder(output.parent, output, named)
     return output
 
 
-def check_output_folder(folder: Path) -> Path:
+def check_output_folder(folder: Path, named: str | None = None) -> Path:
     """`folder` as an absolute path, if files can be written in it: a folder that exists, or one that
     can be made (it is made to probe, then removed again). Not a file, not read-only."""
     folder = Path(folder).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
         raise UserInputError(f"--output {folder}: is a file, not a folder")
-    probe_folder(folder, folder)
+    probe_folder(folder, folder, named)
     return folder
 
 
-def probe_folder(folder: Path, output: Path) -> None:
-    """Exit 2 naming `--output OUTPUT` unless a file can be written in `folder`: the folders it
-    needs and a probe file are made, then removed again."""
+def default_output_name(workdir, what: str) -> str:
+    """How an error names an output the user did not give, which goes in the working folder: by the
+    flag they did give (--workdir) and the one that puts it elsewhere. A read-only working folder (a
+    shared store) is fine for the reading commands, so the way round it must be said."""
+    return f"--workdir {workdir} ({what} go in it unless --output names another place)"
+
+
+def probe_folder(folder: Path, output: Path, named: str | None = None) -> None:
+    """Exit 2 naming `named` (default `--output OUTPUT`) unless a file can be written in `folder`:
+    the folders it needs and a probe file are made, then removed again."""
+    named = named or f"--output {output}"
     made = missing_folders(folder)
     existing = made[-1].parent if made else folder
     if not existing.is_dir():
-        raise UserInputError(f"--output {output}: {existing} is not a folder")
+        raise UserInputError(f"{named}: {existing} is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(dir=folder, prefix=f".{output.name}.", suffix=".probe")
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise UserInputError(f"--output {output}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+        raise UserInputError(f"{named}: cannot write there ({exc.strerror or type(exc).__name__})") from None
     finally:
         remove_folders(made)
 

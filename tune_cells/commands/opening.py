@@ -37,8 +37,8 @@ def open_registered_model(task: str, workdir: Path, tracking_uri: str | None, mo
                           version: str | None = None, *, writes: bool = True) -> OpenedModel:
     """The model named by `model_uri` or `version` (of tune-cells-TASK, else tune-cells-TASK-demo),
     else the task's champion, checked to exist and to be a model of `task`. `writes`: the command
-    writes in the working folder (so it must be writable); read-only commands (card, serve) pass
-    False and work on a read-only folder."""
+    writes in the working folder (so it must be writable); read-only commands (card, serve, predict,
+    explain) pass False and work on a read-only folder (a store shared read-only)."""
     from tune_cells.tracking_registry import parse_model_uri
 
     if model_uri is not None and version is not None:  # flags first: refused before anything is opened
