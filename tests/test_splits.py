@@ -282,3 +282,57 @@ def test_identical_images_too_few_groups_to_split_is_exit_2(tmp_path):
     index = get_task("folder").importer(tmp_path)
     with pytest.raises(UserInputError, match="groups of related images are too few"):
         plan_split(tmp_path / "s.json", index, 0, image_hashes(index.root, list(index.items["path"])))
+
+
+def classes_per_part(split, index) -> dict[str, set[str]]:
+    label = dict(zip(index.items["path"], index.items["label"]))
+    return {part: {index.classes[label[p]] for p in paths} for part, paths in split.parts.items()}
+
+
+def test_every_part_gets_every_class_even_one_of_three_images(tmp_path):
+    """Stratifying rounds a class of 3 images among 300 to no validation or test image at all (0.45
+    of a 15% part): balanced accuracy would then describe 3 classes of 4."""
+    for name, labels in {"rare": [0] * 3 + [1, 2, 3] * 100, "tiny": [0, 1, 2, 3] * 3}.items():
+        index = get_task("nuclei").importer(write_kaggle(tmp_path / name, labels, size=8))
+        for seed in range(3):
+            split = plan_split(tmp_path / f"{name}{seed}.json", index, seed)
+            assert all(found == set(index.classes) for found in classes_per_part(split, index).values()), (name, seed)
+    assert split.sizes() == {"train": 4, "val": 4, "test": 4}  # 4 classes x 3 images: one of each per part
+
+
+def write_patients(root: Path, patients: dict[str, dict[str, int]]) -> Path:
+    """A folder-task dataset whose groups.csv names each image's patient: {patient: {class: images}}."""
+    rng = np.random.default_rng(2)
+    rows = ["path,group"]
+    for patient, classes in patients.items():
+        for cls, count in classes.items():
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            for n in range(count):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / cls / f"{patient}-{n}.png")
+                rows.append(f"{cls}/{patient}-{n}.png,{patient}")
+    (root / "groups.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_class_of_few_patients_is_in_every_part_and_no_patient_crosses_parts(tmp_path):
+    patients = {f"p{n}": {"common": 6, "other": 4} for n in range(12)}
+    for n in range(3):  # the rare class: three patients, one image each, each patient also with common images
+        patients[f"p{n}"]["rare"] = 1
+    index = get_task("folder").importer(write_patients(tmp_path / "d", patients))
+    for seed in range(5):
+        split = plan_split(tmp_path / f"{seed}.json", index, seed)
+        assert all(found == {"common", "other", "rare"} for found in classes_per_part(split, index).values()), seed
+        for patient in patients:
+            assert len({part for part, paths in split.parts.items() for p in paths if f"/{patient}-" in p}) == 1
+
+
+def test_a_class_all_of_one_patient_is_refused_naming_it(tmp_path):
+    patients = {f"p{n}": {"common": 5, "other": 5} for n in range(10)}
+    patients["p0"]["rare"] = 4  # four images, one patient: it cannot be in three parts
+    index = get_task("folder").importer(write_patients(tmp_path / "d", patients))
+    with pytest.raises(UserInputError) as refused:
+        plan_split(tmp_path / "s.json", index, 0)
+    assert str(refused.value) == (f"{index.root}: class rare has 4 images in 1 group(s) of related images (one "
+                                  "animal, patient or near-duplicate set each, never split): each of the 3 parts "
+                                  "needs one of its groups")
+    assert not (tmp_path / "s.json").exists()

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from tune_cells.data.class_cover import cover_classes, refuse_a_part_without_a_class, refuse_classes_in_too_few_groups
 from tune_cells.data.groups import group_keys, image_groups
 from tune_cells.data.images import ImageIndex
 from tune_cells.errors import UserInputError
@@ -117,27 +118,34 @@ def make_parts(index: ImageIndex, seed: int, groups: list[str | None] | None = N
             f"{index.root}: classes need at least {len(open_parts)} images (one per split): {', '.join(too_small)}"
         )
     grouped = bool(units[free.index].duplicated().any())
-    # Carve the open parts off one at a time (test first), each with its exact image count.
+    if grouped:
+        refuse_classes_in_too_few_groups(free, units, len(open_parts), index)
+    # Carve the open parts off one at a time (test first), each with its exact image count, and
+    # each with an image of every class: balanced accuracy and the per-class metrics of a part that
+    # lacks a class would silently describe fewer classes.
     total = sum(DEFAULT_FRACTIONS[part] for part in open_parts)
     counts = {part: round(len(free) * DEFAULT_FRACTIONS[part] / total) for part in open_parts[1:]}
     remaining = free
     for offset, part in enumerate(reversed(open_parts[1:])):
+        keep = len(open_parts) - 1 - offset  # the parts still to fill from what is not held out
         if grouped:
-            held = _group_holdout(remaining, units, counts[part], seed + offset, index)
+            held = _group_holdout(remaining, units, counts[part], seed + offset, index, keep)
         else:
-            _, held = _stratified(remaining, counts[part], seed + offset, index)
+            _, held = _stratified(remaining, counts[part], seed + offset, index, keep)
         parts[part] = sorted(held)
         remaining = remaining[~remaining["path"].isin(set(held))]
     parts[open_parts[0]] = sorted(remaining["path"])
     if grouped and not all(parts[part] for part in open_parts):
         raise UserInputError(f"{index.root}: {units[free.index].nunique()} groups of related images are too few "
                              f"to fill {len(open_parts)} parts")
+    refuse_a_part_without_a_class(free, units, {part: parts[part] for part in open_parts}, index)
     return parts
 
 
-def _stratified(items: pd.DataFrame, count: int, seed: int, index: ImageIndex):
+def _stratified(items: pd.DataFrame, count: int, seed: int, index: ImageIndex, keep: int = 1):
     labels = items["label"]
     counts = labels.value_counts()
+    count = max(count, len(counts))  # room for one image of each class
     # Stratify when every class can be represented on both sides; tiny sets are split plainly.
     feasible = counts.min() >= 2 and min(count, len(items) - count) >= len(counts)
     stratify = labels if feasible else None
@@ -145,29 +153,47 @@ def _stratified(items: pd.DataFrame, count: int, seed: int, index: ImageIndex):
         kept, held = train_test_split(items["path"].tolist(), test_size=count, random_state=seed, stratify=stratify)
     except ValueError as exc:
         raise UserInputError(f"{index.root}: too few images to split ({exc})") from None
-    return kept, held
+    held = cover_classes(items, held, keep, seed)
+    return sorted(set(items["path"]) - set(held)), held
 
 
-def _group_holdout(items: pd.DataFrame, units: pd.Series, count: int, seed: int, index: ImageIndex) -> list[str]:
+def _group_holdout(items: pd.DataFrame, units: pd.Series, count: int, seed: int, index: ImageIndex,
+                   keep: int = 1) -> list[str]:
     """About `count` of `items` in whole groups, each class in proportion: a stratified group split
     (what StratifiedGroupKFold aims at, with the part's size as the target rather than 1/k). Groups
     in seeded random order (not largest first: that would put every group of two in the first part
     carved and make seeds agree); a group is held out when that brings the held part's class counts
-    and its size closer to their targets. Unlabelled data (one class) is a plain group split."""
+    and its size closer to their targets, and leaves each class in at least `keep` groups for the
+    parts still to fill. Then a class the part still lacks gets the group of it that fits best.
+    Unlabelled data (one class) is a plain group split."""
     table = pd.crosstab(units[items.index], items["label"])  # group x class image counts
     per_group = table.to_numpy()
     order = np.random.default_rng(seed).permutation(len(table))
     target = per_group.sum(0) * count / len(items)
+    groups_left = (per_group > 0).sum(0)  # per class: its groups not held out
 
     def distance(held: np.ndarray) -> float:  # to the class targets, and to the size (classes' shares round)
         return float(np.abs(held - target).sum() + abs(held.sum() - count))
 
+    def leaves_enough(group) -> bool:
+        return bool(np.all(groups_left - (per_group[group] > 0) >= np.minimum(keep, groups_left)))
+
     held, chosen = np.zeros(per_group.shape[1]), []
+
+    def hold(group) -> None:
+        nonlocal held, groups_left
+        held, groups_left = held + per_group[group], groups_left - (per_group[group] > 0)
+        chosen.append(group)
+
     for group in order:
-        after = held + per_group[group]
-        if distance(after) < distance(held):
-            held = after
-            chosen.append(group)
+        if distance(held + per_group[group]) < distance(held) and leaves_enough(group):
+            hold(group)
+    for label in np.flatnonzero(held == 0):  # a class the part lacks (its share rounded to none)
+        if held[label]:  # held since, with a group taken for another class
+            continue
+        fitting = [g for g in order if per_group[g, label] and g not in chosen and leaves_enough(g)]
+        if fitting:
+            hold(min(fitting, key=lambda g: distance(held + per_group[g])))
     if not chosen:  # every group is far larger than the part should be: the smallest one
         chosen = [min(order, key=lambda group: per_group[group].sum())]
     if len(chosen) == len(table):
