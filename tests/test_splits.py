@@ -336,3 +336,18 @@ def test_a_class_all_of_one_patient_is_refused_naming_it(tmp_path):
                                   "animal, patient or near-duplicate set each, never split): each of the 3 parts "
                                   "needs one of its groups")
     assert not (tmp_path / "s.json").exists()
+
+
+def test_a_split_file_whose_part_lacks_a_class_is_used_as_written_with_one_warning(tmp_path, caplog):
+    index = get_task("nuclei").importer(write_kaggle(tmp_path / "d", [0] * 3 + [1, 2, 3] * 10, size=8))
+    label = dict(zip(index.items["path"], index.items["label"]))
+    parts = {"train": [], "val": [], "test": []}
+    for n, image in enumerate(sorted(index.items["path"], key=lambda p: label[p])):  # class 0 all in train
+        parts[PARTS[n % 3] if label[image] else "train"].append(image)
+    path = tmp_path / "made-before.json"
+    path.write_text(json.dumps({"format": 2, "seed": 0, **parts, "groups": {}}))
+    with caplog.at_level(logging.WARNING):
+        split = load_or_create_split(path, index, 0)
+    assert split.parts == parts and [r.getMessage() for r in caplog.records] == [
+        f"{path}: the val part has no image of class normal_epithelial: its metrics leave that class out; delete the "
+        "file to split again (the parts will change)"]

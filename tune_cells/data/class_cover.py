@@ -5,13 +5,17 @@ images (never split) make that impossible, one line names the class."""
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tune_cells.data.images import ImageIndex
 from tune_cells.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 
 def cover_classes(items: pd.DataFrame, held: list[str], keep: int, seed: int) -> list[str]:
@@ -79,3 +83,16 @@ def refuse_a_part_without_a_class(free: pd.DataFrame, units: pd.Series, parts: d
             raise UserInputError(f"{index.root}: class {index.classes[cls]} ({int(rows.sum())} images in "
                                  f"{units[free.index][rows].nunique()} group(s) of related images) cannot be given to "
                                  f"the {part} part without splitting a group: add images of it from other groups")
+
+
+def warn_of_a_part_without_a_class(path: Path, index: ImageIndex, parts: dict[str, list[str]]) -> None:
+    """One warning line for a split file (made before every part got every class, or edited) whose
+    part lacks a class: it is still used as written, but its metrics describe fewer classes."""
+    label = dict(zip(index.items["path"], index.items["label"]))
+    classes = {label[p] for paths in parts.values() for p in paths}
+    for part, paths in parts.items():
+        missing = sorted(classes - {label[p] for p in paths})
+        if missing:
+            log.warning("%s: the %s part has no image of class %s: its metrics leave that class out; delete the file "
+                        "to split again (the parts will change)", path, part, index.classes[missing[0]])
+            return

@@ -18,7 +18,12 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from tune_cells.data.class_cover import cover_classes, refuse_a_part_without_a_class, refuse_classes_in_too_few_groups
+from tune_cells.data.class_cover import (
+    cover_classes,
+    refuse_a_part_without_a_class,
+    refuse_classes_in_too_few_groups,
+    warn_of_a_part_without_a_class,
+)
 from tune_cells.data.groups import group_keys, image_groups
 from tune_cells.data.images import ImageIndex
 from tune_cells.errors import UserInputError
@@ -282,6 +287,7 @@ def _load(path: Path, index: ImageIndex, seed: int) -> Split:
             raise UserInputError(f"{path}: group {name} is in both {a} and {b} ({in_a} in {a}, {in_b} in {b}): "
                                  "related images must share a part; move them into one")
     _warn_of_crossing_keys(path, index, parts, groups is None)
+    warn_of_a_part_without_a_class(path, index, parts)
     return Split(path=path, parts=parts, seed=seed, groups=groups, excluded=excluded, grouping=grouping)
 
 
