@@ -14,6 +14,7 @@ from tune_cells.analysis.calibration import expected_calibration_error
 from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext, evaluation_run, interval_metrics
 from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion, exact_accuracy_interval
 from tune_cells.analysis.plots import save_confusion_matrix, save_reliability_diagram
+from tune_cells.data.importers import class_name
 
 HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc")
 
@@ -23,7 +24,8 @@ def evaluate_classifier(context: EvaluationContext) -> Evaluation:
     spec = classifier.spec
     images, labels = reader.load(context.part, "evaluation")
     index_classes = reader.index.classes
-    labels = np.array([spec.classes.index(index_classes[i]) for i in labels], dtype=np.int64)  # match by name
+    by_name = {class_name(name): i for i, name in enumerate(spec.classes)}  # matched by name, in one Unicode form
+    labels = np.array([by_name[class_name(index_classes[i])] for i in labels], dtype=np.int64)
     probs = classifier.predict_proba(images)  # what predict and serving return
     uncalibrated = classifier.predict_proba(images, temperature=1.0)
 

@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from tune_cells.analysis.classification_evaluation import HEADLINE
 from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext
+from tune_cells.data.importers import class_name
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, load_or_create_split
 from tune_cells.errors import UserInputError
@@ -44,7 +45,8 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
         part, source = "test", {"split_file": split.path.name, "split_sha256": split.sha256}
     else:
         index = task.importer(Path(external))
-        unknown = [name for name in index.classes if name not in spec.classes]
+        known = {class_name(name) for name in spec.classes}  # (a model from before names were NFC may hold NFD)
+        unknown = [name for name in index.classes if class_name(name) not in known]
         if unknown:
             raise UserInputError(f"--data {index.root}: {task.kind.label_noun} {unknown[0]!r} is not one the model "
                                  f"knows ({', '.join(spec.classes)})")

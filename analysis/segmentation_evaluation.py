@@ -16,6 +16,7 @@ import pandas as pd
 from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext, evaluation_run, interval_metrics
 from tune_cells.analysis.metrics import bootstrap_units, resample, too_few_groups
 from tune_cells.analysis.segmentation_metrics import segmentation_scores
+from tune_cells.data.importers import class_name
 from tune_cells.segmentation import write_predictions
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ def evaluate_segmenter(context: EvaluationContext) -> Evaluation:
     images, truths = reader.load_segmentation(context.part, "evaluation")
     model_targets = segmenter.targets
     # An external set may hold a subset of the model's targets (matched by name): score those.
-    targets = [t for t in model_targets if t in reader.index.classes]
+    in_data = {class_name(t): i for i, t in enumerate(reader.index.classes)}  # matched in one Unicode form
+    targets = [t for t in model_targets if class_name(t) in in_data]
     columns = [model_targets.index(t) for t in targets]
-    truths = [truth[[reader.index.classes.index(t) for t in targets]] for truth in truths]
+    truths = [truth[[in_data[class_name(t)] for t in targets]] for truth in truths]
     predicted = [segmenter.predict_masks(image) for image in images]
     metrics, rows = segmentation_scores(truths, [p[columns] for p in predicted], targets, "test_")
     intervals = bootstrap_over_images(rows, targets, len(images), context.n_boot, groups=context.groups)

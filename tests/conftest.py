@@ -215,9 +215,10 @@ def _restore_torch_threads():
 FORMAT1_MODEL = Path(__file__).resolve().parent / "fixtures" / "model-format1"  # a logged model folder, 2 classes
 
 
-def register_model_folder(workdir: Path, folder: Path, name: str = "tune-cells-nuclei", alias: str | None = None) -> str:
+def register_model_folder(workdir: Path, folder: Path, name: str = "tune-cells-nuclei", alias: str | None = None,
+                          task: str = "nuclei") -> str:
     """Register a logged model folder as is (uploaded, not re-logged: no training, no search) as the
-    next version of `name`, a nuclei model, in `workdir`'s store; returns its models:/NAME/N."""
+    next version of `name`, a model of `task`, in `workdir`'s store; returns its models:/NAME/N."""
     from mlflow.exceptions import MlflowException
 
     client = store_client(workdir / "mlflow.db")
@@ -232,7 +233,7 @@ def register_model_folder(workdir: Path, folder: Path, name: str = "tune-cells-n
     except MlflowException:  # registered by an earlier call
         pass
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                          tags={"task": "nuclei"}).version
+                                          tags={"task": task}).version
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return f"models:/{name}/{version}"

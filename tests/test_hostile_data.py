@@ -4,6 +4,7 @@ of their own, masks saved in other encodings. Each is read right or refused in o
 from __future__ import annotations
 
 import os
+import unicodedata
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from test_segmentation import write_lung
 from tune_cells.data.images import decode_image, mask_array
 from tune_cells.data.importers import import_image_folder, import_lung_masks
 from tune_cells.errors import UserInputError
+
+from conftest import model_copy, register_model_folder
 
 
 def folder_dataset(root):
@@ -147,3 +150,49 @@ def test_images_beside_the_class_folders_and_a_file_as_data_are_refused(tmp_path
         import_image_folder(root)
     with pytest.raises(UserInputError, match=r"stray\.png: a file; give the dataset's folder"):
         import_image_folder(root / "stray.png")
+
+
+CAFE_NFC, CAFE_NFD = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")  # typed; macOS
+
+
+def test_a_class_folder_in_either_unicode_form_is_one_class_named_in_nfc(tmp_path):
+    for form in (CAFE_NFC, CAFE_NFD):
+        root = tmp_path / ascii(form).strip("'").replace("\\", "")
+        for name in ("a", form):
+            for k in range(3):
+                image(root / name / f"{k}.png")
+        index = import_image_folder(root)
+        assert index.classes == ["a", CAFE_NFC] and index.class_counts() == {"a": 3, CAFE_NFC: 3}
+        assert all((root / path).is_file() for path in index.items["path"])  # paths stay as on disk
+        decode_image(root / index.items["path"].iloc[-1], 3, 8)
+
+
+def test_two_folders_of_one_name_in_two_unicode_forms_are_refused_naming_both(tmp_path):
+    for name in ("a", CAFE_NFC, CAFE_NFD):
+        for k in range(3):
+            image(tmp_path / name / f"{k}.png")
+    with pytest.raises(UserInputError) as refused:
+        import_image_folder(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}: folders 'cafe\\u0301' and 'caf\\xe9' are one name, café, in two "
+                                  "Unicode forms (NFC and NFD, as macOS writes it): merge them into one folder")
+
+
+@pytest.mark.slow  # (an evaluation run each, ~6 s)
+@pytest.mark.parametrize("model_form, data_form", [(CAFE_NFD, CAFE_NFC), (CAFE_NFC, CAFE_NFD)])
+def test_evaluate_matches_a_class_whatever_unicode_form_model_and_data_hold(run_cli, tmp_path, capsys, model_form,
+                                                                            data_form):
+    """A model trained on folders from macOS (NFD, before names were normalised) scores data typed on
+    Linux (NFC), and a model of today's (NFC) scores data copied from a Mac."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    register_model_folder(workdir, model_copy(tmp_path, "model", task="folder", classes=["a", model_form]),
+                          name="tune-cells-folder", alias="champion", task="folder")
+    rng = np.random.default_rng(0)
+    for name in ("a", data_form):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{k}.png")
+    capsys.readouterr()
+    result = run_cli("evaluate", "folder", "--data", tmp_path / "data", "--workdir", workdir, "--bootstrap", 20)
+    assert result.code == 0, result.err
+    assert f"on 6 images of {tmp_path / 'data'}" in result.out

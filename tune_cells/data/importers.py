@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +32,27 @@ def require_dir(root: Path) -> Path:
     if not root.is_dir():
         raise UserInputError(f"--data {root}: no such folder")
     return root.resolve()
+
+
+def class_name(name: str) -> str:
+    """A class or target name as recorded and matched: NFC. macOS stores a folder name decomposed
+    (NFD: 'e' + a combining accent) where Linux keeps the typed, composed form, so one 'café' can be
+    two strings; a model trained on one must know the other."""
+    return unicodedata.normalize("NFC", name)
+
+
+def class_folders(root: Path, folders) -> list[Path]:
+    """`folders` in the order of their class names (NFC); two that are one name in two Unicode
+    forms are refused, naming both: whichever was kept, the other's images would be mislabelled."""
+    by_name: dict[str, Path] = {}
+    for folder in folders:
+        other = by_name.setdefault(class_name(folder.name), folder)
+        if other != folder:
+            first, second = sorted([other.name, folder.name])
+            raise UserInputError(f"{root}: folders {ascii(first)} and {ascii(second)} are one name, "
+                                 f"{class_name(folder.name)}, in two Unicode forms (NFC and NFD, as macOS writes "
+                                 "it): merge them into one folder")
+    return [by_name[name] for name in sorted(by_name)]
 
 
 def _read_label_csv(csv_path: Path, columns: tuple[str, str], expected: str) -> tuple[pd.Series, pd.Series]:
@@ -100,7 +122,7 @@ def import_image_folder(root: Path) -> ImageIndex:
     """Bring-your-own layout `<root>/<class>/<image>`; classes are the folder names, sorted. An
     optional `<root>/groups.csv` (path,group) names related images, which share a split part."""
     root = require_dir(root)
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = class_folders(root, (d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
     loose = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith("."))
     if loose:  # they would silently be no class's images
@@ -116,7 +138,7 @@ def import_image_folder(root: Path) -> ImageIndex:
     if strays:
         raise UserInputError(f"{root}: not image files ({', '.join(sorted(IMAGE_SUFFIXES))}): {_name_some(strays)}")
     index = ImageIndex(root=root, items=pd.DataFrame({"path": paths, "label": labels}),
-                       classes=[d.name for d in class_dirs])
+                       classes=[class_name(d.name) for d in class_dirs])
     groups = read_groups_csv(root, paths)
     if groups is not None:
         index.items[GROUP_COLUMN] = groups
@@ -241,8 +263,9 @@ def import_lung_masks(root: Path) -> ImageIndex:
         raise UserInputError(f"--data {root}: several Original/ folders ({_name_some([str(o.relative_to(root)) for o in originals])}); "
                              "point --data at one of their parents")
     original = originals[0]
-    targets = sorted(d.name for d in original.parent.iterdir() if d.is_dir() and d != original
-                     and not d.name.startswith("."))
+    target_dirs = class_folders(original.parent, (d for d in original.parent.iterdir() if d.is_dir()
+                                                  and d != original and not d.name.startswith(".")))
+    targets = [class_name(d.name) for d in target_dirs]
     if not targets:
         raise UserInputError(f"{original.parent}: no mask folders beside Original/ (one folder per target)")
     images = sorted(p for p in original.iterdir()
@@ -250,9 +273,9 @@ def import_lung_masks(root: Path) -> ImageIndex:
     if not images:
         raise UserInputError(f"{original}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     masks_by_stem: dict[str, dict[str, Path]] = {}
-    for target in targets:
+    for target, folder in zip(targets, target_dirs):
         masks_by_stem[target] = {}
-        for path in sorted((original.parent / target).iterdir()):
+        for path in sorted(folder.iterdir()):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
                 other = masks_by_stem[target].setdefault(path.stem, path)
                 if other != path:  # which one would be read is the file system's order
