@@ -284,6 +284,8 @@ def load_space(path: Path | str) -> SearchSpace:
         extra = set(point) - set(params)
         if extra:
             raise UserInputError(f"{path}: initial point sets unknown parameter {sorted(extra)[0]!r}")
+        for name, value in point.items():
+            _check_finite(f"{path}: initial point, parameter {name!r}", value)
     fallback = document.get("fallback")
     if fallback is not None and not (isinstance(fallback, str) and builtin_space_path(fallback).exists()):
         raise UserInputError(f"{path}: fallback {fallback!r} is not a space shipped with tune-cells")
@@ -300,6 +302,8 @@ def _check_param(path: Path, name: str, spec: Any, earlier: list[str]) -> None:
         _check_spec(where, spec, earlier)
     elif not isinstance(spec, (int, float, str, bool)):
         raise UserInputError(f"{where}: a fixed value must be a number, string or boolean")
+    else:
+        _check_finite(where, spec)
 
 
 def _check_alternatives(where: str, specs: list, earlier: list[str]) -> None:
@@ -359,6 +363,12 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_finite(where: str, value: Any) -> None:
+    """A value a trial gets as it is: YAML's .nan or .inf would train (lr: .inf) or log nonsense."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserInputError(f"{where}: {value} is not a finite number")
+
+
 def _check_choices(where: str, spec: dict) -> None:
     choices = spec["choices"]
     if not isinstance(choices, list) or not choices:
@@ -367,6 +377,7 @@ def _check_choices(where: str, spec: dict) -> None:
         if not isinstance(choice, _CHOICE_TYPES):
             raise UserInputError(f"{where}: choice {reprlib.repr(choice)} is a {type(choice).__name__}; choices must be "
                                  "numbers, strings, booleans or null")
+        _check_finite(where, choice)
     for key in ("log", "step"):
         if key in spec:
             raise UserInputError(f"{where}: `{key}` applies to float and int ranges, not to choices")

@@ -218,3 +218,18 @@ def test_search_values_that_would_fail_late_are_refused_in_one_short_line(run_cl
     result = run_cli("search", "nuclei", *args, "--workdir", tmp_path / "w")
     assert result.code == 2 and said in result.err and len(result.err) < 500, result.err[:500]
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("space, said", [
+    ("  lr: .inf\n", "parameter 'lr': inf is not a finite number"),
+    ("  lr: 1.0e-3\n  weight_decay: .nan\n", "parameter 'weight_decay': nan is not a finite number"),
+    ("  lr: {choices: [1.0e-3, -.inf]}\n", "parameter 'lr': -inf is not a finite number"),
+    ("  lr: {float: [1.0e-4, 1.0e-2]}\ninitial_points:\n  - {lr: .nan}\n",
+     "initial point, parameter 'lr': nan is not a finite number"),
+])
+def test_a_space_value_that_is_no_finite_number_is_refused(run_cli, tmp_path, space, said):
+    (tmp_path / "space.yaml").write_text("params:\n  model: small_convnet\n" + space)
+    result = run_cli("search", "nuclei", "--space", tmp_path / "space.yaml", "--workdir", tmp_path / "w",
+                     "--samples", 1, "--max-epochs", 1, "--no-evaluate")  # (small, should it not be refused)
+    assert result.code == 2 and said in result.err, result.err[:500]
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
