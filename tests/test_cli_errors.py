@@ -233,3 +233,20 @@ def test_a_space_value_that_is_no_finite_number_is_refused(run_cli, tmp_path, sp
                      "--samples", 1, "--max-epochs", 1, "--no-evaluate")  # (small, should it not be refused)
     assert result.code == 2 and said in result.err, result.err[:500]
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--storage", "{tmp}/a-file/ray"], "--storage {tmp}/a-file/ray: cannot be created or written ({tmp}/a-file is not "
+                                        "a writable folder)"),
+    (["--storage", "file://{tmp}/a-file"], "--storage file://{tmp}/a-file: cannot be created or written"),
+    (["--experiment", "x" * 256], "bytes, at most 255 (it names folders in the workdir)"),
+    (["--experiment", "é" * 128], "--experiment 'éééééé"),  # 256 bytes in UTF-8
+])
+def test_a_storage_or_experiment_ray_or_mlflow_cannot_use_is_refused_before_any_write(run_cli, tmp_path, flags, said):
+    (tmp_path / "a-file").write_text("mine\n")  # a folder cannot be made below a file, not even by root
+    data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 8)
+    result = run_cli("search", "nuclei", "--data", data, *[f.format(tmp=tmp_path) for f in flags], "--workdir",
+                     tmp_path / "w", "--samples", 1, "--max-epochs", 1, "--no-evaluate")  # (small, should it not be refused)
+    assert result.code == 2 and said.format(tmp=tmp_path) in result.err, result.err[:500]
+    assert len(result.err.strip().splitlines()) == 1 and len(result.err) < 500
+    assert not (tmp_path / "w").exists() and (tmp_path / "a-file").read_text() == "mine\n"

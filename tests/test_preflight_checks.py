@@ -109,3 +109,12 @@ def test_image_paths_are_normalised_and_may_pass_through_a_folder_inside(tmp_pat
     with pytest.raises(UserInputError, match="one image listed twice, as train/1.png and train/../train/1.png"):
         ImageIndex(root=tmp_path, items=pd.DataFrame({"path": ["train/1.png", "train/../train/1.png"],
                                                       "label": [0, 1]}), classes=["a", "b"])
+
+
+def test_a_relative_storage_reaches_ray_as_an_absolute_path(tmp_path, monkeypatch):
+    from tune_cells.preflight import ray_storage
+
+    monkeypatch.chdir(tmp_path)  # Ray's file system layer refuses a relative path (exit 1, after the store opened)
+    assert ray_storage(SearchOptions(task="nuclei", storage="rel/ray"), None) == str(tmp_path / "rel" / "ray")
+    for uri in ("s3://bucket/ray", "file:///shared/ray"):
+        assert ray_storage(SearchOptions(task="nuclei", storage=uri), None) == uri

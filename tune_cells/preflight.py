@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import reprlib  # a long name quoted in an error is shortened
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from tune_cells.data.groups import apply_group_pattern
 from tune_cells.data.images import ImageIndex, ImageScan
@@ -31,6 +33,7 @@ from tune_cells.tracking_checks import check_store, sqlite_path
 log = logging.getLogger(__name__)
 MIN_STORE_SIZE = 16  # --max-store-size below this leaves nothing to learn from
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
+MAX_NAME_BYTES = 255  # of one file or folder name (Linux, macOS): --experiment names folders
 RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds", "max_store_size",
                      "time_budget")
 # A search started before an option existed had this value (Ray restores the stopper a search began with)
@@ -127,6 +130,9 @@ def check_experiment_name(name: str) -> None:
     if name.strip() in (".", "..") or any(bad in name for bad in ("/", "\\", "\0")):  # also refuses absolute
         raise UserInputError(f"--experiment {name!r}: must be a plain name, without '/', '\\' or '..' (it names "
                              "folders in the workdir)")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise UserInputError(f"--experiment {reprlib.repr(name)}: {len(name.encode())} bytes, at most {MAX_NAME_BYTES} "
+                             "(it names folders in the workdir)")
 
 
 def check_workdir(workdir: Path, min_free: int = 0) -> WorkDir:
@@ -143,6 +149,27 @@ def check_workdir(workdir: Path, min_free: int = 0) -> WorkDir:
         raise UserInputError(f"--workdir {workdir.root}: only {free / 2**30:.2f} GiB free, a search needs at least "
                              f"{min_free / 2**30:.0f} GiB")
     return workdir
+
+
+def check_storage(storage: str | None) -> None:
+    """A local --storage (a path or file:// URI) must be a folder that exists or can be made, and
+    be writable: Ray would fail only after the store has opened. A remote URI is Ray's to reach."""
+    path = local_storage(storage)
+    if path is None:
+        return
+    probe = path
+    while not probe.exists() and not probe.is_symlink():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"--storage {storage}: cannot be created or written ({probe} is not a writable folder)")
+
+
+def local_storage(storage: str | None) -> Path | None:
+    """--storage as an absolute local path (Ray's file system layer takes no relative one); None
+    when not given or a remote URI (s3://, gs://)."""
+    if not storage or ("://" in storage and not storage.startswith("file://")):
+        return None
+    return Path(urlparse(storage).path if "://" in storage else storage).expanduser().absolute()
 
 
 def prepare_workdir(workdir: Path) -> WorkDir:
@@ -235,6 +262,7 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     space = fit_space_to_weights(load_space(opts.space or builtin_space_path(task.default_space)))
     check_space(space, opts.seed, task.kind)
     workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
+    check_storage(opts.storage)
     index = load_dataset(task, opts.data, workdir)
     if opts.group_pattern is not None:
         apply_group_pattern(index, opts.group_pattern)
@@ -304,7 +332,9 @@ def decode_once(task: TaskSpec, index: ImageIndex, plan: Callable[[ImageScan], S
 
 
 def ray_storage(opts: SearchOptions, prep: PreparedSearch) -> str:
-    return opts.storage or str(prep.workdir.ray_storage(prep.experiment))
+    if not opts.storage:
+        return str(prep.workdir.ray_storage(prep.experiment))
+    return opts.storage if "://" in opts.storage else str(local_storage(opts.storage))  # a path: made absolute
 
 
 def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[str, str]:
