@@ -246,7 +246,45 @@ def test_a_storage_or_experiment_ray_or_mlflow_cannot_use_is_refused_before_any_
     (tmp_path / "a-file").write_text("mine\n")  # a folder cannot be made below a file, not even by root
     data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 8)
     result = run_cli("search", "nuclei", "--data", data, *[f.format(tmp=tmp_path) for f in flags], "--workdir",
-                     tmp_path / "w", "--samples", 1, "--max-epochs", 1, "--no-evaluate")  # (small, should it not be refused)
+                     tmp_path / "w", "--samples", 1, "--max-epochs", 1, "--no-evaluate")  # small, were it not refused
     assert result.code == 2 and said.format(tmp=tmp_path) in result.err, result.err[:500]
     assert len(result.err.strip().splitlines()) == 1 and len(result.err) < 500
     assert not (tmp_path / "w").exists() and (tmp_path / "a-file").read_text() == "mine\n"
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, said", [
+    ("127.0.0.1:{port}", "--address 127.0.0.1:{port}: no Ray cluster answers at 127.0.0.1:{port} (Connection refused)"),
+    ("ray://127.0.0.1:{port}", "--address ray://127.0.0.1:{port}: no Ray cluster answers at 127.0.0.1:{port}"),
+    ("auto", "--address auto (found 127.0.0.1:{port}): no Ray cluster answers at 127.0.0.1:{port}"),  # RAY_ADDRESS
+    ("head-node", "--address head-node: give auto, local, HOST:PORT"),
+    ("http://127.0.0.1:8265", "--address http://127.0.0.1:8265: an HTTP address (Ray's dashboard?)"),
+])
+def test_a_ray_address_nothing_answers_at_is_refused_before_any_write(run_cli, tmp_path, monkeypatch, address, said):
+    port = closed_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # what `auto` finds (and what Ray would join)
+    data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 8)
+    result = run_cli("search", "nuclei", "--data", data, "--address", address.format(port=port), "--workdir",
+                     tmp_path / "w", "--samples", 1, "--max-epochs", 1, "--no-evaluate")
+    assert result.code == 2 and said.format(port=port) in result.err, result.err[-500:]
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_a_ray_address_that_answers_passes_the_check():
+    import socket
+
+    from tune_cells.ray_address import check_ray_address
+
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        port = head.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"localhost:{port}", "local", None):
+            check_ray_address(address)

@@ -23,6 +23,7 @@ from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
 from tune_cells.kinds import TaskKind, get_kind
 from tune_cells.paths import DEFAULT_WORKDIR, WorkDir
+from tune_cells.ray_address import check_ray_address
 from tune_cells.redact import without_credentials
 from tune_cells.resources import check_local_resources
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
@@ -259,6 +260,7 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     task = get_task(opts.task)
     check_options(opts)
     check_local_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.address)
+    check_ray_address(opts.address)  # Ray would retry for minutes, the store opened beside it
     space = fit_space_to_weights(load_space(opts.space or builtin_space_path(task.default_space)))
     check_space(space, opts.seed, task.kind)
     workdir = check_workdir(opts.workdir, MIN_FREE_BYTES)
