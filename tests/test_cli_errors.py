@@ -288,3 +288,28 @@ def test_a_ray_address_that_answers_passes_the_check():
         port = head.getsockname()[1]
         for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"localhost:{port}", "local", None):
             check_ray_address(address)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--group-pattern", r"zzz(\d)"], "matches none of the 240 image paths"),
+    (["--resume"], "--resume: no MLflow store at"),
+])
+def test_a_refused_search_on_demo_data_writes_no_demo_data(run_cli, tmp_path, flags, said):
+    result = run_cli("search", "hep2", *flags, "--workdir", tmp_path / "w", "--samples", 1, "--max-epochs", 1,
+                     "--no-evaluate")  # small, were it not refused
+    assert result.code == 2 and said in result.err, result.err[-500:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_demo_data_made_by_the_preflight_is_moved_into_the_workdir_once_it_passed(tmp_path):
+    from tune_cells.preflight import SearchOptions, check_inputs, place_demo_data
+
+    prep = check_inputs(SearchOptions(task="hep2", workdir=tmp_path / "w"))
+    assert not (tmp_path / "w").exists() and prep.index.source == "demo"
+    staged = prep.index.root
+    place_demo_data(prep)  # what the search does under the workdir's lock
+    home = tmp_path / "w" / "demo-data" / "hep2"
+    assert prep.index.root == home and not staged.exists()
+    assert len(list(home.rglob("*.png"))) == len(prep.index.items) and (home / ".demo.json").exists()
+    again = check_inputs(SearchOptions(task="hep2", workdir=tmp_path / "w"))
+    assert again.index.root.resolve() == home.resolve() and again.index.fingerprint == prep.index.fingerprint

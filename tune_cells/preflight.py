@@ -1,16 +1,18 @@
 """The preflight of a search: everything cheap to check, checked before anything is written.
 
-Only when it passes are the split file, the read log, the MLflow store and the Ray results folder
+Only when it passes are the demo data, the split file, the read log, the MLflow store and the Ray results folder
 touched, so a bad input leaves the user's store and working folder exactly as they were.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import reprlib  # a long name quoted in an error is shortened
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,9 +196,25 @@ def load_dataset(task: TaskSpec, data: Path | None, workdir: WorkDir) -> ImageIn
         return task.importer(Path(data))
     if task.demo is None:
         raise UserInputError(f"task {task.name} has no demo data: give --data DIR ({task.layout})")
-    index = task.importer(task.demo(workdir.demo_data(task.name)))
+    # Made in a temporary folder unless the workdir has it: the preflight writes nothing there, and
+    # `place_demo_data` moves it in once every check has passed.
+    staging = Path(tempfile.mkdtemp(prefix="tune-cells-demo-"))
+    atexit.register(shutil.rmtree, staging, ignore_errors=True)  # a refused search's copy (moved: nothing left)
+    index = task.importer(task.demo(workdir.demo_data(task.name), staging=staging / task.name))
     index.source = "demo"
+    if index.root.resolve() == workdir.demo_data(task.name).resolve():
+        staging.rmdir()  # not needed: the workdir's copy is current
     return index
+
+
+def place_demo_data(prep: PreparedSearch) -> None:
+    """Demo data the preflight made in a temporary folder, moved into the workdir (under its lock)."""
+    home = prep.workdir.demo_data(prep.task.name)
+    if prep.index.source == "demo" and prep.index.root.resolve() != home.resolve():
+        from tune_cells.data.demo import place
+
+        place(prep.index.root, home)
+        prep.index.root = home
 
 
 def check_space(space: SearchSpace, seed: int, kind: TaskKind | None = None) -> None:

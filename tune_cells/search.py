@@ -66,8 +66,10 @@ def _search_with_decoding_beside_ray(opts: SearchOptions, prep: PreparedSearch) 
 
 def _check_pixels_and_open_store(prep: PreparedSearch):
     """The slow preflight, then (only if it passed) the workdir, the store and the experiment."""
+    from tune_cells.preflight import place_demo_data
     from tune_cells.tracking import Tracker
 
+    place_demo_data(prep)  # (demo images always decode) before the decoding: the split records where they are
     check_pixels(prep)
     prepare_workdir(prep.workdir)
     tracker = Tracker(prep.tracking_uri, prep.workdir.artifacts)

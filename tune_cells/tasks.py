@@ -31,7 +31,7 @@ class TaskSpec:
     metric: str = "val_balanced_accuracy"
     mode: str = "max"
     kind: TaskKind = CLASSIFICATION
-    demo: Callable[[Path], Path] | None = None  # writes demo data in `layout` into a folder
+    demo: Callable[..., Path] | None = None  # writes demo data in `layout` into a folder (or `staging=`)
 
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -52,13 +52,13 @@ def task_names() -> list[str]:
     return sorted(_TASKS)
 
 
-def _call(module: str, function: str, *args, root: Path):
-    return getattr(importlib.import_module(module), function)(root, *args)
+def _call(module: str, function: str, *args, root: Path, **options):
+    return getattr(importlib.import_module(module), function)(root, *args, **options)
 
 
-def _lazy(module: str, function: str, *args) -> Callable[[Path], object]:
-    """`module.function(root, *args)`, imported only when called: `tune-cells tasks` stays light."""
-    return lambda root: _call(module, function, *args, root=root)
+def _lazy(module: str, function: str, *args) -> Callable[..., object]:
+    """`module.function(root, *args, **options)`, imported only when called: `tune-cells tasks` stays light."""
+    return lambda root, **options: _call(module, function, *args, root=root, **options)
 
 
 _IMPORTERS, _DEMO = "tune_cells.data.importers", "tune_cells.data.demo"

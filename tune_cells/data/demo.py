@@ -116,24 +116,40 @@ def make_patch(rng: np.random.Generator, label: int, looks: tuple[NucleusLook, .
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
-def _materialise(root: Path, meta: dict, write) -> Path:
+def _materialise(root: Path, meta: dict, write, staging: Path | None = None) -> Path:
     """Write a demo dataset once: `write(folder, rng)` fills a temporary folder that then replaces
-    `root` in one rename; an existing copy made with the same settings is kept as it is."""
+    `root` in one rename; an existing copy made with the same settings is kept as it is. With
+    `staging`, a missing or outdated copy is written there instead and `root` is left as it is (the
+    search's preflight writes nothing; `place` moves it later). Returns the copy's folder."""
     root = Path(root)
     stamp = root / ".demo.json"
     meta = {"generator": GENERATOR_VERSION, **meta}
     if stamp.exists() and json.loads(stamp.read_text()) == meta:
         return root
+    folder = Path(staging) if staging is not None else root.with_name(root.name + ".partial")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    log.info("generating demo data for %s", root)
+    write(folder, np.random.default_rng(meta.get("seed", 0)))
+    (folder / ".demo.json").write_text(json.dumps(meta))
+    if staging is not None:
+        return folder
     if root.exists():
         shutil.rmtree(root)  # an old or interrupted demo copy: ours to replace
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    log.info("generating demo data in %s", root)
-    write(tmp, np.random.default_rng(meta.get("seed", 0)))
-    (tmp / ".demo.json").write_text(json.dumps(meta))
-    os.replace(tmp, root)
+    os.replace(folder, root)
     return root
+
+
+def place(staged: Path, root: Path) -> None:
+    """A copy written in `staged` moved to `root`, replacing an old copy there (ours): by way of
+    ROOT.partial, so that a move cut short (a copy, across file systems) is never taken for a copy."""
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(staged, partial)
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(partial, root)
 
 
 def _shuffled_labels(rng: np.random.Generator, counts) -> np.ndarray:
@@ -147,7 +163,7 @@ def _save(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, compress_level=1)
 
 
-def generate(root: Path, counts=DEFAULT_COUNTS, seed: int = 0) -> Path:
+def generate(root: Path, counts=DEFAULT_COUNTS, seed: int = 0, staging: Path | None = None) -> Path:
     """Nuclei in the Kaggle layout: `train.csv` (Filename,Label) + `train/<n>.png`."""
 
     def write(folder: Path, rng: np.random.Generator) -> None:
@@ -157,20 +173,22 @@ def generate(root: Path, counts=DEFAULT_COUNTS, seed: int = 0) -> Path:
             rows.append(f"{number}.png,{label}")
         (folder / "train.csv").write_text("\n".join(rows) + "\n")
 
-    return _materialise(root, {"layout": "kaggle", "counts": list(counts), "seed": seed}, write)
+    return _materialise(root, {"layout": "kaggle", "counts": list(counts), "seed": seed}, write, staging)
 
 
-def generate_folder(root: Path, classes: list[str], counts=DEFAULT_COUNTS, seed: int = 0) -> Path:
+def generate_folder(root: Path, classes: list[str], counts=DEFAULT_COUNTS, seed: int = 0,
+                    staging: Path | None = None) -> Path:
     """The nuclei demo patches in the bring-your-own layout: `<class>/<n>.png`."""
 
     def write(folder: Path, rng: np.random.Generator) -> None:
         for number, label in enumerate(_shuffled_labels(rng, counts), start=1):
             _save(make_patch(rng, int(label)), folder / classes[label] / f"{number}.png")
 
-    return _materialise(root, {"layout": "folder", "classes": classes, "counts": list(counts), "seed": seed}, write)
+    return _materialise(root, {"layout": "folder", "classes": classes, "counts": list(counts), "seed": seed}, write,
+                        staging)
 
 
-def generate_all_idb(root: Path, counts=(60, 60), seed: int = 0) -> Path:
+def generate_all_idb(root: Path, counts=(60, 60), seed: int = 0, staging: Path | None = None) -> Path:
     """ALL-IDB2-style lymphocyte crops: `ALL_IDB2/img/ImNNN_L.png`, L=1 blast, L=0 normal."""
 
     def write(folder: Path, rng: np.random.Generator) -> None:
@@ -178,7 +196,7 @@ def generate_all_idb(root: Path, counts=(60, 60), seed: int = 0) -> Path:
             patch = make_patch(rng, int(label), LEUKEMIA_LOOKS)
             _save(patch, folder / "ALL_IDB2" / "img" / f"Im{number:03d}_{label}.png")
 
-    return _materialise(root, {"layout": "all-idb", "counts": list(counts), "seed": seed}, write)
+    return _materialise(root, {"layout": "all-idb", "counts": list(counts), "seed": seed}, write, staging)
 
 
 HEP2_PATCH = 78
@@ -229,7 +247,7 @@ def make_hep2_cell(rng: np.random.Generator, label: int) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def generate_hep2(root: Path, per_class: int = 40, seed: int = 0) -> Path:
+def generate_hep2(root: Path, per_class: int = 40, seed: int = 0, staging: Path | None = None) -> Path:
     """ICPR 2014 layout: `gt_training.csv` ("Image ID,Image class") + `training/` and
     `validation/` folders of zero-padded `NNNNN.png` (validation/ is about a fifth)."""
     from tune_cells.data.importers import HEP2_CLASSES
@@ -242,7 +260,7 @@ def generate_hep2(root: Path, per_class: int = 40, seed: int = 0) -> Path:
             rows.append(f"{number},{HEP2_CLASSES[label]}")
         (folder / "gt_training.csv").write_text("\n".join(rows) + "\n")
 
-    return _materialise(root, {"layout": "hep2", "per_class": per_class, "seed": seed}, write)
+    return _materialise(root, {"layout": "hep2", "per_class": per_class, "seed": seed}, write, staging)
 
 
 LUNG_TARGETS = ("Parenchyma", "SevereInflammation")
@@ -277,7 +295,8 @@ def make_lung_field(rng: np.random.Generator, height: int, width: int, inflamed:
     return image, parenchyma.astype(np.uint8), inflammation.astype(np.uint8)
 
 
-def generate_lung(root: Path, images: int = 10, size: tuple[int, int] = (464, 348), seed: int = 0) -> Path:
+def generate_lung(root: Path, images: int = 10, size: tuple[int, int] = (464, 348), seed: int = 0,
+                  staging: Path | None = None) -> Path:
     """LungNeuralNet layout: `train/Original/<name>.jpg` and same-name JPEG masks in
     `train/Parenchyma/` and `train/SevereInflammation/` (lossy, so they need thresholding; the last
     image has no inflammation, so one mask is all black as in the real data)."""
@@ -292,4 +311,4 @@ def generate_lung(root: Path, images: int = 10, size: tuple[int, int] = (464, 34
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(array.astype(np.uint8)).save(path, quality=90)
 
-    return _materialise(root, {"layout": "lung", "images": images, "size": list(size), "seed": seed}, write)
+    return _materialise(root, {"layout": "lung", "images": images, "size": list(size), "seed": seed}, write, staging)
