@@ -3,6 +3,8 @@
 import pytest
 from PIL import Image
 
+from tune_cells.errors import UserInputError
+
 from conftest import store_client, write_kaggle
 
 
@@ -313,3 +315,23 @@ def test_demo_data_made_by_the_preflight_is_moved_into_the_workdir_once_it_passe
     assert len(list(home.rglob("*.png"))) == len(prep.index.items) and (home / ".demo.json").exists()
     again = check_inputs(SearchOptions(task="hep2", workdir=tmp_path / "w"))
     assert again.index.root.resolve() == home.resolve() and again.index.fingerprint == prep.index.fingerprint
+
+
+def test_an_output_and_its_masks_folder_are_claimed_together_and_given_back_on_failure(tmp_path):
+    from tune_cells.output_files import claimed, output_names
+
+    default = tmp_path / "predictions" / "lung-1.csv"
+    names = output_names(None, default, "-masks")
+    (tmp_path / "predictions" / "lung-1-masks").mkdir(parents=True)  # another predict's, made since the check
+    with claimed(names, "-masks") as (csv, masks):
+        assert (csv.name, masks.name) == ("lung-1-2.csv", "lung-1-2-masks") and csv.is_file() and masks.is_dir()
+    with pytest.raises(RuntimeError), claimed(output_names(None, default, "-masks"), "-masks") as (csv, masks):
+        (masks / "half-written.png").write_bytes(b"")
+        raise RuntimeError("the work failed")
+    assert sorted(p.name for p in default.parent.iterdir()) == ["lung-1-2-masks", "lung-1-2.csv", "lung-1-masks"]
+    given = tmp_path / "mine.csv"
+    names = output_names(given, default, "-masks")
+    given.write_text("mine\n")  # made since the check: never replaced
+    with pytest.raises(UserInputError, match="--output .*mine.csv: already exists"), claimed(names, "-masks"):
+        pass
+    assert given.read_text() == "mine\n" and not (tmp_path / "mine-masks").exists()

@@ -106,3 +106,30 @@ def test_explain_labels_its_maps_with_the_class_and_probability_predict_gives(ru
         assert shown[1] == row.predicted_class
         assert float(shown[2]) == pytest.approx(getattr(row, f"prob_{row.predicted_class}"), abs=5e-5)
         assert shown[3] == str(output / f"{image.stem}_attributions.png") and os.path.isfile(shown[3])
+
+
+def test_predicts_in_the_same_second_each_keep_their_own_file(run_cli, champion):
+    """The default --output is named by the second: another predict of that second took the name."""
+    import time
+
+    folder = champion["workdir"] / "predictions"
+    folder.mkdir()
+    now = time.time()  # every name the next half minute gives, taken (what a predict of that second wrote)
+    theirs = {folder / f"nuclei-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}.csv" for s in range(-1, 30)}
+    for taken in theirs:
+        taken.write_text("theirs\n")
+    for image in champion["images"]:
+        result = run_cli("predict", "nuclei", image, "--workdir", champion["workdir"])
+        assert result.code == 0, result.err
+    assert all(taken.read_text() == "theirs\n" for taken in theirs)
+    made = sorted(set(folder.iterdir()) - theirs)
+    assert len(made) == 2 and all(p.name.endswith(("-2.csv", "-3.csv")) for p in made), made
+    assert [pd.read_csv(p)["path"].tolist() for p in made] == [[str(i)] for i in champion["images"]]
+
+
+def test_a_predict_that_fails_leaves_no_file_and_no_folder(run_cli, champion, tmp_path):
+    text = tmp_path / "text.png"
+    text.write_text("not an image\n")
+    result = run_cli("predict", "nuclei", champion["images"][0], text, "--workdir", champion["workdir"])
+    assert result.code == 2 and f"{text}: cannot decode" in result.err
+    assert not (champion["workdir"] / "predictions").exists()  # the name it had taken is given back

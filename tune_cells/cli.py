@@ -144,30 +144,26 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model-uri", default=None, help="Model to use [default: models:/tune-cells-TASK@champion].")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="CSV to write [default: WORKDIR/predictions/TASK-<time>.csv]; an existing file is not overwritten.")
+              help="CSV to write [default: WORKDIR/predictions/TASK-<time>.csv, numbered -2, -3, ... where that is "
+                   "taken]; an existing file is not overwritten.")
 @workdir_option
 @tracking_option
 def predict(task, paths, model_uri, output, workdir, tracking_uri):
     """Predict images (files or folders) with TASK's champion: a CSV of classes and probabilities, or
     for segmentation of pixel counts per target, with masks and overlays in a folder beside it."""
-    from tune_cells.output_files import check_new_file, default_output_name
+    from tune_cells.output_files import claimed, default_output_name, output_names
     from tune_cells.predict import collect_images, predict_files
 
     files = collect_images(paths)
     # Reads only (a store shared read-only works); it writes just the CSV, checked next.
     model = open_registered_model(task, workdir, tracking_uri, model_uri, writes=False)
     spec = model.task
-    if output is None:  # before any image is predicted
-        output = check_new_file(model.workdir.predictions(spec.name), default_output_name(model.workdir.root,
-                                                                                          "predictions"))
-    else:
-        output = check_new_file(output)
-    mask_dir = output.with_name(output.stem + "-masks")
-    if spec.kind.writes_masks and mask_dir.exists():
-        raise UserInputError(f"{mask_dir}: already exists (not overwritten)")
-    table = predict_files(model.tracker, model.uri, spec, files, mask_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output, index=False)
+    masks = "-masks" if spec.kind.writes_masks else ""
+    names = output_names(output, model.workdir.predictions(spec.name), masks,  # before any image is predicted
+                         default_output_name(model.workdir.root, "predictions"))
+    with claimed(names, masks) as (output, mask_dir):  # a failure leaves neither
+        table = predict_files(model.tracker, model.uri, spec, files, mask_dir)
+        table.to_csv(output, index=False)
     click.echo(table.to_string(index=False, max_rows=20, float_format=lambda v: f"{v:.4f}"))
     click.echo(f"\n{len(table)} predictions of {model.uri} written to {output}")
     if spec.kind.writes_masks:

@@ -4,7 +4,10 @@ folder that cannot be written is one line and exit 2 up front, not a failure aft
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tune_cells.errors import UserInputError
@@ -87,3 +90,68 @@ def unique_stems(names: list[str]) -> list[str]:
     one (`a/x.png` and `b/x.png`, `slide.001` and `slide.002`), so no input's files overwrite another's."""
     stems = [Path(name).stem for name in names]
     return stems if len(set(stems)) == len(stems) else [f"{i:04d}_{stem}" for i, stem in enumerate(stems)]
+
+
+MAX_NUMBERED = 1000  # STEM-2 ... STEM-1000: a clock-named default taken that often is a runaway loop
+
+
+def output_names(given: Path | None, default: Path, folder_suffix: str = "", default_named: str | None = None) -> list[Path]:
+    """Where a command's output file may go, checked before any work: `given` (--output) alone, and it
+    and the folder STEM<folder_suffix> beside it must be new; else `default` and its numbered
+    STEM-2.SUF, STEM-3.SUF, ... not yet taken: a default named by the clock is taken by another
+    command of the same second, which is no reason to refuse. `default_named`: how an error names the
+    default place (check_new_file's `named`)."""
+    if given is not None:
+        names = [check_new_file(given)]
+    else:
+        default = Path(default).expanduser().absolute()
+        numbered = [default] + [default.with_name(f"{default.stem}-{n}{default.suffix}") for n in
+                                range(2, MAX_NUMBERED + 1)]
+        names = [name for name in numbered if not _taken(name) and not _taken(_beside(name, folder_suffix))]
+        if not names:
+            raise UserInputError(f"--output {default}: it and {MAX_NUMBERED - 1} numbered names are taken")
+        check_new_file(names[0], default_named)
+    if folder_suffix and _taken(_beside(names[0], folder_suffix)):
+        raise UserInputError(f"{_beside(names[0], folder_suffix)}: already exists (not overwritten)")
+    return names
+
+
+@contextmanager
+def claimed(names: list[Path], folder_suffix: str = "") -> Iterator[tuple[Path, Path | None]]:
+    """The first of `names` made as an empty file of this command's (with `folder_suffix`, also the
+    folder STEM<suffix> beside it), each exclusively: a name another command took since the check is
+    passed over, so two never share one; none left is exit 2 (nothing is replaced). Should the work
+    inside fail, both go again, with what it wrote in them, and the folders made for them."""
+    made = missing_folders(names[0].parent)
+    names[0].parent.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        folder = taken = _beside(name, folder_suffix) if folder_suffix else None
+        try:
+            taken = name
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            taken = folder
+            if folder is not None:
+                folder.mkdir()
+            break
+        except FileExistsError:
+            if taken == folder:
+                name.unlink()
+    else:
+        remove_folders(made)
+        raise UserInputError(f"{'--output ' if taken == name else ''}{taken}: already exists (not overwritten)")
+    try:
+        yield name, folder
+    except BaseException:
+        name.unlink(missing_ok=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        remove_folders(made)
+        raise
+
+
+def _beside(name: Path, suffix: str) -> Path:
+    return name.with_name(name.stem + suffix)
+
+
+def _taken(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
