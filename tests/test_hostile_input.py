@@ -144,17 +144,25 @@ def test_every_failure_in_predict_is_one_line(predictor, monkeypatch):
 def test_error_answers_are_cut_to_one_line():
     from tune_cells.serving import one_line_error
 
+    def answer(status: int, body: bytes) -> dict:
+        return json.loads(one_line_error(status, body))
+
     prefixed = {"error_code": "INVALID_PARAMETER_VALUE",
                 "message": "Failed to predict data '     image\n0  aGVsbG8='. \nError: row 0 (image): not a decodable image"}
-    assert json.loads(one_line_error(json.dumps(prefixed).encode())) == {
+    assert answer(400, json.dumps(prefixed).encode()) == {
         "error_code": "INVALID_PARAMETER_VALUE", "message": "row 0 (image): not a decodable image"}
     crashed = {"error_code": "BAD_REQUEST", "message": "Encountered an unexpected error.\nmore",
                "stack_trace": "Traceback (most recent call last):\n  File ..."}
-    assert json.loads(one_line_error(json.dumps(crashed).encode())) == {"error_code": "BAD_REQUEST",
-                                                                        "message": "Encountered an unexpected error."}
+    assert answer(400, json.dumps(crashed).encode()) == {"error_code": "BAD_REQUEST",
+                                                         "message": "Encountered an unexpected error."}
     multiline = {"error_code": "BAD_REQUEST", "message": "Invalid input.\nInput: \n{not json"}
-    assert json.loads(one_line_error(json.dumps(multiline).encode()))["message"] == "Invalid input."
-    assert one_line_error(b"Request processing time exceeded limit") == b"Request processing time exceeded limit"
+    assert answer(400, json.dumps(multiline).encode())["message"] == "Invalid input."
+    # Plain text (MLflow's timeout, the Host check) and FastAPI's {"detail"} get the same shape.
+    assert answer(504, b"Request processing time exceeded limit") == {
+        "error_code": "DEADLINE_EXCEEDED", "message": "Request processing time exceeded limit"}
+    assert answer(400, b"Invalid host header") == {"error_code": "BAD_REQUEST", "message": "Invalid host header"}
+    assert answer(404, b'{"detail":"Not Found"}') == {"error_code": "ENDPOINT_NOT_FOUND", "message": "Not Found"}
+    assert answer(500, b"") == {"error_code": "INTERNAL_ERROR", "message": "Internal Server Error"}
 
 
 def test_a_model_whose_stored_code_differs_is_refused(tmp_path):
@@ -224,3 +232,37 @@ def test_the_size_limit_counts_a_body_that_declares_no_length():
     assert not passed and sent[0]["status"] == 413 and b"request body over" in sent[1]["body"]
     passed, sent = run([b""], [(b"content-length", b"11")])  # declared past it: nothing read
     assert not passed and sent[0]["status"] == 413
+
+
+def test_an_exception_escaping_the_app_is_400_while_reading_the_body_else_500():
+    import asyncio
+
+    from tune_cells.serving import OneLineErrors, _PyfuncInterface
+
+    class Model:
+        def predict(self, context, data, params):
+            raise RuntimeError("the server's own fault")
+
+    async def reading(scope, receive, send):  # as Starlette's ServerErrorMiddleware does: 500 text, then raise
+        await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Internal Server Error"})
+        raise RecursionError("maximum recursion depth exceeded while decoding a JSON array")
+
+    async def predicting(scope, receive, send):  # the model reached (in a thread, as MLflow calls it)
+        await asyncio.to_thread(_PyfuncInterface(Model()).predict, None)
+
+    def run(app) -> tuple[int, dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/invocations", "headers": []}
+        asyncio.run(OneLineErrors(app)(scope, None, send))
+        assert len(sent) == 2 and (b"content-type", b"application/json") in sent[0]["headers"], sent
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    assert run(reading) == (400, {"error_code": "BAD_REQUEST", "message": "the request body could not be read "
+                                  "(RecursionError: maximum recursion depth exceeded while decoding a JSON array)"})
+    assert run(predicting) == (500, {"error_code": "INTERNAL_ERROR",
+                                     "message": "internal server error (RuntimeError); the server log has the details"})

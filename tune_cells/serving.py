@@ -4,8 +4,9 @@ registered model, in one uvicorn process (predictions run in its threads).
 The model is rebuilt from its checkpoint (JSON spec and state_dict) by the project's own loader;
 no file of the artifact store is executed, and a model whose stored code file is not this
 package's is refused. Around MLflow's app: a Host-header check (a web page cannot reach a
-loopback server by DNS rebinding), a request-size limit read before any parsing, and error
-answers cut to one line, never with a stack trace.
+loopback server by DNS rebinding), a Content-Type check, a request-size limit read before any
+parsing, and every error answer as JSON {"error_code", "message"} with a one-line message, never
+a stack trace.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from contextvars import ContextVar
+from http import HTTPStatus
 from pathlib import Path
 
 from tune_cells.errors import UserInputError
@@ -24,6 +27,13 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 << 20  # a request body, e.g. MAX_ROWS_PER_REQUEST base64 images of ~0.7 MB each
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")  # addresses, not names a client would send as Host
+# Error codes of MLflow's scoring server by HTTP status, for error answers that came without one.
+ERROR_CODES = {404: "ENDPOINT_NOT_FOUND", 504: "DEADLINE_EXCEEDED"}
+MAX_EXCEPTION_TEXT = 200  # characters of a parser's exception message quoted to the client
+
+# Per request: whether the model's predict was reached. An exception escaping MLflow's app before
+# that came from reading the body (the client's fault, 400); after it, from the server (500).
+_REQUEST_STAGE: ContextVar[dict] = ContextVar("tune_cells_request_stage")
 
 
 def load_served_model(tracker: Tracker, model_uri: str, path_root: Path | None):
@@ -63,6 +73,9 @@ class _PyfuncInterface:
         self.python_model = python_model
 
     def predict(self, data, params=None):
+        stage = _REQUEST_STAGE.get(None)
+        if stage is not None:
+            stage["predicting"] = True
         return self.python_model.predict(None, data, params)
 
 
@@ -74,12 +87,13 @@ def answered_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def build_app(model, hosts: list[str]):
-    """MLflow's scoring app for `model`, behind the Host check, the size limit and one-line errors."""
+    """MLflow's scoring app for `model`, behind the Host check, the Content-Type check and the size
+    limit, all inside OneLineErrors (so their refusals are JSON too)."""
     from mlflow.pyfunc import scoring_server
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    app = scoring_server.init(model)
-    return TrustedHostMiddleware(RequestSizeLimit(OneLineErrors(app), MAX_REQUEST_BYTES), allowed_hosts=hosts)
+    app = RequireContentType(RequestSizeLimit(scoring_server.init(model), MAX_REQUEST_BYTES))
+    return OneLineErrors(TrustedHostMiddleware(app, allowed_hosts=hosts))
 
 
 def run_server(app, host: str, port: int) -> None:
@@ -129,9 +143,27 @@ class RequestSizeLimit:
         await _send_json(send, 413, {"error_code": "BAD_REQUEST", "message": message})
 
 
+class RequireContentType:
+    """ASGI middleware: a POST to /invocations without a Content-Type gets 415 (MLflow's parser
+    would fail on the missing header with an internal error)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/invocations":
+            if not dict(scope.get("headers", [])).get(b"content-type", b"").strip():
+                message = "no Content-Type header: send application/json, text/csv or application/vnd.apache.parquet"
+                return await _send_json(send, 415, {"error_code": "BAD_REQUEST", "message": message})
+        await self.app(scope, receive, send)
+
+
 class OneLineErrors:
-    """ASGI middleware: a JSON error answer keeps its status and error code and gets a one-line
-    message; a stack trace goes to the server log, never to the client."""
+    """ASGI middleware: every error answer is JSON {"error_code", "message"} with a one-line
+    message (MLflow's own keep their status and code; plain-text ones, e.g. the Host check's or
+    the timeout's, are wrapped). An exception escaping the app is answered here: 400 when it came
+    from reading the body (a JSON nested too deeply, a too long integer), else 500; its stack
+    trace goes to the server log, never to the client."""
 
     def __init__(self, app):
         self.app = app
@@ -139,44 +171,86 @@ class OneLineErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        held, chunks = None, []
+        held, chunks, started = None, [], False
+        stage = {"predicting": False}
+        token = _REQUEST_STAGE.set(stage)  # the app's tasks and threads copy this context: the same dict
 
-        async def send_one_line(message):
-            nonlocal held
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                held = message
+        async def hold_errors(message):
+            nonlocal held, started
+            if message["type"] == "http.response.start":
+                if message["status"] >= 400:  # held until the app is done: it may still raise
+                    held = message
+                    return
+                started = True
+            if held is not None and message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
                 return
-            if held is None or message["type"] != "http.response.body":
-                return await send(message)
-            chunks.append(message.get("body", b""))
-            if message.get("more_body"):
-                return
-            body = one_line_error(b"".join(chunks))
-            headers = [(k, v) for k, v in held.get("headers", []) if k.lower() != b"content-length"]
-            await send({**held, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send(message)
+
+        try:
+            await self.app(scope, receive, hold_errors)
+        except Exception as exc:
+            if started:  # an answer is under way: nothing left to mend
+                raise
+            status, message = escaped_error(exc, scope, stage["predicting"])
+            return await _send_json(send, status, {"error_code": error_code(status), "message": message})
+        finally:
+            _REQUEST_STAGE.reset(token)
+        if held is not None:
+            body = one_line_error(held["status"], b"".join(chunks))
+            kept = [(k, v) for k, v in held.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+            headers = [*kept, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({**held, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
-        await self.app(scope, receive, send_one_line)
+
+def escaped_error(exc: Exception, scope, predicting: bool) -> tuple[int, str]:
+    """Status and one-line message for an exception MLflow's app did not answer (it was logged
+    nowhere yet: logged here)."""
+    if scope["path"] == "/invocations" and not predicting:
+        text = str(exc).splitlines()[0].partition("; ")[0][:MAX_EXCEPTION_TEXT] if str(exc).strip() else ""
+        log.warning("request body not readable: %s: %s", type(exc).__name__, text)
+        return 400, f"the request body could not be read ({type(exc).__name__}{': ' + text if text else ''})"
+    log.error("request failed", exc_info=exc)
+    return 500, f"internal server error ({type(exc).__name__}); the server log has the details"
 
 
-def one_line_error(body: bytes) -> bytes:
-    """An MLflow error body with a one-line message and no stack trace (that goes to the server
-    log); other bodies unchanged.
+def error_code(status: int) -> str:
+    return ERROR_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+
+
+def one_line_error(status: int, body: bytes) -> bytes:
+    """An error answer's body as JSON {"error_code", "message"}, the message one line and without
+    a stack trace (that goes to the server log).
 
     MLflow's scoring server prefixes a prediction error with the request's whole input
-    ("Failed to predict data '<frame>'. \\nError: <message>"): only the message is kept.
+    ("Failed to predict data '<frame>'. \\nError: <message>"): only the message is kept. FastAPI's
+    own errors ({"detail": ...}) and plain text (the Host check, MLflow's 415 and 504) become the
+    message, with the error code of the status.
     """
     try:
         error = json.loads(body)
     except ValueError:
-        return body
-    if not isinstance(error, dict) or "message" not in error:
-        return body
-    if error.get("stack_trace"):  # an exception MLflow did not expect, in parsing or predicting
-        log.error("request failed: %s\n%s", error["message"], error["stack_trace"])
-    message = str(error["message"]).rpartition("\nError: ")[2].strip()
-    message = message.splitlines()[0].strip() if message else "bad request"
-    return json.dumps({"error_code": error.get("error_code", "BAD_REQUEST"), "message": message}).encode()
+        error = None
+    code = error_code(status)
+    if isinstance(error, dict) and "message" in error:
+        if error.get("stack_trace"):  # an exception MLflow did not expect, in parsing or predicting
+            log.error("request failed: %s\n%s", error["message"], error["stack_trace"])
+        message = str(error["message"]).rpartition("\nError: ")[2]
+        code = str(error.get("error_code") or code)
+    elif isinstance(error, dict) and isinstance(error.get("detail"), str):
+        message = error["detail"]
+    else:
+        message = body.decode(errors="replace")
+    message = message.strip().splitlines()[0].strip() if message.strip() else ""
+    return json.dumps({"error_code": code, "message": message or _phrase(status)}).encode()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
 
 
 async def _send_json(send, status: int, document: dict) -> None:
