@@ -1,10 +1,11 @@
 """`tune-cells serve` against hostile input (issue #18): decompression bombs, special files in the
 `path` column, a foreign Host header, oversized requests, a failing row, a changed model code file,
-bodies its parser chokes on.
+bodies its parser chokes on, requests that outlast the server's timeout.
 
-Two real servers started by `tune-cells serve` (in parallel, once for the module) serve the
+Three real servers started by `tune-cells serve` (in parallel, once for the module) serve the
 format-1 fixture model, registered as is in a fresh store (no training): `default` without
-`--allow-path-root`, `confined` with it.
+`--allow-path-root`, `confined` with it, `timed` with a 1-second request timeout (on ::1 where
+this machine has IPv6 loopback).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -44,16 +46,27 @@ def register(client, experiment_id: str, name: str, folder: Path) -> None:
     client.set_model_version_tag(name, "1", "task", "nuclei")
 
 
-def start_server(root: Path, label: str, *flags, host: str = "127.0.0.1") -> dict:
+def start_server(root: Path, label: str, *flags, host: str = "127.0.0.1", timeout: int | None = None) -> dict:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    if timeout is not None:
+        env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(timeout)
     log_path = root / f"{label}.log"
     with open(log_path, "w") as log:  # a file, not a pipe nobody reads: access logs would fill it
         server = subprocess.Popen([sys.executable, "-m", "tune_cells", "serve", "nuclei", "--workdir", root / "work",
                                    "--model-uri", f"models:/{NAME}/1", "--port", str(port), "--host", host, *flags],
                                   cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return {"server": server, "port": port, "host": host, "log": log_path}
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def wait_until_ready(served: dict, seconds: int = 120) -> None:
@@ -113,6 +126,11 @@ def assert_json_error(status: int, text: str, expect_status: int, expect: str) -
     return answer
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -141,13 +159,15 @@ def servers(tmp_path_factory):
     (allowed / "link-to-fifo").symlink_to(allowed / "fifo")
     (allowed / "link-outside").symlink_to(IMAGE_PATHS[1])  # an image, but outside the root
     started = {"default": start_server(root, "default"),
-               "confined": start_server(root, "confined", "--allow-path-root", allowed)}
+               "confined": start_server(root, "confined", "--allow-path-root", allowed),
+               "timed": start_server(root, "timed", host="::1" if ipv6_loopback() else "127.0.0.1", timeout=1)}
     try:
-        for served in started.values():
+        for label, served in started.items():
             wait_until_ready(served)
-            status, answer = invoke(served, images_body(encoded_images()))  # warm: the first prediction
-            assert status == 200, answer
-            assert_expected(pd.DataFrame(answer["predictions"]))
+            if label != "timed":  # its one second could be too short for a cold first prediction
+                status, answer = invoke(served, images_body(encoded_images()))  # warm: the first prediction
+                assert status == 200, answer
+                assert_expected(pd.DataFrame(answer["predictions"]))
         yield {**started, "root": root, "allowed": allowed, "marker": marker}
     finally:
         for served in started.values():
@@ -275,6 +295,40 @@ def test_every_error_answer_is_one_line_of_json_and_the_server_lives_on(servers)
     status, text = request(served, "GET", "/nowhere")
     assert_json_error(status, text, 404, "Not Found")
     assert request(served, "POST", "/invocations", one_image)[0] == 200
+
+
+def test_a_request_over_the_pixel_budget_is_refused_before_any_decoding(servers):
+    from tune_cells.pyfunc import MAX_PIXELS_PER_REQUEST
+
+    side = 6324  # 40 MP, within the limit per image, and about a second of one core to decode
+    count = MAX_PIXELS_PER_REQUEST // side**2 + 1
+    started = time.monotonic()
+    status, answer = invoke(servers["default"], images_body([base64.b64encode(png_of_zeros(side, side, 8)).decode()]
+                                                            * count))
+    assert_one_line_refusal(status, answer, f"row {count - 1} (image): the request's images pass "
+                                            f"{MAX_PIXELS_PER_REQUEST // 10**6} megapixels in all")
+    assert time.monotonic() - started < 2  # read from the headers: no image decoded
+
+
+def test_work_on_a_request_stops_at_the_server_timeout(servers):
+    from tune_cells.pyfunc import MAX_ROWS_PER_REQUEST
+
+    served = servers["timed"]
+    # 10 MP rows in one line of pixels: about half a second each to decode, half a minute in all.
+    rows = [base64.b64encode(png_of_zeros(9_999_999, 1, 16)).decode()] * MAX_ROWS_PER_REQUEST
+    started = time.monotonic()
+    status, text = request(served, "POST", "/invocations", json.dumps(images_body(rows)))
+    answer = assert_json_error(status, text, 504, "exceeded limit")
+    # On time: the old server's decoding thread starved its event loop, so the 504 came at the end.
+    assert answer["error_code"] == "DEADLINE_EXCEEDED" and time.monotonic() - started < 6
+    # The row being decoded at the timeout finishes, and no other starts: the old server went on.
+    deadline, idle = time.monotonic() + 5, False
+    while not idle and time.monotonic() < deadline:
+        before = cpu_seconds(served["server"].pid)
+        time.sleep(0.5)
+        idle = cpu_seconds(served["server"].pid) - before < 0.05
+    assert idle, "the server kept working on a request its client was told had timed out"
+    assert "stopped after decoding" in served["log"].read_text()
 
 
 def test_a_model_with_changed_stored_code_is_not_served_and_its_code_never_runs(servers):
