@@ -187,6 +187,7 @@ def test_host_names_the_server_answers():
     assert answered_hosts("::1") == ["127.0.0.1", "localhost", "[::1]"]
     assert answered_hosts("10.0.0.5") == ["127.0.0.1", "localhost", "[::1]", "10.0.0.5"]
     assert answered_hosts("0.0.0.0", ("cells.lab",)) == ["127.0.0.1", "localhost", "[::1]", "cells.lab"]
+    assert answered_hosts("fe80::1") == ["127.0.0.1", "localhost", "[::1]", "[fe80::1]"]
 
 
 def test_the_checkpoint_is_found_where_mlmodel_says(tmp_path):

@@ -314,6 +314,8 @@ def test_work_on_a_request_stops_at_the_server_timeout(servers):
     from tune_cells.pyfunc import MAX_ROWS_PER_REQUEST
 
     served = servers["timed"]
+    bind = f"[{served['host']}]" if ":" in served["host"] else served["host"]  # the banner's URL brackets IPv6
+    assert f"on http://{bind}:{served['port']}/invocations" in served["log"].read_text()
     # 10 MP rows in one line of pixels: about half a second each to decode, half a minute in all.
     rows = [base64.b64encode(png_of_zeros(9_999_999, 1, 16)).decode()] * MAX_ROWS_PER_REQUEST
     started = time.monotonic()

@@ -185,7 +185,7 @@ def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, 
     """Serve TASK's champion over REST with MLflow's scoring app (POST /invocations)."""
     from tune_cells.listening import check_listen
     from tune_cells.path_access import allowed_root
-    from tune_cells.serving import answered_hosts, build_app, load_served_model, run_server
+    from tune_cells.serving import answered_hosts, build_app, load_served_model, run_server, url_host
 
     check_listen(host, port)  # before the model loads: a port in use is one line, not a late exit 1
     if allow_path_root is not None and not allow_path_root.is_dir():
@@ -195,7 +195,7 @@ def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, 
     path_root = allowed_root(allow_path_root) if allow_path_root is not None else None
     model = load_served_model(opened.tracker, opened.uri, path_root)
     paths = f"`path` rows under {path_root}" if path_root else "no `path` rows"
-    click.echo(f"Serving {opened.uri} (version {opened.version.version}) on http://{host}:{port}/invocations, "
+    click.echo(f"Serving {opened.uri} (version {opened.version.version}) on http://{url_host(host)}:{port}/invocations, "
                f"{paths} (Ctrl-C stops it)")
     run_server(build_app(model, answered_hosts(host, allowed_hosts)), host, port)
 

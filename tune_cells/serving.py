@@ -79,10 +79,14 @@ class _PyfuncInterface:
         return self.python_model.predict(None, data, params)
 
 
+def url_host(host: str) -> str:
+    """A bind address as a URL or Host header spells it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def answered_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> list[str]:
     """Host headers the server answers: loopback names, the bind address, and `extra`."""
-    host = f"[{bind_host}]" if ":" in bind_host and not bind_host.startswith("[") else bind_host
-    named = [] if bind_host in WILDCARD_BINDS else [host]
+    named = [] if bind_host in WILDCARD_BINDS else [url_host(bind_host)]
     return list(dict.fromkeys([*LOOPBACK_HOSTS, *named, *extra]))
 
 
