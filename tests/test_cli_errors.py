@@ -335,3 +335,40 @@ def test_an_output_and_its_masks_folder_are_claimed_together_and_given_back_on_f
     with pytest.raises(UserInputError, match="--output .*mine.csv: already exists"), claimed(names, "-masks"):
         pass
     assert given.read_text() == "mine\n" and not (tmp_path / "mine-masks").exists()
+
+
+def test_folds_that_the_groups_of_a_class_cannot_fill_are_one_line_before_anything_is_written(run_cli, tmp_path):
+    """--folds K keeps each group of related images whole in one fold, and every fold needs every
+    class: fewer groups than K failed in scikit-learn after Ray had started and the store, split and
+    read log were written; a class in fewer groups than K left a fold without it, silently."""
+    from test_splits import write_patients
+
+    nuclei = write_kaggle(tmp_path / "nuclei", [0, 1, 2, 3] * 20, size=8)
+    result = run_cli("search", "nuclei", "--data", nuclei, "--group-pattern", r"(\d)\.png$", "--folds", "10",
+                     "--workdir", tmp_path / "w")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "--folds 10: the training and validation images form only" in result.err
+    assert "groups of related images (a group is never split across folds)" in result.err
+
+    patients = {f"p{n}": {"common": 6, "other": 4} for n in range(12)}
+    for n in range(3):  # three patients hold the rare class: one goes to the test part, two are pooled (4
+        patients[f"p{n}"]["rare"] = 2  # images: enough for 3 folds, were it not for the groups)
+    result = run_cli("search", "folder", "--data", write_patients(tmp_path / "folder", patients), "--folds", "3",
+                     "--workdir", tmp_path / "w")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+    assert "--folds 3: class rare has 4 training and validation images in 2 group(s) of related images" in result.err
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_fold_deal_that_leaves_a_class_out_is_refused_naming_it():
+    """scikit-learn's StratifiedGroupKFold deals whole groups greedily: a class in K groups can still
+    miss a fold (it warns, and the fold's model would be scored without the class)."""
+    import numpy as np
+
+    from tune_cells.data.folds import fold_of
+    from tune_cells.errors import UserInputError
+
+    labels = np.array([0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 2, 0, 0, 1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 2])
+    groups = np.array([0] * 7 + [1] * 9 + [2] * 6 + [3] + [4] * 6)  # class c lies in groups 1, 2 and 4
+    with pytest.raises(UserInputError, match=r"^--folds 3: fold \d of the deal gets no image of class [abc] "):
+        fold_of(len(labels), 3, 0, labels, groups, ["a", "b", "c"])

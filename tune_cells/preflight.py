@@ -89,6 +89,7 @@ class PreparedSearch:
     decoded: dict = field(default_factory=dict)  # train/val pixels by file path (never test pixels)
     resume_run_id: str = ""  # with --resume: the interrupted search's parent run ...
     resume_name: str = ""  # ... and its Ray experiment name
+    folds: int = 1  # --folds: checked again on the split `check_pixels` plans
 
 
 def check_options(opts: SearchOptions) -> None:
@@ -289,11 +290,7 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     # A new split is planned here by group key only, so that a dataset too small to split fails
     # fast; `check_pixels` plans it again once the hashes know the near-duplicates.
     split = plan_split(workdir.split_file(task.name, index.fingerprint, opts.seed), index, opts.seed)
-    if opts.folds > 1:  # enough images per class for every fold: said now, not after the store is opened
-        from tune_cells.data.folds import fold_of
-
-        pooled = split.parts["train"] + split.parts["val"]
-        fold_of(len(pooled), opts.folds, opts.seed, task.kind.fold_labels(index, pooled))
+    check_folds(task, index, split, opts.folds, opts.seed)
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
     check_tracking(tracking_uri, "--tracking-uri" if opts.tracking_uri else "MLFLOW_TRACKING_URI")
     suffix = "-demo" if index.source == "demo" else ""
@@ -302,7 +299,18 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
                           store_size(task, index, opts.max_store_size, space.largest("image_size")))
     if opts.resume:
         prep.resume_run_id, prep.resume_name = find_interrupted_search(opts, prep)
+    prep.folds = opts.folds
     return prep
+
+
+def check_folds(task: TaskSpec, index: ImageIndex, split: Split, folds: int, seed: int) -> None:
+    """--folds K: the pooled parts cut as trials will cut them (by class, never splitting a group), so
+    that too few images or groups of a class for K folds is said now, not after the store is opened."""
+    if folds > 1:
+        from tune_cells.data.folds import fold_of, pooled_groups
+
+        pooled = split.parts["train"] + split.parts["val"]
+        fold_of(len(pooled), folds, seed, task.kind.fold_labels(index, pooled), pooled_groups(split), index.classes)
 
 
 def store_size(task: TaskSpec, index: ImageIndex, max_store_size: int | None = None,
@@ -334,6 +342,7 @@ def check_pixels(prep: PreparedSearch) -> None:
         return plan_split(prep.split.path, prep.index, prep.split.seed, scan.hashes)
 
     scan, prep.split, prep.decoded = decode_once(prep.task, prep.index, plan, prep.store_size.size)
+    check_folds(prep.task, prep.index, prep.split, prep.folds, prep.split.seed)  # near-duplicates merge groups
     prep.duplicates = cross_split_duplicates(prep.split, list(prep.index.items["path"]), scan.hashes)
 
 

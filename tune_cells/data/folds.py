@@ -9,16 +9,13 @@ from tune_cells.errors import UserInputError
 
 
 def fold_of(count: int, k: int, seed: int, labels: np.ndarray | None = None,
-            groups: np.ndarray | None = None) -> np.ndarray:
-    """The fold (0..k-1) of each of `count` pooled images."""
+            groups: np.ndarray | None = None, classes: list[str] | None = None) -> np.ndarray:
+    """The fold (0..k-1) of each of `count` pooled images. Every fold must hold an image of every
+    class (its model is scored on all of them) and a group is never split: what cannot be cut so is
+    one line naming the class (`classes`: the names of the labels) or the group count."""
     from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
-    if k > count:
-        raise UserInputError(f"--folds {k}: only {count} training and validation images to cut into folds")
-    if labels is not None and np.bincount(labels).min(initial=count) < k:
-        smallest = int(np.bincount(labels)[np.bincount(labels) > 0].min())
-        raise UserInputError(f"--folds {k}: a class has only {smallest} training and validation images; "
-                             f"every fold needs one")
+    refuse_too_few(count, k, labels, groups, classes)
     index = np.zeros((count, 1))
     if groups is not None and labels is not None:
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -31,7 +28,41 @@ def fold_of(count: int, k: int, seed: int, labels: np.ndarray | None = None,
     assignment = np.empty(count, dtype=np.int64)
     for fold, (_, held) in enumerate(splitter.split(index, labels, groups)):
         assignment[held] = fold
+    if labels is not None and groups is not None:  # StratifiedGroupKFold deals groups greedily: no promise
+        for label in np.unique(labels):
+            lacking = sorted(set(range(k)) - set(assignment[labels == label].tolist()))
+            if lacking:
+                raise UserInputError(f"--folds {k}: fold {lacking[0] + 1} of the deal gets no image of class "
+                                     f"{class_name(label, classes)} (its images lie in "
+                                     f"{len(np.unique(groups[labels == label]))} groups of related images, each kept "
+                                     "whole in one fold, among groups of other classes): give fewer --folds")
     return assignment
+
+
+def refuse_too_few(count: int, k: int, labels: np.ndarray | None, groups: np.ndarray | None,
+                   classes: list[str] | None) -> None:
+    """One line where `k` folds cannot each get an image (a group, with `groups`) of every class."""
+    if k > count:
+        raise UserInputError(f"--folds {k}: only {count} training and validation images to cut into folds")
+    if groups is not None and k > len(np.unique(groups)):
+        distinct = len(np.unique(groups))
+        raise UserInputError(f"--folds {k}: the training and validation images form only {distinct} groups of "
+                             f"related images (a group is never split across folds): give --folds {distinct} or fewer")
+    if labels is None:
+        return
+    for label in np.unique(labels):
+        rows = labels == label
+        if groups is None and rows.sum() < k:
+            raise UserInputError(f"--folds {k}: class {class_name(label, classes)} has only {int(rows.sum())} training and "
+                                 "validation images; every fold needs one")
+        if groups is not None and len(np.unique(groups[rows])) < k:
+            raise UserInputError(f"--folds {k}: class {class_name(label, classes)} has {int(rows.sum())} training and "
+                                 f"validation images in {len(np.unique(groups[rows]))} group(s) of related images "
+                                 "(a group is never split across folds); every fold needs one of its groups")
+
+
+def class_name(label, classes: list[str] | None) -> str:
+    return str(classes[int(label)]) if classes is not None else str(label)
 
 
 def pooled_groups(split) -> np.ndarray | None:

@@ -43,7 +43,7 @@ class ClassificationKind(TaskKind):
         if folds > 1:  # pooled, then cut into folds: every image validates exactly one fold model
             images, labels = np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels])
             mean, std = channel_stats(images)
-            folds_of = fold_of(len(images), folds, seed, labels, pooled_groups(reader.split))
+            folds_of = fold_of(len(images), folds, seed, labels, pooled_groups(reader.split), list(index.classes))
             data = ClassificationData(images, labels, images[:0], labels[:0], mean=mean, std=std, **fields,
                                       fold_of=folds_of)
         else:
