@@ -110,7 +110,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     if opts.warm_start and opts.resume:
         log.info("warm start: the resumed search's study already holds the earlier trials it started from")
     elif opts.warm_start:  # read before this search's own run exists
-        warm = earlier_trials(tracker, experiment_id, prep.space, task.name, task.metric, task.mode)
+        warm = earlier_trials(tracker, experiment_id, prep.space, task.name, task.metric, task.mode, prep.index.classes)
     dataset = dataset_record(prep.index, split)  # the split as an MLflow dataset (search, trial and evaluation runs)
     if opts.resume:
         parent, search_name = prep.resume_run_id, prep.resume_name

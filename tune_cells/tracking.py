@@ -41,7 +41,7 @@ RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | evaluation
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 EVALUATION_RUN_TAGS = {"mlflow.runType": "evaluation"}
 NOTE_TAG, VIEW_KEY = "mlflow.note.content", "tune-cells"
-_MAX_PARAM_LENGTH = 6000
+MAX_PARAM_LENGTH = 6000
 
 
 def resolve_tracking_uri(explicit: str | None, workdir: Path) -> str:
@@ -109,7 +109,7 @@ class Tracker(RegistryMixin):
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict) -> None:
-        items = [Param(k, str(v)[:_MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=items[start : start + 100])
 

@@ -1,7 +1,10 @@
 """`search --warm-start`: a new search begins from what earlier searches of the task and space learned.
 
 Read back from MLflow, the record of every search: the finished trial runs of the experiment's
-earlier searches whose space has the same name (`SearchSpace.name`). Each becomes a COMPLETE Optuna
+earlier searches of the same task and classes (a score means something else on other classes: 0.5
+balanced accuracy is chance for 2, good for 10) whose space has the same name (`SearchSpace.name`).
+Searches of another task or class list in the same experiment are left out, and said so; with none
+left, the search starts cold (a warm start is a hint to the sampler, not a condition of the search). Each becomes a COMPLETE Optuna
 trial, its configuration as the current space's params and distributions and its value the last
 value of the task's metric it reported (what Ray's Optuna searcher told its own study then), and
 is added to the new study before its first trial. A trial whose configuration is no point of the
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tune_cells.search_spaces import SearchSpace, point_matches
-from tune_cells.tracking import PARENT_TAG, Tracker
+from tune_cells.tracking import MAX_PARAM_LENGTH, PARENT_TAG, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +47,16 @@ class WarmStart:
 
 
 def earlier_trials(tracker: Tracker, experiment_id: str, space: SearchSpace, task: str, metric: str,
-                   mode: str) -> WarmStart:
+                   mode: str, classes: list[str]) -> WarmStart:
+    """The finished trials of the experiment's earlier searches of `task` on `classes` with this space."""
     import optuna
 
-    searches = {run.info.run_id: run for run in tracker.runs_of_type(experiment_id, "search")
-                if Path(run.data.params.get("space", "")).stem == space.name}
+    everything = tracker.runs_of_type(experiment_id, "search")
+    alike = [run for run in everything if searched(run) == (task, as_logged(classes))]
+    say_what_is_left_out(tracker, experiment_id, everything, alike, task, classes)
+    if not alike:  # (said: the search starts cold)
+        return WarmStart()
+    searches = {run.info.run_id: run for run in alike if Path(run.data.params.get("space", "")).stem == space.name}
     warm, used = WarmStart(), set()
     for run in tracker.runs_of_type(experiment_id, "trial", finished_only=True) if searches else []:
         search = searches.get(run.data.tags.get(PARENT_TAG, ""))
@@ -79,3 +88,33 @@ def earlier_trials(tracker: Tracker, experiment_id: str, space: SearchSpace, tas
     log.info("warm start: %d earlier trials of %s (%s) given to the sampler, best %s %.4f (from %d search%s)",
              len(warm.trials), task, space.name, metric, best, warm.searches, "" if warm.searches == 1 else "es")
     return warm
+
+
+def searched(run) -> tuple[str, str]:
+    """(task, classes as logged: comma-joined, cut to a param's length) of a search run."""
+    return run.data.tags.get("task", run.data.params.get("task", "")), run.data.params.get("classes", "")
+
+
+def as_logged(classes: list[str]) -> str:
+    return ",".join(classes)[:MAX_PARAM_LENGTH]
+
+
+def say_what_is_left_out(tracker: Tracker, experiment_id: str, everything: list, alike: list, task: str,
+                         classes: list[str]) -> None:
+    """One log line for the searches that are left out for their task or classes (all of them: the
+    experiment is new, or another task's), so that a mistyped --experiment is seen at once."""
+    def shown(task: str, classes: str) -> str:
+        return f"{task or '?'} ({textwrap.shorten(classes.replace(',', ', '), 60) or 'no classes logged'})"
+
+    name = tracker.client.get_experiment(experiment_id).name
+    others = sorted({shown(*searched(run)) for run in everything} - {shown(task, as_logged(classes))})
+    others = "; ".join(others[:3]) + (f"; {len(others) - 3} more" if len(others) > 3 else "")
+    if not everything:
+        log.warning("warm start: experiment %s has no earlier searches (a new experiment?): the search starts cold",
+                    name)
+    elif not alike:
+        log.warning("warm start: none of the %d earlier searches in experiment %s is of %s: they searched %s; the "
+                    "search starts cold", len(everything), name, shown(task, as_logged(classes)), others)
+    elif len(alike) < len(everything):
+        log.info("warm start: %d earlier search(es) in experiment %s of another task or classes left out: %s",
+                 len(everything) - len(alike), name, others)
