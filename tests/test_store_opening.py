@@ -264,3 +264,31 @@ def test_predict_reads_a_store_shared_read_only_and_writes_only_its_output(tmp_p
             folder.chmod(0o755)
     assert sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
     assert sorted(p.name for p in mine.iterdir()) == ["p.csv"]
+
+
+def test_a_search_into_an_experiment_deleted_in_the_ui_is_one_line_before_anything_is_written(run_cli, tmp_path,
+                                                                                             capsys):
+    """The MLflow UI's delete only marks an experiment: its name stays taken and no run can start in
+    it. The search failed with MLflow's message (exit 1) after Ray had started and the read log was
+    written; now the preflight names it and the way back."""
+    from tune_cells.errors import UserInputError
+    from tune_cells.tracking import Tracker
+
+    data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 8, size=8)
+    workdir = tmp_path / "work"
+    client = store_client(workdir / "mlflow.db")
+    for name in ("tune-cells-nuclei", "mine"):
+        client.delete_experiment(client.create_experiment(name))
+    before = {p: p.read_bytes() for p in workdir.rglob("*")}
+    capsys.readouterr()  # (MLflow's lines on making the store)
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    for flags, name in [([], "tune-cells-nuclei"), (["--experiment", "mine", "--warm-start"], "mine")]:
+        result = run_cli("search", "nuclei", "--data", data, "--workdir", workdir, *flags)
+        assert result.code == 2 and len(result.err.strip().splitlines()) == 1, result.err
+        experiment_id = client.get_experiment_by_name(name).experiment_id
+        assert result.err.strip() == (f"tune-cells: error: experiment {name} is deleted in {uri} (the MLflow UI's "
+                                      f"delete keeps it, hidden): restore it (MLFLOW_TRACKING_URI='{uri}' mlflow "
+                                      f"experiments restore -x {experiment_id}) or give another --experiment")
+    assert {p: p.read_bytes() for p in workdir.rglob("*")} == before  # no split, read log, run or Ray folder
+    with pytest.raises(UserInputError, match="experiment mine is deleted in"):  # deleted after the preflight
+        Tracker(uri, workdir / "mlartifacts").experiment_id("mine")

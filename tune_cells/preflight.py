@@ -31,7 +31,7 @@ from tune_cells.resources import check_local_resources
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
 from tune_cells.space_weights import fit_space_to_weights
 from tune_cells.tasks import TaskSpec, get_task
-from tune_cells.tracking_checks import check_store, sqlite_path
+from tune_cells.tracking_checks import check_experiment_active, check_store, sqlite_path
 
 log = logging.getLogger(__name__)
 MIN_STORE_SIZE = 16  # --max-store-size below this leaves nothing to learn from
@@ -297,6 +297,7 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
                           f"tune-cells-{task.name}{suffix}", tracking_uri,
                           store_size(task, index, opts.max_store_size, space.largest("image_size")))
+    check_experiment_active(tracking_uri, prep.experiment)
     if opts.resume:
         prep.resume_run_id, prep.resume_name = find_interrupted_search(opts, prep)
     prep.folds = opts.folds

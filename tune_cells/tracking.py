@@ -79,6 +79,11 @@ class Tracker(RegistryMixin):
 
     def experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "deleted":  # (the preflight said so unless deleted since)
+            from tune_cells.errors import UserInputError
+            from tune_cells.tracking_checks import deleted_experiment
+
+            raise UserInputError(deleted_experiment(self.tracking_uri, name, found.experiment_id))
         if found is not None:
             if EXPERIMENT_KIND_TAG not in found.tags:  # made before tune-cells tagged its experiments
                 self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)

@@ -93,6 +93,35 @@ def check_sqlite_store(path: Path) -> list[str]:
     return locations
 
 
+
+def check_experiment_active(uri: str, name: str) -> None:
+    """The experiment a search logs to is not deleted (the MLflow UI's delete only marks it: its name
+    stays taken, and a run cannot start in it). Read without writing; an absent store or experiment
+    passes (the search makes them)."""
+    path = sqlite_path(uri)
+    try:
+        if path is not None:
+            if not path.is_file():
+                return
+            with closing(sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)) as connection:
+                found = connection.execute("SELECT experiment_id, lifecycle_stage FROM experiments WHERE name = ?",
+                                           (name,)).fetchone()
+        else:
+            from mlflow.tracking import MlflowClient
+
+            experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+            found = experiment and (experiment.experiment_id, experiment.lifecycle_stage)
+    except Exception:  # a locked or foreign store is not this check's to judge: MLflow says so later
+        return
+    if found and found[1] == "deleted":
+        raise UserInputError(deleted_experiment(uri, name, found[0]))
+
+
+def deleted_experiment(uri: str, name: str, experiment_id) -> str:
+    return (f"experiment {name} is deleted in {without_credentials(uri)} (the MLflow UI's delete keeps it, hidden): "
+            f"restore it (MLFLOW_TRACKING_URI='{without_credentials(uri)}' mlflow experiments restore -x "
+            f"{experiment_id}) or give another --experiment")
+
 def artifact_folders_elsewhere(locations: list[str], root: Path) -> list[Path]:
     """Those of the artifact `locations` that are local folders existing outside `root`: a working
     folder copied from elsewhere keeps the original's absolute paths. (A moved one's are gone:
