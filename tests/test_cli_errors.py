@@ -204,6 +204,30 @@ def test_no_champion_and_a_bad_model_are_the_same_line_from_every_model_command(
     assert "--version and --model-uri name the model twice" in said
 
 
+
+def test_a_model_name_alias_or_version_the_registry_refuses_is_one_line_from_every_model_command(run_cli, tmp_path,
+                                                                                                capsys):
+    """MLflow refused these in its own words, after the store was opened, and they exited 1 (a
+    version beyond SQLite's integer even with SQLAlchemy's overflow message)."""
+    image, workdir = an_image(tmp_path), tmp_path.resolve() / "work"
+    workdir.mkdir()
+    store_client(workdir / "mlflow.db").create_registered_model("tune-cells-nuclei")
+    capsys.readouterr()  # (MLflow's lines on making the store)
+    big = "9" * 23
+    for model_uri, message in [
+        ("models:/a/b/c", "--model-uri models:/a/b/c: model name 'a/b' cannot hold '/' or ':'"),
+        ("models:/tune-cells-nuclei@no such", "--model-uri models:/tune-cells-nuclei@no such: alias 'no such' is no "
+         "alias name (letters, digits, '_' and '-', at most 255)"),
+        (f"models:/tune-cells-nuclei/{big}", f"--model-uri models:/tune-cells-nuclei/{big}: version '{big}' is no "
+         "version number (a whole number, at most 9223372036854775807)"),
+    ]:
+        (said,) = refusals(run_cli, MODEL_COMMANDS, workdir, image, "--model-uri", model_uri)
+        assert said.startswith(f"tune-cells: error: {message}"), said
+    assert refusals(run_cli, [["card", "nuclei", "--version", big], ["promote", "nuclei", big],
+                              ["card", "nuclei", "--version", "1e3"]], workdir, image) == {
+        f"tune-cells: error: version '{big}' is no version number (a whole number, at most 9223372036854775807)",
+        "tune-cells: error: version '1e3' is no version number (a whole number, at most 9223372036854775807)"}
+
 @pytest.mark.parametrize("flags, said", [
     (["--seed", "-1"], "--seed -1: must be 0 to 4294967295"),
     (["--seed", "4294967296"], "--seed 4294967296: must be 0 to 4294967295"),

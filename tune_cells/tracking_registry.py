@@ -4,6 +4,7 @@ registering checkpoints as models, versions, aliases, and loading them back."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -86,7 +87,8 @@ class RegistryMixin:
 
     def find_version(self, name: str, version: str):
         """The version, or None when the registry has no such model or version (any other failure of
-        the store is raised: it is no answer)."""
+        the store is raised: it is no answer). A `version` that is no version number is refused."""
+        check_version(version)
         try:
             return self.client.get_model_version(name, version)
         except MlflowException as exc:
@@ -218,7 +220,8 @@ def _pip_requirements() -> list[str]:
 
 def parse_model_uri(model_uri: str) -> tuple[str, str, str]:
     """(name, alias, "") of models:/NAME@ALIAS, or (name, "", version) of models:/NAME/VERSION;
-    anything else is the user's --model-uri to fix (checked before any store is opened)."""
+    anything else is the user's --model-uri to fix (checked before any store is opened), as is a
+    name, alias or version the registry would refuse (MLflow says so in its own words, exit 1)."""
     parsed = urlparse(model_uri)
     path = (parsed.netloc + parsed.path).strip("/")
     if "@" in path:
@@ -229,4 +232,24 @@ def parse_model_uri(model_uri: str) -> tuple[str, str, str]:
         alias = ""
     if parsed.scheme != "models" or not name or not (alias or number):
         raise UserInputError(f"--model-uri {model_uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    if "/" in name or ":" in name:  # MLflow's rule for registered model names
+        raise UserInputError(f"--model-uri {model_uri}: model name {name!r} cannot hold '/' or ':' (expected "
+                             "models:/NAME@ALIAS or models:/NAME/VERSION)")
+    if alias and not (ALIAS.fullmatch(alias) and len(alias) <= MAX_ALIAS_LENGTH):
+        raise UserInputError(f"--model-uri {model_uri}: alias {alias!r} is no alias name (letters, digits, '_' and "
+                             f"'-', at most {MAX_ALIAS_LENGTH})")
+    if number:
+        check_version(number, f"--model-uri {model_uri}: ")
     return name, alias, number
+
+
+ALIAS = re.compile(r"[\w\-]+")  # MLflow's rule for alias names
+MAX_ALIAS_LENGTH = 255
+MAX_VERSION = 2**63 - 1  # the registry stores a version as a 64-bit integer
+
+
+def check_version(version: str, where: str = "") -> None:
+    """`version` is a registry version number: digits only ("01" is version 1), within its integer."""
+    if not re.fullmatch(r"[0-9]+", version) or int(version) > MAX_VERSION:
+        raise UserInputError(f"{where}version {version!r} is no version number (a whole number, at most "
+                             f"{MAX_VERSION})")
