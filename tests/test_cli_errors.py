@@ -5,7 +5,7 @@ from PIL import Image
 
 from tune_cells.errors import UserInputError
 
-from conftest import store_client, write_kaggle
+from conftest import FORMAT1_MODEL, register_model_folder, store_client, write_kaggle
 
 
 def snapshot(folder):
@@ -131,6 +131,21 @@ def test_card_never_replaces_a_file(run_cli, tmp_path):
     assert result.code == 2 and f"--output {mine}: already exists (not overwritten)" in result.err
     assert mine.read_text() == "mine\n"
 
+
+def test_an_output_file_given_as_a_folder_with_a_trailing_slash_is_refused(run_cli, tmp_path, capsys):
+    """`export --output exports/new/` wrote files named `new` and `new.json` (a Path drops the '/'),
+    and card and predict wrote a file `new` the same way: an output file, not a folder, is named."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    register_model_folder(workdir, FORMAT1_MODEL, alias="champion")
+    capsys.readouterr()  # (MLflow's lines on making the store)
+    for command in (["card", "nuclei"], ["export", "nuclei"], ["predict", "nuclei", an_image(tmp_path)]):
+        for given in (f"{tmp_path}/out/new/", f"{tmp_path}/"):
+            result = run_cli(*command, "--output", given, "--workdir", workdir)
+            assert result.code == 2 and result.err.strip().splitlines() == [
+                f"tune-cells: error: --output {given}: ends in '/', so it names a folder; name a file in it (folders "
+                "it needs are made)"], (command, result.err)
+    assert not (tmp_path / "out").exists()
 
 def test_report_refuses_a_folder_of_other_files_and_leaves_it_alone(run_cli, tmp_path):
     """A report writes trials.csv and figures by fixed names: never among a user's files."""

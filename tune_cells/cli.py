@@ -143,7 +143,7 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
 @click.argument("task")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model-uri", default=None, help="Model to use [default: models:/tune-cells-TASK@champion].")
-@click.option("--output", type=click.Path(path_type=Path), default=None,
+@click.option("--output", type=click.Path(path_type=str), default=None,  # as typed: see check_new_file
               help="CSV to write [default: WORKDIR/predictions/TASK-<time>.csv, numbered -2, -3, ... where that is "
                    "taken]; an existing file is not overwritten.")
 @workdir_option

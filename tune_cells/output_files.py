@@ -13,10 +13,15 @@ from pathlib import Path
 from tune_cells.errors import UserInputError
 
 
-def check_new_file(output: Path, named: str | None = None) -> Path:
+def check_new_file(output: Path | str, named: str | None = None) -> Path:
     """`output` as an absolute path, if a new file can be written there without replacing anything.
     Folders it needs and a probe file are made, then removed again. `named`: how an error names
-    the place (default `--output OUTPUT`; see `default_output_name`)."""
+    the place (default `--output OUTPUT`; see `default_output_name`). Given as typed (a str), a
+    trailing separator is refused: `exports/new/` means a folder, and a Path would drop the '/'
+    and write files named `new` and `new.json` beside it."""
+    if str(output).endswith(("/", os.sep)):
+        raise UserInputError(f"{named or f'--output {output}'}: ends in '{str(output)[-1]}', so it names a folder; "
+                             "name a file in it (folders it needs are made)")
     output = Path(output).expanduser().absolute()
     refuse_existing(output)
     probe_folder(output.parent, output, named)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from tune_cells.commands.opening import open_registered_model
@@ -16,7 +14,8 @@ from tune_cells.errors import UserInputError
 @click.option("--version", default=None, metavar="N", help="Version of tune-cells-TASK (else tune-cells-TASK-demo) [default: "
                                               "the champion].")
 @click.option("--model-uri", default=None, help="Model as models:/NAME/VERSION or models:/NAME@ALIAS.")
-@click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the card to this new file.")
+@click.option("--output", type=click.Path(path_type=str), default=None,  # as typed: see check_new_file
+              help="Also write the card to this new file.")
 @workdir_option
 @tracking_option
 def command(task, version, model_uri, output, workdir, tracking_uri):

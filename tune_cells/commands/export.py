@@ -3,8 +3,6 @@ written only after a parity check against the registered model (tune_cells.expor
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from tune_cells.commands.opening import open_registered_model
@@ -16,7 +14,7 @@ from tune_cells.errors import UserInputError
 @click.argument("task")
 @click.option("--format", "format_name", type=click.Choice(["onnx", "torchscript"]), default="onnx",
               show_default=True, help="ONNX (opset 18, any batch size) or a TorchScript module (torch.jit).")
-@click.option("--output", type=click.Path(path_type=Path), default=None,
+@click.option("--output", type=click.Path(path_type=str), default=None,  # as typed: see check_new_file
               help="File to write [default: WORKDIR/exports/MODEL-vVERSION.onnx or .pt]; the contract goes to "
                    "FILE.json beside it. Existing files are not overwritten.")
 @click.option("--model-uri", default=None, help="Model to export [default: models:/tune-cells-TASK@champion].")
