@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import optuna
@@ -42,6 +43,70 @@ def test_dashboard_without_a_journal_is_bad_input(run_cli, tmp_path):
         taken.listen()
         result = run_cli("dashboard", "--workdir", tmp_path, "--port", taken.getsockname()[1])
     assert result.code == 2 and result.err.count("\n") == 1 and "cannot listen there" in result.err, result.err
+
+
+def write_journal(workdir):
+    """A journal of one study with three finished trials, as a search leaves it."""
+    from tune_cells.live_study import open_journal
+
+    study = optuna.create_study(study_name="search-1", storage=open_journal(workdir / "optuna-journal.log"))
+    for value in (0.5, 0.6, 0.7):
+        study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}))
+    return workdir / "optuna-journal.log"
+
+
+def test_banner_addresses_are_urls():
+    from tune_cells.listening import base_url
+
+    assert base_url("::1", 8080) == "http://[::1]:8080" and base_url("127.0.0.1", 80) == "http://127.0.0.1:80"
+    assert base_url("", 8080) == "http://0.0.0.0:8080"  # "" binds every interface, as 0.0.0.0 does
+
+
+def request(port, path, method="GET", host=None):
+    """(status, body) of one request with its own Host header; never raises for an HTTP error."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                 headers={"Host": host} if host else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.mark.slow
+def test_dashboard_answers_beside_an_idle_connection_and_changes_nothing(tmp_path):
+    """A browser's preconnect (a socket that sends nothing, or half a request) stalled wsgiref's one
+    thread for everyone; a DNS-rebinding page could delete a study through optuna-dashboard's API."""
+    journal = write_journal(tmp_path)
+    before = journal.read_bytes()
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tune_cells", "dashboard", "--workdir", tmp_path, "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        assert server.stdout.readline().startswith(f"Optuna dashboard on http://127.0.0.1:{port} for {journal}")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                idle, half = socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port))
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "optuna-dashboard did not start"
+                time.sleep(0.2)
+        with idle, half:
+            half.sendall(b"GET / HTTP/1.1\r\n")
+            status, body = request(port, "/api/studies")  # within 5 s, while both stay open
+            assert status == 200 and json.loads(body)["study_summaries"][0]["study_name"] == "search-1"
+            assert request(port, "/dashboard/", host=f"localhost:{port}")[0] == 200
+            assert request(port, "/api/studies", host="evil.example")[0] == 400
+            assert request(port, "/api/studies/0", "DELETE", host="evil.example")[0] == 400
+            status, body = request(port, "/api/studies/0", "DELETE")
+            assert status == 405 and b"read-only" in body
+            for method, path in (("POST", "/api/studies/0/rename"), ("PUT", "/api/studies/0/note")):
+                assert request(port, path, method)[0] == 405
+        assert journal.read_bytes() == before
+    finally:
+        stop_process_group(server)
 
 
 def test_journal_follows_a_trial_from_start_to_end_and_across_a_resume(tmp_path):

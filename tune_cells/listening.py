@@ -29,3 +29,10 @@ def check_listen(host: str, port: int) -> None:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
                 raise UserInputError(f"--host {host} --port {port}: cannot listen there ({exc.strerror})") from None
             raise
+
+
+def base_url(host: str, port: int) -> str:
+    """The http:// address a banner prints for --host: an IPv6 address in brackets (`http://[::1]:8080`,
+    as URLs need), and "" (every interface, as 0.0.0.0 binds) as 0.0.0.0 rather than `http://:8080`."""
+    host = host or "0.0.0.0"
+    return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
