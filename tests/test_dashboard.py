@@ -17,7 +17,7 @@ import urllib.request
 import optuna
 import pytest
 
-from conftest import chromium, free_port, stop_process_group
+from conftest import chromium, cli_subprocess, free_port, stop_process_group
 
 
 def load(path, name):
@@ -53,6 +53,27 @@ def write_journal(workdir):
     for value in (0.5, 0.6, 0.7):
         study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}))
     return workdir / "optuna-journal.log"
+
+
+def test_a_damaged_journal_is_one_line_naming_the_file_and_line(tmp_path):
+    """Optuna fails on an unreadable line followed by others (a write cut short, then more
+    written) with a bare JSON or UTF-8 error; a line cut short at the end is one being written.
+    (A subprocess with a timeout: a dashboard that opened the journal would serve until stopped.)"""
+    journal = write_journal(tmp_path)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    for damaged, why in ((lines[0] + lines[1][:20] + b"".join(lines[1:]), "line 2 is no journal entry"),
+                         (lines[0] + b"\x93\xff\xfe random\n" + b"".join(lines[1:]), "line 2 is not text")):
+        journal.write_bytes(damaged)
+        result = cli_subprocess(["dashboard", "--workdir", tmp_path, "--port", free_port()], tmp_path, timeout=60)
+        assert result.code == 2 and result.err.count("\n") == 1, result.err
+        assert f"{journal}: {why}" in result.err and "the journal is damaged" in result.err, result.err
+        assert journal.read_bytes() == damaged  # the user's file as it was
+    from tune_cells.live_study import open_journal
+
+    journal.write_bytes(b"".join(lines) + lines[-1][:30])  # a search is writing its next entry
+    (study,) = open_journal(journal).get_all_studies()
+    assert study.study_name == "search-1" and len(optuna.load_study(study_name="search-1", storage=open_journal(
+        journal)).trials) == 3
 
 
 def test_banner_addresses_are_urls():

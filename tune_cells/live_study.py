@@ -12,6 +12,7 @@ write never stops a search: it is said once, and the mirror stops.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tune_cells.errors import UserInputError, first_line
 from tune_cells.redact import without_credentials
 from tune_cells.search_spaces import SearchSpace
 from tune_cells.trial_recorder import STOPPED_BY_TIME_BUDGET
@@ -29,12 +31,39 @@ RAY_TRIAL_ATTR = "ray_trial_id"
 
 
 def open_journal(path: Path):
-    """The JournalStorage on `path` (created with its folder if missing)."""
+    """The JournalStorage on `path` (created with its folder if missing). Optuna reads past an
+    unreadable last line (an entry a search is writing) but not past one followed by others (a
+    write cut short, then more appended): that is a UserInputError naming the file and the line."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError:
+        raise
+    except Exception as exc:  # JSON or UTF-8 errors, or Optuna's replay failing on an entry it cannot apply
+        why = _damage(path) or f"not a journal Optuna can read ({type(exc).__name__}: {first_line(str(exc))})"
+        raise UserInputError(f"{path}: {why}") from None
+
+
+def _damage(path: Path) -> str | None:
+    """Where the journal stops being one: its first line that is no journal entry (the last line
+    only when it is complete, as Optuna reads it), or None when every line is one."""
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.endswith(b"\n"):
+                return None  # the last line, being written
+            try:
+                entry = json.loads(line)
+            except UnicodeDecodeError:
+                return f"line {number} is not text (random bytes?): the journal is damaged"
+            except json.JSONDecodeError as exc:
+                return (f"line {number} is no journal entry ({exc.msg} at column {exc.colno}): the journal is "
+                        "damaged (a write cut short, then more written?)")
+            if not isinstance(entry, dict) or "op_code" not in entry:
+                return f"line {number} is JSON but no Optuna journal entry: the journal is damaged"
+    return None
 
 
 @dataclass

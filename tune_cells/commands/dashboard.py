@@ -48,7 +48,7 @@ def command(workdir, port, host, allowed_hosts):
     from tune_cells.live_study import open_journal
 
     storage = open_journal(journal)
-    if not storage.get_all_studies():  # (Optuna skips lines that are no journal entries)
+    if not storage.get_all_studies():  # (Optuna ignores an unreadable last line: an entry being written)
         raise UserInputError(f"{journal}: holds no Optuna study (not a journal that a search wrote?)")
     click.echo(f"Optuna dashboard on {base_url(host, port)} for {journal} (Ctrl-C stops it)")
     app = ReadOnly(wsgi(storage), answered_hosts(host, allowed_hosts))
