@@ -412,3 +412,28 @@ def test_a_fold_deal_that_leaves_a_class_out_is_refused_naming_it():
     groups = np.array([0] * 7 + [1] * 9 + [2] * 6 + [3] + [4] * 6)  # class c lies in groups 1, 2 and 4
     with pytest.raises(UserInputError, match=r"^--folds 3: fold \d of the deal gets no image of class [abc] "):
         fold_of(len(labels), 3, 0, labels, groups, ["a", "b", "c"])
+
+
+def test_ui_refuses_a_tracking_server_and_an_unknown_scheme_before_its_banner(tmp_path):
+    """MLflow's UI runs on neither: it printed the banner, then 30 lines of traceback quoting the
+    password, exit 1. (A subprocess with a timeout: a ui that went on would exec MLflow's server.)"""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    def ui(*args, uri=None):
+        env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+        env.update({"MLFLOW_TRACKING_URI": uri} if uri else {})
+        return subprocess.run([sys.executable, "-m", "tune_cells", "ui", "--port", str(free_port()), "--workdir",
+                               str(tmp_path / "w"), *args], env=env, capture_output=True, text=True, timeout=120)
+
+    served = ui(uri="http://user:s3cret@127.0.0.1:9/mlflow")
+    assert served.returncode == 2 and served.stdout == "" and len(served.stderr.strip().splitlines()) == 1, served
+    assert "MLFLOW_TRACKING_URI http://user:***@127.0.0.1:9/mlflow: a tracking server has its own UI: open " \
+           "http://127.0.0.1:9/mlflow in a browser" in served.stderr and "s3cret" not in served.stderr
+    unknown = ui("--tracking-uri", "weird://x")
+    assert unknown.returncode == 2 and unknown.stdout == "" and len(unknown.stderr.strip().splitlines()) == 1, unknown
+    assert "--tracking-uri weird://x: MLflow has no tracking store for 'weird:' URIs" in unknown.stderr
+    assert not (tmp_path / "w").exists()

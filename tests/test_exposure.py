@@ -190,3 +190,35 @@ def test_a_tracking_password_is_in_no_command_line_output_or_parameter(tmp_path)
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc (Linux)")
+def test_ui_gives_mlflow_its_store_by_environment_not_on_a_command_line(tmp_path):
+    """`mlflow ui --backend-store-uri URI` showed the store to every user (ps), a database URI's
+    password included; the UI must still open that store."""
+    from conftest import stop_process_group, store_client
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    store_client(workdir / "mlflow.db").create_experiment("tune-cells-nuclei-demo")
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    ui = subprocess.Popen([sys.executable, "-m", "tune_cells", "ui", "--workdir", str(workdir), "--port", str(port)],
+                          cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "the MLflow UI did not start"
+                time.sleep(0.5)
+        # (`tune-cells ui --workdir W` itself became `mlflow ui` before /health answered)
+        assert not command_lines_with(str(workdir)), command_lines_with(str(workdir))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10",
+                                    timeout=10) as response:
+            assert b"tune-cells-nuclei-demo" in response.read()  # the store it was given, not a new one
+    finally:
+        stop_process_group(ui)

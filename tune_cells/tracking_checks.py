@@ -46,6 +46,19 @@ def check_store(uri: str, given_as: str = "--tracking-uri") -> None:
     elif scheme == "file" or (scheme == "" and not uri.startswith("databricks")):
         raise UserInputError(f"{given_as} {shown}: a file store has no model registry, which promotion needs; "
                              "use a database (sqlite:////abs/path/mlflow.db) or a tracking server")
+    elif scheme not in tracking_schemes():
+        raise UserInputError(f"{given_as} {shown}: MLflow has no tracking store for '{scheme}:' URIs; use a database "
+                             "(sqlite:////abs/path/mlflow.db, postgresql://...) or a tracking server (http(s)://...)")
+
+
+def tracking_schemes() -> set[str]:
+    """The URI schemes MLflow opens a tracking store for, a plugin's included (it registers its own)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):  # a private registry: should MLflow move it, its built-in schemes
+        return {"", "file", "sqlite", "http", "https", "databricks", "databricks-uc", "uc", *DATABASE_SCHEMES}
 
 
 def sqlite_path(uri: str) -> Path | None:
