@@ -322,7 +322,7 @@ def test_a_ray_address_nothing_answers_at_is_refused_before_any_write(run_cli, t
 def test_a_ray_address_that_answers_passes_the_check():
     import socket
 
-    from tune_cells.ray_address import check_ray_address
+    from tune_cells.ray_places import check_ray_address
 
     with socket.socket() as head:
         head.bind(("127.0.0.1", 0))

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from tune_cells.data.groups import apply_group_pattern
 from tune_cells.data.images import ImageIndex, ImageScan
@@ -25,7 +24,7 @@ from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
 from tune_cells.kinds import TaskKind, get_kind
 from tune_cells.paths import DEFAULT_WORKDIR, WorkDir
-from tune_cells.ray_address import check_ray_address
+from tune_cells.ray_places import check_ray_address, check_storage, local_storage
 from tune_cells.redact import without_credentials
 from tune_cells.resources import check_local_resources
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
@@ -153,27 +152,6 @@ def check_workdir(workdir: Path, min_free: int = 0) -> WorkDir:
         raise UserInputError(f"--workdir {workdir.root}: only {free / 2**30:.2f} GiB free, a search needs at least "
                              f"{min_free / 2**30:.0f} GiB")
     return workdir
-
-
-def check_storage(storage: str | None) -> None:
-    """A local --storage (a path or file:// URI) must be a folder that exists or can be made, and
-    be writable: Ray would fail only after the store has opened. A remote URI is Ray's to reach."""
-    path = local_storage(storage)
-    if path is None:
-        return
-    probe = path
-    while not probe.exists() and not probe.is_symlink():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserInputError(f"--storage {storage}: cannot be created or written ({probe} is not a writable folder)")
-
-
-def local_storage(storage: str | None) -> Path | None:
-    """--storage as an absolute local path (Ray's file system layer takes no relative one); None
-    when not given or a remote URI (s3://, gs://)."""
-    if not storage or ("://" in storage and not storage.startswith("file://")):
-        return None
-    return Path(urlparse(storage).path if "://" in storage else storage).expanduser().absolute()
 
 
 def prepare_workdir(workdir: Path) -> WorkDir:

@@ -1,9 +1,13 @@
-"""A search's --address, checked by the preflight: Ray itself retries a cluster that does not answer
-for minutes, while the search opens its MLflow store beside it."""
+"""Where a search's Ray runs and keeps its results (--address, --storage), checked by the preflight:
+Ray itself retries a cluster that does not answer for minutes, and fails on a storage it cannot
+write only after the search has opened its MLflow store beside it."""
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
+from urllib.parse import urlparse
 
 from tune_cells.errors import UserInputError
 
@@ -55,3 +59,24 @@ def _auto_address() -> str | None:
     except ConnectionError:
         raise UserInputError("--address auto: no running Ray cluster found (start one with `ray start --head`, "
                              "or set RAY_ADDRESS)") from None
+
+
+def check_storage(storage: str | None) -> None:
+    """A local --storage (a path or file:// URI) must be a folder that exists or can be made, and
+    be writable: Ray would fail only after the store has opened. A remote URI is Ray's to reach."""
+    path = local_storage(storage)
+    if path is None:
+        return
+    probe = path
+    while not probe.exists() and not probe.is_symlink():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"--storage {storage}: cannot be created or written ({probe} is not a writable folder)")
+
+
+def local_storage(storage: str | None) -> Path | None:
+    """--storage as an absolute local path (Ray's file system layer takes no relative one); None
+    when not given or a remote URI (s3://, gs://)."""
+    if not storage or ("://" in storage and not storage.startswith("file://")):
+        return None
+    return Path(urlparse(storage).path if "://" in storage else storage).expanduser().absolute()
