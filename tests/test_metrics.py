@@ -124,3 +124,14 @@ def test_paired_comparison_counts_only_discordant_images_and_is_mcnemars_exact_t
     assert paired_comparison(search, search)["p"] == 1.0
     # 2 errors in 397 (nuclei's recipe): even a perfect rival cannot be shown better on this test part
     assert paired_comparison(np.ones(397, bool), np.r_[np.ones(395, bool), np.zeros(2, bool)])["p"] == 0.5
+
+
+def test_a_resample_without_a_rare_class_does_not_score_it_zero():
+    """A perfect model on 49/49/2 images: about 13 % of resamples draw neither image of the rare
+    class; scoring its recall 0 there put balanced accuracy's interval at [0.67, 1] (a read-only
+    audit, session 20). Averaged over the classes each resample holds, as sklearn does: [1, 1]."""
+    y = np.array([0] * 49 + [1] * 49 + [2] * 2)
+    probs = np.eye(3)[y] * 0.85 + 0.05  # rows sum to 1
+    intervals = bootstrap_intervals(y, probs, ["a", "b", "c"], n_boot=300, seed=0)
+    assert intervals["test_balanced_accuracy"] == (1.0, 1.0) and intervals["test_macro_f1"] == (1.0, 1.0)
+    assert intervals["test_recall_c"] == (1.0, 1.0)

@@ -266,3 +266,22 @@ def test_a_real_search_records_which_rule_chose_its_champion(searched):
         assert "promoted the space's initial point 1" in tags["selection"]
         assert "Promoted trial" in tags["mlflow.note.content"]
     assert "Promoted trial" in searched["result"].out or tags["best_trial_id"] == tags["best_trial_overall"]
+
+
+def test_a_class_of_one_validation_image_still_counts_in_the_error():
+    """1 - 1/n capped such a class at 0 and its variance with it: counts [1, 1, 1] gave an error of 0,
+    so any sampled trial beat the recipe "by more than 0.0000" (a read-only audit, session 20)."""
+    assert balanced_accuracy_se(0.667, [1, 1, 1]) == pytest.approx(math.sqrt(3 * 0.25) / 3)
+    assert balanced_accuracy_se(0.9, [30, 30, 1]) > 0.1  # a Monte-Carlo error of about 0.10, not 0.026
+
+
+def test_of_two_trials_of_one_initial_point_its_best_speaks_for_it():
+    """The first matching trial in list order was promoted, even where the best trial itself was
+    the point's (a point repeated, or a warm start's earlier trial)."""
+    result = search(trial("first", 0.90, **RECIPE), trial("second", 0.95, **RECIPE))
+    chosen, note = rule(result, [RECIPE])
+    assert chosen.best_trial_id == "second" and "the best trial is the space's initial point 1" in note
+    result = search(trial("first", 0.90, **RECIPE), trial("second", 0.95, **RECIPE),
+                    trial("sampled", 0.96, model="mobilenet_v2", lr=2.0e-3))
+    chosen, note = prefer_recipe(result, [RECIPE], 0.07, "max")
+    assert chosen.best_trial_id == "second" and "(trial second, 0.9500)" in note
