@@ -174,6 +174,31 @@ def test_journal_follows_a_trial_from_start_to_end_and_across_a_resume(tmp_path)
     assert c.intermediate_values == {1: 0.2} and c.user_attrs["failure"] == "RuntimeError: boom"
 
 
+@pytest.mark.parametrize("cut", [b'{"op_code": 5, "worker_id": "x", "trial_id": 0, "par', b"x" * 70_000])
+def test_a_resumed_search_drops_an_entry_its_killed_run_left_unfinished(tmp_path, caplog, cut):
+    """A search killed mid-write leaves its last entry cut short; the resumed search appended straight
+    after it, and the journal was then unreadable (the dashboard: 'line N is no journal entry')."""
+    from tune_cells.live_study import StudyJournal, open_journal
+    from tune_cells.search_spaces import SearchSpace
+
+    path = tmp_path / "optuna-journal.log"
+    space = SearchSpace({"lr": {"float": [1e-3, 1e-2]}}, "x.yaml")
+    first = StudyJournal(path, "s", space, "val_acc", "max", 3)
+    first.open()
+    first.on_trial_start("a", "train_a", {"lr": 2e-3})
+    whole = path.read_bytes()
+    with path.open("ab") as journal:
+        journal.write(cut)  # killed here (a cut line longer than one read block too)
+    again = StudyJournal(path, "s", space, "val_acc", "max", 3)
+    again.open()
+    again.on_trial_result("a", {"val_acc": 0.5, "training_iteration": 1})
+    again.on_trial_end("a", False, {"val_acc": 0.5, "training_iteration": 1}, None)
+    assert path.read_bytes().startswith(whole) and cut not in path.read_bytes()
+    (trial,) = optuna.load_study(study_name="s", storage=open_journal(path)).trials
+    assert trial.state.name == "PRUNED" and trial.intermediate_values == {1: 0.5}  # ended before its 3 epochs
+    assert f"dropped an unfinished last entry ({len(cut)} bytes)" in caplog.text
+
+
 def test_a_journal_that_cannot_be_written_does_not_stop_the_search(tmp_path, caplog):
     from tune_cells.live_study import StudyJournal
     from tune_cells.search_spaces import SearchSpace

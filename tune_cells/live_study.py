@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,30 @@ def _damage(path: Path) -> str | None:
     return None
 
 
+def drop_unfinished_entry(path: Path) -> None:
+    """A search killed while writing an entry leaves it cut short (no newline). Optuna reads past it
+    while it is the last line, but a resumed search would append straight after it and make the
+    whole journal unreadable. Only the writer calls this: one search per working folder (the lock)."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as journal:
+        size = journal.seek(0, os.SEEK_END)
+        if size == 0 or (journal.seek(size - 1), journal.read(1))[1] == b"\n":
+            return
+        keep, end = 0, size
+        while end > 0:  # back to the last complete line, a block at a time
+            start = max(0, end - (1 << 16))
+            journal.seek(start)
+            newline = journal.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        journal.truncate(keep)
+    log.warning("%s: dropped an unfinished last entry (%d bytes), left by a search stopped while writing it",
+                path, size - keep)
+
+
 @dataclass
 class StudyJournal:
     """Ray trial events → trials of one Optuna study in a journal file (TrialEvents protocol)."""
@@ -94,6 +119,7 @@ class StudyJournal:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        drop_unfinished_entry(self.path)
         storage = open_journal(self.path)
         study = optuna.create_study(storage=storage, study_name=self.study_name, load_if_exists=True,
                                     direction="maximize" if self.mode == "max" else "minimize")
