@@ -437,3 +437,16 @@ def test_ui_refuses_a_tracking_server_and_an_unknown_scheme_before_its_banner(tm
     assert unknown.returncode == 2 and unknown.stdout == "" and len(unknown.stderr.strip().splitlines()) == 1, unknown
     assert "--tracking-uri weird://x: MLflow has no tracking store for 'weird:' URIs" in unknown.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_evaluate_seeds_checks_its_address_and_storage_as_a_search_does(run_cli, tmp_path):
+    """--seeds retrains through Ray: an unreachable --address retried for minutes, an unwritable
+    --storage failed after the champion was loaded."""
+    (tmp_path / "a-file").write_text("mine\n")
+    result = run_cli("evaluate", "nuclei", "--seeds", 2, "--storage", tmp_path / "a-file" / "ray", "--workdir",
+                     tmp_path / "w")
+    assert result.code == 2 and "--storage" in result.err and "cannot be created or written" in result.err
+    result = run_cli("evaluate", "nuclei", "--seeds", 2, "--address", f"127.0.0.1:{closed_port()}", "--workdir",
+                     tmp_path / "w")
+    assert result.code == 2 and "no Ray cluster answers" in result.err, result.err[:500]
+    assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
