@@ -320,6 +320,7 @@ def test_a_ray_address_nothing_answers_at_is_refused_before_any_write(run_cli, t
 
 
 def test_a_ray_address_that_answers_passes_the_check():
+    import importlib.util
     import socket
 
     from tune_cells.ray_places import check_ray_address
@@ -328,7 +329,8 @@ def test_a_ray_address_that_answers_passes_the_check():
         head.bind(("127.0.0.1", 0))
         head.listen()
         port = head.getsockname()[1]
-        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", f"localhost:{port}", "local", None):
+        client = importlib.util.find_spec("grpc") is not None  # ray[client]: else the next test's line
+        for address in (f"127.0.0.1:{port}", *[f"ray://127.0.0.1:{port}"] * client, f"localhost:{port}", "local", None):
             check_ray_address(address)
 
 
@@ -450,3 +452,19 @@ def test_evaluate_seeds_checks_its_address_and_storage_as_a_search_does(run_cli,
                      tmp_path / "w")
     assert result.code == 2 and "no Ray cluster answers" in result.err, result.err[:500]
     assert len(result.err.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+
+
+def test_a_ray_client_address_without_ray_client_installed_is_one_line(tmp_path):
+    """Ray Client (ray://) needs grpcio, an extra: without it a reachable ray:// address failed late."""
+    import importlib.util
+    import socket
+
+    from tune_cells.ray_places import check_ray_address
+
+    if importlib.util.find_spec("grpc") is not None:
+        pytest.skip("ray[client] is installed here")
+    with socket.socket() as head:  # something answers: only the missing client is wrong
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        with pytest.raises(UserInputError, match=r"needs Ray Client: pip install 'ray\[client\]'"):
+            check_ray_address(f"ray://127.0.0.1:{head.getsockname()[1]}")

@@ -4,6 +4,7 @@ write only after the search has opened its MLflow store beside it."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -45,6 +46,9 @@ def check_ray_address(address: str | None) -> None:
     except OSError as exc:
         why = exc.strerror or str(exc) or type(exc).__name__
         raise UserInputError(f"--address {named}: no Ray cluster answers at {host}:{port} ({why})") from None
+    if scheme == "ray" and importlib.util.find_spec("grpc") is None:  # Ray Client's transport, an extra
+        raise UserInputError(f"--address {named}: a ray:// address needs Ray Client: pip install 'ray[client]' "
+                             "(grpcio is not installed)")
 
 
 def _auto_address() -> str | None:
