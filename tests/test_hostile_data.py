@@ -167,6 +167,17 @@ def test_a_class_folder_in_either_unicode_form_is_one_class_named_in_nfc(tmp_pat
         decode_image(root / index.items["path"].iloc[-1], 3, 8)
 
 
+def test_groups_csv_names_a_file_in_either_unicode_form(tmp_path):
+    """A groups.csv typed on Linux (NFC) names a file a Mac wrote decomposed (NFD): 'not an image of the dataset'."""
+    for name in ("a", "b"):
+        for k in range(3):
+            image(tmp_path / name / f"{k}{CAFE_NFD}.png")
+    (tmp_path / "groups.csv").write_text(f"path,group\na/0{CAFE_NFC}.png,p1\nb/0{CAFE_NFC}.png,p1\n")
+    index = import_image_folder(tmp_path)
+    grouped = index.items.loc[index.items["group"].notna(), "path"].tolist()
+    assert sorted(grouped) == [f"a/0{CAFE_NFD}.png", f"b/0{CAFE_NFD}.png"]  # paths as on disk
+
+
 def test_two_folders_of_one_name_in_two_unicode_forms_are_refused_naming_both(tmp_path):
     for name in ("a", CAFE_NFC, CAFE_NFD):
         for k in range(3):

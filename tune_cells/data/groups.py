@@ -8,6 +8,7 @@ A group key is the index's optional `group` column: set by an importer whose lay
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def read_groups_csv(root: Path, paths: list[str]) -> list[str | None] | None:
     columns = {c.strip().lower(): c for c in table.columns}
     if "path" not in columns or "group" not in columns:
         raise UserInputError(f"{csv_path}: needs columns path,group, found {','.join(table.columns)}")
-    listed = table[columns["path"]].str.strip().str.replace("\\", "/")
-    known = set(paths)
+    # matched in one Unicode form: a CSV typed on Linux (NFC) names files a Mac wrote decomposed (NFD)
+    listed = table[columns["path"]].str.strip().str.replace("\\", "/").map(lambda p: unicodedata.normalize("NFC", p))
+    known = {unicodedata.normalize("NFC", p) for p in paths}
     unknown = [p for p in listed if p not in known]
     if unknown:
         raise UserInputError(f"{csv_path}: {unknown[0]} is not an image of the dataset (paths are relative to {root})")
@@ -68,7 +70,7 @@ def read_groups_csv(root: Path, paths: list[str]) -> list[str | None] | None:
     if twice:
         raise UserInputError(f"{csv_path}: {twice[0]} is listed twice")
     group_of = dict(zip(listed, table[columns["group"]].str.strip()))
-    return [group_of.get(path) or None for path in paths]
+    return [group_of.get(unicodedata.normalize("NFC", path)) or None for path in paths]
 
 
 @dataclass
