@@ -61,7 +61,7 @@ def explain_image(classifier, image: np.ndarray, name: str, figure: Path, steps:
     shown = _display_image(x[0].cpu(), classifier.preset)
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), dpi=110)
     axes[0].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
-    axes[0].set_title(f"input: {classifier.spec.classes[target]} (p={probs[target]:.3f})", fontsize=9)
+    axes[0].set_title(f"input: {classifier.spec.classes[target]} (p={probs[target]:.3f})", fontsize=9, parse_math=False)
     grey = shown if shown.ndim == 2 else shown.mean(-1)
     for ax, (method, values) in zip(axes[1:], maps.items()):
         ax.imshow(grey, cmap="gray")
@@ -73,7 +73,8 @@ def explain_image(classifier, image: np.ndarray, name: str, figure: Path, steps:
         ax.set_title(method, fontsize=9)
     for ax in axes:
         ax.set_axis_off()
-    fig.suptitle(f"{name}: attributions for {classifier.spec.classes[target]}", fontsize=10)
+    # parse_math off: a file name with two '$' is no TeX (matplotlib raised ValueError, exit 1)
+    fig.suptitle(f"{name}: attributions for {classifier.spec.classes[target]}", fontsize=10, parse_math=False)
     fig.tight_layout()
     with open(figure, "xb") as file:  # "x": a file that appeared since the command's check is not replaced
         fig.savefig(file, format="png")

@@ -133,3 +133,20 @@ def test_a_predict_that_fails_leaves_no_file_and_no_folder(run_cli, champion, tm
     result = run_cli("predict", "nuclei", champion["images"][0], text, "--workdir", champion["workdir"])
     assert result.code == 2 and f"{text}: cannot decode" in result.err
     assert not (champion["workdir"] / "predictions").exists()  # the name it had taken is given back
+
+
+def test_a_folder_is_predicted_without_its_hidden_files_and_a_dollar_name_is_explained(run_cli, champion, tmp_path):
+    """A Mac's ._cell.png (a resource fork, no image) stopped a folder's predict with exit 2, and
+    .thumbs/ copies were predicted, where the importers skip both; a name with two '$' crashed
+    explain's title (matplotlib read it as TeX: exit 1)."""
+    folder = tmp_path / "cells"
+    (folder / ".thumbs").mkdir(parents=True)
+    shutil.copy(champion["images"][0], folder / "cost_$5_vs_$6.png")
+    shutil.copy(champion["images"][1], folder / ".thumbs" / "copy.png")
+    (folder / "._cost_$5_vs_$6.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    result = run_cli("predict", "nuclei", folder, "--workdir", champion["workdir"], "--output", tmp_path / "p.csv")
+    assert result.code == 0, result.err
+    assert pd.read_csv(tmp_path / "p.csv")["path"].tolist() == [str(folder / "cost_$5_vs_$6.png")]
+    result = explain(run_cli, champion, folder / "cost_$5_vs_$6.png", "--output", tmp_path / "explained")
+    assert result.code == 0, result.err
+    assert (tmp_path / "explained" / "cost_$5_vs_$6_attributions.png").is_file()

@@ -12,11 +12,15 @@ from tune_cells.tasks import TaskSpec
 
 
 def collect_images(paths: list[Path]) -> list[Path]:
-    """Files as given, and image files found below folders (sorted); missing paths are exit 2."""
+    """Files as given, and image files found below folders (sorted, hidden ones skipped); missing
+    paths are exit 2."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            # hidden files and folders are skipped, as the importers skip them: a Mac's ._cell.png
+            # (resource fork) is no image, .thumbs/ holds copies
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not found:
                 raise UserInputError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below this folder")
             files.extend(found)
