@@ -80,7 +80,8 @@ def test_banner_addresses_are_urls():
     from tune_cells.listening import base_url
 
     assert base_url("::1", 8080) == "http://[::1]:8080" and base_url("127.0.0.1", 80) == "http://127.0.0.1:80"
-    assert base_url("", 8080) == "http://0.0.0.0:8080"  # "" binds every interface, as 0.0.0.0 does
+    for every_interface in ("", "0.0.0.0", "::"):  # the dashboard's Host check refused http://0.0.0.0:8080
+        assert base_url(every_interface, 8080) == "http://127.0.0.1:8080"
 
 
 def request(port, path, method="GET", host=None):

@@ -183,9 +183,9 @@ def predict(task, paths, model_uri, output, workdir, tracking_uri):
 @tracking_option
 def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, tracking_uri):
     """Serve TASK's champion over REST with MLflow's scoring app (POST /invocations)."""
-    from tune_cells.listening import check_listen
+    from tune_cells.listening import base_url, check_listen
     from tune_cells.path_access import allowed_root
-    from tune_cells.serving import answered_hosts, build_app, load_served_model, run_server, url_host
+    from tune_cells.serving import answered_hosts, build_app, load_served_model, run_server
 
     check_listen(host, port)  # before the model loads: a port in use is one line, not a late exit 1
     if allow_path_root is not None and not allow_path_root.is_dir():
@@ -195,7 +195,7 @@ def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, 
     path_root = allowed_root(allow_path_root) if allow_path_root is not None else None
     model = load_served_model(opened.tracker, opened.uri, path_root)
     paths = f"`path` rows under {path_root}" if path_root else "no `path` rows"
-    click.echo(f"Serving {opened.uri} (version {opened.version.version}) on http://{url_host(host)}:{port}/invocations, "
+    click.echo(f"Serving {opened.uri} (version {opened.version.version}) on {base_url(host, port)}/invocations, "
                f"{paths} (Ctrl-C stops it)")
     run_server(build_app(model, answered_hosts(host, allowed_hosts)), host, port)
 

@@ -33,6 +33,7 @@ def check_listen(host: str, port: int) -> None:
 
 def base_url(host: str, port: int) -> str:
     """The http:// address a banner prints for --host: an IPv6 address in brackets (`http://[::1]:8080`,
-    as URLs need), and "" (every interface, as 0.0.0.0 binds) as 0.0.0.0 rather than `http://:8080`."""
-    host = host or "0.0.0.0"
+    as URLs need); a bind to every interface ("", 0.0.0.0, ::) as 127.0.0.1, the address this
+    machine's browser opens and the Host check answers (no client can send 0.0.0.0 as a name)."""
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"

@@ -112,7 +112,8 @@ def output_names(given: Path | None, default: Path, folder_suffix: str = "", def
         default = Path(default).expanduser().absolute()
         numbered = [default] + [default.with_name(f"{default.stem}-{n}{default.suffix}") for n in
                                 range(2, MAX_NUMBERED + 1)]
-        names = [name for name in numbered if not _taken(name) and not _taken(_beside(name, folder_suffix))]
+        names = [name for name in numbered
+                 if not _taken(name) and not (folder_suffix and _taken(_beside(name, folder_suffix)))]
         if not names:
             raise UserInputError(f"--output {default}: it and {MAX_NUMBERED - 1} numbered names are taken")
         check_new_file(names[0], default_named)

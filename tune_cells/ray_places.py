@@ -72,7 +72,7 @@ def check_storage(storage: str | None) -> None:
     if path is None:
         return
     probe = path
-    while not probe.exists() and not probe.is_symlink():
+    while not os.path.lexists(probe):  # (Path.exists raises where a parent cannot be entered)
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise UserInputError(f"--storage {storage}: cannot be created or written ({probe} is not a writable folder)")

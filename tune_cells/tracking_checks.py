@@ -119,11 +119,13 @@ def check_experiment_active(uri: str, name: str) -> None:
             with closing(sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)) as connection:
                 found = connection.execute("SELECT experiment_id, lifecycle_stage FROM experiments WHERE name = ?",
                                            (name,)).fetchone()
-        else:
+        elif uri.startswith(("http://", "https://")):  # a server's REST API reads without writing
             from mlflow.tracking import MlflowClient
 
             experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
             found = experiment and (experiment.experiment_id, experiment.lifecycle_stage)
+        else:  # a database: MLflow's store would create its tables in an empty one; Tracker refuses it later
+            return
     except Exception:  # a locked or foreign store is not this check's to judge: MLflow says so later
         return
     if found and found[1] == "deleted":
@@ -134,6 +136,7 @@ def deleted_experiment(uri: str, name: str, experiment_id) -> str:
     return (f"experiment {name} is deleted in {without_credentials(uri)} (the MLflow UI's delete keeps it, hidden): "
             f"restore it (MLFLOW_TRACKING_URI='{without_credentials(uri)}' mlflow experiments restore -x "
             f"{experiment_id}) or give another --experiment")
+
 
 def artifact_folders_elsewhere(locations: list[str], root: Path) -> list[Path]:
     """Those of the artifact `locations` that are local folders existing outside `root`: a working
