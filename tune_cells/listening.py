@@ -31,9 +31,16 @@ def check_listen(host: str, port: int) -> None:
             raise
 
 
+WILDCARD_BINDS = ("0.0.0.0", "::", "")  # addresses, not names a client would send as Host
+
+
+def url_host(host: str) -> str:
+    """A bind address as a URL or Host header spells it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def base_url(host: str, port: int) -> str:
     """The http:// address a banner prints for --host: an IPv6 address in brackets (`http://[::1]:8080`,
     as URLs need); a bind to every interface ("", 0.0.0.0, ::) as 127.0.0.1, the address this
     machine's browser opens and the Host check answers (no client can send 0.0.0.0 as a name)."""
-    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
-    return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
+    return f"http://{url_host('127.0.0.1' if host in WILDCARD_BINDS else host)}:{port}"

@@ -19,6 +19,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from tune_cells.errors import UserInputError
+from tune_cells.listening import WILDCARD_BINDS, url_host
 from tune_cells.tracking import MODEL_CODE_FILE, Tracker
 from tune_cells.tracking_registry import load_registered_predictor
 
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 << 20  # a request body, e.g. MAX_ROWS_PER_REQUEST base64 images of ~0.7 MB each
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-WILDCARD_BINDS = ("0.0.0.0", "::", "")  # addresses, not names a client would send as Host
 # Error codes of MLflow's scoring server by HTTP status, for error answers that came without one.
 ERROR_CODES = {404: "ENDPOINT_NOT_FOUND", 504: "DEADLINE_EXCEEDED"}
 MAX_EXCEPTION_TEXT = 200  # characters of a parser's exception message quoted to the client
@@ -77,11 +77,6 @@ class _PyfuncInterface:
         if stage is not None:
             stage["predicting"] = True
         return self.python_model.predict(None, data, params)
-
-
-def url_host(host: str) -> str:
-    """A bind address as a URL or Host header spells it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def answered_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> list[str]:
