@@ -24,7 +24,7 @@ from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
 from tune_cells.kinds import TaskKind, get_kind
 from tune_cells.paths import DEFAULT_WORKDIR, WorkDir
-from tune_cells.ray_places import check_ray_address, check_storage, local_storage
+from tune_cells.ray_places import check_ray_address, check_storage, storage_for_ray
 from tune_cells.redact import without_credentials
 from tune_cells.resources import check_local_resources
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
@@ -342,7 +342,7 @@ def decode_once(task: TaskSpec, index: ImageIndex, plan: Callable[[ImageScan], S
 def ray_storage(opts: SearchOptions, prep: PreparedSearch) -> str:
     if not opts.storage:
         return str(prep.workdir.ray_storage(prep.experiment))
-    return opts.storage if "://" in opts.storage else str(local_storage(opts.storage))  # a path: made absolute
+    return storage_for_ray(opts.storage)
 
 
 def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[str, str]:

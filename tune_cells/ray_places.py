@@ -84,3 +84,8 @@ def local_storage(storage: str | None) -> Path | None:
     if not storage or ("://" in storage and not storage.startswith("file://")):
         return None
     return Path(urlparse(storage).path if "://" in storage else storage).expanduser().absolute()
+
+
+def storage_for_ray(storage: str) -> str:
+    """--storage as Ray takes it: a URI as given, a path made absolute (its file layer refuses relative ones)."""
+    return storage if "://" in storage else str(local_storage(storage))

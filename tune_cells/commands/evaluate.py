@@ -47,11 +47,11 @@ def command(task, model_uri, n_boot, data, seeds, address, cpus_per_trial, gpus_
     if seeds is None and given:
         raise UserInputError(f"{given[0]} is for the retrains of --seeds: give --seeds K too")
     if seeds is not None:  # as a search checks them: Ray fails late on both, or retries for minutes
-        from tune_cells.ray_places import check_ray_address, check_storage, local_storage
+        from tune_cells.ray_places import check_ray_address, check_storage, storage_for_ray
 
         check_ray_address(address)
         check_storage(storage)
-        storage = str(local_storage(storage)) if storage and "://" not in storage else storage  # Ray wants it absolute
+        storage = storage and storage_for_ray(storage)
     with WorkdirLock(check_workdir(workdir), "evaluate"):  # the lock first: a second writer is refused at once
         model = open_registered_model(task, workdir, tracking_uri, model_uri)
         _evaluate(model.task, model.tracker, model.uri, model.workdir, n_boot, data, seeds,
