@@ -51,8 +51,10 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
             raise UserInputError(f"--data {index.root}: {task.kind.label_noun} {unknown[0]!r} is not one the model "
                                  f"knows ({', '.join(spec.classes)})")
         # the importer's groups (lung's animal, groups.csv): the bootstrap resamples them, as on the test part
-        grouped = index.items.dropna(subset=["group"]) if "group" in index.items.columns else index.items.iloc[:0]
-        groups = {str(name): sorted(rows["path"]) for name, rows in grouped.groupby("group")} or None
+        groups = None
+        if "group" in index.items.columns:
+            grouped = index.items.dropna(subset=["group"])
+            groups = {str(name): sorted(rows["path"]) for name, rows in grouped.groupby("group")} or None
         split = Split(path=Path(external), parts={"external": list(index.items["path"])}, seed=0, groups=groups)
         part, source = "external", {"external_data": str(index.root)}
     reader = SplitReader(index, split, spec.channels, spec.store_size, workdir)
