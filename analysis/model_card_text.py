@@ -90,6 +90,9 @@ def _model(f: CardFacts) -> str:
             ("Trained in", f"trial `{tags.get('ray_trial_id', '?')}` (run `{tags.get('trial_run_id', '?')}`), "
                            f"its best epoch {tags.get('epoch', '?')} of at most {f.search_params.get('max_epochs', '?')}"),
             *_averaged_weights(config, tags.get("epoch"), f.search_params.get("max_epochs")),
+            *([("Ensemble", f"the mean of {len(tags['ensemble_seeds'].split(','))} networks of this configuration, "
+                            f"trained under seeds {tags['ensemble_seeds']} (the first is the trial's)")]
+              if tags.get("ensemble_seeds") else []),
             ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial")
              + (f" ({f.selection})" if is_rule_note(f.selection) else ""))]
     return "## Model\n\n" + _table(("", ""), rows)

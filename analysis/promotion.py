@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tune_cells.paths import WorkDir
@@ -47,14 +47,16 @@ FAILPOINT_ENV = "TUNE_CELLS_FAIL_AT"  # tests: kill this process (SIGKILL) at th
 
 
 def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], max_epochs: int,
-            data, max_latency_ms: float | None = None) -> SearchOutcome:
+            data, max_latency_ms: float | None = None, retrain=None) -> SearchOutcome:
     """The promotion pipeline of a search (`prep`: its PreparedSearch, `result`: Ray's SearchResult,
     `data`: the trials' train/validation data):
 
     measure each finished trial's cost (parameters, latency per image) → take the best trial (with
     `max_latency_ms`: the best whose latency fits) → stage its best checkpoint and finish it on
-    validation (test-time augmentation, temperature) → register it (one version per search, keyed by
-    the search run) → decide: champion, or challenger → move the aliases → finish the search run.
+    validation (test-time augmentation, temperature; with `ensemble: N` in its configuration and
+    `retrain` (seed_ensemble.Retrain), first N-1 retrains of it joined into one model) → register it
+    (one version per search, keyed by the search run) → decide: champion, or challenger → move the
+    aliases → finish the search run.
 
     Every step is idempotent, so a promotion killed at any step is completed by `search --resume`:
     one version per search, the right `champion` and `previous-champion`, no run left RUNNING.
@@ -80,7 +82,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     result, note = latency.within_budget(result, costs, max_latency_ms, task.name,
                                          existing.tags.get("ray_trial_id") if existing is not None else None)
     version = _register(tracker, parent, prep, split, result, trial_runs, staging, data,
-                        latency.cost_of(costs, result.best_trial_id), max_latency_ms)
+                        latency.cost_of(costs, result.best_trial_id), max_latency_ms, retrain)
     _failpoint("registered")
     decision = _decide(tracker, name, version, task, max_latency_ms, staging)
     _failpoint("decided")
@@ -201,7 +203,7 @@ def promote_by_hand(tracker, name: str, version: str) -> str | None:
 
 
 def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], staging: Path, data,
-              cost=None, max_latency_ms: float | None = None) -> str:
+              cost=None, max_latency_ms: float | None = None, retrain=None) -> str:
     """The search's registered version: the one an earlier attempt registered, else a new one
     from the best checkpoint, staged in the working folder (not the system's temp folder); tagged
     with its `cost` (latency.Cost) as it predicts."""
@@ -215,8 +217,15 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
         return str(existing.version)
     checkpoint = ray_backend.copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
     strip_training_state(checkpoint)
+    ensemble = _ensemble(task, checkpoint, data, max_latency_ms, retrain, staging)
+    if ensemble:
+        checkpoint = staging / "ensemble"
+        cost = replace(cost, param_count=cost.param_count * len(ensemble),
+                       latency_ms=cost.latency_ms * len(ensemble)) if cost is not None else None
     allow_tta = allows_tta(cost, max_latency_ms)
     chosen = {"validation_score": result.best_metric, **task.kind.finalize(checkpoint, data, allow_tta=allow_tta)}
+    if ensemble:
+        chosen["ensemble_seeds"] = ",".join(map(str, ensemble))
     chosen.update(version_cost_tags(cost, str(chosen.get("tta", "none")), max_latency_ms))
     _failpoint("staged")
     best_run = trial_runs.get(result.best_trial_id, "")
@@ -226,6 +235,23 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
         "split_file": str(split.path), "split_seed": split.seed, "split_sha256": split.sha256,
         **{key: f"{value:.6f}" if isinstance(value, float) else value for key, value in chosen.items()},
     }, signature=task.kind.signature(list(prep.index.classes)))
+
+
+def _ensemble(task, checkpoint: Path, data, max_latency_ms: float | None, retrain, staging: Path) -> list[int]:
+    """The members' seeds where the promoted configuration asks for an ensemble (`ensemble: N`),
+    built in `staging`/ensemble from `checkpoint` and its retrains; [] where it stays one network."""
+    from tune_cells.analysis import seed_ensemble
+    from tune_cells.model_io import load_spec
+
+    size = seed_ensemble.ensemble_size(task.kind, load_spec(checkpoint).config)
+    reason = seed_ensemble.skip_reason(size, data.folds, max_latency_ms)
+    if reason or size <= 1 or retrain is None:
+        if reason:
+            log.info("%s", reason)
+        return []
+    members = seed_ensemble.extend_with_retrains(checkpoint, size, retrain, staging / "ensemble")
+    _failpoint("ensembled")
+    return members
 
 
 def _failpoint(step: str) -> None:

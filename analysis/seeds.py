@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     search's per-trial resources."""
     from tune_cells import ray_backend, ray_seeds
     from tune_cells.analysis.evaluation import model_split
+    from tune_cells.analysis.seed_ensemble import member_seeds
     from tune_cells.resources import check_local_resources, trial_resources
 
     version = tracker.resolve_model(model_uri, task.name)
@@ -60,13 +61,17 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     cluster = ray_backend.init(address=address, num_cpus=None if address else os.cpu_count())
     try:
         folds = int(parent.data.params.get("folds", 1))  # a fold ensemble is retrained as one
+        # an ensemble of retrains (`ensemble: N`) is retrained as one: N networks per seed
+        size = len(champion.spec.members) if folds == 1 and champion.spec.members else 1
+        members = {seed: [seed, *member_seeds(seed, size)] for seed in seeds}
         inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed, folds)
-        runs = ray_seeds.run_seeds(
-            inputs.trainable, {"data": inputs.data}, config, seeds, metric, mode,
+        trained = ray_seeds.run_seeds(
+            inputs.trainable, {"data": inputs.data}, config, [m for seed in seeds for m in members[seed]], metric, mode,
             trial_resources(cpus_per_trial, gpus_per_trial, address, cluster), storage or str(WorkDir.at(workdir).seeds_storage),
             f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}")
     finally:
         ray_backend.shutdown()
+    runs = _as_ensembles(trained, members) if size > 1 else trained
 
     scorer = task.kind.test_scorer(reader, n_boot)
     champion_scores, intervals = scorer.score(champion, with_intervals=True)
@@ -108,6 +113,20 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     from tune_cells.analysis.metrics import too_few_groups
 
     return SeedsEvaluation(run_id, table, seeds, too_few_groups(scorer.groups))
+
+
+def _as_ensembles(trained: list, members: dict[int, list[int]]) -> list:
+    """Each seed's retrains joined into one ensemble (seed_ensemble.join), in the first's place."""
+    from tune_cells.analysis.seed_ensemble import join
+
+    by_seed = {run.seed: run for run in trained}
+    joined = []
+    for seed, seeds in members.items():
+        first = by_seed[seed]
+        folder = Path(tempfile.mkdtemp(prefix=f"tune-cells-ensemble-{seed}-"))  # removed with the runs
+        join([(m, by_seed[m].checkpoint) for m in seeds], folder)
+        joined.append(replace(first, checkpoint=folder))
+    return joined
 
 
 def format_seeds_table(result: SeedsEvaluation) -> str:

@@ -30,6 +30,7 @@ params:
   overlap: 0.25
   batchnorm_views: 4
   swa_start: 0.5  # of 2 epochs: epoch 2 is the first average, the only epoch offered for promotion
+  ensemble: 2  # as the lung space: the champion and one retrain under another seed, one registered model
 initial_points:
   - {base_width: 8, loss: bce_dice, lr: 2.0e-3}
 """
@@ -90,6 +91,30 @@ def test_the_one_se_rule_chooses_between_the_recipe_and_the_sampled_trial(lung_s
     assert search.data.params["promotion_policy"].startswith("the one-SE rule")
 
 
+def test_the_champion_is_registered_as_the_mean_of_itself_and_a_retrain(lung_search):
+    """`ensemble: 2`: promotion retrains the champion's configuration under seed + 100 and registers
+    both networks as one model; its thresholds are chosen on their averaged maps; the card says so."""
+    from tune_cells.model_io import load_spec
+    from tune_cells.tracking import Tracker, model_checkpoint
+
+    workdir, client = lung_search["workdir"], lung_search["client"]
+    version = client.get_model_version_by_alias("tune-cells-lung", "champion")
+    seed = int(version.tags["ensemble_seeds"].split(",")[0])
+    assert version.tags["ensemble_seeds"] == f"{seed},{seed + 100}"
+    tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}", workdir / "mlartifacts")
+    uri = "models:/tune-cells-lung@champion"
+    folder = model_checkpoint(tracker.download_model(uri, lung_search["root"] / "download"), uri)
+    spec = load_spec(folder)
+    assert spec.members == [f"seed{seed}", f"seed{seed + 100}"] and spec.thresholds
+    assert [load_spec(folder / m).config["seed"] for m in spec.members] == [seed, seed + 100]
+    assert not list(folder.rglob("optimizer.pt")) and not list(folder.rglob("trainer.pt"))
+    card = cli_subprocess(["card", "lung", "--workdir", workdir, "--output", lung_search["root"] / "card.md"],
+                          cwd=lung_search["root"])
+    assert card.code == 0, card.err[-2000:]
+    assert f"the mean of 2 networks of this configuration, trained under seeds {seed},{seed + 100}" in (
+        lung_search["root"] / "card.md").read_text()
+
+
 def test_evaluation_writes_masks_overlays_and_pixel_table(lung_search):
     evaluation = next(r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "evaluation")
     metrics = evaluation.data.metrics
@@ -134,3 +159,16 @@ def test_external_lung_set_is_scored_whole_and_explain_says_it_is_for_classifier
     image = next((external / "train" / "Original").glob("*.jpg"))
     refused = cli_subprocess(["explain", "lung", image, "--workdir", lung_search["workdir"]], cwd=lung_search["root"])
     assert refused.code == 2 and "explain supports classification tasks" in refused.err
+
+
+def test_seeds_retrain_an_ensemble_champion_as_an_ensemble(lung_search):
+    """`evaluate --seeds 2` on a champion of 2 networks trains 4 (two ensembles), not 2: each seed's
+    score is comparable with the champion's."""
+    storage = lung_search["root"] / "seeds-storage"
+    result = cli_subprocess(["evaluate", "lung", "--seeds", 2, "--workdir", lung_search["workdir"],
+                             "--storage", storage], cwd=lung_search["root"])
+    assert result.code == 0, result.err[-2000:]
+    experiment = next(storage.iterdir())
+    trials = [d for d in experiment.iterdir() if d.is_dir() and "seed=" in d.name]
+    assert len(trials) == 4, sorted(d.name for d in experiment.iterdir())
+    assert "test_dice" in result.out and "±" in result.out

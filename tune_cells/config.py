@@ -44,6 +44,8 @@ class TrainerConfig(BaseModel):
     checkpoint_every: int = Field(5, ge=1, description="full trainer state (optimiser too) every N epochs and at "
                                   "the last; weights alone whenever the metric improves")
     seed: int | None = Field(None, description="trial seed [default: the search's --seed]")
+    ensemble: int = Field(1, ge=1, le=8, description="the champion is promoted as the mean of N networks: itself "
+                          "and N-1 retrains of its configuration under other seeds (analysis/seed_ensemble.py)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, exclude=True,
                                          description="the model builder's own keyword arguments")
 

@@ -126,7 +126,7 @@ class ClassifierExport:
 
     def in_graph(self) -> list[str]:
         c = self.contract
-        members = f"the mean of the class probabilities of {c.members} fold members" if c.members > 1 else "the network"
+        members = f"the mean of the class probabilities of {c.members} members" if c.members > 1 else "the network"
         done = [members]
         if c.tta == "dihedral":
             done.append("test-time augmentation: each member's logits are the mean over the 8 flips and right-angle "
@@ -265,7 +265,7 @@ class SegmenterExport:
 
     def in_graph(self) -> list[str]:
         c = self.contract
-        members = f"the mean of the logits of {c.members} fold members" if c.members > 1 else "the network"
+        members = f"the mean of the logits of {c.members} members" if c.members > 1 else "the network"
         done = [f"{members}, on one tile"]
         if c.tta == "dihedral":
             done.append("test-time augmentation: the logits are the mean over the tile's 8 flips and right-angle "

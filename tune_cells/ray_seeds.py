@@ -12,6 +12,7 @@ from ray import tune
 
 from tune_cells.promotion_rank import PROMOTION_SCORE
 from tune_cells.ray_backend import _best_of, _first_line, _result_records
+from tune_cells.resources import TrialResources, retrain_resources
 
 
 @dataclass
@@ -49,3 +50,18 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
         runs.append(SeedRun(int(result.config["seed"]), best["best_metric"], best["best_epoch"],
                             Path(best["best_checkpoint"].to_directory())))
     return sorted(runs, key=lambda r: r.seed)
+
+
+def member_retrainer(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], metric: str, mode: str,
+                     resources: TrialResources, address: str | None, storage_path: str, name: str):
+    """An ensemble's retrains (analysis.seed_ensemble.Retrain) on the search's Ray, data and storage:
+    the configuration under each seed, each member's best epoch by the search's own promotion rule."""
+    import time
+
+    def retrain(config: dict, seeds: list[int]) -> list[tuple[int, Path]]:
+        runs = run_seeds(trainable, trainable_kwargs, config, seeds, metric, mode,
+                         retrain_resources(resources, len(seeds), address), storage_path,
+                         f"{name}-ensemble-{time.strftime('%Y%m%d-%H%M%S')}")
+        return [(run.seed, run.checkpoint) for run in runs]
+
+    return retrain

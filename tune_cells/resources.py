@@ -54,3 +54,12 @@ def trial_resources(cpus_per_trial: float | None, gpus_per_trial: float | None, 
     if not address:
         check_trial_fits(cpus_per_trial, gpus_per_trial, cluster.get("CPU", 0), gpus)
     return TrialResources(cpus_per_trial or 1.0, gpus_per_trial, use_gpus=gpus > 0)
+
+
+def retrain_resources(resources: TrialResources, retrains: int, address: str | None) -> TrialResources:
+    """An ensemble's retrains run side by side after the search, alone on a local machine: each gets
+    its share of its CPUs (at least the search's per-trial CPUs). On a cluster, the trials' own."""
+    if address or retrains < 1:
+        return resources
+    share = max(1, (os.cpu_count() or 1) // retrains)
+    return TrialResources(max(resources.cpus, float(share)), resources.gpus, resources.use_gpus)
