@@ -34,6 +34,10 @@ def snapshot(folder):
         (["export", "nuclei"], "no MLflow store at sqlite:///"),
         (["export", "nuclei", "--model-uri", "models:/tune-cells-nuclei/1"], "no MLflow store at sqlite:///"),
         (["export", "nuclei", "--format", "tflite"], "Invalid value for '--format'"),
+        (["serve", "nuclei", "--allowed-host", "cells.lab:5001"], "--allowed-host 'cells.lab:5001': not a host name"),
+        (["serve", "nuclei", "--allowed-host", ""], "--allowed-host '': not a host name or IP address"),
+        (["dashboard", "--allowed-host", "http://cells.lab/"], "--allowed-host 'http://cells.lab/': not a host"),
+        (["dashboard", "--allowed-host", "my host"], "--allowed-host 'my host': not a host name or IP address"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_and_touch_nothing(run_cli, tmp_path, args, message):

@@ -84,6 +84,27 @@ def test_banner_addresses_are_urls():
         assert base_url(every_interface, 8080) == "http://127.0.0.1:8080"
 
 
+def test_the_host_check_compares_names_as_a_host_header_means_them():
+    """--allowed-host ::1 never matched the header [::1]:8080; MyHost. is the name MyHost."""
+    from tune_cells.commands.dashboard import ReadOnly
+    from tune_cells.serving import answered_hosts
+
+    def app(environ, start_response):
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    def status(host: str) -> str:
+        answered = []
+        view(dict(HTTP_HOST=host, REQUEST_METHOD="GET"), lambda status, headers: answered.append(status))
+        return answered[0][:3]
+
+    view = ReadOnly(app, answered_hosts("0.0.0.0", ("fd00::5", "MyHost", "cells.lab.")))
+    for host in ("[fd00::5]:8080", "[FD00::0:5]", "MyHost:8080", "myhost.", "cells.lab", "CELLS.LAB.:80", "localhost"):
+        assert status(host) == "200", host
+    for host in ("evil.example", "fd00::5", "[fd00::6]", "myhost.evil", "0.0.0.0:8080", "", "cells.lab/x"):
+        assert status(host) == "400", host
+
+
 def request(port, path, method="GET", host=None):
     """(status, body) of one request with its own Host header; never raises for an HTTP error."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,

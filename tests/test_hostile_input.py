@@ -188,6 +188,34 @@ def test_host_names_the_server_answers():
     assert answered_hosts("10.0.0.5") == ["127.0.0.1", "localhost", "[::1]", "10.0.0.5"]
     assert answered_hosts("0.0.0.0", ("cells.lab",)) == ["127.0.0.1", "localhost", "[::1]", "cells.lab"]
     assert answered_hosts("fe80::1") == ["127.0.0.1", "localhost", "[::1]", "[fe80::1]"]
+    # --allowed-host as a Host header spells it: IPv6 bracketed, names in lower case, no FQDN dot
+    assert answered_hosts("0.0.0.0", ("::1", "fd00::0:5", "MyHost", "cells.lab.")) == [
+        "127.0.0.1", "localhost", "[::1]", "[fd00::5]", "myhost", "cells.lab"]
+
+
+def test_the_host_check_compares_names_as_a_host_header_means_them():
+    import asyncio
+
+    from tune_cells.serving import HostCheck, answered_hosts
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    def status(check, host: str) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "headers": [(b"host", host.encode())]}
+        asyncio.run(check(scope, None, send))
+        return sent[0]["status"]
+
+    check = HostCheck(app, answered_hosts("127.0.0.1", ("fd00::5", "MyHost", "cells.lab.")))
+    for host in ("[fd00::5]:5001", "[FD00:0::5]", "myhost:5001", "MYHOST", "cells.lab", "Cells.Lab.:80", "[::1]:9"):
+        assert status(check, host) == 200, host
+    for host in ("evil.example", "fd00::5", "[fd00::6]:5001", "myhost.evil", "myhost:port", "", "cells.lab/x"):
+        assert status(check, host) == 400, host
 
 
 def test_the_checkpoint_is_found_where_mlmodel_says(tmp_path):

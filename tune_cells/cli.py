@@ -187,6 +187,7 @@ def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, 
     from tune_cells.path_access import allowed_root
     from tune_cells.serving import answered_hosts, build_app, load_served_model, run_server
 
+    hosts = answered_hosts(host, allowed_hosts)  # exit 2 now for a bad --allowed-host
     check_listen(host, port)  # before the model loads: a port in use is one line, not a late exit 1
     if allow_path_root is not None and not allow_path_root.is_dir():
         raise UserInputError(f"--allow-path-root {allow_path_root}: not a folder")
@@ -197,7 +198,7 @@ def serve(task, model_uri, port, host, allow_path_root, allowed_hosts, workdir, 
     paths = f"`path` rows under {path_root}" if path_root else "no `path` rows"
     click.echo(f"Serving {opened.uri} (version {opened.version.version}) on {base_url(host, port)}/invocations, "
                f"{paths} (Ctrl-C stops it)")
-    run_server(build_app(model, answered_hosts(host, allowed_hosts)), host, port)
+    run_server(build_app(model, hosts), host, port)
 
 
 @cli.command()

@@ -5,6 +5,8 @@ MLflow's UI would even exit 0."""
 from __future__ import annotations
 
 import errno
+import ipaddress
+import re
 import socket
 
 from tune_cells.errors import UserInputError
@@ -44,3 +46,38 @@ def base_url(host: str, port: int) -> str:
     as URLs need); a bind to every interface ("", 0.0.0.0, ::) as 127.0.0.1, the address this
     machine's browser opens and the Host check answers (no client can send 0.0.0.0 as a name)."""
     return f"http://{url_host('127.0.0.1' if host in WILDCARD_BINDS else host)}:{port}"
+
+
+_DNS_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?", re.IGNORECASE)
+_HOST_HEADER = re.compile(r"(\[[^]]*\]|[^][:]*)(?::[0-9]*)?")  # a name or [IPv6 address], then an optional port
+
+
+def host_key(name: str) -> str | None:
+    """A host name or address as the Host check compares them, None for neither: a name in lower
+    case without the trailing dot of a fully qualified name (both mean the same host to DNS), an
+    IPv6 address in brackets in its shortest spelling (`::1`, `[::1]`, `[0:0::1]`)."""
+    try:
+        if name.startswith("[") and name.endswith("]"):
+            return url_host(ipaddress.IPv6Address(name[1:-1]).compressed)
+        return url_host(ipaddress.ip_address(name).compressed)
+    except ValueError:
+        return name.lower().removesuffix(".") if _DNS_NAME.fullmatch(name) else None
+
+
+def header_host(header: str) -> str | None:
+    """The host a Host header names, as host_key spells it (`[::1]:8080` → `[::1]`, `MyHost.:80` → `myhost`)."""
+    parsed = _HOST_HEADER.fullmatch(header.strip())
+    return host_key(parsed[1]) if parsed else None
+
+
+def allowed_host_keys(names: tuple[str, ...]) -> list[str]:
+    """--allowed-host values as host_key spells them; exit 2 for one that no Host header could
+    match (a port, a path, a space, a URL): it would be refused silently on every request."""
+    keys = []
+    for name in names:
+        key = host_key(name)
+        if key is None:
+            raise UserInputError(f"--allowed-host {name!r}: not a host name or IP address (give it without "
+                                 "scheme, port or path, e.g. cells.lab or ::1)")
+        keys.append(key)
+    return keys

@@ -19,7 +19,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 from tune_cells.errors import UserInputError
-from tune_cells.listening import WILDCARD_BINDS, url_host
+from tune_cells.listening import WILDCARD_BINDS, allowed_host_keys, header_host, host_key
 from tune_cells.tracking import MODEL_CODE_FILE, Tracker
 from tune_cells.tracking_registry import load_registered_predictor
 
@@ -80,25 +80,45 @@ class _PyfuncInterface:
 
 
 def answered_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """Host headers the server answers: loopback names, the bind address, and `extra`."""
-    named = [] if bind_host in WILDCARD_BINDS else [url_host(bind_host)]
-    return list(dict.fromkeys([*LOOPBACK_HOSTS, *named, *extra]))
+    """Host headers the server answers, as host_key spells them: loopback names, the bind address,
+    and `extra` (--allowed-host; exit 2 for one that is no host name or address)."""
+    named = [] if bind_host in WILDCARD_BINDS else [host_key(bind_host) or bind_host]
+    return list(dict.fromkeys([*LOOPBACK_HOSTS, *named, *allowed_host_keys(extra)]))
 
 
 def build_app(model, hosts: list[str]):
     """MLflow's scoring app for `model`, behind the Host check, the Content-Type check and the size
     limit, all inside OneLineErrors (so their refusals are JSON too)."""
     from mlflow.pyfunc import scoring_server
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = RequireContentType(RequestSizeLimit(scoring_server.init(model), MAX_REQUEST_BYTES))
-    return OneLineErrors(TrustedHostMiddleware(app, allowed_hosts=hosts))
+    return OneLineErrors(HostCheck(app, hosts))
 
 
 def run_server(app, host: str, port: int) -> None:
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, workers=1, server_header=False, timeout_graceful_shutdown=10)
+
+
+class HostCheck:
+    """ASGI middleware: 400 for a Host header not naming one of `hosts` (DNS rebinding). Not
+    starlette's TrustedHostMiddleware: it compares names as typed ([0:0::1] is not [::1], a FQDN's
+    trailing dot counts); this is the rule the dashboard applies too (listening.header_host)."""
+
+    def __init__(self, app, hosts: list[str]):
+        self.app = app
+        self.hosts = set(hosts)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope.get("headers", [])).get(b"host", b"").decode("latin-1")
+            if header_host(header) not in self.hosts:
+                body = b"Invalid host header"
+                await send({"type": "http.response.start", "status": 400, "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+                return await send({"type": "http.response.body", "body": body})
+        return await self.app(scope, receive, send)
 
 
 class RequestSizeLimit:

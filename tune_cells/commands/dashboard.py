@@ -16,6 +16,7 @@ import click
 
 from tune_cells.commands.options import workdir_option
 from tune_cells.errors import UserInputError
+from tune_cells.listening import header_host
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def command(workdir, port, host, allowed_hosts):
     from tune_cells.paths import WorkDir
     from tune_cells.serving import answered_hosts
 
+    hosts = answered_hosts(host, allowed_hosts)  # exit 2 now for a bad --allowed-host
     check_listen(host, port)
     journal = WorkDir.at(workdir).optuna_journal
     if not journal.is_file():
@@ -51,7 +53,7 @@ def command(workdir, port, host, allowed_hosts):
     if not storage.get_all_studies():  # (Optuna ignores an unreadable last line: an entry being written)
         raise UserInputError(f"{journal}: holds no Optuna study (not a journal that a search wrote?)")
     click.echo(f"Optuna dashboard on {base_url(host, port)} for {journal} (Ctrl-C stops it)")
-    app = ReadOnly(wsgi(storage), answered_hosts(host, allowed_hosts))
+    app = ReadOnly(wsgi(storage), hosts)
     # bottle's wsgiref adapter (it binds IPv6 too), threaded, without a banner or a line per request
     bottle.run(app, host=host, port=port, quiet=True, server_class=ThreadingServer, handler_class=QuietHandler)
 
@@ -62,24 +64,16 @@ class ReadOnly:
 
     def __init__(self, app, hosts: list[str]):
         self.app = app
-        self.hosts = {name.lower() for name in hosts}
+        self.hosts = set(hosts)  # as answered_hosts spells them: the rule header_host applies
 
     def __call__(self, environ, start_response):
-        if host_name(environ.get("HTTP_HOST", "")) not in self.hosts:
+        if header_host(environ.get("HTTP_HOST", "")) not in self.hosts:
             return _refuse(start_response, "400 Bad Request", "Invalid host header")
         if environ.get("REQUEST_METHOD", "GET").upper() not in READ_METHODS:
             return _refuse(start_response, "405 Method Not Allowed",
                            "tune-cells dashboard is a read-only view of the searches' journal",
                            [("Allow", ", ".join(READ_METHODS))])
         return self.app(environ, start_response)
-
-
-def host_name(header: str) -> str:
-    """The name in a Host header, without its port (`[::1]:8080` → `[::1]`, `localhost:80` → `localhost`)."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[:header.find("]") + 1] if "]" in header else header
-    return header.partition(":")[0]
 
 
 def _refuse(start_response, status: str, message: str, headers=()):
