@@ -58,8 +58,7 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
         split = Split(path=Path(external), parts={"external": list(index.items["path"])}, seed=0, groups=groups)
         part, source = "external", {"external_data": str(index.root)}
     reader = SplitReader(index, split, spec.channels, spec.store_size, workdir)
-    experiment_id = tracker.get_run(parent_run_id).info.experiment_id if parent_run_id else tracker.experiment_id(
-        f"tune-cells-{task.name}")
+    experiment_id = evaluation_experiment(tracker, task, parent_run_id)
     run_name = f"{'external-' if external is not None else ''}evaluation-v{version.version}"
     evaluation = task.kind.evaluate(EvaluationContext(
         task=task, tracker=tracker, predictor=predictor, version=version, model_uri=model_uri, reader=reader,
@@ -72,6 +71,21 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
         if parent_run_id and tracker.find_run(parent_run_id) is not None:
             summarize_on_search_run(tracker, parent_run_id, experiment_id, task, evaluation)
     return evaluation
+
+
+def evaluation_experiment(tracker: Tracker, task: TaskSpec, parent_run_id: str | None) -> str:
+    """The experiment an evaluation logs to: its model's search's, else the task's (made if absent).
+    One deleted in the MLflow UI is refused before any scoring (or --seeds retraining), saying how to
+    restore it: evaluate has no --experiment to name another (search's message offers one)."""
+    from tune_cells.tracking_checks import deleted_experiment
+
+    name = f"tune-cells-{task.name}"
+    found = (tracker.client.get_experiment(tracker.get_run(parent_run_id).info.experiment_id) if parent_run_id
+             else tracker.client.get_experiment_by_name(name))
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise UserInputError(deleted_experiment(tracker.tracking_uri, found.name, found.experiment_id,
+                                                otherwise=", then evaluate again: it logs its run there"))
+    return found.experiment_id if parent_run_id else tracker.experiment_id(name)
 
 
 def summarize_on_search_run(tracker: Tracker, parent_run_id: str, experiment_id: str, task: TaskSpec,

@@ -37,7 +37,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     cluster (`address`, with a shared `storage` there) and on GPUs when there are any, with the
     search's per-trial resources."""
     from tune_cells import ray_backend, ray_seeds
-    from tune_cells.analysis.evaluation import model_split
+    from tune_cells.analysis.evaluation import evaluation_experiment, model_split
     from tune_cells.analysis.seed_ensemble import member_seeds
     from tune_cells.resources import check_local_resources, trial_resources
 
@@ -48,6 +48,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     if not parent_id:
         raise UserInputError(f"{model_uri} has no search run: --seeds needs the search it came from")
     parent = tracker.get_run(parent_id)
+    experiment_id = evaluation_experiment(tracker, task, parent_id)  # deleted in the UI: refused before K retrains
     max_epochs = int(parent.data.params.get("max_epochs", 10))
     metric, mode = parent.data.params.get("metric", task.metric), parent.data.params.get("mode", task.mode)
     index, split = model_split(task, tracker, tags, workdir)
@@ -92,7 +93,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         **{f"seed_{run.seed}": [scores[key] for key in keys] for run, scores in zip(runs, per_seed)},
     })
 
-    run_id = tracker.start_run(parent.info.experiment_id, f"seeds-v{version.version}", "evaluation", parent_id,
+    run_id = tracker.start_run(experiment_id, f"seeds-v{version.version}", "evaluation", parent_id,
                                tags={"model_uri": model_uri, "model_version": version.version, "task": task.name,
                                      "evaluation_data": "test", "evaluation_kind": "seeds"})
     try:

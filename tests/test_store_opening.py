@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import store_client, write_kaggle
+from conftest import FORMAT1_MODEL, register_model_folder, store_client, write_kaggle
 from test_cluster_search import free_port
 
 MODEL = Path(__file__).resolve().parent / "fixtures" / "model-format1"  # a real model folder, classes a and b
@@ -164,6 +164,40 @@ def registered_store(workdir: Path, tags: dict | None = None) -> tuple[str, str]
                                           tags={"task": "nuclei", "search_run_id": run.info.run_id, **(tags or {})})
     client.set_registered_model_alias("tune-cells-nuclei", "champion", version.version)
     return run.info.run_id, version.version
+
+
+def test_evaluate_into_an_experiment_deleted_in_the_ui_names_no_flag_it_lacks(run_cli, tmp_path, capsys):
+    """evaluate logs into its model's search's experiment, else tune-cells-TASK; it has no --experiment,
+    which its message named. Refused before anything is scored (--seeds: before any retraining)."""
+    from tune_cells.analysis.evaluation import evaluation_experiment
+    from tune_cells.errors import UserInputError
+    from tune_cells.tasks import get_task
+    from tune_cells.tracking import Tracker
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    register_model_folder(workdir, FORMAT1_MODEL, name="tune-cells-folder", alias="champion", task="folder")
+    client = store_client(workdir / "mlflow.db")
+    experiment_id = client.create_experiment("tune-cells-folder")
+    client.delete_experiment(experiment_id)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / name / "0.png")
+    capsys.readouterr()
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    result = run_cli("evaluate", "folder", "--data", tmp_path / "data", "--workdir", workdir, "--bootstrap", 5)
+    assert result.code == 2 and result.err.strip() == (
+        f"tune-cells: error: experiment tune-cells-folder is deleted in {uri} (the MLflow UI's delete keeps it, "
+        f"hidden): restore it (MLFLOW_TRACKING_URI='{uri}' mlflow experiments restore -x {experiment_id}), then "
+        "evaluate again: it logs its run there"), result.err
+    # a model of a search: the search's experiment, by its run
+    run_id, _ = registered_store(tmp_path / "searched")
+    searched = store_client(tmp_path / "searched" / "mlflow.db")
+    searched.delete_experiment(searched.get_run(run_id).info.experiment_id)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'searched' / 'mlflow.db'}", tmp_path / "searched" / "artifacts")
+    with pytest.raises(UserInputError, match="experiment tune-cells-nuclei is deleted in") as refused:
+        evaluation_experiment(tracker, get_task("nuclei"), run_id)
+    assert "--experiment" not in str(refused.value) and "mlflow experiments restore -x" in str(refused.value)
 
 
 def test_a_moved_working_folder_names_where_its_artifacts_were(run_cli, tmp_path, capsys):

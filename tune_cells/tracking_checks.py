@@ -132,10 +132,11 @@ def check_experiment_active(uri: str, name: str) -> None:
         raise UserInputError(deleted_experiment(uri, name, found[0]))
 
 
-def deleted_experiment(uri: str, name: str, experiment_id) -> str:
+def deleted_experiment(uri: str, name: str, experiment_id, otherwise: str = " or give another --experiment") -> str:
+    """`otherwise`: what else the command's user can do (evaluate has no --experiment to give)."""
     return (f"experiment {name} is deleted in {without_credentials(uri)} (the MLflow UI's delete keeps it, hidden): "
             f"restore it (MLFLOW_TRACKING_URI='{without_credentials(uri)}' mlflow experiments restore -x "
-            f"{experiment_id}) or give another --experiment")
+            f"{experiment_id}){otherwise}")
 
 
 def artifact_folders_elsewhere(locations: list[str], root: Path) -> list[Path]:
