@@ -33,14 +33,14 @@ def evaluate_classifier(context: EvaluationContext) -> Evaluation:
                "test_ece": expected_calibration_error(probs, labels),
                "test_ece_before_temperature": expected_calibration_error(uncalibrated, labels)}
     intervals = bootstrap_intervals(labels, probs, spec.classes, n_boot=context.n_boot, groups=context.groups)
-    exact = exact_accuracy_interval(labels, probs)
+    exact = exact_accuracy_interval(labels, probs, groups=context.groups)  # None for groups: not independent draws
     facts = context.bootstrap_facts()
     with evaluation_run(context) as run_id:
         context.tracker.log_params(run_id, context.params(len(labels), bootstrap_unit=facts["bootstrap_unit"],
                                                          bootstrap_units=facts["bootstrap_units"]))
         context.tracker.log_metrics(run_id, {
             **metrics, **interval_metrics(intervals),
-            "test_accuracy_exact_ci_low": exact[0], "test_accuracy_exact_ci_high": exact[1],
+            **({"test_accuracy_exact_ci_low": exact[0], "test_accuracy_exact_ci_high": exact[1]} if exact else {}),
         })
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

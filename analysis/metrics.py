@@ -123,11 +123,18 @@ def confusion(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> np.ndarr
     return confusion_matrix(y_true, probs.argmax(1), labels=list(range(n_classes)))
 
 
-def exact_accuracy_interval(y_true: np.ndarray, probs: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+def exact_accuracy_interval(y_true: np.ndarray, probs: np.ndarray, level: float = 0.95,
+                            groups=None) -> tuple[float, float] | None:
     """Clopper-Pearson interval of accuracy (a binomial proportion). Unlike the percentile
-    bootstrap it does not collapse to [1, 1] when every one of a few test images is right."""
+    bootstrap it does not collapse to [1, 1] when every one of a few test images is right.
+
+    None where the images come in `groups` (as bootstrap_units reads them): it counts each image as
+    an independent draw, and one animal's fields are not, so it would be narrower than the data
+    allow. Omitted rather than labelled: a CI beside the honest one invites reading the tighter."""
     from scipy.stats import binomtest
 
+    if bootstrap_units(groups) is not None:
+        return None
     correct = int((probs.argmax(1) == y_true).sum())
     interval = binomtest(correct, len(y_true)).proportion_ci(confidence_level=level, method="exact")
     return float(interval.low), float(interval.high)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 from tune_cells.analysis.metrics import bootstrap_intervals, classification_metrics, confusion, exact_accuracy_interval
@@ -105,6 +106,58 @@ def test_too_few_groups_give_no_interval_but_a_note():
 
     table = format_table(Evaluation("run", "models:/m@champion", "1", {"test_dice": 0.8}, {}, None, 3, ci_note=note))
     assert "none: too few groups" in table and "Too few groups for a bootstrap CI: the test part holds 4" in table
+
+
+def test_the_exact_interval_is_left_out_where_images_come_in_groups():
+    """Clopper-Pearson counts each image as an independent draw: on clustered data it is far narrower
+    than the bootstrap over groups, which is the honest interval there."""
+    from tune_cells.analysis.evaluation import format_table
+    from tune_cells.analysis.evaluation_common import Evaluation
+
+    y, probs, groups = clustered_predictions()
+    low, high = exact_accuracy_interval(y, probs)
+    by_group = bootstrap_intervals(y, probs, ["n", "b"], n_boot=200, groups=groups)["test_accuracy"]
+    assert high - low < 0.7 * (by_group[1] - by_group[0])  # what it would have claimed
+    assert exact_accuracy_interval(y, probs, groups=groups) is None
+    singletons = [f"i{k}" for k in range(len(y))]  # every image its own group: independent after all
+    assert exact_accuracy_interval(y, probs, groups=singletons) == (low, high)
+
+    def table(exact):
+        return format_table(Evaluation("run", "models:/m@champion", "1", {"test_accuracy": 0.7},
+                                       {"test_accuracy": by_group}, exact, len(y)))
+
+    assert "exact binomial" not in table(None) and "exact binomial" in table((low, high))
+
+
+@pytest.mark.slow  # (two evaluation runs, ~6 s each)
+def test_evaluate_prints_and_logs_no_exact_interval_for_grouped_images(run_cli, tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import FORMAT1_MODEL, register_model_folder, store_client
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    register_model_folder(workdir, FORMAT1_MODEL, name="tune-cells-folder", alias="champion", task="folder")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for k in range(6):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{k}.png")
+    capsys.readouterr()
+    outputs = []
+    for grouped in (False, True):
+        if grouped:  # six animals of two images each
+            (tmp_path / "data" / "groups.csv").write_text("path,group\n" + "".join(
+                f"{name}/{k}.png,animal{k}\n" for name in ("a", "b") for k in range(6)))
+        result = run_cli("evaluate", "folder", "--data", tmp_path / "data", "--workdir", workdir, "--bootstrap", 50)
+        assert result.code == 0, result.err
+        outputs.append(result.out)
+    assert "(exact binomial CI)" in outputs[0] and "(exact binomial CI)" not in outputs[1], outputs
+    runs = store_client(workdir / "mlflow.db").search_runs(
+        [store_client(workdir / "mlflow.db").get_experiment_by_name("tune-cells-folder").experiment_id],
+        order_by=["attributes.start_time ASC"])
+    assert ["test_accuracy_exact_ci_low" in run.data.metrics for run in runs] == [True, False]
+    assert "test_accuracy_ci_low" in runs[1].data.metrics  # the bootstrap over the six groups stays
 
 
 def test_paired_comparison_counts_only_discordant_images_and_is_mcnemars_exact_test():
