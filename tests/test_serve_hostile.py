@@ -159,7 +159,8 @@ def servers(tmp_path_factory):
     (allowed / "link-to-fifo").symlink_to(allowed / "fifo")
     (allowed / "link-outside").symlink_to(IMAGE_PATHS[1])  # an image, but outside the root
     started = {"default": start_server(root, "default"),
-               "confined": start_server(root, "confined", "--allow-path-root", allowed),
+               "confined": start_server(root, "confined", "--allow-path-root", allowed, "--allowed-host", "FD00::5",
+                                        "--allowed-host", "Cells.Lab."),
                "timed": start_server(root, "timed", host="::1" if ipv6_loopback() else "127.0.0.1", timeout=1)}
     try:
         for label, served in started.items():
@@ -233,6 +234,12 @@ def test_a_foreign_host_header_is_refused(servers):
         assert_json_error(status, text, 400, "Invalid host header")
     for host in (f"127.0.0.1:{served['port']}", f"localhost:{served['port']}", "localhost"):
         assert request(served, "GET", "/ping", headers={"Host": host})[0] == 200, host
+    # --allowed-host as given (FD00::5, Cells.Lab.) against a Host header as a client spells it
+    served = servers["confined"]
+    for host in (f"[fd00::5]:{served['port']}", "cells.lab", f"CELLS.LAB.:{served['port']}"):
+        assert request(served, "GET", "/ping", headers={"Host": host})[0] == 200, host
+    for host in ("fd00::5", "[fd00::6]", "cells.lab.evil.example"):
+        assert_json_error(*request(served, "GET", "/ping", headers={"Host": host}), 400, "Invalid host header")
 
 
 def test_rows_and_body_size_are_capped(servers):
