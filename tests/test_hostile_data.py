@@ -3,8 +3,11 @@ of their own, masks saved in other encodings. Each is read right or refused in o
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import unicodedata
+import zlib
 
 import numpy as np
 import pytest
@@ -207,3 +210,66 @@ def test_evaluate_matches_a_class_whatever_unicode_form_model_and_data_hold(run_
     result = run_cli("evaluate", "folder", "--data", tmp_path / "data", "--workdir", workdir, "--bootstrap", 20)
     assert result.code == 0, result.err
     assert f"on 6 images of {tmp_path / 'data'}" in result.out
+
+
+def png_16_bit(samples: np.ndarray) -> bytes:
+    """A 16-bit colour PNG (Pillow writes none) of H×W×C uint16 samples (C 3: RGB, 4: RGBA), every
+    row Paeth-filtered: its predictor reads the pixel to the left, so a decoder that took the
+    wrong bytes per pixel would not come out right."""
+    height, width, channels = samples.shape
+    rows = samples.astype(">u2").reshape(height, -1).view(np.uint8).astype(np.int16)
+    bpp, filtered = 2 * channels, []
+    for y in range(height):
+        up = rows[y - 1] if y else np.zeros_like(rows[y])
+        left, up_left = (np.concatenate([np.zeros(bpp, np.int16), r[:-bpp]]) for r in (rows[y], up))
+        p = left + up - up_left
+        pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - up_left)
+        predicted = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, up_left))
+        filtered.append(b"\x04" + ((rows[y] - predicted) % 256).astype(np.uint8).tobytes())
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 6 if channels == 4 else 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(filtered)))
+            + chunk(b"IEND", b""))
+
+
+def tiff_16_bit_rgb(samples: np.ndarray, order: str = "<", deflate: bool = False) -> bytes:
+    """A one-strip 16-bit RGB TIFF (Pillow writes none) of H×W×3 uint16 samples, little- or
+    big-endian, raw or deflated (which Pillow hands to libtiff)."""
+    height, width, _ = samples.shape
+    data = samples.astype(f"{order}u2").tobytes()
+    data = zlib.compress(data) if deflate else data
+    short = [(256, width), (257, height), (259, 8 if deflate else 1), (262, 2), (277, 3), (278, height), (284, 1)]
+    entries = [struct.pack(f"{order}HHIHH", tag, 3, 1, value, 0) for tag, value in short]
+    entries += [struct.pack(f"{order}HHII", 258, 3, 3, 134), struct.pack(f"{order}HHII", 273, 4, 1, 140),
+                struct.pack(f"{order}HHII", 279, 4, 1, len(data))]
+    ifd = struct.pack(f"{order}H", 10) + b"".join(sorted(entries, key=lambda e: struct.unpack(f"{order}H", e[:2])))
+    header = (b"II*\x00" if order == "<" else b"MM\x00*") + struct.pack(f"{order}I", 8)
+    return header + ifd + struct.pack(f"{order}I", 0) + struct.pack(f"{order}3H", 16, 16, 16) + data
+
+
+TWELVE_BIT = np.stack([np.tile(np.linspace(0, 4095, 40), (6, 1)),  # a ramp, a falling ramp, a constant
+                       np.tile(np.linspace(4095, 0, 40), (6, 1)), np.full((6, 40), 1234.0)], axis=-1).astype(np.uint16)
+
+
+@pytest.mark.parametrize("kind", ["png", "png rgba", "tiff", "tiff big-endian deflate"])
+@pytest.mark.parametrize("given_as", ["path", "file object"])
+def test_16_bit_colour_is_rescaled_by_its_own_range_not_cut_to_its_high_byte(tmp_path, kind, given_as):
+    """12-bit colour in 16 bits came out dark (Pillow keeps each sample's high byte: 4095 -> 15).
+    Now as 16-bit grey is read: the samples over the image's maximum, every channel alike."""
+    from tune_cells.data.images import decode_full
+
+    if kind.startswith("png"):
+        opaque = np.full(TWELVE_BIT.shape[:2] + (1,), 65535, np.uint16)
+        data = png_16_bit(np.concatenate([TWELVE_BIT, opaque], axis=-1) if kind == "png rgba" else TWELVE_BIT)
+    else:
+        data = tiff_16_bit_rgb(TWELVE_BIT, *((">", True) if "big" in kind else ()))
+    (tmp_path / "deep").write_bytes(data)
+    source = tmp_path / "deep" if given_as == "path" else io.BytesIO(data)
+    expected = (TWELVE_BIT.astype(np.float32) / 4095 * 255).astype(np.uint8)
+    assert np.array_equal(decode_full(source), expected)
+    grey = tmp_path / "grey.png"  # the red ramp alone, as 16-bit grey: the same pixels
+    Image.fromarray(TWELVE_BIT[..., 0]).save(grey)
+    assert np.array_equal(decode_image(grey, 1, 40)[..., 0], decode_image(source, 3, 40)[..., 0])

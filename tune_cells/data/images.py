@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from tune_cells.data.deep_colour import sixteen_bit_samples
 from tune_cells.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,21 @@ def decode_image(path: Path | BinaryIO, channels: int, size: int) -> np.ndarray:
     Raises OSError/UnidentifiedImageError/ValueError for files that are not images.
     """
     with open_image(path) as image:
-        image.load()
-        return store_array(image, channels, size)
+        return store_array(load(image, path), channels, size)
+
+
+def load(image: Image.Image, source: Path | BinaryIO) -> Image.Image:
+    """`image`, just opened from `source`, decoded as every path decodes it (training, predict,
+    serve): 16-bit colour at full depth, its colour rescaled by its maximum as `eight_bit` does
+    16-bit grey (Pillow keeps only the high bytes), its alpha kept."""
+    samples = sixteen_bit_samples(image, source)
+    image.load()
+    if samples is None:
+        return image
+    colour = _rescaled_to_uint8(samples[..., :3])
+    if samples.shape[-1] == 4:
+        return Image.fromarray(np.dstack([colour, (samples[..., 3] >> 8).astype(np.uint8)]), "RGBA")
+    return Image.fromarray(colour, "RGB")
 
 
 def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
@@ -141,7 +155,7 @@ def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
 def eight_bit(image: Image.Image) -> Image.Image:
     """16-bit and 32-bit microscopy (Pillow modes I;16, I and F, e.g. 0-1 floats) rescaled to 8 bit
     by its maximum, negatives as 0; Pillow's own conversion would clip every value above 255 to
-    white (and floats below 1 to black). Other modes as they are."""
+    white (and floats below 1 to black). Other modes as they are (16-bit colour: `load`)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return Image.fromarray(_rescaled_to_uint8(np.asarray(image)))
     return image
@@ -161,7 +175,7 @@ def _rescaled_to_uint8(array: np.ndarray, rows: int = 512) -> np.ndarray:
 def decode_full(path: Path | BinaryIO, scale: float = 1.0) -> np.ndarray:
     """An RGB image at its own size times `scale` (segmentation keeps the geometry), H×W×3 uint8."""
     with open_image(path) as image:
-        return full_array(image, scale)
+        return full_array(load(image, path), scale)
 
 
 def full_array(image: Image.Image, scale: float = 1.0) -> np.ndarray:
@@ -177,7 +191,7 @@ MASK_THRESHOLD = 127  # masks may be lossy JPEG: grey values above this are fore
 def decode_mask(path: Path, scale: float = 1.0) -> np.ndarray:
     """A binary mask (H×W uint8 0/1) at its own size times `scale` (read as `mask_array` says)."""
     with open_image(path) as image:
-        return mask_array(image, scale)
+        return mask_array(load(image, path), scale)
 
 
 def mask_array(image: Image.Image, scale: float = 1.0) -> np.ndarray:
@@ -239,8 +253,7 @@ def _for_each_image(root: Path, paths: list[str], work: Callable[[Image.Image, s
             raise DecodingCancelled(rel)
         try:
             with open_image(root / rel) as image:
-                image.load()
-                return work(image, rel), None
+                return work(load(image, root / rel), rel), None
         except DECODE_ERRORS as exc:
             return None, f"{rel} ({type(exc).__name__})"
 
