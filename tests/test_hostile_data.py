@@ -8,10 +8,11 @@ import os
 import struct
 import unicodedata
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 from test_importers_more import hep2, image, write_hep2
 from test_segmentation import write_lung
 
@@ -19,7 +20,7 @@ from tune_cells.data.images import decode_image, mask_array
 from tune_cells.data.importers import import_image_folder, import_lung_masks
 from tune_cells.errors import UserInputError
 
-from conftest import model_copy, register_model_folder
+from conftest import model_copy, register_model_folder, write_kaggle
 
 
 def folder_dataset(root):
@@ -273,3 +274,39 @@ def test_16_bit_colour_is_rescaled_by_its_own_range_not_cut_to_its_high_byte(tmp
     grey = tmp_path / "grey.png"  # the red ramp alone, as 16-bit grey: the same pixels
     Image.fromarray(TWELVE_BIT[..., 0]).save(grey)
     assert np.array_equal(decode_image(grey, 1, 40)[..., 0], decode_image(source, 3, 40)[..., 0])
+
+
+def tiff_pages(path, pages: int, reduced: bool = False) -> None:
+    """A TIFF of `pages` 16x16 pages, the later ones marked reduced-resolution copies if `reduced`."""
+    with TiffImagePlugin.AppendingTiffWriter(path, new=True) as tiff:
+        for page in range(pages):
+            Image.new("L", (16 >> page if reduced else 16,) * 2, 40 * page).save(
+                tiff, "TIFF", tiffinfo={254: 1 if reduced and page else 0})
+            tiff.newFrame()
+
+
+def test_a_multi_page_tiff_is_refused_in_one_line_naming_it(tmp_path):
+    """A stack was read as its first page, silently. A pyramid (later pages marked reduced-resolution
+    copies) is still read: its first page is the image."""
+    from tune_cells.data.images import MultiPageTiff, decode_images, open_image
+    from tune_cells.predict import decode_files
+
+    tiff_pages(tmp_path / "stack.tif", 3)
+    with pytest.raises(MultiPageTiff, match="a TIFF of 3 pages"):
+        decode_image(tmp_path / "stack.tif", 1, 16)
+    with pytest.raises(UserInputError, match=r"cannot decode stack\.tif \(MultiPageTiff\)"):  # a search's decoding
+        decode_images(tmp_path, ["stack.tif"], 1, 16)
+    with pytest.raises(UserInputError, match=r"stack\.tif: cannot decode \(MultiPageTiff\)"):  # predict's
+        decode_files(SimpleNamespace(decode_path=lambda path: decode_image(path, 1, 16)), [tmp_path / "stack.tif"])
+    tiff_pages(tmp_path / "pyramid.tif", 3, reduced=True)
+    assert decode_image(tmp_path / "pyramid.tif", 1, 16).max() == 0  # the first page, black
+    with open_image(tmp_path / "pyramid.tif") as pyramid:
+        assert pyramid.tell() == 0 and pyramid.size == (16, 16)
+
+
+@pytest.mark.slow  # (a search's preflight, ~10 s)
+def test_a_search_on_a_multi_page_tiff_exits_2_naming_it(run_cli, tmp_path):
+    data = write_kaggle(tmp_path / "data", [0, 1, 2, 3] * 8)
+    tiff_pages(data / "train" / "2.png", 2)  # by content, whatever its name
+    result = run_cli("search", "nuclei", "--data", data, "--workdir", tmp_path / "work")
+    assert result.code == 2 and "cannot decode train/2.png (MultiPageTiff)" in result.err, result.err

@@ -25,7 +25,7 @@ from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from tune_cells.data.images import DECODE_ERRORS, MAX_IMAGE_PIXELS, ImageTooLarge, open_image
+from tune_cells.data.images import DECODE_ERRORS, MAX_IMAGE_PIXELS, ImageRefused, open_image
 from tune_cells.kinds import load_predictor
 from tune_cells.model_io import base64_image_file
 from tune_cells.path_access import PathRefused, open_under_root
@@ -120,7 +120,7 @@ def _row_errors(row: int, column: str):
     """Any failure to open or decode a row as one line naming the row (a 400)."""
     try:
         yield
-    except (PathRefused, ImageTooLarge) as exc:
+    except (PathRefused, ImageRefused) as exc:
         raise _bad_input(f"row {row} ({column}): {exc}") from None
     except DECODE_ERRORS as exc:  # Pillow raises all of these
         raise _bad_input(f"row {row} ({column}): not a decodable image ({type(exc).__name__})") from None

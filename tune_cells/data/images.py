@@ -29,13 +29,21 @@ IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # Pillow's decoders for those su
 MAX_IMAGE_PIXELS = 40_000_000
 
 
-class ImageTooLarge(ValueError):
+class ImageRefused(ValueError):
+    """An image refused from its header, before decoding; the message says why."""
+
+
+class ImageTooLarge(ImageRefused):
     """An image whose header declares more pixels than MAX_IMAGE_PIXELS."""
 
 
+class MultiPageTiff(ImageRefused):
+    """A TIFF of several full-size pages (a stack, a series, channels): which one is the image?"""
+
+
 def open_image(source: Path | BinaryIO) -> Image.Image:
-    """A lazily opened image (a file or a file object) of a known format within MAX_IMAGE_PIXELS;
-    nothing is decoded yet. Raises what Pillow raises for a non-image (DECODE_ERRORS)."""
+    """A lazily opened image (a file or a file object) of a known format within MAX_IMAGE_PIXELS
+    and of one page; nothing is decoded yet. Raises what Pillow raises for a non-image (DECODE_ERRORS)."""
     limit = f"over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
     try:
         image = Image.open(source, formats=IMAGE_FORMATS)
@@ -45,7 +53,19 @@ def open_image(source: Path | BinaryIO) -> Image.Image:
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
         raise ImageTooLarge(f"{width}x{height} pixels, {limit}")
+    if image.format == "TIFF" and (pages := image.n_frames) > 1 and not _later_pages_reduced(image):
+        image.close()  # Pillow would read the first page alone, silently
+        raise MultiPageTiff(f"a TIFF of {pages} pages (a stack or a series): save the page to use on its own")
     return image
+
+
+def _later_pages_reduced(tiff: Image.Image) -> bool:
+    """Whether every page after the first is marked a reduced-resolution copy (NewSubfileType bit
+    0: a pyramid's levels, a thumbnail), so that the first page is the image."""
+    try:
+        return all(tiff.seek(page) or tiff.tag_v2.get(254, 0) & 1 for page in range(1, tiff.n_frames))
+    finally:
+        tiff.seek(0)
 
 
 @dataclass

@@ -252,7 +252,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
     Every image needs a mask in every target folder, of the image's size (read from the headers).
     Names are `<animal>_<genotype>_FLU_<field>`: the fields of one animal share a split part.
     """
-    from tune_cells.data.images import ImageTooLarge, open_image
+    from tune_cells.data.images import ImageRefused, open_image
 
     root = require_dir(root)
     originals = sorted({p for p in root.rglob("*") if p.is_dir() and p.name.lower() == "original"})
@@ -285,7 +285,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
         try:
             with open_image(path) as image:
                 return image.size
-        except ImageTooLarge as exc:
+        except ImageRefused as exc:
             raise UserInputError(f"{path}: {exc}") from None
         except DECODE_ERRORS as exc:
             raise UserInputError(f"{path}: not a readable image ({type(exc).__name__})") from None
