@@ -310,3 +310,42 @@ def test_a_search_on_a_multi_page_tiff_exits_2_naming_it(run_cli, tmp_path):
     tiff_pages(data / "train" / "2.png", 2)  # by content, whatever its name
     result = run_cli("search", "nuclei", "--data", data, "--workdir", tmp_path / "work")
     assert result.code == 2 and "cannot decode train/2.png (MultiPageTiff)" in result.err, result.err
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P with a transparent index"])
+def test_transparent_pixels_are_white_whatever_colour_lies_under_them(tmp_path, mode):
+    """The colour under a fully transparent pixel was read as it is (here black, or red: what an
+    eraser left); now every translucent image is composited onto white first."""
+    from tune_cells.data.images import decode_full
+
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[:, :4] = (255, 0, 0)  # left half red, right half black
+    alpha = np.zeros((8, 8), np.uint8)
+    alpha[:4], alpha[4:, :2] = 255, 128  # top opaque; bottom left half-translucent, the rest transparent
+    if mode == "RGBA":
+        picture = Image.fromarray(np.dstack([colour, alpha]), "RGBA")
+    elif mode == "LA":
+        picture = Image.fromarray(np.dstack([colour[..., 1], alpha]), "LA")  # black
+    else:
+        picture = Image.fromarray(np.where(alpha == 255, colour[..., 0] // 255, 2).astype(np.uint8), "P")
+        picture.putpalette([0, 0, 0, 255, 0, 0, 255, 0, 0])
+        picture.info["transparency"] = 2  # index 2, red, is transparent
+    picture.save(tmp_path / "picture.png")
+    pixels = decode_full(tmp_path / "picture.png")
+    grey = decode_image(tmp_path / "picture.png", 1, 8)[..., 0]
+    assert (pixels[6:, 4:] == 255).all() and (grey[6:, 4:] == 255).all()  # transparent: white
+    assert pixels[0, 0].tolist() == ([0, 0, 0] if mode == "LA" else [255, 0, 0])  # opaque: its colour
+    assert pixels[0, 7].tolist() == [0, 0, 0]
+    if mode != "P with a transparent index":
+        assert 120 < pixels[6, 0, 1] < 135  # half-translucent red or black: green half white
+
+
+def test_a_mask_on_a_transparent_layer_marks_only_what_is_drawn(tmp_path):
+    """A mask exported as white strokes on a transparent white layer was read all white (every
+    pixel the target); transparent pixels of a mask are background."""
+    stroke = np.zeros((8, 10), bool)
+    stroke[2:5, 3:7] = True
+    Image.fromarray(np.dstack([np.full((8, 10, 3), 255, np.uint8), stroke.astype(np.uint8) * 255]),
+                    "RGBA").save(tmp_path / "mask.png")
+    with Image.open(tmp_path / "mask.png") as opened:
+        assert (mask_array(opened) == stroke).all()

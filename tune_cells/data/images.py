@@ -165,7 +165,7 @@ def load(image: Image.Image, source: Path | BinaryIO) -> Image.Image:
 
 def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:
     """A loaded image as the classification store keeps it: `size`x`size`x`channels` uint8."""
-    image = eight_bit(image).convert("RGB" if channels == 3 else "L")
+    image = opaque(eight_bit(image), WHITE).convert("RGB" if channels == 3 else "L")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     array = np.asarray(image, dtype=np.uint8)
@@ -179,6 +179,19 @@ def eight_bit(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return Image.fromarray(_rescaled_to_uint8(np.asarray(image)))
     return image
+
+
+WHITE, BLACK = 255, 0  # what a transparent pixel shows: in an image white, as viewers show it; in a mask no target
+
+
+def opaque(image: Image.Image, background: int) -> Image.Image:
+    """A translucent image (an alpha channel, or a transparent colour of a palette, grey or RGB
+    image) composited onto `background` as RGB; other images as they are. The colour under a fully
+    transparent pixel is whatever the writer left there (often black, or the colour it erased)."""
+    if image.mode not in ("RGBA", "RGBa", "LA", "La", "PA") and "transparency" not in image.info:
+        return image
+    under = Image.new("RGBA", image.size, (background, background, background, 255))
+    return Image.alpha_composite(under, image.convert("RGBA")).convert("RGB")
 
 
 def _rescaled_to_uint8(array: np.ndarray, rows: int = 512) -> np.ndarray:
@@ -199,7 +212,7 @@ def decode_full(path: Path | BinaryIO, scale: float = 1.0) -> np.ndarray:
 
 
 def full_array(image: Image.Image, scale: float = 1.0) -> np.ndarray:
-    image = eight_bit(image).convert("RGB")
+    image = opaque(eight_bit(image), WHITE).convert("RGB")
     if scale != 1.0:
         image = image.resize(scaled_size(image.size, scale), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(image, dtype=np.uint8)
@@ -217,9 +230,10 @@ def decode_mask(path: Path, scale: float = 1.0) -> np.ndarray:
 def mask_array(image: Image.Image, scale: float = 1.0) -> np.ndarray:
     """A binary mask: white (> 127) is the target; a lossless mask of exactly two levels {0, v}
     (0/1 values, a palette's indices, a dark colour) marks the target with v. A lossy (JPEG) mask
-    is only thresholded: its compression noise would otherwise pass for a second level."""
+    is only thresholded: its compression noise would otherwise pass for a second level. Transparent
+    pixels are background."""
     lossless = image.format != "JPEG"
-    image = eight_bit(image).convert("L")
+    image = opaque(eight_bit(image), BLACK).convert("L")  # a mask drawn on a transparent layer: the layer is no target
     if lossless:
         grey = np.asarray(image)
         top = int(grey.max())
