@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image, TiffImagePlugin
+from PIL import ExifTags, Image, TiffImagePlugin
 from test_importers_more import hep2, image, write_hep2
 from test_segmentation import write_lung
 
@@ -213,7 +213,7 @@ def test_evaluate_matches_a_class_whatever_unicode_form_model_and_data_hold(run_
     assert f"on 6 images of {tmp_path / 'data'}" in result.out
 
 
-def png_16_bit(samples: np.ndarray) -> bytes:
+def png_16_bit(samples: np.ndarray, exif: bytes = b"") -> bytes:
     """A 16-bit colour PNG (Pillow writes none) of H×W×C uint16 samples (C 3: RGB, 4: RGBA), every
     row Paeth-filtered: its predictor reads the pixel to the left, so a decoder that took the
     wrong bytes per pixel would not come out right."""
@@ -232,8 +232,9 @@ def png_16_bit(samples: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 16, 6 if channels == 4 else 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(filtered)))
-            + chunk(b"IEND", b""))
+    exif_chunk = chunk(b"eXIf", exif.removeprefix(b"Exif\x00\x00")) if exif else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + exif_chunk
+            + chunk(b"IDAT", zlib.compress(b"".join(filtered))) + chunk(b"IEND", b""))
 
 
 def tiff_16_bit_rgb(samples: np.ndarray, order: str = "<", deflate: bool = False) -> bytes:
@@ -349,3 +350,65 @@ def test_a_mask_on_a_transparent_layer_marks_only_what_is_drawn(tmp_path):
                     "RGBA").save(tmp_path / "mask.png")
     with Image.open(tmp_path / "mask.png") as opened:
         assert (mask_array(opened) == stroke).all()
+
+
+def with_orientation(array: np.ndarray, path, orientation: int) -> None:
+    """`array` saved (format by suffix) with an EXIF orientation tag, as a camera leaves it."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    picture = Image.fromarray(array)
+    if path.suffix == ".tif":
+        picture.save(path, tiffinfo={ExifTags.Base.Orientation: orientation})
+    else:
+        picture.save(path, exif=exif, **({"quality": 100, "subsampling": 0} if path.suffix == ".jpg" else {}))
+
+
+UPRIGHT = {2: np.fliplr, 3: lambda a: np.rot90(a, 2), 6: lambda a: np.rot90(a, -1), 8: np.rot90}  # as the tag says
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif", " grey.tif"])
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_an_exif_orientation_is_applied_by_every_decoding_path(tmp_path, suffix, orientation):
+    """The tag was ignored: a camera's turned photo was learnt and predicted on its side (Pillow
+    turns a TIFF itself, but garbled an uncompressed grey one read from a path: predict and
+    training disagreed with the server)."""
+    from tune_cells.data.images import decode_full, decode_images
+
+    stored = np.zeros((16, 24, 3), np.uint8)
+    stored[:8, :8], stored[8:, 16:], stored[:, 8:16, 2] = (250, 0, 0), (0, 250, 0), 120  # asymmetric blocks
+    stored = stored.max(axis=-1) if "grey" in suffix else stored
+    with_orientation(stored, tmp_path / f"turned{suffix}", orientation)
+    upright = UPRIGHT[orientation](stored)
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    tolerance = 8 if suffix == ".jpg" else 0
+    for source in (tmp_path / f"turned{suffix}", io.BytesIO((tmp_path / f"turned{suffix}").read_bytes())):  # predict, serve
+        decoded = decode_full(source)[..., 0] if "grey" in suffix else decode_full(source)
+        assert np.abs(decoded.astype(int) - upright).max() <= tolerance
+    trained = decode_images(tmp_path, [f"turned{suffix}"], 3, 12)[0]  # a search's decoding
+    assert np.abs(trained.astype(int) - decode_image(tmp_path / "upright.png", 3, 12)).max() <= tolerance
+
+
+def test_a_lung_mask_turned_by_its_exif_tag_lies_as_its_image_does(tmp_path):
+    """A mask stored on its side with an orientation tag was refused (its size seemed swapped) or
+    read on its side; each file is turned by its own tag."""
+    from tune_cells.data.images import decode_full, decode_mask
+
+    root = write_lung(tmp_path / "lung")  # 60x40 fields and masks, JPEG
+    target = np.zeros((40, 60), np.uint8)
+    target[:10, :20] = 255  # top left
+    mask = root / "train" / "Parenchyma" / "im0.jpg"
+    with_orientation(np.rot90(target), mask, 6)  # stored 40 wide, 60 high; the tag turns it back
+    index = import_lung_masks(root)
+    assert index.mask_paths("Parenchyma")[0] == "train/Parenchyma/im0.jpg"
+    assert (decode_mask(mask) == (target > 127)).all()
+    assert decode_full(root / "train" / "Original" / "im0.jpg").shape[:2] == (40, 60)
+
+
+def test_16_bit_colour_is_turned_by_its_exif_tag_too(tmp_path):
+    from tune_cells.data.images import decode_full
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    (tmp_path / "deep.png").write_bytes(png_16_bit(TWELVE_BIT, exif.tobytes()))
+    upright = np.rot90((TWELVE_BIT.astype(np.float32) / 4095 * 255).astype(np.uint8), -1)
+    assert np.array_equal(decode_full(tmp_path / "deep.png"), upright)

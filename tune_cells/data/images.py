@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tune_cells.data.deep_colour import sixteen_bit_samples
 from tune_cells.errors import UserInputError
@@ -27,6 +27,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")  # Pillow's decoders for those su
 # Largest image decoded, read from the header first: every task's images fit (lung fields are
 # 1392x1040, 1.4 MP), and a compressed "decompression bomb" of 13k x 13k is refused unread.
 MAX_IMAGE_PIXELS = 40_000_000
+ORIENTATION = ExifTags.Base.Orientation  # EXIF's and TIFF's tag 274: 1 upright, 2-8 flipped or turned
 
 
 class ImageRefused(ValueError):
@@ -152,15 +153,29 @@ def decode_image(path: Path | BinaryIO, channels: int, size: int) -> np.ndarray:
 def load(image: Image.Image, source: Path | BinaryIO) -> Image.Image:
     """`image`, just opened from `source`, decoded as every path decodes it (training, predict,
     serve): 16-bit colour at full depth, its colour rescaled by its maximum as `eight_bit` does
-    16-bit grey (Pillow keeps only the high bytes), its alpha kept."""
+    16-bit grey (Pillow keeps only the high bytes), its alpha kept; turned upright by its EXIF
+    orientation, as viewers show it (a camera's JPEG; a lung mask by its own tag, as its image)."""
+    if image.format == "TIFF" and image.tag_v2.get(ORIENTATION) in (5, 6, 7, 8):
+        image.filename = ""  # Pillow would memory-map an uncompressed raster at its turned size: garbled
     samples = sixteen_bit_samples(image, source)
     image.load()
-    if samples is None:
-        return image
-    colour = _rescaled_to_uint8(samples[..., :3])
-    if samples.shape[-1] == 4:
-        return Image.fromarray(np.dstack([colour, (samples[..., 3] >> 8).astype(np.uint8)]), "RGBA")
-    return Image.fromarray(colour, "RGB")
+    if samples is not None:
+        orientation = image.getexif().get(ORIENTATION, 1)
+        colour = _rescaled_to_uint8(samples[..., :3])
+        alpha = [(samples[..., 3] >> 8).astype(np.uint8)] if samples.shape[-1] == 4 else []
+        image = Image.fromarray(np.dstack([colour, *alpha]), "RGBA" if alpha else "RGB")
+        image.getexif()[ORIENTATION] = orientation  # the file's, turned below as any image's
+    ImageOps.exif_transpose(image, in_place=True)  # a TIFF Pillow turns itself, on loading
+    return image
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The size `load` gives an opened image, from its header (a PNG's EXIF after its pixels is not
+    read: Pillow's PNG getexif decodes the image to find it). A TIFF's size is already upright."""
+    if image.format == "TIFF":
+        return image.size
+    turned = Image.Image.getexif(image).get(ORIENTATION, 1) in (5, 6, 7, 8)
+    return (image.height, image.width) if turned else image.size
 
 
 def store_array(image: Image.Image, channels: int, size: int) -> np.ndarray:

@@ -249,10 +249,11 @@ def import_lung_masks(root: Path) -> ImageIndex:
     """LungNeuralNet layout: `<root>/.../Original/<name>.<ext>` and, beside `Original/`, one folder
     per target holding a mask of the same name (any image extension; lossy JPEG is thresholded).
 
-    Every image needs a mask in every target folder, of the image's size (read from the headers).
+    Every image needs a mask in every target folder, of the image's size (read from the headers,
+    upright by their EXIF orientation).
     Names are `<animal>_<genotype>_FLU_<field>`: the fields of one animal share a split part.
     """
-    from tune_cells.data.images import ImageRefused, open_image
+    from tune_cells.data.images import ImageRefused, open_image, upright_size
 
     root = require_dir(root)
     originals = sorted({p for p in root.rglob("*") if p.is_dir() and p.name.lower() == "original"})
@@ -284,7 +285,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
     def size_of(path: Path) -> tuple[int, int]:
         try:
             with open_image(path) as image:
-                return image.size
+                return upright_size(image)  # as decoded: a mask turned by its EXIF tag lies as its image does
         except ImageRefused as exc:
             raise UserInputError(f"{path}: {exc}") from None
         except DECODE_ERRORS as exc:
