@@ -214,7 +214,7 @@ def test_evaluate_matches_a_class_whatever_unicode_form_model_and_data_hold(run_
 
 
 def png_16_bit(samples: np.ndarray, exif: bytes = b"") -> bytes:
-    """A 16-bit colour PNG (Pillow writes none) of H×W×C uint16 samples (C 3: RGB, 4: RGBA), every
+    """A 16-bit PNG (Pillow writes none) of H×W×C uint16 samples (C 2: grey + alpha, 3: RGB, 4: RGBA), every
     row Paeth-filtered: its predictor reads the pixel to the left, so a decoder that took the
     wrong bytes per pixel would not come out right."""
     height, width, channels = samples.shape
@@ -231,7 +231,7 @@ def png_16_bit(samples: np.ndarray, exif: bytes = b"") -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 16, 6 if channels == 4 else 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
     exif_chunk = chunk(b"eXIf", exif.removeprefix(b"Exif\x00\x00")) if exif else b""
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + exif_chunk
             + chunk(b"IDAT", zlib.compress(b"".join(filtered))) + chunk(b"IEND", b""))
@@ -256,21 +256,23 @@ TWELVE_BIT = np.stack([np.tile(np.linspace(0, 4095, 40), (6, 1)),  # a ramp, a f
                        np.tile(np.linspace(4095, 0, 40), (6, 1)), np.full((6, 40), 1234.0)], axis=-1).astype(np.uint16)
 
 
-@pytest.mark.parametrize("kind", ["png", "png rgba", "tiff", "tiff big-endian deflate"])
+@pytest.mark.parametrize("kind", ["png", "png rgba", "png grey+alpha", "tiff", "tiff big-endian deflate"])
 @pytest.mark.parametrize("given_as", ["path", "file object"])
 def test_16_bit_colour_is_rescaled_by_its_own_range_not_cut_to_its_high_byte(tmp_path, kind, given_as):
     """12-bit colour in 16 bits came out dark (Pillow keeps each sample's high byte: 4095 -> 15).
     Now as 16-bit grey is read: the samples over the image's maximum, every channel alike."""
     from tune_cells.data.images import decode_full
 
+    samples = np.repeat(TWELVE_BIT[..., :1], 3, axis=-1) if "grey" in kind else TWELVE_BIT
     if kind.startswith("png"):
         opaque = np.full(TWELVE_BIT.shape[:2] + (1,), 65535, np.uint16)
-        data = png_16_bit(np.concatenate([TWELVE_BIT, opaque], axis=-1) if kind == "png rgba" else TWELVE_BIT)
+        colour = TWELVE_BIT[..., :1] if "grey" in kind else TWELVE_BIT
+        data = png_16_bit(np.concatenate([colour, opaque], axis=-1) if kind != "png" else TWELVE_BIT)
     else:
         data = tiff_16_bit_rgb(TWELVE_BIT, *((">", True) if "big" in kind else ()))
     (tmp_path / "deep").write_bytes(data)
     source = tmp_path / "deep" if given_as == "path" else io.BytesIO(data)
-    expected = (TWELVE_BIT.astype(np.float32) / 4095 * 255).astype(np.uint8)
+    expected = (samples.astype(np.float32) / 4095 * 255).astype(np.uint8)
     assert np.array_equal(decode_full(source), expected)
     grey = tmp_path / "grey.png"  # the red ramp alone, as 16-bit grey: the same pixels
     Image.fromarray(TWELVE_BIT[..., 0]).save(grey)
