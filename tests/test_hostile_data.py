@@ -291,8 +291,11 @@ def tiff_pages(path, pages: int, reduced: bool = False) -> None:
 def test_a_multi_page_tiff_is_refused_in_one_line_naming_it(tmp_path):
     """A stack was read as its first page, silently. A pyramid (later pages marked reduced-resolution
     copies) is still read: its first page is the image."""
+    from mlflow.exceptions import MlflowException
+
     from tune_cells.data.images import MultiPageTiff, decode_images, open_image
     from tune_cells.predict import decode_files
+    from tune_cells.pyfunc import _row_errors
 
     tiff_pages(tmp_path / "stack.tif", 3)
     with pytest.raises(MultiPageTiff, match="a TIFF of 3 pages"):
@@ -301,6 +304,9 @@ def test_a_multi_page_tiff_is_refused_in_one_line_naming_it(tmp_path):
         decode_images(tmp_path, ["stack.tif"], 1, 16)
     with pytest.raises(UserInputError, match=r"stack\.tif: cannot decode \(MultiPageTiff\)"):  # predict's
         decode_files(SimpleNamespace(decode_path=lambda path: decode_image(path, 1, 16)), [tmp_path / "stack.tif"])
+    with pytest.raises(MlflowException, match=r"^row 0 \(image\): a TIFF of 3 pages"):  # a served row's 400
+        with _row_errors(0, "image"):
+            open_image(io.BytesIO((tmp_path / "stack.tif").read_bytes()))
     tiff_pages(tmp_path / "pyramid.tif", 3, reduced=True)
     assert decode_image(tmp_path / "pyramid.tif", 1, 16).max() == 0  # the first page, black
     with open_image(tmp_path / "pyramid.tif") as pyramid:

@@ -1,5 +1,6 @@
-"""16-bit colour images (PNG, TIFF) read at full depth: Pillow has no 16-bit colour mode and keeps
-only the high byte of each sample, so 12-bit data stored in 16 bits came out dark."""
+"""16-bit colour images (PNG, TIFF; and 16-bit grey PNG with alpha) read at full depth: Pillow has
+no 16-bit colour mode and keeps only the high byte of each sample, so 12-bit data stored in 16 bits
+came out dark."""
 
 from __future__ import annotations
 

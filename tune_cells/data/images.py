@@ -54,7 +54,13 @@ def open_image(source: Path | BinaryIO) -> Image.Image:
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
         raise ImageTooLarge(f"{width}x{height} pixels, {limit}")
-    if image.format == "TIFF" and (pages := image.n_frames) > 1 and not _later_pages_reduced(image):
+    try:
+        pages = image.n_frames if image.format == "TIFF" else 1
+        several = pages > 1 and not _later_pages_reduced(image)
+    except DECODE_ERRORS:  # a broken chain of pages
+        image.close()
+        raise
+    if several:
         image.close()  # Pillow would read the first page alone, silently
         raise MultiPageTiff(f"a TIFF of {pages} pages (a stack or a series): save the page to use on its own")
     return image
