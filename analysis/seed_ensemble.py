@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 # Member seeds: the champion's + 100, + 200, ... (never `evaluate --seeds`' + 1000, + 1001, ...)
 MEMBER_SEED_STEP = 100
 
-# (configuration without its seed, seeds) -> [(seed, best-epoch checkpoint folder)], trained as a trial is
-Retrain = Callable[[dict, list[int]], list[tuple[int, Path]]]
+# (configuration without its seed, seeds, folder to copy them into) -> [(seed, best-epoch checkpoint folder)],
+# each trained as a trial is
+Retrain = Callable[[dict, list[int], Path], list[tuple[int, Path]]]
+DONE_SUFFIX = ".done"  # beside a joined ensemble folder, its members' seeds: a resumed promotion reuses it
 
 
 def member_name(seed: int) -> str:
@@ -50,14 +52,22 @@ def skip_reason(size: int, folds: int, max_latency_ms: float | None) -> str:
 
 def extend_with_retrains(checkpoint: Path, size: int, retrain: Retrain, out: Path) -> list[int]:
     """Make `out` an ensemble of `checkpoint` (one network) and `size`-1 retrains of its
-    configuration; `checkpoint` is moved into it. Returns the members' seeds."""
+    configuration; `checkpoint` is moved into it. Returns the members' seeds. Where an earlier
+    attempt (killed later in the promotion) finished `out`, it is used as it is: no second retrain."""
+    done = out.with_name(out.name + DONE_SUFFIX)
+    if done.is_file() and out.is_dir():
+        log.info("ensemble: %d: the retrains of an earlier attempt of this promotion are reused (%s)", size, out)
+        return [int(seed) for seed in done.read_text().split(",")]
     config = load_spec(checkpoint).config
     base = int(config.get("seed") or 0)
     seeds = member_seeds(base, size)
     log.info("ensemble: %d: retraining the champion's configuration under seeds %s", size,
              ", ".join(map(str, seeds)))
-    retrained = retrain({key: value for key, value in config.items() if key != "seed"}, seeds)
-    return join([(base, checkpoint), *retrained], out)
+    retrained = retrain({key: value for key, value in config.items() if key != "seed"}, seeds,
+                        out.with_name(out.name + "-retrains"))
+    members = join([(base, checkpoint), *retrained], out)
+    done.write_text(",".join(map(str, members)))  # written last: the ensemble is whole
+    return members
 
 
 def join(members: list[tuple[int, Path]], out: Path) -> list[int]:

@@ -63,7 +63,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     try:
         folds = int(parent.data.params.get("folds", 1))  # a fold ensemble is retrained as one
         # an ensemble of retrains (`ensemble: N`) is retrained as one: N networks per seed
-        size = len(champion.spec.members) if folds == 1 and champion.spec.members else 1
+        size = len(tags["ensemble_seeds"].split(",")) if tags.get("ensemble_seeds") else 1
         members = {seed: [seed, *member_seeds(seed, size)] for seed in seeds}
         inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed, folds)
         trained = ray_seeds.run_seeds(

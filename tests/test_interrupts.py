@@ -100,16 +100,20 @@ def test_a_resumed_interrupted_search_ends_as_one_search(interrupted):
 
 def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     """A second search of the same experiment, killed (SIGKILL, driver and Ray) at every step of its
-    promotion in turn; each --resume goes one step further."""
+    promotion in turn; each --resume goes one step further. Its champion is an ensemble of 2
+    (`ensemble: 2`): the retrain a killed attempt finished is reused, not run again."""
     root, _ = interrupted
     client, _, _ = runs_of(root)
     # The second search repeats the first's space on the same split, so it would tie; a weaker
     # recorded score makes the champion rule move `champion` to it, which is the path to test.
     client.set_model_version_tag(MODEL, "1", "validation_score", "0.0")
-    steps = ["measured", "staged", "registered", "decided", "moved"]
+    (root / "space.yaml").write_text(SPACE + "  ensemble: 2\n")  # read by promotion only
+    steps = ["measured", "ensembled", "staged", "registered", "decided", "moved"]
     for number, step in enumerate(steps):
         search = start(root, *(("--resume",) if number else ()), fail_at=step)
         assert search.wait(timeout=600) == -signal.SIGKILL, last_log(root)[-3000:]
+        retrained = "retraining the champion's configuration" in last_log(root)
+        assert retrained == (step == "ensembled"), (step, last_log(root)[-3000:])  # once, then reused
     final = start(root, "--resume")
     assert final.wait(timeout=600) == 0, last_log(root)[-3000:]
 
@@ -119,6 +123,8 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     assert not [t for t in trials if t.info.status == "RUNNING"]
     ours = [v for v in versions(client) if v.tags["search_run_id"] == second.info.run_id]
     assert len(ours) == 1 and len(versions(client)) == 2  # one version per search
+    seed = int(ours[0].tags["ensemble_seeds"].split(",")[0])
+    assert ours[0].tags["ensemble_seeds"] == f"{seed},{seed + 100}"
     assert client.get_model_version_by_alias(MODEL, "champion").version == ours[0].version
     assert str(client.get_model_version_by_alias(MODEL, "previous-champion").version) == "1"
     assert second.data.tags["previous_champion"] == "1"

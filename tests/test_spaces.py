@@ -395,3 +395,13 @@ def test_the_largest_value_a_space_can_give_a_parameter(tmp_path):
     space = load_space(path)
     assert space.largest("image_size") == 160 and space.largest("lr") == 0.01 and space.largest("depth") is None
     assert load_space("folder").largest("image_size") == 128  # blood is decoded at 128 px, not its native 363
+
+
+def test_ensemble_is_one_value_per_space_not_a_searched_range(tmp_path):
+    """Only promotion reads `ensemble`: sampling it would spend trials on identical training."""
+    path = tmp_path / "space.yaml"
+    path.write_text("params:\n  model: small_convnet\n  lr: 0.001\n  ensemble: {choices: [1, 2]}\n")
+    with pytest.raises(UserInputError, match="`ensemble` is read at promotion, after the trials: give it one value"):
+        check_space(load_space(path), seed=0)
+    path.write_text("params:\n  model: small_convnet\n  lr: 0.001\n  ensemble: 3\n")
+    check_space(load_space(path), seed=0)

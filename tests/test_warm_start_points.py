@@ -78,3 +78,13 @@ def test_only_searches_of_the_same_task_and_classes_are_given_and_the_rest_is_sa
     given, said = warm_start("folder", ["a", "b", "c"], tracker.experiment_id("typo"))  # made by the search
     assert given == [] and said == ["warm start: experiment typo has no earlier searches (a new experiment?): the "
                                     "search starts cold"]
+
+
+def test_trials_from_before_a_space_set_ensemble_are_its_points(tmp_path):
+    """`ensemble` is read at promotion only: trials logged before a space fixed it (or under another
+    value) trained exactly as now, so they still warm-start the sampler and count the recipe as tried."""
+    space = SearchSpace({"lr": {"float": [3.0e-4, 3.0e-3], "log": True}, "ensemble": 2},
+                        str(tmp_path / "lung.yaml"), initial_points=[RECIPE])
+    store = earlier_search(tmp_path, space, [{"lr": 1.0e-3}, {"lr": 2.0e-3, "ensemble": 1}])
+    warm = earlier_trials(store, store.experiment_id("tune-cells-lung"), space, "lung", "val_dice", "max", LUNG)
+    assert warm.skipped == 0 and len(warm.trials) == 2 and warm.untried([RECIPE]) == []

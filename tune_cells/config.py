@@ -21,6 +21,11 @@ from tune_cells.errors import UserInputError
 log = logging.getLogger(__name__)
 
 
+# Read at promotion, after the trials, never by a trial: a space fixes one value, and trials that differ
+# only in them trained alike (`--warm-start` takes them as one point)
+PROMOTION_FIELDS = frozenset({"ensemble"})
+
+
 class TrainerConfig(BaseModel):
     """What every trial of every kind reads."""
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tune_cells.config import PROMOTION_FIELDS
 from tune_cells.data.groups import apply_group_pattern
 from tune_cells.data.images import ImageIndex, ImageScan
 from tune_cells.data.resolution import StoreSize, choose_store_size, decoded_bytes
@@ -218,6 +219,9 @@ def check_space(space: SearchSpace, seed: int, kind: TaskKind | None = None) -> 
         configs.append(space.sample(trial))
         study.tell(trial, 0.0)
     fixed = space.fixed
+    searched = sorted(name for name in PROMOTION_FIELDS if name in space.params and name not in fixed)
+    if searched:  # a trial never reads it: sampling it would spend trials on identical training
+        raise UserInputError(f"{space.source}: `{searched[0]}` is read at promotion, after the trials: give it one value")
     # An initial point sets only some parameters; the rest are sampled, so stand-ins fill them here.
     points = [{"model": configs[0].get("model"), "lr": 1e-3, **fixed, **point} for point in space.initial_points]
     for config in configs + points:

@@ -11,7 +11,8 @@ from typing import Any
 from ray import tune
 
 from tune_cells.promotion_rank import PROMOTION_SCORE
-from tune_cells.ray_backend import _best_of, _first_line, _result_records
+from tune_cells.ray_backend import _best_of, _first_line, _result_records, copy_checkpoint
+from tune_cells.ray_progress import stop_on_signals
 from tune_cells.resources import TrialResources, retrain_resources
 
 
@@ -25,9 +26,11 @@ class SeedRun:
 
 def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], config: dict, seeds: list[int],
               metric: str, mode: str, trial_resources: Callable[[dict], dict[str, float]], storage_path: str,
-              name: str) -> list[SeedRun]:
+              name: str, into: Path | None = None) -> list[SeedRun]:
     """Train one fixed configuration once per seed (a grid over `seed`, no searcher, no early stop)
-    and return each run's best epoch by PROMOTION_SCORE (its metric), as the search's promotion picks it."""
+    and return each run's best epoch by PROMOTION_SCORE (its metric), as the search's promotion picks it,
+    copied into `into`/seed<N> (default: the system's temporary folder). Ctrl-C or SIGTERM raises
+    Interrupted once Tune has stopped: half-trained runs are never returned as finished."""
     runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
                                    lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
     tuner = tune.Tuner(
@@ -40,15 +43,19 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
                                                                           checkpoint_score_attribute=PROMOTION_SCORE,
                                                                           checkpoint_score_order="max")),
     )
+    with stop_on_signals():
+        results = tuner.fit()
     runs = []
-    for result in tuner.fit():
+    for result in results:
         if result.error is not None or not result.best_checkpoints:
             raise RuntimeError(f"seed {result.config.get('seed')} failed: {_first_line(result.error)}")
         best = _best_of(result.best_checkpoints, metric, mode)  # as a search's trial (Ray may also keep the latest)
         if not best:
             raise RuntimeError(f"seed {result.config.get('seed')}: no checkpoint with a finite {metric}")
-        runs.append(SeedRun(int(result.config["seed"]), best["best_metric"], best["best_epoch"],
-                            Path(best["best_checkpoint"].to_directory())))
+        seed = int(result.config["seed"])
+        folder = (copy_checkpoint(best["best_checkpoint"], into / f"seed{seed}") if into is not None
+                  else Path(best["best_checkpoint"].to_directory()))
+        runs.append(SeedRun(seed, best["best_metric"], best["best_epoch"], folder))
     return sorted(runs, key=lambda r: r.seed)
 
 
@@ -58,10 +65,10 @@ def member_retrainer(trainable: Callable[..., None], trainable_kwargs: dict[str,
     the configuration under each seed, each member's best epoch by the search's own promotion rule."""
     import time
 
-    def retrain(config: dict, seeds: list[int]) -> list[tuple[int, Path]]:
+    def retrain(config: dict, seeds: list[int], into: Path) -> list[tuple[int, Path]]:
         runs = run_seeds(trainable, trainable_kwargs, config, seeds, metric, mode,
                          retrain_resources(resources, len(seeds), address), storage_path,
-                         f"{name}-ensemble-{time.strftime('%Y%m%d-%H%M%S')}")
+                         f"{name}-ensemble-{time.strftime('%Y%m%d-%H%M%S')}", into)
         return [(run.seed, run.checkpoint) for run in runs]
 
     return retrain

@@ -20,6 +20,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tune_cells.config import PROMOTION_FIELDS
 from tune_cells.search_spaces import SearchSpace, point_matches
 from tune_cells.tracking import MAX_PARAM_LENGTH, PARENT_TAG, Tracker
 
@@ -63,11 +64,13 @@ def earlier_trials(tracker: Tracker, experiment_id: str, space: SearchSpace, tas
         value = run.data.metrics.get(metric)
         if search is None:
             continue
-        if not space.fixed or point_matches(space.fixed, run.data.params):  # a recipe run under other fixed
-            warm.tried.append(run.data.params)  # settings (lung before batchnorm_views) was another recipe
+        # what only promotion reads (`ensemble`) never tells trials apart: an earlier trial has the space's value
+        params = {**run.data.params, **{k: str(v) for k, v in space.fixed.items() if k in PROMOTION_FIELDS}}
+        if not space.fixed or point_matches(space.fixed, params):  # a recipe run under other fixed
+            warm.tried.append(params)  # settings (lung before batchnorm_views) was another recipe
         if value is None or not math.isfinite(value):
             continue
-        point = space.as_optuna(run.data.params)
+        point = space.as_optuna(params)
         if point is None:
             warm.skipped += 1
             continue
