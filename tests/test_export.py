@@ -130,7 +130,7 @@ def test_a_fold_ensemble_with_test_time_augmentation_is_exported_whole(store, tm
     result = run_cli("export", "nuclei", "--model-uri", uri, "--workdir", store["workdir"])
     assert result.code == 0, result.err
     assert parity_line(result.out) <= 1e-4
-    assert "2 fold members" in result.out and "8 flips and right-angle turns" in result.out
+    assert "2 members" in result.out and "8 flips and right-angle turns" in result.out
     written = store["workdir"] / "exports" / f"tune-cells-nuclei-demo-v{version}.onnx"
     contract = json.loads(written.with_name(written.name + ".json").read_text())
     assert (contract["members"], contract["tta"], contract["temperature"]) == (2, "dihedral", 1.7)
