@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from tune_cells.data.images import IMAGE_SUFFIXES
+from tune_cells.data.importers import hidden_below
 from tune_cells.errors import UserInputError
 from tune_cells.tasks import TaskSpec
 
@@ -17,10 +18,8 @@ def collect_images(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            # hidden files and folders are skipped, as the importers skip them: a Mac's ._cell.png
-            # (resource fork) is no image, .thumbs/ holds copies
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                           and not hidden_below(p, path))  # as the importers skip them
             if not found:
                 raise UserInputError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below this folder")
             files.extend(found)

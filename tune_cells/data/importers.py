@@ -104,12 +104,18 @@ def import_kaggle_csv(root: Path, classes: list[str]) -> ImageIndex:
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 
 
+def hidden_below(path: Path, folder: Path) -> bool:
+    """Whether `path` is a hidden file or lies in a hidden folder below `folder` (a Mac's ._cell.png,
+    .thumbs/, .ipynb_checkpoints/): not the user's images, wherever a folder is searched for them."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
 def _listed(root: Path, folder: Path) -> tuple[list[str], list[str]]:
     """(image files, other files) below `folder`, as sorted POSIX paths relative to `root`. Hidden
     files and everything in hidden folders (.thumbs/, .ipynb_checkpoints/) are not the dataset's."""
     images, others = [], []
     for path in sorted(folder.rglob("*")):
-        if any(part.startswith(".") for part in path.relative_to(folder).parts) or path.is_dir() \
+        if hidden_below(path, folder) or path.is_dir() \
                 or path.name.lower() in _IGNORED_FILES:
             continue
         if not path.is_file():  # a broken link, a pipe (reading it would wait forever), a device
