@@ -180,3 +180,30 @@ def test_a_cancelled_decoding_pass_stops_and_the_next_one_decodes(tmp_path, kagg
     finally:
         allow_decoding()
     assert len(scan_images(index.root, paths).hashes) == len(paths)
+
+
+def test_a_signal_while_ray_starts_cancels_the_decoding_even_where_its_exception_is_swallowed():
+    """Ctrl-C during Ray's start beside the decoding: the handler cancels the decoding itself, so
+    a KeyboardInterrupt that Ray's start swallows still stops the search (as Interrupted, exit
+    130) without waiting for the pass, and the handlers are put back."""
+    import os
+    import signal
+
+    from tune_cells.data.images import _DECODING_CANCELLED, allow_decoding
+    from tune_cells.errors import Interrupted
+    from tune_cells.search import _signals_cancel_decoding
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            with _signals_cancel_decoding():
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a system call: the handler has run
+                except KeyboardInterrupt:
+                    pass  # swallowed on the way, as inside Ray's start
+        assert stopped.value.exit_code == 130
+        assert _DECODING_CANCELLED.is_set()
+    finally:
+        allow_decoding()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -313,7 +313,11 @@ def _for_each_image(root: Path, paths: list[str], work: Callable[[Image.Image, s
             return None, f"{rel} ({type(exc).__name__})"
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(_progress(pool.map(one, paths, chunksize=32), what, total=len(paths)))
+        try:
+            results = list(_progress(pool.map(one, paths, chunksize=32), what, total=len(paths)))
+        except BaseException:  # Ctrl-C in this thread: the pool's exit would otherwise decode every queued image
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     bad = [error for _, error in results if error is not None]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
