@@ -217,7 +217,9 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
         return str(existing.version)
     checkpoint = ray_backend.copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
     strip_training_state(checkpoint)
-    ensemble = _ensemble(task, checkpoint, data, max_latency_ms, retrain, staging)
+    best_run = trial_runs.get(result.best_trial_id, "")
+    ensemble = _ensemble(task, checkpoint, data, max_latency_ms, retrain, staging,
+                         {"retrain_of_trial_run_id": best_run, "retrain_of_ray_trial_id": result.best_trial_id})
     if ensemble:
         checkpoint = staging / "ensemble"
         cost = replace(cost, param_count=cost.param_count * len(ensemble),
@@ -226,9 +228,9 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
     chosen = {"validation_score": result.best_metric, **task.kind.finalize(checkpoint, data, allow_tta=allow_tta)}
     if ensemble:
         chosen["ensemble_seeds"] = ",".join(map(str, ensemble))
+        chosen["ensemble_member_run_ids"] = _member_run_ids(tracker, parent, best_run, ensemble)
     chosen.update(version_cost_tags(cost, str(chosen.get("tta", "none")), max_latency_ms))
     _failpoint("staged")
-    best_run = trial_runs.get(result.best_trial_id, "")
     return tracker.log_model(best_run or parent, checkpoint, prep.model_name, tags={
         "task": task.name, "search_run_id": parent, "trial_run_id": best_run, "ray_trial_id": result.best_trial_id,
         "epoch": result.best_epoch, task.metric: f"{result.best_metric:.6f}", "data_root": str(prep.index.root),
@@ -237,9 +239,11 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
     }, signature=task.kind.signature(list(prep.index.classes)))
 
 
-def _ensemble(task, checkpoint: Path, data, max_latency_ms: float | None, retrain, staging: Path) -> list[int]:
+def _ensemble(task, checkpoint: Path, data, max_latency_ms: float | None, retrain, staging: Path,
+              retrains_of: dict) -> list[int]:
     """The members' seeds where the promoted configuration asks for an ensemble (`ensemble: N`),
-    built in `staging`/ensemble from `checkpoint` and its retrains; [] where it stays one network."""
+    built in `staging`/ensemble from `checkpoint` and its retrains (their MLflow runs tagged with
+    `retrains_of`); [] where it stays one network."""
     from tune_cells.analysis import seed_ensemble
     from tune_cells.model_io import load_spec
 
@@ -249,9 +253,21 @@ def _ensemble(task, checkpoint: Path, data, max_latency_ms: float | None, retrai
         if reason:
             log.info("%s", reason)
         return []
-    members = seed_ensemble.extend_with_retrains(checkpoint, size, retrain, staging / "ensemble")
+    members = seed_ensemble.extend_with_retrains(checkpoint, size, retrain, staging / "ensemble", retrains_of)
     _failpoint("ensembled")
     return members
+
+
+def _member_run_ids(tracker, parent: str, champion_run: str, seeds: list[int]) -> str:
+    """The members' MLflow runs in `seeds`' order (the version's `ensemble_seeds`): the champion
+    trial's, then each retrain's, read back from MLflow, so also where a resumed promotion reused
+    the retrains of an earlier attempt ('' for a member without a finished run)."""
+    from tune_cells.trial_recorder import ENSEMBLE_MEMBER, retrain_runs_by_seed
+
+    retrains = tracker.retrain_children(tracker.get_run(parent).info.experiment_id, parent, ENSEMBLE_MEMBER,
+                                        finished_only=True)
+    by_seed = retrain_runs_by_seed(retrains)
+    return ",".join([champion_run, *(by_seed.get(seed, "") for seed in seeds[1:])])
 
 
 def _failpoint(step: str) -> None:

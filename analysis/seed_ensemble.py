@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 # Member seeds: the champion's + 100, + 200, ... (never `evaluate --seeds`' + 1000, + 1001, ...)
 MEMBER_SEED_STEP = 100
 
-# (configuration without its seed, seeds, folder to copy them into) -> [(seed, best-epoch checkpoint folder)],
-# each trained as a trial is
-Retrain = Callable[[dict, list[int], Path], list[tuple[int, Path]]]
+# (configuration without its seed, seeds, folder to copy them into, tags naming what is retrained for the
+# retrains' MLflow runs) -> [(seed, best-epoch checkpoint folder)], each trained and recorded as a trial is
+Retrain = Callable[[dict, list[int], Path, dict], list[tuple[int, Path]]]
 DONE_SUFFIX = ".done"  # beside a joined ensemble folder, its members' seeds: a resumed promotion reuses it
 
 
@@ -50,10 +50,12 @@ def skip_reason(size: int, folds: int, max_latency_ms: float | None) -> str:
     return ""
 
 
-def extend_with_retrains(checkpoint: Path, size: int, retrain: Retrain, out: Path) -> list[int]:
+def extend_with_retrains(checkpoint: Path, size: int, retrain: Retrain, out: Path,
+                         retrains_of: dict | None = None) -> list[int]:
     """Make `out` an ensemble of `checkpoint` (one network) and `size`-1 retrains of its
     configuration; `checkpoint` is moved into it. Returns the members' seeds. Where an earlier
-    attempt (killed later in the promotion) finished `out`, it is used as it is: no second retrain."""
+    attempt (killed later in the promotion) finished `out`, it is used as it is: no second retrain
+    (and no second MLflow run for a member). `retrains_of`: tags for the retrains' runs."""
     done = out.with_name(out.name + DONE_SUFFIX)
     if done.is_file() and out.is_dir():
         log.info("ensemble: %d: the retrains of an earlier attempt of this promotion are reused (%s)", size, out)
@@ -64,7 +66,7 @@ def extend_with_retrains(checkpoint: Path, size: int, retrain: Retrain, out: Pat
     log.info("ensemble: %d: retraining the champion's configuration under seeds %s", size,
              ", ".join(map(str, seeds)))
     retrained = retrain({key: value for key, value in config.items() if key != "seed"}, seeds,
-                        out.with_name(out.name + "-retrains"))
+                        out.with_name(out.name + "-retrains"), retrains_of or {})
     members = join([(base, checkpoint), *retrained], out)
     done.write_text(",".join(map(str, members)))  # written last: the ensemble is whole
     return members

@@ -39,7 +39,9 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     from tune_cells import ray_backend, ray_seeds
     from tune_cells.analysis.evaluation import evaluation_experiment, model_split
     from tune_cells.analysis.seed_ensemble import member_seeds
+    from tune_cells.data.splits import dataset_record
     from tune_cells.resources import check_local_resources, trial_resources
+    from tune_cells.trial_recorder import SEEDS_EVALUATION, TrialRecorder, recording_retrains, retrain_runs_by_seed
 
     version = tracker.resolve_model(model_uri, task.name)
     tags = version.tags
@@ -66,12 +68,21 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         size = len(tags["ensemble_seeds"].split(",")) if tags.get("ensemble_seeds") else 1
         members = {seed: [seed, *member_seeds(seed, size)] for seed in seeds}
         inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed, folds)
-        trained = ray_seeds.run_seeds(
-            inputs.trainable, {"data": inputs.data}, config, [m for seed in seeds for m in members[seed]], metric, mode,
-            trial_resources(cpus_per_trial, gpus_per_trial, address, cluster), storage or str(WorkDir.at(workdir).seeds_storage),
-            f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}")
+        with recording_retrains(TrialRecorder(
+                tracker, experiment_id, parent_id, max_epochs, inputs.metric_keys,
+                common_tags={"split_sha256": split.sha256}, summary_keys=inputs.summary_keys,
+                source=f"tune-cells evaluate {task.name} --seeds {k}", dataset=dataset_record(index, split)),
+                SEEDS_EVALUATION, {"retrain_of_model": f"models:/{version.name}/{version.version}",
+                                   "retrain_of_trial_run_id": tags.get("trial_run_id", "")}) as retrain_recorder:
+            trained = ray_seeds.run_seeds(
+                inputs.trainable, {"data": inputs.data}, config, [m for seed in seeds for m in members[seed]], metric,
+                mode, trial_resources(cpus_per_trial, gpus_per_trial, address, cluster),
+                storage or str(WorkDir.at(workdir).seeds_storage),
+                f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}", events=retrain_recorder)
     finally:
         ray_backend.shutdown()
+    # seed → each network's MLflow run (a retrained ensemble's members each have theirs)
+    retrain_run_ids = retrain_runs_by_seed(tracker.get_run(run_id) for run_id in retrain_recorder.runs.values())
     runs = _as_ensembles(trained, members) if size > 1 else trained
 
     scorer = task.kind.test_scorer(reader, n_boot)
@@ -93,9 +104,12 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         **{f"seed_{run.seed}": [scores[key] for key in keys] for run, scores in zip(runs, per_seed)},
     })
 
+    networks = sorted(retrain_run_ids)
     run_id = tracker.start_run(experiment_id, f"seeds-v{version.version}", "evaluation", parent_id,
                                tags={"model_uri": model_uri, "model_version": version.version, "task": task.name,
-                                     "evaluation_data": "test", "evaluation_kind": "seeds"})
+                                     "evaluation_data": "test", "evaluation_kind": "seeds",
+                                     "retrain_seeds": ",".join(map(str, networks)),  # and their runs, in that order
+                                     "retrain_run_ids": ",".join(retrain_run_ids[seed] for seed in networks)})
     try:
         tracker.log_params(run_id, {"model_uri": model_uri, "seeds": ",".join(map(str, seeds)), "retrains": k,
                                     "max_epochs": max_epochs, "split_sha256": split.sha256,

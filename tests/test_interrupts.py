@@ -102,6 +102,8 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     """A second search of the same experiment, killed (SIGKILL, driver and Ray) at every step of its
     promotion in turn; each --resume goes one step further. Its champion is an ensemble of 2
     (`ensemble: 2`): the retrain a killed attempt finished is reused, not run again."""
+    from mlflow.entities import ViewType
+
     root, _ = interrupted
     client, _, _ = runs_of(root)
     # The second search repeats the first's space on the same split, so it would tie; a weaker
@@ -125,6 +127,12 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     assert len(ours) == 1 and len(versions(client)) == 2  # one version per search
     seed = int(ours[0].tags["ensemble_seeds"].split(",")[0])
     assert ours[0].tags["ensemble_seeds"] == f"{seed},{seed + 100}"
+    # the retrain has one MLflow run (the resumes reused it, not its run), and the version names it
+    retrains = client.search_runs([second.info.experiment_id], f"tags.mlflow.parentRunId = '{second.info.run_id}' "
+                                  "and tags.`tune_cells.run_type` = 'retrain'", run_view_type=ViewType.ALL)  # deleted too
+    assert [(r.info.status, r.info.lifecycle_stage, r.data.tags["seed"]) for r in retrains] == [
+        ("FINISHED", "active", str(seed + 100))]
+    assert ours[0].tags["ensemble_member_run_ids"] == f"{ours[0].tags['trial_run_id']},{retrains[0].info.run_id}"
     assert client.get_model_version_by_alias(MODEL, "champion").version == ours[0].version
     assert str(client.get_model_version_by_alias(MODEL, "previous-champion").version) == "1"
     assert second.data.tags["previous_champion"] == "1"

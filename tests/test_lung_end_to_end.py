@@ -93,7 +93,8 @@ def test_the_one_se_rule_chooses_between_the_recipe_and_the_sampled_trial(lung_s
 
 def test_the_champion_is_registered_as_the_mean_of_itself_and_a_retrain(lung_search):
     """`ensemble: 2`: promotion retrains the champion's configuration under seed + 100 and registers
-    both networks as one model; its thresholds are chosen on their averaged maps; the card says so."""
+    both networks as one model; its thresholds are chosen on their averaged maps; the card says so.
+    The retrain has its MLflow run beside the trials', and the version names both members' runs."""
     from tune_cells.model_io import load_spec
     from tune_cells.tracking import Tracker, model_checkpoint
 
@@ -101,6 +102,24 @@ def test_the_champion_is_registered_as_the_mean_of_itself_and_a_retrain(lung_sea
     version = client.get_model_version_by_alias("tune-cells-lung", "champion")
     seed = int(version.tags["ensemble_seeds"].split(",")[0])
     assert version.tags["ensemble_seeds"] == f"{seed},{seed + 100}"
+    search = next(r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "search")
+    champion_run, member_run = version.tags["ensemble_member_run_ids"].split(",")
+    assert champion_run == version.tags["trial_run_id"]
+    (retrain,) = [r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "retrain"]
+    assert retrain.info.run_id == member_run and retrain.info.status == "FINISHED"
+    assert retrain.info.experiment_id == search.info.experiment_id
+    assert retrain.data.tags["mlflow.parentRunId"] == search.info.run_id  # nested as the trials are
+    assert retrain.data.tags["retrain_purpose"] == "ensemble_member" and retrain.data.tags["seed"] == str(seed + 100)
+    assert retrain.data.tags["retrain_of_trial_run_id"] == champion_run
+    assert retrain.data.tags["retrain_of_ray_trial_id"] == version.tags["ray_trial_id"]
+    assert retrain.data.tags["split_sha256"] == version.tags["split_sha256"]
+    trial = client.get_run(champion_run)
+    assert retrain.data.params["seed"] == str(seed + 100)
+    for key in ("lr", "base_width", "loss"):  # the champion's sampled configuration
+        assert retrain.data.params[key] == trial.data.params[key], key
+    assert sorted(m.step for m in client.get_metric_history(member_run, "val_dice")) == [1, 2]  # per epoch
+    assert (client.get_run(member_run).inputs.dataset_inputs[0].dataset.digest
+            == trial.inputs.dataset_inputs[0].dataset.digest)  # the trials' split, as a dataset input
     tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}", workdir / "mlartifacts")
     uri = "models:/tune-cells-lung@champion"
     folder = model_checkpoint(tracker.download_model(uri, lung_search["root"] / "download"), uri)
@@ -172,3 +191,14 @@ def test_seeds_retrain_an_ensemble_champion_as_an_ensemble(lung_search):
     trials = [d for d in experiment.iterdir() if d.is_dir() and "seed=" in d.name]
     assert len(trials) == 4, sorted(d.name for d in experiment.iterdir())
     assert "test_dice" in result.out and "±" in result.out
+    # each of the 4 networks has its MLflow run under the search's, named by the evaluation run
+    client = lung_search["client"]
+    search = next(r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "search")
+    retrains = client.search_runs([search.info.experiment_id], "tags.retrain_purpose = 'seeds_evaluation'")
+    assert len(retrains) == 4 and {r.info.status for r in retrains} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in retrains} == {search.info.run_id}
+    (evaluation,) = client.search_runs([search.info.experiment_id], "tags.evaluation_kind = 'seeds'")
+    by_seed = {r.data.tags["seed"]: r.info.run_id for r in retrains}
+    assert evaluation.data.tags["retrain_seeds"].split(",") == sorted(by_seed, key=int)
+    assert evaluation.data.tags["retrain_run_ids"].split(",") == [by_seed[s] for s in sorted(by_seed, key=int)]
+    assert all(r.data.tags["retrain_of_model"].startswith("models:/tune-cells-lung/") for r in retrains)

@@ -6,14 +6,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 from tune_cells.promotion_rank import PROMOTION_SCORE
-from tune_cells.ray_backend import _best_of, _first_line, _result_records, copy_checkpoint
+from tune_cells.ray_backend import (
+    _EVENT_SINKS,
+    _LIVE,
+    TrialEvents,
+    _best_of,
+    _EventsCallback,
+    _first_line,
+    _result_records,
+    copy_checkpoint,
+)
 from tune_cells.ray_progress import stop_on_signals
 from tune_cells.resources import TrialResources, retrain_resources
+
+if TYPE_CHECKING:
+    from tune_cells.trial_recorder import TrialRecorder
 
 
 @dataclass
@@ -26,25 +38,32 @@ class SeedRun:
 
 def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], config: dict, seeds: list[int],
               metric: str, mode: str, trial_resources: Callable[[dict], dict[str, float]], storage_path: str,
-              name: str, into: Path | None = None) -> list[SeedRun]:
+              name: str, into: Path | None = None, events: TrialEvents | None = None) -> list[SeedRun]:
     """Train one fixed configuration once per seed (a grid over `seed`, no searcher, no early stop)
     and return each run's best epoch by PROMOTION_SCORE (its metric), as the search's promotion picks it,
     copied into `into`/seed<N> (default: the system's temporary folder). Ctrl-C or SIGTERM raises
-    Interrupted once Tune has stopped: half-trained runs are never returned as finished."""
+    Interrupted once Tune has stopped: half-trained runs are never returned as finished. `events`
+    gets each retrain's start, epochs and end, as a search's sink gets its trials' (their MLflow runs)."""
     runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
                                    lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
+    _EVENT_SINKS[name] = events  # (found by the name, as a search's callback finds its sink)
     tuner = tune.Tuner(
         runnable,
         param_space={**config, "seed": tune.grid_search(list(seeds))},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=_result_records(),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+                                  callbacks=[_EventsCallback(name), *_result_records()],
                                   failure_config=tune.FailureConfig(max_failures=2),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
                                                                           checkpoint_score_attribute=PROMOTION_SCORE,
                                                                           checkpoint_score_order="max")),
     )
-    with stop_on_signals():
-        results = tuner.fit()
+    try:
+        with stop_on_signals():
+            results = tuner.fit()
+    finally:
+        _EVENT_SINKS.pop(name, None)
+        _LIVE.pop(name, None)
     runs = []
     for result in results:
         if result.error is not None or not result.best_checkpoints:
@@ -60,15 +79,21 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
 
 
 def member_retrainer(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], metric: str, mode: str,
-                     resources: TrialResources, address: str | None, storage_path: str, name: str):
+                     resources: TrialResources, address: str | None, storage_path: str, name: str,
+                     trials: TrialRecorder):
     """An ensemble's retrains (analysis.seed_ensemble.Retrain) on the search's Ray, data and storage:
-    the configuration under each seed, each member's best epoch by the search's own promotion rule."""
+    the configuration under each seed, each member's best epoch by the search's own promotion rule;
+    each recorded in MLflow as `trials` (the search's recorder) records a trial."""
     import time
 
-    def retrain(config: dict, seeds: list[int], into: Path) -> list[tuple[int, Path]]:
-        runs = run_seeds(trainable, trainable_kwargs, config, seeds, metric, mode,
-                         retrain_resources(resources, len(seeds), address), storage_path,
-                         f"{name}-ensemble-{time.strftime('%Y%m%d-%H%M%S')}", into)
+    from tune_cells.trial_recorder import ENSEMBLE_MEMBER, recording_retrains
+
+    def retrain(config: dict, seeds: list[int], into: Path, retrains_of: dict) -> list[tuple[int, Path]]:
+        # Called only where no earlier attempt finished the ensemble: any member runs it left are redone.
+        with recording_retrains(trials, ENSEMBLE_MEMBER, retrains_of, supersede_earlier=True) as events:
+            runs = run_seeds(trainable, trainable_kwargs, config, seeds, metric, mode,
+                             retrain_resources(resources, len(seeds), address), storage_path,
+                             f"{name}-ensemble-{time.strftime('%Y%m%d-%H%M%S')}", into, events)
         return [(run.seed, run.checkpoint) for run in runs]
 
     return retrain

@@ -197,7 +197,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         tracker.end_orphaned_trial_runs(experiment_id, parent, {t.trial_id: t.failed for t in result.trials})
         journal.close()
         return promote(tracker, parent, prep, split, result, recorder.runs, opts.max_epochs, trial.data,
-                       opts.max_latency_ms, _member_retrainer(opts, prep, trial, resources, search_name))
+                       opts.max_latency_ms, _member_retrainer(opts, prep, trial, resources, search_name, recorder))
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         tracker.set_tags(parent, {"failure": without_credentials(f"{type(exc).__name__}: {exc}")[:500]})
@@ -211,12 +211,14 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
         raise
 
 
-def _member_retrainer(opts: SearchOptions, prep: PreparedSearch, trial, resources: TrialResources, search_name: str):
-    """Retrains for a champion promoted as an ensemble (`ensemble: N`), on this search's Ray and storage."""
+def _member_retrainer(opts: SearchOptions, prep: PreparedSearch, trial, resources: TrialResources, search_name: str,
+                      recorder):
+    """Retrains for a champion promoted as an ensemble (`ensemble: N`), on this search's Ray and storage,
+    each with an MLflow run beside the trials' (`recorder`: the search's TrialRecorder)."""
     from tune_cells.ray_seeds import member_retrainer
 
     return member_retrainer(trial.trainable, {"data": trial.data}, prep.task.metric, prep.task.mode, resources,
-                            opts.address, ray_storage(opts, prep), search_name)
+                            opts.address, ray_storage(opts, prep), search_name, recorder)
 
 
 def _end_trials_the_budget_stopped(result, events, opts: SearchOptions) -> None:

@@ -35,7 +35,8 @@ from tune_cells.tracking_registry import (  # noqa: F401  (re-exported: callers 
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
-RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | evaluation
+RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | retrain | evaluation
+RETRAIN_PURPOSE_TAG = "retrain_purpose"  # a retrain run's reason: ensemble_member | seeds_evaluation
 # MLflow UI: model development (not GenAI) experiments, evaluation runs marked (their search shows expanded),
 # a run's description (Markdown), and the shared view of the runs table that `runs_page` opens.
 EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
@@ -192,6 +193,20 @@ class Tracker(RegistryMixin):
         return self.client.search_runs(
             [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{RUN_TYPE_TAG}` = 'trial'",
             max_results=10000)
+
+    def retrain_children(self, experiment_id: str, parent_run_id: str, purpose: str, finished_only: bool = False):
+        """A search's retrain runs (trial_recorder.recording_retrains) of one purpose, oldest first."""
+        query = (f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{RUN_TYPE_TAG}` = 'retrain' and "
+                 f"tags.`{RETRAIN_PURPOSE_TAG}` = '{purpose}'" + (" and attributes.status = 'FINISHED'" if finished_only else ""))
+        return self.client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=10000)
+
+    def supersede_run(self, run_id: str, reason: str) -> None:
+        """A run whose work is being redone: ended (KILLED if still RUNNING), tagged why, and soft-deleted,
+        so the UI lists only the run that replaces it (restorable in MLflow)."""
+        if self.get_run(run_id).info.status == "RUNNING":
+            self.end_run(run_id, "KILLED")
+        self.set_tags(run_id, {"superseded": reason})
+        self.client.delete_run(run_id)
 
     def runs_of_type(self, experiment_id: str, run_type: str, finished_only: bool = False):
         """Every run of one type (search | trial | evaluation) in an experiment, oldest first."""

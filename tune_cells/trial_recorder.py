@@ -1,9 +1,12 @@
 """Ray trial events → MLflow runs: the `TrialEvents` seam between the two adapters (`ray_backend`
-calls it from the driver; it writes through `tracking.Tracker`)."""
+calls it from the driver; it writes through `tracking.Tracker`). A search's trials, and the retrains
+of one configuration under other seeds (an ensemble's members, `evaluate --seeds`), recorded alike."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -15,11 +18,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STOPPED_BY_TIME_BUDGET = "stopped_by_time_budget"  # a trial's tag, and a mark on the last result the search forwards
+RETRAIN = "retrain"  # the run type of a fixed configuration trained again under another seed
+ENSEMBLE_MEMBER, SEEDS_EVALUATION = "ensemble_member", "seeds_evaluation"  # why it was (RETRAIN_PURPOSE_TAG)
 
 
 @dataclass
 class TrialRecorder:
-    """Ray trial events → one nested MLflow child run per trial (TrialEvents protocol)."""
+    """Ray trial events → one nested MLflow child run per trial (TrialEvents protocol), under the
+    search's run; with `run_type` retrain, one per retrain (`recording_retrains`)."""
 
     tracker: Tracker
     experiment_id: str
@@ -31,6 +37,9 @@ class TrialRecorder:
     summary_keys: tuple[str, ...] = ("val_loss", "val_balanced_accuracy")
     source: str | None = None  # the command, each trial run's source in the MLflow UI
     dataset: DatasetRecord | None = None  # the split the trials train and validate on (an MLflow dataset input)
+    run_type: str = "trial"  # or RETRAIN
+    config_tags: tuple[str, ...] = ()  # configuration keys also set as tags (a retrain is told apart by its seed)
+    run_name_prefix: str = ""  # runs named <prefix>-<key><value> by config_tags, not by Ray's trial name
 
     def __post_init__(self):
         self.runs: dict[str, str] = {}  # Ray trial id → MLflow run id
@@ -42,9 +51,12 @@ class TrialRecorder:
             if self.tracker.get_run(self.runs[trial_id]).info.status != "RUNNING":
                 self.tracker.reopen_run(self.runs[trial_id])
             return
+        by_config = {key: config[key] for key in self.config_tags if key in config}
+        if self.run_name_prefix:
+            trial_name = "-".join([self.run_name_prefix, *(f"{k}{v}" for k, v in by_config.items())])
         run_id = self.tracker.start_run(
-            self.experiment_id, trial_name, "trial", self.parent_run_id,
-            tags={**self.common_tags, "ray_trial_id": trial_id}, source=self.source,
+            self.experiment_id, trial_name, self.run_type, self.parent_run_id,
+            tags={**self.common_tags, "ray_trial_id": trial_id, **by_config}, source=self.source,
         )
         self.tracker.log_params(run_id, config)
         if self.dataset is not None:
@@ -82,12 +94,50 @@ class TrialRecorder:
         self.tracker.end_run(run_id, "FAILED" if failed else "FINISHED")
         self.ended += 1
         if failed:
-            log.warning("trial %s failed after %d epochs: %s", trial_id, epochs, tags["failure"])
+            log.warning("%s %s failed after %d epochs: %s", self.run_type, trial_id, epochs, tags["failure"])
         else:
-            log.info("trial %s done (%d finished): %d epochs%s, last %s", trial_id, self.ended, epochs,
+            log.info("%s %s done (%d finished): %d epochs%s, last %s", self.run_type, trial_id, self.ended, epochs,
                      " (stopped early by ASHA)" if "stopped_early" in tags else
                      " (stopped by the time budget)" if STOPPED_BY_TIME_BUDGET in tags else "",
                      ", ".join(f"{k} {last_result[k]:.4f}" for k in self.summary_keys if k in last_result))
+
+    def end_unfinished(self, reason: str) -> None:
+        """Its runs still RUNNING end KILLED, tagged `reason` (Tune stopped by Ctrl-C or SIGTERM
+        reports no end for the trials it stops)."""
+        for run_id in self.runs.values():
+            if self.tracker.get_run(run_id).info.status == "RUNNING":
+                self.tracker.set_tags(run_id, {"failure": reason})
+                self.tracker.end_run(run_id, "KILLED")
+
+
+@contextmanager
+def recording_retrains(trials: TrialRecorder, purpose: str, retrains_of: dict,
+                       supersede_earlier: bool = False) -> Iterator[TrialRecorder]:
+    """A recorder for retrains of one configuration, recorded as `trials` records a search's trials
+    (its experiment, parent run, tags, metrics and dataset: MLflow records every training), as
+    runs of type RETRAIN tagged with `purpose`, their seed and `retrains_of` (what they retrain).
+
+    `supersede_earlier`: earlier retrain runs of `purpose` under the parent are an attempt whose
+    retrains are being redone (a promotion killed before its ensemble was whole): they are
+    soft-deleted, so each member keeps one run. Interrupted, its unfinished runs end KILLED."""
+    from tune_cells.tracking import RETRAIN_PURPOSE_TAG  # (here: the module imports no MLflow)
+
+    tracker = trials.tracker
+    if supersede_earlier:
+        for earlier in tracker.retrain_children(trials.experiment_id, trials.parent_run_id, purpose):
+            tracker.supersede_run(earlier.info.run_id, "retrained again by a resumed promotion")
+    recorder = replace(trials, run_type=RETRAIN, config_tags=("seed",), run_name_prefix=purpose.replace("_", "-"),
+                       common_tags={**trials.common_tags, RETRAIN_PURPOSE_TAG: purpose, **retrains_of})
+    try:
+        yield recorder
+    except BaseException as exc:
+        recorder.end_unfinished(f"the retraining stopped before this retrain finished ({type(exc).__name__})")
+        raise
+
+
+def retrain_runs_by_seed(runs) -> dict[int, str]:
+    """Seed → run id of retrain runs (MLflow runs; a later run of a seed wins)."""
+    return {int(run.data.tags["seed"]): run.info.run_id for run in runs if "seed" in run.data.tags}
 
 
 @dataclass
