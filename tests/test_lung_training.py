@@ -40,6 +40,34 @@ def test_focused_views_are_centred_on_the_rare_target():
     assert sum(m[1].any() for m in uniform) < 10
 
 
+def test_a_field_smaller_than_a_view_trains_on_background_padding_and_is_predicted_at_its_own_size(tmp_path):
+    """nnU-Net's way with a field smaller than its patch (a 200x150 lung field, 256-pixel views): the
+    trial pads it right and bottom with the colour that normalises to 0 and its masks with
+    background; prediction pads it alike and crops back. Copying the edge instead labelled the pad
+    with the field's last row and column (here, all of it the target)."""
+    from tune_cells.segmentation import ImageSegmenter
+    from tune_cells.trainables.segmentation import SegmentationData, SegmentationTrainer
+
+    rng = np.random.default_rng(0)
+    field = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    masks = np.ones((1, 40, 50), np.uint8)  # the target reaches the field's edges
+    data = SegmentationData([field, field], [masks, masks], [field], [masks], "lung", ["bright"], (0.6, 0.4, 0.7),
+                            (0.3,) * 3, 1, seed=0)
+    trainer = SegmentationTrainer(SEGMENTER, data, LocalSession(checkpoint_dir=tmp_path / "setup"))
+    trainer.setup()  # tile_size 64 at scale 1: a 64-pixel view of a 40x50 field
+    views, view_masks = sample_views(trainer.train_images, trainer.train_masks, 4, trainer.tile, rng, dihedral=True)
+    assert views.shape == (4, 64, 64, 3) and view_masks.shape == (4, 1, 64, 64)
+    assert view_masks.sum() == 4 * 40 * 50  # the field's pixels, each once: the pad is background
+    padding = views.reshape(-1, 3)[~view_masks.reshape(-1).astype(bool)]
+    assert (padding == (153, 102, 178)).all()  # the mean colour: 0 once normalised
+    session = LocalSession(checkpoint_dir=tmp_path / "ckpt")
+    train_segmenter(SEGMENTER, data, session)  # trains and validates (stitched) on the small field
+    assert session.failure is None and np.isfinite(session.results[0]["val_loss"])
+    segmenter = ImageSegmenter.from_checkpoint(tmp_path / "ckpt")
+    assert segmenter.predict_masks(field).shape == (1, 40, 50)
+    assert segmenter.predict_masks(field[:7, :3]).shape == (1, 7, 3)
+
+
 def test_promotion_chooses_a_threshold_per_target_on_validation(tmp_path):
     from tune_cells.kinds import SEGMENTATION
 

@@ -91,6 +91,13 @@ def test_stitching_a_pixelwise_network_reproduces_it_exactly():
     torch.testing.assert_close(stitched, whole.detach(), atol=1e-5, rtol=1e-5)
     small = predict_logits_tiled(net, image[:40, :50], preset, 64, 0.25, torch.device("cpu"))  # padded view
     assert small.shape == (2, 40, 50)
+    # A field smaller than a view is padded with 0 once normalised, as a convolution pads its input: a
+    # 3x3 network sees it as it would the field alone (with the edge copied, its last row and column differed)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    field = np.ascontiguousarray(image[:40, :50])
+    alone = conv(preset.normalize(torch.from_numpy(field).permute(2, 0, 1)[None].float() / 255))[0]
+    torch.testing.assert_close(predict_logits_tiled(conv, field, preset, 64, 0.25, torch.device("cpu")),
+                               alone.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_test_time_augmentation_turns_each_view_back_and_averages_the_eight():

@@ -20,7 +20,7 @@ from torch import nn
 from tune_cells.analysis.segmentation_metrics import per_image_dice_se, segmentation_scores
 from tune_cells.config import SegmentationConfig, first_averaged_epoch
 from tune_cells.model_io import ModelSpec
-from tune_cells.segmentation import predict_logits_tiled, rescale_image, rescale_masks, working_tile
+from tune_cells.segmentation import pad_to_view, predict_logits_tiled, rescale_image, rescale_masks, working_tile
 from tune_cells.trainables.skeleton import FoldedData, TrialSession, TrialTrainer, ray_session, run_trial
 from tune_cells.training import NonFiniteLossError, Precision, WeightAverage, recompute_batchnorm
 from tune_cells.transforms import EvalPreset, TrainPreset
@@ -89,9 +89,10 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 def sample_views(images: list[np.ndarray], masks: list[np.ndarray], count: int, tile: int,
                  rng: np.random.Generator, dihedral: bool, focus: list[np.ndarray | None] | None = None,
                  focus_rate: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """`count` random square views (uint8 N×t×t×3, and N×T×t×t masks), images padded where small.
-    With `focus` (per image, pixels of the rare target, or None) a `focus_rate` share of the views
-    is centred on one of those pixels, so a target covering 1-5 % of a field is seen often enough."""
+    """`count` random square views (uint8 N×t×t×3, and N×T×t×t masks) of images at least `tile` on
+    each side (smaller ones padded first: `pad_to_view`). With `focus` (per image, pixels of the rare
+    target, or None) a `focus_rate` share of the views is centred on one of those pixels, so a target
+    covering 1-5 % of a field is seen often enough."""
     views, view_masks = [], []
     focused = [k for k, points in enumerate(focus or []) if points is not None and len(points)]
     for _ in range(count):
@@ -101,7 +102,7 @@ def sample_views(images: list[np.ndarray], masks: list[np.ndarray], count: int, 
             centre = focus[k][int(rng.integers(len(focus[k])))]
         else:
             k = int(rng.integers(len(images)))
-        image, mask = _pad_to(images[k], masks[k], tile)
+        image, mask = images[k], masks[k]
         if centre is None:
             y = int(rng.integers(image.shape[0] - tile + 1))
             x = int(rng.integers(image.shape[1] - tile + 1))
@@ -130,14 +131,6 @@ def rare_target_pixels(masks: list[np.ndarray], rng: np.random.Generator, keep: 
     return points
 
 
-def _pad_to(image: np.ndarray, mask: np.ndarray, tile: int):
-    pad_h, pad_w = max(0, tile - image.shape[0]), max(0, tile - image.shape[1])
-    if pad_h or pad_w:
-        image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-        mask = np.pad(mask, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-    return image, mask
-
-
 class SegmentationTrainer(TrialTrainer):
     config_type = SegmentationConfig
     oom_hint = "try a smaller batch_size, tile_size or scale"
@@ -152,8 +145,12 @@ class SegmentationTrainer(TrialTrainer):
         config, data = self.config, self.data
         self.rng = np.random.default_rng(self.seed)
         self.tile = working_tile(config.tile_size, config.scale)
-        self.train_images = [rescale_image(i, config.scale) for i in data.train_images]
-        self.train_masks = [rescale_masks(m, config.scale) for m in data.train_masks]
+        # A field smaller than a view is padded once, right and bottom, with the colour that normalises
+        # to 0 and with background, as prediction pads it; its own pixels keep their place (focus points).
+        fill = tuple(round(255 * value) for value in data.mean)
+        padded = [pad_to_view(rescale_image(image, config.scale), rescale_masks(masks, config.scale), self.tile, fill)
+                  for image, masks in zip(data.train_images, data.train_masks)]
+        self.train_images, self.train_masks = [image for image, _ in padded], [masks for _, masks in padded]
         self.val_images = [rescale_image(i, config.scale) for i in data.val_images]
         self.val_masks = [rescale_masks(m, config.scale) for m in data.val_masks]
         self.focus = rare_target_pixels(self.train_masks, self.rng) if config.focus_rate > 0 else None

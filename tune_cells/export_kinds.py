@@ -220,7 +220,8 @@ class SegmenterExport:
             scale=predictor.scale, tile_size=config.tile_size, tile=tile,
             overlap=predictor.overlap, stride=max(1, tile - int(round(tile * predictor.overlap))),
             starts="along each axis of length L (after padding): 0, stride, 2·stride, ... below L - tile, then L - tile",
-            padding="when the scaled image is smaller than a tile: pad right and bottom with edge values (replicate)",
+            padding="when the scaled image is smaller than a tile: pad right and bottom with 0 after normalising "
+                    "(the mean colour; training pads its views so, the masks with background)",
             blend=("sum over tiles of logits × window / sum of windows; window = outer(w, w), "
                    "w[i] = 0.1 + 0.9 × min(1, min(i + 1, tile - i) / (tile / 4))"),
             resize_back=("crop the padding, resize the blended logits to the original H×W "

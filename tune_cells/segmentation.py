@@ -71,6 +71,22 @@ def pixel_stats(images: list[np.ndarray]) -> tuple[tuple[float, ...], tuple[floa
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
+def pad_to_view(image: np.ndarray, masks: np.ndarray, tile: int,
+                fill: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """An H×W×3 image and its T×H×W masks padded right and bottom to at least `tile` on each side,
+    as nnU-Net pads a field smaller than its patch: the image with `fill` (the training images' mean
+    colour, 0 once normalised, as `predict_logits_tiled` pads), the masks with background. Copying
+    the edge instead smeared its last row and column over the pad, and their labels with them (a
+    200×150 field in a 256 view: 54 % of the view invented, half of that labelled parenchyma)."""
+    pad_h, pad_w = max(0, tile - image.shape[0]), max(0, tile - image.shape[1])
+    if not (pad_h or pad_w):
+        return image, masks
+    padded = np.empty((image.shape[0] + pad_h, image.shape[1] + pad_w, image.shape[2]), dtype=image.dtype)
+    padded[...] = np.asarray(fill, dtype=image.dtype)
+    padded[: image.shape[0], : image.shape[1]] = image
+    return padded, np.pad(masks, ((0, 0), (0, pad_h), (0, pad_w)))  # 0: no target
+
+
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     """Start offsets covering [0, length) with views of `tile` overlapping by about `overlap`."""
     if length <= tile:
@@ -109,8 +125,11 @@ def dihedral_logits(model: Callable[[torch.Tensor], torch.Tensor], views: torch.
 def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: EvalPreset, tile: int, overlap: float,
                          device: torch.device, batch_size: int = 4, precision: Precision = FLOAT32,
                          dihedral: bool = False) -> torch.Tensor:
-    """Blended logits T×H×W (on the CPU) for one H×W×3 uint8 image (views padded where the image is
-    smaller). The image goes to the device once; views are cut, predicted and blended there.
+    """Blended logits T×H×W (on the CPU) for one H×W×3 uint8 image; an image smaller than a view is
+    padded right and bottom with 0 once normalised (the training mean colour, as `pad_to_view` pads
+    training views: what a convolution's own zero padding shows the network at every view's border)
+    and the padding cropped off. The image goes to the device once; views are cut, predicted and
+    blended there.
     `dihedral`: each view's logits are the mean over its 8 flips and turns (`dihedral_logits`)."""
     model.eval()
     height, width = image.shape[:2]
@@ -118,7 +137,7 @@ def predict_logits_tiled(model: torch.nn.Module, image: np.ndarray, preset: Eval
     x = preset.normalize(x)
     pad_h, pad_w = max(0, tile - height), max(0, tile - width)
     if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        x = F.pad(x, (0, pad_w, 0, pad_h), value=0.0)  # not the edge copied: see pad_to_view
     boxes = [(y, x0) for y in tile_starts(x.shape[-2], tile, overlap) for x0 in tile_starts(x.shape[-1], tile, overlap)]
     window = _blend_window(tile).to(device)
     total = weight = None
