@@ -127,6 +127,31 @@ def test_predicts_in_the_same_second_each_keep_their_own_file(run_cli, champion)
     assert [pd.read_csv(p)["path"].tolist() for p in made] == [[str(i)] for i in champion["images"]]
 
 
+def test_explains_in_the_same_second_each_get_their_own_folder(run_cli, champion, tmp_path):
+    """The default folder is named by the second: another explain of that second made it (and wrote
+    the same grid name there, which refused this one). Each explain now makes a numbered folder of
+    its own; one that fails before writing leaves none."""
+    import time
+
+    folder = champion["workdir"] / "explanations"
+    now = time.time()  # every name the next half minute gives, taken by an explain of that second
+    theirs = [folder / f"nuclei-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}" for s in range(-1, 30)]
+    for taken in theirs:
+        taken.mkdir(parents=True)
+        (taken / "0_attributions.png").write_text("theirs\n")
+    text = tmp_path / "text.png"
+    text.write_text("not an image\n")
+    assert explain(run_cli, champion, champion["images"][0], text).code == 2
+    assert sorted(folder.iterdir()) == sorted(theirs)  # the name it had taken is given back
+    for _ in range(2):
+        result = explain(run_cli, champion, champion["images"][0])
+        assert result.code == 0, result.err
+    assert all((taken / "0_attributions.png").read_text() == "theirs\n" for taken in theirs)
+    made = sorted(set(folder.iterdir()) - set(theirs))
+    assert len(made) == 2 and all(p.name.endswith(("-2", "-3")) for p in made), made
+    assert all([f.name for f in p.iterdir()] == ["0_attributions.png"] for p in made)
+
+
 def test_a_predict_that_fails_leaves_no_file_and_no_folder(run_cli, champion, tmp_path):
     text = tmp_path / "text.png"
     text.write_text("not an image\n")

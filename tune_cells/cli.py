@@ -238,8 +238,8 @@ def report(experiment, run_id, output, workdir, tracking_uri):
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model-uri", default=None, help="Model to explain [default: models:/tune-cells-TASK@champion].")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="Folder for the image grids [default: WORKDIR/explanations/TASK-<time>]; an existing file "
-                   "is not overwritten.")
+              help="Folder for the image grids [default: a new WORKDIR/explanations/TASK-<time>, numbered -2, -3, "
+                   "... where that is taken]; an existing file is not overwritten.")
 @click.option("--steps", type=int, default=32, show_default=True, help="Integration steps of integrated gradients.")
 @workdir_option
 @tracking_option
@@ -247,7 +247,7 @@ def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     """Captum attribution maps (integrated gradients, noise tunnel, occlusion) of TASK's champion for
     images (files or folders): one PNG grid per image."""
     from tune_cells.analysis.explain import explain_image
-    from tune_cells.output_files import check_output_folder, default_output_name, refuse_existing, unique_stems
+    from tune_cells.output_files import default_output_name, output_folder, refuse_existing, unique_stems
     from tune_cells.predict import collect_images, decode_files
 
     if steps < 2:
@@ -258,18 +258,19 @@ def explain(task, paths, model_uri, output, steps, workdir, tracking_uri):
     if not spec.kind.explainable:
         raise UserInputError(f"explain supports classification tasks; {task} is {spec.kind.name} "
                              "(its masks and overlays come from `tune-cells predict`)")
-    # Before any work: the folder can take files, and none of the grids would replace one.
-    output = (check_output_folder(output) if output is not None else check_output_folder(
-        model.workdir.explanations(spec.name), default_output_name(model.workdir.root, "explanations")))
-    figures = [output / f"{stem}_attributions.png" for stem in unique_stems([f.name for f in files])]
-    for figure in figures:
-        refuse_existing(figure)
-    classifier = model.tracker.load_classifier(model.uri)
-    images = decode_files(classifier, files)  # every input, before the first grid is written
-    output.mkdir(parents=True, exist_ok=True)
-    for file, image, figure in zip(files, images, figures):
-        shown = explain_image(classifier, image, file.name, figure, steps)
-        click.echo(f"{file}: {shown['predicted_class']} (p={shown['probability']:.4f}) -> {shown['figure']}")
+    # Before any work: the folder can take files, and none of the grids would replace one. The default
+    # folder is named by the second: one of another explain of that second is passed over, never shared.
+    with output_folder(output, model.workdir.explanations(spec.name),
+                       default_output_name(model.workdir.root, "explanations")) as output:
+        figures = [output / f"{stem}_attributions.png" for stem in unique_stems([f.name for f in files])]
+        for figure in figures:
+            refuse_existing(figure)
+        classifier = model.tracker.load_classifier(model.uri)
+        images = decode_files(classifier, files)  # every input, before the first grid is written
+        output.mkdir(parents=True, exist_ok=True)
+        for file, image, figure in zip(files, images, figures):
+            shown = explain_image(classifier, image, file.name, figure, steps)
+            click.echo(f"{file}: {shown['predicted_class']} (p={shown['probability']:.4f}) -> {shown['figure']}")
     click.echo(f"\n{len(files)} attribution grids of {model.uri} in {output}")
 
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from tune_cells.errors import UserInputError
@@ -110,9 +110,7 @@ def output_names(given: Path | None, default: Path, folder_suffix: str = "", def
         names = [check_new_file(given)]
     else:
         default = Path(default).expanduser().absolute()
-        numbered = [default] + [default.with_name(f"{default.stem}-{n}{default.suffix}") for n in
-                                range(2, MAX_NUMBERED + 1)]
-        names = [name for name in numbered
+        names = [name for name in numbered(default)
                  if not _taken(name) and not (folder_suffix and _taken(_beside(name, folder_suffix)))]
         if not names:
             raise UserInputError(f"--output {default}: it and {MAX_NUMBERED - 1} numbered names are taken")
@@ -120,6 +118,45 @@ def output_names(given: Path | None, default: Path, folder_suffix: str = "", def
     if folder_suffix and _taken(_beside(names[0], folder_suffix)):
         raise UserInputError(f"{_beside(names[0], folder_suffix)}: already exists (not overwritten)")
     return names
+
+
+def numbered(default: Path, folder: bool = False) -> list[Path]:
+    """`default` and its numbered STEM-2.SUF, ..., STEM-1000.SUF (a `folder`: NAME-2, ..., whole names)."""
+    stem, suffix = (default.name, "") if folder else (default.stem, default.suffix)
+    return [default] + [default.with_name(f"{stem}-{n}{suffix}") for n in range(2, MAX_NUMBERED + 1)]
+
+
+def output_folder(given: Path | None, default: Path, default_named: str | None = None):
+    """A context giving the folder a command writes its files in: `given` (--output), which may hold
+    files already (each new one is checked by the command), or a new folder at `default` (`new_folder`)."""
+    return nullcontext(check_output_folder(given)) if given is not None else new_folder(default, default_named)
+
+
+@contextmanager
+def new_folder(default: Path, named: str | None = None) -> Iterator[Path]:
+    """A folder this command makes for itself: `default` or the first of its numbered NAME-2, NAME-3,
+    ... that is not there yet, made exclusively (never an existing one, even one made since the
+    check): a default named by the clock is taken by another command of the same second, whose
+    files must stay its own. `named`: how an error names the place (see `default_output_name`).
+    Should the work inside fail before writing in it, it goes again, with the folders made for it."""
+    default = Path(default).expanduser().absolute()
+    probe_folder(default.parent, default, named)  # exit 2 before any work where nothing can be written
+    made = missing_folders(default.parent)
+    default.parent.mkdir(parents=True, exist_ok=True)
+    for name in numbered(default, folder=True):
+        try:
+            name.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        remove_folders(made)
+        raise UserInputError(f"--output {default}: it and {MAX_NUMBERED - 1} numbered names are taken")
+    try:
+        yield name
+    except BaseException:
+        remove_folders([name, *made])  # only while empty: files the work wrote stay
+        raise
 
 
 @contextmanager
