@@ -364,7 +364,7 @@ def test_bad_input_exits_2_in_one_line_and_changes_nothing(case, run_cli, tmp_pa
 
 @pytest.mark.parametrize("kind", ["sixteen_bit", "greyscale", "jpeg_named_png"])
 def test_odd_but_valid_images_pass_the_preflight(kind, tmp_path):
-    from tune_cells.preflight import SearchOptions, prepare
+    from tune_cells.preflight import SearchOptions, check_inputs, check_pixels
 
     data = kaggle(tmp_path)
     target = data / "train" / "2.png"
@@ -374,7 +374,8 @@ def test_odd_but_valid_images_pass_the_preflight(kind, tmp_path):
         Image.new("L", (24, 24), 100).save(target)
     else:  # PIL reads the content, not the extension
         Image.new("RGB", (24, 24), (10, 200, 30)).save(target, format="JPEG")
-    prep = prepare(SearchOptions(task="nuclei", data=data, workdir=tmp_path / "w"))
+    prep = check_inputs(SearchOptions(task="nuclei", data=data, workdir=tmp_path / "w"))
+    check_pixels(prep)  # the search's preflight, in its order (run_search)
     assert len(prep.index.items) == len(LABELS)
     assert not (tmp_path / "w").exists()  # the preflight writes nothing
     from tune_cells.data.images import decode_image

@@ -183,10 +183,11 @@ def own_dhash(path: Path) -> np.ndarray:
 def test_independent_check_no_twin_crosses_parts_through_the_preflight(tmp_path):
     """The rule checked without the code under test: exact pixel twins (bytes of the decoded
     arrays) and pairs within 20 bits of a hash computed here, between every two parts."""
-    from tune_cells.preflight import SearchOptions, prepare
+    from tune_cells.preflight import SearchOptions, check_inputs, check_pixels
 
     planted = write_hep2_with_twins(tmp_path / "hep2")
-    prep = prepare(SearchOptions(task="hep2", data=tmp_path / "hep2", workdir=tmp_path / "w"))
+    prep = check_inputs(SearchOptions(task="hep2", data=tmp_path / "hep2", workdir=tmp_path / "w"))
+    check_pixels(prep)  # the search's preflight, in its order (run_search)
     assert not (tmp_path / "w").exists()  # the preflight writes nothing
     split, root = prep.split, prep.index.root
     assert set(prep.decoded) == set(split.parts["train"]) | set(split.parts["val"])  # no test pixels handed on

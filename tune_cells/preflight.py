@@ -247,13 +247,6 @@ def check_space(space: SearchSpace, seed: int, kind: TaskKind | None = None) -> 
                     "machine with internet, or set TORCH_HOME to a cache that has it")
 
 
-def prepare(opts: SearchOptions) -> PreparedSearch:
-    """The whole preflight: the quick checks, then every image decoded (see `check_pixels`)."""
-    prep = check_inputs(opts)
-    check_pixels(prep)
-    return prep
-
-
 def check_inputs(opts: SearchOptions) -> PreparedSearch:
     """The quick part of the preflight: options, space, workdir, dataset index, split, store."""
     from tune_cells.tracking import resolve_tracking_uri
