@@ -232,3 +232,16 @@ def test_every_image_gets_its_own_output_files():
     assert unique_stems(["slide.001.png", "slide.002.png"]) == ["slide.001", "slide.002"]
     assert unique_stems(["a/x.png", "b/x.png", "y.png"]) == ["0000_x", "0001_x", "0002_y"]
     assert unique_stems(["slide.001", "slide.002"]) == ["0000_slide", "0001_slide"]
+
+
+def test_ray_memory_for_lung_counts_every_field_at_its_own_size(tmp_path):
+    """Ray's shared memory holds every training and validation field and its masks: sized by each
+    field's own header, not the first field's times the count (a small first field undersized it)."""
+    from types import SimpleNamespace
+
+    from tune_cells.kinds import SEGMENTATION
+
+    index = import_lung_masks(write_lung(tmp_path / "lung", sizes=((20, 10), (300, 200), (60, 40))))
+    split = SimpleNamespace(parts={"train": ["train/Original/im0.jpg", "train/Original/im1.jpg"],
+                                   "val": ["train/Original/im2.jpg"], "test": []})
+    assert SEGMENTATION.object_store_bytes(None, index, split, 0) == (20 * 10 + 300 * 200 + 60 * 40) * (3 + 2)

@@ -33,9 +33,11 @@ class SegmentationKind(TaskKind):
     def object_store_bytes(self, task, index, split, store_size) -> int:
         from PIL import Image
 
-        images = len(split.parts["train"]) + len(split.parts["val"])
-        with Image.open(index.root / split.parts["train"][0]) as first:  # full-size images and masks
-            return images * first.width * first.height * (3 + len(index.classes))
+        pixels = 0
+        for path in split.parts["train"] + split.parts["val"]:  # each field's header: sizes may differ
+            with Image.open(index.root / path) as image:
+                pixels += image.width * image.height
+        return pixels * (3 + len(index.classes))  # full-size images and their masks
 
     def trial_inputs(self, task, index, reader, max_epochs, seed, folds: int = 1) -> TrialInputs:
         from tune_cells.data.folds import fold_of, pooled_groups
