@@ -191,12 +191,12 @@ def test_a_signal_while_ray_starts_cancels_the_decoding_even_where_its_exception
 
     from tune_cells.data.images import _DECODING_CANCELLED, allow_decoding
     from tune_cells.errors import Interrupted
-    from tune_cells.search import _signals_cancel_decoding
+    from tune_cells.ray_progress import signals_cancel_decoding
 
     before = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(Interrupted) as stopped:
-            with _signals_cancel_decoding():
+            with signals_cancel_decoding():
                 try:
                     os.kill(os.getpid(), signal.SIGINT)
                     signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a system call: the handler has run

@@ -10,12 +10,9 @@ import json
 import logging
 import os
 import secrets
-import signal
 import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,12 +20,12 @@ import pandas as pd
 
 from tune_cells.analysis import selection
 from tune_cells.analysis.promotion import SearchOutcome, promote
-from tune_cells.data.images import DecodingCancelled, allow_decoding, cancel_decoding
+from tune_cells.data.images import allow_decoding, cancel_decoding
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, dataset_record, describe_groups, save_split
-from tune_cells.errors import Interrupted
 from tune_cells.lock import WorkdirLock
 from tune_cells.preflight import PreparedSearch, SearchOptions, check_inputs, check_pixels, prepare_workdir, ray_storage
+from tune_cells.ray_progress import signals_cancel_decoding
 from tune_cells.resources import TrialResources, trial_resources
 from tune_cells.tracking import without_credentials
 
@@ -55,7 +52,7 @@ def _search_with_decoding_beside_ray(opts: SearchOptions, prep: PreparedSearch) 
         # schema). A bad image still stops the search before the workdir or the store is touched.
         store = pool.submit(_check_pixels_and_open_store, prep)
         try:
-            with _signals_cancel_decoding():
+            with signals_cancel_decoding():
                 resources = ray_backend.init(opts.address, num_cpus=os.cpu_count(), verbose=opts.verbose,
                                              object_store_bytes=None if opts.address else _object_store_bytes(prep))
                 tracker, experiment_id = store.result()
@@ -67,37 +64,6 @@ def _search_with_decoding_beside_ray(opts: SearchOptions, prep: PreparedSearch) 
         finally:
             ray_backend.shutdown()
     return outcome
-
-
-@contextmanager
-def _signals_cancel_decoding() -> Iterator[None]:
-    """Ctrl-C or SIGTERM while Ray starts beside the decoding: cancel the decoding in the handler
-    itself, then raise. Cancelling only where the KeyboardInterrupt arrives relied on it reaching
-    us out of Ray's start, and in full test runs here the search waited for the whole pass now and
-    then (not found why); with the pass cancelled first, an exception lost on the way still ends
-    the search as interrupted (exit 128+N) in moments, opening no store."""
-    received: list[int] = []
-
-    def stop(signum, frame):
-        cancel_decoding()
-        received.append(signum)
-        raise Interrupted(signum)
-
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum in saved:
-        signal.signal(signum, stop)
-    try:
-        yield
-    except DecodingCancelled:
-        if received:
-            raise Interrupted(received[0]) from None
-        raise
-    finally:
-        for signum, handler in saved.items():
-            if signal.getsignal(signum) is stop:  # Ray's start sets its own SIGTERM handler: keep it
-                signal.signal(signum, handler)
-    if received:  # the signal's exception was swallowed on the way: the search still stops here
-        raise Interrupted(received[0])
 
 
 def _check_pixels_and_open_store(prep: PreparedSearch):
