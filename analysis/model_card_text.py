@@ -91,11 +91,23 @@ def _model(f: CardFacts) -> str:
                            f"its best epoch {tags.get('epoch', '?')} of at most {f.search_params.get('max_epochs', '?')}"),
             *_averaged_weights(config, tags.get("epoch"), f.search_params.get("max_epochs")),
             *([("Ensemble", f"the mean of {len(tags['ensemble_seeds'].split(','))} networks of this configuration, "
-                            f"trained under seeds {tags['ensemble_seeds']} (the first is the trial's)")]
+                            f"trained under seeds {tags['ensemble_seeds']} (the first is the trial's)"
+                            + _member_runs(tags))]
               if tags.get("ensemble_seeds") else []),
             ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial")
              + (f" ({f.selection})" if is_rule_note(f.selection) else ""))]
     return "## Model\n\n" + _table(("", ""), rows)
+
+
+def _member_runs(tags: dict[str, str]) -> str:
+    """"; their MLflow runs: seed S run `ID`, ..." from the version's `ensemble_member_run_ids` (in
+    `ensemble_seeds`' order; promotion writes '' for a member without a finished run). "" for a
+    version promoted before the tag, or one whose two tags disagree in length (which run is whose?)."""
+    seeds, runs = tags["ensemble_seeds"].split(","), tags.get("ensemble_member_run_ids", "").split(",")
+    if "ensemble_member_run_ids" not in tags or len(runs) != len(seeds):
+        return ""
+    named = [f"seed {seed} run `{run}`" if run else f"seed {seed} no finished run" for seed, run in zip(seeds, runs)]
+    return "; their MLflow runs: " + ", ".join(named)
 
 
 def _averaged_weights(config: dict, epoch, max_epochs) -> list[tuple[str, str]]:

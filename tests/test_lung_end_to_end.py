@@ -130,8 +130,9 @@ def test_the_champion_is_registered_as_the_mean_of_itself_and_a_retrain(lung_sea
     card = cli_subprocess(["card", "lung", "--workdir", workdir, "--output", lung_search["root"] / "card.md"],
                           cwd=lung_search["root"])
     assert card.code == 0, card.err[-2000:]
-    assert f"the mean of 2 networks of this configuration, trained under seeds {seed},{seed + 100}" in (
-        lung_search["root"] / "card.md").read_text()
+    assert (f"the mean of 2 networks of this configuration, trained under seeds {seed},{seed + 100} (the first is "
+            f"the trial's); their MLflow runs: seed {seed} run `{champion_run}`, seed {seed + 100} run `{member_run}` |"
+            ) in (lung_search["root"] / "card.md").read_text()
 
 
 def test_evaluation_writes_masks_overlays_and_pixel_table(lung_search):

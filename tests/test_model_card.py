@@ -161,3 +161,32 @@ def test_a_resumed_search_says_its_time_includes_the_interruption():
     assert "in 100 s (the search run, from its first trial to the promotion). " in _search(facts)
     resumed = _search(dataclasses.replace(facts, search_resumes=2))
     assert "promotion; resumed 2 time(s), so this includes the time it stood interrupted). " in resumed
+
+
+def test_an_ensembles_card_names_each_members_seed_and_mlflow_run():
+    """Its Ensemble row pairs `ensemble_seeds` with `ensemble_member_run_ids`; a version promoted
+    before that tag keeps the row it had."""
+    import dataclasses
+
+    from tune_cells.analysis.model_card_text import CardFacts, _model
+
+    seeds_only = {"ensemble_seeds": "7,107,207", "trial_run_id": "trialrun"}
+    facts = CardFacts(task="lung", task_description="", model_name="m", version="3", version_tags=seeds_only,
+                      evaluation_run_id="e", evaluation_time="t", metrics={}, evaluation_params={}, search_run_id="s",
+                      search_name="n", search_params={}, search_metrics={}, search_seconds=None, data={},
+                      space_yaml="", config={}, experiment_id="1")
+    before = ("| Ensemble | the mean of 3 networks of this configuration, trained under seeds 7,107,207 "
+              "(the first is the trial's) |")
+    assert before in _model(facts).splitlines()
+
+    def ensemble_row(member_run_ids: str) -> str:
+        tags = seeds_only | {"ensemble_member_run_ids": member_run_ids}
+        text = _model(dataclasses.replace(facts, version_tags=tags))
+        return next(line for line in text.splitlines() if line.startswith("| Ensemble |"))
+
+    assert ensemble_row("trialrun,retrain1,retrain2") == (
+        before.removesuffix(" |") + "; their MLflow runs: seed 7 run `trialrun`, seed 107 run `retrain1`, "
+        "seed 207 run `retrain2` |")
+    assert ensemble_row("trialrun,,retrain2").endswith(  # promotion's '' for a member without a finished run
+        "seed 7 run `trialrun`, seed 107 no finished run, seed 207 run `retrain2` |")
+    assert ensemble_row("trialrun,retrain1") == before  # tags that disagree: no pairing guessed
