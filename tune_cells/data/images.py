@@ -17,7 +17,9 @@ import numpy as np
 import pandas as pd
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from tune_cells.data.deep_colour import sixteen_bit_samples
+from tune_cells.data.deep_colour import refuse_misread_planes, sixteen_bit_samples
+from tune_cells.data.image_refusals import ImageRefused as ImageRefused  # where callers import it from
+from tune_cells.data.image_refusals import ImageTooLarge, MultiPageTiff
 from tune_cells.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -30,21 +32,10 @@ MAX_IMAGE_PIXELS = 40_000_000
 ORIENTATION = ExifTags.Base.Orientation  # EXIF's and TIFF's tag 274: 1 upright, 2-8 flipped or turned
 
 
-class ImageRefused(ValueError):
-    """An image refused from its header, before decoding; the message says why."""
-
-
-class ImageTooLarge(ImageRefused):
-    """An image whose header declares more pixels than MAX_IMAGE_PIXELS."""
-
-
-class MultiPageTiff(ImageRefused):
-    """A TIFF of several full-size pages (a stack, a series, channels): which one is the image?"""
-
-
 def open_image(source: Path | BinaryIO) -> Image.Image:
     """A lazily opened image (a file or a file object) of a known format within MAX_IMAGE_PIXELS
-    and of one page; nothing is decoded yet. Raises what Pillow raises for a non-image (DECODE_ERRORS)."""
+    and of one page, its colour planes readable; nothing is decoded yet. Raises what Pillow raises for a non-image
+    (DECODE_ERRORS) and ImageRefused (a ValueError) for an image refused from its header."""
     limit = f"over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"
     try:
         image = Image.open(source, formats=IMAGE_FORMATS)
@@ -57,7 +48,8 @@ def open_image(source: Path | BinaryIO) -> Image.Image:
     try:
         pages = image.n_frames if image.format == "TIFF" else 1
         several = pages > 1 and not _later_pages_reduced(image)
-    except DECODE_ERRORS:  # a broken chain of pages
+        refuse_misread_planes(image)  # SeparatePlanesTiff: planes Pillow would decode to wrong pixels, silently
+    except DECODE_ERRORS:  # a broken chain of pages; a refusal
         image.close()
         raise
     if several:
