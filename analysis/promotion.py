@@ -220,6 +220,8 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
     best_run = trial_runs.get(result.best_trial_id, "")
     ensemble = _ensemble(task, checkpoint, data, max_latency_ms, retrain, staging,
                          {"retrain_of_trial_run_id": best_run, "retrain_of_ray_trial_id": result.best_trial_id})
+    if not ensemble:
+        _supersede_unused_members(tracker, parent)
     if ensemble:
         checkpoint = staging / "ensemble"
         cost = replace(cost, param_count=cost.param_count * len(ensemble),
@@ -256,6 +258,16 @@ def _ensemble(task, checkpoint: Path, data, max_latency_ms: float | None, retrai
     members = seed_ensemble.extend_with_retrains(checkpoint, size, retrain, staging / "ensemble", retrains_of)
     _failpoint("ensembled")
     return members
+
+
+def _supersede_unused_members(tracker, parent: str) -> None:
+    """Retrain runs of an earlier attempt of this promotion that built no ensemble in the end (resumed
+    with --max-latency-ms, which skips it): ended, tagged and soft-deleted, as when retrained again,
+    so none stays RUNNING under a finished search or looks like a part of the registered model."""
+    from tune_cells.trial_recorder import ENSEMBLE_MEMBER
+
+    for run in tracker.retrain_children(tracker.get_run(parent).info.experiment_id, parent, ENSEMBLE_MEMBER):
+        tracker.supersede_run(run.info.run_id, "the resumed promotion registered one network, not an ensemble")
 
 
 def _member_run_ids(tracker, parent: str, champion_run: str, seeds: list[int]) -> str:

@@ -105,11 +105,14 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     })
 
     networks = sorted(retrain_run_ids)
+    run_ids = ",".join(retrain_run_ids[seed] for seed in networks)
+    if len(run_ids) > 8000:  # MLflow's longest tag: the retrains' own runs still say what they are
+        run_ids = f"{len(networks)} runs, too many for a tag: the child runs tagged retrain_purpose={SEEDS_EVALUATION}"
     run_id = tracker.start_run(experiment_id, f"seeds-v{version.version}", "evaluation", parent_id,
                                tags={"model_uri": model_uri, "model_version": version.version, "task": task.name,
                                      "evaluation_data": "test", "evaluation_kind": "seeds",
                                      "retrain_seeds": ",".join(map(str, networks)),  # and their runs, in that order
-                                     "retrain_run_ids": ",".join(retrain_run_ids[seed] for seed in networks)})
+                                     "retrain_run_ids": run_ids})
     try:
         tracker.log_params(run_id, {"model_uri": model_uri, "seeds": ",".join(map(str, seeds)), "retrains": k,
                                     "max_epochs": max_epochs, "split_sha256": split.sha256,

@@ -204,6 +204,18 @@ def test_a_signal_while_ray_starts_cancels_the_decoding_even_where_its_exception
                     pass  # swallowed on the way, as inside Ray's start
         assert stopped.value.exit_code == 130
         assert _DECODING_CANCELLED.is_set()
+        allow_decoding()
+        before_term = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(Interrupted) as stopped:  # lost, and another error raised in its place
+            with signals_cancel_decoding():
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    signal.pthread_sigmask(signal.SIG_BLOCK, [])
+                except KeyboardInterrupt:
+                    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as Ray's start sets its own
+                    raise RuntimeError("the half-started node failed") from None
+        assert stopped.value.exit_code == 143
+        assert signal.getsignal(signal.SIGTERM) is before_term  # not Ray's: SIGTERM ends a search as interrupted
     finally:
         allow_decoding()
     assert signal.getsignal(signal.SIGINT) is before

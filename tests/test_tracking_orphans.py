@@ -1,7 +1,8 @@
 """After an interrupted search is resumed, no trial run stays RUNNING: a run whose trial Ray
 finished takes that trial's status; one Ray's state snapshot never held (started just before the
 kill) ends KILLED and says why, and is hidden (soft-deleted) only if it never reported an epoch.
-Likewise an ensemble's retrain runs left by a killed promotion. Real MLflow on sqlite."""
+Likewise an ensemble's retrain runs left by a killed promotion, whether it is retrained or not. Real
+MLflow on sqlite."""
 
 from __future__ import annotations
 
@@ -72,3 +73,8 @@ def test_a_retraining_redone_by_a_resumed_promotion_leaves_one_run_per_ensemble_
         "mlflow.parentRunId": parent, "retrain_of_trial_run_id": "champion-run", "split_sha256": "abc", "epochs_run": "2"}
     assert [m.step for m in tracker.metric_history(member.info.run_id, "val_loss")] == [1, 2]
     assert list(tracker.trial_children(experiment, parent)) == []  # a retrain is no trial: the search's counts stay
+    from tune_cells.analysis.promotion import _supersede_unused_members
+
+    _supersede_unused_members(tracker, parent)  # resumed once more, now without an ensemble (--max-latency-ms)
+    assert tracker.retrain_children(experiment, parent, ENSEMBLE_MEMBER) == []
+    assert all(tracker.get_run(run).info.status != "RUNNING" for run in second.runs.values())

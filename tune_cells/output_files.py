@@ -151,7 +151,7 @@ def new_folder(default: Path, named: str | None = None) -> Iterator[Path]:
             continue
     else:
         remove_folders(made)
-        raise UserInputError(f"--output {default}: it and {MAX_NUMBERED - 1} numbered names are taken")
+        raise UserInputError(f"{named or f'--output {default}'}: it and {MAX_NUMBERED - 1} numbered names are taken")
     try:
         yield name
     except BaseException:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import ray
 from ray import tune
 
-from tune_cells.data.images import DecodingCancelled, cancel_decoding
+from tune_cells.data.images import cancel_decoding
 from tune_cells.errors import Interrupted
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,10 @@ def signals_cancel_decoding() -> Iterator[None]:
     """Ctrl-C or SIGTERM while Ray starts beside the decoding: cancel the decoding in the handler
     itself, then raise. Cancelling only where the KeyboardInterrupt arrives relied on it reaching
     us out of Ray's start, and in full test runs here the search waited for the whole pass now and
-    then (not found why); with the pass cancelled first, an exception lost on the way still ends
-    the search as interrupted (exit 128+N) in moments, opening no store."""
+    then (not found why); with the pass cancelled first, an exception lost or replaced on the way
+    still ends the search as interrupted (exit 128+N) in moments, opening no store. The handlers
+    before it come back after it, SIGTERM's too (Ray's start sets one that exits 15 without saying
+    the search was interrupted)."""
     received: list[int] = []
 
     def stop(signum, frame):
@@ -185,13 +187,12 @@ def signals_cancel_decoding() -> Iterator[None]:
         signal.signal(signum, stop)
     try:
         yield
-    except DecodingCancelled:
-        if received:
+    except BaseException as exc:
+        if received and not isinstance(exc, Interrupted):  # DecodingCancelled, or what Ray's start made of it
             raise Interrupted(received[0]) from None
         raise
     finally:
         for signum, handler in saved.items():
-            if signal.getsignal(signum) is stop:  # Ray's start sets its own SIGTERM handler: keep it
-                signal.signal(signum, handler)
+            signal.signal(signum, handler)
     if received:  # the signal's exception was swallowed on the way: the search still stops here
         raise Interrupted(received[0])

@@ -25,7 +25,6 @@ from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, dataset_record, describe_groups, save_split
 from tune_cells.lock import WorkdirLock
 from tune_cells.preflight import PreparedSearch, SearchOptions, check_inputs, check_pixels, prepare_workdir, ray_storage
-from tune_cells.ray_progress import signals_cancel_decoding
 from tune_cells.resources import TrialResources, trial_resources
 from tune_cells.tracking import without_credentials
 
@@ -45,7 +44,10 @@ def run_search(opts: SearchOptions) -> SearchOutcome:
 
 def _search_with_decoding_beside_ray(opts: SearchOptions, prep: PreparedSearch) -> SearchOutcome:
     from tune_cells import ray_backend
+    from tune_cells.ray_progress import signals_cancel_decoding
 
+    # (before the decoding thread starts: placing demo data moves the files this reads)
+    object_store_bytes = None if opts.address else _object_store_bytes(prep)
     with WorkdirLock(prep.workdir, "search"), ThreadPoolExecutor(max_workers=1) as pool:
         # Ray's start mostly waits for its processes. Meanwhile: decode every image (Pillow works
         # without the GIL) and then open the MLflow store (a fresh one spends seconds on its
@@ -54,7 +56,7 @@ def _search_with_decoding_beside_ray(opts: SearchOptions, prep: PreparedSearch) 
         try:
             with signals_cancel_decoding():
                 resources = ray_backend.init(opts.address, num_cpus=os.cpu_count(), verbose=opts.verbose,
-                                             object_store_bytes=None if opts.address else _object_store_bytes(prep))
+                                             object_store_bytes=object_store_bytes)
                 tracker, experiment_id = store.result()
             wanted = trial_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.address, resources)
             outcome = _tracked_search(opts, prep, wanted, tracker, experiment_id)
