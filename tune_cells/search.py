@@ -46,8 +46,7 @@ def _search_with_decoding_beside_ray(opts: SearchOptions, prep: PreparedSearch) 
     from tune_cells import ray_backend
     from tune_cells.ray_progress import signals_cancel_decoding
 
-    # (before the decoding thread starts: placing demo data moves the files this reads)
-    object_store_bytes = None if opts.address else _object_store_bytes(prep)
+    object_store_bytes = None if opts.address else _object_store_bytes(prep)  # (before demo data moves)
     with WorkdirLock(prep.workdir, "search"), ThreadPoolExecutor(max_workers=1) as pool:
         # Ray's start mostly waits for its processes. Meanwhile: decode every image (Pillow works
         # without the GIL) and then open the MLflow store (a fresh one spends seconds on its
