@@ -222,7 +222,7 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
                          {"retrain_of_trial_run_id": best_run, "retrain_of_ray_trial_id": result.best_trial_id})
     if not ensemble:
         _supersede_unused_members(tracker, parent)
-    if ensemble:
+    else:
         checkpoint = staging / "ensemble"
         cost = replace(cost, param_count=cost.param_count * len(ensemble),
                        latency_ms=cost.latency_ms * len(ensemble)) if cost is not None else None

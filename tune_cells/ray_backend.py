@@ -12,25 +12,27 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import ray
 from ray import tune
 
 from tune_cells.errors import UserInputError
 from tune_cells.promotion_rank import PROMOTION_SCORE, checkpoint_rank, trial_rank
+from tune_cells.ray_events import (  # noqa: F401  (TrialEvents: re-exported)
+    EventsCallback,
+    TrialEvents,
+    first_error_line,
+    forwarding_events,
+    live_trials,
+)
 from tune_cells.ray_progress import PendingTrialsExplainer, ProgressReporter, TimeBudget, stop_on_signals
 from tune_cells.ray_scheduler import ASHAKeepingRecipe
 from tune_cells.ray_searcher import searcher_trials
 from tune_cells.search_spaces import SearchSpace
 
+_EventsCallback = EventsCallback  # the name searches interrupted before session 22 pickled their callback under
 log = logging.getLogger(__name__)
-
-
-class TrialEvents(Protocol):
-    def on_trial_start(self, trial_id: str, trial_name: str, config: dict) -> None: ...
-    def on_trial_result(self, trial_id: str, result: dict) -> None: ...
-    def on_trial_end(self, trial_id: str, failed: bool, last_result: dict, error: str | None) -> None: ...
 
 
 @dataclass
@@ -148,9 +150,9 @@ def shutdown() -> None:
 
 def run_search(request: SearchRequest) -> SearchResult:
     try:
-        return _tune(request)
+        with forwarding_events(request.name, request.events):  # (the search's callback is made with the rest)
+            return _tune(request)
     finally:  # the per-search registries forget it, however it ended
-        _LIVE.pop(request.name, None)
         TimeBudget.reached.discard(request.name)
         TimeBudget.seconds_left.pop(request.name, None)
 
@@ -193,9 +195,6 @@ def _tune(request: SearchRequest) -> SearchResult:
         tune.with_parameters(request.trainable, **request.trainable_kwargs),
         lambda config: tune.PlacementGroupFactory([trial_resources(config)]),
     )
-    # Ray pickles callbacks into the experiment and restores those copies on resume: they find
-    # this run's event sink by the search's name instead of carrying it.
-    _EVENT_SINKS[request.name] = request.events
     experiment_path = f"{request.storage_path.rstrip('/')}/{request.name}"
     if request.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -205,7 +204,7 @@ def _tune(request: SearchRequest) -> SearchResult:
             except FileNotFoundError as exc:  # trial checkpoints deleted since the interruption
                 raise UserInputError(f"--resume: Ray's state under {experiment_path} is incomplete "
                                      f"({Path(exc.filename or str(exc)).name} is missing): start a new search") from None
-    callbacks = [_EventsCallback(request.name), PendingTrialsExplainer(),
+    callbacks = [EventsCallback(request.name), PendingTrialsExplainer(),
                  ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode,
                                   search=request.name),
                  *_result_records()]
@@ -289,7 +288,7 @@ def _summarise(results, metric: str, mode: str, request: SearchRequest | None = 
     """Ray's results as a SearchResult; `request`: the search that just ran (its time budget's
     bookkeeping), None for a finished search read back from disk."""
     reached = request is not None and request.name in TimeBudget.reached
-    live = _LIVE.get(request.name, set()) if request else set()
+    live = live_trials(request.name) if request else set()
     trials = []
     for result in results:
         metrics = result.metrics or {}
@@ -303,7 +302,7 @@ def _summarise(results, metric: str, mode: str, request: SearchRequest | None = 
                 config=result.config or {},
                 iterations=int(metrics.get("training_iteration", 0)),
                 failed=failed,
-                error=_first_line(result.error) or metrics.get("failure"),
+                error=first_error_line(result.error) or metrics.get("failure"),
                 last_result=metrics,
                 **({} if failed else _best_of(result.best_checkpoints or [], metric, mode)),
             )
@@ -345,50 +344,3 @@ def _best_of(checkpoints: list, metric: str, mode: str) -> dict:
     checkpoint, metrics = max(scored, key=lambda pair: checkpoint_rank(pair[1], metric, mode))
     return {"best_checkpoint": checkpoint, "best_metric": float(metrics[metric]),
             "best_epoch": int(metrics.get("training_iteration", 0)), "best_metrics": dict(metrics)}
-
-
-def _first_line(error) -> str | None:
-    if error is None:
-        return None
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
-
-
-_EVENT_SINKS: dict[str, TrialEvents | None] = {}
-_LIVE: dict[str, set[str]] = {}  # by search: trials started in this process whose end Ray has not reported
-
-
-class _EventsCallback(tune.Callback):
-    """Forwards Ray's driver-side trial events to the TrialEvents registered under `key`."""
-
-    def __init__(self, key: str):
-        self.key = key
-
-    @property
-    def events(self) -> TrialEvents | None:
-        return _EVENT_SINKS.get(self.key)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        _LIVE.setdefault(self.key, set()).add(trial.trial_id)
-        if self.events:
-            self.events.on_trial_start(trial.trial_id, str(trial), dict(trial.config))
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if self.events:
-            self.events.on_trial_result(trial.trial_id, result)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        _LIVE.setdefault(self.key, set()).discard(trial.trial_id)
-        if self.events:
-            self.events.on_trial_end(trial.trial_id, False, trial.last_result or {}, None)
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        log.warning("trial %s lost its worker; retrying it from its last checkpoint", trial.trial_id)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        _LIVE.setdefault(self.key, set()).discard(trial.trial_id)
-        error = None
-        if trial.error_file and os.path.exists(trial.error_file):
-            error = _first_line(Path(trial.error_file).read_text())
-        if self.events:
-            self.events.on_trial_end(trial.trial_id, True, trial.last_result or {}, error)

@@ -11,16 +11,8 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from tune_cells.promotion_rank import PROMOTION_SCORE
-from tune_cells.ray_backend import (
-    _EVENT_SINKS,
-    _LIVE,
-    TrialEvents,
-    _best_of,
-    _EventsCallback,
-    _first_line,
-    _result_records,
-    copy_checkpoint,
-)
+from tune_cells.ray_backend import _best_of, _result_records, copy_checkpoint
+from tune_cells.ray_events import TrialEvents, first_error_line, forwarding_events
 from tune_cells.ray_progress import stop_on_signals
 from tune_cells.resources import TrialResources, retrain_resources
 
@@ -46,28 +38,24 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
     gets each retrain's start, epochs and end, as a search's sink gets its trials' (their MLflow runs)."""
     runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
                                    lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
-    _EVENT_SINKS[name] = events  # (found by the name, as a search's callback finds its sink)
-    tuner = tune.Tuner(
-        runnable,
-        param_space={**config, "seed": tune.grid_search(list(seeds))},
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
-                                  callbacks=[_EventsCallback(name), *_result_records()],
-                                  failure_config=tune.FailureConfig(max_failures=2),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1,
-                                                                          checkpoint_score_attribute=PROMOTION_SCORE,
-                                                                          checkpoint_score_order="max")),
-    )
-    try:
+    with forwarding_events(name, events) as forwarding:
+        tuner = tune.Tuner(
+            runnable,
+            param_space={**config, "seed": tune.grid_search(list(seeds))},
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
+                                      callbacks=[forwarding, *_result_records()],
+                                      failure_config=tune.FailureConfig(max_failures=2),
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          num_to_keep=1, checkpoint_score_attribute=PROMOTION_SCORE,
+                                          checkpoint_score_order="max")),
+        )
         with stop_on_signals():
             results = tuner.fit()
-    finally:
-        _EVENT_SINKS.pop(name, None)
-        _LIVE.pop(name, None)
     runs = []
     for result in results:
         if result.error is not None or not result.best_checkpoints:
-            raise RuntimeError(f"seed {result.config.get('seed')} failed: {_first_line(result.error)}")
+            raise RuntimeError(f"seed {result.config.get('seed')} failed: {first_error_line(result.error)}")
         best = _best_of(result.best_checkpoints, metric, mode)  # as a search's trial (Ray may also keep the latest)
         if not best:
             raise RuntimeError(f"seed {result.config.get('seed')}: no checkpoint with a finite {metric}")
