@@ -152,7 +152,9 @@ def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, int]:
 def test_a_tracking_password_is_in_no_command_line_output_or_parameter(tmp_path):
     """The password reaches the search through MLFLOW_TRACKING_URI (a flag would put it in the
     driver's own command line). Needs the evaluation subprocess to take the URI from its
-    environment too (analysis/promotion.py `evaluate_in_fresh_process`)."""
+    environment too (analysis/promotion.py `evaluate_in_fresh_process`). The search is
+    `--smoke-test`, the run CI makes of the installation (Ray Tune's examples' flag): 2 trials of
+    2 epochs, promoted and evaluated; one search serves both checks, as each costs a minute here."""
     from mlflow.tracking import MlflowClient
 
     server, port = start_mlflow_server(tmp_path)
@@ -160,9 +162,7 @@ def test_a_tracking_password_is_in_no_command_line_output_or_parameter(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"),
            "PYTHONUNBUFFERED": "1"}
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    # The smoke test's budget, with a grace period above it: clamped once, and logged clamped.
-    command = [sys.executable, "-m", "tune_cells", "search", "nuclei", "--samples", "2", "--max-epochs", "2",
-               "--grace-period", "5", "--workdir", tmp_path / "w"]
+    command = [sys.executable, "-m", "tune_cells", "search", "nuclei", "--smoke-test", "--workdir", tmp_path / "w"]
     leaks: set[str] = set()
     try:
         with out.open("w") as stdout, err.open("w") as stderr:
@@ -176,13 +176,16 @@ def test_a_tracking_password_is_in_no_command_line_output_or_parameter(tmp_path)
                 os.killpg(search.pid, 9)
         output = out.read_text() + err.read_text()
         assert search.returncode == 0, output[-3000:]
+        assert "2 trials" in output and "Promoted: models:/tune-cells-nuclei-demo@champion" in output, output[-3000:]
+        assert "test_balanced_accuracy" in output  # evaluated in a fresh process, through the same environment
         assert not leaks, "the password is in command lines:\n" + "\n".join(sorted(leaks))
         assert SECRET not in output
         client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
         experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
         runs = client.search_runs([experiment.experiment_id])
         search_run = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
-        assert search_run.data.params["grace_period"] == "2"
+        assert (search_run.data.params["samples"], search_run.data.params["max_epochs"],
+                search_run.data.params["grace_period"]) == ("2", "2", "1")  # the smoke test's budget, logged
         for run in runs:
             assert SECRET not in repr((run.data.params, run.data.tags)), run.info.run_name
         kept = [p for p in (tmp_path / "w").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]

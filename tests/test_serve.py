@@ -12,32 +12,18 @@ import urllib.request
 
 import pandas as pd
 import pytest
+from test_warm_start import copy_workdir
 
 from conftest import cli_subprocess, stop_process_group, wait_for_ping
 from test_cluster_search import free_port
 
 pytestmark = pytest.mark.slow
 
-SPACE = """
-params:
-  model: small_convnet
-  depth: 2
-  width: 12
-  optimizer: adamw
-  lr: 0.003
-  batch_size: 32
-  image_size: 40
-"""
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(searched, tmp_path_factory):
+    """The session's searched store (a copy: predict writes its read log there) behind a real server."""
     root = tmp_path_factory.mktemp("serve")
-    (root / "space.yaml").write_text(SPACE)
-    workdir = root / "work"
-    trained = cli_subprocess(["search", "nuclei", "--samples", 1, "--max-epochs", 2, "--space", root / "space.yaml",
-                              "--workdir", workdir, "--no-evaluate"], cwd=root)
-    assert trained.code == 0, trained.err[-2000:]
+    workdir = copy_workdir(searched["workdir"], root / "work")
     port = free_port()
     env = {**os.environ}
     env.pop("MLFLOW_TRACKING_URI", None)
