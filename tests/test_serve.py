@@ -19,9 +19,11 @@ from test_cluster_search import free_port
 
 pytestmark = pytest.mark.slow
 
+
 @pytest.fixture(scope="module")
 def served(searched, tmp_path_factory):
-    """The session's searched store (a copy: predict writes its read log there) behind a real server."""
+    """The session's searched store behind a real server: a copy, as `searched` asks of any test that may
+    write into it (predict's default output goes to the workdir)."""
     root = tmp_path_factory.mktemp("serve")
     workdir = copy_workdir(searched["workdir"], root / "work")
     port = free_port()
