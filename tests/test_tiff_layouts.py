@@ -1,5 +1,6 @@
 """TIFF sample layouts Pillow read to wrong pixels without a word: 16-bit premultiplied alpha (now
-read), and 16-bit or uncompressed premultiplied separate colour planes (now refused in one line)."""
+read), and 16-bit or uncompressed premultiplied separate colour planes (now refused in one line, as
+are planes Pillow cannot identify)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,27 @@ def test_8_bit_separate_planes_read_as_interleaved_ones_or_are_refused(deflate, 
         return
     interleaved = decode_full(io.BytesIO(tiff(samples, alpha, deflate=deflate)))
     assert np.array_equal(decode_full(planes), interleaved)
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
+def test_planes_pillow_cannot_identify_are_named_not_called_no_image(tmp_path, order):
+    """An uncompressed 8-bit TIFF of separate planes with an unspecified extra sample (ExtraSamples 0):
+    Pillow cannot identify it at all, which read as "not a readable image"; its header says why."""
+    from PIL import UnidentifiedImageError
+
+    from tune_cells.data.image_refusals import SeparatePlanesTiff
+
+    samples = np.random.default_rng(3).integers(0, 256, (6, 40, 4)).astype(np.uint8)
+    data = tiff(samples, 0, planes=True, order=order)
+    (tmp_path / "planes.tif").write_bytes(data)
+    said = r"^a TIFF of separate colour planes \(PlanarConfiguration 2\) in a layout Pillow cannot read"
+    for source in (tmp_path / "planes.tif", io.BytesIO(data)):
+        with pytest.raises(SeparatePlanesTiff, match=said):
+            open_image(source)
+    with pytest.raises(UserInputError, match=r"cannot decode planes\.tif \(SeparatePlanesTiff\)$"):  # a search's
+        decode_images(tmp_path, ["planes.tif"], 3, 16)
+    interleaved = io.BytesIO(tiff(samples, 0, order=order))  # the same samples interleaved: read
+    assert open_image(interleaved).size == (40, 6)
+    for other in (data[:4] + b"\xff" * 4, b"II*\x00", b"not an image at all"):  # unidentified, nothing to name
+        with pytest.raises(UnidentifiedImageError):
+            open_image(io.BytesIO(other))

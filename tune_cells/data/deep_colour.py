@@ -1,10 +1,12 @@
 """16-bit colour images (PNG, TIFF; and 16-bit grey PNG with alpha) read at full depth: Pillow has
 no 16-bit colour mode and keeps only the high byte of each sample, so 12-bit data stored in 16 bits
 came out dark. Also the TIFF layouts Pillow would decode to wrong pixels without a word: 16-bit
-premultiplied alpha (read here), and some separate colour planes (refused from the header)."""
+premultiplied alpha (read here), and some separate colour planes (refused from the header, also
+where Pillow cannot identify them)."""
 
 from __future__ import annotations
 
+import struct
 import sys
 from pathlib import Path
 from typing import BinaryIO
@@ -39,6 +41,39 @@ def refuse_misread_planes(image: Image.Image) -> None:
     if 1 in tags.get(EXTRA_SAMPLES, ()) and tags.get(COMPRESSION, 1) == 1:  # ExtraSamples 1: premultiplied alpha
         raise SeparatePlanesTiff("an uncompressed TIFF of separate colour planes (PlanarConfiguration 2) with "
                                  f"premultiplied alpha, not read: {save}")
+
+
+def refuse_unidentified_planes(source: Path | BinaryIO) -> None:
+    """Raise SeparatePlanesTiff for a TIFF that Pillow could not identify whose first page stores
+    separate colour planes (PlanarConfiguration 2): Pillow has no unpacker for some of them (an
+    uncompressed 8-bit one with an unspecified extra sample), and "not a readable image" would not
+    say what to change. Reads the first page's tags only; returns for anything else."""
+    def read(stream: BinaryIO) -> bytes:
+        stream.seek(0)
+        return stream.read(65536)  # the header and a first page's tags, written first by most programs
+
+    if isinstance(source, Path):
+        with open(source, "rb") as stream:
+            head = read(stream)
+    else:
+        head = read(source)
+    order = {b"II*\0": "<", b"MM\0*": ">"}.get(head[:4])
+    if order is None or len(head) < 8:
+        return
+    (at,) = struct.unpack_from(f"{order}I", head, 4)
+    if at + 2 > len(head):
+        return
+    (entries,) = struct.unpack_from(f"{order}H", head, at)
+    for entry in range(entries):
+        offset = at + 2 + 12 * entry
+        if offset + 12 > len(head):
+            return
+        tag, kind = struct.unpack_from(f"{order}HH", head, offset)
+        (value,) = struct.unpack_from(f"{order}H", head, offset + 8)  # a SHORT fills its value's first 2 bytes
+        if tag == PLANAR_CONFIGURATION and kind == 3 and value == 2:
+            raise SeparatePlanesTiff("a TIFF of separate colour planes (PlanarConfiguration 2) in a layout Pillow "
+                                     "cannot read (its extra samples): save it with interleaved samples "
+                                     "(PlanarConfiguration 1), as most programs write TIFF")
 
 
 def _rawmode(tile: Image.ImageFile._Tile) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from tune_cells.data.deep_colour import refuse_misread_planes, sixteen_bit_samples
+from tune_cells.data.deep_colour import refuse_misread_planes, refuse_unidentified_planes, sixteen_bit_samples
 from tune_cells.data.image_refusals import ImageRefused as ImageRefused  # where callers import it from
 from tune_cells.data.image_refusals import ImageTooLarge, MultiPageTiff
 from tune_cells.errors import UserInputError
@@ -41,6 +41,9 @@ def open_image(source: Path | BinaryIO) -> Image.Image:
         image = Image.open(source, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError:  # Pillow's own header check, at twice its MAX_IMAGE_PIXELS
         raise ImageTooLarge(f"image {limit}") from None
+    except UnidentifiedImageError:
+        refuse_unidentified_planes(source)  # SeparatePlanesTiff, named, where Pillow can only say "not an image"
+        raise
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
         image.close()
