@@ -150,14 +150,14 @@ def shutdown() -> None:
 
 def run_search(request: SearchRequest) -> SearchResult:
     try:
-        with forwarding_events(request.name, request.events):  # (the search's callback is made with the rest)
-            return _tune(request)
+        with forwarding_events(request.name, request.events) as events_callback:
+            return _tune(request, events_callback)
     finally:  # the per-search registries forget it, however it ended
         TimeBudget.reached.discard(request.name)
         TimeBudget.seconds_left.pop(request.name, None)
 
 
-def _tune(request: SearchRequest) -> SearchResult:
+def _tune(request: SearchRequest, events_callback: tune.Callback) -> SearchResult:
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
@@ -204,7 +204,7 @@ def _tune(request: SearchRequest) -> SearchResult:
             except FileNotFoundError as exc:  # trial checkpoints deleted since the interruption
                 raise UserInputError(f"--resume: Ray's state under {experiment_path} is incomplete "
                                      f"({Path(exc.filename or str(exc)).name} is missing): start a new search") from None
-    callbacks = [EventsCallback(request.name), PendingTrialsExplainer(),
+    callbacks = [events_callback, PendingTrialsExplainer(),
                  ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode,
                                   search=request.name),
                  *_result_records()]

@@ -6,13 +6,15 @@ where Pillow cannot identify them)."""
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, TiffImagePlugin
 
 from tune_cells.data.image_refusals import SeparatePlanesTiff
 
@@ -47,33 +49,22 @@ def refuse_unidentified_planes(source: Path | BinaryIO) -> None:
     """Raise SeparatePlanesTiff for a TIFF that Pillow could not identify whose first page stores
     separate colour planes (PlanarConfiguration 2): Pillow has no unpacker for some of them (an
     uncompressed 8-bit one with an unspecified extra sample), and "not a readable image" would not
-    say what to change. Reads the first page's tags only; returns for anything else."""
-    def read(stream: BinaryIO) -> bytes:
-        stream.seek(0)
-        return stream.read(65536)  # the header and a first page's tags, written first by most programs
-
-    if isinstance(source, Path):
-        with open(source, "rb") as stream:
-            head = read(stream)
-    else:
-        head = read(source)
-    order = {b"II*\0": "<", b"MM\0*": ">"}.get(head[:4])
-    if order is None or len(head) < 8:
+    say what to change. Reads the first page's tags with Pillow's own TIFF tag reader; returns for
+    anything else."""
+    try:
+        with open(source, "rb") if isinstance(source, (str, os.PathLike)) else nullcontext(source) as stream:
+            stream.seek(0)
+            header = stream.read(8)
+            header += stream.read(8) if header[2:3] == b"+" else b""  # BigTIFF's header is 16 bytes
+            tags = TiffImagePlugin.ImageFileDirectory_v2(header)
+            stream.seek(tags.next)
+            tags.load(stream)
+    except (SyntaxError, OSError, ValueError, EOFError, struct.error):  # no TIFF tags: nothing to name
         return
-    (at,) = struct.unpack_from(f"{order}I", head, 4)
-    if at + 2 > len(head):
-        return
-    (entries,) = struct.unpack_from(f"{order}H", head, at)
-    for entry in range(entries):
-        offset = at + 2 + 12 * entry
-        if offset + 12 > len(head):
-            return
-        tag, kind = struct.unpack_from(f"{order}HH", head, offset)
-        (value,) = struct.unpack_from(f"{order}H", head, offset + 8)  # a SHORT fills its value's first 2 bytes
-        if tag == PLANAR_CONFIGURATION and kind == 3 and value == 2:
-            raise SeparatePlanesTiff("a TIFF of separate colour planes (PlanarConfiguration 2) in a layout Pillow "
-                                     "cannot read (its extra samples): save it with interleaved samples "
-                                     "(PlanarConfiguration 1), as most programs write TIFF")
+    if tags.get(PLANAR_CONFIGURATION) == 2:
+        raise SeparatePlanesTiff("a TIFF of separate colour planes (PlanarConfiguration 2) in a layout Pillow "
+                                 "cannot read (its extra samples): save it with interleaved samples "
+                                 "(PlanarConfiguration 1), as most programs write TIFF")
 
 
 def _rawmode(tile: Image.ImageFile._Tile) -> str:
