@@ -104,7 +104,7 @@ def measure_trials(tracker, result, trial_runs: dict[str, str], mode: str, stagi
     """Measure the best checkpoint of each finished trial (the best `MAX_MEASURED` by validation
     metric), one at a time, and log `param_count`, `latency_ms_per_image` and the device to its run.
     A trial already measured on this device (a resumed promotion) keeps its numbers."""
-    from tune_cells import ray_backend
+    from tune_cells.ray_checkpoints import copy_checkpoint
 
     device = prediction_device()
     label = device_label(device)
@@ -119,7 +119,7 @@ def measure_trials(tracker, result, trial_runs: dict[str, str], mode: str, stagi
         if run.data.tags.get(DEVICE_TAG) == label and LATENCY in run.data.metrics:
             cost = Cost(int(run.data.metrics[PARAMS]), run.data.metrics[LATENCY], label)
         else:
-            folder = ray_backend.copy_checkpoint(trial.best_checkpoint, staging / "latency" / trial.trial_id)
+            folder = copy_checkpoint(trial.best_checkpoint, staging / "latency" / trial.trial_id)
             cost = measure(folder, device)
             shutil.rmtree(folder, ignore_errors=True)
             tracker.log_metrics(run_id, {PARAMS: cost.param_count, LATENCY: cost.latency_ms})

@@ -94,6 +94,8 @@ def _model(f: CardFacts) -> str:
                             f"trained under seeds {tags['ensemble_seeds']} (the first is the trial's)"
                             + _member_runs(tags))]
               if tags.get("ensemble_seeds") else []),
+            *([("Ensemble", f"not built, so this is one network: {tags['ensemble_not_built']}")]
+              if tags.get("ensemble_not_built") else []),
             ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial")
              + (f" ({f.selection})" if is_rule_note(f.selection) else ""))]
     return "## Model\n\n" + _table(("", ""), rows)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tune_cells.failpoints import kill_at
 from tune_cells.paths import WorkDir
 from tune_cells.tracking import CHALLENGER, CHAMPION, NOTE_TAG
 
@@ -43,9 +43,6 @@ class SearchOutcome:
     stopped_by_budget: int = 0  # trials --time-budget stopped before their last epoch
 
 
-FAILPOINT_ENV = "TUNE_CELLS_FAIL_AT"  # tests: kill this process (SIGKILL) at the named promotion step
-
-
 def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], max_epochs: int,
             data, max_latency_ms: float | None = None, retrain=None) -> SearchOutcome:
     """The promotion pipeline of a search (`prep`: its PreparedSearch, `result`: Ray's SearchResult,
@@ -66,7 +63,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     task, name = prep.task, prep.model_name
     staging = prep.workdir.promotion_staging(parent)
     costs = latency.measure_trials(tracker, result, trial_runs, task.mode, staging)
-    _failpoint("measured")
+    kill_at("measured")
     existing = tracker.version_of_search(name, parent)
     overall = result.best_trial_id
     rule = ""
@@ -83,14 +80,14 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
                                          existing.tags.get("ray_trial_id") if existing is not None else None)
     version = _register(tracker, parent, prep, split, result, trial_runs, staging, data,
                         latency.cost_of(costs, result.best_trial_id), max_latency_ms, retrain)
-    _failpoint("registered")
+    kill_at("registered")
     decision = _decide(tracker, name, version, task, max_latency_ms, staging)
-    _failpoint("decided")
+    kill_at("decided")
     if decision.champion:
         tracker.move_champion(name, version, decision.previous)
     else:
         tracker.set_alias(name, CHALLENGER, version)
-    _failpoint("moved")
+    kill_at("moved")
 
     failed = sum(t.failed for t in result.trials)
     ended_early = [t for t in result.trials if not t.failed and t.iterations < max_epochs]
@@ -207,32 +204,34 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
     """The search's registered version: the one an earlier attempt registered, else a new one
     from the best checkpoint, staged in the working folder (not the system's temp folder); tagged
     with its `cost` (latency.Cost) as it predicts."""
-    from tune_cells import ray_backend
     from tune_cells.analysis.latency import allows_tta, version_cost_tags
     from tune_cells.model_io import strip_training_state
+    from tune_cells.ray_checkpoints import copy_checkpoint
 
     task = prep.task
     existing = tracker.version_of_search(prep.model_name, parent)
     if existing is not None:
         return str(existing.version)
-    checkpoint = ray_backend.copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
+    checkpoint = copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
     strip_training_state(checkpoint)
     best_run = trial_runs.get(result.best_trial_id, "")
-    ensemble = _ensemble(task, checkpoint, data, max_latency_ms, retrain, staging,
-                         {"retrain_of_trial_run_id": best_run, "retrain_of_ray_trial_id": result.best_trial_id})
-    if not ensemble:
+    ensemble, not_built = _ensemble(task, checkpoint, data, max_latency_ms, retrain, staging,
+                                    {"retrain_of_trial_run_id": best_run, "retrain_of_ray_trial_id": result.best_trial_id})
+    if not ensemble and not not_built:  # (a failed retrain's run stays, FAILED, to say why)
         _supersede_unused_members(tracker, parent)
-    else:
+    elif ensemble:
         checkpoint = staging / "ensemble"
         cost = replace(cost, param_count=cost.param_count * len(ensemble),
                        latency_ms=cost.latency_ms * len(ensemble)) if cost is not None else None
     allow_tta = allows_tta(cost, max_latency_ms)
     chosen = {"validation_score": result.best_metric, **task.kind.finalize(checkpoint, data, allow_tta=allow_tta)}
+    if not_built:
+        chosen["ensemble_not_built"] = not_built[:500]
     if ensemble:
         chosen["ensemble_seeds"] = ",".join(map(str, ensemble))
         chosen["ensemble_member_run_ids"] = _member_run_ids(tracker, parent, best_run, ensemble)
     chosen.update(version_cost_tags(cost, str(chosen.get("tta", "none")), max_latency_ms))
-    _failpoint("staged")
+    kill_at("staged")
     return tracker.log_model(best_run or parent, checkpoint, prep.model_name, tags={
         "task": task.name, "search_run_id": parent, "trial_run_id": best_run, "ray_trial_id": result.best_trial_id,
         "epoch": result.best_epoch, task.metric: f"{result.best_metric:.6f}", "data_root": str(prep.index.root),
@@ -242,11 +241,14 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
 
 
 def _ensemble(task, checkpoint: Path, data, max_latency_ms: float | None, retrain, staging: Path,
-              retrains_of: dict) -> list[int]:
+              retrains_of: dict) -> tuple[list[int], str]:
     """The members' seeds where the promoted configuration asks for an ensemble (`ensemble: N`),
     built in `staging`/ensemble from `checkpoint` and its retrains (their MLflow runs tagged with
-    `retrains_of`); [] where it stays one network."""
+    `retrains_of`); [] where it stays one network, with why where a retrain failed: the champion
+    trained and validated, so it is promoted alone rather than not at all (a resume would only
+    repeat a diverging seed)."""
     from tune_cells.analysis import seed_ensemble
+    from tune_cells.errors import RetrainFailed
     from tune_cells.model_io import load_spec
 
     size = seed_ensemble.ensemble_size(task.kind, load_spec(checkpoint).config)
@@ -254,10 +256,15 @@ def _ensemble(task, checkpoint: Path, data, max_latency_ms: float | None, retrai
     if reason or size <= 1 or retrain is None:
         if reason:
             log.info("%s", reason)
-        return []
-    members = seed_ensemble.extend_with_retrains(checkpoint, size, retrain, staging / "ensemble", retrains_of)
-    _failpoint("ensembled")
-    return members
+        return [], ""
+    try:
+        members = seed_ensemble.extend_with_retrains(checkpoint, size, retrain, staging / "ensemble", retrains_of)
+    except RetrainFailed as exc:
+        not_built = f"ensemble: {size}: {exc}"
+        log.warning("%s; the champion is promoted as one network", not_built)
+        return [], not_built
+    kill_at("ensembled")
+    return members, ""
 
 
 def _supersede_unused_members(tracker, parent: str) -> None:
@@ -280,15 +287,6 @@ def _member_run_ids(tracker, parent: str, champion_run: str, seeds: list[int]) -
                                         finished_only=True)
     by_seed = retrain_runs_by_seed(retrains)
     return ",".join([champion_run, *(by_seed.get(seed, "") for seed in seeds[1:])])
-
-
-def _failpoint(step: str) -> None:
-    """A crash at `step` (tests): the whole process group when this process leads it (the driver
-    and the Ray it started, as a power cut would), else this process alone."""
-    if os.environ.get(FAILPOINT_ENV) == step:
-        if os.getpgrp() == os.getpid():
-            os.killpg(os.getpid(), signal.SIGKILL)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def export_best_config(prep, parent: str, result) -> Path:

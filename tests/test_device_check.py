@@ -44,19 +44,19 @@ def test_epochs_not_offered_for_promotion_rank_below_every_offered_one():
     """A weight-averaging trial offers only its averages: Ray keeps and the search promotes by
     PROMOTION_SCORE, so a first-half epoch scoring 0.81 on two fields loses to an average at 0.79."""
     from tune_cells.promotion_rank import PROMOTION_SCORE, promotion_score
-    from tune_cells.ray_backend import _best_of
+    from tune_cells.ray_checkpoints import best_kept_checkpoint
 
     policy = CheckpointPolicy("val_dice", "max", every=10, last_epoch=10)
     reports = [(0.81, False), (0.75, True), (0.79, True), (0.78, True)]
     scored = [{"val_dice": v, "training_iteration": e, PROMOTION_SCORE: promotion_score(v, "max", offered)}
               for e, (v, offered) in enumerate(reports, start=1)]
     assert [policy.decide(m["training_iteration"], m) for m in scored] == ["weights", "weights", "weights", None]
-    best = _best_of([(f"ckpt-{m['training_iteration']}", m) for m in scored], "val_dice", "max")
+    best = best_kept_checkpoint([(f"ckpt-{m['training_iteration']}", m) for m in scored], "val_dice", "max")
     assert (best["best_checkpoint"], best["best_metric"], best["best_epoch"]) == ("ckpt-3", 0.79, 3)
     # a trial stopped before its first average is ranked by its metric; checkpoints of older trials have no score
-    assert _best_of([("a", scored[0]), ("b", {"val_dice": 0.7, PROMOTION_SCORE: promotion_score(0.7, "max", False)})],
+    assert best_kept_checkpoint([("a", scored[0]), ("b", {"val_dice": 0.7, PROMOTION_SCORE: promotion_score(0.7, "max", False)})],
                     "val_dice", "max")["best_checkpoint"] == "a"
-    assert _best_of([("a", {"val_loss": 0.3}), ("b", {"val_loss": 0.2})], "val_loss", "min")["best_checkpoint"] == "b"
+    assert best_kept_checkpoint([("a", {"val_loss": 0.3}), ("b", {"val_loss": 0.2})], "val_loss", "min")["best_checkpoint"] == "b"
 
 
 def test_the_report_reads_a_trial_best_as_promotion_ranks_it():

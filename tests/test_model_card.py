@@ -190,3 +190,6 @@ def test_an_ensembles_card_names_each_members_seed_and_mlflow_run():
     assert ensemble_row("trialrun,,retrain2").endswith(  # promotion's '' for a member without a finished run
         "seed 7 run `trialrun`, seed 107 no finished run, seed 207 run `retrain2` |")
     assert ensemble_row("trialrun,retrain1") == before  # tags that disagree: no pairing guessed
+    failed = {"ensemble_not_built": "ensemble: 2: the retrain under seed 107 failed: diverged at epoch 1"}
+    assert ("| Ensemble | not built, so this is one network: ensemble: 2: the retrain under seed 107 failed: "
+            "diverged at epoch 1 |") in _model(dataclasses.replace(facts, version_tags=failed)).splitlines()

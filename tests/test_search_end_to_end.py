@@ -247,6 +247,7 @@ params:
   lr: {float: [1.0e-3, 1.0e+20], log: true}
   batch_size: 32
   image_size: {choices: [32, 200000]}
+  ensemble: 2  # its retrain under seed 100 diverges (the failpoint below)
 initial_points:
   - {lr: 0.003, image_size: 32}
   - {lr: 1.0e+20, image_size: 32}  # BatchNorm keeps lr 1e6 finite; 1e20 overflows in the first steps
@@ -255,12 +256,17 @@ initial_points:
 
 
 def test_failing_trials_fail_with_their_reasons_and_the_search_goes_on(tmp_path):
+    """Also the champion's ensemble retrain (`ensemble: 2`, seed 0 + 100) diverging: the champion
+    is promoted as one network, saying why; the retrain's run stays, FAILED."""
     (tmp_path / "space.yaml").write_text(FAILING_SPACE)
     result = cli_subprocess(["search", "nuclei", "--samples", 3, "--max-epochs", 2, "--max-concurrent", 1,
                              "--space", tmp_path / "space.yaml", "--workdir", tmp_path / "w", "--no-evaluate"],
-                            cwd=tmp_path)
+                            cwd=tmp_path, env_extra={"TUNE_CELLS_FAIL_AT": "diverge:seed100"})
     assert result.code == 0, result.err[-2000:]
     assert "3 trials (0 stopped early by ASHA, 2 failed)" in result.out
+    not_built = ("ensemble: 2: the retrain under seed 100 failed: diverged at epoch 1: training loss became nan "
+                 "(failpoint diverge:seed100)")
+    assert f"{not_built}; the champion is promoted as one network" in result.err
     client = store_client(tmp_path / 'w' / 'mlflow.db')
     experiment = client.get_experiment_by_name("tune-cells-nuclei-demo")
     trials = by_type(client.search_runs([experiment.experiment_id]), "trial")
@@ -272,3 +278,6 @@ def test_failing_trials_fail_with_their_reasons_and_the_search_goes_on(tmp_path)
     champion = client.get_model_version_by_alias("tune-cells-nuclei-demo", "champion")
     (finished,) = [t for t in trials if t.info.status == "FINISHED"]
     assert champion.tags["trial_run_id"] == finished.info.run_id
+    assert champion.tags["ensemble_not_built"] == not_built and "ensemble_seeds" not in champion.tags
+    (retrain,) = by_type(client.search_runs([experiment.experiment_id]), "retrain")
+    assert (retrain.info.status, retrain.data.tags["seed"]) == ("FAILED", "100")

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from tune_cells.config import TrainerConfig
+from tune_cells.failpoints import armed
 from tune_cells.model_io import ModelSpec, restore_training, save_checkpoint, save_spec
 from tune_cells.paths import checkpoint_staging_dir
 from tune_cells.promotion_rank import PROMOTION_SCORE, checkpoint_rank, promotion_score
@@ -234,6 +235,8 @@ class TrialTrainer(ABC):
         self.prepare_epoch()
         lr = self.optimizer.param_groups[0]["lr"]
         try:
+            if armed(f"diverge:seed{self.seed}"):  # the fault tests' unlucky seed
+                raise NonFiniteLossError(f"training loss became nan (failpoint diverge:seed{self.seed})")
             trained = self.train_epoch()
         except NonFiniteLossError as exc:
             self.session.report_failure(f"diverged at epoch {epoch}: {exc}", self.metric_keys[:4])

@@ -26,3 +26,12 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class RetrainFailed(RuntimeError):
+    """A retrain of a fixed configuration under another seed (an ensemble's member, `evaluate
+    --seeds`) failed, diverged or kept no checkpoint with a finite metric."""
+
+    def __init__(self, seed: int, reason: str):
+        super().__init__(f"the retrain under seed {seed} failed: {reason}")
+        self.seed = seed

@@ -18,7 +18,8 @@ import ray
 from ray import tune
 
 from tune_cells.errors import UserInputError
-from tune_cells.promotion_rank import PROMOTION_SCORE, checkpoint_rank, trial_rank
+from tune_cells.promotion_rank import PROMOTION_SCORE, trial_rank
+from tune_cells.ray_checkpoints import best_kept_checkpoint, result_record_callbacks
 from tune_cells.ray_events import (  # noqa: F401  (TrialEvents: re-exported)
     EventsCallback,
     TrialEvents,
@@ -207,7 +208,7 @@ def _tune(request: SearchRequest, events_callback: tune.Callback) -> SearchResul
     callbacks = [events_callback, PendingTrialsExplainer(),
                  ProgressReporter(request.samples, request.max_epochs, request.metric, request.mode,
                                   search=request.name),
-                 *_result_records()]
+                 *result_record_callbacks()]
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -247,12 +248,6 @@ def finished_search(experiment_path: str, metric: str, mode: str) -> SearchResul
                       metric, mode)
 
 
-def copy_checkpoint(checkpoint: tune.Checkpoint, destination: Path) -> Path:
-    """A local copy of a checkpoint, wherever Ray stored it (a local folder, s3://, NFS)."""
-    destination.mkdir(parents=True, exist_ok=True)
-    return Path(checkpoint.to_directory(str(destination)))
-
-
 @contextmanager
 def _pending_trials(request: SearchRequest) -> Iterator[None]:
     """Let Tune start as many trials at once as there are free slots for them.
@@ -271,13 +266,6 @@ def _pending_trials(request: SearchRequest) -> Iterator[None]:
         yield
     finally:
         del os.environ["TUNE_MAX_PENDING_TRIALS_PG"]
-
-
-def _result_records() -> list:
-    """Tune's per-trial result files (result.json, progress.csv): every reported result, on disk."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    return [JsonLoggerCallback(), CSVLoggerCallback()]
 
 
 def can_resume(storage_path: str, name: str) -> bool:
@@ -304,7 +292,7 @@ def _summarise(results, metric: str, mode: str, request: SearchRequest | None = 
                 failed=failed,
                 error=first_error_line(result.error) or metrics.get("failure"),
                 last_result=metrics,
-                **({} if failed else _best_of(result.best_checkpoints or [], metric, mode)),
+                **({} if failed else best_kept_checkpoint(result.best_checkpoints or [], metric, mode)),
             )
         )
     scored = [r for r in results if r.error is None and r.best_checkpoints]
@@ -332,15 +320,3 @@ def _summarise(results, metric: str, mode: str, request: SearchRequest | None = 
         stopped_by_time_budget=[t.trial_id for t in trials if reached and not t.failed and t.trial_id in live],
         best_metrics=dict(best.best_metrics),
     )
-
-
-def _best_of(checkpoints: list, metric: str, mode: str) -> dict:
-    """A trial's best kept checkpoint by PROMOTION_SCORE (NaN never best), as TrialSummary fields."""
-    import math
-
-    scored = [(c, m) for c, m in checkpoints if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])]
-    if not scored:
-        return {}
-    checkpoint, metrics = max(scored, key=lambda pair: checkpoint_rank(pair[1], metric, mode))
-    return {"best_checkpoint": checkpoint, "best_metric": float(metrics[metric]),
-            "best_epoch": int(metrics.get("training_iteration", 0)), "best_metrics": dict(metrics)}

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
+from tune_cells.errors import RetrainFailed
 from tune_cells.promotion_rank import PROMOTION_SCORE
-from tune_cells.ray_backend import _best_of, _result_records, copy_checkpoint
+from tune_cells.ray_checkpoints import best_kept_checkpoint, copy_checkpoint, result_record_callbacks
 from tune_cells.ray_events import TrialEvents, first_error_line, forwarding_events
 from tune_cells.ray_progress import stop_on_signals
 from tune_cells.resources import TrialResources, retrain_resources
@@ -34,8 +35,9 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
     """Train one fixed configuration once per seed (a grid over `seed`, no searcher, no early stop)
     and return each run's best epoch by PROMOTION_SCORE (its metric), as the search's promotion picks it,
     copied into `into`/seed<N> (default: the system's temporary folder). Ctrl-C or SIGTERM raises
-    Interrupted once Tune has stopped: half-trained runs are never returned as finished. `events`
-    gets each retrain's start, epochs and end, as a search's sink gets its trials' (their MLflow runs)."""
+    Interrupted once Tune has stopped: half-trained runs are never returned as finished; a retrain
+    that failed or diverged raises RetrainFailed. `events` gets each retrain's start, epochs and
+    end, as a search's sink gets its trials' (their MLflow runs)."""
     runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
                                    lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
     with forwarding_events(name, events) as forwarding:
@@ -44,7 +46,7 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
             param_space={**config, "seed": tune.grid_search(list(seeds))},
             tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
-                                      callbacks=[forwarding, *_result_records()],
+                                      callbacks=[forwarding, *result_record_callbacks()],
                                       failure_config=tune.FailureConfig(max_failures=2),
                                       checkpoint_config=tune.CheckpointConfig(
                                           num_to_keep=1, checkpoint_score_attribute=PROMOTION_SCORE,
@@ -54,12 +56,15 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
             results = tuner.fit()
     runs = []
     for result in results:
-        if result.error is not None or not result.best_checkpoints:
-            raise RuntimeError(f"seed {result.config.get('seed')} failed: {first_error_line(result.error)}")
-        best = _best_of(result.best_checkpoints, metric, mode)  # as a search's trial (Ray may also keep the latest)
-        if not best:
-            raise RuntimeError(f"seed {result.config.get('seed')}: no checkpoint with a finite {metric}")
         seed = int(result.config["seed"])
+        # a diverged retrain ends without an error but reports its failure (its earlier epochs' checkpoints
+        # would make a half-trained member): failed, as a diverged trial is never promoted
+        failure = first_error_line(result.error) or (result.metrics or {}).get("failure")
+        if failure:
+            raise RetrainFailed(seed, failure)
+        best = best_kept_checkpoint(result.best_checkpoints or [], metric, mode)  # as a search's trial's
+        if not best:
+            raise RetrainFailed(seed, f"no checkpoint with a finite {metric}")
         folder = (copy_checkpoint(best["best_checkpoint"], into / f"seed{seed}") if into is not None
                   else Path(best["best_checkpoint"].to_directory()))
         runs.append(SeedRun(seed, best["best_metric"], best["best_epoch"], folder))
