@@ -44,25 +44,41 @@ def epochs_reported(db: Path) -> int:
         return 0
 
 
-def test_the_budget_stops_running_trials_and_the_champion_is_promoted_from_what_they_reported(tmp_path):
-    """Also across a resume: promotion first refuses every trial (--max-latency-ms), and `--resume`
-    under another latency budget promotes without training; the budget's bookkeeping, which lived in
-    the first process, is read back from the trial runs (the trial it stopped is not ASHA's, the two
-    it never started are no trials)."""
-    refused = search(tmp_path, 0.5, "--max-latency-ms", "0.000001")
+def test_a_budgeted_search_interrupted_and_resumed_ends_on_its_budget_and_promotes_from_what_was_reported(tmp_path):
+    """Ctrl-C after the first trial has reported epochs, then `--resume` with the same budget (a
+    resume must repeat it): the budget runs out in the resumed process, which stops the running
+    trial and starts no other. Its promotion refuses every trial (--max-latency-ms), so a second
+    `--resume` under another latency budget promotes without training, reading the budget's
+    bookkeeping back from the trial runs (the trial it stopped is not ASHA's, the two it never
+    started are no trials): one search, one champion."""
+    (tmp_path / "space.yaml").write_text(SPACE)
+    env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "tune_cells", *arguments(0.75)]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        db = tmp_path / "w" / "mlflow.db"
+        wait_for(lambda: "RUNNING" in trial_statuses(db) and epochs_reported(db) >= 2)
+        os.kill(first.pid, signal.SIGINT)
+        assert first.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    refused = cli_subprocess([*arguments(0.75), "--resume", "--max-latency-ms", "0.000001"], cwd=tmp_path)
     assert refused.code == 2, refused.err[-3000:]
-    assert "time budget of 0.5 min reached: running trials stopped at their last epoch (1), trials never started " \
+    assert "time budget of 0.75 min reached: running trials stopped at their last epoch (1), trials never started " \
            "(2 of 3)" in refused.err
-    result = cli_subprocess([*arguments(0.5), "--max-latency-ms", "100000", "--resume"], cwd=tmp_path)
+    result = cli_subprocess([*arguments(0.75), "--max-latency-ms", "100000", "--resume"], cwd=tmp_path)
     assert result.code == 0, result.err[-3000:]
     assert "1 trials (0 stopped early by ASHA, 1 by the time budget, 0 failed)" in result.out
     assert "Promoted: models:/tune-cells-nuclei-demo@champion" in result.out
 
-    client = store_client(tmp_path / "w" / "mlflow.db")
+    client = store_client(db)
     runs = client.search_runs([client.get_experiment_by_name("tune-cells-nuclei-demo").experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("tune_cells.run_type") == "search")
+    parents = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "search"]
     trials = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "trial"]
-    assert parent.data.params["time_budget"] == "0.5"
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert parent.data.params["time_budget"] == "0.75"
+    assert not [t for t in trials if t.info.status == "RUNNING"]
     ended = [t for t in trials if t.data.tags.get("stopped_by_time_budget") == "true"]
     assert len(ended) == len(trials) == parent.data.metrics["trials"] == 1
     assert parent.data.metrics["trials_stopped_by_time_budget"] == 1 and ended[0].info.status == "FINISHED"
@@ -79,35 +95,3 @@ def test_a_budget_no_trial_can_report_in_is_one_line_and_promotes_nothing(tmp_pa
                                                    "epoch within it; nothing promoted (give it more minutes)")
     client = store_client(tmp_path / "w" / "mlflow.db")
     assert not client.search_registered_models()
-
-
-def test_a_budgeted_search_interrupted_and_resumed_ends_on_its_budget_as_one_search(tmp_path):
-    """Ctrl-C after the first trial has reported epochs, then `--resume` with the same budget (a resume
-    must repeat it): the resumed search ends on the budget, as one search with one champion."""
-    (tmp_path / "space.yaml").write_text(SPACE)
-    env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "tune_cells", *arguments(0.75)]
-    with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-        db = tmp_path / "w" / "mlflow.db"
-        wait_for(lambda: "RUNNING" in trial_statuses(db) and epochs_reported(db) >= 2)
-        os.kill(first.pid, signal.SIGINT)
-        assert first.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
-    resumed = cli_subprocess([*arguments(0.75), "--resume"], cwd=tmp_path)
-    assert resumed.code == 0, resumed.err[-3000:]
-    assert "time budget of 0.75 min reached: running trials stopped at their last epoch (1)" in resumed.err
-    assert "Promoted: models:/tune-cells-nuclei-demo@champion" in resumed.out
-    # the budget ran out in this process: its own bookkeeping, not the trial runs', counts
-    assert "(0 stopped early by ASHA, 1 by the time budget, 0 failed)" in resumed.out, resumed.out
-
-    client = store_client(db)
-    runs = client.search_runs([client.get_experiment_by_name("tune-cells-nuclei-demo").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "search"]
-    trials = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "trial"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert parents[0].data.params["time_budget"] == "0.75"
-    assert not [t for t in trials if t.info.status == "RUNNING"]
-    assert [t.data.tags.get("stopped_by_time_budget") for t in trials].count("true") == 1
-
