@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ class SeedsEvaluation:
     table: pd.DataFrame  # metric, champion, ci_low, ci_high, mean, sd, seed_<n>...
     seeds: list[int]
     ci_note: str = ""  # why the champion has no bootstrap CI (too few test groups)
+    failed: dict[int, str] = field(default_factory=dict)  # seed → why its retrain failed (not in the mean)
 
 
 def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot: int = 1000,
@@ -83,7 +84,18 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         ray_backend.shutdown()
     # seed → each network's MLflow run (a retrained ensemble's members each have theirs)
     retrain_run_ids = retrain_runs_by_seed(tracker.get_run(run_id) for run_id in retrain_recorder.runs.values())
-    runs = _as_ensembles(trained, members) if size > 1 else trained
+    # A seed whose retrain (or one of whose ensemble's) failed or diverged is reported, not scored:
+    # the other seeds' training is kept. None trained: nothing to report.
+    failed = _failed_seeds(members, trained.failed)
+    if len(failed) == len(seeds):
+        trained.raise_first_failure()
+    kept = [seed for seed in seeds if seed not in failed]
+    networks_kept = {m for seed in kept for m in members[seed]}
+    trained_kept = [run for run in trained.trained if run.seed in networks_kept]
+    runs = _as_ensembles(trained_kept, {seed: members[seed] for seed in kept}) if size > 1 else trained_kept
+    for run in trained.trained:  # a failed seed's other members are not scored
+        if run.seed not in networks_kept:
+            shutil.rmtree(run.checkpoint, ignore_errors=True)
 
     scorer = task.kind.test_scorer(reader, n_boot)
     champion_scores, intervals = scorer.score(champion, with_intervals=True)
@@ -100,7 +112,8 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         "ci_low": [intervals.get(key, (np.nan, np.nan))[0] for key in keys],
         "ci_high": [intervals.get(key, (np.nan, np.nan))[1] for key in keys],
         "mean": [float(np.mean([s[key] for s in per_seed])) for key in keys],
-        "sd": [float(np.std([s[key] for s in per_seed], ddof=1)) if len(per_seed) > 1 else 0.0 for key in keys],
+        "sd": [float(np.std([s[key] for s in per_seed], ddof=1)) if len(per_seed) > 1 else float("nan")
+               for key in keys],
         **{f"seed_{run.seed}": [scores[key] for key in keys] for run, scores in zip(runs, per_seed)},
     })
 
@@ -116,7 +129,11 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     try:
         tracker.log_params(run_id, {"model_uri": model_uri, "seeds": ",".join(map(str, seeds)), "retrains": k,
                                     "max_epochs": max_epochs, "split_sha256": split.sha256,
-                                    "best_epochs": ",".join(str(r.best_epoch) for r in runs)})
+                                    "best_epochs": ",".join(str(r.best_epoch) for r in runs),
+                                    "failed_seeds": ",".join(map(str, failed)) or "none"})
+        if failed:
+            tracker.set_tags(run_id, {"failed_retrains": "; ".join(f"seed {seed}: {why}"
+                                                                   for seed, why in failed.items())[:5000]})
         tracker.log_metrics(run_id, {**{f"{m}_seed_mean": v for m, v in zip(table["metric"], table["mean"])},
                                      **{f"{m}_seed_sd": v for m, v in zip(table["metric"], table["sd"])}})
         with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +147,18 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         shutil.rmtree(run.checkpoint, ignore_errors=True)
     from tune_cells.analysis.metrics import too_few_groups
 
-    return SeedsEvaluation(run_id, table, seeds, too_few_groups(scorer.groups))
+    return SeedsEvaluation(run_id, table, seeds, too_few_groups(scorer.groups), failed)
+
+
+def _failed_seeds(members: dict[int, list[int]], failed_networks: dict[int, str]) -> dict[int, str]:
+    """Seed → why, for each seed whose network (or one of its ensemble's networks) failed."""
+    failed = {}
+    for seed, networks in members.items():
+        reasons = [(network, failed_networks[network]) for network in networks if network in failed_networks]
+        if reasons:
+            failed[seed] = "; ".join(why if network == seed and len(networks) == 1 else f"seed {network}: {why}"
+                                     for network, why in reasons)
+    return failed
 
 
 def _as_ensembles(trained: list, members: dict[int, list[int]]) -> list:
@@ -148,10 +176,15 @@ def _as_ensembles(trained: list, members: dict[int, list[int]]) -> list:
 
 
 def format_seeds_table(result: SeedsEvaluation) -> str:
-    rows = [f"{'metric':<32}{'champion':>9}   {'95% CI (bootstrap)':<18}  mean ± sd over {len(result.seeds)} retrains"]
+    scored = len(result.seeds) - len(result.failed)
+    rows = [f"{'metric':<32}{'champion':>9}   {'95% CI (bootstrap)':<18}  mean ± sd over {scored} retrains"]
     for row in result.table.itertuples(index=False):
         interval = f"[{row.ci_low:.4f}, {row.ci_high:.4f}]" if np.isfinite(row.ci_low) else ""
-        rows.append(f"{row.metric:<32}{row.champion:>9.4f}   {interval:<18}  {row.mean:.4f} ± {row.sd:.4f}")
+        sd = f"{row.sd:.4f}" if np.isfinite(row.sd) else "n/a (one retrain)"
+        rows.append(f"{row.metric:<32}{row.champion:>9.4f}   {interval:<18}  {row.mean:.4f} ± {sd}")
     if result.ci_note:
         rows.append(f"{result.ci_note[:1].upper()}{result.ci_note[1:]}.")
+    for seed, why in result.failed.items():
+        rows.append(f"The retrain under seed {seed} failed ({why}): not in the mean, which is over the {scored} "
+                    f"of {len(result.seeds)} that trained.")
     return "\n".join(rows)

@@ -62,16 +62,22 @@ def test_explain_writes_an_attribution_grid_per_image(searched):
 
 
 def test_seeds_report_mean_and_sd_beside_the_champion(searched):
+    """Three retrains (the champion's seed 3 + 1000, 1001, 1002), one of which diverges (a
+    failpoint): the other two are scored and reported, the third is named with why."""
     storage = searched["root"] / "seeds-storage"  # where a cluster's shared storage would be
-    result = cli_subprocess(["evaluate", "nuclei", "--seeds", 2, "--bootstrap", 100, "--workdir", searched["workdir"],
-                             "--storage", storage], cwd=searched["root"])
+    result = cli_subprocess(["evaluate", "nuclei", "--seeds", 3, "--bootstrap", 100, "--workdir", searched["workdir"],
+                             "--storage", storage], cwd=searched["root"], env_extra={"TUNE_CELLS_FAIL_AT": "diverge:seed1004"})
     assert result.code == 0, result.err[-2000:]
     assert [p.name for p in storage.iterdir()][0].startswith("seeds-")  # the retrains' Ray experiment
+    assert "retrained under seeds 1003, 1004, 1005" in result.out and "mean ± sd over 2 retrains" in result.out
     row = next(line for line in result.out.splitlines() if line.startswith("test_accuracy"))
     assert "±" in row and "[" in row
+    assert ("The retrain under seed 1004 failed (diverged at epoch 1: training loss became nan (failpoint "
+            "diverge:seed1004)): not in the mean, which is over the 2 of 3 that trained.") in result.out
     runs = searched["client"].search_runs([searched["experiment"].experiment_id],
                                           "tags.evaluation_kind = 'seeds'")
-    assert len(runs) == 1 and runs[0].data.params["retrains"] == "2"
+    assert len(runs) == 1 and runs[0].data.params["retrains"] == "3" and runs[0].data.params["failed_seeds"] == "1004"
+    assert runs[0].data.tags["failed_retrains"].startswith("seed 1004: diverged at epoch 1")
     assert 0 <= runs[0].data.metrics["test_accuracy_seed_mean"] <= 1
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,15 +29,27 @@ class SeedRun:
     checkpoint: Path  # a local copy of its best-epoch checkpoint
 
 
+@dataclass
+class SeedRuns:
+    trained: list[SeedRun]  # by seed
+    failed: dict[int, str] = field(default_factory=dict)  # seed → why it failed, diverged or kept no checkpoint
+
+    def raise_first_failure(self) -> None:
+        if self.failed:
+            seed = min(self.failed)
+            raise RetrainFailed(seed, self.failed[seed])
+
+
 def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], config: dict, seeds: list[int],
               metric: str, mode: str, trial_resources: Callable[[dict], dict[str, float]], storage_path: str,
-              name: str, into: Path | None = None, events: TrialEvents | None = None) -> list[SeedRun]:
+              name: str, into: Path | None = None, events: TrialEvents | None = None) -> SeedRuns:
     """Train one fixed configuration once per seed (a grid over `seed`, no searcher, no early stop)
     and return each run's best epoch by PROMOTION_SCORE (its metric), as the search's promotion picks it,
     copied into `into`/seed<N> (default: the system's temporary folder). Ctrl-C or SIGTERM raises
-    Interrupted once Tune has stopped: half-trained runs are never returned as finished; a retrain
-    that failed or diverged raises RetrainFailed. `events` gets each retrain's start, epochs and
-    end, as a search's sink gets its trials' (their MLflow runs)."""
+    Interrupted once Tune has stopped: half-trained runs are never returned as finished. A retrain
+    that failed or diverged is returned in `failed`, with why: the others' training is kept.
+    `events` gets each retrain's start, epochs and end, as a search's sink gets its trials' (their
+    MLflow runs)."""
     runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
                                    lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
     with forwarding_events(name, events) as forwarding:
@@ -54,21 +66,21 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
         )
         with stop_on_signals():
             results = tuner.fit()
-    runs = []
+    runs = SeedRuns([])
     for result in results:
         seed = int(result.config["seed"])
         # a diverged retrain ends without an error but reports its failure (its earlier epochs' checkpoints
-        # would make a half-trained member): failed, as a diverged trial is never promoted
+        # would make a half-trained model): failed, as a diverged trial is never promoted
         failure = first_error_line(result.error) or (result.metrics or {}).get("failure")
-        if failure:
-            raise RetrainFailed(seed, failure)
-        best = best_kept_checkpoint(result.best_checkpoints or [], metric, mode)  # as a search's trial's
+        best = {} if failure else best_kept_checkpoint(result.best_checkpoints or [], metric, mode)  # as a trial's
         if not best:
-            raise RetrainFailed(seed, f"no checkpoint with a finite {metric}")
+            runs.failed[seed] = failure or f"no checkpoint with a finite {metric}"
+            continue
         folder = (copy_checkpoint(best["best_checkpoint"], into / f"seed{seed}") if into is not None
                   else Path(best["best_checkpoint"].to_directory()))
-        runs.append(SeedRun(seed, best["best_metric"], best["best_epoch"], folder))
-    return sorted(runs, key=lambda r: r.seed)
+        runs.trained.append(SeedRun(seed, best["best_metric"], best["best_epoch"], folder))
+    runs.trained.sort(key=lambda r: r.seed)
+    return runs
 
 
 def member_retrainer(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], metric: str, mode: str,
@@ -87,6 +99,7 @@ def member_retrainer(trainable: Callable[..., None], trainable_kwargs: dict[str,
             runs = run_seeds(trainable, trainable_kwargs, config, seeds, metric, mode,
                              retrain_resources(resources, len(seeds), address), storage_path,
                              f"{name}-ensemble-{time.strftime('%Y%m%d-%H%M%S')}", into, events)
-        return [(run.seed, run.checkpoint) for run in runs]
+        runs.raise_first_failure()  # an ensemble needs every member
+        return [(run.seed, run.checkpoint) for run in runs.trained]
 
     return retrain
