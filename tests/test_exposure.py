@@ -129,9 +129,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, int]:
-    """MLflow's tracking server on 127.0.0.1 (it ignores basic-auth credentials)."""
-    port = free_port()
+def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """MLflow's tracking server on 127.0.0.1 (it ignores basic-auth credentials), its store in
+    `folder` (a second start on the same `port` serves the same store again)."""
+    port = port or free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{folder}/server.db"],

@@ -35,3 +35,8 @@ class RetrainFailed(RuntimeError):
     def __init__(self, seed: int, reason: str):
         super().__init__(f"the retrain under seed {seed} failed: {reason}")
         self.seed = seed
+
+
+class TrackingLost(RuntimeError):
+    """The MLflow tracking server stopped answering (after MLflow's own retries): nothing more can
+    be recorded, so the command stops rather than waiting minutes on every further call."""
