@@ -156,8 +156,7 @@ def _failed_seeds(members: dict[int, list[int]], failed_networks: dict[int, str]
     for seed, networks in members.items():
         reasons = [(network, failed_networks[network]) for network in networks if network in failed_networks]
         if reasons:
-            failed[seed] = "; ".join(why if network == seed and len(networks) == 1 else f"seed {network}: {why}"
-                                     for network, why in reasons)
+            failed[seed] = "; ".join(why if len(networks) == 1 else f"seed {network}: {why}" for network, why in reasons)
     return failed
 
 

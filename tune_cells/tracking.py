@@ -67,7 +67,7 @@ class Tracker(RegistryMixin):
     def client(self) -> MlflowClient:
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-            if urlparse(self.tracking_uri).scheme in ("http", "https"):  # a server that may stop answering
+            if not is_local_store(self.tracking_uri):  # a server that may stop answering
                 from tune_cells.tracking_guard import LostServerGuard
 
                 self._client = LostServerGuard(self._client, self.tracking_uri)
