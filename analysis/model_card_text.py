@@ -94,6 +94,10 @@ def _model(f: CardFacts) -> str:
                             f"trained under seeds {tags['ensemble_seeds']} (the first is the trial's)"
                             + _member_runs(tags))]
               if tags.get("ensemble_seeds") else []),
+            *([("Ensemble", f"the mean of {len(tags['ensemble_trials'].split(','))} networks: the promoted trial "
+                            f"and the search's next-best trials that trained every epoch: {tags['ensemble_trials']}"
+                            + _member_runs(tags, "ensemble_trials", "trial"))]
+              if tags.get("ensemble_trials") else []),
             *([("Ensemble", f"not built, so this is one network: {tags['ensemble_not_built']}")]
               if tags.get("ensemble_not_built") else []),
             ("Chosen by", f.search_params.get("promotion_policy", "the search's best trial")
@@ -101,14 +105,15 @@ def _model(f: CardFacts) -> str:
     return "## Model\n\n" + _table(("", ""), rows)
 
 
-def _member_runs(tags: dict[str, str]) -> str:
+def _member_runs(tags: dict[str, str], members_tag: str = "ensemble_seeds", noun: str = "seed") -> str:
     """"; their MLflow runs: seed S run `ID`, ..." from the version's `ensemble_member_run_ids` (in
-    `ensemble_seeds`' order; promotion writes '' for a member without a finished run). "" for a
+    `members_tag`'s order; promotion writes '' for a member without a finished run). "" for a
     version promoted before the tag, or one whose two tags disagree in length (which run is whose?)."""
-    seeds, runs = tags["ensemble_seeds"].split(","), tags.get("ensemble_member_run_ids", "").split(",")
-    if "ensemble_member_run_ids" not in tags or len(runs) != len(seeds):
+    members, runs = tags[members_tag].split(","), tags.get("ensemble_member_run_ids", "").split(",")
+    if "ensemble_member_run_ids" not in tags or len(runs) != len(members):
         return ""
-    named = [f"seed {seed} run `{run}`" if run else f"seed {seed} no finished run" for seed, run in zip(seeds, runs)]
+    named = [f"{noun} {member} run `{run}`" if run else f"{noun} {member} no finished run"
+             for member, run in zip(members, runs)]
     return "; their MLflow runs: " + ", ".join(named)
 
 

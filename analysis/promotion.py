@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tune_cells.failpoints import kill_at
@@ -51,7 +51,8 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     measure each finished trial's cost (parameters, latency per image) → take the best trial (with
     `max_latency_ms`: the best whose latency fits) → stage its best checkpoint and finish it on
     validation (test-time augmentation, temperature; with `ensemble: N` in its configuration and
-    `retrain` (seed_ensemble.Retrain), first N-1 retrains of it joined into one model) → register it
+    `retrain` (seed_ensemble.Retrain), first N-1 other networks joined into one model: the search's
+    next-best complete trials, or retrains of its configuration) → register it
     (one version per search, keyed by the search run) → decide: champion, or challenger → move the
     aliases → finish the search run.
 
@@ -79,7 +80,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
     result, note = latency.within_budget(result, costs, max_latency_ms, task.name,
                                          existing.tags.get("ray_trial_id") if existing is not None else None)
     version = _register(tracker, parent, prep, split, result, trial_runs, staging, data,
-                        latency.cost_of(costs, result.best_trial_id), max_latency_ms, retrain)
+                        costs, max_latency_ms, retrain, max_epochs)
     kill_at("registered")
     decision = _decide(tracker, name, version, task, max_latency_ms, staging)
     kill_at("decided")
@@ -200,11 +201,11 @@ def promote_by_hand(tracker, name: str, version: str) -> str | None:
 
 
 def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, str], staging: Path, data,
-              cost=None, max_latency_ms: float | None = None, retrain=None) -> str:
+              costs=(), max_latency_ms: float | None = None, retrain=None, max_epochs: int = 0) -> str:
     """The search's registered version: the one an earlier attempt registered, else a new one
     from the best checkpoint, staged in the working folder (not the system's temp folder); tagged
-    with its `cost` (latency.Cost) as it predicts."""
-    from tune_cells.analysis.latency import allows_tta, version_cost_tags
+    with its cost as it predicts (`costs`: each trial's latency.TrialCost)."""
+    from tune_cells.analysis.latency import allows_tta, cost_of, version_cost_tags
     from tune_cells.model_io import strip_training_state
     from tune_cells.ray_checkpoints import copy_checkpoint
 
@@ -215,21 +216,28 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
     checkpoint = copy_checkpoint(result.best_checkpoint, staging / "checkpoint")
     strip_training_state(checkpoint)
     best_run = trial_runs.get(result.best_trial_id, "")
-    ensemble, not_built = _ensemble(task, checkpoint, data, max_latency_ms, retrain, staging,
-                                    {"retrain_of_trial_run_id": best_run, "retrain_of_ray_trial_id": result.best_trial_id})
-    if not ensemble and not not_built:  # (a failed retrain's run stays, FAILED, to say why)
+    cost = cost_of(costs, result.best_trial_id)
+    ensemble = _ensemble(task, checkpoint, data, max_latency_ms, retrain, staging,
+                         {"retrain_of_trial_run_id": best_run, "retrain_of_ray_trial_id": result.best_trial_id},
+                         result, max_epochs)
+    if not ensemble.seeds and not ensemble.not_built:  # (a failed retrain's run stays, FAILED, to say why)
         _supersede_unused_members(tracker, parent)
-    elif ensemble:
+    if ensemble.size:
         checkpoint = staging / "ensemble"
-        cost = replace(cost, param_count=cost.param_count * len(ensemble),
-                       latency_ms=cost.latency_ms * len(ensemble)) if cost is not None else None
+        # retrains cost what the champion does; trials their own (measured on each, as the champion's)
+        member_costs = [cost] * ensemble.size if ensemble.seeds else [cost_of(costs, t) for t in ensemble.trials]
+        cost = replace(cost, param_count=sum(c.param_count for c in member_costs),
+                       latency_ms=sum(c.latency_ms for c in member_costs)) if None not in member_costs else None
     allow_tta = allows_tta(cost, max_latency_ms)
     chosen = {"validation_score": result.best_metric, **task.kind.finalize(checkpoint, data, allow_tta=allow_tta)}
-    if not_built:
-        chosen["ensemble_not_built"] = not_built[:500]
-    if ensemble:
-        chosen["ensemble_seeds"] = ",".join(map(str, ensemble))
-        chosen["ensemble_member_run_ids"] = _member_run_ids(tracker, parent, best_run, ensemble)
+    if ensemble.not_built:
+        chosen["ensemble_not_built"] = ensemble.not_built[:500]
+    if ensemble.seeds:
+        chosen["ensemble_seeds"] = ",".join(map(str, ensemble.seeds))
+        chosen["ensemble_member_run_ids"] = _member_run_ids(tracker, parent, best_run, ensemble.seeds)
+    elif ensemble.trials:
+        chosen["ensemble_trials"] = ",".join(ensemble.trials)
+        chosen["ensemble_member_run_ids"] = ",".join(trial_runs.get(t, "") for t in ensemble.trials)
     chosen.update(version_cost_tags(cost, str(chosen.get("tta", "none")), max_latency_ms))
     kill_at("staged")
     return tracker.log_model(best_run or parent, checkpoint, prep.model_name, tags={
@@ -240,31 +248,58 @@ def _register(tracker, parent: str, prep, split, result, trial_runs: dict[str, s
     }, signature=task.kind.signature(list(prep.index.classes)))
 
 
+@dataclass(frozen=True)
+class Ensemble:
+    """What `_ensemble` built in staging/ensemble: retrains' seeds or trials' ids (the champion's
+    first), or neither, with why where retrains failed."""
+    seeds: list[int] = field(default_factory=list)
+    trials: list[str] = field(default_factory=list)
+    not_built: str = ""
+
+    @property
+    def size(self) -> int:
+        return len(self.seeds) or len(self.trials)
+
+
 def _ensemble(task, checkpoint: Path, data, max_latency_ms: float | None, retrain, staging: Path,
-              retrains_of: dict) -> tuple[list[int], str]:
-    """The members' seeds where the promoted configuration asks for an ensemble (`ensemble: N`),
-    built in `staging`/ensemble from `checkpoint` and its retrains (their MLflow runs tagged with
-    `retrains_of`); [] where it stays one network, with why where a retrain failed: the champion
+              retrains_of: dict, result, max_epochs: int) -> Ensemble:
+    """Where the promoted configuration asks for an ensemble (`ensemble: N`), build it in
+    `staging`/ensemble from `checkpoint` and N-1 other networks: the search's next-best complete
+    trials (`ensemble_members: trials`, where enough qualify), else retrains of its configuration
+    (their MLflow runs tagged with `retrains_of`). One network where a retrain failed: the champion
     trained and validated, so it is promoted alone rather than not at all (a resume would only
     repeat a diverging seed)."""
-    from tune_cells.analysis import seed_ensemble
+    from tune_cells.analysis import seed_ensemble, trial_ensemble
     from tune_cells.errors import RetrainFailed
     from tune_cells.model_io import load_spec
 
-    size = seed_ensemble.ensemble_size(task.kind, load_spec(checkpoint).config)
+    config = task.kind.parse_config(load_spec(checkpoint).config, strict=False)
+    size = config.ensemble
     reason = seed_ensemble.skip_reason(size, data.folds, max_latency_ms)
-    if reason or size <= 1 or retrain is None:
+    if reason or size <= 1:
         if reason:
             log.info("%s", reason)
-        return [], ""
+        return Ensemble()
+    if config.ensemble_members == "trials":
+        members = trial_ensemble.complete_trials(result, size, max_epochs, task.mode)
+        if len(members) == size - 1:
+            trials = trial_ensemble.join_trials(checkpoint, result.best_trial_id, members, staging / "ensemble")
+            log.info("ensemble: %d: the promoted trial %s and the next-best trials that trained all %d epochs: %s",
+                     size, trials[0], max_epochs, ", ".join(trials[1:]))
+            kill_at("ensembled")
+            return Ensemble(trials=trials)
+        log.info("ensemble: %d: %d other trial(s) trained all %d epochs with the champion's input, %d needed: "
+                 "retraining the champion's configuration instead", size, len(members), max_epochs, size - 1)
+    if retrain is None:
+        return Ensemble()
     try:
-        members = seed_ensemble.extend_with_retrains(checkpoint, size, retrain, staging / "ensemble", retrains_of)
+        seeds = seed_ensemble.extend_with_retrains(checkpoint, size, retrain, staging / "ensemble", retrains_of)
     except RetrainFailed as exc:
         not_built = f"ensemble: {size}: {exc}"
         log.warning("%s; the champion is promoted as one network", not_built)
-        return [], not_built
+        return Ensemble(not_built=not_built)
     kill_at("ensembled")
-    return members, ""
+    return Ensemble(seeds=seeds)
 
 
 def _supersede_unused_members(tracker, parent: str) -> None:

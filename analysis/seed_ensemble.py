@@ -67,20 +67,20 @@ def extend_with_retrains(checkpoint: Path, size: int, retrain: Retrain, out: Pat
              ", ".join(map(str, seeds)))
     retrained = retrain({key: value for key, value in config.items() if key != "seed"}, seeds,
                         out.with_name(out.name + "-retrains"), retrains_of or {})
-    members = join([(base, checkpoint), *retrained], out)
-    done.write_text(",".join(map(str, members)))  # written last: the ensemble is whole
-    return members
+    members = [(base, checkpoint), *retrained]
+    join([(member_name(seed), folder) for seed, folder in members], out)
+    done.write_text(",".join(str(seed) for seed, _ in members))  # written last: the ensemble is whole
+    return [seed for seed, _ in members]
 
 
-def join(members: list[tuple[int, Path]], out: Path) -> list[int]:
-    """Move each (seed, checkpoint folder) into `out` as a member; `out`'s spec is the first
-    member's, listing them. Returns the seeds."""
+def join(members: list[tuple[str, Path]], out: Path) -> None:
+    """Move each (member name, checkpoint folder) into `out` as a member; `out`'s spec is the
+    first member's, listing them."""
     if out.exists():  # left by an attempt killed here: rebuilt, as its retrains were
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for seed, folder in members:
-        shutil.move(str(folder), out / member_name(seed))
+    for name, folder in members:
+        shutil.move(str(folder), out / name)
     strip_training_state(out)  # a registered model is its weights and spec
-    spec = load_spec(out / member_name(members[0][0]))
-    save_spec(out, replace(spec, members=[member_name(seed) for seed, _ in members]))
-    return [seed for seed, _ in members]
+    spec = load_spec(out / members[0][0])
+    save_spec(out, replace(spec, members=[name for name, _ in members]))

@@ -65,8 +65,9 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     cluster = ray_backend.init(address=address, num_cpus=None if address else os.cpu_count())
     try:
         folds = int(parent.data.params.get("folds", 1))  # a fold ensemble is retrained as one
-        # an ensemble of retrains (`ensemble: N`) is retrained as one: N networks per seed
-        size = len(tags["ensemble_seeds"].split(",")) if tags.get("ensemble_seeds") else 1
+        # an ensemble (`ensemble: N`) is retrained as one: N networks per seed, each of its member's configuration
+        configs = _member_configs(tracker, model_uri, tags, config)
+        size = len(configs)
         members = {seed: [seed, *member_seeds(seed, size)] for seed in seeds}
         inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed, folds)
         with recording_retrains(TrialRecorder(
@@ -75,11 +76,21 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
                 source=f"tune-cells evaluate {task.name} --seeds {k}", dataset=dataset_record(index, split)),
                 SEEDS_EVALUATION, {"retrain_of_model": f"models:/{version.name}/{version.version}",
                                    "retrain_of_trial_run_id": tags.get("trial_run_id", "")}) as retrain_recorder:
-            trained = ray_seeds.run_seeds(
-                inputs.trainable, {"data": inputs.data}, config, [m for seed in seeds for m in members[seed]], metric,
-                mode, trial_resources(cpus_per_trial, gpus_per_trial, address, cluster),
-                storage or str(WorkDir.at(workdir).seeds_storage),
-                f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}", events=retrain_recorder)
+            name = f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # one Tune run per distinct configuration: a seed ensemble's networks share one, a trial ensemble's not
+            trained = ray_seeds.SeedRuns([])
+            for i, member_config in enumerate(configs):
+                if member_config in configs[:i]:
+                    continue
+                same = [j for j, other in enumerate(configs) if other == member_config]
+                part = ray_seeds.run_seeds(
+                    inputs.trainable, {"data": inputs.data}, member_config,
+                    [members[seed][j] for seed in seeds for j in same], metric, mode,
+                    trial_resources(cpus_per_trial, gpus_per_trial, address, cluster),
+                    storage or str(WorkDir.at(workdir).seeds_storage), name + (f"-member{i}" if i else ""),
+                    events=retrain_recorder)
+                trained = ray_seeds.SeedRuns(sorted([*trained.trained, *part.trained], key=lambda r: r.seed),
+                                             {**trained.failed, **part.failed})
     finally:
         ray_backend.shutdown()
     # seed → each network's MLflow run (a retrained ensemble's members each have theirs)
@@ -150,6 +161,21 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     return SeedsEvaluation(run_id, table, seeds, too_few_groups(scorer.groups), failed)
 
 
+def _member_configs(tracker, model_uri: str, tags: dict, config: dict) -> list[dict]:
+    """The configuration (without its seed) of each network a retrained model has: the champion's
+    once, N times for an ensemble of retrains (`ensemble_seeds`), each member's for an ensemble of
+    trials (`ensemble_trials`: read from the registered members' specs)."""
+    if tags.get("ensemble_trials"):
+        from tune_cells.model_io import load_spec
+        from tune_cells.tracking import model_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="tune-cells-members-") as tmp:
+            folder = model_checkpoint(tracker.download_model(model_uri, Path(tmp)), model_uri)
+            return [{key: value for key, value in load_spec(folder / member).config.items() if key != "seed"}
+                    for member in load_spec(folder).members]
+    return [config] * (len(tags["ensemble_seeds"].split(",")) if tags.get("ensemble_seeds") else 1)
+
+
 def _failed_seeds(members: dict[int, list[int]], failed_networks: dict[int, str]) -> dict[int, str]:
     """Seed → why, for each seed whose network (or one of its ensemble's networks) failed."""
     failed = {}
@@ -162,14 +188,14 @@ def _failed_seeds(members: dict[int, list[int]], failed_networks: dict[int, str]
 
 def _as_ensembles(trained: list, members: dict[int, list[int]]) -> list:
     """Each seed's retrains joined into one ensemble (seed_ensemble.join), in the first's place."""
-    from tune_cells.analysis.seed_ensemble import join
+    from tune_cells.analysis.seed_ensemble import join, member_name
 
     by_seed = {run.seed: run for run in trained}
     joined = []
     for seed, seeds in members.items():
         first = by_seed[seed]
         folder = Path(tempfile.mkdtemp(prefix=f"tune-cells-ensemble-{seed}-"))  # removed with the runs
-        join([(m, by_seed[m].checkpoint) for m in seeds], folder)
+        join([(member_name(m), by_seed[m].checkpoint) for m in seeds], folder)
         joined.append(replace(first, checkpoint=folder))
     return joined
 

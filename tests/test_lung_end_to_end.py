@@ -30,7 +30,8 @@ params:
   overlap: 0.25
   batchnorm_views: 4
   swa_start: 0.5  # of 2 epochs: epoch 2 is the first average, the only epoch offered for promotion
-  ensemble: 2  # as the lung space: the champion and one retrain under another seed, one registered model
+  ensemble: 2  # as the lung space: the champion and the other trial (both train every epoch), one registered model
+  ensemble_members: trials
 initial_points:
   - {base_width: 8, loss: bce_dice, lr: 2.0e-3}
 """
@@ -42,7 +43,7 @@ def lung_search(tmp_path_factory):
     data = generate_lung(root / "data", images=10, size=(160, 120))
     (root / "space.yaml").write_text(SPACE)
     workdir = root / "work"
-    result = cli_subprocess(["search", "lung", "--data", data, "--samples", 2, "--max-epochs", 2, "--grace-period", 1,
+    result = cli_subprocess(["search", "lung", "--data", data, "--samples", 2, "--max-epochs", 2, "--grace-period", 2,
                              "--space", root / "space.yaml", "--workdir", workdir], cwd=root)
     assert result.code == 0, result.err[-3000:]
     client = store_client(workdir / 'mlflow.db')
@@ -91,48 +92,40 @@ def test_the_one_se_rule_chooses_between_the_recipe_and_the_sampled_trial(lung_s
     assert search.data.params["promotion_policy"].startswith("the one-SE rule")
 
 
-def test_the_champion_is_registered_as_the_mean_of_itself_and_a_retrain(lung_search):
-    """`ensemble: 2`: promotion retrains the champion's configuration under seed + 100 and registers
-    both networks as one model; its thresholds are chosen on their averaged maps; the card says so.
-    The retrain has its MLflow run beside the trials', and the version names both members' runs."""
+def test_the_champion_is_registered_as_the_mean_of_itself_and_the_next_best_complete_trial(lung_search):
+    """`ensemble: 2` with `ensemble_members: trials`: promotion joins the promoted trial's best
+    checkpoint and the other trial's (both trained every epoch) into one model, trains nothing
+    more, and chooses thresholds on their averaged maps; the version and the card name both
+    members' trial runs."""
     from tune_cells.model_io import load_spec
     from tune_cells.tracking import Tracker, model_checkpoint
 
     workdir, client = lung_search["workdir"], lung_search["client"]
     version = client.get_model_version_by_alias("tune-cells-lung", "champion")
-    seed = int(version.tags["ensemble_seeds"].split(",")[0])
-    assert version.tags["ensemble_seeds"] == f"{seed},{seed + 100}"
-    search = next(r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "search")
-    champion_run, member_run = version.tags["ensemble_member_run_ids"].split(",")
-    assert champion_run == version.tags["trial_run_id"]
-    (retrain,) = [r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "retrain"]
-    assert retrain.info.run_id == member_run and retrain.info.status == "FINISHED"
-    assert retrain.info.experiment_id == search.info.experiment_id
-    assert retrain.data.tags["mlflow.parentRunId"] == search.info.run_id  # nested as the trials are
-    assert retrain.data.tags["retrain_purpose"] == "ensemble_member" and retrain.data.tags["seed"] == str(seed + 100)
-    assert retrain.data.tags["retrain_of_trial_run_id"] == champion_run
-    assert retrain.data.tags["retrain_of_ray_trial_id"] == version.tags["ray_trial_id"]
-    assert retrain.data.tags["split_sha256"] == version.tags["split_sha256"]
-    trial = client.get_run(champion_run)
-    assert retrain.data.params["seed"] == str(seed + 100)
-    for key in ("lr", "base_width", "loss"):  # the champion's sampled configuration
-        assert retrain.data.params[key] == trial.data.params[key], key
-    assert sorted(m.step for m in client.get_metric_history(member_run, "val_dice")) == [1, 2]  # per epoch
-    assert (client.get_run(member_run).inputs.dataset_inputs[0].dataset.digest
-            == trial.inputs.dataset_inputs[0].dataset.digest)  # the trials' split, as a dataset input
+    trials = {r.data.tags["ray_trial_id"]: r for r in lung_search["runs"]
+              if r.data.tags.get("tune_cells.run_type") == "trial"}
+    members = version.tags["ensemble_trials"].split(",")
+    assert members[0] == version.tags["ray_trial_id"] and sorted(members) == sorted(trials)
+    assert "ensemble_seeds" not in version.tags
+    assert version.tags["ensemble_member_run_ids"].split(",") == [trials[t].info.run_id for t in members]
+    assert not [r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "retrain"]
+    assert "ensemble: 2: the promoted trial " in lung_search["result"].err
     tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}", workdir / "mlartifacts")
     uri = "models:/tune-cells-lung@champion"
     folder = model_checkpoint(tracker.download_model(uri, lung_search["root"] / "download"), uri)
     spec = load_spec(folder)
-    assert spec.members == [f"seed{seed}", f"seed{seed + 100}"] and spec.thresholds
-    assert [load_spec(folder / m).config["seed"] for m in spec.members] == [seed, seed + 100]
+    assert spec.members == [f"trial-{t}" for t in members] and spec.thresholds
+    for trial_id in members:  # each member is its own trial's configuration
+        config = load_spec(folder / f"trial-{trial_id}").config
+        assert {k: str(config[k]) for k in ("lr", "base_width", "loss")} == {
+            k: trials[trial_id].data.params[k] for k in ("lr", "base_width", "loss")}
     assert not list(folder.rglob("optimizer.pt")) and not list(folder.rglob("trainer.pt"))
     card = cli_subprocess(["card", "lung", "--workdir", workdir, "--output", lung_search["root"] / "card.md"],
                           cwd=lung_search["root"])
     assert card.code == 0, card.err[-2000:]
-    assert (f"the mean of 2 networks of this configuration, trained under seeds {seed},{seed + 100} (the first is "
-            f"the trial's); their MLflow runs: seed {seed} run `{champion_run}`, seed {seed + 100} run `{member_run}` |"
-            ) in (lung_search["root"] / "card.md").read_text()
+    runs = ", ".join(f"trial {t} run `{trials[t].info.run_id}`" for t in members)
+    assert (f"the mean of 2 networks: the promoted trial and the search's next-best trials that trained every epoch: "
+            f"{','.join(members)}; their MLflow runs: {runs} |") in (lung_search["root"] / "card.md").read_text()
 
 
 def test_evaluation_writes_masks_overlays_and_pixel_table(lung_search):
@@ -183,14 +176,15 @@ def test_external_lung_set_is_scored_whole_and_explain_says_it_is_for_classifier
 
 def test_seeds_retrain_an_ensemble_champion_as_an_ensemble(lung_search):
     """`evaluate --seeds 2` on a champion of 2 networks trains 4 (two ensembles), not 2: each seed's
-    score is comparable with the champion's."""
+    score is comparable with the champion's. An ensemble of two trials retrains each member's own
+    configuration (one Tune run each)."""
     storage = lung_search["root"] / "seeds-storage"
     result = cli_subprocess(["evaluate", "lung", "--seeds", 2, "--workdir", lung_search["workdir"],
                              "--storage", storage], cwd=lung_search["root"])
     assert result.code == 0, result.err[-2000:]
-    experiment = next(storage.iterdir())
-    trials = [d for d in experiment.iterdir() if d.is_dir() and "seed=" in d.name]
-    assert len(trials) == 4, sorted(d.name for d in experiment.iterdir())
+    trials = [d for experiment in storage.iterdir() for d in experiment.iterdir() if d.is_dir() and "seed=" in d.name]
+    assert len(trials) == 4, sorted(d.name for d in trials)
+    assert len(list(storage.iterdir())) == 2  # the two members' configurations
     assert "test_dice" in result.out and "±" in result.out
     # each of the 4 networks has its MLflow run under the search's, named by the evaluation run
     client = lung_search["client"]

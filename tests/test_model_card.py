@@ -193,3 +193,7 @@ def test_an_ensembles_card_names_each_members_seed_and_mlflow_run():
     failed = {"ensemble_not_built": "ensemble: 2: the retrain under seed 107 failed: diverged at epoch 1"}
     assert ("| Ensemble | not built, so this is one network: ensemble: 2: the retrain under seed 107 failed: "
             "diverged at epoch 1 |") in _model(dataclasses.replace(facts, version_tags=failed)).splitlines()
+    trials = {"ensemble_trials": "f2d8e533,9e526e80", "ensemble_member_run_ids": "runA,runB"}
+    assert ("| Ensemble | the mean of 2 networks: the promoted trial and the search's next-best trials that trained "
+            "every epoch: f2d8e533,9e526e80; their MLflow runs: trial f2d8e533 run `runA`, trial 9e526e80 run `runB` |"
+            ) in _model(dataclasses.replace(facts, version_tags=trials)).splitlines()

@@ -117,7 +117,7 @@ def test_a_point_matches_its_own_parameters_only():
 
 
 def test_classification_counts_validation_images_per_class():
-    from trainables.classification import ClassificationData
+    from tune_cells.trainables.classification import ClassificationData
 
     images = np.zeros((6, 8, 8, 3), np.uint8)
     data = ClassificationData(images, np.array([0, 0, 1, 1, 2, 2]), images[:4], np.array([0, 2, 2, 2]), "t",
@@ -285,3 +285,28 @@ def test_of_two_trials_of_one_initial_point_its_best_speaks_for_it():
                     trial("sampled", 0.96, model="mobilenet_v2", lr=2.0e-3))
     chosen, note = prefer_recipe(result, [RECIPE], 0.07, "max")
     assert chosen.best_trial_id == "second" and "(trial second, 0.9500)" in note
+
+
+def test_an_ensemble_of_trials_takes_the_next_best_that_trained_every_epoch_and_read_their_input_alike():
+    """`ensemble_members: trials`: never the promoted trial itself, nor one stopped early (by ASHA or
+    the time budget), failed, without a checkpoint or a finite score, or fed another image size."""
+    import dataclasses
+
+    from tune_cells.analysis.trial_ensemble import complete_trials
+
+    champion = trial("champ", 0.90, **RECIPE)
+    better = trial("better", 0.95, **SEED_NET)  # above the champion (the one-SE rule promoted the recipe): still a member
+    second = trial("second", 0.91, **SEED_NET)
+    stopped = dataclasses.replace(trial("stopped", 0.99, **SEED_NET), iterations=4)
+    failed = dataclasses.replace(trial("failed", 0.99, **SEED_NET), failed=True)
+    no_checkpoint = dataclasses.replace(trial("nockpt", 0.99, **SEED_NET), best_checkpoint=None)
+    nan = trial("nan", math.nan, **SEED_NET)
+    larger = trial("larger", 0.99, **{**SEED_NET, "image_size": 128})
+    result = dataclasses.replace(search(champion, better, second, stopped, failed, no_checkpoint, nan, larger),
+                                 best_trial_id="champ", best_config=champion.config)
+    picked = complete_trials(result, 3, max_epochs=10, mode="max")
+    assert [t.trial_id for t in picked] == ["better", "second"]
+    assert [t.trial_id for t in complete_trials(result, 2, 10, "max")] == ["better"]
+    assert complete_trials(result, 1, 10, "max") == []
+    assert [t.trial_id for t in complete_trials(result, 3, 10, "min")] == ["second", "better"]  # a loss: lowest first
+    assert [t.trial_id for t in complete_trials(result, 5, 10, "max")] == ["better", "second"]  # fewer qualify: the caller retrains

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Read at promotion, after the trials, never by a trial: a space fixes one value, and trials that differ
 # only in them trained alike (`--warm-start` takes them as one point)
-PROMOTION_FIELDS = frozenset({"ensemble"})
+PROMOTION_FIELDS = frozenset({"ensemble", "ensemble_members"})
 
 
 class TrainerConfig(BaseModel):
@@ -50,7 +50,11 @@ class TrainerConfig(BaseModel):
                                   "the last; weights alone whenever the metric improves")
     seed: int | None = Field(None, description="trial seed [default: the search's --seed]")
     ensemble: int = Field(1, ge=1, le=8, description="the champion is promoted as the mean of N networks: itself "
-                          "and N-1 retrains of its configuration under other seeds (analysis/seed_ensemble.py)")
+                          "and N-1 other networks (`ensemble_members`)")
+    ensemble_members: Literal["retrains", "trials"] = Field(
+        "retrains", description="where an ensemble's other networks come from: retrains of the champion's "
+        "configuration under other seeds (analysis/seed_ensemble.py), or the search's next-best trials that trained "
+        "every epoch, at no extra training (analysis/trial_ensemble.py; retrains where too few did)")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, exclude=True,
                                          description="the model builder's own keyword arguments")
 
