@@ -35,10 +35,6 @@ def member_seeds(base: int, size: int) -> list[int]:
     return [base + MEMBER_SEED_STEP * i for i in range(1, size)]
 
 
-def ensemble_size(kind, config: dict) -> int:
-    return kind.parse_config(config, strict=False).ensemble
-
-
 def skip_reason(size: int, folds: int, max_latency_ms: float | None) -> str:
     """Why a champion of `ensemble: size` stays one network, or ''."""
     if size <= 1:

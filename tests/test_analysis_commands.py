@@ -81,6 +81,21 @@ def test_seeds_report_mean_and_sd_beside_the_champion(searched):
     assert 0 <= runs[0].data.metrics["test_accuracy_seed_mean"] <= 1
 
 
+def test_seeds_where_every_retrain_fails_end_in_one_line_and_log_no_evaluation(searched):
+    """`--seeds 2` whose two retrains (seeds 1003 and 1004) both diverge: nothing to report, so one
+    line naming the first seed and why, exit 1, and no seeds evaluation run beside the earlier one."""
+    client, experiment_id = searched["client"], searched["experiment"].experiment_id
+    before = len(client.search_runs([experiment_id], "tags.evaluation_kind = 'seeds'"))
+    result = cli_subprocess(["evaluate", "nuclei", "--seeds", 2, "--bootstrap", 100, "--workdir", searched["workdir"],
+                             "--storage", searched["root"] / "seeds-all-fail"], cwd=searched["root"],
+                            env_extra={"TUNE_CELLS_FAIL_AT": "diverge:seed1003,diverge:seed1004"})
+    assert result.code == 1, result.err[-2000:]
+    lines = [line for line in result.err.splitlines() if line.startswith("tune-cells:")]
+    assert lines == ["tune-cells: failed: RetrainFailed: the retrain under seed 1003 failed: diverged at epoch 1: "
+                     "training loss became nan (failpoint diverge:seed1003) (run with -v for the traceback)"], lines
+    assert len(client.search_runs([experiment_id], "tags.evaluation_kind = 'seeds'")) == before
+
+
 def test_mlflow_ui_renders_the_search_runs_in_chromium(searched, tmp_path):
     """The link `tune-cells ui` prints opens the search's runs table in MLflow's model-training view
     (not its GenAI pages), the search run expanded, its row showing the dataset and the task's

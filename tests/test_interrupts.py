@@ -133,6 +133,15 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     assert [(r.info.status, r.info.lifecycle_stage, r.data.tags["seed"]) for r in retrains] == [
         ("FINISHED", "active", str(seed + 100))]
     assert ours[0].tags["ensemble_member_run_ids"] == f"{ours[0].tags['trial_run_id']},{retrains[0].info.run_id}"
+    # recorded as a trial is, for the champion's configuration under the member's seed
+    retrain, trial = retrains[0], client.get_run(ours[0].tags["trial_run_id"])
+    assert retrain.data.tags["retrain_purpose"] == "ensemble_member"
+    assert retrain.data.tags["retrain_of_trial_run_id"] == trial.info.run_id
+    assert retrain.data.tags["retrain_of_ray_trial_id"] == ours[0].tags["ray_trial_id"]
+    assert retrain.data.params["seed"] == str(seed + 100)
+    shared = (set(retrain.data.params) & set(trial.data.params)) - {"seed"}
+    assert "lr" in shared and all(retrain.data.params[k] == trial.data.params[k] for k in shared)
+    assert (retrain.inputs.dataset_inputs[0].dataset.digest == trial.inputs.dataset_inputs[0].dataset.digest)
     assert client.get_model_version_by_alias(MODEL, "champion").version == ours[0].version
     assert str(client.get_model_version_by_alias(MODEL, "previous-champion").version) == "1"
     assert second.data.tags["previous_champion"] == "1"

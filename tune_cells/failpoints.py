@@ -2,7 +2,7 @@
 fail as the real fault would, through the real code paths (Ray, MLflow, the CLI). Unset, nothing
 happens. Points: a promotion step (`measured`, `ensembled`, `staged`, `registered`, `decided`,
 `moved`: a SIGKILL, as a power cut), and `diverge:seed<N>` (training under seed N diverges in its
-first epoch, as a retrain under an unlucky seed may)."""
+first epoch, as a retrain under an unlucky seed may). Several points: separated by commas."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ FAILPOINT_ENV = "TUNE_CELLS_FAIL_AT"
 
 
 def armed(point: str) -> bool:
-    return os.environ.get(FAILPOINT_ENV) == point
+    return point in os.environ.get(FAILPOINT_ENV, "").split(",")
 
 
 def kill_at(step: str) -> None:
