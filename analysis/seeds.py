@@ -1,8 +1,8 @@
 """`tune-cells evaluate TASK --seeds K`: how much of the champion's score is its configuration, and
-how much its luck. The champion's configuration is retrained K times under new seeds (same split,
-same epochs, same best-epoch rule, the same choices on validation at promotion: thresholds,
-temperature, test-time augmentation), each retrained model is scored on the test part, and mean ± sd
-is reported beside the champion's own score and bootstrap CI.
+how much its luck. The champion's configuration (an ensemble: each of its networks') is retrained
+K times under new seeds (same split, same epochs, same best-epoch rule, the same choices on
+validation at promotion: thresholds, temperature, test-time augmentation), each retrained model is
+scored on the test part, and mean ± sd is reported beside the champion's own score and bootstrap CI.
 """
 
 from __future__ import annotations
