@@ -46,7 +46,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
 
     version = tracker.resolve_model(model_uri, task.name)
     tags = version.tags
-    champion = tracker.load_classifier(model_uri)
+    champion, configs = _champion_and_member_configs(tracker, model_uri, tags)
     parent_id = tags.get("search_run_id")
     if not parent_id:
         raise UserInputError(f"{model_uri} has no search run: --seeds needs the search it came from")
@@ -57,7 +57,6 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     index, split = model_split(task, tracker, tags, workdir)
     # decoded as the champion was trained (its spec records the size), so retrains and scores match it
     reader = SplitReader(index, split, task.channels, champion.spec.store_size, workdir)
-    config = {key: value for key, value in champion.spec.config.items() if key != "seed"}
     base = task.kind.parse_config(champion.spec.config, strict=False).seed or 0
     seeds = [base + 1000 + i for i in range(k)]  # new seeds, never the champion's own
 
@@ -66,7 +65,6 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     try:
         folds = int(parent.data.params.get("folds", 1))  # a fold ensemble is retrained as one
         # an ensemble (`ensemble: N`) is retrained as one: N networks per seed, each of its member's configuration
-        configs = _member_configs(tracker, model_uri, tags, config)
         size = len(configs)
         members = {seed: [seed, *member_seeds(seed, size)] for seed in seeds}
         inputs = task.kind.trial_inputs(task, index, reader, max_epochs, split.seed, folds)
@@ -161,19 +159,24 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     return SeedsEvaluation(run_id, table, seeds, too_few_groups(scorer.groups), failed)
 
 
-def _member_configs(tracker, model_uri: str, tags: dict, config: dict) -> list[dict]:
-    """The configuration (without its seed) of each network a retrained model has: the champion's
-    once, N times for an ensemble of retrains (`ensemble_seeds`), each member's for an ensemble of
-    trials (`ensemble_trials`: read from the registered members' specs)."""
-    if tags.get("ensemble_trials"):
-        from tune_cells.model_io import load_spec
-        from tune_cells.tracking import model_checkpoint
+def _champion_and_member_configs(tracker, model_uri: str, tags: dict) -> tuple[object, list[dict]]:
+    """The champion's predictor, and the configuration (without its seed) of each network a
+    retrained model has: the champion's once, N times for an ensemble of retrains
+    (`ensemble_seeds`), each member's for an ensemble of trials (`ensemble_trials`: read from the
+    registered members' specs); from one download of the model."""
+    from tune_cells.model_io import load_spec
+    from tune_cells.tracking import model_checkpoint
+    from tune_cells.tracking_registry import load_registered_predictor
 
-        with tempfile.TemporaryDirectory(prefix="tune-cells-members-") as tmp:
-            folder = model_checkpoint(tracker.download_model(model_uri, Path(tmp)), model_uri)
-            return [{key: value for key, value in load_spec(folder / member).config.items() if key != "seed"}
-                    for member in load_spec(folder).members]
-    return [config] * (len(tags["ensemble_seeds"].split(",")) if tags.get("ensemble_seeds") else 1)
+    with tempfile.TemporaryDirectory(prefix="tune-cells-model-") as tmp:
+        downloaded = tracker.download_model(model_uri, Path(tmp))
+        champion = load_registered_predictor(downloaded, model_uri)
+        if tags.get("ensemble_trials"):
+            folder = model_checkpoint(downloaded, model_uri)
+            specs = [load_spec(folder / member) for member in load_spec(folder).members]
+        else:
+            specs = [champion.spec] * (len(tags["ensemble_seeds"].split(",")) if tags.get("ensemble_seeds") else 1)
+    return champion, [{key: value for key, value in spec.config.items() if key != "seed"} for spec in specs]
 
 
 def _failed_seeds(members: dict[int, list[int]], failed_networks: dict[int, str]) -> dict[int, str]:

@@ -1,8 +1,9 @@
 """A tracking server that stops answering mid-command. MLflow retries each request for minutes
 (MLFLOW_HTTP_REQUEST_MAX_RETRIES, its backoff) and then raises; a search makes a request per
 epoch and per trial event, and its clean-up makes more, so without this a server that went down
-cost minutes of retries per epoch (`http(s)://` and other remote stores: `is_local_store`). After the first request MLflow gave up on, every call
-raises TrackingLost at once and the command ends in one line, resumable as after a kill."""
+cost minutes of retries per epoch (`http(s)://` and other remote stores: `is_local_store`). After
+the first request MLflow gave up on, every call raises TrackingLost at once and the command ends in
+one line, resumable as after a kill."""
 
 from __future__ import annotations
 
