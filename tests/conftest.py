@@ -85,11 +85,14 @@ def short_tmpdir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
-def cli_subprocess(args: list[str], cwd: Path, timeout: int = 900, env_extra: dict | None = None) -> CliResult:
+def cli_subprocess(args: list[str], cwd: Path, timeout: int = 900, env_extra: dict | None = None,
+                   new_session: bool = False) -> CliResult:
+    """`tune-cells ARGS` in a fresh interpreter; `new_session`: as the leader of its own process
+    group, so a failpoint's SIGKILL takes the Ray it started with it (as a power cut would)."""
     env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([sys.executable, "-m", "tune_cells", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, start_new_session=new_session)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 

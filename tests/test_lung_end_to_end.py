@@ -4,6 +4,8 @@ Optuna, ASHA, MLflow), promotion, the held-out evaluation with masks/overlays/pi
 
 from __future__ import annotations
 
+import signal
+
 import pandas as pd
 import pytest
 
@@ -43,12 +45,19 @@ def lung_search(tmp_path_factory):
     data = generate_lung(root / "data", images=10, size=(160, 120))
     (root / "space.yaml").write_text(SPACE)
     workdir = root / "work"
-    result = cli_subprocess(["search", "lung", "--data", data, "--samples", 2, "--max-epochs", 2, "--grace-period", 2,
-                             "--space", root / "space.yaml", "--workdir", workdir], cwd=root)
+    search = ["search", "lung", "--data", data, "--samples", 2, "--max-epochs", 2, "--grace-period", 2,
+              "--space", root / "space.yaml", "--workdir", workdir]
+    # killed (driver and Ray) once the ensemble of trials is joined, before anything is registered;
+    # --resume rebuilds it from the trials' checkpoints and completes the promotion
+    killed = cli_subprocess(search, cwd=root, env_extra={"TUNE_CELLS_FAIL_AT": "ensembled"}, new_session=True)
+    assert killed.code == -signal.SIGKILL, killed.err[-3000:]
+    registered_when_killed = len(store_client(workdir / "mlflow.db").search_model_versions("name='tune-cells-lung'"))
+    result = cli_subprocess([*search, "--resume"], cwd=root)
     assert result.code == 0, result.err[-3000:]
     client = store_client(workdir / 'mlflow.db')
     runs = client.search_runs([client.get_experiment_by_name("tune-cells-lung").experiment_id])
-    return {"root": root, "data": data, "workdir": workdir, "client": client, "runs": runs, "result": result}
+    return {"root": root, "data": data, "workdir": workdir, "client": client, "runs": runs, "result": result,
+            "killed": killed, "registered_when_killed": registered_when_killed}
 
 
 def test_split_is_by_source_image_6_2_2(lung_search):
@@ -96,7 +105,8 @@ def test_the_champion_is_registered_as_the_mean_of_itself_and_the_next_best_comp
     """`ensemble: 2` with `ensemble_members: trials`: promotion joins the promoted trial's best
     checkpoint and the other trial's (both trained every epoch) into one model, trains nothing
     more, and chooses thresholds on their averaged maps; the version and the card name both
-    members' trial runs."""
+    members' trial runs. The first attempt was killed once the ensemble was joined: the resume
+    rebuilt it and registered one version."""
     from tune_cells.model_io import load_spec
     from tune_cells.tracking import Tracker, model_checkpoint
 
@@ -109,7 +119,13 @@ def test_the_champion_is_registered_as_the_mean_of_itself_and_the_next_best_comp
     assert "ensemble_seeds" not in version.tags
     assert version.tags["ensemble_member_run_ids"].split(",") == [trials[t].info.run_id for t in members]
     assert not [r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "retrain"]
-    assert "ensemble: 2: the promoted trial " in lung_search["result"].err
+    for attempt in (lung_search["killed"], lung_search["result"]):  # joined again on --resume, not retrained
+        assert "ensemble: 2: the promoted trial " in attempt.err
+    assert lung_search["registered_when_killed"] == 0
+    assert len(client.search_model_versions("name='tune-cells-lung'")) == 1
+    search = next(r for r in lung_search["runs"] if r.data.tags.get("tune_cells.run_type") == "search")
+    assert search.info.status == "FINISHED" and search.data.tags["resumes"] == "1"
+    assert not (workdir / "promotion" / search.info.run_id).exists()  # the staged ensemble is gone
     tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}", workdir / "mlartifacts")
     uri = "models:/tune-cells-lung@champion"
     folder = model_checkpoint(tracker.download_model(uri, lung_search["root"] / "download"), uri)
