@@ -51,10 +51,10 @@ def lung_search(tmp_path_factory):
     # --resume rebuilds it from the trials' checkpoints and completes the promotion
     killed = cli_subprocess(search, cwd=root, env_extra={"TUNE_CELLS_FAIL_AT": "ensembled"}, new_session=True)
     assert killed.code == -signal.SIGKILL, killed.err[-3000:]
-    registered_when_killed = len(store_client(workdir / "mlflow.db").search_model_versions("name='tune-cells-lung'"))
+    client = store_client(workdir / "mlflow.db")
+    registered_when_killed = len(client.search_model_versions("name='tune-cells-lung'"))
     result = cli_subprocess([*search, "--resume"], cwd=root)
     assert result.code == 0, result.err[-3000:]
-    client = store_client(workdir / 'mlflow.db')
     runs = client.search_runs([client.get_experiment_by_name("tune-cells-lung").experiment_id])
     return {"root": root, "data": data, "workdir": workdir, "client": client, "runs": runs, "result": result,
             "killed": killed, "registered_when_killed": registered_when_killed}
