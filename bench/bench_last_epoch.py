@@ -190,6 +190,10 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="changes",
                         help="change one of the recipe's parameters for every arm (a YAML value), e.g. "
                              "--set scale=1.0 --set tile_size=256: full resolution with the same working view")
+    parser.add_argument("--train-on-validation", action="store_true",
+                        help="train on the validation fields too (a refit on all development fields, as a final "
+                             "model would be); validation scores are then read on fields it trained on, so compare "
+                             "the test fields at 0.5")
     args = parser.parse_args()
     if args.folds < 3:
         parser.error(f"--folds {args.folds}: at least 3 (a test, a validation and a training fold)")
@@ -224,6 +228,8 @@ def main() -> None:
     lines = []
     for k in args.only if args.only is not None else range(args.folds):
         parts = fold_parts(folds, k)
+        if args.train_on_validation:
+            parts = {**parts, "train": sorted(parts["train"] + parts["val"])}
         reports = fold_run(setup, parts, args.epochs, args.seed, args.workdir / f"fold-{k}", args.swa_lr)
         # every epoch's scores, for rules read later without training again
         (args.workdir / f"fold-{k}" / "reports.json").write_text(json.dumps(reports, default=float))
@@ -267,6 +273,7 @@ def main() -> None:
 
     variant = "" if args.swa_lr is None else f", the rate held at lr x {args.swa_lr} over the averaged epochs"
     variant += "".join(f", {key} {value}" for key, value in changes.items())
+    variant += ", trained on the validation fields too" if args.train_on_validation else ""
     print(f"\n{setup.task.name} ({args.data}), the recipe of {args.space or 'the default space'}{variant}, seed {args.seed}{'' if deal_seed == args.seed else f' (folds dealt with seed {deal_seed})'}, {args.epochs} epochs, {args.folds} outer "
           f"folds by group; wall {time.time() - started:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
     print("\n".join(lines))
