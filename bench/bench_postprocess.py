@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     folds = sorted(p.parent.name for p in args.runs[0].glob("fold-*/probabilities.npz"))
     if not folds:
         parser.error(f"{args.runs[0]}: no fold-*/probabilities.npz (run bench_last_epoch.py there first)")
+    for run in args.runs[1:]:
+        missing = [fold for fold in folds if not (run / fold / "probabilities.npz").is_file()]
+        if missing:
+            parser.error(f"{run}: no probabilities.npz for {', '.join(missing)} (the runs must cover the same folds)")
     named = options()
     target = TARGETS.index(args.target)
     validation, test = [], []
