@@ -149,7 +149,7 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
 
 
 @pytest.mark.xfail(strict=False, reason="race seen in full runs here (session 21: 3 of 3), never alone; with session "
-                   "22's handler, which cancels the decoding itself, it passed 7 full runs of 7 (sessions 22-26): unmark after more")
+                   "22's handler, which cancels the decoding itself, it passed 8 full runs of 8 (sessions 22-27): unmark after more")
 def test_ctrl_c_while_the_preflight_decodes_stops_in_moments_and_opens_no_store(tmp_path):
     """Ctrl-C while Ray starts and the images decode beside it: the decoding pass skips what it has
     not started (it would take a minute here), exit 130, and no MLflow store or Ray run is made."""
