@@ -25,11 +25,6 @@ from bench_thresholds import fold_maps  # noqa: E402
 TARGETS = ["Parenchyma", "SevereInflammation"]
 
 
-def dice(mask: np.ndarray, predicted: np.ndarray) -> float:
-    total = mask.sum() + predicted.sum()
-    return 1.0 if total == 0 else float(2 * (mask & predicted).sum() / total)
-
-
 def without_regions_below(predicted: np.ndarray, pixels: int) -> np.ndarray:
     from scipy import ndimage
 
@@ -56,6 +51,7 @@ def options() -> dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tune_cells.analysis.segmentation_metrics import dice
     from tune_cells.analysis.thresholds import _best_thresholds
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
