@@ -25,6 +25,7 @@ import bench_last_epoch  # noqa: E402
 import bench_map_ensemble  # noqa: E402
 import bench_old_code  # noqa: E402
 import bench_outer_folds  # noqa: E402
+import bench_postprocess  # noqa: E402
 import bench_recipe  # noqa: E402
 import bench_refit  # noqa: E402
 import bench_thresholds  # noqa: E402
@@ -211,3 +212,28 @@ def test_averaged_runs_pair_fields_by_their_masks_across_fold_deals(tmp_path, ca
               for line in out[1:]}
     assert scores[str(tmp_path / "a")] == 1.0 and scores[str(tmp_path / "b")] == 0.5  # b misses field A
     assert scores["maps averaged, 0.5"] == 1.0  # field A: (0.9 + 0.18) / 2 > 0.5; a mispairing would miss it
+
+
+def test_post_processing_is_scored_per_option_and_chosen_on_validation(tmp_path, capsys):
+    """One fold whose maps call the inflamed block and a 9-pixel speck beside it: removing regions under
+    200 pixels makes the field exact, validation (the same maps) chooses it, and a second run without
+    the first run's fold is refused in one usage line, exit 2."""
+    import numpy as np
+
+    mask = np.zeros((2, 64, 64), np.uint8)
+    mask[0], mask[1, 10:30, 10:30] = 1, 1
+    probabilities = (mask * 0.9).astype(np.float16)
+    probabilities[1, 50:53, 50:53] = 0.9  # a false positive speck
+    (tmp_path / "a" / "fold-0").mkdir(parents=True)
+    np.savez_compressed(tmp_path / "a" / "fold-0" / "probabilities.npz", val_mask_0=mask, swatta_val_0=probabilities,
+                        test_mask_0=mask, swatta_test_0=probabilities)
+    bench_postprocess.main([str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert "none                     0.9889" in out  # 2 x 400 / (400 + 409)
+    assert "regions >= 200 px        1.0000  (higher on 1, lower on 0 fields than none)" in out
+    assert "regions >= 800 px        0.0000" in out  # the 400-pixel block goes too
+    assert "chosen on each fold's validation fields (regions >= 200 px): 1.0000" in out
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        bench_postprocess.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert exited.value.code == 2 and "no probabilities.npz for fold-0" in capsys.readouterr().err
