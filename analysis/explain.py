@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
 METHODS = ("integrated gradients", "noise tunnel (SmoothGrad² on IG)", "occlusion")
 
@@ -59,7 +56,8 @@ def explain_image(classifier, image: np.ndarray, name: str, figure: Path, steps:
     x = classifier.preset(image[None]).to(classifier.device)
     maps = attributions(classifier.model, x, target, steps)
     shown = _display_image(x[0].cpu(), classifier.preset)
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), dpi=110)
+    fig = Figure(figsize=(13, 3.6), dpi=110)
+    axes = fig.subplots(1, 4)
     axes[0].imshow(shown, cmap="gray" if shown.ndim == 2 else None)
     axes[0].set_title(f"input: {classifier.spec.classes[target]} (p={probs[target]:.3f})", fontsize=9, parse_math=False)
     grey = shown if shown.ndim == 2 else shown.mean(-1)
@@ -78,7 +76,6 @@ def explain_image(classifier, image: np.ndarray, name: str, figure: Path, steps:
     fig.tight_layout()
     with open(figure, "xb") as file:  # "x": a file that appeared since the command's check is not replaced
         fig.savefig(file, format="png")
-    plt.close(fig)
     return {"predicted_class": classifier.spec.classes[target], "probability": float(probs[target]),
             "figure": str(figure)}
 

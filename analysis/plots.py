@@ -1,25 +1,23 @@
-"""Figures, drawn with matplotlib's non-interactive backend."""
+"""Figures, drawn on matplotlib `Figure` objects (no pyplot: no backend chosen for the process
+that imports this, no global figure registry to leak)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import ConfusionMatrixDisplay
 
 
 def save_confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
     size = max(4.5, 0.9 * len(classes) + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=120)
+    fig = Figure(figsize=(size, size), dpi=120)
+    ax = fig.subplots()
     ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False, xticks_rotation=35)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
 
 
@@ -28,7 +26,8 @@ def save_reliability_diagram(probs_before: np.ndarray, probs_after: np.ndarray, 
     """Accuracy against confidence per bin, before and after temperature scaling (diagonal: calibrated)."""
     from tune_cells.analysis.calibration import expected_calibration_error, reliability_bins
 
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    fig = Figure(figsize=(5, 5), dpi=120)
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
     for probs, name, style in ((probs_before, "logits as trained", "o--"), (probs_after, "with temperature", "s-")):
         _, accuracy, confidence, _ = reliability_bins(probs, labels)
@@ -39,5 +38,4 @@ def save_reliability_diagram(probs_before: np.ndarray, probs_after: np.ndarray, 
     ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)

@@ -6,18 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.cm
+import matplotlib.colors
 import matplotlib.ticker
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
 
 def learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, metric: str, path: Path) -> Path:
     """`curves`: trial, epoch, value. Finished trials are solid, ASHA-stopped ones end in a red ×,
     failed ones in a black ✕; the champion is drawn thick."""
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.subplots()
     best = trials.loc[trials["champion"], "trial"].tolist()
     for trial, group in curves.groupby("trial", sort=False):
         row = trials.set_index("trial").loc[trial]
@@ -44,7 +45,8 @@ def best_so_far(trials: pd.DataFrame, metric: str, mode: str, path: Path) -> Pat
     ordered = trials.sort_values("start_time").reset_index(drop=True)
     values = ordered["best_value"].astype(float)
     running = values.cummax() if mode == "max" else values.cummin()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig = Figure(figsize=(8, 4.5), dpi=120)
+    ax = fig.subplots()
     x = np.arange(1, len(ordered) + 1)
     ax.scatter(x, values, s=28, color="tab:blue", label="trial's best epoch", zorder=3)
     ax.step(x, running, where="post", color="tab:orange", lw=2, label="best so far")
@@ -58,7 +60,8 @@ def best_so_far(trials: pd.DataFrame, metric: str, mode: str, path: Path) -> Pat
 
 
 def importance_bars(importance: pd.Series, metric: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.45 * len(importance) + 1.2)), dpi=120)
+    fig = Figure(figsize=(7, max(2.5, 0.45 * len(importance) + 1.2)), dpi=120)
+    ax = fig.subplots()
     if importance.empty:
         ax.text(0.5, 0.5, "not enough finished trials with varying parameters", ha="center", va="center")
         ax.set_axis_off()
@@ -76,7 +79,8 @@ def parallel_coordinates(trials: pd.DataFrame, params: list[str], metric: str, m
     """One line per trial across the searched parameters, coloured by its best metric; numbers on a
     linear axis (log for ranges over two decades), categories at evenly spaced levels."""
     columns = [p for p in params if p in trials and trials[p].nunique(dropna=True) > 1] + ["best_value"]
-    fig, ax = plt.subplots(figsize=(min(14, max(6, 1.1 * len(columns) + 2)), 5.5), dpi=120)
+    fig = Figure(figsize=(min(14, max(6, 1.1 * len(columns) + 2)), 5.5), dpi=120)
+    ax = fig.subplots()
     scaled, ticks = {}, {}
     for column in columns:
         values = trials[column]
@@ -97,9 +101,9 @@ def parallel_coordinates(trials: pd.DataFrame, params: list[str], metric: str, m
             position = {level: i / max(1, len(levels) - 1) for i, level in enumerate(levels)}
             scaled[column] = values.astype(str).map(position)
             ticks[column] = [(position[level], level) for level in levels]
-    colours = plt.get_cmap("viridis" if mode == "max" else "viridis_r")
+    colours = matplotlib.colormaps["viridis" if mode == "max" else "viridis_r"]
     value = trials["best_value"].astype(float)
-    norm = plt.Normalize(value.min(), value.max() if value.max() > value.min() else value.min() + 1e-9)
+    norm = matplotlib.colors.Normalize(value.min(), value.max() if value.max() > value.min() else value.min() + 1e-9)
     x = np.arange(len(columns))
     for i in trials.sort_values("best_value", ascending=mode == "max").index:
         ys = [scaled[c].loc[i] for c in columns]
@@ -112,7 +116,7 @@ def parallel_coordinates(trials: pd.DataFrame, params: list[str], metric: str, m
     ax.set_yticks([])
     ax.set_xlim(-0.2, len(columns) - 0.6)
     ax.set_title("Parallel coordinates of the searched parameters (colour: best metric)")
-    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax, label=metric)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colours), ax=ax, label=metric)
     return _save(fig, path)
 
 
@@ -122,7 +126,8 @@ def pareto_front(trials: pd.DataFrame, metric: str, mode: str, protocol: str, pa
     non-dominated ones (no other trial both faster and better) joined and labelled, the champion
     starred, a latency budget dashed."""
     points = trials.dropna(subset=["best_value", "latency_ms_per_image"])
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig = Figure(figsize=(8, 5), dpi=120)
+    ax = fig.subplots()
     if points.empty:
         ax.text(0.5, 0.5, "no trial's latency was measured", ha="center", va="center")
         ax.set_axis_off()
@@ -168,5 +173,4 @@ def non_dominated(latency: pd.Series, value: pd.Series, mode: str) -> pd.Index:
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return Path(path)
