@@ -11,7 +11,6 @@ from tune_cells.models import (
     create_model,
     get_model,
     model_defaults,
-    model_hyperparameters,
     model_names,
     pretrained_arch,
     register_backbone,
@@ -35,7 +34,7 @@ def test_every_model_builds_from_scratch_for_grey_and_rgb(name, channels):
 
 def test_registry_passes_only_declared_hyperparameters():
     assert {"small_convnet", "resnet18", "mobilenet_v2"} <= set(model_names())
-    assert model_hyperparameters("small_convnet") == {"depth", "width", "dropout"}
+    assert set(model_defaults("small_convnet")) == {"depth", "width", "dropout"}
     with pytest.raises(UserInputError, match="unknown model 'vgg99'"):
         create_model("vgg99", num_classes=2, in_channels=3)
 

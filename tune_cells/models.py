@@ -110,10 +110,6 @@ def model_names(kind: str | None = None) -> list[str]:
     return sorted(name for name, entry in _REGISTRY.items() if kind is None or entry.kind == kind)
 
 
-def model_hyperparameters(name: str) -> set[str]:
-    return set(get_model(name).hyperparameters)
-
-
 def model_defaults(name: str) -> dict[str, Any]:
     return dict(get_model(name).hyperparameters)
 

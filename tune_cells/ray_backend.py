@@ -1,4 +1,4 @@
-"""Everything tune-cells asks of Ray Tune, in one module: Ray's API moves between versions.
+"""The driver side of Ray Tune. Only the `ray_*` modules import Ray: its API moves between versions.
 
 Driver side: `init`, `run_search` (and `ray_seeds.run_seeds`). The trial side is `ray_trial`.
 Per-trial events reach the rest of the project through the small `TrialEvents` protocol.

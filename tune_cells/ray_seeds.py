@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray
 from ray import tune
 
 from tune_cells.errors import RetrainFailed
@@ -15,7 +16,7 @@ from tune_cells.promotion_rank import PROMOTION_SCORE
 from tune_cells.ray_checkpoints import best_kept_checkpoint, copy_checkpoint, result_record_callbacks
 from tune_cells.ray_events import TrialEvents, first_error_line, forwarding_events
 from tune_cells.ray_progress import stop_on_signals
-from tune_cells.resources import TrialResources, retrain_resources
+from tune_cells.resources import TrialResources
 
 if TYPE_CHECKING:
     from tune_cells.trial_recorder import TrialRecorder
@@ -81,6 +82,15 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
         runs.trained.append(SeedRun(seed, best["best_metric"], best["best_epoch"], folder))
     runs.trained.sort(key=lambda r: r.seed)
     return runs
+
+
+def retrain_resources(resources: TrialResources, retrains: int, address: str | None) -> TrialResources:
+    """An ensemble's retrains run side by side after the search, alone on a local machine: each gets
+    its share of its CPUs (at least the search's per-trial CPUs). On a cluster, the trials' own."""
+    if address or retrains < 1:
+        return resources
+    share = max(1, int(ray.cluster_resources().get("CPU", 1)) // retrains)  # the local Ray's, as it was started
+    return TrialResources(max(resources.cpus, float(share)), resources.gpus, resources.use_gpus)
 
 
 def member_retrainer(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], metric: str, mode: str,

@@ -305,8 +305,7 @@ def generate_lung(root: Path, images: int = 10, size: tuple[int, int] = (464, 34
         for number in range(1, images + 1):
             image, parenchyma, inflammation = make_lung_field(rng, size[1], size[0], inflamed=number < images)
             name = f"{number}_demo_lung.jpg"
-            for sub, array in (("Original", image), ("Parenchyma", parenchyma * 255),
-                               ("SevereInflammation", inflammation * 255)):
+            for sub, array in zip(("Original", *LUNG_TARGETS), (image, parenchyma * 255, inflammation * 255)):
                 path = folder / "train" / sub / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(array.astype(np.uint8)).save(path, quality=90)
