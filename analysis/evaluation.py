@@ -20,7 +20,7 @@ from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, load_or_create_split
 from tune_cells.errors import UserInputError
 from tune_cells.paths import WorkDir
-from tune_cells.tasks import TaskSpec
+from tune_cells.tasks import TaskSpec, registered_name
 from tune_cells.tracking import Tracker
 from tune_cells.tracking_registry import is_absent
 
@@ -79,7 +79,7 @@ def evaluation_experiment(tracker: Tracker, task: TaskSpec, parent_run_id: str |
     restore it: evaluate has no --experiment to name another (search's message offers one)."""
     from tune_cells.tracking_checks import deleted_experiment
 
-    name = f"tune-cells-{task.name}"
+    name = registered_name(task.name)
     found = (tracker.client.get_experiment(tracker.get_run(parent_run_id).info.experiment_id) if parent_run_id
              else tracker.client.get_experiment_by_name(name))
     if found is not None and found.lifecycle_stage == "deleted":

@@ -30,7 +30,7 @@ from tune_cells.redact import without_credentials
 from tune_cells.resources import check_local_resources
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
 from tune_cells.space_weights import fit_space_to_weights
-from tune_cells.tasks import TaskSpec, get_task
+from tune_cells.tasks import TaskSpec, get_task, registered_name
 from tune_cells.tracking_checks import check_experiment_active, check_store, sqlite_path
 
 log = logging.getLogger(__name__)
@@ -268,9 +268,8 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
     check_folds(task, index, split, opts.folds, opts.seed)
     tracking_uri = resolve_tracking_uri(opts.tracking_uri, workdir)
     check_tracking(tracking_uri, "--tracking-uri" if opts.tracking_uri else "MLFLOW_TRACKING_URI")
-    suffix = "-demo" if index.source == "demo" else ""
-    prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or f"tune-cells-{task.name}{suffix}",
-                          f"tune-cells-{task.name}{suffix}", tracking_uri,
+    model_name = registered_name(task.name, demo=index.source == "demo")
+    prep = PreparedSearch(task, space, workdir, index, split, opts.experiment or model_name, model_name, tracking_uri,
                           store_size(task, index, opts.max_store_size, space.largest("image_size")))
     check_experiment_active(tracking_uri, prep.experiment)
     if opts.resume:

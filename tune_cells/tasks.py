@@ -52,6 +52,16 @@ def task_names() -> list[str]:
     return sorted(_TASKS)
 
 
+def registered_name(task: str, demo: bool = False) -> str:
+    """The MLflow name of a task's registered model and default experiment (one name for both)."""
+    return f"tune-cells-{task}-demo" if demo else f"tune-cells-{task}"
+
+
+def registered_names(task: str) -> tuple[str, str]:
+    """Where a task's champion is looked for: its real-data model first, then its demo model."""
+    return registered_name(task), registered_name(task, demo=True)
+
+
 def _call(module: str, function: str, *args, root: Path, **options):
     return getattr(importlib.import_module(module), function)(root, *args, **options)
 

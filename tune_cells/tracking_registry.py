@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 from mlflow.exceptions import MlflowException
 
 from tune_cells.errors import UserInputError
+from tune_cells.tasks import registered_names
 from tune_cells.tracking_checks import local_artifact_path
 
 MODEL_CODE_FILE = Path(__file__).with_name("mlflow_model_code.py")  # the pyfunc's models-from-code file
@@ -71,7 +72,7 @@ class RegistryMixin:
     def champion_uri(self, task: str) -> str:
         """The real-data champion of a task if there is one, else the demo champion. The store must
         exist (`tune_cells.commands.opening` checks it first, with the message for that)."""
-        for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
+        for name in registered_names(task):
             if self.version_for_alias(name, CHAMPION) is not None:
                 return f"models:/{name}@{CHAMPION}"
         raise UserInputError(f"no champion for task {task} in {self.tracking_uri}: run `tune-cells search {task}` "
@@ -79,11 +80,10 @@ class RegistryMixin:
 
     def model_name_with_version(self, task: str, version: str) -> str:
         """The task's registered model (real data first, then demo) that has `version`."""
-        for name in (f"tune-cells-{task}", f"tune-cells-{task}-demo"):
+        for name in registered_names(task):
             if self.find_version(name, version) is not None:
                 return name
-        raise UserInputError(f"no version {version} of tune-cells-{task} or tune-cells-{task}-demo in "
-                             f"{self.tracking_uri}")
+        raise UserInputError(f"no version {version} of {' or '.join(registered_names(task))} in {self.tracking_uri}")
 
     def find_version(self, name: str, version: str):
         """The version, or None when the registry has no such model or version (any other failure of
