@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from mlflow.exceptions import MlflowException
 
 from tune_cells.analysis.classification_evaluation import HEADLINE
 from tune_cells.analysis.evaluation_common import Evaluation, EvaluationContext
@@ -22,7 +21,6 @@ from tune_cells.errors import UserInputError
 from tune_cells.paths import WorkDir
 from tune_cells.tasks import TaskSpec, registered_name
 from tune_cells.tracking import Tracker
-from tune_cells.tracking_registry import is_absent
 
 SEGMENTATION_HEADLINE = ("test_dice", "test_pooled_dice", "test_jaccard")
 _TEST_LINE = "On the test part"
@@ -127,14 +125,7 @@ def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir
     logged = f"split/{path.name}"
     if parent_run_id:
         with tempfile.TemporaryDirectory(prefix="tune-cells-split-") as folder:
-            try:
-                fetched = Path(tracker.client.download_artifacts(parent_run_id, logged, folder))
-            except MlflowException as exc:  # no such artifact or run; a failing store is raised as it is
-                if not is_absent(exc):
-                    raise
-                fetched = None
-            except OSError:  # a local artifact folder without the file
-                fetched = None
+            fetched = tracker.download_artifact(parent_run_id, logged, folder)  # a failing store is raised
             if fetched is not None and fetched.is_file():
                 workdir.splits.mkdir(parents=True, exist_ok=True)
                 return Path(shutil.copyfile(fetched, workdir.splits / path.name))

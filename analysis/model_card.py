@@ -44,12 +44,11 @@ def find_card(tracker, version) -> str:
     pointer = version.tags.get(CARD_TAG, "")
     if pointer.startswith("runs:/"):
         run_id, _, path = pointer[len("runs:/"):].partition("/")
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                return Path(tracker.client.download_artifacts(run_id, path, tmp)).read_text()
-            except Exception as exc:  # noqa: BLE001 (any store error: rebuild below)
-                log.warning("the card %s of %s version %s could not be read (%s); building it again",
-                            pointer, version.name, version.version, exc)
+        card = tracker.artifact_text(run_id, path)  # a failing store is raised
+        if card is not None:
+            return card
+        log.warning("the card %s of %s version %s is gone (its run or file deleted); building it again",
+                    pointer, version.name, version.version)
     run = latest_evaluation(tracker, version)
     if run is None:
         raise UserInputError(f"models:/{version.name}/{version.version} has no evaluation on its test part yet: run "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import html
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,12 +129,8 @@ def _search_run(tracker, experiment: str | None, run_id: str | None):
 
 
 def _logged_space(tracker, run_id: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = tracker.client.download_artifacts(run_id, "search_space.yaml", tmp)
-        except Exception:  # an older run without it: importance is then skipped
-            return {}
-        return yaml.safe_load(Path(path).read_text()) or {}
+    text = tracker.artifact_text(run_id, "search_space.yaml")  # None: an older run; importance is skipped
+    return (yaml.safe_load(text) or {}) if text else {}
 
 
 def param_importance(trials: pd.DataFrame, space: dict, searched: list[str], mode: str) -> pd.Series:

@@ -81,6 +81,21 @@ def test_the_card_is_logged_with_the_evaluation_and_its_numbers_are_the_runs(sea
     assert written.read_text() == text
 
 
+def test_a_card_whose_file_is_gone_is_built_again_from_its_evaluation(searched, run_cli, tmp_path, caplog):
+    """The version points at a card its run no longer holds (deleted by hand): `card` says so in
+    one warning and prints the card built again from the same evaluation run."""
+    shutil.copy(searched["workdir"] / "mlflow.db", tmp_path / "mlflow.db")  # the artifacts stay where they are
+    evaluation = evaluation_run(searched)
+    stored = run_cli("card", "nuclei", "--workdir", searched["workdir"]).out
+    store_client(tmp_path / "mlflow.db").set_model_version_tag("tune-cells-nuclei-demo", "1", "model_card",
+                                                               f"runs:/{evaluation.info.run_id}/gone.md")
+    result = run_cli("card", "nuclei", "--workdir", tmp_path)
+    assert result.code == 0, result.err
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "tune_cells.analysis.model_card"]
+    assert "gone.md" in warning and "building it again" in warning
+    assert card_table(result.out) == card_table(stored) and result.out.startswith(stored.splitlines()[0])
+
+
 def test_card_of_an_unknown_version_is_one_line_and_exit_2(searched, run_cli):
     result = run_cli("card", "nuclei", "--version", "99", "--workdir", searched["workdir"])
     assert result.code == 2 and result.out == ""

@@ -28,6 +28,7 @@ from tune_cells.tracking_registry import (  # noqa: F401  (re-exported: callers 
     MODEL_CODE_FILE,
     PREVIOUS_CHAMPION,
     RegistryMixin,
+    is_absent,
     logged_model_id,
     model_checkpoint,
 )
@@ -151,15 +152,26 @@ class Tracker(RegistryMixin):
         elif model_id is not None and all(m.model_id != model_id for m in self.get_run(run_id).outputs.model_outputs):
             self.client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)])
 
+    def download_artifact(self, run_id: str, path: str, folder: Path | str) -> Path | None:
+        """A run's artifact downloaded into `folder`; None where the run or the artifact is absent
+        (older versions logged less). A store that fails is raised as it is, never read as absent."""
+        try:
+            fetched = Path(self.client.download_artifacts(run_id, path, str(folder)))
+        except MlflowException as exc:
+            if not is_absent(exc):
+                raise
+            return None
+        except OSError:  # a local artifact folder without the file
+            return None
+        return fetched if fetched.exists() else None
+
     def artifact_text(self, run_id: str, path: str) -> str | None:
-        """A text artifact of a run; None where the run has none there (older versions logged less)."""
+        """A text artifact of a run; None where it is absent (`download_artifact`)."""
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            try:
-                return Path(self.client.download_artifacts(run_id, path, tmp)).read_text()
-            except (MlflowException, OSError):
-                return None
+            fetched = self.download_artifact(run_id, path, tmp)
+            return fetched.read_text() if fetched is not None and fetched.is_file() else None
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a folder's contents (under `artifact_path`)."""
