@@ -59,11 +59,13 @@ def find_card(tracker, version) -> str:
 
 def latest_evaluation(tracker, version):
     """The latest finished evaluation run of `version` on its test part (not a seeds run), or None."""
+    from tune_cells.tracking import RUN_TYPE_TAG
+
     search = tracker.find_run(version.tags.get("search_run_id", "")) if version.tags.get("search_run_id") else None
     experiments = [search.info.experiment_id] if search is not None else [
         e.experiment_id for e in tracker.client.search_experiments()]
     runs = tracker.client.search_runs(
-        experiments, f"tags.`tune_cells.run_type` = 'evaluation' and tags.evaluation_data = 'test' and "
+        experiments, f"tags.`{RUN_TYPE_TAG}` = 'evaluation' and tags.evaluation_data = 'test' and "
         f"tags.model_version = '{version.version}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=50)
     return next((r for r in runs if "evaluation_kind" not in r.data.tags

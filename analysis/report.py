@@ -119,7 +119,9 @@ def _search_run(tracker, experiment: str | None, run_id: str | None):
         run = tracker.find_run(run_id)
         if run is None:
             raise UserInputError(f"--run-id {run_id}: no such run in {tracker.tracking_uri}")
-        if run.data.tags.get("tune_cells.run_type") != "search":
+        from tune_cells.tracking import RUN_TYPE_TAG
+
+        if run.data.tags.get(RUN_TYPE_TAG) != "search":
             raise UserInputError(f"run {run_id} is not a search (parent) run")
         return run
     run = tracker.latest_search(experiment) if experiment else tracker.latest_search_anywhere()
