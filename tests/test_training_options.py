@@ -49,6 +49,26 @@ def test_warm_up_rises_linearly_then_the_cosine_runs():
     assert rates[2] == pytest.approx(0.01) and rates[-1] < rates[2]
 
 
+def test_the_schedules_read_their_floor_factor_and_patience_from_the_configuration():
+    """Seed 001's ReduceLROnPlateau (x0.1 after 1 epoch) is a space's values, not code."""
+    from tune_cells.training import step_lr_schedule
+
+    model = create_model("resnet18", num_classes=3, in_channels=3)
+    plateau = config(lr_schedule="plateau", plateau_factor=0.1, plateau_patience=1)
+    optimizer = build_optimizer(plateau, model)
+    schedule = build_lr_schedule(plateau, optimizer, max_epochs=10)
+    for loss in (1.0, 1.0, 1.0):  # no gain for two epochs after the first: one drop
+        step_lr_schedule(schedule, loss)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+    cosine = config(lr_schedule="cosine", lr_floor=0.1)
+    optimizer = build_optimizer(cosine, model)
+    schedule = build_lr_schedule(cosine, optimizer, max_epochs=4)
+    for _ in range(4):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
+
+
 def test_frozen_features_keep_their_batchnorm_statistics():
     model = create_model("resnet18", num_classes=3, in_channels=3, freeze_features=True)
     model.train()

@@ -38,7 +38,12 @@ class TrainerConfig(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     batch_size: int = Field(32, ge=2, le=4096, description="images (or views) per optimiser step")
     lr_schedule: Literal["constant", "cosine", "plateau"] = Field(
-        "constant", description="per epoch: constant, cosine to 1% of lr, or x0.3 after 2 epochs without gain")
+        "constant", description="per epoch: constant, cosine to lr x lr_floor, or x plateau_factor after "
+        "plateau_patience epochs without a lower validation loss")
+    lr_floor: float = Field(0.01, ge=0, lt=1, description="the cosine schedule ends at lr x this")
+    plateau_factor: float = Field(0.3, gt=0, lt=1, description="plateau schedule: the rate is multiplied by this")
+    plateau_patience: int = Field(2, ge=0, le=50, description="plateau schedule: epochs without a lower "
+                                  "validation loss before the rate drops")
     color_jitter: float = Field(0.0, ge=0, le=1, description="strength of brightness/contrast/stain jitter")
     mixed_precision: Literal["auto"] | bool = Field("auto", description="bf16 autocast; auto: on CUDA only")
     channels_last: Literal["auto"] | bool = Field("auto", description="NHWC memory layout; auto: on CUDA only")

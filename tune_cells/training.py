@@ -92,10 +92,11 @@ def build_lr_schedule(config: TrainerConfig, optimizer, max_epochs: int):
     from torch.optim import lr_scheduler
 
     if config.lr_schedule == "plateau":
-        return lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.3, patience=2)
+        return lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.plateau_factor,
+                                              patience=config.plateau_patience)
     warmup = min(config.warmup_epochs, max(0, max_epochs - 1))
     if config.lr_schedule == "cosine":
-        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs - warmup), eta_min=config.lr * 0.01)
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, max_epochs - warmup), eta_min=config.lr * config.lr_floor)
     else:
         main = None
     if not warmup:
