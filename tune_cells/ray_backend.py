@@ -18,8 +18,14 @@ import ray
 from ray import tune
 
 from tune_cells.errors import UserInputError
-from tune_cells.promotion_rank import PROMOTION_SCORE, trial_rank
-from tune_cells.ray_checkpoints import best_kept_checkpoint, result_record_callbacks
+from tune_cells.promotion_rank import trial_rank
+from tune_cells.ray_checkpoints import (
+    MAX_FAILURES,
+    best_kept_checkpoint,
+    kept_checkpoints,
+    placed_trainable,
+    result_record_callbacks,
+)
 from tune_cells.ray_events import (  # noqa: F401  (TrialEvents: re-exported)
     EventsCallback,
     TrialEvents,
@@ -56,7 +62,7 @@ class SearchRequest:
     warm_trials: list = field(default_factory=list)  # finished Optuna trials the study holds before its first (--warm-start)
     max_concurrent: int | None = None
     resume: bool = False  # continue the interrupted search at storage_path/name
-    max_failures: int = 2  # retries of a trial whose worker died (from its last checkpoint)
+    max_failures: int = MAX_FAILURES
     time_budget_s: float | None = None  # stop every trial after this long (--time-budget)
     recipe: dict | None = None  # an initial point ASHA never stops (the one-SE rule compares against its full run)
 
@@ -191,11 +197,7 @@ def _tune(request: SearchRequest, events_callback: tune.Callback) -> SearchResul
         grace_period=request.grace_period,  # at most max_epochs: the preflight clamps it
         reduction_factor=request.reduction_factor,
     )
-    trial_resources = request.trial_resources
-    trainable = tune.with_resources(
-        tune.with_parameters(request.trainable, **request.trainable_kwargs),
-        lambda config: tune.PlacementGroupFactory([trial_resources(config)]),
-    )
+    trainable = placed_trainable(request.trainable, request.trainable_kwargs, request.trial_resources)
     experiment_path = f"{request.storage_path.rstrip('/')}/{request.name}"
     if request.resume:
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -226,11 +228,7 @@ def _tune(request: SearchRequest, events_callback: tune.Callback) -> SearchResul
             callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=request.max_failures),
             stop=TimeBudget(request.time_budget_s, request.name) if request.time_budget_s else None,
-            checkpoint_config=tune.CheckpointConfig(  # the metric, or below it what is not offered for promotion
-                num_to_keep=2,
-                checkpoint_score_attribute=PROMOTION_SCORE,
-                checkpoint_score_order="max",
-            ),
+            checkpoint_config=kept_checkpoints(2),
             verbose=0,
         ),
     )

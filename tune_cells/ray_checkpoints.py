@@ -1,14 +1,34 @@
-"""What a search and a retrain both keep of a Ray Tune run: each trial's best kept checkpoint,
-its result files on disk, and local copies of checkpoints wherever Ray stored them."""
+"""What a search and a retrain share of a Ray Tune run: how a trial is placed and retried, which
+checkpoints are kept and each trial's best of them, its result files on disk, and local copies of
+checkpoints wherever Ray stored them."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ray import tune
 
-from tune_cells.promotion_rank import checkpoint_rank
+from tune_cells.promotion_rank import PROMOTION_SCORE, checkpoint_rank
+
+MAX_FAILURES = 2  # retries of a trial whose worker died (from its last checkpoint)
+
+
+def placed_trainable(trainable: Callable[..., None], trainable_kwargs: dict[str, Any],
+                     trial_resources: Callable[[dict], dict[str, float]]):
+    """The trainable with its data passed once by reference (`with_parameters`) and each trial's
+    resources as one bundle, as its configuration asks."""
+    return tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
+                               lambda config: tune.PlacementGroupFactory([trial_resources(config)]))
+
+
+def kept_checkpoints(num_to_keep: int) -> tune.CheckpointConfig:
+    """The best `num_to_keep` checkpoints of a trial by the promotion score (the metric, or below it
+    what is not offered for promotion)."""
+    return tune.CheckpointConfig(num_to_keep=num_to_keep, checkpoint_score_attribute=PROMOTION_SCORE,
+                                 checkpoint_score_order="max")
 
 
 def best_kept_checkpoint(checkpoints: list, metric: str, mode: str) -> dict:

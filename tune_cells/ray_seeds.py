@@ -12,8 +12,14 @@ import ray
 from ray import tune
 
 from tune_cells.errors import RetrainFailed
-from tune_cells.promotion_rank import PROMOTION_SCORE
-from tune_cells.ray_checkpoints import best_kept_checkpoint, copy_checkpoint, result_record_callbacks
+from tune_cells.ray_checkpoints import (
+    MAX_FAILURES,
+    best_kept_checkpoint,
+    copy_checkpoint,
+    kept_checkpoints,
+    placed_trainable,
+    result_record_callbacks,
+)
 from tune_cells.ray_events import TrialEvents, first_error_line, forwarding_events
 from tune_cells.ray_progress import stop_on_signals
 from tune_cells.resources import TrialResources
@@ -51,8 +57,7 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
     that failed or diverged is returned in `failed`, with why: the others' training is kept.
     `events` gets each retrain's start, epochs and end, as a search's sink gets its trials' (their
     MLflow runs)."""
-    runnable = tune.with_resources(tune.with_parameters(trainable, **trainable_kwargs),
-                                   lambda cfg: tune.PlacementGroupFactory([trial_resources(cfg)]))
+    runnable = placed_trainable(trainable, trainable_kwargs, trial_resources)
     with forwarding_events(name, events) as forwarding:
         tuner = tune.Tuner(
             runnable,
@@ -60,10 +65,8 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
             tune_config=tune.TuneConfig(metric=metric, mode=mode, reuse_actors=True),
             run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
                                       callbacks=[forwarding, *result_record_callbacks()],
-                                      failure_config=tune.FailureConfig(max_failures=2),
-                                      checkpoint_config=tune.CheckpointConfig(
-                                          num_to_keep=1, checkpoint_score_attribute=PROMOTION_SCORE,
-                                          checkpoint_score_order="max")),
+                                      failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                                      checkpoint_config=kept_checkpoints(1)),
         )
         with stop_on_signals():
             results = tuner.fit()
