@@ -85,9 +85,9 @@ def gather(tracker, version, evaluation) -> CardFacts:
         space = tracker.artifact_text(search.info.run_id, "search_space.yaml") or ""
     try:
         spec = get_task(task)
-        description, noun = spec.description, spec.kind.label_noun
-    except UserInputError:
-        description, noun = "", "class"
+        description, wording = spec.description, spec.kind.card_wording
+    except UserInputError:  # a task this version does not know: a classifier's words
+        description, wording = "", None
     info = search.info if search is not None else None
     return CardFacts(
         task=task, task_description=description, model_name=version.name, version=str(version.version),
@@ -98,7 +98,7 @@ def gather(tracker, version, evaluation) -> CardFacts:
         search_metrics=dict(search.data.metrics) if search else {},
         search_seconds=(info.end_time - info.start_time) / 1000 if info and info.end_time else None,
         data=data, space_yaml=space, config=dict(trial.data.params) if trial is not None else {},
-        experiment_id=evaluation.info.experiment_id, label_noun=noun,
+        experiment_id=evaluation.info.experiment_id, wording=wording,
         selection=search.data.tags.get("selection", "") if search else "",
         search_resumes=int(search.data.tags.get("resumes", 0)) if search else 0,
     )

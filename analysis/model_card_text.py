@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tune_cells.analysis.selection import is_rule_note
 from tune_cells.config import first_averaged_epoch
+
+if TYPE_CHECKING:
+    from tune_cells.kinds.base import CardWording
 
 HEADLINE = ("test_accuracy", "test_balanced_accuracy", "test_macro_f1", "test_roc_auc", "test_dice",
             "test_pooled_dice", "test_jaccard")
@@ -38,13 +42,20 @@ class CardFacts:
     space_yaml: str
     config: dict[str, str]  # the champion's configuration (its trial run's parameters)
     experiment_id: str
-    label_noun: str = "class"  # what the classes are: "class", or "target" (segmentation)
+    wording: CardWording | None = None  # the kind's words for its output (tune_cells.kinds); None: a classifier's
     selection: str = ""  # what the promotion chose, and why (the search run's `selection` tag)
     search_resumes: int = 0  # how often the search was resumed (`--resume`): its span includes the interruptions
 
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}/{self.version}"
+
+    def words(self, part: str) -> str:
+        """One of the kind's card phrases with this model's labels filled in."""
+        from tune_cells.kinds import CLASSIFICATION
+
+        wording, classes = self.wording or CLASSIFICATION.card_wording, self.data.get("classes", [])
+        return getattr(wording, part).format(n=len(classes), names=", ".join(classes) or wording.labels, task=self.task)
 
 
 def metric_rows(metrics: dict[str, float]) -> list[tuple[str, float, float | None, float | None]]:
@@ -82,9 +93,7 @@ def _model(f: CardFacts) -> str:
                          if str(config.get("pretrained")).lower() == "true" else
                          f"; normalised by the training part's channel mean {_list(mean)} and sd {_list(std)}"
                          if mean else "")),
-            ("Output", f"{'one of' if f.label_noun == 'class' else 'a mask for each of'} {len(data.get('classes', []))} "
-                       f"{'classes' if f.label_noun == 'class' else f.label_noun + 's'}: {', '.join(data.get('classes', []))}" if data.get("classes")
-             else "see the registered model's signature"),
+            ("Output", f.words("output") if data.get("classes") else "see the registered model's signature"),
             *[(name, tags[key]) for name, key in (("Test-time augmentation", "tta"), ("Temperature", "temperature"))
               if key in tags],
             ("Trained in", f"trial `{tags.get('ray_trial_id', '?')}` (run `{tags.get('trial_run_id', '?')}`), "
@@ -131,10 +140,7 @@ def _averaged_weights(config: dict, epoch, max_epochs) -> list[tuple[str, str]]:
 
 
 def _intended_use(f: CardFacts) -> str:
-    names = ", ".join(f.data.get("classes", [])) or f"its {f.label_noun}s"
-    use = f"sorting images like those it was trained on ({f.task}) into {names}" if f.label_noun == "class" else \
-        f"marking {names} in images like those it was trained on ({f.task})"
-    return (f"## Intended use\n\nResearch: {use}. Not a medical device: not for diagnosis or treatment decisions. "
+    return (f"## Intended use\n\nResearch: {f.words('use')}. Not a medical device: not for diagnosis or treatment decisions. "
             "Check new data against the limits below before trusting its scores.")
 
 
@@ -276,10 +282,8 @@ def _limits(f: CardFacts) -> str:
                 f"scores there; measure them with `tune-cells evaluate {f.task} --data OTHER_SET`.")
     if data.get("source") == "demo":
         said.append("These are synthetic demo images: the numbers say nothing about real data.")
-    if data.get("classes") and f.label_noun == "class":
-        said.append(f"It knows only {', '.join(data['classes'])}; anything else is given one of these.")
-    elif data.get("classes"):
-        said.append(f"It marks only {', '.join(data['classes'])}; nothing else in an image is marked.")
+    if data.get("classes"):
+        said.append(f.words("limit"))
     return "## Limits\n\n" + "\n".join(f"- {line}" for line in said)
 
 

@@ -142,6 +142,9 @@ def test_the_champion_is_registered_as_the_mean_of_itself_and_the_next_best_comp
     runs = ", ".join(f"trial {t} run `{trials[t].info.run_id}`" for t in members)
     assert (f"the mean of 2 networks: the promoted trial and the search's next-best trials that trained every epoch: "
             f"{','.join(members)}; their MLflow runs: {runs} |") in (lung_search["root"] / "card.md").read_text()
+    text = (lung_search["root"] / "card.md").read_text()  # a segmenter's words, not a classifier's
+    assert "| Output | a mask for each of 2 targets: Parenchyma, SevereInflammation |" in text
+    assert "Research: marking Parenchyma, SevereInflammation in images" in text and "It marks only" in text
 
 
 def test_evaluation_writes_masks_overlays_and_pixel_table(lung_search):

@@ -64,6 +64,7 @@ def test_the_card_is_logged_with_the_evaluation_and_its_numbers_are_the_runs(sea
     assert "4 trials ran" in text and "ASHA grace period 1 and reduction factor 2" in text
     assert "no patient, specimen or slide IDs" in text and "another stain, scanner" in text
     assert "synthetic demo images" in text
+    assert "| Output | one of 4 classes: " in text and "It knows only " in text and "Research: sorting images" in text
     # the space has an initial point, so the one-SE rule chose, and the card says how it went
     search = client.get_run(version.tags["search_run_id"])
     assert ("| Chosen by | the one-SE rule: the space's first initial point that ran, unless the best trial by "

@@ -27,6 +27,17 @@ class TaskSpec(Protocol):
     channels: int
 
 
+@dataclass(frozen=True)
+class CardWording:
+    """How a model card words what a kind's model gives ({n}: how many labels, {names}: their names,
+    {task}: the task), what it is for, and where it stops."""
+
+    labels: str  # the labels as a plural noun, where their names are unknown
+    output: str
+    use: str
+    limit: str
+
+
 @dataclass
 class TrialInputs:
     trainable: Callable[..., None]  # the Ray Tune function trainable
@@ -39,6 +50,7 @@ class TaskKind(ABC):
     name: ClassVar[str]
     config_type: ClassVar[type[TrainerConfig]]
     label_noun: ClassVar[str]  # what `classes` are: "class" or "target"
+    card_wording: ClassVar[CardWording]
     explainable: ClassVar[bool]  # attribution maps (`tune-cells explain`) make sense
     writes_masks: ClassVar[bool]  # `predict` writes masks and overlays beside its CSV
 

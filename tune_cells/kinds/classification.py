@@ -6,13 +6,16 @@ from functools import partial
 from pathlib import Path
 
 from tune_cells.config import ClassificationConfig
-from tune_cells.kinds.base import TaskKind, TrialInputs
+from tune_cells.kinds.base import CardWording, TaskKind, TrialInputs
 
 
 class ClassificationKind(TaskKind):
     name = "classification"
     config_type = ClassificationConfig
     label_noun = "class"
+    card_wording = CardWording(labels="its classes", output="one of {n} classes: {names}",
+                               use="sorting images like those it was trained on ({task}) into {names}",
+                               limit="It knows only {names}; anything else is given one of these.")
     explainable = True
     writes_masks = False
 

@@ -6,13 +6,16 @@ from pathlib import Path
 
 from tune_cells.config import SegmentationConfig
 from tune_cells.errors import UserInputError
-from tune_cells.kinds.base import TaskKind, TrialInputs
+from tune_cells.kinds.base import CardWording, TaskKind, TrialInputs
 
 
 class SegmentationKind(TaskKind):
     name = "segmentation"
     config_type = SegmentationConfig
     label_noun = "target"
+    card_wording = CardWording(labels="its targets", output="a mask for each of {n} targets: {names}",
+                               use="marking {names} in images like those it was trained on ({task})",
+                               limit="It marks only {names}; nothing else in an image is marked.")
     explainable = False
     writes_masks = True
 
