@@ -22,6 +22,7 @@ _CREDENTIAL_FILTER = CredentialFilter()  # on every log handler: no password of 
 
 from tune_cells.commands.opening import open_registered_model, require_store  # noqa: E402
 from tune_cells.commands.options import tracking_option, workdir_option  # noqa: E402
+from tune_cells.search_options import SMOKE_TEST, SearchOptions  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -50,18 +51,18 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 @click.argument("task")
 @click.option("--data", type=click.Path(path_type=Path), default=None,
               help="Dataset folder in the task's layout (see `tune-cells tasks`). Without it: generated demo data.")
-@click.option("--samples", type=int, default=8, show_default=True, help="Number of trials.")
-@click.option("--max-epochs", type=int, default=10, show_default=True, help="Epochs of a trial that ASHA never stops.")
-@click.option("--grace-period", type=int, default=2, show_default=True, help="ASHA: epochs before a trial can be stopped.")
-@click.option("--reduction-factor", type=int, default=3, show_default=True, help="ASHA: keep the top 1/N at each rung.")
+@click.option("--samples", type=int, default=SearchOptions.samples, show_default=True, help="Number of trials.")
+@click.option("--max-epochs", type=int, default=SearchOptions.max_epochs, show_default=True, help="Epochs of a trial that ASHA never stops.")
+@click.option("--grace-period", type=int, default=SearchOptions.grace_period, show_default=True, help="ASHA: epochs before a trial can be stopped.")
+@click.option("--reduction-factor", type=int, default=SearchOptions.reduction_factor, show_default=True, help="ASHA: keep the top 1/N at each rung.")
 @click.option("--cpus-per-trial", type=float, default=None,
               help="CPUs per trial (also its torch threads) [default: 1].")
 @click.option("--gpus-per-trial", type=float, default=None,
               help="GPUs per trial; fractions share a GPU [default: the model's share (0.25 for small models) "
                    "where the cluster has GPUs, else 0]. Without CUDA a trial trains on the CPU.")
 @click.option("--max-concurrent", type=int, default=None, help="At most this many trials at once.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the sampler and the trials.")
-@click.option("--folds", type=int, default=1, show_default=True,
+@click.option("--seed", type=int, default=SearchOptions.seed, show_default=True, help="Seeds the split, the sampler and the trials.")
+@click.option("--folds", type=int, default=SearchOptions.folds, show_default=True,
               help="K > 1: cross-validation inside the search. Train and validation parts are pooled and cut into K "
                    "folds; each trial trains K models and reports their mean; the champion is the K-model ensemble.")
 @click.option("--group-pattern", default=None, metavar="REGEX",
@@ -85,7 +86,8 @@ def cli(ctx: click.Context, verbose: bool) -> None:
                    "the champion is promoted from what was reported. The preflight before and the evaluation after "
                    "are not counted. A trial it stops has not finished its learning-rate schedule.")
 @click.option("--no-evaluate", is_flag=True, help="Promote but do not evaluate on the test part.")
-@click.option("--smoke-test", is_flag=True, help="Tiny run (2 trials, 2 epochs) to check the installation.")
+@click.option("--smoke-test", is_flag=True, help=f"Tiny run ({SMOKE_TEST['samples']} trials, {SMOKE_TEST['max_epochs']} epochs) to check the "
+              "installation.")
 @click.option("--resume", is_flag=True,
               help="Continue the experiment's latest interrupted search (same flags): its Optuna state, trials from "
                    "their last checkpoints, the same MLflow parent and trial runs (ASHA's rungs start afresh: Ray "
@@ -98,12 +100,11 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
            no_evaluate, smoke_test, resume, warm_start, max_latency_ms, max_store_size, time_budget):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
     from tune_cells.analysis.promotion import evaluate_in_fresh_process
-    from tune_cells.preflight import SearchOptions
     from tune_cells.search import run_search
     from tune_cells.tracking import resolve_tracking_uri
 
     if smoke_test:
-        samples, max_epochs, grace_period = 2, 2, 1
+        samples, max_epochs, grace_period = SMOKE_TEST["samples"], SMOKE_TEST["max_epochs"], SMOKE_TEST["grace_period"]
     outcome = run_search(SearchOptions(
         task=task, data=data, samples=samples, max_epochs=max_epochs, grace_period=grace_period,
         reduction_factor=reduction_factor, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,

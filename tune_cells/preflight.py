@@ -24,10 +24,11 @@ from tune_cells.data.resolution import StoreSize, choose_store_size, decoded_byt
 from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
 from tune_cells.kinds import TaskKind, get_kind
-from tune_cells.paths import DEFAULT_WORKDIR, WorkDir
+from tune_cells.paths import WorkDir
 from tune_cells.ray_places import check_ray_address, check_storage, storage_for_ray
 from tune_cells.redact import without_credentials
 from tune_cells.resources import check_local_resources
+from tune_cells.search_options import SearchOptions  # noqa: F401  (re-exported: callers import it from here)
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
 from tune_cells.space_weights import fit_space_to_weights
 from tune_cells.tasks import TaskSpec, get_task, registered_name
@@ -41,34 +42,6 @@ RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor"
                      "time_budget")
 # A search started before an option existed had this value (Ray restores the stopper a search began with)
 RESUME_ABSENT_MEANS = {"time_budget": "None"}
-
-
-@dataclass
-class SearchOptions:
-    task: str
-    data: Path | None = None
-    samples: int = 8
-    max_epochs: int = 10
-    grace_period: int = 2
-    reduction_factor: int = 3
-    cpus_per_trial: float | None = None  # None: 1
-    gpus_per_trial: float | None = None  # None: per model (its registry entry) where there are GPUs, else 0
-    seed: int = 0
-    experiment: str | None = None
-    workdir: Path = DEFAULT_WORKDIR
-    tracking_uri: str | None = None
-    storage: str | None = None
-    space: Path | None = None
-    address: str | None = None
-    max_concurrent: int | None = None
-    verbose: bool = False
-    resume: bool = False  # continue the latest interrupted search of the experiment
-    folds: int = 1  # K > 1: each trial trains K fold models on the pooled train and validation parts
-    group_pattern: str | None = None  # regex on relative paths: images with the same match are related
-    warm_start: bool = False  # the study starts with the finished trials of earlier searches of the task and space
-    max_latency_ms: float | None = None  # promote the best trial whose latency per image is at most this
-    max_store_size: int | None = None  # cap on the native decode size [default: the task's max_store_size]
-    time_budget: float | None = None  # minutes of trials; then every running trial is stopped (Ray's time budget)
 
 
 @dataclass

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-DEFAULT_WORKDIR = "tune-cells-runs"  # tune_cells.paths.DEFAULT_WORKDIR, without importing it at startup
+from tune_cells.paths import DEFAULT_WORKDIR
+
 workdir_option = click.option("--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR, show_default=True,
                               help="Working folder: MLflow store, Ray results, split files, demo data.")
 tracking_option = click.option("--tracking-uri", default=None,
