@@ -42,6 +42,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     from tune_cells.analysis.seed_ensemble import member_seeds
     from tune_cells.data.splits import dataset_record
     from tune_cells.resources import check_local_resources, trial_resources
+    from tune_cells.search_options import SearchOptions
     from tune_cells.trial_recorder import SEEDS_EVALUATION, TrialRecorder, recording_retrains, retrain_runs_by_seed
 
     version = tracker.resolve_model(model_uri, task.name)
@@ -52,7 +53,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
         raise UserInputError(f"{model_uri} has no search run: --seeds needs the search it came from")
     parent = tracker.get_run(parent_id)
     experiment_id = evaluation_experiment(tracker, task, parent_id)  # deleted in the UI: refused before K retrains
-    max_epochs = int(parent.data.params.get("max_epochs", 10))
+    max_epochs = int(parent.data.params.get("max_epochs", SearchOptions.max_epochs))  # (every search logs it)
     metric, mode = parent.data.params.get("metric", task.metric), parent.data.params.get("mode", task.mode)
     index, split = model_split(task, tracker, tags, workdir)
     # decoded as the champion was trained (its spec records the size), so retrains and scores match it
@@ -63,7 +64,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     check_local_resources(cpus_per_trial, gpus_per_trial, address)
     cluster = ray_backend.init(address=address, num_cpus=None if address else os.cpu_count())
     try:
-        folds = int(parent.data.params.get("folds", 1))  # a fold ensemble is retrained as one
+        folds = int(parent.data.params.get("folds", SearchOptions.folds))  # a fold ensemble is retrained as one
         # an ensemble (`ensemble: N`) is retrained as one: N networks per seed, each of its member's configuration
         size = len(configs)
         members = {seed: [seed, *member_seeds(seed, size)] for seed in seeds}
