@@ -351,9 +351,18 @@ def main() -> None:
         sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except Exception as exc:
         log.debug("traceback", exc_info=True)
+        if _is_undecodable_name(exc):  # a name given or found that no checked path caught: still bad input
+            shown = exc.object.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            click.echo(f"tune-cells: error: {_joined(shown)}: a name that is not UTF-8 text; rename it", err=True)
+            sys.exit(2)
         click.echo(f"tune-cells: failed: {type(exc).__name__}: {first_line(without_credentials(str(exc)))} (run with "
                    "-v for the traceback)", err=True)
         sys.exit(1)
+
+
+def _is_undecodable_name(exc: Exception) -> bool:
+    """A file name's bytes that are no UTF-8 (Python holds them as lone surrogates) met an encoder."""
+    return isinstance(exc, UnicodeEncodeError) and isinstance(exc.object, str) and "surrogates" in exc.reason
 
 
 MAX_ERROR_CHARS = 2000  # a message quoting a value (a YAML alias can expand to gigabytes) is cut there

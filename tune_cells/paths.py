@@ -5,11 +5,29 @@ Nothing here touches the disk: a `WorkDir` only names paths; the commands that w
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tune_cells.errors import UserInputError
+
 DEFAULT_WORKDIR = Path("tune-cells-runs")
+
+
+def shown_name(path: Path | str) -> str:
+    """A path as its bytes read, printable even where they are no UTF-8 (`bad\\xff.png`)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def require_text_name(path: Path) -> Path:
+    """A name that is no UTF-8 (Latin-1 bytes from an old share or archive) cannot be written to a
+    table, MLflow or a CSV: refused up front, naming it, instead of failing deep in one of them."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserInputError(f"{shown_name(path)}: the name is not UTF-8 text; rename it") from None
+    return path
 
 
 def _stamp() -> str:

@@ -9,6 +9,7 @@ import pandas as pd
 from tune_cells.data.images import IMAGE_SUFFIXES
 from tune_cells.data.importers import hidden_below
 from tune_cells.errors import UserInputError
+from tune_cells.paths import require_text_name
 from tune_cells.tasks import TaskSpec
 
 
@@ -16,15 +17,17 @@ def collect_images(paths: list[Path]) -> list[Path]:
     """Files as given, and image files found below folders (sorted, hidden ones skipped); missing
     paths are exit 2."""
     files: list[Path] = []
-    for path in map(Path, paths):
+    for path in map(require_text_name, map(Path, paths)):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                           and not hidden_below(p, path))  # as the importers skip them
+            found = sorted(require_text_name(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                           and p.is_file() and not hidden_below(p, path))  # as the importers skip them
             if not found:
                 raise UserInputError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below this folder")
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif path.exists():  # reading a pipe would wait forever
+            raise UserInputError(f"{path}: not a regular file (a pipe, a socket or a device)")
         else:
             raise UserInputError(f"{path}: no such file or folder")
     return files

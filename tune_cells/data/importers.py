@@ -16,6 +16,7 @@ import pandas as pd
 from tune_cells.data.groups import GROUP_COLUMN, GROUPS_CSV, read_groups_csv
 from tune_cells.data.images import DECODE_ERRORS, IMAGE_SUFFIXES, ImageIndex
 from tune_cells.errors import UserInputError
+from tune_cells.paths import require_text_name
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def _name_some(values: list, limit: int = 3) -> str:
 
 
 def require_dir(root: Path) -> Path:
-    root = Path(root).expanduser()
+    root = require_text_name(Path(root).expanduser())
     if root.exists() and not root.is_dir():
         raise UserInputError(f"--data {root}: a file; give the dataset's folder")
     if not root.is_dir():
@@ -45,7 +46,7 @@ def class_folders(root: Path, folders) -> list[Path]:
     """`folders` in the order of their class names (NFC); two that are one name in two Unicode
     forms are refused, naming both: whichever was kept, the other's images would be mislabelled."""
     by_name: dict[str, Path] = {}
-    for folder in folders:
+    for folder in map(require_text_name, folders):
         other = by_name.setdefault(class_name(folder.name), folder)
         if other != folder:
             first, second = sorted([other.name, folder.name])
@@ -120,6 +121,7 @@ def _listed(root: Path, folder: Path) -> tuple[list[str], list[str]]:
             continue
         if not path.is_file():  # a broken link, a pipe (reading it would wait forever), a device
             raise UserInputError(f"{path}: not a regular file (a broken link, a pipe or a device)")
+        require_text_name(path)
         (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path.relative_to(root).as_posix())
     return images, others
 
@@ -275,7 +277,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
     targets = [class_name(d.name) for d in target_dirs]
     if not targets:
         raise UserInputError(f"{original.parent}: no mask folders beside Original/ (one folder per target)")
-    images = sorted(p for p in original.iterdir()
+    images = sorted(require_text_name(p) for p in original.iterdir()
                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
         raise UserInputError(f"{original}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -284,7 +286,7 @@ def import_lung_masks(root: Path) -> ImageIndex:
         masks_by_stem[target] = {}
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                other = masks_by_stem[target].setdefault(path.stem, path)
+                other = masks_by_stem[target].setdefault(require_text_name(path).stem, path)
                 if other != path:  # which one would be read is the file system's order
                     raise UserInputError(f"{target}/: two masks for {path.stem}: {other.name} and {path.name}")
 
