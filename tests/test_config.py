@@ -61,6 +61,12 @@ def test_segmentation_scale_has_one_default_for_training_and_prediction():
     ("  model: unet\n", CLASSIFICATION, "model unet is a segmentation model; this task is classification"),
     ("  model: small_convnet\n  dropout: {float: [0.1, 0.5]}\ninitial_points:\n  - {dropout: 0.2, lr: -1}\n",
      CLASSIFICATION, "parameter 'lr' = -1"),
+    # a model's own keywords out of their range: every trial would fail, or build a network no machine holds
+    ("  model: small_convnet\n  dropout: 1.5\n", CLASSIFICATION, "'dropout' = 1.5: must be a number from 0 to 0.99"),
+    ("  model: small_convnet\n  width: {int: [16, 100000]}\n", CLASSIFICATION, "'width' = .*: must be a number from 1"),
+    ("  model: small_convnet\n  depth: 100\n", CLASSIFICATION, "'depth' = 100: must be a number from 1 to 8"),
+    ("  model: small_convnet\n  seed: -1\n", CLASSIFICATION, "parameter 'seed' = -1"),
+    ("  model: small_convnet\n  image_size: 100000\n", CLASSIFICATION, "parameter 'image_size' = 100000"),
 ])
 def test_check_space_refuses_what_no_trial_could_use(tmp_path, text, kind, message):
     path = tmp_path / "space.yaml"

@@ -53,7 +53,7 @@ class TrainerConfig(BaseModel):
                                      "their new head at lr")
     checkpoint_every: int = Field(5, ge=1, description="full trainer state (optimiser too) every N epochs and at "
                                   "the last; weights alone whenever the metric improves")
-    seed: int | None = Field(None, description="trial seed [default: the search's --seed]")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="trial seed [default: the search's --seed]")
     ensemble: int = Field(1, ge=1, le=8, description="the champion is promoted as the mean of N networks: itself "
                           "and N-1 other networks (`ensemble_members`)")
     ensemble_members: Literal["retrains", "trials"] = Field(
@@ -74,7 +74,7 @@ class TrainerConfig(BaseModel):
         `strict`: a name that is neither, or a model argument the chosen model does not take, is an
         error; otherwise it is dropped with a debug line (stored configurations of older versions).
         """
-        from tune_cells.models import get_model, model_defaults
+        from tune_cells.models import KEYWORD_RANGES, get_model, model_defaults
 
         fields = cls.trainer_fields()
         trainer = {k: v for k, v in flat.items() if k in fields}
@@ -96,6 +96,11 @@ class TrainerConfig(BaseModel):
             if name in kwargs and kwargs[name] not in allowed:
                 raise UserInputError(f"{source}: parameter {name!r} = {kwargs[name]!r} is not allowed; allowed: "
                                      f"{', '.join(map(str, allowed))}")
+        for name, (low, high) in KEYWORD_RANGES.items() if strict else ():  # (a stored model built: it loads)
+            value = kwargs.get(name)
+            if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
+                raise UserInputError(f"{source}: parameter {name!r} = {value!r}: must be a number from {low:g} to "
+                                     f"{high:g}")
         problem = entry.conflict(kwargs) if entry.conflict else None
         if problem:
             raise UserInputError(f"{source}: model {model}: {problem}")
@@ -140,7 +145,7 @@ class ClassificationConfig(TrainerConfig):
     flip: bool = Field(True, description="random horizontal and vertical flips")
     rotate90: bool = Field(True, description="random right-angle turns (cells have no 'up')")
     affine: float = Field(0.0, ge=0, le=1, description="strength of random rotation, scale and shear")
-    image_size: int | None = Field(None, ge=8, description="network input side [default: the task's "
+    image_size: int | None = Field(None, ge=8, le=2048, description="network input side [default: the task's "
                                                                     "decoded size]")
     class_balance: Literal["none", "loss", "sampler"] = Field(
         "none", description="unequal classes: inverse-frequency weights in the training loss, or balanced "

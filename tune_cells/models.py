@@ -20,6 +20,11 @@ from tune_cells.errors import UserInputError
 
 # Builder arguments set by the factory, not searched.
 _FACTORY_ARGUMENTS = ("num_classes", "in_channels", "load_weights")
+# Bounds of the builders' numeric keywords, by name (one meaning in every builder): the preflight
+# refuses a space outside them, where the builder would fail in every trial (dropout 1.5) or build a
+# network no machine holds (width 100000). Closed intervals.
+KEYWORD_RANGES: dict[str, tuple[float, float]] = {
+    "dropout": (0.0, 0.99), "depth": (1, 8), "width": (1, 1024), "base_width": (1, 512)}
 # A trial's share of one GPU when its model declares none: Ray packs trials by these fractions.
 _DEFAULT_GPU_SHARE = 0.5
 
