@@ -26,6 +26,7 @@ def snapshot(folder):
         (["search", "nuclei", "--time-budget", "nan"], "--time-budget nan: must be a number of minutes above 0"),
         (["search", "nuclei", "--samples", "many"], "'many' is not a valid integer"),
         (["search", "nuclei", "--data", "{tmp}/absent"], "absent: no such folder"),
+        (["search", "folder", "--data", "{tmp}"], "work is inside --data"),  # the next run would read the store
         (["search", "nuclei", "--space", "{tmp}/absent.yaml"], "absent.yaml: no such file"),
         (["search", "nuclei", "--bogus-flag"], "No such option '--bogus-flag'"),
         (["evaluate", "nuclei"], "no MLflow store at sqlite:///"),

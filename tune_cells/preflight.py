@@ -146,6 +146,11 @@ def check_tracking(uri: str, given_as: str = "--tracking-uri") -> None:
 
 def load_dataset(task: TaskSpec, data: Path | None, workdir: WorkDir) -> ImageIndex:
     if data is not None:
+        root = Path(data).expanduser().resolve()
+        if root == workdir.root.resolve() or root in workdir.root.resolve().parents:
+            # (`cd DATA && tune-cells search --data .`): the next run would read the store as the dataset's files
+            raise UserInputError(f"--workdir {workdir.root} is inside --data {data}: the working folder's files would be "
+                                 "read as the dataset's; give a --workdir outside it")
         return task.importer(Path(data))
     if task.demo is None:
         raise UserInputError(f"task {task.name} has no demo data: give --data DIR ({task.layout})")
