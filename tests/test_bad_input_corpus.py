@@ -59,7 +59,7 @@ def csv_row_without_file(tmp):
 def unknown_label(tmp):
     data = kaggle(tmp)
     (data / "train.csv").write_text((data / "train.csv").read_text().replace("8.png,3", "8.png,9"))
-    return ["--data", data], "unknown label 9"
+    return ["--data", data], "label '9' is not one of"
 
 
 def missing_csv(tmp):

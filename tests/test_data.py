@@ -27,8 +27,10 @@ def test_kaggle_import(kaggle_dataset):
     [
         (lambda root: (root / "train.csv").unlink(), "train.csv: missing"),
         (lambda root: (root / "train" / "3.png").unlink(), "rows without their file: train/3.png"),
-        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,7\n"), "unknown label 7"),
-        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,x\n"), "unknown label x"),
+        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,7\n"), "label '7' is not one of 0..3"),
+        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,x\n"), "row 1 \\('1.png'\\): label 'x'"),
+        (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,0\n2.png,\n3.png,\n"),
+         "row 2 \\('2.png'\\): label '' is not one of 0..3; 1 more such row"),  # an empty label, named by its row
         (lambda root: (root / "train.csv").write_text("Name,Class\n1.png,0\n"), "needs columns Filename,Label"),
         (lambda root: (root / "train.csv").write_text("Filename,Label\n"), "no rows"),
         (lambda root: (root / "train.csv").write_text("Filename,Label\n1.png,0\n1.png,0\n"), "listed twice: 1.png"),

@@ -80,11 +80,13 @@ def import_kaggle_csv(root: Path, classes: list[str]) -> ImageIndex:
         raise UserInputError(f"{csv_path}: no rows")
 
     known = {str(i): i for i in range(len(classes))}
-    unknown = sorted(set(raw_labels) - set(known))
-    if unknown:
-        raise UserInputError(
-            f"{csv_path}: unknown label {_name_some(unknown)} (expected 0..{len(classes) - 1})"
-        )
+    bad = ~raw_labels.isin(list(known))
+    if bad.any():  # named by its row and file, quoted: an empty label would show as nothing
+        row = int(bad.to_numpy().argmax())
+        others = int(bad.sum()) - 1
+        more = f"; {others} more such row{'s' if others > 1 else ''}" if others else ""
+        raise UserInputError(f"{csv_path}: row {row + 1} ({names.iloc[row]!r}): label {raw_labels.iloc[row]!r} is not "
+                             f"one of 0..{len(classes) - 1}{more}")
     duplicated = names[names.duplicated()].tolist()
     if duplicated:
         raise UserInputError(f"{csv_path}: file listed twice: {_name_some(duplicated)}")
