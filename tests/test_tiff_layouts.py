@@ -113,9 +113,9 @@ def test_16_bit_separate_planes_are_refused_in_one_line_naming_the_file(tmp_path
     with pytest.raises(SeparatePlanesTiff) as refused:
         decode_image(tmp_path / "planes.tif", 3, 16)
     assert str(refused.value) == said
-    with pytest.raises(UserInputError, match=r"cannot decode planes\.tif \(SeparatePlanesTiff\)$"):  # a search's
+    with pytest.raises(UserInputError, match=r"cannot decode planes\.tif: a 16-bit TIFF of separate colour planes"):  # a search's
         decode_images(tmp_path, ["planes.tif"], 3, 16)
-    with pytest.raises(UserInputError, match=r"planes\.tif: cannot decode \(SeparatePlanesTiff\)"):  # predict's
+    with pytest.raises(UserInputError, match=r"planes\.tif: a 16-bit TIFF of separate colour planes"):  # predict's
         decode_files(SimpleNamespace(decode_path=lambda path: decode_image(path, 3, 16)), [tmp_path / "planes.tif"])
     with pytest.raises(MlflowException) as served:  # a served row's 400
         with _row_errors(0, "image"):
@@ -159,7 +159,7 @@ def test_planes_pillow_cannot_identify_are_named_not_called_no_image(tmp_path, o
     for source in (tmp_path / "planes.tif", io.BytesIO(data)):
         with pytest.raises(SeparatePlanesTiff, match=said):
             open_image(source)
-    with pytest.raises(UserInputError, match=r"cannot decode planes\.tif \(SeparatePlanesTiff\)$"):  # a search's
+    with pytest.raises(UserInputError, match=r"cannot decode planes\.tif: a TIFF of separate colour planes \(PlanarConfiguration 2\) in a layout"):  # a search's
         decode_images(tmp_path, ["planes.tif"], 3, 16)
     interleaved = io.BytesIO(tiff(samples, 0, order=order))  # the same samples interleaved: read
     assert open_image(interleaved).size == (40, 6)

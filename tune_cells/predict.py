@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tune_cells.data.image_refusals import ImageRefused
 from tune_cells.data.images import IMAGE_SUFFIXES
 from tune_cells.data.importers import hidden_below
 from tune_cells.errors import UserInputError
@@ -51,6 +52,8 @@ def decode_files(predictor, files: list[Path]) -> list:
     for file in files:
         try:
             images.append(predictor.decode_path(file))
+        except ImageRefused as exc:  # its own reason (too many pixels, no finite value)
+            raise UserInputError(f"{file}: {exc}") from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise UserInputError(f"{file}: cannot decode ({type(exc).__name__})") from None
     return images

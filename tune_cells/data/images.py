@@ -211,7 +211,10 @@ def opaque(image: Image.Image, background: int) -> Image.Image:
 
 
 def _rescaled_to_uint8(array: np.ndarray, rows: int = 512) -> np.ndarray:
-    """`array / max * 255` as uint8 (negatives 0), in float32 a band of rows at a time (never the whole image)."""
+    """`array / max * 255` as uint8 (negatives 0), in float32 a band of rows at a time (never the whole image).
+    A float image with no finite value (all NaN) has nothing to learn or predict from: refused."""
+    if array.dtype.kind == "f" and array.size and not np.isfinite(array).any():
+        raise ImageRefused("no finite pixel value, all NaN or infinite")
     top = float(np.nanmax(array)) if array.size else 0.0
     top = top if top > 0 and np.isfinite(top) else 1.0
     out = np.empty(array.shape, dtype=np.uint8)
@@ -304,6 +307,8 @@ def _for_each_image(root: Path, paths: list[str], work: Callable[[Image.Image, s
         try:
             with open_image(root / rel) as image:
                 return work(load(image, root / rel), rel), None
+        except ImageRefused as exc:  # its own reason (no finite value, too many pixels)
+            return None, f"{rel}: {exc}"
         except DECODE_ERRORS as exc:
             return None, f"{rel} ({type(exc).__name__})"
 
@@ -316,7 +321,7 @@ def _for_each_image(root: Path, paths: list[str], work: Callable[[Image.Image, s
     bad = [error for _, error in results if error is not None]
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise UserInputError(f"{root}: cannot decode {', '.join(bad[:3])}{more}")
+        raise UserInputError(f"{root}: cannot decode {'; '.join(bad[:3])}{more}")
     return [value for value, _ in results]
 
 
