@@ -31,6 +31,8 @@ def snapshot(folder):
         (["search", "nuclei", "--bogus-flag"], "No such option '--bogus-flag'"),
         (["evaluate", "nuclei"], "no MLflow store at sqlite:///"),
         (["evaluate", "nuclei", "--model-uri", "runs:/abc/model"], "expected models:/NAME@ALIAS"),
+        (["evaluate", "nuclei", "--seeds", "100000"], "--seeds 100000: must be 2 (a spread needs two retrains) to 50"),
+        (["evaluate", "nuclei", "--bootstrap", "1000000000"], "--bootstrap 1000000000: must be 1 to 100000"),
         (["ui"], "no MLflow store at sqlite:///"),
         (["export", "nuclei"], "no MLflow store at sqlite:///"),
         (["export", "nuclei", "--model-uri", "models:/tune-cells-nuclei/1"], "no MLflow store at sqlite:///"),

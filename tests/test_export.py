@@ -135,6 +135,9 @@ def test_a_fold_ensemble_with_test_time_augmentation_is_exported_whole(store, tm
     contract = json.loads(written.with_name(written.name + ".json").read_text())
     assert (contract["members"], contract["tta"], contract["temperature"]) == (2, "dihedral", 1.7)
     assert contract["model"]["model_uri"] == uri
+    again = run_cli("export", "nuclei", "--model-uri", uri, "--workdir", store["workdir"])  # the default name is taken
+    assert again.code == 2 and f"version {version} is already exported as onnx (not overwritten); give --output" in \
+        again.err and len(again.err.strip().splitlines()) == 1, again.err
 
 
 def register_lung_segmenter(store, tmp_path, members: int, **spec_fields):

@@ -126,7 +126,7 @@ class PendingTrialsExplainer(tune.Callback):
 
 
 @contextmanager
-def stop_on_signals() -> Iterator[None]:
+def stop_on_signals(then: str = "continue it later with --resume") -> Iterator[None]:
     """Ctrl-C or SIGTERM while trials run: Tune stops and saves its state one last time (its own
     SIGUSR1 path), and the search then ends as interrupted (resumable), never as finished.
 
@@ -140,8 +140,8 @@ def stop_on_signals() -> Iterator[None]:
         if received or signal.getsignal(signal.SIGUSR1) is placeholder:  # again, or before Tune listens
             raise Interrupted(signum)
         received.append(signum)
-        log.warning("%s received: stopping the trials and saving the search's state (again: stop at once); "
-                    "continue it later with --resume", signal.Signals(signum).name)
+        log.warning("%s received: stopping the trials and saving their state (again: stop at once); %s",
+                    signal.Signals(signum).name, then)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     def placeholder(signum, frame):  # until Tune installs its SIGUSR1 handler

@@ -68,7 +68,7 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
                                       failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
                                       checkpoint_config=kept_checkpoints(1)),
         )
-        with stop_on_signals():
+        with stop_on_signals(then="nothing is logged; run the command again to retrain"):
             results = tuner.fit()
     runs = SeedRuns([])
     for result in results:

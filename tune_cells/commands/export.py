@@ -30,8 +30,11 @@ def command(task, format_name, output, model_uri, workdir, tracking_uri):
     opened = open_registered_model(task, workdir, tracking_uri, model_uri)  # writes exports/ and the read log
     spec, version = opened.task, opened.version
     export_format = FORMATS[format_name]
-    output = check_output(output or opened.workdir.root / "exports"
-                          / f"{version.name}-v{version.version}{export_format.suffix}")
+    default = opened.workdir.root / "exports" / f"{version.name}-v{version.version}{export_format.suffix}"
+    if output is None and (default.exists() or default.is_symlink()):  # not an --output the user gave
+        raise UserInputError(f"{default}: version {version.version} is already exported as {export_format.name} "
+                             "(not overwritten); give --output for another copy")
+    output = check_output(output or default)
 
     predictor = opened.tracker.load_classifier(opened.uri)
     plan = spec.kind.export_plan(predictor)
