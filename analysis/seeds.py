@@ -87,7 +87,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
                     [members[seed][j] for seed in seeds for j in same], metric, mode,
                     trial_resources(cpus_per_trial, gpus_per_trial, address, cluster),
                     storage or str(WorkDir.at(workdir).seeds_storage), name + (f"-member{i}" if i else ""),
-                    events=retrain_recorder)
+                    events=retrain_recorder, on_interrupt="evaluate has no --resume: run it again to retrain")
                 trained = ray_seeds.SeedRuns(sorted([*trained.trained, *part.trained], key=lambda r: r.seed),
                                              {**trained.failed, **part.failed})
     finally:

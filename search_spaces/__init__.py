@@ -117,20 +117,18 @@ class SearchSpace:
         spec = self.params[name]
         return not isinstance(spec, (dict, list)) or resolve(name, spec, chosen) is not None
 
-    def largest(self, name: str) -> float | None:
-        """The largest number parameter `name` can take (fixed value, choices, a range's top, every
-        alternative, the initial points); None where the space never sets it."""
-        if name not in self.params:
-            return None
-        spec = self.params[name]
+    def declared_numbers(self, name: str) -> list[float]:
+        """Every number the space declares for `name`: fixed values, choices, both ends of a range,
+        in every alternative and initial point (its bounds, whatever a sampler draws)."""
+        spec = self.params.get(name, [])
         values = [point[name] for point in self.initial_points if name in point]
         for one in spec if isinstance(spec, list) else [spec]:
-            if isinstance(one, dict):
-                values += [*one.get("choices", []), *[*one.get("int", one.get("float", []))][1:]]
-            else:
-                values.append(one)
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        return max(numbers) if numbers else None
+            values += [*one.get("choices", []), *one.get("int", one.get("float", []))] if isinstance(one, dict) else [one]
+        return [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+    def largest(self, name: str) -> float | None:
+        """The largest number `name` can take; None where the space never sets it to a number."""
+        return max(self.declared_numbers(name), default=None)
 
     @property
     def may_use_pretrained(self) -> bool:

@@ -63,7 +63,8 @@ def test_segmentation_scale_has_one_default_for_training_and_prediction():
      CLASSIFICATION, "parameter 'lr' = -1"),
     # a model's own keywords out of their range: every trial would fail, or build a network no machine holds
     ("  model: small_convnet\n  dropout: 1.5\n", CLASSIFICATION, "'dropout' = 1.5: must be a number from 0 to 0.99"),
-    ("  model: small_convnet\n  width: {int: [16, 100000]}\n", CLASSIFICATION, "'width' = .*: must be a number from 1"),
+    ("  model: small_convnet\n  width: {int: [16, 100000]}\n", CLASSIFICATION, "'width' = 100000: must be a number from 1"),
+    ("  model: small_convnet\n  dropout: {float: [0.0, 1.0]}\n", CLASSIFICATION, "'dropout' = 1.0: must be"),  # an end
     ("  model: small_convnet\n  depth: 100\n", CLASSIFICATION, "'depth' = 100: must be a number from 1 to 8"),
     ("  model: small_convnet\n  seed: -1\n", CLASSIFICATION, "parameter 'seed' = -1"),
     ("  model: small_convnet\n  image_size: 100000\n", CLASSIFICATION, "parameter 'image_size' = 100000"),

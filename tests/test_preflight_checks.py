@@ -118,3 +118,25 @@ def test_a_relative_storage_reaches_ray_as_an_absolute_path(tmp_path, monkeypatc
     assert ray_storage(SearchOptions(task="nuclei", storage="rel/ray"), None) == str(tmp_path / "rel" / "ray")
     for uri in ("s3://bucket/ray", "file:///shared/ray"):
         assert ray_storage(SearchOptions(task="nuclei", storage=uri), None) == uri
+
+
+def test_a_workdir_inside_data_is_refused_only_where_the_importer_would_read_it(tmp_path):
+    """A folder-task dataset read as a tree would list the store as images on the next run; a
+    hidden working folder, or one inside a train.csv dataset, is never read."""
+    from tune_cells.paths import WorkDir
+    from tune_cells.preflight import load_dataset
+    from tune_cells.tasks import get_task
+
+    from conftest import write_kaggle
+
+    folder = tmp_path / "cells"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(folder / label / f"{i}.png")
+    for workdir in (folder, folder / "tune-cells-runs", folder / "a" / "runs"):
+        with pytest.raises(UserInputError, match="is inside --data .*or a hidden one"):
+            load_dataset(get_task("folder"), folder, WorkDir.at(workdir))
+    assert len(load_dataset(get_task("folder"), folder, WorkDir.at(folder / ".tune-cells")).items) == 6
+    kaggle = write_kaggle(tmp_path / "nuclei", [0, 1, 2, 3] * 2)
+    assert len(load_dataset(get_task("nuclei"), kaggle, WorkDir.at(kaggle / "tune-cells-runs")).items) == 8

@@ -53,7 +53,7 @@ class TrainerConfig(BaseModel):
                                      "their new head at lr")
     checkpoint_every: int = Field(5, ge=1, description="full trainer state (optimiser too) every N epochs and at "
                                   "the last; weights alone whenever the metric improves")
-    seed: int | None = Field(None, ge=0, lt=2**32, description="trial seed [default: the search's --seed]")
+    seed: int | None = Field(None, ge=0, description="trial seed [default: the search's --seed]")
     ensemble: int = Field(1, ge=1, le=8, description="the champion is promoted as the mean of N networks: itself "
                           "and N-1 other networks (`ensemble_members`)")
     ensemble_members: Literal["retrains", "trials"] = Field(

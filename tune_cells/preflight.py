@@ -146,11 +146,13 @@ def check_tracking(uri: str, given_as: str = "--tracking-uri") -> None:
 
 def load_dataset(task: TaskSpec, data: Path | None, workdir: WorkDir) -> ImageIndex:
     if data is not None:
-        root = Path(data).expanduser().resolve()
-        if root == workdir.root.resolve() or root in workdir.root.resolve().parents:
-            # (`cd DATA && tune-cells search --data .`): the next run would read the store as the dataset's files
+        root, inside = Path(data).expanduser().resolve(), workdir.root.resolve()
+        below = inside.relative_to(root).parts if inside.is_relative_to(root) else None
+        if task.scans_tree and below is not None and not any(part.startswith(".") for part in below):
+            # (`cd DATA && tune-cells search folder --data .`): the next run would read the store as the
+            # dataset's files; hidden folders are no importer's
             raise UserInputError(f"--workdir {workdir.root} is inside --data {data}: the working folder's files would be "
-                                 "read as the dataset's; give a --workdir outside it")
+                                 "read as the dataset's; give a --workdir outside it, or a hidden one (DATA/.tune-cells)")
         return task.importer(Path(data))
     if task.demo is None:
         raise UserInputError(f"task {task.name} has no demo data: give --data DIR ({task.layout})")
@@ -182,6 +184,7 @@ def check_space(space: SearchSpace, seed: int, kind: TaskKind | None = None) -> 
     import optuna
 
     from tune_cells.models import (
+        KEYWORD_RANGES,
         expected_weights_file,
         get_model,
         has_pretrained_weights,
@@ -189,6 +192,11 @@ def check_space(space: SearchSpace, seed: int, kind: TaskKind | None = None) -> 
         pretrained_available,
     )
 
+    for name, (low, high) in KEYWORD_RANGES.items():  # on the declared bounds: samples might miss an end
+        outside = [v for v in space.declared_numbers(name) if not low <= v <= high]
+        if outside:
+            raise UserInputError(f"{space.source}: parameter {name!r} = {outside[0]!r}: must be a number from {low:g} "
+                                 f"to {high:g}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     configs = []

@@ -49,7 +49,8 @@ class SeedRuns:
 
 def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], config: dict, seeds: list[int],
               metric: str, mode: str, trial_resources: Callable[[dict], dict[str, float]], storage_path: str,
-              name: str, into: Path | None = None, events: TrialEvents | None = None) -> SeedRuns:
+              name: str, into: Path | None = None, events: TrialEvents | None = None,
+              on_interrupt: str = "continue it later with --resume") -> SeedRuns:
     """Train one fixed configuration once per seed (a grid over `seed`, no searcher, no early stop)
     and return each run's best epoch by PROMOTION_SCORE (its metric), as the search's promotion picks it,
     copied into `into`/seed<N> (default: the system's temporary folder). Ctrl-C or SIGTERM raises
@@ -68,7 +69,7 @@ def run_seeds(trainable: Callable[..., None], trainable_kwargs: dict[str, Any], 
                                       failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
                                       checkpoint_config=kept_checkpoints(1)),
         )
-        with stop_on_signals(then="nothing is logged; run the command again to retrain"):
+        with stop_on_signals(then=on_interrupt):  # a search's retrains resume with it; evaluate's do not
             results = tuner.fit()
     runs = SeedRuns([])
     for result in results:

@@ -32,6 +32,7 @@ class TaskSpec:
     mode: str = "max"
     kind: TaskKind = CLASSIFICATION
     demo: Callable[..., Path] | None = None  # writes demo data in `layout` into a folder (or `staging=`)
+    scans_tree: bool = True  # the importer reads every folder below --data (False: listed files, fixed folders)
 
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -84,6 +85,7 @@ register_task(
         min_store_size=100,  # the patches' own size
         max_store_size=256,
         default_space="nuclei",
+        scans_tree=False,
         demo=_lazy(_DEMO, "generate"),
     )
 )
@@ -112,6 +114,7 @@ register_task(
         min_store_size=78,  # the cells' own size
         max_store_size=256,
         default_space="hep2",
+        scans_tree=False,
         demo=_lazy(_DEMO, "generate_hep2"),
     )
 )
