@@ -67,7 +67,6 @@ def test_segmentation_scale_has_one_default_for_training_and_prediction():
     ("  model: small_convnet\n  dropout: {float: [0.0, 1.0]}\n", CLASSIFICATION, "'dropout' = 1.0: must be"),  # an end
     ("  model: small_convnet\n  depth: 100\n", CLASSIFICATION, "'depth' = 100: must be a number from 1 to 8"),
     ("  model: small_convnet\n  seed: -1\n", CLASSIFICATION, "parameter 'seed' = -1"),
-    ("  model: small_convnet\n  image_size: 100000\n", CLASSIFICATION, "parameter 'image_size' = 100000"),
 ])
 def test_check_space_refuses_what_no_trial_could_use(tmp_path, text, kind, message):
     path = tmp_path / "space.yaml"

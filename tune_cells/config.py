@@ -145,7 +145,7 @@ class ClassificationConfig(TrainerConfig):
     flip: bool = Field(True, description="random horizontal and vertical flips")
     rotate90: bool = Field(True, description="random right-angle turns (cells have no 'up')")
     affine: float = Field(0.0, ge=0, le=1, description="strength of random rotation, scale and shear")
-    image_size: int | None = Field(None, ge=8, le=2048, description="network input side [default: the task's "
+    image_size: int | None = Field(None, ge=8, description="network input side [default: the task's "
                                                                     "decoded size]")
     class_balance: Literal["none", "loss", "sampler"] = Field(
         "none", description="unequal classes: inverse-frequency weights in the training loss, or balanced "
