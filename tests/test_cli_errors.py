@@ -502,3 +502,19 @@ def test_a_ray_client_address_without_ray_client_installed_is_one_line(tmp_path)
         head.listen()
         with pytest.raises(UserInputError, match=r"needs Ray Client: pip install 'ray\[client\]'"):
             check_ray_address(f"ray://127.0.0.1:{head.getsockname()[1]}")
+
+
+def test_an_output_folder_given_for_work_that_fails_goes_again_but_written_files_stay(tmp_path):
+    """explain's --output NEW/FOLDER: its first grid failing left the folders made for it."""
+    from tune_cells.output_files import output_folder
+
+    given = tmp_path / "new" / "grids"
+    with pytest.raises(RuntimeError), output_folder(given, tmp_path / "default") as folder:
+        folder.mkdir(parents=True)
+        raise RuntimeError("the first grid failed")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), output_folder(given, tmp_path / "default") as folder:
+        folder.mkdir(parents=True)
+        (folder / "one.png").write_bytes(b"written")
+        raise RuntimeError("the second grid failed")
+    assert (given / "one.png").read_bytes() == b"written"

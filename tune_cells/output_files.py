@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from tune_cells.errors import UserInputError
@@ -129,7 +129,19 @@ def numbered(default: Path, folder: bool = False) -> list[Path]:
 def output_folder(given: Path | None, default: Path, default_named: str | None = None):
     """A context giving the folder a command writes its files in: `given` (--output), which may hold
     files already (each new one is checked by the command), or a new folder at `default` (`new_folder`)."""
-    return nullcontext(check_output_folder(given)) if given is not None else new_folder(default, default_named)
+    return given_folder(check_output_folder(given)) if given is not None else new_folder(default, default_named)
+
+
+@contextmanager
+def given_folder(folder: Path) -> Iterator[Path]:
+    """The user's --output folder: the folders the work makes for it go again should it fail before
+    writing in them (an explain whose first grid failed left an empty folder)."""
+    made = missing_folders(Path(folder))
+    try:
+        yield folder
+    except BaseException:
+        remove_folders(made)  # only while empty: files the work wrote stay
+        raise
 
 
 @contextmanager
