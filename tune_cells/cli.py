@@ -351,18 +351,28 @@ def main() -> None:
         sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except Exception as exc:
         log.debug("traceback", exc_info=True)
-        if _is_undecodable_name(exc):  # a name given or found that no checked path caught: still bad input
-            shown = exc.object.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            click.echo(f"tune-cells: error: {_joined(shown)}: a name that is not UTF-8 text; rename it", err=True)
+        name = _undecodable_name(exc)
+        if name is not None:  # a name given or found that no checked path caught: still bad input
+            from tune_cells.paths import shown_name
+
+            click.echo(f"tune-cells: error: {_joined(shown_name(name))}: a name that is not UTF-8 text; rename it",
+                       err=True)
             sys.exit(2)
         click.echo(f"tune-cells: failed: {type(exc).__name__}: {first_line(without_credentials(str(exc)))} (run with "
                    "-v for the traceback)", err=True)
         sys.exit(1)
 
 
-def _is_undecodable_name(exc: Exception) -> bool:
-    """A file name's bytes that are no UTF-8 (Python holds them as lone surrogates) met an encoder."""
-    return isinstance(exc, UnicodeEncodeError) and isinstance(exc.object, str) and "surrogates" in exc.reason
+def _undecodable_name(exc: BaseException | None) -> str | None:
+    """The text whose bytes were no UTF-8 (Python holds them as lone surrogates) where an encoder met
+    it, also under a library's own exception (MLflow wraps it); None for any other failure."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UnicodeEncodeError) and isinstance(exc.object, str) and "surrogates" in exc.reason:
+            return exc.object
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 MAX_ERROR_CHARS = 2000  # a message quoting a value (a YAML alias can expand to gigabytes) is cut there

@@ -74,7 +74,7 @@ class TrainerConfig(BaseModel):
         `strict`: a name that is neither, or a model argument the chosen model does not take, is an
         error; otherwise it is dropped with a debug line (stored configurations of older versions).
         """
-        from tune_cells.models import KEYWORD_RANGES, get_model, model_defaults
+        from tune_cells.models import get_model, model_defaults
 
         fields = cls.trainer_fields()
         trainer = {k: v for k, v in flat.items() if k in fields}
@@ -96,11 +96,6 @@ class TrainerConfig(BaseModel):
             if name in kwargs and kwargs[name] not in allowed:
                 raise UserInputError(f"{source}: parameter {name!r} = {kwargs[name]!r} is not allowed; allowed: "
                                      f"{', '.join(map(str, allowed))}")
-        for name, (low, high) in KEYWORD_RANGES.items() if strict else ():  # (a stored model built: it loads)
-            value = kwargs.get(name)
-            if value is not None and not (isinstance(value, (int, float)) and low <= value <= high):
-                raise UserInputError(f"{source}: parameter {name!r} = {value!r}: must be a number from {low:g} to "
-                                     f"{high:g}")
         problem = entry.conflict(kwargs) if entry.conflict else None
         if problem:
             raise UserInputError(f"{source}: model {model}: {problem}")

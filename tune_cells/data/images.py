@@ -213,7 +213,8 @@ def opaque(image: Image.Image, background: int) -> Image.Image:
 def _rescaled_to_uint8(array: np.ndarray, rows: int = 512) -> np.ndarray:
     """`array / max * 255` as uint8 (negatives 0), in float32 a band of rows at a time (never the whole image).
     A float image with no finite value (all NaN) has nothing to learn or predict from: refused."""
-    if array.dtype.kind == "f" and array.size and not np.isfinite(array).any():
+    if array.dtype.kind == "f" and array.size and not any(np.isfinite(array[start : start + rows]).any()
+                                           for start in range(0, len(array), rows)):  # (stops at the first finite band)
         raise ImageRefused("no finite pixel value, all NaN or infinite")
     top = float(np.nanmax(array)) if array.size else 0.0
     top = top if top > 0 and np.isfinite(top) else 1.0
