@@ -111,12 +111,13 @@ def test_a_promotion_killed_at_each_step_is_completed_by_resume(interrupted):
     client.set_model_version_tag(MODEL, "1", "validation_score", "0.0")
     (root / "space.yaml").write_text(SPACE + "  ensemble: 2\n")  # read by promotion only
     steps = ["measured", "ensembled", "staged", "registered", "decided", "moved"]
+    one_trial = ("--samples", "1")  # the promotion is what is killed: one trial to promote from is enough
     for number, step in enumerate(steps):
-        search = start(root, *(("--resume",) if number else ()), fail_at=step)
+        search = start(root, *one_trial, *(("--resume",) if number else ()), fail_at=step)
         assert search.wait(timeout=600) == -signal.SIGKILL, last_log(root)[-3000:]
         retrained = "retraining the champion's configuration" in last_log(root)
         assert retrained == (step == "ensembled"), (step, last_log(root)[-3000:])  # once, then reused
-    final = start(root, "--resume")
+    final = start(root, *one_trial, "--resume")
     assert final.wait(timeout=600) == 0, last_log(root)[-3000:]
 
     client, parents, trials = runs_of(root)

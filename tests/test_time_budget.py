@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 # The end-to-end test's space (its first trial learns); only the budget can end a trial of 500 epochs.
 MAX_EPOCHS = 500
+# Half a minute of trials: the first trial reports two epochs within about 10 s of it, so the budget
+# runs out in the resumed process.
+BUDGET_MIN = 0.5
 
 
 def arguments(budget_min: float | None) -> list[str]:
@@ -54,7 +57,7 @@ def test_a_budgeted_search_interrupted_and_resumed_ends_on_its_budget_and_promot
     (tmp_path / "space.yaml").write_text(SPACE)
     env = {**os.environ, "TUNE_CELLS_RAY_TMPDIR": short_tmpdir("tcr"), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "tune_cells", *arguments(0.75)]
+    command = [sys.executable, "-m", "tune_cells", *arguments(BUDGET_MIN)]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                                  start_new_session=True)
@@ -62,11 +65,11 @@ def test_a_budgeted_search_interrupted_and_resumed_ends_on_its_budget_and_promot
         wait_for(lambda: "RUNNING" in trial_statuses(db) and epochs_reported(db) >= 2)
         os.kill(first.pid, signal.SIGINT)
         assert first.wait(timeout=300) == 130, (tmp_path / "first.log").read_text()[-3000:]
-    refused = cli_subprocess([*arguments(0.75), "--resume", "--max-latency-ms", "0.000001"], cwd=tmp_path)
+    refused = cli_subprocess([*arguments(BUDGET_MIN), "--resume", "--max-latency-ms", "0.000001"], cwd=tmp_path)
     assert refused.code == 2, refused.err[-3000:]
-    assert "time budget of 0.75 min reached: running trials stopped at their last epoch (1), trials never started " \
-           "(2 of 3)" in refused.err
-    result = cli_subprocess([*arguments(0.75), "--max-latency-ms", "100000", "--resume"], cwd=tmp_path)
+    assert f"time budget of {BUDGET_MIN:g} min reached: running trials stopped at their last epoch (1), trials never " \
+           "started (2 of 3)" in refused.err
+    result = cli_subprocess([*arguments(BUDGET_MIN), "--max-latency-ms", "100000", "--resume"], cwd=tmp_path)
     assert result.code == 0, result.err[-3000:]
     assert "1 trials (0 stopped early by ASHA, 1 by the time budget, 0 failed)" in result.out
     assert "Promoted: models:/tune-cells-nuclei-demo@champion" in result.out
@@ -77,7 +80,7 @@ def test_a_budgeted_search_interrupted_and_resumed_ends_on_its_budget_and_promot
     trials = [r for r in runs if r.data.tags.get("tune_cells.run_type") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert parent.data.params["time_budget"] == "0.75"
+    assert parent.data.params["time_budget"] == str(BUDGET_MIN)
     assert not [t for t in trials if t.info.status == "RUNNING"]
     ended = [t for t in trials if t.data.tags.get("stopped_by_time_budget") == "true"]
     assert len(ended) == len(trials) == parent.data.metrics["trials"] == 1
