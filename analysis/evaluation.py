@@ -18,6 +18,7 @@ from tune_cells.data.importers import class_name
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, load_or_create_split
 from tune_cells.errors import UserInputError
+from tune_cells.logged_runs import LoggedVersion
 from tune_cells.paths import WorkDir
 from tune_cells.tasks import TaskSpec, registered_name
 from tune_cells.tracking import Tracker
@@ -33,13 +34,13 @@ def evaluate_registered(task: TaskSpec, tracker: Tracker, model_uri: str, workdi
     `external` dataset in the task's layout (classes matched by name)."""
     workdir = WorkDir.at(workdir)
     version = tracker.resolve_model(model_uri, task.name)
-    tags = version.tags
+    lineage = LoggedVersion.of(version)
     predictor = tracker.load_classifier(model_uri)
     spec = predictor.spec
-    parent_run_id = tags.get("search_run_id")
+    parent_run_id = lineage.search_run_id or None
 
     if external is None:
-        index, split = model_split(task, tracker, tags, workdir)
+        index, split = model_split(task, tracker, lineage, workdir)
         part, source = "test", {"split_file": split.path.name, "split_sha256": split.sha256}
     else:
         index = task.importer(Path(external))
@@ -105,21 +106,24 @@ def summarize_on_search_run(tracker: Tracker, parent_run_id: str, experiment_id:
         f"(#/experiments/{experiment_id}/runs/{evaluation.run_id}).").strip()})
 
 
-def model_split(task: TaskSpec, tracker: Tracker, tags: dict, workdir: Path) -> tuple:
+def model_split(task: TaskSpec, tracker: Tracker, lineage: LoggedVersion, workdir: Path) -> tuple:
     """(dataset index, split) a registered model was trained under, from its version tags."""
-    data_root = Path(tags["data_root"])
+    if not lineage.data_root:
+        raise UserInputError(f"models:/{lineage.name}/{lineage.version} records no data it was trained on (no "
+                             "data_root tag): `tune-cells evaluate` scores other labelled data with --data DIR")
+    data_root = Path(lineage.data_root)
     if not data_root.is_dir():  # the importer's message would name a --data flag this command may not have
         raise UserInputError(f"{data_root}: the data this model was trained on is not there (moved or deleted?); "
                              "`tune-cells evaluate` scores other labelled data with --data DIR")
     index = task.importer(data_root)
-    split_file = _split_file(tracker, tags, tags.get("search_run_id"), WorkDir.at(workdir))
-    return index, load_or_create_split(split_file, index, int(tags.get("split_seed", 0)))
+    split_file = _split_file(tracker, lineage, WorkDir.at(workdir))
+    return index, load_or_create_split(split_file, index, lineage.split_seed)
 
 
-def _split_file(tracker: Tracker, tags: dict, parent_run_id: str | None, workdir: WorkDir) -> Path:
+def _split_file(tracker: Tracker, lineage: LoggedVersion, workdir: WorkDir) -> Path:
     """The split file the model was trained under: on disk, else the copy logged with the search,
     put in the working folder's splits/ once it is fetched (a failure leaves nothing behind)."""
-    path = Path(tags.get("split_file", ""))
+    path, parent_run_id = Path(lineage.split_file), lineage.search_run_id
     if path.is_file():
         return path
     logged = f"split/{path.name}"

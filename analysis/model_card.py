@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tune_cells.analysis.model_card_text import REFERENCES, CardFacts, metric_rows, render_markdown
 from tune_cells.errors import UserInputError
+from tune_cells.logged_runs import RUN_TYPE_TAG, LoggedSearch, LoggedVersion
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,15 @@ def find_card(tracker, version) -> str:
     run = latest_evaluation(tracker, version)
     if run is None:
         raise UserInputError(f"models:/{version.name}/{version.version} has no evaluation on its test part yet: run "
-                             f"`tune-cells evaluate {version.tags.get('task', 'TASK')} --model-uri "
+                             f"`tune-cells evaluate {LoggedVersion.of(version).task or 'TASK'} --model-uri "
                              f"models:/{version.name}/{version.version}` first")
     return render_markdown(gather(tracker, version, run))
 
 
 def latest_evaluation(tracker, version):
     """The latest finished evaluation run of `version` on its test part (not a seeds run), or None."""
-    from tune_cells.tracking import RUN_TYPE_TAG
-
-    search = tracker.find_run(version.tags.get("search_run_id", "")) if version.tags.get("search_run_id") else None
+    search_run_id = LoggedVersion.of(version).search_run_id
+    search = tracker.find_run(search_run_id) if search_run_id else None
     experiments = [search.info.experiment_id] if search is not None else [
         e.experiment_id for e in tracker.client.search_experiments()]
     runs = tracker.client.search_runs(
@@ -75,10 +75,10 @@ def latest_evaluation(tracker, version):
 def gather(tracker, version, evaluation) -> CardFacts:
     from tune_cells.tasks import get_task
 
-    tags = version.tags
-    task = tags.get("task", "")
-    search = tracker.find_run(tags.get("search_run_id", "")) if tags.get("search_run_id") else None
-    trial = tracker.find_run(tags.get("trial_run_id", "")) if tags.get("trial_run_id") else None
+    tags, lineage = version.tags, LoggedVersion.of(version)
+    task = lineage.task
+    search = tracker.find_run(lineage.search_run_id) if lineage.search_run_id else None
+    trial = tracker.find_run(lineage.trial_run_id) if lineage.trial_run_id else None
     data, space = {}, ""
     if search is not None:
         data = json.loads(tracker.artifact_text(search.info.run_id, "data_summary.json") or "{}")
@@ -99,8 +99,8 @@ def gather(tracker, version, evaluation) -> CardFacts:
         search_seconds=(info.end_time - info.start_time) / 1000 if info and info.end_time else None,
         data=data, space_yaml=space, config=dict(trial.data.params) if trial is not None else {},
         experiment_id=evaluation.info.experiment_id, wording=wording,
-        selection=search.data.tags.get("selection", "") if search else "",
-        search_resumes=int(search.data.tags.get("resumes", 0)) if search else 0,
+        selection=LoggedSearch.of(search).selection if search else "",
+        search_resumes=LoggedSearch.of(search).resumes if search else 0,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tune_cells.failpoints import kill_at
+from tune_cells.logged_runs import LoggedVersion
 from tune_cells.paths import WorkDir
 from tune_cells.tracking import CHALLENGER, CHAMPION, NOTE_TAG
 
@@ -78,7 +79,7 @@ def promote(tracker, parent: str, prep, split, result, trial_runs: dict[str, str
         if rule:
             log.info("%s", rule)
     result, note = latency.within_budget(result, costs, max_latency_ms, task.name,
-                                         existing.tags.get("ray_trial_id") if existing is not None else None)
+                                         LoggedVersion.of(existing).ray_trial_id if existing is not None else None)
     version = _register(tracker, parent, prep, split, result, trial_runs, staging, data,
                         costs, max_latency_ms, retrain, max_epochs)
     kill_at("registered")

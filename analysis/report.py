@@ -16,6 +16,7 @@ import yaml
 
 from tune_cells.analysis import search_plots
 from tune_cells.errors import UserInputError
+from tune_cells.logged_runs import RUN_TYPE_TAG, LoggedSearch, LoggedTrial
 from tune_cells.output_files import check_output_folder
 from tune_cells.paths import WorkDir
 from tune_cells.promotion_rank import OFFERED_FOR_PROMOTION, promoted_value
@@ -39,21 +40,21 @@ REPORT_PAGE = "report.html"
 def build_report(tracker, experiment: str | None, run_id: str | None, output: Path | None, workdir: Path) -> Report:
     from tune_cells.tracking_registry import require_local_artifacts
 
-    parent = _search_run(tracker, experiment, run_id)
+    run = _search_run(tracker, experiment, run_id)
     # The report is logged with the search: not into the old place of a working folder that moved.
-    require_local_artifacts(parent.info.artifact_uri, f"search {parent.info.run_name}")
-    params = parent.data.params
-    metric, mode = params.get("metric", "val_balanced_accuracy"), params.get("mode", "max")
-    name = parent.info.run_name
+    require_local_artifacts(run.info.artifact_uri, f"search {run.info.run_name}")
+    parent = LoggedSearch.of(run)
+    metric, mode = parent.metric or "val_balanced_accuracy", parent.mode or "max"
+    name = parent.name
     folder = Path(output) if output else WorkDir.at(workdir).report(name)
-    runs = tracker.trial_children(parent.info.experiment_id, parent.info.run_id)
+    runs = tracker.trial_children(parent.experiment_id, parent.run_id)
     if not runs:
         raise UserInputError(f"search {name} has no trial runs to report")
     folder.mkdir(parents=True, exist_ok=True)  # only once there is something to write
-    champion = parent.data.tags.get("best_trial_id", "")
     rows, curves = [], []
     for run in runs:
-        trial = run.data.tags.get("ray_trial_id", run.info.run_id[:8])
+        logged = LoggedTrial.of(run)
+        trial = logged.ray_trial_id or run.info.run_id[:8]
         history = tracker.metric_history(run.info.run_id, metric)
         values = pd.Series([m.value for m in history], dtype=float)
         # the epochs that competed for promotion (a weight-averaging trial's averages); none logged: all did
@@ -62,13 +63,12 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
         rows.append({
             "trial": trial, "run_id": run.info.run_id, "status": run.info.status,
             "start_time": run.info.start_time, "epochs": len(history),
-            "stopped_early": run.data.tags.get("stopped_early") == "true",
-            "stopped_by_time_budget": run.data.tags.get("stopped_by_time_budget") == "true",
+            "stopped_early": logged.stopped_early, "stopped_by_time_budget": logged.stopped_by_time_budget,
             "best_value": promoted_value(list(values), [flags.get(m.step, True) for m in history], mode),
             "last_value": values.iloc[-1] if len(values) else float("nan"),
-            "failure": run.data.tags.get("failure", ""), "champion": trial == champion,
+            "failure": logged.failure, "champion": trial == parent.best_trial_id,
             "latency_ms_per_image": run.data.metrics.get("latency_ms_per_image", float("nan")),
-            "latency_device": run.data.tags.get("latency_device", ""),  # a number means little without it
+            "latency_device": logged.latency_device,  # a number means little without it
             "param_count": run.data.metrics.get("param_count", float("nan")),
             **{f"param_{k}": _number(v) for k, v in run.data.params.items()},
         })
@@ -76,7 +76,7 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
     trials.insert(0, "number", range(1, len(trials) + 1))
     trials["param_count"] = trials["param_count"].round().astype("Int64")  # NaN: not measured
     curves = pd.DataFrame(curves, columns=["trial", "epoch", "value"])
-    space = _logged_space(tracker, parent.info.run_id)
+    space = _logged_space(tracker, parent.run_id)
     searched = [p for p, spec in space.get("params", {}).items() if isinstance(spec, (dict, list))]
     importance = param_importance(trials, space, searched, mode)
 
@@ -87,8 +87,8 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
         search_plots.importance_bars(importance, metric, folder / "param_importance.png"),
         search_plots.parallel_coordinates(plotted.dropna(subset=["best_value"]), searched, metric, mode,
                                           folder / "parallel_coordinates.png"),
-        search_plots.pareto_front(trials, metric, mode, parent.data.tags.get("latency_protocol", ""),
-                                  folder / "pareto_front.png", _budget(parent.data.tags)),
+        search_plots.pareto_front(trials, metric, mode, parent.latency_protocol or "", folder / "pareto_front.png",
+                                  parent.latency_budget_ms),
     ]
     trials.to_csv(folder / "trials.csv", index=False)
     importance.rename("importance").to_csv(folder / "param_importance.csv", index_label="param")
@@ -97,8 +97,8 @@ def build_report(tracker, experiment: str | None, run_id: str | None, output: Pa
     (folder / REPORT_PAGE).write_text(page)
     files.append(folder / REPORT_PAGE)
     for file in files:  # the report's own files: never whatever else the folder holds
-        tracker.log_artifact(parent.info.run_id, file, "report")
-    return Report(parent.info.run_id, name, folder, trials, importance, files)
+        tracker.log_artifact(parent.run_id, file, "report")
+    return Report(parent.run_id, name, folder, trials, importance, files)
 
 
 def check_output(folder: Path) -> None:
@@ -119,8 +119,6 @@ def _search_run(tracker, experiment: str | None, run_id: str | None):
         run = tracker.find_run(run_id)
         if run is None:
             raise UserInputError(f"--run-id {run_id}: no such run in {tracker.tracking_uri}")
-        from tune_cells.tracking import RUN_TYPE_TAG
-
         if run.data.tags.get(RUN_TYPE_TAG) != "search":
             raise UserInputError(f"run {run_id} is not a search (parent) run")
         return run
@@ -163,17 +161,6 @@ def param_importance(trials: pd.DataFrame, space: dict, searched: list[str], mod
     return pd.Series(importance, dtype=float)
 
 
-def _budget_text(tags: dict) -> str:
-    budget = _budget(tags)
-    return f"{budget:g} ms" if budget is not None else "none"
-
-
-def _budget(tags: dict) -> float | None:
-    """The search's --max-latency-ms, if it had one."""
-    value = _number(tags.get("latency_budget_ms", "none"))
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _number(value: str):
     """An MLflow param (always a string) back as the bool, int or float it was logged from."""
     if value in ("True", "False"):
@@ -185,9 +172,8 @@ def _number(value: str):
     return int(number) if number.is_integer() and "." not in str(value) and "e" not in str(value) else number
 
 
-def _html_page(name: str, parent, metric: str, mode: str, trials: pd.DataFrame, importance: pd.Series,
-               searched: list[str]) -> str:
-    tags = parent.data.tags
+def _html_page(name: str, parent: LoggedSearch, metric: str, mode: str, trials: pd.DataFrame,
+               importance: pd.Series, searched: list[str]) -> str:
     columns = ["number", "trial", "status", "epochs", "stopped_early", "stopped_by_time_budget", "best_value",
                "last_value", "champion", "latency_ms_per_image", "latency_device", "param_count",
                *[f"param_{p}" for p in searched if f"param_{p}" in trials], "failure"]
@@ -195,22 +181,23 @@ def _html_page(name: str, parent, metric: str, mode: str, trials: pd.DataFrame, 
     by_budget = int(trials["stopped_by_time_budget"].sum())
     summary = (f"{len(trials)} trials, {int(trials['stopped_early'].sum())} stopped early by ASHA, "
                + (f"{by_budget} by the time budget, " if by_budget else "") +
-               f"{int((trials['status'] == 'FAILED').sum())} failed. Champion: trial {tags.get('best_trial_id', '?')} "
-               f"(model version {tags.get('model_version', '?')}), {mode} {metric}.")
+               f"{int((trials['status'] == 'FAILED').sum())} failed. Champion: trial {parent.best_trial_id or '?'} "
+               f"(model version {parent.model_version or '?'}), {mode} {metric}.")
     figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{f}</figcaption></figure>' for f in
                       ("learning_curves.png", "best_so_far.png", "param_importance.png", "parallel_coordinates.png",
                        "pareto_front.png"))
     ranked = ", ".join(f"{html.escape(k)} {v:.2f}" for k, v in importance.sort_values(ascending=False).items())
+    budget = f"{parent.latency_budget_ms:g} ms" if parent.latency_budget_ms is not None else "none"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tune-cells report: {html.escape(name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} figure{{display:inline-block;margin:.5em}}
 img{{max-width:560px;border:1px solid #ddd}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 6px}} tr:nth-child(even){{background:#f6f6f6}}</style></head>
 <body><h1>Search {html.escape(name)}</h1>
-<p>Experiment run {html.escape(parent.info.run_id)}; task {html.escape(tags.get('task', '?'))}. {html.escape(summary)}</p>
+<p>Experiment run {html.escape(parent.run_id)}; task {html.escape(parent.task or '?')}. {html.escape(summary)}</p>
 <p>Parameter importance: {ranked or 'not computed (too few finished trials)'}</p>
-<p>Latency: {html.escape(tags.get('latency_protocol', 'not measured (a search before latency was measured)'))};
-budget: {html.escape(_budget_text(tags))}.</p>
+<p>Latency: {html.escape(parent.latency_protocol or 'not measured (a search before latency was measured)')};
+budget: {html.escape(budget)}.</p>
 {figures}
 <h2>Trials</h2>
 <p>best {html.escape(metric)}: over the epochs each trial offered for promotion (a weight-averaging trial offers

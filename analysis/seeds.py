@@ -19,6 +19,7 @@ import pandas as pd
 
 from tune_cells.data.reader import SplitReader
 from tune_cells.errors import UserInputError
+from tune_cells.logged_runs import LoggedSearch, LoggedVersion
 from tune_cells.paths import WorkDir
 
 
@@ -42,20 +43,18 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     from tune_cells.analysis.seed_ensemble import member_seeds
     from tune_cells.data.splits import dataset_record
     from tune_cells.resources import check_local_resources, trial_resources
-    from tune_cells.search_options import SearchOptions
     from tune_cells.trial_recorder import SEEDS_EVALUATION, TrialRecorder, recording_retrains, retrain_runs_by_seed
 
     version = tracker.resolve_model(model_uri, task.name)
-    tags = version.tags
-    champion, configs = _champion_and_member_configs(tracker, model_uri, tags)
-    parent_id = tags.get("search_run_id")
+    lineage = LoggedVersion.of(version)
+    champion, configs = _champion_and_member_configs(tracker, model_uri, lineage)
+    parent_id = lineage.search_run_id
     if not parent_id:
         raise UserInputError(f"{model_uri} has no search run: --seeds needs the search it came from")
-    parent = tracker.get_run(parent_id)
+    parent = LoggedSearch.of(tracker.get_run(parent_id))
     experiment_id = evaluation_experiment(tracker, task, parent_id)  # deleted in the UI: refused before K retrains
-    max_epochs = int(parent.data.params.get("max_epochs", SearchOptions.max_epochs))  # (every search logs it)
-    metric, mode = parent.data.params.get("metric", task.metric), parent.data.params.get("mode", task.mode)
-    index, split = model_split(task, tracker, tags, workdir)
+    max_epochs, metric, mode = parent.max_epochs, parent.metric or task.metric, parent.mode or task.mode
+    index, split = model_split(task, tracker, lineage, workdir)
     # decoded as the champion was trained (its spec records the size), so retrains and scores match it
     reader = SplitReader(index, split, task.channels, champion.spec.store_size, workdir)
     base = task.kind.parse_config(champion.spec.config, strict=False).seed or 0
@@ -64,7 +63,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     check_local_resources(cpus_per_trial, gpus_per_trial, address)
     cluster = ray_backend.init(address=address, num_cpus=None if address else os.cpu_count())
     try:
-        folds = int(parent.data.params.get("folds", SearchOptions.folds))  # a fold ensemble is retrained as one
+        folds = parent.folds  # a fold ensemble is retrained as one
         # an ensemble (`ensemble: N`) is retrained as one: N networks per seed, each of its member's configuration
         size = len(configs)
         members = {seed: [seed, *member_seeds(seed, size)] for seed in seeds}
@@ -74,7 +73,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
                 common_tags={"split_sha256": split.sha256}, summary_keys=inputs.summary_keys,
                 source=f"tune-cells evaluate {task.name} --seeds {k}", dataset=dataset_record(index, split)),
                 SEEDS_EVALUATION, {"retrain_of_model": f"models:/{version.name}/{version.version}",
-                                   "retrain_of_trial_run_id": tags.get("trial_run_id", "")}) as retrain_recorder:
+                                   "retrain_of_trial_run_id": lineage.trial_run_id}) as retrain_recorder:
             name = f"seeds-{version.name}-v{version.version}-{time.strftime('%Y%m%d-%H%M%S')}"
             # one Tune run per distinct configuration: a seed ensemble's networks share one, a trial ensemble's not
             trained = ray_seeds.SeedRuns([])
@@ -111,7 +110,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     champion_scores, intervals = scorer.score(champion, with_intervals=True)
     # Each retrained model gets the champion's promotion steps, chosen on validation as its were (thresholds,
     # temperature, test-time augmentation; none under a latency budget that kept the champion from them).
-    allow_tta = "latency_budget_ms" not in tags or champion.spec.tta != "none"
+    allow_tta = lineage.latency_budget_ms is None or champion.spec.tta != "none"
     for run in runs:
         task.kind.finalize(run.checkpoint, inputs.data, allow_tta=allow_tta)
     per_seed = [scorer.score(task.kind.load_predictor(run.checkpoint))[0] for run in runs]
@@ -160,7 +159,7 @@ def evaluate_seeds(task, tracker, model_uri: str, workdir: Path, k: int, n_boot:
     return SeedsEvaluation(run_id, table, seeds, too_few_groups(scorer.groups), failed)
 
 
-def _champion_and_member_configs(tracker, model_uri: str, tags: dict) -> tuple[object, list[dict]]:
+def _champion_and_member_configs(tracker, model_uri: str, lineage: LoggedVersion) -> tuple[object, list[dict]]:
     """The champion's predictor, and the configuration (without its seed) of each network a
     retrained model has: the champion's once, N times for an ensemble of retrains
     (`ensemble_seeds`), each member's for an ensemble of trials (`ensemble_trials`: read from the
@@ -172,11 +171,11 @@ def _champion_and_member_configs(tracker, model_uri: str, tags: dict) -> tuple[o
     with tempfile.TemporaryDirectory(prefix="tune-cells-model-") as tmp:
         downloaded = tracker.download_model(model_uri, Path(tmp))
         champion = load_registered_predictor(downloaded, model_uri)
-        if tags.get("ensemble_trials"):
+        if lineage.ensemble_trials:
             folder = model_checkpoint(downloaded, model_uri)
             specs = [load_spec(folder / member) for member in load_spec(folder).members]
         else:
-            specs = [champion.spec] * (len(tags["ensemble_seeds"].split(",")) if tags.get("ensemble_seeds") else 1)
+            specs = [champion.spec] * max(1, len(lineage.ensemble_seeds))
     return champion, [{key: value for key, value in spec.config.items() if key != "seed"} for spec in specs]
 
 

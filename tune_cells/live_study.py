@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tune_cells.errors import UserInputError, first_line
+from tune_cells.logged_runs import STOPPED_BY_TIME_BUDGET
 from tune_cells.redact import without_credentials
 from tune_cells.search_spaces import SearchSpace
-from tune_cells.trial_recorder import STOPPED_BY_TIME_BUDGET
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from tune_cells.data.resolution import StoreSize, choose_store_size, decoded_byt
 from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
 from tune_cells.kinds import TaskKind, get_kind
+from tune_cells.logged_runs import LoggedSearch
 from tune_cells.paths import WorkDir
 from tune_cells.ray_places import check_ray_address, check_storage, storage_for_ray
 from tune_cells.redact import without_credentials
@@ -340,24 +341,25 @@ def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[
     latest = tracker.latest_search(prep.experiment)
     if latest is None:
         raise UserInputError(f"--resume: experiment {prep.experiment} has no search to resume")
-    name = latest.data.tags.get("ray_experiment", "")
-    if latest.info.status == "FINISHED":
+    logged = LoggedSearch.of(latest)
+    name = logged.ray_experiment
+    if logged.status == "FINISHED":
         raise UserInputError(f"--resume: the latest search of {prep.experiment} ({name}) finished; nothing to resume")
     storage = ray_storage(opts, prep)
     if not name or not ray_backend.can_resume(storage, name):
         raise UserInputError(f"--resume: no Ray state for {name or 'the latest search'} under {storage}")
     if not prep.split.path.exists():
-        logged = f"split/{latest.data.tags.get('split_file', prep.split.path.name)}"
+        copy = f"split/{logged.split_file or prep.split.path.name}"
         raise UserInputError(f"--resume: the split file {prep.split.path} of search {name} is missing (deleted?); "
-                             f"its copy is logged with the search run ({latest.info.run_id}, artifact {logged}): "
+                             f"its copy is logged with the search run ({logged.run_id}, artifact {copy}): "
                              "put it back there to resume")
-    if latest.data.tags.get("split_sha256") != prep.split.sha256:
+    if logged.split_sha256 != prep.split.sha256:
         raise UserInputError(f"--resume: search {name} used another split or dataset than --data gives now")
-    searched = tracker.artifact_text(latest.info.run_id, "search_space.yaml")
+    searched = tracker.artifact_text(logged.run_id, "search_space.yaml")
     if searched is not None and searched != prep.space.to_yaml():  # Ray restores the old searcher; decoding,
         # the initial points and promotion would follow the new space
         raise UserInputError(f"--resume: search {name} searched another space than {prep.space.source} gives now "
-                             f"(started with --space {latest.data.params.get('space', '?')}; its space is logged "
+                             f"(started with --space {logged.space or '?'}; its space is logged "
                              "with the search run as search_space.yaml): give that space again")
     for key in RESUME_MUST_MATCH:
         given, started = str(getattr(opts, key)), latest.data.params.get(key, RESUME_ABSENT_MEANS.get(key))
@@ -366,4 +368,4 @@ def find_interrupted_search(opts: SearchOptions, prep: PreparedSearch) -> tuple[
             was = f"without {flag}" if started == "None" else f"with {flag} {started}"
             now = f"not {flag} {given}" if given != "None" else f"give {flag} {started} again"
             raise UserInputError(f"--resume: search {name} was started {was}: {now}")
-    return latest.info.run_id, name
+    return logged.run_id, name

@@ -24,6 +24,7 @@ from tune_cells.data.images import allow_decoding, cancel_decoding
 from tune_cells.data.reader import SplitReader
 from tune_cells.data.splits import Split, dataset_record, describe_groups, save_split
 from tune_cells.lock import WorkdirLock
+from tune_cells.logged_runs import STOPPED_BY_TIME_BUDGET, LoggedSearch
 from tune_cells.preflight import PreparedSearch, SearchOptions, check_inputs, check_pixels, prepare_workdir, ray_storage
 from tune_cells.resources import TrialResources, trial_resources
 from tune_cells.tracking import without_credentials
@@ -118,7 +119,7 @@ def _tracked_search(opts: SearchOptions, prep: PreparedSearch, resources: TrialR
     if opts.resume:
         parent, search_name = prep.resume_run_id, prep.resume_name
         tracker.reopen_run(parent)
-        resumes = int(tracker.get_run(parent).data.tags.get("resumes", 0)) + 1  # the card's time spans them
+        resumes = LoggedSearch.of(tracker.get_run(parent)).resumes + 1  # the card's time spans them
         tracker.set_tags(parent, {"resumes": str(resumes)})
         log.info("resuming search %s (%s)", search_name, parent)
     else:
@@ -190,7 +191,6 @@ def _member_retrainer(opts: SearchOptions, prep: PreparedSearch, trial, resource
 
 def _end_trials_the_budget_stopped(result, events, opts: SearchOptions) -> None:
     """Ray reports no end for the trials its time budget stops: the search records them itself."""
-    from tune_cells.trial_recorder import STOPPED_BY_TIME_BUDGET
 
     for cut in (t for t in result.trials if t.trial_id in result.stopped_by_time_budget):
         events.on_trial_end(cut.trial_id, False, {**cut.last_result, STOPPED_BY_TIME_BUDGET: True}, None)

@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tune_cells.logged_runs import PARENT_TAG, RUN_TYPE_TAG, LoggedTrial  # noqa: F401  (re-exported)
 from tune_cells.paths import WorkDir
 from tune_cells.redact import without_credentials  # noqa: F401  (re-exported: callers import it from here)
 from tune_cells.tracking_registry import (  # noqa: F401  (re-exported: callers import them from here)
@@ -35,8 +36,6 @@ from tune_cells.tracking_registry import (  # noqa: F401  (re-exported: callers 
 
 log = logging.getLogger(__name__)
 
-PARENT_TAG = "mlflow.parentRunId"
-RUN_TYPE_TAG = "tune_cells.run_type"  # search | trial | retrain | evaluation
 RETRAIN_PURPOSE_TAG = "retrain_purpose"  # a retrain run's reason: ensemble_member | seeds_evaluation
 # MLflow UI: model development (not GenAI) experiments, evaluation runs marked (their search shows expanded),
 # a run's description (Markdown), and the shared view of the runs table that `runs_page` opens.
@@ -232,8 +231,8 @@ class Tracker(RegistryMixin):
 
     def trial_runs(self, experiment_id: str, parent_run_id: str) -> dict[str, str]:
         """Ray trial id → MLflow run id of a search's trial runs (persisted as the runs' tags)."""
-        return {r.data.tags["ray_trial_id"]: r.info.run_id for r in self.trial_children(experiment_id, parent_run_id)
-                if "ray_trial_id" in r.data.tags}
+        trials = [LoggedTrial.of(run) for run in self.trial_children(experiment_id, parent_run_id)]
+        return {trial.ray_trial_id: trial.run_id for trial in trials if trial.ray_trial_id}
 
     def kill_running_trial_runs(self, experiment_id: str, parent_run_id: str) -> None:
         """An interrupted search: its unfinished trial runs end KILLED (a resume reopens them)."""
@@ -248,7 +247,7 @@ class Tracker(RegistryMixin):
         for run in self.trial_children(experiment_id, parent_run_id):
             if run.info.status != "RUNNING":
                 continue
-            trial_id = run.data.tags.get("ray_trial_id", "")
+            trial_id = LoggedTrial.of(run).ray_trial_id
             if trial_id in trial_failed:
                 self.end_run(run.info.run_id, "FAILED" if trial_failed[trial_id] else "FINISHED")
                 continue

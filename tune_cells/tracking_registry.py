@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 from mlflow.exceptions import MlflowException
 
 from tune_cells.errors import UserInputError
+from tune_cells.logged_runs import LoggedVersion
 from tune_cells.tasks import registered_names
 from tune_cells.tracking_checks import local_artifact_path
 
@@ -124,8 +125,9 @@ class RegistryMixin:
             if not is_absent(exc):
                 raise
             raise UserInputError(f"{model_uri}: not found in {self.tracking_uri} ({exc.error_code})") from None
-        if task is not None and version.tags.get("task") != task:
-            raise UserInputError(f"{model_uri} is a {version.tags.get('task', 'unknown')!r} model, not {task!r}")
+        recorded = LoggedVersion.of(version).task
+        if task is not None and recorded != task:
+            raise UserInputError(f"{model_uri} is a {recorded or 'unknown'!r} model, not {task!r}")
         return version
 
     def load_classifier(self, model_uri: str):

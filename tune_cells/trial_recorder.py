@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from tune_cells.logged_runs import STOPPED_BY_TIME_BUDGET, LoggedTrial
 from tune_cells.promotion_rank import OFFERED_FOR_PROMOTION, PROMOTION_SCORE, offered
 
 if TYPE_CHECKING:
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from tune_cells.tracking import Tracker
 
 log = logging.getLogger(__name__)
-STOPPED_BY_TIME_BUDGET = "stopped_by_time_budget"  # a trial's tag, and a mark on the last result the search forwards
 RETRAIN = "retrain"  # the run type of a fixed configuration trained again under another seed
 ENSEMBLE_MEMBER, SEEDS_EVALUATION = "ensemble_member", "seeds_evaluation"  # why it was (RETRAIN_PURPOSE_TAG)
 
@@ -137,7 +137,8 @@ def recording_retrains(trials: TrialRecorder, purpose: str, retrains_of: dict,
 
 def retrain_runs_by_seed(runs) -> dict[int, str]:
     """Seed → run id of retrain runs (MLflow runs; a later run of a seed wins)."""
-    return {int(run.data.tags["seed"]): run.info.run_id for run in runs if "seed" in run.data.tags}
+    trials = [LoggedTrial.of(run) for run in runs]
+    return {trial.seed: trial.run_id for trial in trials if trial.seed is not None}
 
 
 @dataclass
@@ -165,9 +166,8 @@ def budget_reached_before(result, tracker, experiment_id: str, parent: str):
     --max-latency-ms): Ray's saved state ends every trial, so the budget's bookkeeping, which lived
     in the interrupted process, is read back from the trial runs' tags: the trials it stopped, and
     no trial for those it never started (0 epochs, no run)."""
-    runs = {r.data.tags.get("ray_trial_id"): r for r in tracker.trial_children(experiment_id, parent)}
-    stopped = [t.trial_id for t in result.trials if t.trial_id in runs
-               and runs[t.trial_id].data.tags.get(STOPPED_BY_TIME_BUDGET) == "true"]
+    runs = {logged.ray_trial_id: logged for logged in map(LoggedTrial.of, tracker.trial_children(experiment_id, parent))}
+    stopped = [t.trial_id for t in result.trials if t.trial_id in runs and runs[t.trial_id].stopped_by_time_budget]
     # (also where the budget ran out between trials and stopped none: the ones it never started)
     started = [t for t in result.trials if t.failed or t.iterations or t.trial_id in runs]
     return replace(result, trials=started, stopped_by_time_budget=stopped)

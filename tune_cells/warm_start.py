@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tune_cells.config import PROMOTION_FIELDS
+from tune_cells.logged_runs import LoggedSearch, LoggedTrial
 from tune_cells.search_spaces import SearchSpace, point_matches
-from tune_cells.tracking import MAX_PARAM_LENGTH, PARENT_TAG, Tracker
+from tune_cells.tracking import MAX_PARAM_LENGTH, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,10 @@ def earlier_trials(tracker: Tracker, experiment_id: str, space: SearchSpace, tas
     say_what_is_left_out(tracker, experiment_id, everything, alike, task, classes)
     if not alike:  # (said: the search starts cold)
         return WarmStart()
-    searches = {run.info.run_id: run for run in alike if Path(run.data.params.get("space", "")).stem == space.name}
+    searches = {run.info.run_id: run for run in alike if Path(LoggedSearch.of(run).space).stem == space.name}
     warm, used = WarmStart(), set()
     for run in tracker.runs_of_type(experiment_id, "trial", finished_only=True) if searches else []:
-        search = searches.get(run.data.tags.get(PARENT_TAG, ""))
+        search = searches.get(LoggedTrial.of(run).parent_run_id)
         value = run.data.metrics.get(metric)
         if search is None:
             continue
@@ -95,7 +96,8 @@ def earlier_trials(tracker: Tracker, experiment_id: str, space: SearchSpace, tas
 
 def searched(run) -> tuple[str, str]:
     """(task, classes as logged: comma-joined, cut to a param's length) of a search run."""
-    return run.data.tags.get("task", run.data.params.get("task", "")), run.data.params.get("classes", "")
+    logged = LoggedSearch.of(run)
+    return logged.task, logged.classes
 
 
 def as_logged(classes: list[str]) -> str:

@@ -8,6 +8,7 @@ import click
 from tune_cells.commands.opening import open_registered_model
 from tune_cells.commands.options import tracking_option, workdir_option
 from tune_cells.errors import UserInputError
+from tune_cells.logged_runs import LoggedVersion
 
 
 @click.command("export")
@@ -43,7 +44,7 @@ def command(task, format_name, output, model_uri, workdir, tracking_uri):
     click.echo(f"Exporting {opened.uri} (version {version.version}) as {export_format.name}; checking parity on "
                f"{source}")
     model = ExportedModel(opened.uri, version.name, str(version.version), spec.name, spec.kind.name,
-                          version.tags.get("search_run_id", ""))
+                          LoggedVersion.of(version).search_run_id)
     result = export_checked(plan, export_format, images, output, model, source)
     parity = result.parity
     checked = ", ".join(f"{k} {v:.2g}" for k, v in parity.details.items())
@@ -68,7 +69,7 @@ def parity_images(task, tracker, version, workdir, plan, channels: int, size: in
     if "data_root" not in version.tags:
         raise UserInputError(f"models:/{version.name}/{version.version} has no data_root tag: which images to check "
                              "parity on is unknown")
-    index, split = model_split(task, tracker, version.tags, workdir)
+    index, split = model_split(task, tracker, LoggedVersion.of(version), workdir)
     paths = split.parts["test"][: plan.max_images]
     if not paths:
         raise RuntimeError(f"split {split.path.name} has no test images to check parity on")
