@@ -28,6 +28,38 @@ def test_metrics_agree_with_sklearn_and_names_are_safe():
     assert confusion(y, probs, 3).sum() == len(y)
 
 
+@pytest.mark.parametrize("n_classes,n,decimals,seed", [(2, 9, 1, 1), (2, 200, 2, 2), (4, 60, 1, 3), (4, 300, 6, 4),
+                                                        (6, 40, 1, 5)])
+def test_counted_metrics_equal_scikit_learns_with_ties_and_classes_never_predicted(n_classes, n, decimals, seed):
+    """The NumPy metrics against scikit-learn's own: rounded scores tie, and a weak model on few
+    images leaves classes never predicted (precision 0/0 and F1 read as 0, as zero_division=0)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([np.arange(n_classes), rng.integers(0, n_classes, n - n_classes)])  # every class present
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), y] += 0.8
+    if n_classes == 6:
+        logits[:, 0] -= 10  # class 0 is never predicted
+    probs = np.round(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), decimals)
+    probs[:, -1] = 1 - probs[:, :-1].sum(1)  # rows still sum to 1, as scikit-learn's multi-class AUC asks
+    classes = [f"c{k}" for k in range(n_classes)]
+    pred = probs.argmax(1)
+    ours = classification_metrics(y, probs, classes)
+    precision, recall, f1, _ = precision_recall_fscore_support(y, pred, labels=list(range(n_classes)), zero_division=0)
+    auc = roc_auc_score(y, probs[:, 1]) if n_classes == 2 else roc_auc_score(y, probs, multi_class="ovr")
+    assert ours["test_accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+    assert ours["test_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+    assert ours["test_macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0), abs=1e-12)
+    assert ours["test_roc_auc"] == pytest.approx(auc, abs=1e-12)
+    for k, name in enumerate(classes):
+        assert (ours[f"test_precision_{name}"], ours[f"test_recall_{name}"], ours[f"test_f1_{name}"]) == pytest.approx(
+            (precision[k], recall[k], f1[k]), abs=1e-12)
+    assert (confusion(y, probs, n_classes) == confusion_matrix(y, pred, labels=list(range(n_classes)))).all()
+    if n_classes == 6:
+        assert precision[0] == f1[0] == 0 and not (pred == 0).any()
+
+
 def test_binary_auc_uses_the_positive_class():
     y = np.array([0, 0, 1, 1])
     probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
