@@ -1,6 +1,6 @@
-"""Typed views of what a search logs in MLflow: its parent run and its trial runs. Each logged key
-is read here once, with the value a run that never logged it (an older version's) stands for,
-instead of string dicts read in each command."""
+"""Typed views of what a search logs in MLflow: its parent run, its trial runs and the model
+version it registers. Each logged key is read here once, with the value a run that never logged it
+(an older version's) stands for, instead of string dicts read in each command."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ class LoggedSearch:
             folds=int(params.get("folds", SearchOptions.folds)), resumes=int(tags.get("resumes", 0)),
             ray_experiment=tags.get("ray_experiment", ""), split_file=tags.get("split_file"),
             split_sha256=tags.get("split_sha256"), best_trial_id=tags.get("best_trial_id", ""),
-            model_version=tags.get("model_version", ""),            selection=tags.get("selection", ""), latency_protocol=tags.get("latency_protocol"),
+            model_version=tags.get("model_version", ""), selection=tags.get("selection", ""),
+            latency_protocol=tags.get("latency_protocol"),
             latency_budget_ms=_float_or_none(budget),
         )
 
