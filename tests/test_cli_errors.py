@@ -26,6 +26,8 @@ def snapshot(folder):
         (["search", "nuclei", "--time-budget", "nan"], "--time-budget nan: must be a number of minutes above 0"),
         (["search", "nuclei", "--samples", "many"], "'many' is not a valid integer"),
         (["search", "nuclei", "--data", "{tmp}/absent"], "absent: no such folder"),
+        # before the space is read and its weights are looked for (seconds): a mistyped --data is said at once
+        (["search", "nuclei", "--data", "{tmp}/absent", "--space", "{tmp}/absent.yaml"], "absent: no such folder"),
         (["search", "folder", "--data", "{tmp}"], "work is inside --data"),  # the next run would read the store
         (["search", "nuclei", "--space", "{tmp}/absent.yaml"], "absent.yaml: no such file"),
         (["search", "nuclei", "--bogus-flag"], "No such option '--bogus-flag'"),

@@ -20,6 +20,7 @@ from pathlib import Path
 from tune_cells.config import PROMOTION_FIELDS
 from tune_cells.data.groups import apply_group_pattern
 from tune_cells.data.images import ImageIndex, ImageScan
+from tune_cells.data.importers import require_dir
 from tune_cells.data.resolution import StoreSize, choose_store_size, decoded_bytes
 from tune_cells.data.splits import Split, cross_split_duplicates, plan_split
 from tune_cells.errors import UserInputError
@@ -240,6 +241,8 @@ def check_inputs(opts: SearchOptions) -> PreparedSearch:
 
     task = get_task(opts.task)
     check_options(opts)
+    if opts.data is not None:  # a mistyped --data is said before the space's weights are looked for (seconds)
+        require_dir(opts.data)
     check_local_resources(opts.cpus_per_trial, opts.gpus_per_trial, opts.address)
     check_ray_address(opts.address)  # Ray would retry for minutes, the store opened beside it
     space = fit_space_to_weights(load_space(opts.space or builtin_space_path(task.default_space)))
