@@ -1,5 +1,8 @@
 """Bad input: one line on stderr naming the culprit, exit 2, and nothing written."""
 
+import subprocess
+import sys
+
 import pytest
 from PIL import Image
 
@@ -522,3 +525,15 @@ def test_an_output_folder_given_for_work_that_fails_goes_again_but_written_files
         (folder / "one.png").write_bytes(b"written")
         raise RuntimeError("the second grid failed")
     assert (given / "one.png").read_bytes() == b"written"
+
+
+def test_a_mistyped_search_option_is_answered_before_torch_mlflow_or_ray_is_imported(tmp_path):
+    """The options are checked before the seconds of imports a search needs: `--samples 0` took
+    3-4 s to say one line; the same line now comes without torch, MLflow, Ray or scikit-learn."""
+    code = ("import sys\nfrom tune_cells.cli import main\nsys.argv = ['tune-cells', 'search', 'nuclei', '--samples', '0']\n"
+            "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\n"
+            "heavy = sorted({'torch', 'mlflow', 'ray', 'sklearn'} & set(sys.modules))\n"
+            "assert code == 2 and not heavy, (code, heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "tune-cells: error: --samples 0: must be at least 1"

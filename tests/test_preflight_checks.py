@@ -80,7 +80,7 @@ def test_refused_credentials_are_named_without_the_password(fake_mlflow):
 
 def test_grace_period_above_max_epochs_is_clamped_once_and_said(caplog):
     opts = SearchOptions(task="nuclei", max_epochs=3, grace_period=5)
-    with caplog.at_level(logging.WARNING, logger="tune_cells.preflight"):
+    with caplog.at_level(logging.WARNING, logger="tune_cells.search_options"):
         check_options(opts)
     assert opts.grace_period == 3  # what ASHA gets and what the search run logs (asdict(opts))
     assert [r.getMessage() for r in caplog.records] == ["--grace-period 5 is above --max-epochs 3: using 3"]

@@ -22,7 +22,7 @@ _CREDENTIAL_FILTER = CredentialFilter()  # on every log handler: no password of 
 
 from tune_cells.commands.opening import open_registered_model, require_store  # noqa: E402
 from tune_cells.commands.options import tracking_option, workdir_option  # noqa: E402
-from tune_cells.search_options import SMOKE_TEST, SearchOptions  # noqa: E402
+from tune_cells.search_options import SMOKE_TEST, SearchOptions, check_options  # noqa: E402
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -99,20 +99,22 @@ def search(ctx, task, data, samples, max_epochs, grace_period, reduction_factor,
            max_concurrent, seed, folds, group_pattern, space, experiment, workdir, tracking_uri, storage, address,
            no_evaluate, smoke_test, resume, warm_start, max_latency_ms, max_store_size, time_budget):
     """Search hyperparameters for TASK, promote the best model, evaluate it on the held-out test part."""
-    from tune_cells.analysis.promotion import evaluate_in_fresh_process
-    from tune_cells.search import run_search
-    from tune_cells.tracking import resolve_tracking_uri
-
     if smoke_test:
         samples, max_epochs, grace_period = SMOKE_TEST["samples"], SMOKE_TEST["max_epochs"], SMOKE_TEST["grace_period"]
-    outcome = run_search(SearchOptions(
+    opts = SearchOptions(
         task=task, data=data, samples=samples, max_epochs=max_epochs, grace_period=grace_period,
         reduction_factor=reduction_factor, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial, seed=seed,
         experiment=experiment, workdir=workdir, tracking_uri=tracking_uri, storage=storage, space=space,
         address=address, max_concurrent=max_concurrent, verbose=ctx.obj["verbose"], resume=resume, folds=folds,
         group_pattern=group_pattern, warm_start=warm_start, max_latency_ms=max_latency_ms,
         max_store_size=max_store_size, time_budget=time_budget,
-    ))
+    )
+    check_options(opts)  # before the seconds of imports below: a mistyped option answers at once
+    from tune_cells.analysis.promotion import evaluate_in_fresh_process
+    from tune_cells.search import run_search
+    from tune_cells.tracking import resolve_tracking_uri
+
+    outcome = run_search(opts)
     config = ", ".join(f"{k}={_short(v)}" for k, v in sorted(outcome.best_config.items()))
     click.echo(f"\nSearch {outcome.parent_run_id} in experiment {outcome.experiment}: {outcome.trials} trials "
                f"({outcome.stopped_early} stopped early by ASHA, "

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
-import reprlib  # a long name quoted in an error is shortened
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,16 +28,14 @@ from tune_cells.paths import WorkDir
 from tune_cells.ray_places import check_ray_address, check_storage, storage_for_ray
 from tune_cells.redact import without_credentials
 from tune_cells.resources import check_local_resources
-from tune_cells.search_options import SearchOptions  # noqa: F401  (re-exported: callers import it from here)
+from tune_cells.search_options import SearchOptions, check_options  # noqa: F401  (re-exported: callers import them from here)
 from tune_cells.search_spaces import SearchSpace, builtin_space_path, load_space
 from tune_cells.space_weights import fit_space_to_weights
 from tune_cells.tasks import TaskSpec, get_task, registered_name
 from tune_cells.tracking_checks import check_experiment_active, check_store, sqlite_path
 
 log = logging.getLogger(__name__)
-MIN_STORE_SIZE = 16  # --max-store-size below this leaves nothing to learn from
 MIN_FREE_BYTES = 1 << 30  # checkpoints, Ray results and the MLflow store of a small search
-MAX_NAME_BYTES = 255  # of one file or folder name (Linux, macOS): --experiment names folders
 RESUME_MUST_MATCH = ("samples", "max_epochs", "grace_period", "reduction_factor", "seed", "folds", "max_store_size",
                      "time_budget")
 # A search started before an option existed had this value (Ray restores the stopper a search began with)
@@ -65,53 +61,6 @@ class PreparedSearch:
     resume_run_id: str = ""  # with --resume: the interrupted search's parent run ...
     resume_name: str = ""  # ... and its Ray experiment name
     folds: int = 1  # --folds: checked again on the split `check_pixels` plans
-
-
-def check_options(opts: SearchOptions) -> None:
-    positive = {"--samples": opts.samples, "--max-epochs": opts.max_epochs, "--grace-period": opts.grace_period}
-    for flag, value in positive.items():
-        if value < 1:
-            raise UserInputError(f"{flag} {value}: must be at least 1")
-    if not 1 <= opts.folds <= 20:
-        raise UserInputError(f"--folds {opts.folds}: must be 1 (one validation part) to 20")
-    if opts.reduction_factor < 2:
-        raise UserInputError(f"--reduction-factor {opts.reduction_factor}: must be at least 2")
-    if opts.cpus_per_trial is not None and not opts.cpus_per_trial > 0:  # (NaN is not above 0 either)
-        raise UserInputError(f"--cpus-per-trial {opts.cpus_per_trial:g}: must be above 0")
-    if opts.gpus_per_trial is not None and not opts.gpus_per_trial >= 0:
-        raise UserInputError(f"--gpus-per-trial {opts.gpus_per_trial:g}: must not be negative")
-    if not 0 <= opts.seed < 2**32:  # Optuna's and NumPy's seeds
-        raise UserInputError(f"--seed {opts.seed}: must be 0 to {2**32 - 1}")
-    if opts.max_concurrent is not None and opts.max_concurrent < 1:
-        raise UserInputError(f"--max-concurrent {opts.max_concurrent}: must be at least 1")
-    if opts.max_store_size is not None and get_task(opts.task).max_store_size <= 0:
-        raise UserInputError(f"--max-store-size: task {opts.task} keeps each image's own size; it has no store size")
-    if opts.max_store_size is not None and opts.max_store_size < MIN_STORE_SIZE:
-        raise UserInputError(f"--max-store-size {opts.max_store_size}: must be at least {MIN_STORE_SIZE} px")
-    if opts.max_latency_ms is not None and not (math.isfinite(opts.max_latency_ms) and opts.max_latency_ms > 0):
-        raise UserInputError(f"--max-latency-ms {opts.max_latency_ms:g}: must be a number of milliseconds above 0")
-    if opts.time_budget is not None and not (math.isfinite(opts.time_budget) and opts.time_budget > 0):
-        raise UserInputError(f"--time-budget {opts.time_budget:g}: must be a number of minutes above 0")
-    if opts.experiment is not None:
-        check_experiment_name(opts.experiment)
-    if opts.grace_period > opts.max_epochs:
-        # Clamped here, once, so that what ASHA uses is also what the search run logs.
-        log.warning("--grace-period %d is above --max-epochs %d: using %d", opts.grace_period, opts.max_epochs,
-                    opts.max_epochs)
-        opts.grace_period = opts.max_epochs
-
-
-def check_experiment_name(name: str) -> None:
-    """The name becomes folders under the workdir (Ray results, pinned configurations): it must
-    stay one plain folder name there."""
-    if not name.strip():
-        raise UserInputError("--experiment: must not be empty")
-    if name.strip() in (".", "..") or any(bad in name for bad in ("/", "\\", "\0")):  # also refuses absolute
-        raise UserInputError(f"--experiment {name!r}: must be a plain name, without '/', '\\' or '..' (it names "
-                             "folders in the workdir)")
-    if len(name.encode()) > MAX_NAME_BYTES:
-        raise UserInputError(f"--experiment {reprlib.repr(name)}: {len(name.encode())} bytes, at most {MAX_NAME_BYTES} "
-                             "(it names folders in the workdir)")
 
 
 def check_workdir(workdir: Path, min_free: int = 0) -> WorkDir:
